@@ -1,0 +1,2 @@
+//! hmm_mirror-style address-space registry. Under construction.
+#![deny(missing_docs)]

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The project's one test command: every test of every crate, on a fresh Debian machine with only
+# the Rust toolchain. Steps that need system packages install them here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== unit, integration and doc tests (all crates) =="
+cargo test --workspace --all-targets
+cargo test --workspace --doc
