@@ -1,2 +1,303 @@
-//! The emulated MXA-1 accelerator (see docs/device.md). Under construction.
+//! The emulated MXA-1 accelerator, as specified in `docs/device.md`.
+//!
+//! [`Accelerator`] looks like a PCI device: configuration space and BAR0 are accessed by offset
+//! and bytes, DMA goes through mappings the host establishes with [`Accelerator::dma_map`]
+//! (an IOMMU), interrupts are delivered through eventfds. All state is behind `&self` and
+//! thread-safe, so a vfio-user server can be a thin layer over it.
+//!
+//! ```
+//! use firmware_stubs::{Accelerator, AcceleratorConfig};
+//! use accel_abi::{config, regs};
+//!
+//! let dev = Accelerator::new(AcceleratorConfig::default()).unwrap();
+//! dev.config_write(config::off::COMMAND as u64, &config::command::MEMORY.to_le_bytes());
+//! let mut id = [0u8; 4];
+//! dev.bar_read(0, regs::ID, &mut id);
+//! assert_eq!(u32::from_le_bytes(id), regs::ID_VALUE);
+//! ```
 #![deny(missing_docs)]
+
+mod config_space;
+mod device;
+mod iommu;
+mod irq;
+mod memory;
+mod mmu;
+mod sync;
+mod tlb;
+
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+pub use iommu::{DmaError, DmaPerms, DmaStats, IommuFaultEntry, IommuFaultReason};
+pub use memory::{DmaAccessError, DmaMemory, ProcessMemory, SharedRegion};
+
+use device::Inner;
+use sync::{lock, read, write};
+
+/// Device parameters (what the capability registers report).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceleratorConfig {
+    /// Address spaces (CAP_ASIDS), `1..=accel_abi::regs::MAX_ASIDS`.
+    pub asids: u32,
+    /// Worker threads running work items, `1..=64`.
+    pub workers: usize,
+    /// TLB capacity in entries (4 KiB or 2 MiB leaves), `1..=65536`.
+    pub tlb_entries: usize,
+    /// CAP_FAULT_ENTRIES: a power of two, `2..=1 << 20`.
+    pub fault_entries_max: u32,
+    /// CAP_CMDQ_ENTRIES: a power of two, `2..=1 << 20`.
+    pub cmdq_entries_max: u32,
+    /// CAP_MAX_TRANSFER in bytes, at least 4096.
+    pub max_transfer: u32,
+}
+
+impl Default for AcceleratorConfig {
+    fn default() -> Self {
+        AcceleratorConfig {
+            asids: 64,
+            workers: 2,
+            tlb_entries: 1024,
+            fault_entries_max: 4096,
+            cmdq_entries_max: 1024,
+            max_transfer: 64 << 20,
+        }
+    }
+}
+
+/// An invalid [`AcceleratorConfig`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid accelerator configuration: `{field}` = {value} ({rule})")]
+pub struct ConfigError {
+    /// The field.
+    pub field: &'static str,
+    /// Its value.
+    pub value: u64,
+    /// What it must satisfy.
+    pub rule: &'static str,
+}
+
+impl AcceleratorConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |field, value: u64, rule| Err(ConfigError { field, value, rule });
+        if !(1..=accel_abi::regs::MAX_ASIDS).contains(&self.asids) {
+            return fail("asids", self.asids.into(), "1..=MAX_ASIDS");
+        }
+        if !(1..=64).contains(&self.workers) {
+            return fail("workers", self.workers as u64, "1..=64");
+        }
+        if !(1..=65536).contains(&self.tlb_entries) {
+            return fail("tlb_entries", self.tlb_entries as u64, "1..=65536");
+        }
+        let ring = |v: u32| v.is_power_of_two() && (2..=1 << 20).contains(&v);
+        if !ring(self.fault_entries_max) {
+            return fail(
+                "fault_entries_max",
+                self.fault_entries_max.into(),
+                "a power of two in 2..=2^20",
+            );
+        }
+        if !ring(self.cmdq_entries_max) {
+            return fail(
+                "cmdq_entries_max",
+                self.cmdq_entries_max.into(),
+                "a power of two in 2..=2^20",
+            );
+        }
+        if self.max_transfer < 4096 {
+            return fail("max_transfer", self.max_transfer.into(), ">= 4096");
+        }
+        Ok(())
+    }
+}
+
+/// Why [`Accelerator::set_irq`] refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum IrqError {
+    /// The device has vectors `0..accel_abi::vector::COUNT`.
+    #[error("no interrupt vector {0}")]
+    NoSuchVector(u32),
+}
+
+/// One emulated MXA-1 device.
+///
+/// `Send + Sync`; every method takes `&self`. Dropping it stops the worker threads (after at
+/// most one in-flight chunk of work each); it never waits for stalled work.
+pub struct Accelerator {
+    inner: Arc<Inner>,
+    workers: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Accelerator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Accelerator")
+            .field("workers", &self.workers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Accelerator {
+    /// Power on a device with `cfg` and start its worker threads.
+    pub fn new(cfg: AcceleratorConfig) -> Result<Accelerator, ConfigError> {
+        cfg.validate()?;
+        let n = cfg.workers;
+        let inner = Arc::new(Inner::new(cfg));
+        let mut workers = Vec::with_capacity(n);
+        for i in 0..n {
+            let w = Arc::clone(&inner);
+            let spawned = std::thread::Builder::new()
+                .name(format!("mxa1-worker-{i}"))
+                .spawn(move || w.worker_loop());
+            match spawned {
+                Ok(h) => workers.push(h),
+                Err(e) => {
+                    // Stop the ones already running before reporting.
+                    let dev = Accelerator { inner, workers };
+                    drop(dev);
+                    return Err(ConfigError {
+                        field: "workers",
+                        value: i as u64,
+                        rule: if e.kind() == std::io::ErrorKind::OutOfMemory {
+                            "thread spawn failed: out of memory"
+                        } else {
+                            "thread spawn failed"
+                        },
+                    });
+                }
+            }
+        }
+        Ok(Accelerator { inner, workers })
+    }
+
+    /// Read PCI configuration space. Bytes beyond the 256-byte space read 0xff.
+    pub fn config_read(&self, offset: u64, data: &mut [u8]) {
+        self.inner.config_read(offset, data);
+    }
+
+    /// Write PCI configuration space. Read-only bits and bytes beyond the space are ignored.
+    pub fn config_write(&self, offset: u64, data: &[u8]) {
+        self.inner.config_write(offset, data);
+    }
+
+    /// Read a BAR register. `data.len()` must be the register's width (4 or 8). A bad access
+    /// sets ERROR_CODE = BAD_REGISTER_ACCESS and fills `data` with 0xff; with memory-space
+    /// decoding off, `data` is filled with 0xff and nothing else happens.
+    pub fn bar_read(&self, bar: u32, offset: u64, data: &mut [u8]) {
+        self.inner.bar_read(bar, offset, data);
+    }
+
+    /// Write a BAR register (see [`Accelerator::bar_read`] for access rules). A
+    /// `TLBI_TRIGGER` write returns only after the invalidation completed; a `RESET` write
+    /// only after the reset completed.
+    pub fn bar_write(&self, bar: u32, offset: u64, data: &[u8]) {
+        self.inner.bar_write(bar, offset, data);
+    }
+
+    /// Map `[iova, iova + len)` to `mem` (offset 0 of `mem` at `iova`) with IOMMU permissions
+    /// `perms`. Page aligned; overlapping an existing mapping is an error.
+    pub fn dma_map(
+        &self,
+        iova: u64,
+        len: u64,
+        mem: Arc<dyn DmaMemory>,
+        perms: DmaPerms,
+    ) -> Result<(), DmaError> {
+        write(self.inner.iommu()).map(iova, len, mem, perms)
+    }
+
+    /// Unmap every mapping lying entirely inside `[iova, iova + len)` (VFIO TYPE1v2): a
+    /// mapping straddling either end makes the call fail with nothing changed. Returns the
+    /// bytes unmapped. When it returns, no device access is using the removed mappings.
+    pub fn dma_unmap(&self, iova: u64, len: u64) -> Result<u64, DmaError> {
+        let (bytes, removed) = write(self.inner.iommu()).unmap(iova, len)?;
+        // The memory objects are released after the lock, as the last device user is gone.
+        drop(removed);
+        Ok(bytes)
+    }
+
+    /// Route interrupt `vector` to `eventfd` (the device writes a u64 1 to it), or stop
+    /// signalling it with `None`. Routing survives device resets.
+    pub fn set_irq(&self, vector: u32, eventfd: Option<OwnedFd>) -> Result<(), IrqError> {
+        if vector >= accel_abi::vector::COUNT {
+            return Err(IrqError::NoSuchVector(vector));
+        }
+        self.inner.set_irq(vector, eventfd);
+        Ok(())
+    }
+
+    /// Function-level reset as seen through VFIO: BAR0 state, the TLB and all queued, running
+    /// and stalled work return to power-on state. Configuration space (restored by VFIO around
+    /// a reset), DMA mappings (host IOMMU state) and interrupt routing stay. When it returns, no
+    /// pre-reset work touches memory again.
+    pub fn reset(&self) {
+        self.inner.reset();
+    }
+
+    /// The host-side IOMMU fault log: the most recent faults (at most 256), oldest first.
+    pub fn iommu_faults(&self) -> Vec<IommuFaultEntry> {
+        lock(self.inner.iommu_log()).snapshot()
+    }
+
+    /// Number of IOMMU faults ever recorded (including those that left the bounded log).
+    pub fn iommu_fault_count(&self) -> u64 {
+        lock(self.inner.iommu_log()).total()
+    }
+
+    /// Mapping counters.
+    pub fn dma_stats(&self) -> DmaStats {
+        read(self.inner.iommu()).stats()
+    }
+}
+
+impl Drop for Accelerator {
+    fn drop(&mut self) {
+        self.inner.stop();
+        for h in self.workers.drain(..) {
+            if h.join().is_err() {
+                tracing::error!("an MXA-1 worker thread panicked");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_is_validated() {
+        assert!(AcceleratorConfig::default().validate().is_ok());
+        let bad = [
+            AcceleratorConfig {
+                asids: 0,
+                ..Default::default()
+            },
+            AcceleratorConfig {
+                asids: accel_abi::regs::MAX_ASIDS + 1,
+                ..Default::default()
+            },
+            AcceleratorConfig {
+                workers: 0,
+                ..Default::default()
+            },
+            AcceleratorConfig {
+                fault_entries_max: 3000,
+                ..Default::default()
+            },
+            AcceleratorConfig {
+                cmdq_entries_max: 1,
+                ..Default::default()
+            },
+        ];
+        for cfg in bad {
+            assert!(Accelerator::new(cfg.clone()).is_err(), "{cfg:?}");
+        }
+    }
+
+    #[test]
+    fn accelerator_is_send_and_sync() {
+        fn check<T: Send + Sync>() {}
+        check::<Accelerator>();
+    }
+}

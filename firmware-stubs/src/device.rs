@@ -1,0 +1,1206 @@
+//! The device model: register file, command engine, fault buffer, translation and DMA.
+//!
+//! Locks, in the only order they may be taken:
+//! 1. `iommu` (RwLock). Every device memory access holds it for read for the whole
+//!    translate-and-touch of one chunk (at most one 4 KiB page of each operand), or for one
+//!    record write or command fetch. Writers (dma_unmap, TLB invalidation, reset) therefore wait
+//!    until no access that could use an old mapping or translation is in flight.
+//! 2. `state` (Mutex): registers and the work bookkeeping. Never held while waiting for
+//!    `iommu` for write, so a writer can always drain the readers.
+//! 3. `tlb`, `iommu_log`, `irqs`, `config` (leaf mutexes, held briefly).
+//!
+//! Generations: a reset bumps `generation` under `state`, then drains `iommu`. A work item
+//! remembers the generation it was fetched in; every chunk checks it after taking the `iommu`
+//! read guard, and every bookkeeping update checks it under `state`, so after a reset returns no
+//! pre-reset work touches memory or registers again.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard};
+use std::time::{Duration, Instant};
+
+use accel_abi::pt::{self, Perms};
+use accel_abi::regs::{self, Access, ErrorCode, TlbiScope};
+use accel_abi::{
+    fill_byte, fnv1a_update, AccessKind, Command, CommandFlags, Completion, FaultReason,
+    FaultRecord, Opcode, Status, FNV_OFFSET, PAGE_SIZE, VA_BITS,
+};
+
+use crate::config_space::ConfigSpace;
+use crate::iommu::{FaultLog, Iommu, IommuFaultEntry, IommuFaultReason};
+use crate::mmu::{walk, Walk};
+use crate::sync::{lock, read, wait_timeout, write};
+use crate::tlb::{Tlb, TlbiTarget};
+use crate::AcceleratorConfig;
+
+/// Host-side IOMMU log capacity.
+pub(crate) const IOMMU_LOG_CAP: usize = 256;
+/// Idle workers re-check their conditions this often even without a wake-up, so a lost
+/// notification can delay work but never stall it forever.
+const IDLE_POLL: Duration = Duration::from_millis(50);
+
+/// Register file values (everything the driver can see that is not derived).
+#[derive(Default)]
+struct Regs {
+    control: u32,
+    error_code: u32,
+    error_info: u64,
+    intr_status: u32,
+    intr_mask: u32,
+    fault_base: u64,
+    fault_entries: u32,
+    fault_ctrl: u32,
+    fault_get: u32,
+    fault_put: u32,
+    cmdq_base: u64,
+    cmdq_entries: u32,
+    cmdq_ctrl: u32,
+    cmdq_tail: u32,
+    work_completed: u32,
+    fence_done: u64,
+    tlbi_asid: u32,
+    tlbi_scope: u32,
+    tlbi_va: u64,
+    tlbi_size: u64,
+    tlbi_done: u32,
+    tlbi_count: u32,
+}
+
+/// A fetched command with its progress (so a stall resumes where it stopped).
+struct WorkItem {
+    /// Free-running fetch index; the work id is its low 32 bits.
+    seq: u64,
+    cmd: Command,
+    /// Bytes done.
+    progress: u64,
+    /// CHECKSUM state.
+    acc: u64,
+    generation: u64,
+}
+
+#[derive(Default)]
+struct Engine {
+    /// Commands fetched since reset (CMDQ_HEAD is the low 32 bits).
+    fetched: u64,
+    /// A worker is reading a command from the ring.
+    fetching: bool,
+    /// Replayed items waiting for a worker.
+    ready: VecDeque<WorkItem>,
+    /// Stalled items by seq.
+    stalled: BTreeMap<u64, WorkItem>,
+    /// Fetched, non-FENCE items not yet completed.
+    outstanding: BTreeSet<u64>,
+    /// FENCE commands waiting for earlier work, in order.
+    fences: VecDeque<(u64, Command)>,
+}
+
+struct State {
+    regs: Regs,
+    engine: Engine,
+    generation: u64,
+    reset_at: Instant,
+    shutdown: bool,
+}
+
+impl State {
+    fn new(generation: u64) -> Self {
+        State {
+            regs: Regs::default(),
+            engine: Engine::default(),
+            generation,
+            reset_at: Instant::now(),
+            shutdown: false,
+        }
+    }
+
+    fn head(&self) -> u32 {
+        self.engine.fetched as u32
+    }
+
+    fn status(&self) -> u32 {
+        use regs::status::*;
+        let mut s = 0;
+        if self.regs.control & regs::control::ENABLE != 0 {
+            s |= ENABLED;
+        }
+        if self.regs.fault_ctrl & regs::fault_ctrl::OVERFLOW != 0 {
+            s |= FAULT_OVERFLOW;
+        }
+        if self.regs.error_code != 0 {
+            s |= ERROR;
+        }
+        let e = &self.engine;
+        if !e.outstanding.is_empty() || !e.fences.is_empty() || e.fetching {
+            s |= BUSY;
+        }
+        if !e.stalled.is_empty() || !e.ready.is_empty() {
+            s |= STALLED;
+        }
+        s
+    }
+
+    fn can_fetch(&self, bus_master: bool) -> bool {
+        bus_master
+            && self.regs.control & regs::control::ENABLE != 0
+            && self.regs.cmdq_ctrl & regs::cmdq_ctrl::ENABLE != 0
+            && self.regs.cmdq_entries != 0
+            && !self.engine.fetching
+            && self.regs.cmdq_tail != self.head()
+    }
+}
+
+/// A failed DMA access. `reason` is `None` when bus mastering was off (the request never
+/// reached the IOMMU, so it is not in the host log).
+#[derive(Debug, Clone, Copy)]
+struct DmaFault {
+    iova: u64,
+    reason: Option<IommuFaultReason>,
+}
+
+/// Why a work item cannot continue right now.
+enum Stop {
+    /// Translation fault: stall (or PAGE_FAULT when the fault buffer is disabled).
+    Stall {
+        va: u64,
+        access: AccessKind,
+        reason: FaultReason,
+    },
+    /// Fatal for the item.
+    Fail(Status, u64),
+}
+
+enum Step {
+    More,
+    Done(u64),
+    Stop(Stop),
+}
+
+/// Things a register write asks for that must run without the state lock.
+enum Action {
+    None,
+    Reset,
+    Tlbi { target: TlbiTarget, seq: u32 },
+    Cancel(WorkItem, u32),
+}
+
+pub(crate) struct Inner {
+    cfg: AcceleratorConfig,
+    config: Mutex<ConfigSpace>,
+    memory_enabled: AtomicBool,
+    bus_master: AtomicBool,
+    state: Mutex<State>,
+    work_cv: Condvar,
+    iommu: RwLock<Iommu>,
+    iommu_log: Mutex<FaultLog>,
+    tlb: Mutex<Tlb>,
+    tlbi_serial: Mutex<()>,
+    roots: Vec<AtomicU64>,
+    generation: AtomicU64,
+    shutdown: AtomicBool,
+    irqs: Mutex<Vec<Option<OwnedFd>>>,
+}
+
+/// Device-side view of the IOMMU for one access: holds the read guard.
+struct Dma<'a> {
+    dev: &'a Inner,
+    iommu: RwLockReadGuard<'a, Iommu>,
+}
+
+impl Dma<'_> {
+    /// Bus mastering gates every DMA request before it reaches the IOMMU.
+    fn check(&self, iova: u64) -> Result<(), DmaFault> {
+        if !self.dev.bus_master.load(Ordering::Acquire) {
+            return Err(DmaFault { iova, reason: None });
+        }
+        Ok(())
+    }
+
+    fn fault(&self, iova: u64, write: bool, reason: IommuFaultReason) -> DmaFault {
+        lock(&self.dev.iommu_log).push(IommuFaultEntry {
+            iova,
+            write,
+            time: Instant::now(),
+            reason,
+        });
+        tracing::debug!(iova, write, ?reason, "IOMMU fault");
+        DmaFault {
+            iova,
+            reason: Some(reason),
+        }
+    }
+
+    fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaFault> {
+        self.check(iova)?;
+        let (m, off) = self
+            .iommu
+            .resolve(iova, buf.len() as u64, false)
+            .map_err(|r| self.fault(iova, false, r))?;
+        m.mem
+            .read(off, buf)
+            .map_err(|e| self.fault(iova, false, IommuFaultReason::Backing(e)))
+    }
+
+    fn write(&self, iova: u64, buf: &[u8]) -> Result<(), DmaFault> {
+        self.check(iova)?;
+        let (m, off) = self
+            .iommu
+            .resolve(iova, buf.len() as u64, true)
+            .map_err(|r| self.fault(iova, true, r))?;
+        m.mem
+            .write(off, buf)
+            .map_err(|e| self.fault(iova, true, IommuFaultReason::Backing(e)))
+    }
+
+    fn store_u32_release(&self, iova: u64, value: u32) -> Result<(), DmaFault> {
+        self.check(iova)?;
+        let (m, off) = self
+            .iommu
+            .resolve(iova, 4, true)
+            .map_err(|r| self.fault(iova, true, r))?;
+        m.mem
+            .store_u32_release(off, value)
+            .map_err(|e| self.fault(iova, true, IommuFaultReason::Backing(e)))
+    }
+
+    fn atomic_add(&self, iova: u64, value: u64) -> Result<u64, DmaFault> {
+        self.check(iova)?;
+        // An atomic needs both directions from the IOMMU.
+        self.iommu
+            .resolve(iova, 8, false)
+            .map_err(|r| self.fault(iova, true, r))?;
+        let (m, off) = self
+            .iommu
+            .resolve(iova, 8, true)
+            .map_err(|r| self.fault(iova, true, r))?;
+        m.mem
+            .atomic_add_u64(off, value)
+            .map_err(|e| self.fault(iova, true, IommuFaultReason::Backing(e)))
+    }
+
+    fn read_u64(&self, iova: u64) -> Result<u64, DmaFault> {
+        let mut b = [0u8; 8];
+        self.read(iova, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+}
+
+fn perms_allow(perms: Perms, access: AccessKind) -> bool {
+    match access {
+        AccessKind::Read | AccessKind::Prefetch => perms.read,
+        AccessKind::Write => perms.write,
+        AccessKind::Atomic => perms.read && perms.write,
+    }
+}
+
+fn page_remaining(va: u64) -> u64 {
+    PAGE_SIZE - (va % PAGE_SIZE)
+}
+
+/// True if `[va, va + len)` lies in the translatable VA range.
+fn range_canonical(va: u64, len: u64) -> bool {
+    va.checked_add(len)
+        .is_some_and(|end| end <= 1u64 << VA_BITS)
+}
+
+impl Inner {
+    pub(crate) fn new(cfg: AcceleratorConfig) -> Self {
+        let roots = (0..cfg.asids).map(|_| AtomicU64::new(0)).collect();
+        Inner {
+            tlb: Mutex::new(Tlb::new(cfg.tlb_entries)),
+            cfg,
+            config: Mutex::new(ConfigSpace::new()),
+            memory_enabled: AtomicBool::new(false),
+            bus_master: AtomicBool::new(false),
+            state: Mutex::new(State::new(0)),
+            work_cv: Condvar::new(),
+            iommu: RwLock::new(Iommu::default()),
+            iommu_log: Mutex::new(FaultLog::new(IOMMU_LOG_CAP)),
+            tlbi_serial: Mutex::new(()),
+            roots,
+            generation: AtomicU64::new(0),
+            shutdown: AtomicBool::new(false),
+            irqs: Mutex::new((0..accel_abi::vector::COUNT).map(|_| None).collect()),
+        }
+    }
+
+    fn dma(&self) -> Dma<'_> {
+        Dma {
+            dev: self,
+            iommu: read(&self.iommu),
+        }
+    }
+
+    pub(crate) fn iommu(&self) -> &RwLock<Iommu> {
+        &self.iommu
+    }
+
+    pub(crate) fn iommu_log(&self) -> &Mutex<FaultLog> {
+        &self.iommu_log
+    }
+
+    // ---------------------------------------------------------------- interrupts and errors
+
+    /// Set INTR_STATUS bits; signal every vector whose bit went 0 -> 1 while unmasked.
+    fn raise(&self, st: &mut State, bits: u32) {
+        let newly = bits & !st.regs.intr_status;
+        st.regs.intr_status |= bits;
+        self.signal(newly & !st.regs.intr_mask);
+    }
+
+    fn signal(&self, vectors: u32) {
+        if vectors == 0 {
+            return;
+        }
+        let irqs = lock(&self.irqs);
+        for (v, fd) in irqs.iter().enumerate() {
+            if vectors & (1 << v) != 0 {
+                if let Some(fd) = fd {
+                    crate::irq::signal_eventfd(fd);
+                }
+            }
+        }
+    }
+
+    pub(crate) fn set_irq(&self, vector: u32, fd: Option<OwnedFd>) {
+        if let Some(slot) = lock(&self.irqs).get_mut(vector as usize) {
+            *slot = fd;
+        }
+    }
+
+    /// Record an error: ERROR_CODE keeps the first one; the error vector is raised.
+    fn set_error(&self, st: &mut State, code: ErrorCode, info: u64) {
+        tracing::debug!(?code, info, "device error");
+        if st.regs.error_code == 0 {
+            st.regs.error_code = code as u32;
+            st.regs.error_info = info;
+        }
+        self.raise(st, regs::intr::ERROR);
+    }
+
+    fn note_dma_fault(&self, st: &mut State, f: DmaFault) {
+        if f.reason.is_none() {
+            tracing::debug!(iova = f.iova, "DMA attempted with bus mastering off");
+        }
+        self.set_error(st, ErrorCode::IommuFault, f.iova);
+    }
+
+    fn bad_access(&self, offset: u64) {
+        let mut st = lock(&self.state);
+        self.set_error(&mut st, ErrorCode::BadRegisterAccess, offset);
+    }
+
+    // ---------------------------------------------------------------- config space
+
+    pub(crate) fn config_read(&self, offset: u64, data: &mut [u8]) {
+        lock(&self.config).read(offset, data);
+    }
+
+    pub(crate) fn config_write(&self, offset: u64, data: &[u8]) {
+        let command = {
+            let mut c = lock(&self.config);
+            c.write(offset, data);
+            c.command()
+        };
+        use accel_abi::config::command;
+        self.memory_enabled
+            .store(command & command::MEMORY != 0, Ordering::Release);
+        let bm = command & command::BUS_MASTER != 0;
+        if !self.bus_master.swap(bm, Ordering::AcqRel) && bm {
+            // Fetching may have been waiting for bus mastering.
+            let _st = lock(&self.state);
+            self.work_cv.notify_all();
+        }
+    }
+
+    // ---------------------------------------------------------------- BAR0
+
+    pub(crate) fn bar_read(&self, bar: u32, offset: u64, data: &mut [u8]) {
+        data.fill(0xff);
+        if !self.memory_enabled.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(info) = self.check_access(bar, offset, data.len()) else {
+            self.bad_access(offset);
+            return;
+        };
+        if info.access == Access::WriteOnly {
+            self.bad_access(offset);
+            return;
+        }
+        let value = self.read_register(offset);
+        let bytes = value.to_le_bytes();
+        data.copy_from_slice(&bytes[..data.len()]);
+    }
+
+    fn check_access(&self, bar: u32, offset: u64, len: usize) -> Option<regs::RegInfo> {
+        if bar != 0 || offset >= regs::BAR0_SIZE {
+            return None;
+        }
+        let info = regs::describe(offset, self.cfg.asids)?;
+        (info.width.bytes() == len).then_some(info)
+    }
+
+    fn read_register(&self, offset: u64) -> u64 {
+        use regs::*;
+        if offset >= ASID_ROOT_BASE {
+            let idx = ((offset - ASID_ROOT_BASE) / 8) as usize;
+            return self.roots.get(idx).map_or(0, |r| r.load(Ordering::Acquire));
+        }
+        let (hits, misses) = {
+            let t = lock(&self.tlb);
+            (t.hits, t.misses)
+        };
+        let st = lock(&self.state);
+        let r = &st.regs;
+        let v: u64 = match offset {
+            ID => ID_VALUE.into(),
+            VERSION => VERSION_VALUE.into(),
+            CAP_ASIDS => self.cfg.asids.into(),
+            CAP_PT => cap_pt::encode(accel_abi::PT_LEVELS, VA_BITS).into(),
+            CAP_PAGE_SIZES => ((1u32 << 12) | (1u32 << 21)).into(),
+            CAP_FAULT_ENTRIES => self.cfg.fault_entries_max.into(),
+            CAP_CMDQ_ENTRIES => self.cfg.cmdq_entries_max.into(),
+            CAP_VECTORS => accel_abi::vector::COUNT.into(),
+            CAP_MAX_TRANSFER => self.cfg.max_transfer.into(),
+            CONTROL => r.control.into(),
+            STATUS => st.status().into(),
+            ERROR_CODE => r.error_code.into(),
+            ERROR_INFO => r.error_info,
+            INTR_STATUS => r.intr_status.into(),
+            INTR_MASK => r.intr_mask.into(),
+            FAULT_BUF_BASE => r.fault_base,
+            FAULT_BUF_ENTRIES => r.fault_entries.into(),
+            FAULT_BUF_CTRL => r.fault_ctrl.into(),
+            FAULT_BUF_GET => r.fault_get.into(),
+            FAULT_BUF_PUT => r.fault_put.into(),
+            CMDQ_BASE => r.cmdq_base,
+            CMDQ_ENTRIES => r.cmdq_entries.into(),
+            CMDQ_CTRL => r.cmdq_ctrl.into(),
+            CMDQ_TAIL => r.cmdq_tail.into(),
+            CMDQ_HEAD => st.head().into(),
+            WORK_COMPLETED => r.work_completed.into(),
+            FENCE_DONE => r.fence_done,
+            TLBI_ASID => r.tlbi_asid.into(),
+            TLBI_SCOPE => r.tlbi_scope.into(),
+            TLBI_VA => r.tlbi_va,
+            TLBI_SIZE => r.tlbi_size,
+            TLBI_DONE => r.tlbi_done.into(),
+            TLB_HITS => hits,
+            TLB_MISSES => misses,
+            TLBI_COUNT => r.tlbi_count.into(),
+            _ => u64::MAX,
+        };
+        v
+    }
+
+    pub(crate) fn bar_write(&self, bar: u32, offset: u64, data: &[u8]) {
+        if !self.memory_enabled.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(info) = self.check_access(bar, offset, data.len()) else {
+            self.bad_access(offset);
+            return;
+        };
+        if info.access == Access::ReadOnly {
+            self.bad_access(offset);
+            return;
+        }
+        let mut raw = [0u8; 8];
+        raw[..data.len()].copy_from_slice(data);
+        let value = u64::from_le_bytes(raw);
+        let action = {
+            let mut st = lock(&self.state);
+            self.write_register(&mut st, offset, value)
+        };
+        match action {
+            Action::None => {}
+            Action::Reset => self.reset(),
+            Action::Tlbi { target, seq } => self.invalidate_tlb(target, seq),
+            Action::Cancel(item, code) => {
+                let dma = self.dma();
+                let mut st = lock(&self.state);
+                if st.generation == item.generation {
+                    self.complete_locked(&dma, &mut st, &item, Status::Cancelled, code.into());
+                }
+            }
+        }
+    }
+
+    fn write_register(&self, st: &mut State, offset: u64, value: u64) -> Action {
+        use regs::*;
+        let v32 = value as u32;
+        let bad_value = |dev: &Self, st: &mut State| {
+            dev.set_error(st, ErrorCode::BadRegisterValue, offset);
+            Action::None
+        };
+        if offset >= ASID_ROOT_BASE {
+            if value & !(pt::ADDR_MASK | ASID_ROOT_VALID) != 0 {
+                return bad_value(self, st);
+            }
+            let idx = ((offset - ASID_ROOT_BASE) / 8) as usize;
+            if let Some(r) = self.roots.get(idx) {
+                r.store(value, Ordering::Release);
+            }
+            return Action::None;
+        }
+        let r = &mut st.regs;
+        match offset {
+            CONTROL => {
+                if v32 & !control::ALL != 0 {
+                    return bad_value(self, st);
+                }
+                r.control = v32;
+                self.work_cv.notify_all();
+            }
+            RESET => {
+                if v32 != RESET_MAGIC {
+                    return bad_value(self, st);
+                }
+                return Action::Reset;
+            }
+            ERROR_CODE => {
+                r.error_code = 0;
+                r.error_info = 0;
+            }
+            INTR_STATUS => {
+                if v32 & !intr::ALL != 0 {
+                    return bad_value(self, st);
+                }
+                r.intr_status &= !v32;
+            }
+            INTR_MASK => {
+                if v32 & !intr::ALL != 0 {
+                    return bad_value(self, st);
+                }
+                let unmasked = r.intr_mask & !v32;
+                r.intr_mask = v32;
+                // A pending status bit that gets unmasked is delivered now.
+                let fire = unmasked & r.intr_status;
+                self.signal(fire);
+            }
+            FAULT_BUF_BASE => {
+                if r.fault_ctrl & fault_ctrl::ENABLE != 0 || value % PAGE_SIZE != 0 {
+                    return bad_value(self, st);
+                }
+                r.fault_base = value;
+            }
+            FAULT_BUF_ENTRIES => {
+                let max = self.cfg.fault_entries_max;
+                if r.fault_ctrl & fault_ctrl::ENABLE != 0
+                    || !v32.is_power_of_two()
+                    || !(2..=max).contains(&v32)
+                {
+                    return bad_value(self, st);
+                }
+                r.fault_entries = v32;
+            }
+            FAULT_BUF_CTRL => {
+                if v32 & !(fault_ctrl::ENABLE | fault_ctrl::OVERFLOW) != 0 {
+                    return bad_value(self, st);
+                }
+                let enabling = v32 & fault_ctrl::ENABLE != 0;
+                if enabling && !ring_fits(r.fault_base, r.fault_entries, FaultRecord::SIZE as u64) {
+                    return bad_value(self, st);
+                }
+                let overflow = r.fault_ctrl & fault_ctrl::OVERFLOW & !(v32 & fault_ctrl::OVERFLOW);
+                r.fault_ctrl = (v32 & fault_ctrl::ENABLE) | overflow;
+            }
+            FAULT_BUF_GET => {
+                // GET may only move forward, up to PUT.
+                if v32.wrapping_sub(r.fault_get) > r.fault_put.wrapping_sub(r.fault_get) {
+                    return bad_value(self, st);
+                }
+                r.fault_get = v32;
+            }
+            FAULT_REPLAY => {
+                let stalled = std::mem::take(&mut st.engine.stalled);
+                st.engine.ready.extend(stalled.into_values());
+                self.work_cv.notify_all();
+            }
+            FAULT_CANCEL => {
+                let work_id = value as u32;
+                let code = (value >> 32) as u32;
+                let e = &mut st.engine;
+                let in_stalled = e.stalled.keys().find(|s| **s as u32 == work_id).copied();
+                let item = match in_stalled {
+                    Some(seq) => e.stalled.remove(&seq),
+                    None => e
+                        .ready
+                        .iter()
+                        .position(|i| i.seq as u32 == work_id)
+                        .and_then(|p| e.ready.remove(p)),
+                };
+                return match item {
+                    Some(item) => Action::Cancel(item, code),
+                    None => bad_value(self, st),
+                };
+            }
+            CMDQ_BASE => {
+                if r.cmdq_ctrl & cmdq_ctrl::ENABLE != 0 || value % PAGE_SIZE != 0 {
+                    return bad_value(self, st);
+                }
+                r.cmdq_base = value;
+            }
+            CMDQ_ENTRIES => {
+                let max = self.cfg.cmdq_entries_max;
+                if r.cmdq_ctrl & cmdq_ctrl::ENABLE != 0
+                    || !v32.is_power_of_two()
+                    || !(2..=max).contains(&v32)
+                {
+                    return bad_value(self, st);
+                }
+                r.cmdq_entries = v32;
+            }
+            CMDQ_CTRL => {
+                if v32 & !cmdq_ctrl::ENABLE != 0 {
+                    return bad_value(self, st);
+                }
+                if v32 != 0 && !ring_fits(r.cmdq_base, r.cmdq_entries, Command::SIZE as u64) {
+                    return bad_value(self, st);
+                }
+                r.cmdq_ctrl = v32;
+                self.work_cv.notify_all();
+            }
+            CMDQ_TAIL => {
+                let head = st.engine.fetched as u32;
+                let r = &mut st.regs;
+                let pending = v32.wrapping_sub(head);
+                let old_pending = r.cmdq_tail.wrapping_sub(head);
+                if pending > r.cmdq_entries || pending < old_pending {
+                    self.set_error(st, ErrorCode::BadDoorbell, value);
+                    return Action::None;
+                }
+                r.cmdq_tail = v32;
+                self.work_cv.notify_all();
+            }
+            TLBI_ASID => r.tlbi_asid = v32,
+            TLBI_SCOPE => {
+                if TlbiScope::from_u32(v32).is_none() {
+                    return bad_value(self, st);
+                }
+                r.tlbi_scope = v32;
+            }
+            TLBI_VA => r.tlbi_va = value,
+            TLBI_SIZE => r.tlbi_size = value,
+            TLBI_TRIGGER => {
+                let target = match self.tlbi_target(&st.regs) {
+                    Ok(t) => t,
+                    Err(bad_reg) => {
+                        self.set_error(st, ErrorCode::BadRegisterValue, bad_reg);
+                        return Action::None;
+                    }
+                };
+                return Action::Tlbi { target, seq: v32 };
+            }
+            _ => {
+                // Every writable register is handled above; anything else was filtered by
+                // `check_access`. Treat a gap here as a bad access rather than trusting it.
+                self.set_error(st, ErrorCode::BadRegisterAccess, offset);
+            }
+        }
+        Action::None
+    }
+
+    /// Validate the TLBI_* registers; on error, the offset of the offending register.
+    fn tlbi_target(&self, r: &Regs) -> Result<TlbiTarget, u64> {
+        let scope = TlbiScope::from_u32(r.tlbi_scope).ok_or(regs::TLBI_SCOPE)?;
+        let asid = u16::try_from(r.tlbi_asid)
+            .ok()
+            .filter(|a| u32::from(*a) < self.cfg.asids);
+        match scope {
+            TlbiScope::All => Ok(TlbiTarget::All),
+            TlbiScope::Asid => asid.map(TlbiTarget::Asid).ok_or(regs::TLBI_ASID),
+            TlbiScope::Range => {
+                let asid = asid.ok_or(regs::TLBI_ASID)?;
+                if r.tlbi_va % PAGE_SIZE != 0 || !range_canonical(r.tlbi_va, 0) {
+                    return Err(regs::TLBI_VA);
+                }
+                if r.tlbi_size == 0
+                    || r.tlbi_size % PAGE_SIZE != 0
+                    || !range_canonical(r.tlbi_va, r.tlbi_size)
+                {
+                    return Err(regs::TLBI_SIZE);
+                }
+                Ok(TlbiTarget::Range {
+                    asid,
+                    va: r.tlbi_va,
+                    size: r.tlbi_size,
+                })
+            }
+        }
+    }
+
+    /// Drop the matching TLB entries, wait for every in-flight access (any of which may be
+    /// using a dropped translation), then publish TLBI_DONE.
+    fn invalidate_tlb(&self, target: TlbiTarget, seq: u32) {
+        let _serial = lock(&self.tlbi_serial);
+        let generation = self.generation.load(Ordering::Acquire);
+        lock(&self.tlb).invalidate(target);
+        drop(write(&self.iommu));
+        let mut st = lock(&self.state);
+        if st.generation == generation {
+            st.regs.tlbi_done = seq;
+            st.regs.tlbi_count = st.regs.tlbi_count.wrapping_add(1);
+        }
+    }
+
+    /// Return to the power-on state (DMA mappings and interrupt routing are host state and
+    /// stay).
+    pub(crate) fn reset(&self) {
+        {
+            let mut st = lock(&self.state);
+            let generation = st.generation + 1;
+            let shutdown = st.shutdown;
+            *st = State::new(generation);
+            st.shutdown = shutdown;
+            self.generation.store(generation, Ordering::Release);
+            for r in &self.roots {
+                r.store(0, Ordering::Release);
+            }
+        }
+        lock(&self.tlb).reset();
+        // Wait out accesses of pre-reset work that are in flight right now; later ones see the
+        // new generation and stop.
+        drop(write(&self.iommu));
+        let _st = lock(&self.state);
+        self.work_cv.notify_all();
+    }
+
+    pub(crate) fn stop(&self) {
+        self.shutdown.store(true, Ordering::Release);
+        let mut st = lock(&self.state);
+        st.shutdown = true;
+        self.work_cv.notify_all();
+    }
+
+    // ---------------------------------------------------------------- command engine
+
+    /// Body of a worker thread.
+    pub(crate) fn worker_loop(&self) {
+        let mut buf = vec![0u8; PAGE_SIZE as usize];
+        loop {
+            let mut st = lock(&self.state);
+            let job = loop {
+                if st.shutdown {
+                    return;
+                }
+                if let Some(item) = st.engine.ready.pop_front() {
+                    break Some(item);
+                }
+                if st.can_fetch(self.bus_master.load(Ordering::Acquire)) {
+                    break None;
+                }
+                st = wait_timeout(&self.work_cv, st, IDLE_POLL);
+            };
+            match job {
+                Some(item) => {
+                    drop(st);
+                    self.run_item(item, &mut buf);
+                }
+                None => {
+                    st.engine.fetching = true;
+                    let fetch = (
+                        st.engine.fetched,
+                        st.regs.cmdq_base,
+                        st.regs.cmdq_entries,
+                        st.generation,
+                    );
+                    drop(st);
+                    if let Some(item) = self.fetch(fetch.0, fetch.1, fetch.2, fetch.3) {
+                        self.run_item(item, &mut buf);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Read and decode command `seq`; returns a work item to run, after handling commands that
+    /// complete at once (decode errors, FENCE).
+    fn fetch(&self, seq: u64, base: u64, entries: u32, generation: u64) -> Option<WorkItem> {
+        let slot = seq % u64::from(entries.max(1));
+        let iova = base.wrapping_add(slot * Command::SIZE as u64);
+        let dma = self.dma();
+        let mut raw = [0u8; Command::SIZE];
+        let fetched = if self.generation.load(Ordering::Acquire) == generation {
+            dma.read(iova, &mut raw)
+        } else {
+            Err(DmaFault { iova, reason: None })
+        };
+        let mut st = lock(&self.state);
+        if st.generation != generation {
+            return None;
+        }
+        st.engine.fetching = false;
+        st.engine.fetched += 1;
+        self.work_cv.notify_all();
+        if let Err(f) = fetched {
+            // Nothing to complete: the command itself could not be read.
+            self.note_dma_fault(&mut st, f);
+            st.regs.work_completed = st.regs.work_completed.wrapping_add(1);
+            return None;
+        }
+        let work_id = seq as u32;
+        let cmd = match Command::decode(&raw) {
+            Ok(cmd) => cmd,
+            Err(e) => {
+                tracing::debug!(work_id, %e, "bad command");
+                self.set_error(&mut st, ErrorCode::BadCommand, work_id.into());
+                // Honour the completion address and IRQ flag if they are usable at all.
+                let completion = u64::from_le_bytes(raw[40..48].try_into().unwrap_or([0; 8]));
+                let completion = if completion % 16 == 0 { completion } else { 0 };
+                let irq = raw[1] & CommandFlags::IRQ != 0;
+                self.finish_locked(&dma, &mut st, seq, completion, irq, Status::BadCommand, 0);
+                return None;
+            }
+        };
+        let item = WorkItem {
+            seq,
+            cmd,
+            progress: 0,
+            acc: FNV_OFFSET,
+            generation,
+        };
+        if cmd.opcode == Opcode::Fence {
+            st.engine.fences.push_back((seq, cmd));
+            self.retire_fences(&dma, &mut st);
+            return None;
+        }
+        st.engine.outstanding.insert(seq);
+        if let Err((status, result)) = self.validate(&cmd) {
+            if status == Status::BadCommand {
+                self.set_error(&mut st, ErrorCode::BadCommand, work_id.into());
+            }
+            self.complete_locked(&dma, &mut st, &item, status, result);
+            return None;
+        }
+        Some(item)
+    }
+
+    /// Device-limit checks that decoding cannot do.
+    fn validate(&self, cmd: &Command) -> Result<(), (Status, u64)> {
+        let uses_len = !matches!(cmd.opcode, Opcode::AtomicAdd | Opcode::Fence);
+        if uses_len && cmd.len > u64::from(self.cfg.max_transfer) {
+            return Err((Status::BadCommand, 0));
+        }
+        if u32::from(cmd.asid) >= self.cfg.asids {
+            return Err((Status::BadAsid, cmd.asid.into()));
+        }
+        let operands: &[(u64, u64)] = match cmd.opcode {
+            Opcode::Copy => &[(cmd.src, cmd.len), (cmd.dst, cmd.len)],
+            Opcode::Fill => &[(cmd.dst, cmd.len)],
+            Opcode::AtomicAdd => &[(cmd.dst, 8)],
+            Opcode::Checksum | Opcode::Prefetch => &[(cmd.src, cmd.len)],
+            Opcode::Fence => &[],
+        };
+        for &(va, len) in operands {
+            if !range_canonical(va, len) {
+                return Err((Status::NonCanonical, va));
+            }
+        }
+        Ok(())
+    }
+
+    fn run_item(&self, mut item: WorkItem, buf: &mut [u8]) {
+        loop {
+            let dma = self.dma();
+            if self.generation.load(Ordering::Acquire) != item.generation
+                || self.shutdown.load(Ordering::Acquire)
+            {
+                return;
+            }
+            match self.step(&dma, &mut item, buf) {
+                Step::More => continue,
+                Step::Done(result) => {
+                    self.complete(&dma, &item, Status::Ok, result);
+                    return;
+                }
+                Step::Stop(Stop::Fail(status, result)) => {
+                    self.complete(&dma, &item, status, result);
+                    return;
+                }
+                Step::Stop(Stop::Stall { va, access, reason }) => {
+                    self.stall(&dma, item, va, access, reason);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// One chunk of work: at most one page of each operand.
+    fn step(&self, dma: &Dma<'_>, item: &mut WorkItem, buf: &mut [u8]) -> Step {
+        let cmd = item.cmd;
+        let asid = cmd.asid;
+        let remaining = cmd.len.saturating_sub(item.progress);
+        let result = match cmd.opcode {
+            Opcode::Fill => {
+                let va = cmd.dst + item.progress;
+                let n = remaining.min(page_remaining(va));
+                let chunk = &mut buf[..n as usize];
+                for (i, b) in chunk.iter_mut().enumerate() {
+                    *b = fill_byte(cmd.value, item.progress + i as u64);
+                }
+                self.translate(dma, asid, va, AccessKind::Write)
+                    .and_then(|iova| self.data(dma.write(iova, chunk)))
+                    .map(|()| n)
+            }
+            Opcode::Copy => {
+                let src = cmd.src + item.progress;
+                let dst = cmd.dst + item.progress;
+                let n = remaining.min(page_remaining(src)).min(page_remaining(dst));
+                let chunk = &mut buf[..n as usize];
+                self.translate(dma, asid, src, AccessKind::Read)
+                    .and_then(|s| {
+                        let d = self.translate(dma, asid, dst, AccessKind::Write)?;
+                        self.data(dma.read(s, chunk))?;
+                        self.data(dma.write(d, chunk))
+                    })
+                    .map(|()| n)
+            }
+            Opcode::Checksum => {
+                let va = cmd.src + item.progress;
+                let n = remaining.min(page_remaining(va));
+                let chunk = &mut buf[..n as usize];
+                self.translate(dma, asid, va, AccessKind::Read)
+                    .and_then(|iova| self.data(dma.read(iova, chunk)))
+                    .map(|()| {
+                        item.acc = fnv1a_update(item.acc, chunk);
+                        n
+                    })
+            }
+            Opcode::Prefetch => {
+                let va = cmd.src + item.progress;
+                let n = remaining.min(page_remaining(va));
+                self.translate(dma, asid, va, AccessKind::Prefetch)
+                    .map(|_| n)
+            }
+            Opcode::AtomicAdd => {
+                return match self
+                    .translate(dma, asid, cmd.dst, AccessKind::Atomic)
+                    .and_then(|iova| self.data(dma.atomic_add(iova, cmd.value)))
+                {
+                    Ok(old) => Step::Done(old),
+                    Err(stop) => Step::Stop(stop),
+                };
+            }
+            // Fences never reach a worker.
+            Opcode::Fence => return Step::Done(0),
+        };
+        match result {
+            Ok(n) => {
+                item.progress += n;
+                if item.progress >= cmd.len {
+                    let res = if cmd.opcode == Opcode::Checksum {
+                        item.acc
+                    } else {
+                        0
+                    };
+                    Step::Done(res)
+                } else {
+                    Step::More
+                }
+            }
+            Err(stop) => Step::Stop(stop),
+        }
+    }
+
+    /// Turn a failed data access into the item's IOMMU_FAULT (and ERROR_CODE).
+    fn data<T>(&self, r: Result<T, DmaFault>) -> Result<T, Stop> {
+        r.map_err(|f| {
+            let mut st = lock(&self.state);
+            self.note_dma_fault(&mut st, f);
+            Stop::Fail(Status::IommuFault, f.iova)
+        })
+    }
+
+    /// Translate `va` of `asid` for `access`: TLB first, then a page walk.
+    fn translate(
+        &self,
+        dma: &Dma<'_>,
+        asid: u16,
+        va: u64,
+        access: AccessKind,
+    ) -> Result<u64, Stop> {
+        let walk_seq = {
+            let mut tlb = lock(&self.tlb);
+            if let Some(e) = tlb.lookup(asid, va) {
+                if perms_allow(e.perms, access) {
+                    tlb.hits += 1;
+                    return Ok(e.iova_of(va));
+                }
+                // Permission upgrades need no invalidation: a hit without the permission
+                // re-walks.
+                tlb.remove(asid, &e);
+            }
+            tlb.misses += 1;
+            tlb.seq()
+        };
+        let root = self
+            .roots
+            .get(usize::from(asid))
+            .map_or(0, |r| r.load(Ordering::Acquire));
+        if root & regs::ASID_ROOT_VALID == 0 {
+            return Err(Stop::Fail(Status::BadAsid, asid.into()));
+        }
+        let mut read_fault = None;
+        let outcome = walk(root & pt::ADDR_MASK, va, |iova| match dma.read_u64(iova) {
+            Ok(v) => Some(v),
+            Err(f) => {
+                read_fault = Some(f);
+                None
+            }
+        });
+        match outcome {
+            Walk::Leaf(e) if perms_allow(e.perms, access) => {
+                lock(&self.tlb).insert(asid, e, walk_seq);
+                Ok(e.iova_of(va))
+            }
+            Walk::Leaf(_) => Err(Stop::Stall {
+                va,
+                access,
+                reason: FaultReason::Permission,
+            }),
+            Walk::NotPresent => Err(Stop::Stall {
+                va,
+                access,
+                reason: FaultReason::NotPresent,
+            }),
+            Walk::BadPte { entry_iova } => {
+                let mut st = lock(&self.state);
+                self.set_error(&mut st, ErrorCode::BadPte, entry_iova);
+                Err(Stop::Fail(Status::BadPte, va))
+            }
+            Walk::ReadFailed { entry_iova } => {
+                let mut st = lock(&self.state);
+                let f = read_fault.unwrap_or(DmaFault {
+                    iova: entry_iova,
+                    reason: None,
+                });
+                self.note_dma_fault(&mut st, f);
+                Err(Stop::Fail(Status::IommuFault, entry_iova))
+            }
+            Walk::NonCanonical => Err(Stop::Fail(Status::NonCanonical, va)),
+        }
+    }
+
+    /// Post a fault record and park the item (or fail it if faults cannot be posted).
+    fn stall(
+        &self,
+        dma: &Dma<'_>,
+        item: WorkItem,
+        va: u64,
+        access: AccessKind,
+        reason: FaultReason,
+    ) {
+        let mut st = lock(&self.state);
+        if st.generation != item.generation {
+            return;
+        }
+        let r = &st.regs;
+        if r.fault_ctrl & regs::fault_ctrl::ENABLE == 0 {
+            self.complete_locked(dma, &mut st, &item, Status::PageFault, va);
+            return;
+        }
+        if r.fault_put.wrapping_sub(r.fault_get) >= r.fault_entries {
+            // Full: drop the record, keep the item stalled; the next replay re-faults it.
+            st.regs.fault_ctrl |= regs::fault_ctrl::OVERFLOW;
+            st.engine.stalled.insert(item.seq, item);
+            self.raise(&mut st, regs::intr::FAULT);
+            return;
+        }
+        let slot = u64::from(r.fault_put % r.fault_entries);
+        let iova = r.fault_base + slot * FaultRecord::SIZE as u64;
+        let record = FaultRecord {
+            va,
+            work_id: item.seq as u32,
+            asid: item.cmd.asid,
+            access,
+            reason,
+            timestamp_ns: u64::try_from(st.reset_at.elapsed().as_nanos()).unwrap_or(u64::MAX),
+        };
+        let posted = dma.write(iova, &record.encode_body()).and_then(|()| {
+            dma.store_u32_release(
+                iova + FaultRecord::FLAGS_OFFSET as u64,
+                FaultRecord::FLAG_VALID,
+            )
+        });
+        match posted {
+            Ok(()) => {
+                st.regs.fault_put = st.regs.fault_put.wrapping_add(1);
+                st.engine.stalled.insert(item.seq, item);
+                self.raise(&mut st, regs::intr::FAULT);
+            }
+            Err(f) => {
+                self.note_dma_fault(&mut st, f);
+                self.complete_locked(dma, &mut st, &item, Status::IommuFault, f.iova);
+            }
+        }
+    }
+
+    fn complete(&self, dma: &Dma<'_>, item: &WorkItem, status: Status, result: u64) {
+        let mut st = lock(&self.state);
+        if st.generation == item.generation {
+            self.complete_locked(dma, &mut st, item, status, result);
+        }
+    }
+
+    fn complete_locked(
+        &self,
+        dma: &Dma<'_>,
+        st: &mut State,
+        item: &WorkItem,
+        status: Status,
+        result: u64,
+    ) {
+        let irq = item.cmd.flags.0 & CommandFlags::IRQ != 0;
+        self.finish_locked(dma, st, item.seq, item.cmd.completion, irq, status, result);
+        self.retire_fences(dma, st);
+    }
+
+    /// Write the completion record (body, then `done` with release), count the command and
+    /// raise the completion vector if asked. Callers retire fences afterwards.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_locked(
+        &self,
+        dma: &Dma<'_>,
+        st: &mut State,
+        seq: u64,
+        completion: u64,
+        irq: bool,
+        status: Status,
+        result: u64,
+    ) {
+        if completion != 0 {
+            let body = Completion { result, status }.encode_body();
+            let written = dma.write(completion, &body).and_then(|()| {
+                dma.store_u32_release(completion + Completion::DONE_OFFSET as u64, 1)
+            });
+            if let Err(f) = written {
+                self.note_dma_fault(st, f);
+            }
+        }
+        st.engine.outstanding.remove(&seq);
+        st.regs.work_completed = st.regs.work_completed.wrapping_add(1);
+        if irq {
+            self.raise(st, regs::intr::COMPLETION);
+        }
+    }
+
+    fn retire_fences(&self, dma: &Dma<'_>, st: &mut State) {
+        while let Some(&(seq, cmd)) = st.engine.fences.front() {
+            if st.engine.outstanding.range(..seq).next().is_some() {
+                return;
+            }
+            st.engine.fences.pop_front();
+            st.regs.fence_done = cmd.value;
+            let irq = cmd.flags.0 & CommandFlags::IRQ != 0;
+            // FENCE_DONE is set before the fence's own completion record, so a driver that sees
+            // the record also sees FENCE_DONE.
+            self.finish_locked(dma, st, seq, cmd.completion, irq, Status::Ok, 0);
+        }
+    }
+}
+
+fn ring_fits(base: u64, entries: u32, size: u64) -> bool {
+    entries != 0 && base % PAGE_SIZE == 0 && base.checked_add(u64::from(entries) * size).is_some()
+}

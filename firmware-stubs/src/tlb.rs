@@ -1,0 +1,212 @@
+//! The device TLB: caches leaf translations until told otherwise.
+//!
+//! It never caches misses. Capacity is bounded; when full, the oldest entry is evicted (FIFO).
+//! A walk that started before an invalidation must not install its (possibly stale) result
+//! afterwards: every invalidation bumps `inval_seq`, and `insert` refuses an entry whose walk
+//! started under an older sequence.
+
+use std::collections::{HashMap, VecDeque};
+
+use accel_abi::pt::Perms;
+use accel_abi::{LARGE_PAGE_SIZE, PAGE_SIZE};
+
+/// One cached leaf translation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TlbEntry {
+    /// First VA of the leaf.
+    pub(crate) va_base: u64,
+    /// 4 KiB or 2 MiB.
+    pub(crate) size: u64,
+    /// IOVA the leaf maps to.
+    pub(crate) iova_base: u64,
+    /// Leaf permissions.
+    pub(crate) perms: Perms,
+}
+
+impl TlbEntry {
+    pub(crate) fn iova_of(&self, va: u64) -> u64 {
+        self.iova_base + (va - self.va_base)
+    }
+}
+
+type Key = (u16, u64, bool);
+
+fn key(asid: u16, va_base: u64, size: u64) -> Key {
+    (asid, va_base, size == LARGE_PAGE_SIZE)
+}
+
+pub(crate) struct Tlb {
+    cap: usize,
+    map: HashMap<Key, (TlbEntry, u64)>,
+    order: VecDeque<(Key, u64)>,
+    next_stamp: u64,
+    inval_seq: u64,
+    pub(crate) hits: u64,
+    pub(crate) misses: u64,
+}
+
+/// Which entries an invalidation drops.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum TlbiTarget {
+    Range { asid: u16, va: u64, size: u64 },
+    Asid(u16),
+    All,
+}
+
+impl Tlb {
+    pub(crate) fn new(cap: usize) -> Self {
+        Tlb {
+            cap,
+            map: HashMap::with_capacity(cap),
+            order: VecDeque::with_capacity(cap),
+            next_stamp: 0,
+            inval_seq: 0,
+            hits: 0,
+            misses: 0,
+        }
+    }
+
+    /// The translation of `va`, if cached. Counts neither hit nor miss (the caller decides
+    /// whether the entry is usable).
+    pub(crate) fn lookup(&self, asid: u16, va: u64) -> Option<TlbEntry> {
+        let small = key(asid, va & !(PAGE_SIZE - 1), PAGE_SIZE);
+        let large = key(asid, va & !(LARGE_PAGE_SIZE - 1), LARGE_PAGE_SIZE);
+        self.map
+            .get(&small)
+            .or_else(|| self.map.get(&large))
+            .map(|(e, _)| *e)
+    }
+
+    pub(crate) fn remove(&mut self, asid: u16, e: &TlbEntry) {
+        self.map.remove(&key(asid, e.va_base, e.size));
+    }
+
+    pub(crate) fn seq(&self) -> u64 {
+        self.inval_seq
+    }
+
+    /// Cache `e` unless an invalidation ran since the walk that produced it began.
+    pub(crate) fn insert(&mut self, asid: u16, e: TlbEntry, walk_seq: u64) {
+        if walk_seq != self.inval_seq || self.cap == 0 {
+            return;
+        }
+        let k = key(asid, e.va_base, e.size);
+        if self.map.len() >= self.cap && !self.map.contains_key(&k) {
+            self.evict_one();
+        }
+        let stamp = self.next_stamp;
+        self.next_stamp += 1;
+        self.map.insert(k, (e, stamp));
+        self.order.push_back((k, stamp));
+        // Invalidations leave stale keys in `order`; keep it from growing without bound.
+        if self.order.len() > 4 * self.cap + 16 {
+            let map = &self.map;
+            self.order
+                .retain(|(k, s)| map.get(k).is_some_and(|(_, cur)| cur == s));
+        }
+    }
+
+    fn evict_one(&mut self) {
+        while let Some((k, stamp)) = self.order.pop_front() {
+            if self.map.get(&k).is_some_and(|(_, s)| *s == stamp) {
+                self.map.remove(&k);
+                return;
+            }
+        }
+    }
+
+    /// Drop the matching entries; returns how many were dropped.
+    pub(crate) fn invalidate(&mut self, target: TlbiTarget) -> usize {
+        self.inval_seq += 1;
+        let before = self.map.len();
+        match target {
+            TlbiTarget::All => self.map.clear(),
+            TlbiTarget::Asid(a) => self.map.retain(|k, _| k.0 != a),
+            TlbiTarget::Range { asid, va, size } => {
+                let end = va.saturating_add(size);
+                self.map.retain(|k, (e, _)| {
+                    k.0 != asid || e.va_base >= end || e.va_base + e.size <= va
+                });
+            }
+        }
+        before - self.map.len()
+    }
+
+    /// Power-on state. The invalidation sequence keeps counting so that a walk begun before the
+    /// reset cannot install its result afterwards.
+    pub(crate) fn reset(&mut self) {
+        self.map.clear();
+        self.order.clear();
+        self.inval_seq += 1;
+        self.hits = 0;
+        self.misses = 0;
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(va: u64, size: u64) -> TlbEntry {
+        TlbEntry {
+            va_base: va,
+            size,
+            iova_base: 0x1000_0000 + va,
+            perms: Perms::RW,
+        }
+    }
+
+    #[test]
+    fn lookup_finds_small_and_large() {
+        let mut t = Tlb::new(8);
+        t.insert(1, entry(0x5000, PAGE_SIZE), t.seq());
+        t.insert(1, entry(0x40_0000, LARGE_PAGE_SIZE), t.seq());
+        assert_eq!(
+            t.lookup(1, 0x5123).map(|e| e.iova_of(0x5123)),
+            Some(0x1000_5123)
+        );
+        assert!(t.lookup(1, 0x5ff_f000).is_none());
+        assert!(t.lookup(1, 0x41_2345).is_some());
+        assert!(t.lookup(2, 0x5123).is_none(), "entries are per ASID");
+    }
+
+    #[test]
+    fn bounded_with_fifo_eviction() {
+        let mut t = Tlb::new(4);
+        for i in 0..6u64 {
+            t.insert(0, entry(i * PAGE_SIZE, PAGE_SIZE), t.seq());
+        }
+        assert_eq!(t.len(), 4);
+        assert!(t.lookup(0, 0).is_none() && t.lookup(0, PAGE_SIZE).is_none());
+        assert!(t.lookup(0, 5 * PAGE_SIZE).is_some());
+    }
+
+    #[test]
+    fn walk_racing_an_invalidation_is_not_cached() {
+        let mut t = Tlb::new(4);
+        let seq = t.seq();
+        t.invalidate(TlbiTarget::All);
+        t.insert(0, entry(0, PAGE_SIZE), seq);
+        assert!(t.lookup(0, 0).is_none());
+    }
+
+    #[test]
+    fn range_invalidation_hits_overlapping_large_leaf() {
+        let mut t = Tlb::new(8);
+        t.insert(3, entry(0x20_0000, LARGE_PAGE_SIZE), t.seq());
+        t.insert(3, entry(0x1000, PAGE_SIZE), t.seq());
+        let dropped = t.invalidate(TlbiTarget::Range {
+            asid: 3,
+            va: 0x30_0000,
+            size: PAGE_SIZE,
+        });
+        assert_eq!(dropped, 1);
+        assert!(t.lookup(3, 0x20_0000).is_none());
+        assert!(t.lookup(3, 0x1000).is_some());
+    }
+}
