@@ -1,2 +1,70 @@
-//! Userspace HMM mirror driver for the MXA-1 accelerator. Under construction.
+//! Userspace HMM mirror driver for the MXA-1 accelerator.
+//!
+//! Layers, bottom up:
+//! - [`backend`]: how the device is reached (in-process emulator, kernel VFIO, vfio-user);
+//! - [`device`]: the MXA-1 programming model over any backend (rings, TLB fences, faults);
+//! - [`pagetable`], [`iova`]: device page tables and IOVA allocation;
+//! - the mirror of a process address space into a device address space (fault service and
+//!   invalidation), and the runtime API on top.
 #![deny(missing_docs)]
+
+pub mod backend;
+pub mod device;
+pub mod fault;
+pub mod iova;
+pub mod memlock;
+pub mod pagetable;
+pub mod sys;
+
+/// Driver errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The backend failed.
+    #[error(transparent)]
+    Backend(#[from] backend::BackendError),
+    /// DMA memory could not be allocated.
+    #[error(transparent)]
+    DmaBuffer(#[from] sys::dmabuf::DmaBufferError),
+    /// IOVA space ran out.
+    #[error(transparent)]
+    Iova(#[from] iova::IovaError),
+    /// Page-table update failed.
+    #[error(transparent)]
+    PageTable(#[from] pagetable::PageTableError),
+    /// An OS call failed.
+    #[error("{what} failed: {source}")]
+    Os {
+        /// The call.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The device is not an MXA-1 (or not a version this driver knows).
+    #[error("not an MXA-1 device (vendor {vendor:#06x}, device {device:#06x}) or unknown version")]
+    WrongDevice {
+        /// PCI vendor ID found.
+        vendor: u16,
+        /// PCI device ID found.
+        device: u16,
+    },
+    /// The device reports something this driver does not support.
+    #[error("unsupported device: {0}")]
+    Unsupported(String),
+    /// The device latched an error.
+    #[error("device error code {code} (info {info:#x})")]
+    DeviceError {
+        /// ERROR_CODE.
+        code: u32,
+        /// ERROR_INFO.
+        info: u64,
+    },
+    /// Every command-queue slot stayed busy for the whole timeout.
+    #[error("command queue full ({entries} entries in flight); wait for completions or raise the timeout")]
+    QueueFull {
+        /// Queue size.
+        entries: u32,
+    },
+    /// The device did not answer in time.
+    #[error("timed out waiting for {0}")]
+    Timeout(&'static str),
+}

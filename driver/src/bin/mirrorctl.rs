@@ -2,7 +2,10 @@
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "mirrorctl", about = "Userspace HMM mirror driver for the MXA-1 accelerator")]
+#[command(
+    name = "mirrorctl",
+    about = "Userspace HMM mirror driver for the MXA-1 accelerator"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1,0 +1,199 @@
+//! The backend seam: the only place that knows how the device is reached.
+//!
+//! Everything above this trait (device bring-up, page tables, fault service, invalidation) is
+//! written once and runs unchanged on every implementation:
+//! - [`emulated::EmulatedBackend`]: the MXA-1 emulator from `firmware-stubs`, in this process;
+//! - kernel VFIO and vfio-user clients (their own modules, later issues).
+//!
+//! DMA goes through the backend, never around it: memory that is not shared by fd (ordinary
+//! process memory) is handed over as [`DmaSource::ProcessVa`], and each backend decides how the
+//! device reaches it (a long-term pin, process_vm_readv, or vfio-user DMA_READ/DMA_WRITE).
+
+use std::ops::Range;
+use std::os::fd::{BorrowedFd, OwnedFd};
+
+use crate::sys::dmabuf::DmaBuffer;
+
+pub mod emulated;
+pub mod vfio;
+
+/// An error from a backend operation.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// A register, config-space or DMA operation failed in the transport.
+    #[error("{backend} backend: {op} failed: {detail}")]
+    Transport {
+        /// Backend name.
+        backend: &'static str,
+        /// Operation.
+        op: &'static str,
+        /// What went wrong.
+        detail: String,
+    },
+    /// The backend does not implement this operation.
+    #[error("{backend} backend: {op} is not supported")]
+    Unsupported {
+        /// Backend name.
+        backend: &'static str,
+        /// Operation.
+        op: &'static str,
+    },
+}
+
+/// How the device reaches the memory behind a DMA mapping.
+#[derive(Debug, Clone, Copy)]
+pub enum DmaSource<'a> {
+    /// `len` bytes of a driver-owned buffer starting at `offset`.
+    Buffer {
+        /// The buffer.
+        buffer: &'a DmaBuffer,
+        /// Byte offset into it (page aligned).
+        offset: usize,
+    },
+    /// Ordinary memory of this process starting at `va` (malloc, mmap, stack, file mappings).
+    ProcessVa {
+        /// Process virtual address (page aligned).
+        va: u64,
+    },
+    /// Memory of this process at `va` that is also reachable through `fd` at `offset` (a memfd
+    /// arena), so a device in another process can map it itself.
+    SharedFd {
+        /// Process virtual address (page aligned).
+        va: u64,
+        /// The file behind it.
+        fd: BorrowedFd<'a>,
+        /// Offset of `va` in the file.
+        offset: u64,
+    },
+}
+
+/// Access the device gets to a DMA mapping.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DmaAccess {
+    /// Device may read.
+    pub read: bool,
+    /// Device may write.
+    pub write: bool,
+}
+
+impl DmaAccess {
+    /// Read and write.
+    pub const READ_WRITE: DmaAccess = DmaAccess {
+        read: true,
+        write: true,
+    };
+    /// Read only.
+    pub const READ_ONLY: DmaAccess = DmaAccess {
+        read: true,
+        write: false,
+    };
+}
+
+/// What a backend is, for logs and statistics only: the driver must not branch on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    /// The emulator in this process.
+    Emulated,
+    /// Kernel VFIO.
+    KernelVfio,
+    /// A vfio-user server.
+    VfioUser,
+}
+
+/// A PCI device reached somehow.
+pub trait Backend: Send + Sync {
+    /// What this backend is (logs and statistics).
+    fn kind(&self) -> BackendKind;
+
+    /// Read PCI configuration space.
+    fn config_read(&self, offset: u64, data: &mut [u8]) -> Result<(), BackendError>;
+
+    /// Write PCI configuration space.
+    fn config_write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError>;
+
+    /// Read a BAR register (`data.len()` is 4 or 8).
+    fn bar_read(&self, bar: u32, offset: u64, data: &mut [u8]) -> Result<(), BackendError>;
+
+    /// Write a BAR register (`data.len()` is 4 or 8).
+    fn bar_write(&self, bar: u32, offset: u64, data: &[u8]) -> Result<(), BackendError>;
+
+    /// IOVA ranges the IOMMU accepts, `[start, end)`, sorted.
+    fn iova_ranges(&self) -> Vec<Range<u64>>;
+
+    /// Map `len` bytes at `iova` to `source`. Page aligned. A later unmap must cover whole
+    /// mappings (kernel VFIO TYPE1 cannot split one).
+    fn dma_map(
+        &self,
+        iova: u64,
+        len: u64,
+        source: DmaSource<'_>,
+        access: DmaAccess,
+    ) -> Result<(), BackendError>;
+
+    /// Unmap the mappings exactly covering `[iova, iova + len)`.
+    fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), BackendError>;
+
+    /// Route MSI `vector` to `eventfd` (or disconnect it).
+    fn set_irq(&self, vector: u32, eventfd: Option<OwnedFd>) -> Result<(), BackendError>;
+
+    /// Function-level reset.
+    fn reset(&self) -> Result<(), BackendError>;
+
+    /// True if `dma_map` pins memory that counts against RLIMIT_MEMLOCK.
+    fn pins_memory(&self) -> bool;
+}
+
+/// Typed register access over a backend's BAR0.
+#[derive(Clone, Copy)]
+pub struct Bar0<'a>(pub &'a dyn Backend);
+
+impl Bar0<'_> {
+    /// Read a 32-bit register.
+    pub fn read32(&self, offset: u64) -> Result<u32, BackendError> {
+        let mut b = [0u8; 4];
+        self.0.bar_read(0, offset, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    /// Read a 64-bit register.
+    pub fn read64(&self, offset: u64) -> Result<u64, BackendError> {
+        let mut b = [0u8; 8];
+        self.0.bar_read(0, offset, &mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    /// Write a 32-bit register.
+    pub fn write32(&self, offset: u64, value: u32) -> Result<(), BackendError> {
+        self.0.bar_write(0, offset, &value.to_le_bytes())
+    }
+
+    /// Write a 64-bit register.
+    pub fn write64(&self, offset: u64, value: u64) -> Result<(), BackendError> {
+        self.0.bar_write(0, offset, &value.to_le_bytes())
+    }
+}
+
+/// Typed access to configuration space.
+#[derive(Clone, Copy)]
+pub struct Config<'a>(pub &'a dyn Backend);
+
+impl Config<'_> {
+    /// Read a 16-bit field.
+    pub fn read16(&self, offset: usize) -> Result<u16, BackendError> {
+        let mut b = [0u8; 2];
+        self.0.config_read(offset as u64, &mut b)?;
+        Ok(u16::from_le_bytes(b))
+    }
+
+    /// Write a 16-bit field.
+    pub fn write16(&self, offset: usize, value: u16) -> Result<(), BackendError> {
+        self.0.config_write(offset as u64, &value.to_le_bytes())
+    }
+
+    /// Read a 32-bit field.
+    pub fn read32(&self, offset: usize) -> Result<u32, BackendError> {
+        let mut b = [0u8; 4];
+        self.0.config_read(offset as u64, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+}

@@ -1,0 +1,549 @@
+//! The MXA-1 device as the driver sees it: bring-up, the command queue, completion records,
+//! TLB invalidation and the fault buffer. Nothing here knows how the device is reached (see
+//! [`crate::backend`]) or what a process address space is (see [`crate::context`]).
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use accel_abi::config as pci;
+use accel_abi::regs;
+use accel_abi::{Command, Completion, FaultRecord, Status};
+use nix::sys::eventfd::{EfdFlags, EventFd};
+
+use crate::backend::{Backend, BackendError, Bar0, Config, DmaAccess, DmaSource};
+use crate::iova::IovaSpace;
+use crate::pagetable::TablePool;
+use crate::sys::dmabuf::DmaBuffer;
+use crate::Error;
+
+/// Capabilities read from the device at bring-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Caps {
+    /// Address spaces.
+    pub asids: u32,
+    /// Page-table levels.
+    pub pt_levels: u32,
+    /// Translated VA bits.
+    pub va_bits: u32,
+    /// Page-size bitmap.
+    pub page_sizes: u32,
+    /// Maximum fault-buffer entries.
+    pub fault_entries: u32,
+    /// Maximum command-queue entries.
+    pub cmdq_entries: u32,
+    /// Largest transfer per command.
+    pub max_transfer: u32,
+}
+
+/// Ring sizes and similar choices made at bring-up.
+#[derive(Debug, Clone, Copy)]
+pub struct DeviceOptions {
+    /// Command-queue entries (clamped to the device's maximum, rounded to a power of two).
+    pub cmdq_entries: u32,
+    /// Fault-buffer entries (clamped likewise).
+    pub fault_entries: u32,
+}
+
+impl Default for DeviceOptions {
+    fn default() -> Self {
+        DeviceOptions {
+            cmdq_entries: 256,
+            fault_entries: 1024,
+        }
+    }
+}
+
+/// One driver-owned ring in DMA memory.
+struct Ring {
+    buffer: DmaBuffer,
+    iova: u64,
+}
+
+struct CommandQueue {
+    ring: Ring,
+    completions: Ring,
+    entries: u32,
+    tail: u32,
+    /// Per slot (work_id % entries): a submitted command whose result nobody has taken yet.
+    busy: Vec<bool>,
+    in_flight: u32,
+}
+
+struct FaultBuffer {
+    ring: Ring,
+    entries: u32,
+    get: u32,
+}
+
+/// Device-wide bookkeeping shared by the page tables of every address space.
+pub(crate) struct Memory {
+    pub(crate) iova: IovaSpace,
+    pub(crate) tables: TablePool,
+}
+
+/// The three MSI vectors, each routed to an eventfd.
+pub(crate) struct Interrupts {
+    pub(crate) fault: EventFd,
+    pub(crate) completion: EventFd,
+    pub(crate) error: EventFd,
+}
+
+/// A command that was submitted: wait for it with [`Device::wait`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[must_use = "a submitted command must be waited for, or its queue slot is never reused"]
+pub struct Ticket {
+    /// The command's work id (its free-running queue index).
+    pub work_id: u32,
+}
+
+/// A drained fault record, or why a slot could not be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainedFault {
+    /// A well-formed record.
+    Fault(FaultRecord),
+    /// A slot marked valid whose contents do not decode; the slot was consumed.
+    Malformed {
+        /// Slot index.
+        slot: u32,
+    },
+}
+
+/// A device brought up and owned by the driver.
+pub struct Device {
+    backend: Box<dyn Backend>,
+    caps: Caps,
+    pub(crate) memory: Mutex<Memory>,
+    cmdq: Mutex<CommandQueue>,
+    slot_freed: Condvar,
+    faults: Mutex<FaultBuffer>,
+    tlbi: Mutex<u32>,
+    pub(crate) irq: Interrupts,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn ring(
+    backend: &dyn Backend,
+    iova: &mut IovaSpace,
+    bytes: usize,
+    name: &str,
+) -> Result<Ring, Error> {
+    let len = bytes.div_ceil(4096) * 4096;
+    let buffer = DmaBuffer::new(len, name)?;
+    let base = iova.alloc(Some(buffer.va()), len as u64, 4096)?;
+    let mapped = backend.dma_map(
+        base,
+        len as u64,
+        DmaSource::Buffer {
+            buffer: &buffer,
+            offset: 0,
+        },
+        DmaAccess::READ_WRITE,
+    );
+    if let Err(e) = mapped {
+        iova.free(base);
+        return Err(e.into());
+    }
+    Ok(Ring { buffer, iova: base })
+}
+
+fn eventfd() -> Result<EventFd, Error> {
+    EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).map_err(|e| {
+        Error::Os {
+            what: "eventfd",
+            source: e.into(),
+        }
+    })
+}
+
+fn dup(fd: &EventFd) -> Result<OwnedFd, Error> {
+    fd.as_fd().try_clone_to_owned().map_err(|e| Error::Os {
+        what: "dup(eventfd)",
+        source: e,
+    })
+}
+
+impl Device {
+    /// Bring the device up: check identity, reset, enable memory decoding and bus mastering,
+    /// allocate and program the command queue and fault buffer, route interrupts, enable.
+    pub fn bring_up(backend: Box<dyn Backend>, options: DeviceOptions) -> Result<Device, Error> {
+        let b: &dyn Backend = &*backend;
+        let cfg = Config(b);
+        let vendor = cfg.read16(pci::off::VENDOR_ID)?;
+        let device = cfg.read16(pci::off::DEVICE_ID)?;
+        if (vendor, device) != (pci::VENDOR_ID, pci::DEVICE_ID) {
+            return Err(Error::WrongDevice { vendor, device });
+        }
+        b.reset()?;
+        let command = cfg.read16(pci::off::COMMAND)?;
+        cfg.write16(
+            pci::off::COMMAND,
+            command | pci::command::MEMORY | pci::command::BUS_MASTER | pci::command::INTX_DISABLE,
+        )?;
+        let bar = Bar0(b);
+        let id = bar.read32(regs::ID)?;
+        let version = bar.read32(regs::VERSION)?;
+        if id != regs::ID_VALUE || version >> 16 != regs::VERSION_VALUE >> 16 {
+            return Err(Error::WrongDevice { vendor, device });
+        }
+        let pt = bar.read32(regs::CAP_PT)?;
+        let caps = Caps {
+            asids: bar.read32(regs::CAP_ASIDS)?,
+            pt_levels: regs::cap_pt::levels(pt),
+            va_bits: regs::cap_pt::va_bits(pt),
+            page_sizes: bar.read32(regs::CAP_PAGE_SIZES)?,
+            fault_entries: bar.read32(regs::CAP_FAULT_ENTRIES)?,
+            cmdq_entries: bar.read32(regs::CAP_CMDQ_ENTRIES)?,
+            max_transfer: bar.read32(regs::CAP_MAX_TRANSFER)?,
+        };
+        if caps.pt_levels != accel_abi::PT_LEVELS
+            || caps.va_bits != accel_abi::VA_BITS
+            || caps.asids == 0
+        {
+            return Err(Error::Unsupported(format!("device geometry {caps:?}")));
+        }
+        let clamp = |want: u32, max: u32| want.clamp(2, max.max(2)).next_power_of_two().min(max);
+        let cmdq_entries = clamp(options.cmdq_entries, caps.cmdq_entries);
+        let fault_entries = clamp(options.fault_entries, caps.fault_entries);
+
+        let mut iova = IovaSpace::new(b.iova_ranges());
+        let cq = ring(b, &mut iova, cmdq_entries as usize * Command::SIZE, "cmdq")?;
+        let cc = ring(
+            b,
+            &mut iova,
+            cmdq_entries as usize * Completion::SIZE,
+            "completions",
+        )?;
+        let fb = ring(
+            b,
+            &mut iova,
+            fault_entries as usize * FaultRecord::SIZE,
+            "faults",
+        )?;
+
+        let irq = Interrupts {
+            fault: eventfd()?,
+            completion: eventfd()?,
+            error: eventfd()?,
+        };
+        b.set_irq(accel_abi::vector::FAULT, Some(dup(&irq.fault)?))?;
+        b.set_irq(accel_abi::vector::COMPLETION, Some(dup(&irq.completion)?))?;
+        b.set_irq(accel_abi::vector::ERROR, Some(dup(&irq.error)?))?;
+
+        bar.write32(regs::INTR_MASK, 0)?;
+        bar.write64(regs::FAULT_BUF_BASE, fb.iova)?;
+        bar.write32(regs::FAULT_BUF_ENTRIES, fault_entries)?;
+        bar.write32(regs::FAULT_BUF_GET, 0)?;
+        bar.write32(regs::FAULT_BUF_CTRL, regs::fault_ctrl::ENABLE)?;
+        bar.write64(regs::CMDQ_BASE, cq.iova)?;
+        bar.write32(regs::CMDQ_ENTRIES, cmdq_entries)?;
+        bar.write32(regs::CMDQ_TAIL, 0)?;
+        bar.write32(regs::CMDQ_CTRL, regs::cmdq_ctrl::ENABLE)?;
+        bar.write32(regs::CONTROL, regs::control::ENABLE)?;
+        let error = bar.read32(regs::ERROR_CODE)?;
+        if error != 0 {
+            let info = bar.read64(regs::ERROR_INFO)?;
+            return Err(Error::DeviceError { code: error, info });
+        }
+
+        let tables = TablePool::new();
+        Ok(Device {
+            backend,
+            caps,
+            memory: Mutex::new(Memory { iova, tables }),
+            cmdq: Mutex::new(CommandQueue {
+                ring: cq,
+                completions: cc,
+                entries: cmdq_entries,
+                tail: 0,
+                busy: vec![false; cmdq_entries as usize],
+                in_flight: 0,
+            }),
+            slot_freed: Condvar::new(),
+            faults: Mutex::new(FaultBuffer {
+                ring: fb,
+                entries: fault_entries,
+                get: 0,
+            }),
+            tlbi: Mutex::new(0),
+            irq,
+        })
+    }
+
+    /// The device's capabilities.
+    pub fn caps(&self) -> Caps {
+        self.caps
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
+    pub(crate) fn bar(&self) -> Bar0<'_> {
+        Bar0(&*self.backend)
+    }
+
+    /// Submit `cmd` (its `completion` field is set by the driver). Waits up to `timeout` for a
+    /// free queue slot (back-pressure), then fails with [`Error::QueueFull`].
+    pub fn submit(&self, mut cmd: Command, timeout: Duration) -> Result<Ticket, Error> {
+        let deadline = Instant::now() + timeout;
+        let mut q = lock(&self.cmdq);
+        loop {
+            let slot = (q.tail % q.entries) as usize;
+            if !q.busy[slot] {
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::QueueFull { entries: q.entries });
+            }
+            q = self
+                .slot_freed
+                .wait_timeout(q, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let work_id = q.tail;
+        let slot = (work_id % q.entries) as usize;
+        q.completions.buffer.store_u32(
+            slot * Completion::SIZE + Completion::DONE_OFFSET,
+            0,
+            Ordering::Relaxed,
+        );
+        cmd.completion = q.completions.iova + (slot * Completion::SIZE) as u64;
+        q.ring.buffer.write(slot * Command::SIZE, &cmd.encode());
+        q.busy[slot] = true;
+        q.in_flight += 1;
+        q.tail = q.tail.wrapping_add(1);
+        // The doorbell write orders the ring stores before it (docs/device.md, ordering).
+        std::sync::atomic::fence(Ordering::Release);
+        if let Err(e) = self.bar().write32(regs::CMDQ_TAIL, q.tail) {
+            // The device never saw it: give the slot back.
+            q.tail = q.tail.wrapping_sub(1);
+            q.busy[slot] = false;
+            q.in_flight -= 1;
+            return Err(e.into());
+        }
+        Ok(Ticket { work_id })
+    }
+
+    /// The completion of `ticket` if the device has written it; frees the slot when it has.
+    pub fn try_complete(&self, ticket: Ticket) -> Option<Completion> {
+        let mut q = lock(&self.cmdq);
+        let slot = (ticket.work_id % q.entries) as usize;
+        if !q.busy[slot] {
+            return None;
+        }
+        let base = slot * Completion::SIZE;
+        if q.completions
+            .buffer
+            .load_u32(base + Completion::DONE_OFFSET, Ordering::Acquire)
+            == 0
+        {
+            return None;
+        }
+        let mut raw = [0u8; 16];
+        q.completions.buffer.read(base, &mut raw);
+        let completion = Completion::decode(&raw)
+            .ok()
+            .flatten()
+            .unwrap_or(Completion {
+                // A record the device garbled: report it rather than trusting it.
+                result: 0,
+                status: Status::BadCommand,
+            });
+        q.busy[slot] = false;
+        q.in_flight -= 1;
+        drop(q);
+        self.slot_freed.notify_all();
+        Some(completion)
+    }
+
+    /// Commands submitted and not yet collected.
+    pub fn in_flight(&self) -> u32 {
+        lock(&self.cmdq).in_flight
+    }
+
+    /// Invalidate the device TLB for `[va, va+len)` of `asid` (or the whole ASID if `len` is
+    /// `None`) and wait for its fence: when this returns, no device access uses a dropped
+    /// translation.
+    pub fn tlb_invalidate(
+        &self,
+        asid: u16,
+        range: Option<std::ops::Range<u64>>,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        let mut seq = lock(&self.tlbi);
+        let bar = self.bar();
+        bar.write32(regs::TLBI_ASID, u32::from(asid))?;
+        match range {
+            Some(r) => {
+                let start = r.start & !(accel_abi::PAGE_SIZE - 1);
+                let end = r.end.div_ceil(accel_abi::PAGE_SIZE) * accel_abi::PAGE_SIZE;
+                bar.write32(regs::TLBI_SCOPE, regs::TlbiScope::Range as u32)?;
+                bar.write64(regs::TLBI_VA, start)?;
+                bar.write64(regs::TLBI_SIZE, end - start)?;
+            }
+            None => bar.write32(regs::TLBI_SCOPE, regs::TlbiScope::Asid as u32)?,
+        }
+        *seq = seq.wrapping_add(1);
+        bar.write32(regs::TLBI_TRIGGER, *seq)?;
+        let deadline = Instant::now() + timeout;
+        let mut spins = 0u32;
+        loop {
+            if bar.read32(regs::TLBI_DONE)? == *seq {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout("TLB invalidation fence"));
+            }
+            backoff(&mut spins);
+        }
+    }
+
+    /// Program the page-table root of `asid` (`None` clears it).
+    pub fn set_asid_root(&self, asid: u16, root: Option<u64>) -> Result<(), Error> {
+        let value = root.map_or(0, |iova| iova | regs::ASID_ROOT_VALID);
+        self.bar().write64(regs::asid_root(asid), value)?;
+        Ok(())
+    }
+
+    /// Move up to `max` posted fault records out of the fault buffer, clearing each slot and
+    /// publishing the new GET index. Also reports (and clears) an overflow.
+    pub fn drain_faults(&self, max: usize, out: &mut Vec<DrainedFault>) -> Result<bool, Error> {
+        let mut fb = lock(&self.faults);
+        let mut taken = 0;
+        while taken < max {
+            let slot = fb.get % fb.entries;
+            let base = slot as usize * FaultRecord::SIZE;
+            let flags = fb
+                .ring
+                .buffer
+                .load_u32(base + FaultRecord::FLAGS_OFFSET, Ordering::Acquire);
+            if flags == 0 {
+                break;
+            }
+            let mut raw = [0u8; 32];
+            fb.ring.buffer.read(base, &mut raw);
+            fb.ring
+                .buffer
+                .store_u32(base + FaultRecord::FLAGS_OFFSET, 0, Ordering::Relaxed);
+            out.push(match FaultRecord::decode(&raw) {
+                Ok(Some(r)) => DrainedFault::Fault(r),
+                _ => DrainedFault::Malformed { slot },
+            });
+            fb.get = fb.get.wrapping_add(1);
+            taken += 1;
+        }
+        if taken > 0 {
+            self.bar().write32(regs::FAULT_BUF_GET, fb.get)?;
+        }
+        let ctrl = self.bar().read32(regs::FAULT_BUF_CTRL)?;
+        let overflow = ctrl & regs::fault_ctrl::OVERFLOW != 0;
+        if overflow {
+            self.bar().write32(
+                regs::FAULT_BUF_CTRL,
+                regs::fault_ctrl::ENABLE | regs::fault_ctrl::OVERFLOW,
+            )?;
+        }
+        Ok(overflow)
+    }
+
+    /// True if a fault record is waiting (a memory read: cheap enough to busy-poll).
+    pub fn fault_pending(&self) -> bool {
+        let fb = lock(&self.faults);
+        let base = (fb.get % fb.entries) as usize * FaultRecord::SIZE;
+        fb.ring
+            .buffer
+            .load_u32(base + FaultRecord::FLAGS_OFFSET, Ordering::Acquire)
+            != 0
+    }
+
+    /// Retry every stalled work item.
+    pub fn replay(&self) -> Result<(), Error> {
+        self.bar().write32(regs::FAULT_REPLAY, 1)?;
+        Ok(())
+    }
+
+    /// Fail the stalled work item `work_id` with `code`.
+    pub fn cancel(&self, work_id: u32, code: u32) -> Result<(), Error> {
+        self.bar().write64(
+            regs::FAULT_CANCEL,
+            (u64::from(code) << 32) | u64::from(work_id),
+        )?;
+        Ok(())
+    }
+
+    /// Acknowledge interrupt status bits (write 1 to clear) so the vectors can fire again.
+    pub fn ack_interrupts(&self, bits: u32) -> Result<(), Error> {
+        self.bar().write32(regs::INTR_STATUS, bits)?;
+        Ok(())
+    }
+
+    /// Read and clear the device's error register: `(code, info)` if one was latched.
+    pub fn take_error(&self) -> Result<Option<(u32, u64)>, Error> {
+        let bar = self.bar();
+        let code = bar.read32(regs::ERROR_CODE)?;
+        if code == 0 {
+            return Ok(None);
+        }
+        let info = bar.read64(regs::ERROR_INFO)?;
+        bar.write32(regs::ERROR_CODE, 0)?;
+        Ok(Some((code, info)))
+    }
+
+    /// Stop the engine and disconnect interrupts; used on drop.
+    fn shut_down(&self) -> Result<(), BackendError> {
+        let bar = self.bar();
+        bar.write32(regs::CONTROL, 0)?;
+        self.backend.reset()?;
+        for v in 0..accel_abi::vector::COUNT {
+            self.backend.set_irq(v, None)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Device {
+    fn drop(&mut self) {
+        // Reset first so nothing the device does can touch the rings we are about to free.
+        if let Err(e) = self.shut_down() {
+            tracing::warn!(error = %e, "device shutdown failed");
+        }
+        let mut memory = lock(&self.memory);
+        let Memory { iova, tables } = &mut *memory;
+        if let Err(e) = tables.destroy(&*self.backend, iova) {
+            tracing::warn!(error = %e, "unmapping page-table memory failed");
+        }
+        let rings = {
+            let q = lock(&self.cmdq);
+            let f = lock(&self.faults);
+            [
+                (q.ring.iova, q.ring.buffer.len()),
+                (q.completions.iova, q.completions.buffer.len()),
+                (f.ring.iova, f.ring.buffer.len()),
+            ]
+        };
+        for (base, len) in rings {
+            if let Err(e) = self.backend.dma_unmap(base, len as u64) {
+                tracing::warn!(error = %e, "unmapping a ring failed");
+            }
+            iova.free(base);
+        }
+    }
+}
+
+/// Busy-poll backoff: spin briefly, then yield, then sleep in growing steps up to 1 ms.
+pub(crate) fn backoff(spins: &mut u32) {
+    *spins = spins.saturating_add(1);
+    match *spins {
+        0..=64 => std::hint::spin_loop(),
+        65..=256 => std::thread::yield_now(),
+        n => std::thread::sleep(Duration::from_micros(u64::from((n - 256).min(1000)))),
+    }
+}
