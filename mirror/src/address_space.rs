@@ -1,0 +1,416 @@
+//! [`AddressSpace`]: one mirrored process address space with its registry, walker and events.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::errno::Errno;
+
+use crate::monitor::{ForkHandler, Monitor};
+use crate::registry::{
+    EventKind, EventRecord, EventSource, Invalidation, Registry, DEFAULT_RETRY_BUDGET,
+};
+use crate::stats::Stats;
+use crate::sys::uffd as raw;
+use crate::uffd::UffdCaps;
+use crate::vma::VmaKind;
+use crate::walker::{Snapshot, Walker, WalkerCaps};
+use crate::{Access, Error, Perms, Result, Subscription, VaRange};
+
+/// How an address space is set up.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// How long a fault may keep retrying before [`Error::RetryBudgetExhausted`] (default 1 s).
+    pub retry_budget: Duration,
+    /// Use userfaultfd events (default true). Without them only the explicit API invalidates.
+    pub userfaultfd: bool,
+    /// How long [`AddressSpace::settle`] waits for the monitor (default 10 s).
+    pub settle_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            retry_budget: DEFAULT_RETRY_BUDGET,
+            userfaultfd: true,
+            settle_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Config {
+    /// No userfaultfd: coherence only through the explicit API (and release on drop).
+    pub fn explicit_only() -> Self {
+        Config {
+            userfaultfd: false,
+            ..Config::default()
+        }
+    }
+}
+
+/// What this address space could set up, and what it had to do without.
+#[derive(Clone, Debug)]
+pub struct Capabilities {
+    /// Walker fast paths.
+    pub walker: WalkerCaps,
+    /// The userfaultfd, if events are on.
+    pub uffd: Option<UffdCaps>,
+    /// Process exit is watched through a pidfd.
+    pub pidfd: bool,
+    /// Human-readable notes on every degradation (also logged when it happened).
+    pub degraded: Vec<String>,
+}
+
+/// One mirrored process address space: the subscriptions, the CPU walker and the event sources.
+///
+/// ```
+/// use mirror::{AddressSpace, Config, Mapping, Access, PageState};
+/// let mm = AddressSpace::current(Config::default()).unwrap();
+/// let buf = Mapping::anonymous(8 * 4096, libc::PROT_READ | libc::PROT_WRITE).unwrap();
+/// mm.track(buf.range()).unwrap(); // munmap/madvise/mremap/fork of it now produce events
+/// mm.fault(buf.range(), Access::Write).unwrap();
+/// let snap = mm.snapshot(buf.range()).unwrap();
+/// assert!(snap.pages().iter().all(|p| p.state == PageState::Write));
+/// ```
+pub struct AddressSpace {
+    registry: Arc<Registry>,
+    walker: Walker,
+    pid: Option<libc::pid_t>,
+    monitor: Option<Monitor>,
+    caps: Capabilities,
+    settle_timeout: Duration,
+}
+
+impl AddressSpace {
+    /// Mirrors the current process. With `config.userfaultfd`, creates a uffd (degrading to
+    /// user-mode-only, and to no fork events, when privileges are missing) and starts the monitor.
+    pub fn current(config: Config) -> Result<Self> {
+        Self::build(None, None, None, config)
+    }
+
+    /// Mirrors another process (daemon mode). `pidfd` is opened from `pid` if not given; `uffd` is
+    /// the client's userfaultfd received over SCM_RIGHTS (preferably not yet initialised: the
+    /// handshake is done here). The fd is made O_NONBLOCK, which also affects the client's copy;
+    /// the client must close its copy after sending it. Without a uffd only explicit invalidation
+    /// and release on exit are available.
+    pub fn for_process(
+        pid: libc::pid_t,
+        pidfd: Option<OwnedFd>,
+        uffd: Option<OwnedFd>,
+        config: Config,
+    ) -> Result<Self> {
+        if pid <= 0 {
+            return Err(Error::InvalidArgument {
+                what: "pid must be positive",
+            });
+        }
+        let pidfd = match pidfd {
+            Some(fd) => fd,
+            None => raw::pidfd_open(pid).map_err(|e| match e {
+                Errno::ESRCH => Error::Released,
+                e => Error::sys("pidfd_open", e),
+            })?,
+        };
+        let use_uffd = uffd.is_some();
+        Self::build(
+            Some(pid),
+            Some(pidfd),
+            uffd,
+            Config {
+                userfaultfd: use_uffd && config.userfaultfd,
+                ..config
+            },
+        )
+    }
+
+    fn build(
+        pid: Option<libc::pid_t>,
+        pidfd: Option<OwnedFd>,
+        uffd: Option<OwnedFd>,
+        config: Config,
+    ) -> Result<Self> {
+        let registry = Arc::new(Registry::new(config.retry_budget));
+        let walker = Walker::open(pid)?;
+        let mut degraded = Vec::new();
+        let walker_caps = walker.caps().clone();
+        if !walker_caps.procmap_query {
+            degraded.push("PROCMAP_QUERY unavailable: VMA lookups parse /proc/PID/maps".into());
+        }
+        if !walker_caps.pagemap_scan {
+            degraded.push("PAGEMAP_SCAN unavailable: THP reported as base pages".into());
+        }
+        let (uffd, uffd_caps) = if config.userfaultfd {
+            match crate::uffd::open(uffd) {
+                Ok((fd, caps)) => {
+                    if !caps.fork_events {
+                        degraded.push(
+                            "no FORK events (needs CAP_SYS_PTRACE, or the sender initialised the \
+                             uffd): forks are not reported"
+                                .into(),
+                        );
+                    }
+                    (Some(fd), Some(caps))
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "userfaultfd unavailable: explicit API only");
+                    degraded.push(format!("userfaultfd unavailable ({e}): explicit API only"));
+                    (None, None)
+                }
+            }
+        } else {
+            (None, None)
+        };
+        let has_pidfd = pidfd.is_some();
+        let monitor = if uffd.is_some() || pidfd.is_some() {
+            Some(Monitor::start(registry.clone(), uffd, pidfd)?)
+        } else {
+            None
+        };
+        Ok(AddressSpace {
+            registry,
+            walker,
+            pid,
+            monitor,
+            caps: Capabilities {
+                walker: walker_caps,
+                uffd: uffd_caps,
+                pidfd: has_pidfd,
+                degraded,
+            },
+            settle_timeout: config.settle_timeout,
+        })
+    }
+
+    /// The mirrored pid (`None` for the current process).
+    pub fn pid(&self) -> Option<libc::pid_t> {
+        self.pid
+    }
+
+    /// What was set up and what is degraded.
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    /// Subscribes `callback` to invalidations of `range`. The callback runs with the subscriber
+    /// lock held on `state` (after the sequence number was bumped) from the monitor thread or the
+    /// thread making an explicit change; it must not return before the subscriber stopped using
+    /// the range (device PTEs cleared, TLB invalidated and fenced), must not touch registered user
+    /// memory and must not call munmap/madvise/mremap/fork on tracked memory.
+    pub fn subscribe<T, F>(&self, range: VaRange, state: T, callback: F) -> Result<Subscription<T>>
+    where
+        T: Send + 'static,
+        F: Fn(&mut T, &Invalidation) + Send + Sync + 'static,
+    {
+        self.registry.subscribe(range, state, callback)
+    }
+
+    /// Subscribes to the whole user address space `[0, 2^47)` (test_hmm style).
+    pub fn subscribe_all<T, F>(&self, state: T, callback: F) -> Result<Subscription<T>>
+    where
+        T: Send + 'static,
+        F: Fn(&mut T, &Invalidation) + Send + Sync + 'static,
+    {
+        self.registry.subscribe(VaRange::whole(), state, callback)
+    }
+
+    /// Number of live subscriptions.
+    pub fn subscription_count(&self) -> usize {
+        self.registry.subscription_count()
+    }
+
+    /// The CPU walker.
+    pub fn walker(&self) -> &Walker {
+        &self.walker
+    }
+
+    /// [`Walker::snapshot`].
+    pub fn snapshot(&self, range: VaRange) -> Result<Snapshot> {
+        self.check_alive()?;
+        self.walker.snapshot(range)
+    }
+
+    /// [`Walker::fault`].
+    pub fn fault(&self, range: VaRange, access: Access) -> Result<()> {
+        self.check_alive()?;
+        self.walker.fault(range, access)
+    }
+
+    fn check_alive(&self) -> Result<()> {
+        if self.registry.is_released() {
+            Err(Error::Released)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Registers the VMAs covering `range` with the userfaultfd (WP mode, WP_ASYNC, so no fault is
+    /// ever diverted), so their munmap/madvise/mremap/fork produce events. Idempotent and cheap
+    /// when already covered. New mmaps are never registered automatically: call this before
+    /// mapping a range on the device. VMAs that cannot be registered and cannot be mirrored
+    /// anyway ([vdso], [vvar], VM_IO/VM_PFNMAP) are skipped.
+    pub fn track(&self, range: VaRange) -> Result<()> {
+        self.check_alive()?;
+        let monitor = self.monitor.as_ref().filter(|m| m.shared.uffd.is_some());
+        let Some(monitor) = monitor else {
+            return Err(Error::Unsupported {
+                what: "track (userfaultfd events)",
+                why: self
+                    .caps
+                    .degraded
+                    .iter()
+                    .find(|d| d.contains("userfaultfd"))
+                    .cloned()
+                    .unwrap_or_else(|| "the address space was built without userfaultfd".into()),
+            });
+        };
+        let Some(uffd) = monitor.shared.uffd.as_ref() else {
+            unreachable!("filtered above");
+        };
+        let mut coverage = monitor
+            .shared
+            .coverage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if coverage.covers(range) {
+            return Ok(());
+        }
+        for vma in self.walker.vmas(range)? {
+            if vma.kind == VmaKind::Special || vma.name == "[vdso]" {
+                continue;
+            }
+            let r = vma.range;
+            match raw::register(uffd.as_fd(), r.start(), r.len(), raw::REGISTER_MODE_WP) {
+                Ok(_) => coverage.add(r),
+                Err(Errno::EBUSY) => {
+                    return Err(Error::TrackedElsewhere {
+                        start: r.start(),
+                        end: r.end(),
+                    })
+                }
+                Err(Errno::ESRCH) => return Err(Error::Released),
+                Err(e) => return Err(Error::sys_range("UFFDIO_REGISTER", r.start(), r.end(), e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Unregisters the VMAs covering `range` from the userfaultfd (events stop for them).
+    pub fn untrack(&self, range: VaRange) -> Result<()> {
+        let Some(uffd) = self.monitor.as_ref().and_then(|m| m.shared.uffd.as_ref()) else {
+            return Ok(());
+        };
+        let monitor = self.monitor.as_ref().expect("uffd implies a monitor");
+        let mut coverage = monitor
+            .shared
+            .coverage
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for vma in self.walker.vmas(range)? {
+            let Some(clip) = vma.range.intersect(&range) else {
+                continue;
+            };
+            match raw::unregister(uffd.as_fd(), clip.start(), clip.len()) {
+                Ok(()) | Err(Errno::EINVAL) if vma.kind == VmaKind::Special => {}
+                Ok(()) => {}
+                Err(e) => {
+                    return Err(Error::sys_range("UFFDIO_UNREGISTER", clip.start(), clip.end(), e))
+                }
+            }
+            coverage.remove(clip);
+        }
+        Ok(())
+    }
+
+    /// Explicit invalidation with strict coherence: when this returns, every subscriber overlapping
+    /// `range` has torn it down.
+    pub fn invalidate(&self, range: VaRange) -> Result<()> {
+        self.registry
+            .invalidate(range, EventKind::Explicit, EventSource::Api, None);
+        Ok(())
+    }
+
+    /// Tells subscribers the CPU protection of `range` is now (or is about to become) `perms`;
+    /// mprotect has no userfaultfd event, so a change made behind the crate's back must be
+    /// reported this way. Strict: subscribers have acted when this returns.
+    pub fn protect(&self, range: VaRange, perms: Perms) -> Result<()> {
+        self.registry.invalidate(
+            range,
+            EventKind::Protect { perms },
+            EventSource::Api,
+            None,
+        );
+        Ok(())
+    }
+
+    /// Starts an explicit invalidation and keeps faults on `range` excluded until the returned
+    /// guard drops: the building block of the munmap/mremap/madvise/mprotect wrappers.
+    pub(crate) fn bracket(&self, range: VaRange, kind: EventKind) -> crate::registry::Bracket<'_> {
+        self.registry.begin(range, kind, EventSource::Api)
+    }
+
+    /// Returns once every userfaultfd event the kernel has queued so far has been read and all its
+    /// callbacks have returned (so eventual coherence has been reached for every change made
+    /// before the call). Returns at once without userfaultfd. Fails if called from a callback.
+    pub fn settle(&self) -> Result<()> {
+        match &self.monitor {
+            Some(m) => m.settle(self.settle_timeout),
+            None => Ok(()),
+        }
+    }
+
+    /// Counters: events by kind, invalidations, retries, budget exhaustions, event latency.
+    pub fn stats(&self) -> Stats {
+        self.registry.stats.snapshot()
+    }
+
+    /// Installs (or removes) a hook called after every event's callbacks have all returned, with
+    /// its latency for userfaultfd events. Runs on the thread that handled the event.
+    pub fn set_event_observer(&self, observer: Option<Box<dyn Fn(&EventRecord) + Send + Sync>>) {
+        self.registry.set_observer(observer);
+    }
+
+    /// Installs (or removes) the handler receiving the child's userfaultfd on fork. Without one
+    /// the child's uffd is closed at once, which drops the child's registrations (so the child
+    /// never waits for us).
+    pub fn on_fork(&self, handler: Option<ForkHandler>) {
+        if let Some(m) = &self.monitor {
+            m.set_fork_handler(handler);
+        }
+    }
+
+    /// Whether the mirrored process has exited (pidfd readable). Always false for the current
+    /// process.
+    pub fn process_exited(&self) -> bool {
+        self.monitor.as_ref().is_some_and(|m| m.process_exited())
+    }
+
+    /// Whether the address space was released.
+    pub fn is_released(&self) -> bool {
+        self.registry.is_released()
+    }
+
+    /// Delivers [`EventKind::Release`] to every subscription and fails all later faults. Happens
+    /// automatically on process exit (pidfd) and on drop.
+    pub fn release(&self) {
+        self.registry.release(EventSource::Api);
+    }
+}
+
+impl Drop for AddressSpace {
+    fn drop(&mut self) {
+        // Stop the monitor first so no event races the release, then close the fds (the monitor's
+        // shared state owns them).
+        let monitor = self.monitor.take();
+        drop(monitor);
+        self.registry.release(EventSource::Api);
+    }
+}
+
+impl std::fmt::Debug for AddressSpace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AddressSpace")
+            .field("pid", &self.pid)
+            .field("caps", &self.caps)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,173 @@
+//! [`Mapping`]: an owned `mmap` region, for tests, examples and buffers a device will mirror.
+
+use std::os::fd::{AsRawFd, BorrowedFd};
+
+use nix::errno::Errno;
+
+use crate::{Error, VaRange};
+
+/// An owned memory mapping of the current process, unmapped on drop.
+///
+/// Dropping a `Mapping` inside a tracked range produces a userfaultfd UNMAP event like any munmap.
+///
+/// ```
+/// use mirror::Mapping;
+/// let m = Mapping::anonymous(4 * 4096, libc::PROT_READ | libc::PROT_WRITE).unwrap();
+/// assert_eq!(m.range().len(), 4 * 4096);
+/// ```
+#[derive(Debug)]
+pub struct Mapping {
+    addr: u64,
+    len: u64,
+    released: bool,
+}
+
+impl Mapping {
+    /// Maps `len` bytes of private anonymous memory with protection `prot` (`libc::PROT_*`).
+    pub fn anonymous(len: usize, prot: libc::c_int) -> Result<Self, Error> {
+        Self::map(len, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None, 0)
+    }
+
+    /// Maps memory with explicit `mmap` flags (`libc::MAP_*`), optionally backed by `fd` at `offset`.
+    pub fn with_flags(
+        len: usize,
+        prot: libc::c_int,
+        flags: libc::c_int,
+        fd: Option<BorrowedFd<'_>>,
+        offset: u64,
+    ) -> Result<Self, Error> {
+        Self::map(len, prot, flags, fd, offset)
+    }
+
+    /// Maps `len` bytes of anonymous memory aligned to `align` (a power of two), by over-mapping
+    /// and trimming; used to get 2 MiB-aligned buffers for THP.
+    pub fn anonymous_aligned(len: usize, align: usize, prot: libc::c_int) -> Result<Self, Error> {
+        if !align.is_power_of_two() || len == 0 {
+            return Err(Error::InvalidArgument {
+                what: "alignment must be a power of two and length non-zero",
+            });
+        }
+        let over = Self::anonymous(len + align, prot)?;
+        let base = over.addr;
+        let aligned = (base + align as u64 - 1) & !(align as u64 - 1);
+        let over_end = base + (len + align) as u64;
+        let mut over = over;
+        over.released = true; // we take the pieces over by hand below
+        // SAFETY: both trimmed pieces belong to the mapping we just created and nothing uses them.
+        unsafe {
+            if aligned > base {
+                trim(base, aligned - base)?;
+            }
+            if over_end > aligned + len as u64 {
+                trim(aligned + len as u64, over_end - aligned - len as u64)?;
+            }
+        }
+        Ok(Mapping {
+            addr: aligned,
+            len: len as u64,
+            released: false,
+        })
+    }
+
+    fn map(
+        len: usize,
+        prot: libc::c_int,
+        flags: libc::c_int,
+        fd: Option<BorrowedFd<'_>>,
+        offset: u64,
+    ) -> Result<Self, Error> {
+        if len == 0 {
+            return Err(Error::InvalidArgument {
+                what: "mapping length must be non-zero",
+            });
+        }
+        let raw_fd = fd.map_or(-1, |f| f.as_raw_fd());
+        // SAFETY: a NULL hint without MAP_FIXED lets the kernel pick fresh addresses, so no existing
+        // memory is replaced; the result is checked against MAP_FAILED.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                flags & !libc::MAP_FIXED,
+                raw_fd,
+                offset as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Error::sys("mmap", Errno::last()));
+        }
+        Ok(Mapping {
+            addr: ptr as u64,
+            len: len as u64,
+            released: false,
+        })
+    }
+
+    /// The mapped range.
+    pub fn range(&self) -> VaRange {
+        VaRange::new(self.addr, self.len).expect("a successful mmap yields a valid range")
+    }
+
+    /// The start address.
+    pub fn addr(&self) -> u64 {
+        self.addr
+    }
+
+    /// A raw pointer to the start.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr as *mut u8
+    }
+
+    /// The length in bytes.
+    pub fn len(&self) -> usize {
+        self.len as usize
+    }
+
+    /// Always false: a mapping has a non-zero length.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Gives up ownership without unmapping (the caller has unmapped or moved the range itself,
+    /// e.g. through [`crate::AddressSpace::munmap`]).
+    pub fn forget(mut self) -> VaRange {
+        self.released = true;
+        self.range()
+    }
+
+    /// Writes `value` to the byte at `offset` through a volatile store (so tests can fault pages in
+    /// by touching them).
+    pub fn write_byte(&self, offset: usize, value: u8) {
+        assert!(offset < self.len(), "offset {offset} beyond mapping");
+        // SAFETY: offset is within the mapping we own; a volatile byte store has no aliasing
+        // requirements. A PROT_READ mapping would fault: that is the caller's test intent.
+        unsafe { std::ptr::write_volatile(self.as_ptr().add(offset), value) }
+    }
+
+    /// Reads the byte at `offset` through a volatile load.
+    pub fn read_byte(&self, offset: usize) -> u8 {
+        assert!(offset < self.len(), "offset {offset} beyond mapping");
+        // SAFETY: offset is within the mapping we own; a volatile byte load is always aligned.
+        unsafe { std::ptr::read_volatile(self.as_ptr().add(offset)) }
+    }
+}
+
+/// # Safety
+/// The range must be part of a mapping the caller owns and nothing may use it.
+unsafe fn trim(addr: u64, len: u64) -> Result<(), Error> {
+    // SAFETY: guaranteed by the caller.
+    unsafe { super::mm::munmap(addr, len) }.map_err(|e| Error::sys("munmap", e))
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        if !self.released {
+            // SAFETY: we own the mapping and Rust code can only reach it through `&self`, which is
+            // gone once we are dropped.
+            if let Err(e) = unsafe { super::mm::munmap(self.addr, self.len) } {
+                tracing::warn!(addr = self.addr, len = self.len, error = %e, "munmap on drop failed");
+            }
+        }
+    }
+}
