@@ -304,6 +304,14 @@ impl TestDriver {
         }
     }
 
+    /// Wait until no fetched work is outstanding (STATUS.BUSY clear). Bookkeeping after the
+    /// completion record (WORK_COMPLETED, interrupts) is done by then.
+    pub fn wait_idle(&self) {
+        wait_until("STATUS.BUSY to clear", || {
+            self.r32(regs::STATUS) & regs::status::BUSY == 0
+        });
+    }
+
     /// Submit and wait.
     pub fn run(&mut self, cmd: Command) -> Completion {
         let id = self.submit(cmd);
