@@ -381,7 +381,11 @@ impl Device {
         let mut seq = lock(&self.tlbi);
         let bar = self.bar();
         bar.write32(regs::TLBI_ASID, u32::from(asid))?;
+        let limit = 1u64 << accel_abi::VA_BITS;
+        // A range reaching past the translated VA bits is the whole address space.
+        let range = range.filter(|r| r.end <= limit);
         match range {
+            Some(r) if r.start >= r.end => return Ok(()),
             Some(r) => {
                 let start = r.start & !(accel_abi::PAGE_SIZE - 1);
                 let end = r.end.div_ceil(accel_abi::PAGE_SIZE) * accel_abi::PAGE_SIZE;

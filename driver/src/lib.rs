@@ -9,12 +9,16 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod context;
 pub mod device;
 pub mod fault;
 pub mod iova;
 pub mod memlock;
 pub mod pagetable;
+pub mod runtime;
 pub mod sys;
+
+pub use runtime::{Context, DeviceSpec, Op, Runtime, RuntimeOptions};
 
 /// Driver errors.
 #[derive(Debug, thiserror::Error)]
@@ -67,4 +71,30 @@ pub enum Error {
     /// The device did not answer in time.
     #[error("timed out waiting for {0}")]
     Timeout(&'static str),
+    /// The mirror (CPU side) failed.
+    #[error(transparent)]
+    Mirror(mirror::Error),
+    /// Every device address space is in use.
+    #[error("all {asids} device address spaces are in use")]
+    NoFreeAddressSpace {
+        /// How many the device has.
+        asids: usize,
+    },
+    /// A caller passed something unusable.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(&'static str),
+    /// The driver cancelled the command's work item: a device fault could not be serviced.
+    #[error("device fault not serviceable: {reason}")]
+    Cancelled {
+        /// Why.
+        reason: fault::CancelReason,
+    },
+    /// The device failed the command.
+    #[error("device failed the command: {status:?} (detail {detail:#x})")]
+    CommandFailed {
+        /// Completion status.
+        status: accel_abi::Status,
+        /// Status-specific detail (the VA or IOVA involved).
+        detail: u64,
+    },
 }

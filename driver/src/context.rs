@@ -1,0 +1,667 @@
+//! A context: one process address space mirrored into one device address space (ASID).
+//!
+//! Fault path (per run of faulting pages): `read_begin`; fault the CPU pages in and snapshot
+//! them through `mirror`; DMA-map them (a pin on kernel VFIO); then under the subscriber lock,
+//! `read_retry` and, if nothing collided, write the device PTEs. A collision drops the walk
+//! (its DMA mapping is undone) and retries within the retry budget.
+//!
+//! Invalidation (the subscriber callback, under the same lock): clear the device PTEs of every
+//! DMA mapping touching the range, one TLB invalidate for the span and wait for its fence, and
+//! only then unmap the DMA mappings (unpin).
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use accel_abi::pt::Perms as PtePerms;
+use accel_abi::{LARGE_PAGE_SIZE, PAGE_SIZE};
+use mirror::{
+    Access, AddressSpace, EventKind, Invalidation, PageSize as CpuPageSize, PageState,
+    Subscription, VaRange,
+};
+
+use crate::backend::{DmaAccess, DmaSource};
+use crate::device::Device;
+use crate::fault::{CancelReason, FaultHandler, PageFault};
+use crate::pagetable::{PageSize, PageTable, TableMemory, Translation};
+use crate::Error;
+
+/// Tunables of a context.
+#[derive(Clone)]
+pub struct ContextOptions {
+    /// Map a whole 2 MiB device page when the CPU maps the faulting page as part of a 2 MiB THP.
+    pub large_pages: bool,
+    /// Extend each fault to the enclosing aligned block of this many bytes (0 = only the
+    /// faulting pages), faulting in the neighbours too. Measured in the benchmarks.
+    pub fault_around: u64,
+    /// Longest run of pages one DMA mapping may cover.
+    pub max_run: u64,
+    /// How long a TLB fence may take before the invalidation reports an error.
+    pub fence_timeout: Duration,
+    /// Test hook, called between the CPU walk and the install, with the run's range: a test
+    /// invalidates from here to force a sequence collision.
+    pub walk_hook: Option<Arc<dyn Fn(VaRange) + Send + Sync>>,
+}
+
+impl Default for ContextOptions {
+    fn default() -> Self {
+        ContextOptions {
+            large_pages: true,
+            fault_around: 0,
+            max_run: 2 << 20,
+            fence_timeout: Duration::from_secs(5),
+            walk_hook: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for ContextOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ContextOptions")
+            .field("large_pages", &self.large_pages)
+            .field("fault_around", &self.fault_around)
+            .field("max_run", &self.max_run)
+            .field("walk_hook", &self.walk_hook.is_some())
+            .finish()
+    }
+}
+
+/// Counters of one context.
+#[derive(Debug, Default)]
+pub struct ContextCounters {
+    /// Distinct pages the fault service asked us to make accessible.
+    pub faults: AtomicU64,
+    /// Runs serviced (one DMA mapping each).
+    pub runs: AtomicU64,
+    /// Pages made accessible to the device (device PTEs written, 4 KiB units).
+    pub pages_mapped: AtomicU64,
+    /// 2 MiB device leaves written.
+    pub large_mappings: AtomicU64,
+    /// Faults that could not be serviced.
+    pub failures: AtomicU64,
+    /// Invalidation callbacks run.
+    pub invalidations: AtomicU64,
+    /// TLB fences issued.
+    pub tlb_fences: AtomicU64,
+    /// TLB fences that failed or timed out (the DMA unmap still happened, so the IOMMU blocks
+    /// the stale entries).
+    pub fence_failures: AtomicU64,
+    /// Bytes currently DMA-mapped for this context.
+    pub mapped_bytes: AtomicU64,
+}
+
+/// One DMA mapping of process memory, and the device leaves pointing into it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct UserMapping {
+    va: u64,
+    len: u64,
+    iova: u64,
+    writable: bool,
+}
+
+/// The subscriber state: everything the invalidate callback and the install step touch.
+pub(crate) struct MirrorState {
+    device: Arc<Device>,
+    asid: u16,
+    pt: Option<PageTable>,
+    mappings: BTreeMap<u64, UserMapping>,
+    counters: Arc<ContextCounters>,
+    fence_timeout: Duration,
+    released: bool,
+}
+
+impl MirrorState {
+    /// Mappings touching `range`.
+    fn overlapping(&self, range: Range<u64>) -> Vec<UserMapping> {
+        let mut out: Vec<UserMapping> = self
+            .mappings
+            .range(..range.end)
+            .rev()
+            .take_while(|(_, m)| m.va + m.len > range.start)
+            .map(|(_, m)| *m)
+            .collect();
+        out.reverse();
+        out
+    }
+
+    /// Tear down the device's view of `range`: PTEs of every mapping touching it, one fence,
+    /// then the DMA mappings. Returns the mappings removed.
+    fn tear_down(&mut self, range: Range<u64>) -> usize {
+        let victims = self.overlapping(range.clone());
+        let mut span = range.clone();
+        for m in &victims {
+            span.start = span.start.min(m.va);
+            span.end = span.end.max(m.va + m.len);
+        }
+        let cleared = match &mut self.pt {
+            Some(pt) => {
+                let memory = self.device.memory.lock().unwrap_or_else(|p| p.into_inner());
+                pt.unmap(&memory.tables, span.clone())
+            }
+            None => Default::default(),
+        };
+        if cleared.needs_fence() || !victims.is_empty() {
+            let fence_span = match cleared.span {
+                Some(c) => c.start.min(span.start)..c.end.max(span.end),
+                None => span.clone(),
+            };
+            self.counters.tlb_fences.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) =
+                self.device
+                    .tlb_invalidate(self.asid, Some(fence_span), self.fence_timeout)
+            {
+                // Unmapping anyway is the safe side: the IOMMU then blocks whatever the device
+                // still caches, instead of letting it reach memory that is about to be reused.
+                self.counters.fence_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, asid = self.asid, "TLB fence failed; unmapping DMA anyway");
+            }
+        }
+        for m in &victims {
+            self.mappings.remove(&m.va);
+            self.unmap_dma(m);
+        }
+        victims.len()
+    }
+
+    fn unmap_dma(&self, m: &UserMapping) {
+        if let Err(e) = self.device.backend().dma_unmap(m.iova, m.len) {
+            tracing::error!(error = %e, iova = m.iova, len = m.len, "DMA unmap failed");
+        }
+        self.device
+            .memory
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iova
+            .free(m.iova);
+        self.counters
+            .mapped_bytes
+            .fetch_sub(m.len, Ordering::Relaxed);
+    }
+
+    fn on_invalidate(&mut self, inv: &Invalidation) {
+        self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::debug_span!("invalidate", asid = self.asid, range = ?inv.range, kind = ?inv.kind);
+        let _enter = span.enter();
+        match inv.kind {
+            // Fork changes nothing the device sees: pinned pages stay with the parent (the
+            // kernel copies them for the child), and VA-based access follows the parent's
+            // page tables. See docs/semantics.md.
+            EventKind::Fork => {}
+            EventKind::Release => {
+                self.tear_down(0..u64::MAX);
+                self.released = true;
+            }
+            _ => {
+                self.tear_down(inv.range.start()..inv.range.end());
+            }
+        }
+    }
+}
+
+/// A walk's result: a DMA mapping not yet installed. Dropping it undoes the mapping (a retry).
+struct Walked {
+    device: Arc<Device>,
+    mapping: Option<UserMapping>,
+    large: bool,
+}
+
+impl Drop for Walked {
+    fn drop(&mut self) {
+        if let Some(m) = self.mapping.take() {
+            if let Err(e) = self.device.backend().dma_unmap(m.iova, m.len) {
+                tracing::error!(error = %e, "undoing a DMA mapping after a collision failed");
+            }
+            self.device
+                .memory
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iova
+                .free(m.iova);
+        }
+    }
+}
+
+/// The part of a context the fault service holds (weakly).
+pub(crate) struct ContextCore {
+    pub(crate) device: Arc<Device>,
+    pub(crate) asid: u16,
+    pub(crate) mm: Arc<AddressSpace>,
+    pub(crate) sub: Subscription<MirrorState>,
+    pub(crate) counters: Arc<ContextCounters>,
+    options: ContextOptions,
+    /// Serializes fault servicing of this context (the service thread is single, but
+    /// explicit prefaults from API threads may run at the same time).
+    service_lock: Mutex<()>,
+}
+
+fn cancel_reason(e: &mirror::Error) -> CancelReason {
+    match e {
+        mirror::Error::Fault { .. } | mirror::Error::SpecialMapping { .. } => {
+            CancelReason::NoMapping
+        }
+        mirror::Error::PermissionDenied { .. } => CancelReason::Permission,
+        mirror::Error::RetryBudgetExhausted { .. } => CancelReason::RetryBudget,
+        mirror::Error::Released => CancelReason::NoContext,
+        _ => CancelReason::Other,
+    }
+}
+
+enum WalkError {
+    Mirror(mirror::Error),
+    Cancel(CancelReason),
+}
+
+impl From<mirror::Error> for WalkError {
+    fn from(e: mirror::Error) -> Self {
+        WalkError::Mirror(e)
+    }
+}
+
+impl ContextCore {
+    pub(crate) fn new(
+        device: Arc<Device>,
+        asid: u16,
+        mm: Arc<AddressSpace>,
+        options: ContextOptions,
+    ) -> Result<ContextCore, Error> {
+        let counters = Arc::new(ContextCounters::default());
+        let pt = {
+            let mut memory = device.memory.lock().unwrap_or_else(|p| p.into_inner());
+            let crate::device::Memory { iova, tables } = &mut *memory;
+            PageTable::new(&mut TableMemory {
+                pool: tables,
+                backend: device.backend(),
+                iova,
+            })?
+        };
+        device.set_asid_root(asid, Some(pt.root_iova()))?;
+        let state = MirrorState {
+            device: device.clone(),
+            asid,
+            pt: Some(pt),
+            mappings: BTreeMap::new(),
+            counters: counters.clone(),
+            fence_timeout: options.fence_timeout,
+            released: false,
+        };
+        let sub = mm
+            .subscribe(
+                VaRange::whole(),
+                state,
+                |state: &mut MirrorState, inv: &Invalidation| state.on_invalidate(inv),
+            )
+            .map_err(Error::Mirror)?;
+        Ok(ContextCore {
+            device,
+            asid,
+            mm,
+            sub,
+            counters,
+            options,
+            service_lock: Mutex::new(()),
+        })
+    }
+
+    /// The device's current translation of `va` (introspection for tests and the demo).
+    pub(crate) fn translate(&self, va: u64) -> Option<Translation> {
+        let state = self.sub.lock();
+        let pt = state.pt.as_ref()?;
+        let memory = self.device.memory.lock().unwrap_or_else(|p| p.into_inner());
+        pt.translate(&memory.tables, va)
+    }
+
+    /// (mappings, mapped bytes, small leaves, large leaves, table pages).
+    pub(crate) fn footprint(&self) -> (usize, u64, u64, u64, usize) {
+        let state = self.sub.lock();
+        let (small, large) = state.pt.as_ref().map_or((0, 0), |pt| pt.leaf_counts());
+        let tables = state.pt.as_ref().map_or(0, |pt| pt.table_pages());
+        let bytes = state.mappings.values().map(|m| m.len).sum();
+        (state.mappings.len(), bytes, small, large, tables)
+    }
+
+    /// Service one run of pages `[start, end)` needing `write` (or not).
+    fn service_run(&self, start: u64, end: u64, write: bool) -> Result<(), CancelReason> {
+        let range = VaRange::from_bounds(start, end).map_err(|_| CancelReason::NoMapping)?;
+        let vmas = self
+            .mm
+            .walker()
+            .vmas(range)
+            .map_err(|e| cancel_reason(&e))?;
+        // Every byte must be covered by readable, non-special VMAs.
+        let mut cursor = start;
+        let mut writable = true;
+        for v in &vmas {
+            if v.range.start() > cursor {
+                break;
+            }
+            if v.kind == mirror::VmaKind::Special {
+                return Err(CancelReason::NoMapping);
+            }
+            if !v.perms.read {
+                return Err(CancelReason::NoMapping);
+            }
+            writable &= v.perms.write;
+            cursor = v.range.end();
+        }
+        if cursor < end {
+            return Err(CancelReason::NoMapping);
+        }
+        if write && !writable {
+            return Err(CancelReason::Permission);
+        }
+        // Map writable VMAs for writing even on a read fault: populating for write breaks
+        // copy-on-write up front, so the device never mirrors a page (like the shared zero
+        // page) that the CPU will replace without any event.
+        let access = if writable {
+            Access::Write
+        } else {
+            Access::Read
+        };
+        if let Err(e) = self.mm.track(range) {
+            tracing::debug!(error = %e, ?range, "could not register the range for CPU events");
+        }
+        let result = self.sub.mirror_range(
+            |_seq| Ok(self.walk(range, access)),
+            |state, walked| self.install(state, walked),
+        );
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(reason)) => Err(reason),
+            Err(e) => Err(cancel_reason(&e)),
+        }
+    }
+
+    /// Fault in, snapshot, DMA-map. Runs without the subscriber lock.
+    fn walk(&self, range: VaRange, access: Access) -> Result<Walked, WalkError> {
+        let mut attempts = 0;
+        let (map_range, large) = loop {
+            self.mm.fault(range, access)?;
+            if let Some(found) = self.present(range, access)? {
+                break found;
+            }
+            // Populated a moment ago, gone now (a racing MADV_DONTNEED whose event has not
+            // arrived yet): populate again, a few times.
+            attempts += 1;
+            if attempts == 4 {
+                return Err(WalkError::Cancel(CancelReason::Other));
+            }
+        };
+        if let Some(hook) = &self.options.walk_hook {
+            hook(range);
+        }
+        self.map_dma(map_range, large, access)
+    }
+
+    /// The range to map and whether it is one 2 MiB page, if every page is present with the
+    /// access; `None` if some page is not.
+    fn present(
+        &self,
+        range: VaRange,
+        access: Access,
+    ) -> Result<Option<(VaRange, bool)>, WalkError> {
+        let mut map_range = range;
+        let mut large = false;
+        if self.options.large_pages {
+            let block = range.start() & !(LARGE_PAGE_SIZE - 1);
+            if range.end() <= block + LARGE_PAGE_SIZE {
+                if let Ok(block_range) = VaRange::new(block, LARGE_PAGE_SIZE) {
+                    if let Ok(snap) = self.mm.snapshot(block_range) {
+                        let want = if access == Access::Write {
+                            PageState::Write
+                        } else {
+                            PageState::Read
+                        };
+                        large = snap.pages().iter().all(|p| {
+                            p.size == CpuPageSize::Thp
+                                && (p.state == want
+                                    || (want == PageState::Read && p.state == PageState::Write))
+                        });
+                        if large {
+                            map_range = block_range;
+                        }
+                    }
+                }
+            }
+        }
+        if !large {
+            let snap = self.mm.snapshot(range)?;
+            let ok = snap.pages().iter().all(|p| match access {
+                Access::Write => p.state == PageState::Write,
+                Access::Read => matches!(
+                    p.state,
+                    PageState::Read | PageState::Write | PageState::Zero
+                ),
+            });
+            if !ok {
+                return Ok(None);
+            }
+        }
+        Ok(Some((map_range, large)))
+    }
+
+    fn map_dma(
+        &self,
+        map_range: VaRange,
+        large: bool,
+        access: Access,
+    ) -> Result<Walked, WalkError> {
+        let len = map_range.len();
+        let align = if large { LARGE_PAGE_SIZE } else { PAGE_SIZE };
+        let iova = {
+            let mut memory = self.device.memory.lock().unwrap_or_else(|p| p.into_inner());
+            memory
+                .iova
+                .alloc(Some(map_range.start()), len, align)
+                .map_err(|_| WalkError::Cancel(CancelReason::DmaMap))?
+        };
+        let dma_access = if access == Access::Write {
+            DmaAccess::READ_WRITE
+        } else {
+            DmaAccess::READ_ONLY
+        };
+        if let Err(e) = self.device.backend().dma_map(
+            iova,
+            len,
+            DmaSource::ProcessVa {
+                va: map_range.start(),
+            },
+            dma_access,
+        ) {
+            self.device
+                .memory
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iova
+                .free(iova);
+            tracing::warn!(error = %e, range = ?map_range, "DMA map failed");
+            return Err(WalkError::Cancel(CancelReason::DmaMap));
+        }
+        Ok(Walked {
+            device: self.device.clone(),
+            mapping: Some(UserMapping {
+                va: map_range.start(),
+                len,
+                iova,
+                writable: access == Access::Write,
+            }),
+            large,
+        })
+    }
+
+    /// Under the subscriber lock, after `read_retry` said nothing collided.
+    fn install(
+        &self,
+        state: &mut MirrorState,
+        walked: Result<Walked, WalkError>,
+    ) -> Result<(), CancelReason> {
+        let mut walked = match walked {
+            Ok(w) => w,
+            Err(WalkError::Mirror(e)) => return Err(cancel_reason(&e)),
+            Err(WalkError::Cancel(r)) => return Err(r),
+        };
+        if state.released {
+            return Err(CancelReason::NoContext);
+        }
+        let m = walked
+            .mapping
+            .take()
+            .expect("a walk always carries its mapping");
+        // Whatever the device had for this range (a read-only mapping being upgraded, a stale
+        // record serviced twice) goes first, fenced, before the new leaves are written.
+        state.tear_down(m.va..m.va + m.len);
+        let perms = if m.writable {
+            PtePerms::RW
+        } else {
+            PtePerms::R
+        };
+        let result = {
+            let mut memory = state
+                .device
+                .memory
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let crate::device::Memory { iova, tables } = &mut *memory;
+            let mut mem = TableMemory {
+                pool: tables,
+                backend: state.device.backend(),
+                iova,
+            };
+            let pt = state.pt.as_mut().ok_or(CancelReason::NoContext)?;
+            if walked.large {
+                pt.map(&mut mem, m.va, PageSize::Large, m.iova, perms)
+                    .map(|_| 1)
+            } else {
+                let mut n = 0;
+                let mut r = Ok(0);
+                for off in (0..m.len).step_by(PAGE_SIZE as usize) {
+                    if let Err(e) =
+                        pt.map(&mut mem, m.va + off, PageSize::Small, m.iova + off, perms)
+                    {
+                        r = Err(e);
+                        break;
+                    }
+                    n += 1;
+                }
+                r.map(|_: u64| n)
+            }
+        };
+        match result {
+            Ok(_) => {
+                state.mappings.insert(m.va, m);
+                let c = &state.counters;
+                c.mapped_bytes.fetch_add(m.len, Ordering::Relaxed);
+                c.pages_mapped
+                    .fetch_add(m.len / PAGE_SIZE, Ordering::Relaxed);
+                if walked.large {
+                    c.large_mappings.fetch_add(1, Ordering::Relaxed);
+                }
+                c.runs.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "writing device PTEs failed");
+                // Leaves written before the failure point into `m`: clear and fence them
+                // before the mapping is undone.
+                state.mappings.insert(m.va, m);
+                state.tear_down(m.va..m.va + m.len);
+                state
+                    .counters
+                    .mapped_bytes
+                    .fetch_add(m.len, Ordering::Relaxed);
+                Err(CancelReason::Other)
+            }
+        }
+    }
+
+    /// Make `[start, end)` accessible to the device now (prefault), as if it had faulted.
+    pub(crate) fn prefault(&self, start: u64, end: u64, write: bool) -> Result<(), CancelReason> {
+        let _serial = self.service_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let mut at = start & !(PAGE_SIZE - 1);
+        while at < end {
+            let run_end = (at + self.options.max_run).min(end.div_ceil(PAGE_SIZE) * PAGE_SIZE);
+            self.service_run(at, run_end, write)?;
+            at = run_end;
+        }
+        Ok(())
+    }
+
+    /// Quiesce and tear down: clear the ASID root, fence everything, unmap every mapping.
+    pub(crate) fn shut_down(&self) {
+        let mut state = self.sub.lock();
+        if let Err(e) = self.device.set_asid_root(self.asid, None) {
+            tracing::error!(error = %e, "clearing the ASID root failed");
+        }
+        state.tear_down(0..u64::MAX);
+        if let Err(e) = self
+            .device
+            .tlb_invalidate(self.asid, None, self.options.fence_timeout)
+        {
+            tracing::error!(error = %e, "final TLB fence failed");
+        }
+        if let Some(pt) = state.pt.take() {
+            let mut memory = self.device.memory.lock().unwrap_or_else(|p| p.into_inner());
+            pt.destroy(&mut memory.tables);
+        }
+        state.released = true;
+    }
+}
+
+impl FaultHandler for ContextCore {
+    fn service(&self, faults: &[PageFault]) -> Vec<Result<(), CancelReason>> {
+        let _serial = self.service_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.counters
+            .faults
+            .fetch_add(faults.len() as u64, Ordering::Relaxed);
+        let mut out = vec![Ok(()); faults.len()];
+        let mut i = 0;
+        while i < faults.len() {
+            // A run: consecutive pages, optionally grown to the fault-around block.
+            let mut j = i + 1;
+            let mut write = faults[i].access.needs_write();
+            let mut start = faults[i].page;
+            let mut end = start + PAGE_SIZE;
+            while j < faults.len() && faults[j].page == end && end - start < self.options.max_run {
+                write |= faults[j].access.needs_write();
+                end += PAGE_SIZE;
+                j += 1;
+            }
+            if self.options.fault_around > PAGE_SIZE && self.options.fault_around.is_power_of_two()
+            {
+                let block = self.options.fault_around;
+                let grown_start = start & !(block - 1);
+                let grown_end = end.div_ceil(block) * block;
+                // Fault-around is best effort: if the grown run fails, fall back to the faults.
+                if self.service_run(grown_start, grown_end, write).is_ok() {
+                    start = grown_start;
+                    end = grown_end;
+                    // Later faults inside the grown run are satisfied already.
+                    while j < faults.len() && faults[j].page < end {
+                        j += 1;
+                    }
+                    let _ = (start, end);
+                    i = j;
+                    continue;
+                }
+            }
+            let run = self.service_run(start, end, write);
+            if run.is_err() && j - i > 1 {
+                // Find exactly which pages fail (a run may straddle a VMA boundary).
+                for (k, f) in faults.iter().enumerate().take(j).skip(i) {
+                    out[k] = self.service_run(f.page, f.page + PAGE_SIZE, f.access.needs_write());
+                }
+            } else {
+                for o in out.iter_mut().take(j).skip(i) {
+                    *o = run;
+                }
+            }
+            i = j;
+        }
+        let failures = out.iter().filter(|o| o.is_err()).count() as u64;
+        self.counters
+            .failures
+            .fetch_add(failures, Ordering::Relaxed);
+        out
+    }
+}

@@ -1,0 +1,479 @@
+//! The runtime API: what a compute runtime links. Open a device, create a context that mirrors
+//! the current process, submit commands whose addresses are ordinary CPU pointers, wait,
+//! read statistics.
+//!
+//! ```no_run
+//! use driver::runtime::{DeviceSpec, Runtime, RuntimeOptions};
+//! let rt = Runtime::open(DeviceSpec::emulated(), RuntimeOptions::default())?;
+//! let ctx = rt.create_context()?;
+//! let mut buf = vec![0u8; 1 << 20];          // plain malloc'd memory
+//! ctx.fill(&mut buf, 0x5a5a_5a5a_5a5a_5a5a)?; // the device faults it in and writes it
+//! assert!(buf.iter().all(|b| *b == 0x5a));
+//! # Ok::<(), driver::Error>(())
+//! ```
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use accel_abi::{Command, Completion, Status};
+use mirror::AddressSpace;
+
+use crate::backend::emulated::EmulatedBackend;
+use crate::backend::vfio::KernelVfioBackend;
+use crate::backend::Backend;
+use crate::context::{ContextCore, ContextOptions};
+use crate::device::{Device, DeviceOptions, Ticket};
+use crate::fault::{CancelReason, FaultHandler, FaultService, ServiceMode};
+use crate::pagetable::Translation;
+use crate::Error;
+
+pub use firmware_stubs::AcceleratorConfig;
+
+/// Which device to open.
+#[derive(Debug, Clone)]
+pub enum DeviceSpec {
+    /// The MXA-1 emulator, in this process.
+    Emulated(AcceleratorConfig),
+    /// A device bound to vfio-pci, by PCI address (`0000:00:03.0`).
+    KernelVfio(String),
+}
+
+impl DeviceSpec {
+    /// The embedded emulator with its default configuration.
+    pub fn emulated() -> DeviceSpec {
+        DeviceSpec::Emulated(AcceleratorConfig::default())
+    }
+}
+
+/// Runtime tunables.
+#[derive(Debug, Clone)]
+pub struct RuntimeOptions {
+    /// Interrupt or polling fault service.
+    pub mode: ServiceMode,
+    /// Most fault records serviced per batch.
+    pub batch: usize,
+    /// Ring sizes.
+    pub device: DeviceOptions,
+    /// Per-context tunables.
+    pub context: ContextOptions,
+    /// How long `wait` and back-pressured `submit` may block.
+    pub timeout: Duration,
+    /// Mirror configuration for the current process's address space.
+    pub mirror: mirror::Config,
+}
+
+impl Default for RuntimeOptions {
+    fn default() -> Self {
+        RuntimeOptions {
+            mode: ServiceMode::Interrupt,
+            batch: 256,
+            device: DeviceOptions::default(),
+            context: ContextOptions::default(),
+            timeout: Duration::from_secs(30),
+            mirror: mirror::Config::default(),
+        }
+    }
+}
+
+/// An open device with its fault service.
+pub struct Runtime {
+    device: Arc<Device>,
+    service: FaultService,
+    asids: Mutex<Vec<bool>>,
+    options: RuntimeOptions,
+    commands: AtomicU64,
+}
+
+/// The current process's address space, shared by every context of every runtime: a second
+/// userfaultfd could not register the same ranges (EBUSY).
+fn current_address_space(config: &mirror::Config) -> Result<Arc<AddressSpace>, Error> {
+    static CURRENT: Mutex<Weak<AddressSpace>> = Mutex::new(Weak::new());
+    let mut slot = CURRENT.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(mm) = slot.upgrade() {
+        return Ok(mm);
+    }
+    let mm = Arc::new(AddressSpace::current(config.clone()).map_err(Error::Mirror)?);
+    *slot = Arc::downgrade(&mm);
+    Ok(mm)
+}
+
+impl Runtime {
+    /// Open a device and start its fault service.
+    pub fn open(spec: DeviceSpec, options: RuntimeOptions) -> Result<Arc<Runtime>, Error> {
+        let backend: Box<dyn Backend> = match &spec {
+            DeviceSpec::Emulated(cfg) => Box::new(EmulatedBackend::new(cfg.clone())?),
+            DeviceSpec::KernelVfio(address) => Box::new(KernelVfioBackend::open(address)?),
+        };
+        let device = Arc::new(Device::bring_up(backend, options.device)?);
+        let service = FaultService::start(device.clone(), options.mode, options.batch)?;
+        let asids = vec![false; device.caps().asids as usize];
+        Ok(Arc::new(Runtime {
+            device,
+            service,
+            asids: Mutex::new(asids),
+            options,
+            commands: AtomicU64::new(0),
+        }))
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<Device> {
+        &self.device
+    }
+
+    /// The fault service (statistics, mode).
+    pub fn service(&self) -> &FaultService {
+        &self.service
+    }
+
+    /// Create a context mirroring the current process into a fresh device address space.
+    pub fn create_context(self: &Arc<Self>) -> Result<Context, Error> {
+        self.create_context_with(self.options.context.clone())
+    }
+
+    /// Like [`Runtime::create_context`] with explicit tunables.
+    pub fn create_context_with(
+        self: &Arc<Self>,
+        options: ContextOptions,
+    ) -> Result<Context, Error> {
+        let mm = current_address_space(&self.options.mirror)?;
+        let asid = {
+            let mut asids = self.asids.lock().unwrap_or_else(|p| p.into_inner());
+            let free = asids
+                .iter()
+                .position(|used| !used)
+                .ok_or(Error::NoFreeAddressSpace { asids: asids.len() })?;
+            asids[free] = true;
+            free as u16
+        };
+        let core = match ContextCore::new(self.device.clone(), asid, mm, options) {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                self.asids.lock().unwrap_or_else(|p| p.into_inner())[asid as usize] = false;
+                return Err(e);
+            }
+        };
+        let handler: Arc<dyn FaultHandler> = core.clone();
+        self.service.register(asid, Arc::downgrade(&handler));
+        Ok(Context {
+            core,
+            runtime: self.clone(),
+            outstanding: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Commands submitted through this runtime so far.
+    pub fn commands_submitted(&self) -> u64 {
+        self.commands.load(Ordering::Relaxed)
+    }
+}
+
+/// A device operation on process virtual addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Copy `len` bytes from `src` to `dst`.
+    Copy {
+        /// Destination VA.
+        dst: u64,
+        /// Source VA.
+        src: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// Fill `len` bytes at `dst` with an 8-byte pattern.
+    Fill {
+        /// Destination VA.
+        dst: u64,
+        /// Bytes.
+        len: u64,
+        /// Pattern.
+        pattern: u64,
+    },
+    /// Atomically add to the u64 at `dst`; the result is the old value.
+    AtomicAdd {
+        /// Target VA (8-byte aligned).
+        dst: u64,
+        /// Addend.
+        value: u64,
+    },
+    /// FNV-1a 64 of `len` bytes at `src`.
+    Checksum {
+        /// Source VA.
+        src: u64,
+        /// Bytes.
+        len: u64,
+    },
+    /// Warm the device TLB for `len` bytes at `src`.
+    Prefetch {
+        /// Source VA.
+        src: u64,
+        /// Bytes.
+        len: u64,
+    },
+}
+
+/// A process address space mirrored into one device address space.
+pub struct Context {
+    core: Arc<ContextCore>,
+    runtime: Arc<Runtime>,
+    outstanding: Mutex<HashSet<u32>>,
+}
+
+/// Statistics of a context.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContextStats {
+    /// Distinct faulting pages handed to this context.
+    pub faults: u64,
+    /// Runs serviced (one DMA mapping each).
+    pub runs: u64,
+    /// 4 KiB pages made device-accessible.
+    pub pages_mapped: u64,
+    /// 2 MiB device leaves written.
+    pub large_mappings: u64,
+    /// Faults that could not be serviced (their work items were cancelled).
+    pub failures: u64,
+    /// Invalidation callbacks run.
+    pub invalidations: u64,
+    /// TLB fences issued.
+    pub tlb_fences: u64,
+    /// TLB fences that failed.
+    pub fence_failures: u64,
+    /// Live DMA mappings.
+    pub mappings: usize,
+    /// Bytes currently DMA-mapped.
+    pub mapped_bytes: u64,
+    /// Bytes currently pinned (equal to mapped bytes on backends that pin, 0 otherwise).
+    pub pinned_bytes: u64,
+    /// Device 4 KiB leaves.
+    pub small_leaves: u64,
+    /// Device 2 MiB leaves.
+    pub large_leaves: u64,
+    /// Device page-table pages.
+    pub table_pages: usize,
+    /// Walks retried because an invalidation collided (whole address space).
+    pub retries: u64,
+}
+
+impl Context {
+    /// The device address space (ASID) this context owns.
+    pub fn asid(&self) -> u16 {
+        self.core.asid
+    }
+
+    /// The mirrored address space (for explicit invalidate/protect and the munmap wrappers).
+    pub fn address_space(&self) -> &Arc<AddressSpace> {
+        &self.core.mm
+    }
+
+    /// The runtime.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// Submit `op` for the device to run on this address space.
+    ///
+    /// # Safety
+    /// The device reads and writes the addresses in `op` like a DMA engine, concurrently with
+    /// this thread, until [`Context::wait`] returns for the ticket: no Rust reference to
+    /// memory it writes may be used (or exist as `&`) in that time.
+    pub unsafe fn submit(&self, op: Op) -> Result<Ticket, Error> {
+        let asid = self.core.asid;
+        let cmd = match op {
+            Op::Copy { dst, src, len } => Command::copy(asid, dst, src, len),
+            Op::Fill { dst, len, pattern } => Command::fill(asid, dst, len, pattern),
+            Op::AtomicAdd { dst, value } => Command::atomic_add(asid, dst, value),
+            Op::Checksum { src, len } => Command::checksum(asid, src, len),
+            Op::Prefetch { src, len } => Command::prefetch(asid, src, len),
+        };
+        let cmd = match self.runtime.service.mode() {
+            ServiceMode::Interrupt => cmd.with_irq(),
+            ServiceMode::Polling => cmd,
+        };
+        let ticket = self
+            .runtime
+            .device
+            .submit(cmd, self.runtime.options.timeout)?;
+        self.runtime.commands.fetch_add(1, Ordering::Relaxed);
+        self.outstanding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ticket.work_id);
+        Ok(ticket)
+    }
+
+    /// Wait for `ticket`; the command's result value (old value, checksum, or 0).
+    pub fn wait(&self, ticket: Ticket) -> Result<u64, Error> {
+        let completion = self
+            .runtime
+            .service
+            .wait(ticket, self.runtime.options.timeout)?;
+        self.outstanding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&ticket.work_id);
+        completion_result(completion)
+    }
+
+    fn run(&self, op: Op) -> Result<u64, Error> {
+        // SAFETY: the callers below hold the borrows of every byte `op` names for the whole
+        // submit-to-wait window.
+        let ticket = unsafe { self.submit(op)? };
+        self.wait(ticket)
+    }
+
+    /// Fill `dst` with the 8-byte `pattern` on the device.
+    pub fn fill(&self, dst: &mut [u8], pattern: u64) -> Result<(), Error> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.run(Op::Fill {
+            dst: dst.as_mut_ptr() as u64,
+            len: dst.len() as u64,
+            pattern,
+        })
+        .map(drop)
+    }
+
+    /// Copy `src` into `dst` (equal lengths) on the device.
+    pub fn copy(&self, dst: &mut [u8], src: &[u8]) -> Result<(), Error> {
+        if dst.len() != src.len() {
+            return Err(Error::InvalidArgument(
+                "copy: source and destination lengths differ",
+            ));
+        }
+        if dst.is_empty() {
+            return Ok(());
+        }
+        self.run(Op::Copy {
+            dst: dst.as_mut_ptr() as u64,
+            src: src.as_ptr() as u64,
+            len: dst.len() as u64,
+        })
+        .map(drop)
+    }
+
+    /// The device's FNV-1a 64 checksum of `src`.
+    pub fn checksum(&self, src: &[u8]) -> Result<u64, Error> {
+        if src.is_empty() {
+            return Ok(accel_abi::FNV_OFFSET);
+        }
+        self.run(Op::Checksum {
+            src: src.as_ptr() as u64,
+            len: src.len() as u64,
+        })
+    }
+
+    /// Atomically add `value` to `target` on the device; returns the old value.
+    pub fn atomic_add(&self, target: &AtomicU64, value: u64) -> Result<u64, Error> {
+        self.run(Op::AtomicAdd {
+            dst: target.as_ptr() as u64,
+            value,
+        })
+    }
+
+    /// Make `[addr, addr + len)` device-accessible now instead of on first device access.
+    pub fn prefault(&self, addr: u64, len: u64, write: bool) -> Result<(), Error> {
+        if len == 0 {
+            return Ok(());
+        }
+        self.core
+            .prefault(addr, addr.saturating_add(len), write)
+            .map_err(|reason| Error::Cancelled { reason })
+    }
+
+    /// The device page table's current translation of `va` (introspection).
+    pub fn device_translation(&self, va: u64) -> Option<Translation> {
+        self.core.translate(va)
+    }
+
+    /// Counters and footprint.
+    pub fn stats(&self) -> ContextStats {
+        let c = &self.core.counters;
+        let (mappings, mapped_bytes, small_leaves, large_leaves, table_pages) =
+            self.core.footprint();
+        let pins = self.runtime.device.backend().pins_memory();
+        ContextStats {
+            faults: c.faults.load(Ordering::Relaxed),
+            runs: c.runs.load(Ordering::Relaxed),
+            pages_mapped: c.pages_mapped.load(Ordering::Relaxed),
+            large_mappings: c.large_mappings.load(Ordering::Relaxed),
+            failures: c.failures.load(Ordering::Relaxed),
+            invalidations: c.invalidations.load(Ordering::Relaxed),
+            tlb_fences: c.tlb_fences.load(Ordering::Relaxed),
+            fence_failures: c.fence_failures.load(Ordering::Relaxed),
+            mappings,
+            mapped_bytes,
+            pinned_bytes: if pins { mapped_bytes } else { 0 },
+            small_leaves,
+            large_leaves,
+            table_pages,
+            retries: self.core.mm.stats().retries,
+        }
+    }
+}
+
+fn completion_result(c: Completion) -> Result<u64, Error> {
+    match c.status {
+        Status::Ok => Ok(c.result),
+        Status::Cancelled => Err(Error::Cancelled {
+            reason: CancelReason::from_code(c.result),
+        }),
+        status => Err(Error::CommandFailed {
+            status,
+            detail: c.result,
+        }),
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // Release ordering: stop servicing this ASID (its stalled items are cancelled when they
+        // re-fault), let in-flight work finish, then tear down the device's view and unpin.
+        let asid = self.core.asid;
+        self.runtime.service.unregister(asid);
+        let _ = self.runtime.device.replay();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut spins = 0u32;
+        loop {
+            let pending: Vec<u32> = self
+                .outstanding
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .copied()
+                .collect();
+            let mut left = 0;
+            for work_id in pending {
+                if self
+                    .runtime
+                    .device
+                    .try_complete(Ticket { work_id })
+                    .is_some()
+                {
+                    self.outstanding
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&work_id);
+                } else {
+                    left += 1;
+                }
+            }
+            if left == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                tracing::error!(
+                    asid,
+                    left,
+                    "context dropped with work that did not finish; tearing down anyway"
+                );
+                break;
+            }
+            crate::device::backoff(&mut spins);
+        }
+        self.core.shut_down();
+        self.runtime.asids.lock().unwrap_or_else(|p| p.into_inner())[asid as usize] = false;
+    }
+}
