@@ -74,7 +74,10 @@ impl Backend for EmulatedBackend {
     fn iova_ranges(&self) -> Vec<Range<u64>> {
         // The emulated IOMMU translates the same 48 bits as a VT-d with aw-bits=48; page 0 is
         // kept unmapped so that a zero IOVA is always a fault.
-        vec![accel_abi::PAGE_SIZE..(1u64 << accel_abi::VA_BITS)]
+        vec![Range {
+            start: accel_abi::PAGE_SIZE,
+            end: 1u64 << accel_abi::VA_BITS,
+        }]
     }
 
     fn dma_map(
