@@ -143,6 +143,7 @@ pub struct Walker {
 }
 
 const PM_PRESENT: u64 = 1 << 63;
+const PM_FILE: u64 = 1 << 61;
 const PM_GUARD: u64 = 1 << 58;
 const PM_EXCLUSIVE: u64 = 1 << 56;
 const PM_PFN_MASK: u64 = (1 << 55) - 1;
@@ -243,7 +244,11 @@ impl Walker {
                 let state = if e & PM_PRESENT != 0 {
                     if e & PM_PFN_MASK == zero_pfn {
                         PageState::Zero
-                    } else if writable && (vma.shared || e & PM_EXCLUSIVE != 0) {
+                    } else if writable
+                        && (vma.shared || (e & PM_EXCLUSIVE != 0 && e & PM_FILE == 0))
+                    {
+                        // Private mappings: only a page mapped once and not a page-cache page
+                        // (bit 61) has a writable PTE; everything else is copy-on-write.
                         PageState::Write
                     } else {
                         PageState::Read

@@ -153,6 +153,96 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    fn sub_range(&self, offset: usize, len: usize) -> Result<VaRange, Error> {
+        if offset.checked_add(len).is_none_or(|end| end > self.len()) {
+            return Err(Error::InvalidArgument {
+                what: "sub-range beyond the mapping",
+            });
+        }
+        VaRange::new(self.addr + offset as u64, len as u64)
+    }
+
+    /// MADV_DONTNEED on part of the mapping: the pages are dropped (private anonymous memory reads
+    /// back as zeros). Safe because the mapping is only reachable through raw accesses.
+    pub fn discard(&self, offset: usize, len: usize) -> Result<(), Error> {
+        let r = self.sub_range(offset, len)?;
+        // SAFETY: we own the range and hand out no references into it, only volatile accesses.
+        unsafe { super::mm::madvise(r.start(), r.len(), libc::MADV_DONTNEED) }
+            .map_err(|e| Error::sys_range("madvise(MADV_DONTNEED)", r.start(), r.end(), e))
+    }
+
+    /// Changes the protection of part of the mapping.
+    pub fn protect(&self, offset: usize, len: usize, prot: libc::c_int) -> Result<(), Error> {
+        let r = self.sub_range(offset, len)?;
+        // SAFETY: we own the range; removing access can only make later raw accesses fault, which
+        // is what the caller asks for.
+        unsafe { super::mm::mprotect(r.start(), r.len(), prot) }
+            .map_err(|e| Error::sys_range("mprotect", r.start(), r.end(), e))
+    }
+
+    /// Splits the mapping at `offset` (page aligned) into two owned mappings.
+    pub fn split_at(mut self, offset: usize) -> Result<(Mapping, Mapping), Error> {
+        if offset == 0 || offset >= self.len() || offset as u64 % crate::PAGE_SIZE != 0 {
+            return Err(Error::InvalidArgument {
+                what: "split offset must be page aligned and inside the mapping",
+            });
+        }
+        self.released = true;
+        let head = Mapping {
+            addr: self.addr,
+            len: offset as u64,
+            released: false,
+        };
+        let tail = Mapping {
+            addr: self.addr + offset as u64,
+            len: self.len - offset as u64,
+            released: false,
+        };
+        Ok((head, tail))
+    }
+
+    /// Moves the mapping with `mremap(MREMAP_MAYMOVE)` to a new, larger or smaller size; the old
+    /// range is unmapped by the kernel (a REMAP + UNMAP pair when tracked).
+    pub fn remap(mut self, new_len: usize) -> Result<Mapping, Error> {
+        if new_len == 0 {
+            return Err(Error::InvalidArgument {
+                what: "new length must be non-zero",
+            });
+        }
+        // A fresh reservation forces a real move (a pure grow in place would not).
+        let target = Mapping::anonymous(new_len, libc::PROT_NONE)?;
+        let to = target.addr;
+        let mut target = target;
+        target.released = true;
+        // SAFETY: we own both the old mapping and the reservation at `to`; the reservation is
+        // replaced atomically by MREMAP_FIXED and nothing references either range.
+        let new_addr = unsafe {
+            super::mm::mremap(
+                self.addr,
+                self.len,
+                new_len as u64,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                to,
+            )
+        };
+        match new_addr {
+            Ok(a) => {
+                self.released = true;
+                Ok(Mapping {
+                    addr: a,
+                    len: new_len as u64,
+                    released: false,
+                })
+            }
+            Err(e) => {
+                target.released = false; // unmap the reservation on drop
+                Err(Error::sys_range("mremap", self.addr, self.addr + self.len, e))
+            }
+        }
+    }
+}
+
 /// # Safety
 /// The range must be part of a mapping the caller owns and nothing may use it.
 unsafe fn trim(addr: u64, len: u64) -> Result<(), Error> {

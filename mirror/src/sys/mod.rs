@@ -6,6 +6,7 @@
 pub(crate) mod fdpass;
 pub mod mapping;
 pub(crate) mod mm;
+pub mod process;
 pub(crate) mod procfs;
 pub(crate) mod uffd;
 

@@ -1,0 +1,23 @@
+//! Process helpers for tests and tools.
+
+use nix::errno::Errno;
+use nix::unistd::Pid;
+
+use crate::Error;
+
+/// Forks a child that immediately calls `_exit(code)` and returns its pid. The child runs nothing
+/// but `_exit`, which is async-signal-safe, so this is sound even in a multi-threaded process.
+/// With userfaultfd FORK events enabled, this blocks until a monitor reads the FORK event.
+pub fn fork_exiting_child(code: i32) -> Result<Pid, Error> {
+    // SAFETY: fork duplicates the process; the child executes only `_exit`, which touches no lock
+    // or allocator state that another thread may have held at the time of the fork.
+    let pid = unsafe { libc::fork() };
+    match pid {
+        -1 => Err(Error::sys("fork", Errno::last())),
+        0 => {
+            // SAFETY: _exit is async-signal-safe and ends the child without running destructors.
+            unsafe { libc::_exit(code) }
+        }
+        child => Ok(Pid::from_raw(child)),
+    }
+}
