@@ -217,8 +217,9 @@ impl Iommu {
             .next_back()
             .ok_or(IommuFaultReason::Unmapped)?;
         let offset = iova - start;
-        if offset.checked_add(len).map_or(true, |e| e > m.len) {
-            return Err(IommuFaultReason::Unmapped);
+        match offset.checked_add(len) {
+            Some(end) if end <= m.len => {}
+            _ => return Err(IommuFaultReason::Unmapped),
         }
         let allowed = if write { m.perms.write } else { m.perms.read };
         if !allowed {
