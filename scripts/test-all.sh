@@ -7,3 +7,6 @@ cd "$(dirname "$0")/.."
 echo "== unit, integration and doc tests (all crates) =="
 cargo test --workspace --all-targets
 cargo test --workspace --doc
+
+echo "== mirror: sequence-protocol model check (loom) =="
+CARGO_TARGET_DIR=target/loom RUSTFLAGS="--cfg loom" cargo test -p mirror --release --lib loom

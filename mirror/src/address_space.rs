@@ -8,7 +8,7 @@ use nix::errno::Errno;
 
 use crate::monitor::{ForkHandler, Monitor};
 use crate::registry::{
-    EventKind, EventRecord, EventSource, Invalidation, Registry, DEFAULT_RETRY_BUDGET,
+    EventKind, EventObserver, EventSource, Invalidation, Registry, DEFAULT_RETRY_BUDGET,
 };
 use crate::stats::Stats;
 use crate::sys::uffd as raw;
@@ -313,7 +313,12 @@ impl AddressSpace {
                 Ok(()) | Err(Errno::EINVAL) if vma.kind == VmaKind::Special => {}
                 Ok(()) => {}
                 Err(e) => {
-                    return Err(Error::sys_range("UFFDIO_UNREGISTER", clip.start(), clip.end(), e))
+                    return Err(Error::sys_range(
+                        "UFFDIO_UNREGISTER",
+                        clip.start(),
+                        clip.end(),
+                        e,
+                    ))
                 }
             }
             coverage.remove(clip);
@@ -333,12 +338,8 @@ impl AddressSpace {
     /// mprotect has no userfaultfd event, so a change made behind the crate's back must be
     /// reported this way. Strict: subscribers have acted when this returns.
     pub fn protect(&self, range: VaRange, perms: Perms) -> Result<()> {
-        self.registry.invalidate(
-            range,
-            EventKind::Protect { perms },
-            EventSource::Api,
-            None,
-        );
+        self.registry
+            .invalidate(range, EventKind::Protect { perms }, EventSource::Api, None);
         Ok(())
     }
 
@@ -365,7 +366,7 @@ impl AddressSpace {
 
     /// Installs (or removes) a hook called after every event's callbacks have all returned, with
     /// its latency for userfaultfd events. Runs on the thread that handled the event.
-    pub fn set_event_observer(&self, observer: Option<Box<dyn Fn(&EventRecord) + Send + Sync>>) {
+    pub fn set_event_observer(&self, observer: Option<EventObserver>) {
         self.registry.set_observer(observer);
     }
 

@@ -83,7 +83,15 @@ impl AddressSpace {
         // MREMAP_FIXED replaces whatever was mapped at the target.
         let target_bracket = target.map(|t| self.bracket(t, EventKind::Unmap));
         // SAFETY: the caller guarantees nothing uses the old (or target) range.
-        let r = unsafe { mm::mremap(old.start(), old.len(), new_len, flags, new_addr.unwrap_or(0)) };
+        let r = unsafe {
+            mm::mremap(
+                old.start(),
+                old.len(),
+                new_len,
+                flags,
+                new_addr.unwrap_or(0),
+            )
+        };
         drop(target_bracket);
         drop(bracket);
         r.map_err(|e| Error::sys_range("mremap", old.start(), old.end(), e))

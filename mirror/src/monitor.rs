@@ -284,7 +284,8 @@ impl Shared {
             // sees the coverage update of the event that munmap waited for.
             let (n, read_at) = {
                 let mut cov = lock(&self.coverage);
-                let n = raw::read_msgs(uffd.as_fd(), msgs).map_err(|e| Error::sys("read(uffd)", e))?;
+                let n =
+                    raw::read_msgs(uffd.as_fd(), msgs).map_err(|e| Error::sys("read(uffd)", e))?;
                 let read_at = Instant::now();
                 for m in &msgs[..n] {
                     match m.event {
@@ -325,7 +326,11 @@ impl Shared {
             raw::EVENT_REMOVE => uffd_event(m.arg[0], m.arg[1], EventKind::Discard),
             raw::EVENT_REMAP => {
                 let (from, to, len) = (m.arg[0], m.arg[1], m.arg[2]);
-                uffd_event(from, from.saturating_add(len), EventKind::Remap { to: Some(to) });
+                uffd_event(
+                    from,
+                    from.saturating_add(len),
+                    EventKind::Remap { to: Some(to) },
+                );
             }
             raw::EVENT_FORK => {
                 // The kernel installed the child's uffd in our fd table.
@@ -341,7 +346,10 @@ impl Shared {
             raw::EVENT_PAGEFAULT => {
                 reg.stats.unexpected_message();
                 let page = m.arg[1] & !(PAGE_SIZE - 1);
-                tracing::warn!(addr = page, "unexpected synchronous page fault message; waking");
+                tracing::warn!(
+                    addr = page,
+                    "unexpected synchronous page fault message; waking"
+                );
                 if let Some(u) = &self.uffd {
                     if let Err(e) = raw::wake(u.as_fd(), page, PAGE_SIZE) {
                         tracing::error!(error = %e, "UFFDIO_WAKE failed");
@@ -370,7 +378,6 @@ impl Shared {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,7 +396,10 @@ mod tests {
         assert!(c.covers(r(0x2000, 0x4000)));
         assert!(!c.covers(r(0x4000, 0x6000)));
         c.remove(r(0x2000, 0x3000));
-        assert_eq!(c.spans(), vec![(0x1000, 0x2000), (0x3000, 0x5000), (0x8000, 0x9000)]);
+        assert_eq!(
+            c.spans(),
+            vec![(0x1000, 0x2000), (0x3000, 0x5000), (0x8000, 0x9000)]
+        );
         c.remove(r(0x0, 0x10000));
         assert!(c.spans().is_empty());
     }

@@ -36,7 +36,9 @@ impl VaRange {
         if len % PAGE_SIZE != 0 {
             return Err(bad("length is not a multiple of the page size"));
         }
-        let end = start.checked_add(len).ok_or_else(|| bad("range overflows"))?;
+        let end = start
+            .checked_add(len)
+            .ok_or_else(|| bad("range overflows"))?;
         if end > VA_LIMIT {
             return Err(bad("range extends beyond the 47-bit user address space"));
         }

@@ -78,7 +78,11 @@ pub struct EventRecord {
     pub latency: Option<Duration>,
 }
 
-type Observer = Box<dyn Fn(&EventRecord) + Send + Sync>;
+/// A hook called after every event's callbacks have returned (see
+/// [`crate::AddressSpace::set_event_observer`]).
+pub type EventObserver = Box<dyn Fn(&EventRecord) + Send + Sync>;
+type Observer = EventObserver;
+type Callback<T> = Box<dyn Fn(&mut T, &Invalidation) + Send + Sync>;
 
 thread_local! {
     static CALLBACK_DEPTH: Cell<u32> = const { Cell::new(0) };
@@ -141,14 +145,21 @@ impl Registry {
 
     /// Starts an invalidation: every overlapping subscriber has torn down when this returns, and no
     /// fault can install in the range until the returned bracket is ended.
-    pub(crate) fn begin(&self, range: VaRange, kind: EventKind, source: EventSource) -> Bracket<'_> {
+    pub(crate) fn begin(
+        &self,
+        range: VaRange,
+        kind: EventKind,
+        source: EventSource,
+    ) -> Bracket<'_> {
         self.stats.event(&kind);
         let inv = Invalidation {
             range,
             kind,
             source,
         };
-        let ticket = self.notifier.invalidate_start(range.start(), range.end(), &inv);
+        let ticket = self
+            .notifier
+            .invalidate_start(range.start(), range.end(), &inv);
         Bracket {
             registry: self,
             ticket: Some(ticket),
@@ -209,7 +220,11 @@ impl Bracket<'_> {
         if let Some(l) = latency {
             self.registry.stats.latency(l);
         }
-        let observer = self.registry.observer.read().unwrap_or_else(|p| p.into_inner());
+        let observer = self
+            .registry
+            .observer
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
         if let Some(obs) = observer.as_ref() {
             obs(&EventRecord {
                 range: self.inv.range,
@@ -233,7 +248,7 @@ struct SubNode<T> {
     seq: IntervalSeq,
     range: VaRange,
     state: Mutex<T>,
-    callback: Box<dyn Fn(&mut T, &Invalidation) + Send + Sync>,
+    callback: Callback<T>,
     registry: std::sync::Weak<Registry>,
 }
 

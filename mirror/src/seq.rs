@@ -305,7 +305,10 @@ mod tests {
         assert_eq!(seq % 2, 1, "interval seqs are odd");
         let t = n.invalidate_start(0x1000, 0x2000, &());
         assert_eq!(t.hits, 1);
-        assert!(a.seq.needs_retry(seq), "the invalidation must force a retry");
+        assert!(
+            a.seq.needs_retry(seq),
+            "the invalidation must force a retry"
+        );
         n.invalidate_end(t);
         assert!(!n.is_invalidating());
         let seq2 = n.read_begin(&a.seq, None).unwrap();
@@ -345,7 +348,11 @@ mod tests {
         let t = n.invalidate_start(0, 0x1000, &());
         let b = node(2, 0x5000, 0x6000);
         n.insert(b.clone()).unwrap();
-        assert_eq!(n.interval_count(), 1, "insert deferred while the global seq is odd");
+        assert_eq!(
+            n.interval_count(),
+            1,
+            "insert deferred while the global seq is odd"
+        );
         assert_eq!(
             n.read_begin(&b.seq, Some(Instant::now())),
             Err(BeginError::Timeout),
@@ -381,7 +388,10 @@ mod tests {
         let n2 = n.clone();
         let remover = std::thread::spawn(move || n2.remove(1, true));
         std::thread::sleep(Duration::from_millis(20));
-        assert!(!remover.is_finished(), "remove must wait for the running invalidation");
+        assert!(
+            !remover.is_finished(),
+            "remove must wait for the running invalidation"
+        );
         n.invalidate_end(t);
         remover.join().unwrap();
         assert_eq!(n.interval_count(), 0);

@@ -156,9 +156,10 @@ impl LatencySummary {
         for (i, n) in self.buckets.iter().enumerate() {
             seen += n;
             if seen >= target {
-                return Some(Duration::from_micros(1u64 << (i + 1)).min(Duration::from_nanos(
-                    self.max_ns.max(1),
-                )));
+                return Some(
+                    Duration::from_micros(1u64 << (i + 1))
+                        .min(Duration::from_nanos(self.max_ns.max(1))),
+                );
             }
         }
         Some(Duration::from_nanos(self.max_ns))

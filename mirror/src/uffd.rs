@@ -114,4 +114,3 @@ pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>) -> Result<()> {
     fcntl(fd.as_raw_fd(), FcntlArg::F_SETFL(flags)).map_err(|e| Error::sys("F_SETFL", e))?;
     Ok(())
 }
-

@@ -45,6 +45,11 @@ pub struct Vma {
 
 const SPECIAL_NAMES: [&str; 3] = ["[vvar]", "[vvar_vclock]", "[vsyscall]"];
 
+/// (start, end, inode) of a file-backed VMA.
+type VmaKey = (u64, u64, u64);
+/// (is VM_IO/VM_PFNMAP, kernel page size).
+type FileFacts = (bool, u64);
+
 /// Looks VMAs up in one process.
 pub(crate) struct VmaSource {
     pid_dir: String,
@@ -52,7 +57,7 @@ pub(crate) struct VmaSource {
     use_query: bool,
     /// Special-ness of file-backed VMAs, keyed by (start, end, inode): learning it costs a stat or
     /// an smaps read, so it is remembered.
-    special_cache: Mutex<HashMap<(u64, u64, u64), (bool, u64)>>,
+    special_cache: Mutex<HashMap<VmaKey, FileFacts>>,
 }
 
 impl VmaSource {
@@ -178,7 +183,12 @@ impl VmaSource {
     /// fd) pay for an smaps read.
     fn file_vma_facts(&self, raw: &RawVma) -> Result<(bool, u64)> {
         let key = (raw.start, raw.end, raw.inode);
-        if let Some(v) = self.special_cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        if let Some(v) = self
+            .special_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
             return Ok(*v);
         }
         let link = format!("{}/map_files/{:x}-{:x}", self.pid_dir, raw.start, raw.end);
@@ -216,7 +226,12 @@ impl VmaSource {
                 continue;
             }
             if let Some(rest) = line.strip_prefix("KernelPageSize:") {
-                let kb: u64 = rest.trim().trim_end_matches("kB").trim().parse().unwrap_or(4);
+                let kb: u64 = rest
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse()
+                    .unwrap_or(4);
                 page_size = kb * 1024;
             } else if let Some(rest) = line.strip_prefix("VmFlags:") {
                 let special = rest.split_whitespace().any(|f| f == "io" || f == "pf");
@@ -279,7 +294,10 @@ mod tests {
             "7f0000000000-7f0000002000 rw-s 00000000 00:01 1234                       /memfd:x (deleted)",
         )
         .unwrap();
-        assert_eq!((v.start, v.end, v.inode), (0x7f0000000000, 0x7f0000002000, 1234));
+        assert_eq!(
+            (v.start, v.end, v.inode),
+            (0x7f0000000000, 0x7f0000002000, 1234)
+        );
         assert!(v.perms.read && v.perms.write && !v.perms.exec && v.shared);
         assert_eq!(v.name, "/memfd:x (deleted)");
         let anon = parse_maps_line("1000-2000 ---p 00000000 00:00 0 ").unwrap();
@@ -303,7 +321,10 @@ mod tests {
         assert!(has_query, "this kernel (6.18) has PROCMAP_QUERY");
         assert_eq!(via_default.len(), 1);
         let (a, b) = (&via_default[0], &parsed[0]);
-        assert_eq!((a.range, a.perms, a.shared, a.kind), (b.range, b.perms, b.shared, b.kind));
+        assert_eq!(
+            (a.range, a.perms, a.shared, a.kind),
+            (b.range, b.perms, b.shared, b.kind)
+        );
         assert!(a.range.contains_range(&m.range()));
         assert_eq!(a.perms, Perms::READ);
     }

@@ -15,7 +15,10 @@ use mirror::{
 fn uffd_mm() -> Option<AddressSpace> {
     let mm = mm();
     if mm.capabilities().uffd.is_none() {
-        println!("SKIP: userfaultfd unavailable: {:?}", mm.capabilities().degraded);
+        println!(
+            "SKIP: userfaultfd unavailable: {:?}",
+            mm.capabilities().degraded
+        );
         return None;
     }
     Some(mm)
@@ -59,7 +62,11 @@ fn dontneed_delivers_discard() {
     for inv in log.iter() {
         assert_eq!(
             (inv.kind, inv.range, inv.source),
-            (EventKind::Discard, sub_range(&m, 1, 1), EventSource::Userfaultfd)
+            (
+                EventKind::Discard,
+                sub_range(&m, 1, 1),
+                EventSource::Userfaultfd
+            )
         );
     }
     assert_eq!(m.read_byte(PAGE), 0, "the page really was discarded");
@@ -125,7 +132,9 @@ fn fork_delivers_fork_and_hands_over_the_child_uffd() {
     mm.settle().unwrap();
     assert!(kinds(&rec.lock()).contains(&(EventKind::Fork, m.range(), EventSource::Userfaultfd)));
     // Other tests' address spaces in this process may fork too, so look for ours among any.
-    let fd = rx.recv_timeout(Duration::from_secs(5)).expect("child uffd handed over");
+    let fd = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("child uffd handed over");
     let link = std::fs::read_link(format!(
         "/proc/self/fd/{}",
         std::os::fd::AsRawFd::as_raw_fd(&fd)
@@ -204,9 +213,14 @@ fn explicit_wrappers_are_strict() {
     // SAFETY: nothing holds references into the range.
     unsafe { mm.mprotect(r, Perms::READ) }.unwrap();
     assert!(dev.sub.lock().iter().all(|a| !r.contains(*a)));
-    assert!(dev.log.lock().unwrap().iter().any(|i| i.kind == EventKind::Protect { perms: Perms::READ }
-        && i.range == r
-        && i.source == EventSource::Api));
+    assert!(dev
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|i| i.kind == EventKind::Protect { perms: Perms::READ }
+            && i.range == r
+            && i.source == EventSource::Api));
 
     // mremap wrapper.
     let r = sub_range(&m, 2, 2);
@@ -220,7 +234,10 @@ fn explicit_wrappers_are_strict() {
     mm.settle().unwrap();
     // The moved pages: the wrapper's bracket saw Remap{to} first (strict), uffd repeated it.
     let log = dev.log.lock().unwrap();
-    let remaps: Vec<_> = log.iter().filter(|i| matches!(i.kind, EventKind::Remap { .. })).collect();
+    let remaps: Vec<_> = log
+        .iter()
+        .filter(|i| matches!(i.kind, EventKind::Remap { .. }))
+        .collect();
     assert_eq!(remaps[0].source, EventSource::Api);
     assert_eq!(remaps[0].kind, EventKind::Remap { to: Some(to) });
     // SAFETY: the moved range is ours and unused.
@@ -240,12 +257,19 @@ fn invalidate_and_protect_are_strict_and_counted() {
     mm.protect(sub_range(&m, 1, 1), Perms::READ).unwrap();
     assert!(dev.sub.lock().is_empty());
     let s = mm.stats();
-    assert_eq!((s.explicit_events, s.protect_events, s.invalidations), (1, 1, 2));
+    assert_eq!(
+        (s.explicit_events, s.protect_events, s.invalidations),
+        (1, 1, 2)
+    );
     // A range that overlaps no subscription calls nothing.
-    mm.invalidate(VaRange::new(0x1000, 0x1000).unwrap()).unwrap();
+    mm.invalidate(VaRange::new(0x1000, 0x1000).unwrap())
+        .unwrap();
     assert_eq!(mm.stats().invalidations, 2);
     // track without userfaultfd says why.
-    assert!(matches!(mm.track(m.range()), Err(Error::Unsupported { .. })));
+    assert!(matches!(
+        mm.track(m.range()),
+        Err(Error::Unsupported { .. })
+    ));
 }
 
 #[test]
@@ -352,7 +376,9 @@ fn observer_and_latency_are_reported_for_uffd_events() {
     let Some(mm) = uffd_mm() else { return };
     let records = Arc::new(Mutex::new(Vec::new()));
     let r2 = records.clone();
-    mm.set_event_observer(Some(Box::new(move |rec| r2.lock().unwrap().push(rec.clone()))));
+    mm.set_event_observer(Some(Box::new(move |rec| {
+        r2.lock().unwrap().push(rec.clone())
+    })));
     let m = Mapping::anonymous(4 * PAGE, RW).unwrap();
     let _rec = recorder(&mm, m.range());
     mm.track(m.range()).unwrap();
@@ -367,7 +393,9 @@ fn observer_and_latency_are_reported_for_uffd_events() {
         .filter(|r| r.source == EventSource::Userfaultfd)
         .collect();
     assert!(uffd.len() >= 4);
-    assert!(uffd.iter().all(|r| r.latency.is_some() && r.subscribers_hit == 1));
+    assert!(uffd
+        .iter()
+        .all(|r| r.latency.is_some() && r.subscribers_hit == 1));
     let s = mm.stats();
     assert!(s.event_latency.count >= 4);
     assert!(s.event_latency.max_ns > 0);
@@ -384,10 +412,8 @@ fn settle_from_a_callback_is_refused() {
     let _sub = mm
         .subscribe(m.range(), (), move |_, _| {
             if let Some(mm) = mm2.upgrade() {
-                *s2.lock().unwrap() = Some(matches!(
-                    mm.settle(),
-                    Err(Error::CalledFromCallback { .. })
-                ));
+                *s2.lock().unwrap() =
+                    Some(matches!(mm.settle(), Err(Error::CalledFromCallback { .. })));
             }
         })
         .unwrap();
@@ -429,7 +455,13 @@ fn faults_racing_munmap_leave_no_entry_for_the_unmapped_half() {
         drop(gone);
         faulter.join().unwrap();
         mm.settle().unwrap();
-        let stale: Vec<_> = dev.sub.lock().iter().copied().filter(|a| gone_range.contains(*a)).collect();
+        let stale: Vec<_> = dev
+            .sub
+            .lock()
+            .iter()
+            .copied()
+            .filter(|a| gone_range.contains(*a))
+            .collect();
         assert!(stale.is_empty(), "round {round}: stale entries {stale:x?}");
         drop(keep);
     }

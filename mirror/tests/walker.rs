@@ -5,14 +5,21 @@ mod common;
 use std::os::fd::AsFd;
 
 use common::*;
-use mirror::{Access, AddressSpace, Config, Error, Mapping, PageError, PageSize, PageState, VaRange};
+use mirror::{
+    Access, AddressSpace, Config, Error, Mapping, PageError, PageSize, PageState, VaRange,
+};
 
 fn explicit_mm() -> AddressSpace {
     AddressSpace::current(Config::explicit_only()).unwrap()
 }
 
 fn states(mm: &AddressSpace, r: VaRange) -> Vec<PageState> {
-    mm.snapshot(r).unwrap().pages().iter().map(|p| p.state).collect()
+    mm.snapshot(r)
+        .unwrap()
+        .pages()
+        .iter()
+        .map(|p| p.state)
+        .collect()
 }
 
 #[test]
@@ -25,7 +32,15 @@ fn anonymous_none_zero_write_and_snapshot_does_not_fault() {
     let _ = m.read_byte(PAGE); // page 1: zero page
     m.write_byte(2 * PAGE, 7); // page 2: written
     let s = states(&mm, m.range());
-    assert_eq!(s, vec![PageState::None, PageState::Zero, PageState::Write, PageState::None]);
+    assert_eq!(
+        s,
+        vec![
+            PageState::None,
+            PageState::Zero,
+            PageState::Write,
+            PageState::None
+        ]
+    );
     assert!(mm
         .snapshot(m.range())
         .unwrap()
@@ -65,7 +80,10 @@ fn read_only_reports_read_and_refuses_write_fault() {
     let m = Mapping::anonymous(2 * PAGE, RW).unwrap();
     m.write_byte(0, 1);
     m.protect(0, 2 * PAGE, libc::PROT_READ).unwrap();
-    assert_eq!(states(&mm, m.range()), vec![PageState::Read, PageState::None]);
+    assert_eq!(
+        states(&mm, m.range()),
+        vec![PageState::Read, PageState::None]
+    );
     match mm.fault(m.range(), Access::Write) {
         Err(Error::PermissionDenied { addr, access }) => {
             assert_eq!((addr, access), (m.addr(), Access::Write))
@@ -73,7 +91,10 @@ fn read_only_reports_read_and_refuses_write_fault() {
         other => panic!("expected PermissionDenied, got {other:?}"),
     }
     mm.fault(m.range(), Access::Read).unwrap();
-    assert_eq!(states(&mm, m.range()), vec![PageState::Read, PageState::Zero]);
+    assert_eq!(
+        states(&mm, m.range()),
+        vec![PageState::Read, PageState::Zero]
+    );
 }
 
 #[test]
@@ -101,7 +122,11 @@ fn shared_file_mapping_reports_file_pages() {
     let m = map_fd(f.as_fd(), 4 * PAGE, RW, libc::MAP_SHARED);
     assert_eq!(m.read_byte(0), 0x11);
     let s = states(&mm, m.range());
-    assert!(matches!(s[0], PageState::Read | PageState::Write), "page 0: {:?}", s[0]);
+    assert!(
+        matches!(s[0], PageState::Read | PageState::Write),
+        "page 0: {:?}",
+        s[0]
+    );
     mm.fault(m.range(), Access::Write).unwrap();
     assert_eq!(states(&mm, m.range()), vec![PageState::Write; 4]);
     let vma = &mm.walker().vmas(m.range()).unwrap()[0];
@@ -115,9 +140,16 @@ fn private_file_mapping_is_read_until_copied() {
     let f = regular_file(2 * PAGE, 0x22);
     let m = map_fd(f.as_fd(), 2 * PAGE, RW, libc::MAP_PRIVATE);
     mm.fault(m.range(), Access::Read).unwrap();
-    assert_eq!(states(&mm, m.range()), vec![PageState::Read; 2], "page-cache pages, COW");
+    assert_eq!(
+        states(&mm, m.range()),
+        vec![PageState::Read; 2],
+        "page-cache pages, COW"
+    );
     mm.fault(sub_range(&m, 0, 1), Access::Write).unwrap();
-    assert_eq!(states(&mm, m.range()), vec![PageState::Write, PageState::Read]);
+    assert_eq!(
+        states(&mm, m.range()),
+        vec![PageState::Write, PageState::Read]
+    );
     assert_eq!(m.read_byte(0), 0x22, "the private copy keeps the file data");
 }
 
@@ -129,7 +161,10 @@ fn memfd_mapping() {
     assert_eq!(states(&mm, m.range()), vec![PageState::None; 4]);
     mm.fault(m.range(), Access::Write).unwrap();
     assert_eq!(states(&mm, m.range()), vec![PageState::Write; 4]);
-    assert_eq!(mm.walker().vmas(m.range()).unwrap()[0].kind, mirror::VmaKind::File);
+    assert_eq!(
+        mm.walker().vmas(m.range()).unwrap()[0].kind,
+        mirror::VmaKind::File
+    );
 }
 
 #[test]
@@ -143,11 +178,15 @@ fn thp_is_reported_as_2mib_pages() {
     mm.fault(m.range(), Access::Write).unwrap();
     let snap = mm.snapshot(m.range()).unwrap();
     if snap.pages()[0].size != PageSize::Thp {
-        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
         println!("SKIP thp: the kernel did not back the range with a THP (enabled: {thp:?})");
         return;
     }
-    assert!(snap.pages().iter().all(|p| p.size == PageSize::Thp && p.state == PageState::Write));
+    assert!(snap
+        .pages()
+        .iter()
+        .all(|p| p.size == PageSize::Thp && p.state == PageState::Write));
     assert_eq!(PageSize::Thp.bytes(), two_mb as u64);
     // A one-page snapshot inside the THP still learns the page size (so the driver can map 2 MiB).
     let one = mm.snapshot(sub_range(&m, 100, 1)).unwrap();
@@ -166,8 +205,14 @@ fn hugetlb_mapping_or_skip() {
     }
     let mm = explicit_mm();
     let len = 2 << 20;
-    let m = Mapping::with_flags(len, RW, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB, None, 0)
-        .unwrap();
+    let m = Mapping::with_flags(
+        len,
+        RW,
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB,
+        None,
+        0,
+    )
+    .unwrap();
     mm.fault(m.range(), Access::Write).unwrap();
     let snap = mm.snapshot(m.range()).unwrap();
     assert!(snap
@@ -184,27 +229,62 @@ fn special_mapping_vvar_is_refused() {
         println!("SKIP special mapping: this process has no [vvar] VMA");
         return;
     };
-    let (s, e) = line.split_whitespace().next().unwrap().split_once('-').unwrap();
-    let r = VaRange::from_bounds(u64::from_str_radix(s, 16).unwrap(), u64::from_str_radix(e, 16).unwrap())
+    let (s, e) = line
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .split_once('-')
         .unwrap();
+    let r = VaRange::from_bounds(
+        u64::from_str_radix(s, 16).unwrap(),
+        u64::from_str_radix(e, 16).unwrap(),
+    )
+    .unwrap();
     let snap = mm.snapshot(r).unwrap();
-    assert!(snap.pages().iter().all(|p| p.state == PageState::Error(PageError::Special)));
-    assert!(matches!(mm.fault(r, Access::Read), Err(Error::SpecialMapping { .. })));
+    assert!(snap
+        .pages()
+        .iter()
+        .all(|p| p.state == PageState::Error(PageError::Special)));
+    assert!(matches!(
+        mm.fault(r, Access::Read),
+        Err(Error::SpecialMapping { .. })
+    ));
 }
 
 #[test]
 fn bad_ranges_are_rejected_without_panic() {
-    assert!(matches!(VaRange::new(0x1001, 0x1000), Err(Error::InvalidRange { .. })));
-    assert!(matches!(VaRange::new(0x1000, 0x800), Err(Error::InvalidRange { .. })));
-    assert!(matches!(VaRange::new(0x1000, 0), Err(Error::InvalidRange { .. })));
-    assert!(matches!(VaRange::new((1 << 47) - 0x1000, 0x2000), Err(Error::InvalidRange { .. })));
-    assert!(matches!(VaRange::new(u64::MAX & !0xfff, 0x1000), Err(Error::InvalidRange { .. })));
-    assert!(matches!(VaRange::from_bounds(0x2000, 0x1000), Err(Error::InvalidRange { .. })));
+    assert!(matches!(
+        VaRange::new(0x1001, 0x1000),
+        Err(Error::InvalidRange { .. })
+    ));
+    assert!(matches!(
+        VaRange::new(0x1000, 0x800),
+        Err(Error::InvalidRange { .. })
+    ));
+    assert!(matches!(
+        VaRange::new(0x1000, 0),
+        Err(Error::InvalidRange { .. })
+    ));
+    assert!(matches!(
+        VaRange::new((1 << 47) - 0x1000, 0x2000),
+        Err(Error::InvalidRange { .. })
+    ));
+    assert!(matches!(
+        VaRange::new(!0xfff, 0x1000),
+        Err(Error::InvalidRange { .. })
+    ));
+    assert!(matches!(
+        VaRange::from_bounds(0x2000, 0x1000),
+        Err(Error::InvalidRange { .. })
+    ));
     // A valid range over nothing: snapshot says NoVma, fault says Fault at its start.
     let mm = explicit_mm();
     let r = VaRange::new(0x1000, 0x1000).unwrap();
     assert_eq!(states(&mm, r), vec![PageState::Error(PageError::NoVma)]);
-    assert!(matches!(mm.fault(r, Access::Read), Err(Error::Fault { addr: 0x1000, .. })));
+    assert!(matches!(
+        mm.fault(r, Access::Read),
+        Err(Error::Fault { addr: 0x1000, .. })
+    ));
 }
 
 #[test]
@@ -232,6 +312,9 @@ fn snapshot_runs_group_pages() {
     let snap = mm.snapshot(m.range()).unwrap();
     let runs: Vec<_> = snap.runs().map(|(r, p)| (r.pages(), p.state)).collect();
     assert_eq!(runs, vec![(2, PageState::Write), (2, PageState::None)]);
-    assert_eq!(snap.page_at(m.addr() + PAGE as u64 + 5).unwrap().state, PageState::Write);
+    assert_eq!(
+        snap.page_at(m.addr() + PAGE as u64 + 5).unwrap().state,
+        PageState::Write
+    );
     assert!(snap.page_at(m.addr() + 4 * PAGE as u64).is_none());
 }

@@ -23,7 +23,9 @@ fn main() {
 }
 
 fn run() -> Result<(), Box<dyn std::error::Error>> {
-    let path = std::env::args().nth(1).ok_or("usage: mirror-uffd-client SOCKET_PATH")?;
+    let path = std::env::args()
+        .nth(1)
+        .ok_or("usage: mirror-uffd-client SOCKET_PATH")?;
     let mut sock = UnixStream::connect(path)?;
     let page = PAGE_SIZE as usize;
     let region = Mapping::anonymous(PAGES * page, libc::PROT_READ | libc::PROT_WRITE)?;

@@ -29,7 +29,10 @@ pub fn recv_fd(socket: BorrowedFd<'_>, payload: &mut [u8]) -> Result<(OwnedFd, u
     .map_err(|e| Error::sys("recvmsg(SCM_RIGHTS)", e))?;
     let bytes = msg.bytes;
     let mut received = None;
-    for c in msg.cmsgs().map_err(|e| Error::sys("recvmsg control data", e))? {
+    for c in msg
+        .cmsgs()
+        .map_err(|e| Error::sys("recvmsg control data", e))?
+    {
         if let ControlMessageOwned::ScmRights(fds) = c {
             for raw_fd in fds {
                 // SAFETY: SCM_RIGHTS installed this fd in our table just now; nothing else owns it.

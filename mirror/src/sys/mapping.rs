@@ -53,7 +53,7 @@ impl Mapping {
         let over_end = base + (len + align) as u64;
         let mut over = over;
         over.released = true; // we take the pieces over by hand below
-        // SAFETY: both trimmed pieces belong to the mapping we just created and nothing uses them.
+                              // SAFETY: both trimmed pieces belong to the mapping we just created and nothing uses them.
         unsafe {
             if aligned > base {
                 trim(base, aligned - base)?;
@@ -237,7 +237,12 @@ impl Mapping {
             }
             Err(e) => {
                 target.released = false; // unmap the reservation on drop
-                Err(Error::sys_range("mremap", self.addr, self.addr + self.len, e))
+                Err(Error::sys_range(
+                    "mremap",
+                    self.addr,
+                    self.addr + self.len,
+                    e,
+                ))
             }
         }
     }

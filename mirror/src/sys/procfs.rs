@@ -68,7 +68,13 @@ pub(crate) fn pagemap_scan(
     };
     // SAFETY: `arg` is a live pm_scan_arg whose `vec`/`vec_len` describe the writable slice `out`,
     // which outlives the call; the kernel writes at most `vec_len` page_region entries.
-    let ret = unsafe { libc::ioctl(pagemap.as_raw_fd(), PAGEMAP_SCAN, &mut arg as *mut PmScanArg) };
+    let ret = unsafe {
+        libc::ioctl(
+            pagemap.as_raw_fd(),
+            PAGEMAP_SCAN,
+            &mut arg as *mut PmScanArg,
+        )
+    };
     let n = check(ret as libc::c_long)?;
     Ok((n as usize, arg.walk_end))
 }
@@ -129,7 +135,13 @@ pub(crate) fn procmap_query(
     };
     // SAFETY: `arg` is a live procmap_query; `vma_name_addr`/`vma_name_size` describe the writable
     // buffer `name`, which outlives the call; build_id_size is 0 so no build-id buffer is used.
-    let ret = unsafe { libc::ioctl(maps.as_raw_fd(), PROCMAP_QUERY, &mut arg as *mut ProcmapQuery) };
+    let ret = unsafe {
+        libc::ioctl(
+            maps.as_raw_fd(),
+            PROCMAP_QUERY,
+            &mut arg as *mut ProcmapQuery,
+        )
+    };
     match check(ret as libc::c_long) {
         Ok(_) => Ok(Some(QueriedVma {
             start: arg.vma_start,
@@ -138,7 +150,9 @@ pub(crate) fn procmap_query(
             page_size: arg.vma_page_size,
             inode: arg.inode,
             // vma_name_size counts the terminating NUL when a name exists.
-            name_len: (arg.vma_name_size as usize).saturating_sub(1).min(name.len()),
+            name_len: (arg.vma_name_size as usize)
+                .saturating_sub(1)
+                .min(name.len()),
         })),
         Err(Errno::ENOENT) => Ok(None),
         Err(e) => Err(e),

@@ -122,7 +122,13 @@ pub(crate) fn register(fd: BorrowedFd<'_>, start: u64, len: u64, mode: u64) -> R
         ioctls: 0,
     };
     // SAFETY: `arg` is a live uffdio_register; the kernel only reads the range/mode and writes ioctls.
-    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER, &mut arg as *mut UffdioRegister) };
+    let ret = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            UFFDIO_REGISTER,
+            &mut arg as *mut UffdioRegister,
+        )
+    };
     check(ret as libc::c_long)?;
     Ok(arg.ioctls)
 }
@@ -131,7 +137,13 @@ pub(crate) fn register(fd: BorrowedFd<'_>, start: u64, len: u64, mode: u64) -> R
 pub(crate) fn unregister(fd: BorrowedFd<'_>, start: u64, len: u64) -> Result<(), Errno> {
     let mut arg = UffdioRange { start, len };
     // SAFETY: `arg` is a live uffdio_range the kernel only reads.
-    let ret = unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_UNREGISTER, &mut arg as *mut UffdioRange) };
+    let ret = unsafe {
+        libc::ioctl(
+            fd.as_raw_fd(),
+            UFFDIO_UNREGISTER,
+            &mut arg as *mut UffdioRange,
+        )
+    };
     check(ret as libc::c_long).map(|_| ())
 }
 

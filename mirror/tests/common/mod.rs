@@ -60,8 +60,11 @@ pub fn mirror_all(mm: &AddressSpace, dev: &Device, range: VaRange) -> usize {
 
 /// A memfd of `len` bytes.
 pub fn memfd(len: usize) -> OwnedFd {
-    let fd = nix::sys::memfd::memfd_create(c"mirror-test", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
-        .unwrap();
+    let fd = nix::sys::memfd::memfd_create(
+        c"mirror-test",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+    )
+    .unwrap();
     nix::unistd::ftruncate(&fd, len as i64).unwrap();
     fd
 }
@@ -87,7 +90,12 @@ pub fn regular_file(len: usize, byte: u8) -> std::fs::File {
     f
 }
 
-pub fn map_fd(fd: std::os::fd::BorrowedFd<'_>, len: usize, prot: libc::c_int, flags: libc::c_int) -> Mapping {
+pub fn map_fd(
+    fd: std::os::fd::BorrowedFd<'_>,
+    len: usize,
+    prot: libc::c_int,
+    flags: libc::c_int,
+) -> Mapping {
     Mapping::with_flags(len, prot, flags, Some(fd), 0).unwrap()
 }
 
