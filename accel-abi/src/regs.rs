@@ -41,7 +41,8 @@ pub enum Access {
     ReadOnly,
     /// Read-write.
     ReadWrite,
-    /// Write-only (a doorbell or trigger); reads return 0 and are bad register accesses.
+    /// Write-only (a doorbell or trigger); reads return all ones, like every bad register
+    /// access, and are bad register accesses.
     WriteOnly,
     /// Read, and write 1 to clear the bits written.
     ReadWrite1Clear,
@@ -73,7 +74,8 @@ registers! {
     ID = 0x000, W32, ReadOnly;
     /// Version: `(major << 16) | minor`, [`VERSION_VALUE`].
     VERSION = 0x004, W32, ReadOnly;
-    /// Number of address spaces (ASIDs are `0..CAP_ASIDS`). At least 64.
+    /// Number of address spaces (ASIDs are `0..CAP_ASIDS`): 64 in the standard configuration,
+    /// anywhere in `1..=MAX_ASIDS` in general, so drivers must read it.
     CAP_ASIDS = 0x008, W32, ReadOnly;
     /// Page-table geometry: bits 3..0 levels (4), bits 15..8 VA bits (48). See [`cap_pt`].
     CAP_PT = 0x00c, W32, ReadOnly;
