@@ -285,3 +285,32 @@ fn memory_space_disabled_bar_reads_all_ones_and_ignores_writes() {
         "no error for a non-decoded access"
     );
 }
+
+#[test]
+fn after_dma_unmap_returns_the_memory_is_never_touched() {
+    let mut d = TestDriver::new();
+    let victim = SharedRegion::anonymous(PAGE_SIZE as usize).expect("region");
+    d.dev
+        .dma_map(HOLE_IOVA, PAGE_SIZE, victim.clone(), DmaPerms::RW)
+        .expect("map");
+    d.map_4k(0, VA, HOLE_IOVA, Perms::RW);
+    let ids: Vec<u32> = (0..60)
+        .map(|_| d.submit(Command::atomic_add(0, VA, 1)))
+        .collect();
+    assert_eq!(d.dev.dma_unmap(HOLE_IOVA, PAGE_SIZE), Ok(PAGE_SIZE));
+    let frozen = victim.load_u64(0).expect("read");
+    let mut ok = 0;
+    for id in ids {
+        match d.wait_completion(id).status {
+            Status::Ok => ok += 1,
+            Status::IommuFault => {}
+            other => panic!("unexpected status {other:?}"),
+        }
+    }
+    assert_eq!(
+        victim.load_u64(0).expect("read"),
+        frozen,
+        "written after unmap"
+    );
+    assert_eq!(frozen, ok, "every successful add landed before the unmap");
+}

@@ -268,3 +268,36 @@ fn tlb_capacity_is_bounded() {
         "only the 4 most recent translations stay cached"
     );
 }
+
+#[test]
+fn after_tlbi_returns_no_access_uses_the_dropped_translation() {
+    let mut d = TestDriver::new();
+    let (old, new) = (0u64, PAGE_SIZE);
+    d.map_4k(0, VA, DATA_IOVA + old, Perms::RW);
+    let ids: Vec<u32> = (0..60)
+        .map(|_| d.submit(Command::atomic_add(0, VA, 1)))
+        .collect();
+    // Retarget while the adds are (probably) in flight, then invalidate.
+    d.map_4k(0, VA, DATA_IOVA + new, Perms::RW);
+    d.tlbi_range(0, VA, PAGE_SIZE);
+    let frozen = d.data_u64(old);
+    for id in ids {
+        assert_eq!(d.wait_completion(id).status, Status::Ok);
+    }
+    assert_eq!(
+        d.data_u64(old),
+        frozen,
+        "the old page changed after TLBI_DONE"
+    );
+    assert_eq!(d.data_u64(old) + d.data_u64(new), 60, "no add was lost");
+}
+
+#[test]
+fn dropping_the_device_with_work_in_flight_returns() {
+    let mut d = TestDriver::new();
+    d.map_2m(0, VA & !(LARGE - 1), DATA_IOVA, Perms::RW);
+    d.map_2m(0, (VA & !(LARGE - 1)) + LARGE, DATA_IOVA + LARGE, Perms::RW);
+    d.submit(Command::fill(0, VA, 4 << 20, 1));
+    d.submit(Command::fill(0, VA + (8 << 20), 8, 1)); // stalls
+    drop(d);
+}
