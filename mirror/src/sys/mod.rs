@@ -3,6 +3,7 @@
 //! Each binding checks its return value and turns a failure into [`crate::Error`] with the name of
 //! the operation, so callers above this module never see a bare errno.
 
+pub mod baseline;
 pub(crate) mod fdpass;
 pub mod mapping;
 pub(crate) mod mm;
