@@ -580,17 +580,14 @@ impl Inner {
                 self.signal(fire);
             }
             FAULT_BUF_BASE => {
-                if r.fault_ctrl & fault_ctrl::ENABLE != 0 || value % PAGE_SIZE != 0 {
+                if !ring_base_ok(r.fault_ctrl & fault_ctrl::ENABLE != 0, value) {
                     return bad_value(self, st);
                 }
                 r.fault_base = value;
             }
             FAULT_BUF_ENTRIES => {
-                let max = self.cfg.fault_entries_max;
-                if r.fault_ctrl & fault_ctrl::ENABLE != 0
-                    || !v32.is_power_of_two()
-                    || !(2..=max).contains(&v32)
-                {
+                let enabled = r.fault_ctrl & fault_ctrl::ENABLE != 0;
+                if !ring_entries_ok(enabled, v32, self.cfg.fault_entries_max) {
                     return bad_value(self, st);
                 }
                 r.fault_entries = v32;
@@ -637,17 +634,14 @@ impl Inner {
                 };
             }
             CMDQ_BASE => {
-                if r.cmdq_ctrl & cmdq_ctrl::ENABLE != 0 || value % PAGE_SIZE != 0 {
+                if !ring_base_ok(r.cmdq_ctrl & cmdq_ctrl::ENABLE != 0, value) {
                     return bad_value(self, st);
                 }
                 r.cmdq_base = value;
             }
             CMDQ_ENTRIES => {
-                let max = self.cfg.cmdq_entries_max;
-                if r.cmdq_ctrl & cmdq_ctrl::ENABLE != 0
-                    || !v32.is_power_of_two()
-                    || !(2..=max).contains(&v32)
-                {
+                let enabled = r.cmdq_ctrl & cmdq_ctrl::ENABLE != 0;
+                if !ring_entries_ok(enabled, v32, self.cfg.cmdq_entries_max) {
                     return bad_value(self, st);
                 }
                 r.cmdq_entries = v32;
@@ -1199,6 +1193,15 @@ impl Inner {
             self.finish_locked(dma, st, seq, cmd.completion, irq, Status::Ok, 0);
         }
     }
+}
+
+/// Ring geometry may change only while the ring is disabled; bases are page aligned.
+fn ring_base_ok(enabled: bool, base: u64) -> bool {
+    !enabled && base % PAGE_SIZE == 0
+}
+
+fn ring_entries_ok(enabled: bool, entries: u32, max: u32) -> bool {
+    !enabled && entries.is_power_of_two() && (2..=max).contains(&entries)
 }
 
 fn ring_fits(base: u64, entries: u32, size: u64) -> bool {

@@ -210,25 +210,40 @@ impl SharedRegion {
         unsafe { AtomicU8::from_ptr(self.as_ptr().add(offset)) }
     }
 
-    /// The aligned u64 at `offset` as an atomic, if in bounds and 8-byte aligned.
-    pub fn atomic_u64(&self, offset: u64) -> Option<&AtomicU64> {
-        check_bounds(offset, 8, self.len() as u64).ok()?;
-        if offset % 8 != 0 {
-            return None;
-        }
+    /// The u64 at `offset`, checked for bounds, alignment and (for `write`) writability.
+    fn word64(&self, offset: u64, write: bool) -> Result<&AtomicU64, DmaAccessError> {
+        self.check_word(offset, 8, write)?;
         // SAFETY: in bounds and 8-byte aligned (the mapping is page aligned); the memory lives
         // as long as `&self`, and every access the crate makes to it is atomic.
-        Some(unsafe { AtomicU64::from_ptr(self.as_ptr().add(offset as usize).cast()) })
+        Ok(unsafe { AtomicU64::from_ptr(self.as_ptr().add(offset as usize).cast()) })
+    }
+
+    /// The u32 at `offset`, checked like [`SharedRegion::word64`].
+    fn word32(&self, offset: u64, write: bool) -> Result<&AtomicU32, DmaAccessError> {
+        self.check_word(offset, 4, write)?;
+        // SAFETY: as in `word64`, with 4-byte alignment.
+        Ok(unsafe { AtomicU32::from_ptr(self.as_ptr().add(offset as usize).cast()) })
+    }
+
+    fn check_word(&self, offset: u64, size: usize, write: bool) -> Result<(), DmaAccessError> {
+        if write && !self.writable {
+            return Err(DmaAccessError::ReadOnly);
+        }
+        check_bounds(offset, size, self.len() as u64)?;
+        if offset % size as u64 != 0 {
+            return Err(DmaAccessError::Misaligned(offset));
+        }
+        Ok(())
+    }
+
+    /// The aligned u64 at `offset` as an atomic, if in bounds and 8-byte aligned.
+    pub fn atomic_u64(&self, offset: u64) -> Option<&AtomicU64> {
+        self.word64(offset, false).ok()
     }
 
     /// The aligned u32 at `offset` as an atomic, if in bounds and 4-byte aligned.
     pub fn atomic_u32(&self, offset: u64) -> Option<&AtomicU32> {
-        check_bounds(offset, 4, self.len() as u64).ok()?;
-        if offset % 4 != 0 {
-            return None;
-        }
-        // SAFETY: as in `atomic_u64`, with 4-byte alignment.
-        Some(unsafe { AtomicU32::from_ptr(self.as_ptr().add(offset as usize).cast()) })
+        self.word32(offset, false).ok()
     }
 
     /// Copy bytes out with relaxed atomic loads (aligned words where possible).
@@ -277,37 +292,25 @@ impl SharedRegion {
 
     /// Read the u64 at `offset` (8-byte aligned), relaxed.
     pub fn load_u64(&self, offset: u64) -> Result<u64, DmaAccessError> {
-        self.atomic_u64(offset)
-            .map(|a| a.load(Ordering::Relaxed))
-            .ok_or(DmaAccessError::Misaligned(offset))
+        Ok(self.word64(offset, false)?.load(Ordering::Relaxed))
     }
 
     /// Write the u64 at `offset` (8-byte aligned), relaxed.
     pub fn store_u64(&self, offset: u64, value: u64) -> Result<(), DmaAccessError> {
-        if !self.writable {
-            return Err(DmaAccessError::ReadOnly);
-        }
-        self.atomic_u64(offset)
-            .map(|a| a.store(value, Ordering::Relaxed))
-            .ok_or(DmaAccessError::Misaligned(offset))
+        self.word64(offset, true)?.store(value, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Read the u32 at `offset` (4-byte aligned) with acquire ordering: after it returns a
     /// "done"/"valid" word, the record body the device wrote before it is visible.
     pub fn load_u32_acquire(&self, offset: u64) -> Result<u32, DmaAccessError> {
-        self.atomic_u32(offset)
-            .map(|a| a.load(Ordering::Acquire))
-            .ok_or(DmaAccessError::Misaligned(offset))
+        Ok(self.word32(offset, false)?.load(Ordering::Acquire))
     }
 
     /// Write the u32 at `offset` (4-byte aligned) with release ordering.
     pub fn store_u32(&self, offset: u64, value: u32) -> Result<(), DmaAccessError> {
-        if !self.writable {
-            return Err(DmaAccessError::ReadOnly);
-        }
-        self.atomic_u32(offset)
-            .map(|a| a.store(value, Ordering::Release))
-            .ok_or(DmaAccessError::Misaligned(offset))
+        self.word32(offset, true)?.store(value, Ordering::Release);
+        Ok(())
     }
 }
 
@@ -321,13 +324,9 @@ impl DmaMemory for SharedRegion {
     }
 
     fn atomic_add_u64(&self, offset: u64, value: u64) -> Result<u64, DmaAccessError> {
-        if !self.writable {
-            return Err(DmaAccessError::ReadOnly);
-        }
-        check_bounds(offset, 8, self.len() as u64)?;
-        self.atomic_u64(offset)
-            .map(|a| a.fetch_add(value, Ordering::AcqRel))
-            .ok_or(DmaAccessError::Misaligned(offset))
+        Ok(self
+            .word64(offset, true)?
+            .fetch_add(value, Ordering::AcqRel))
     }
 
     fn store_u32_release(&self, offset: u64, value: u32) -> Result<(), DmaAccessError> {
@@ -400,38 +399,44 @@ fn map_vm_errno(e: Errno) -> DmaAccessError {
     }
 }
 
+impl ProcessMemory {
+    /// Move `len` bytes in pieces: `step(done, remote)` transfers from byte `done` and returns
+    /// how many bytes moved. process_vm_* may transfer less than asked; a transfer of 0 bytes
+    /// stops at an inaccessible page, which is a fault.
+    fn transfer(
+        &self,
+        offset: u64,
+        len: usize,
+        mut step: impl FnMut(usize, RemoteIoVec) -> nix::Result<usize>,
+    ) -> Result<(), DmaAccessError> {
+        let mut done = 0usize;
+        while done < len {
+            let remote = self.remote_iov(offset + done as u64, len - done)?;
+            match step(done, remote).map_err(map_vm_errno)? {
+                0 => return Err(DmaAccessError::Fault),
+                n => done += n,
+            }
+        }
+        Ok(())
+    }
+}
+
 impl DmaMemory for ProcessMemory {
     fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DmaAccessError> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let remote = self.remote_iov(offset + done as u64, buf.len() - done)?;
-            let n = process_vm_readv(
+        let len = buf.len();
+        self.transfer(offset, len, |done, remote| {
+            process_vm_readv(
                 self.pid,
                 &mut [IoSliceMut::new(&mut buf[done..])],
                 &[remote],
             )
-            .map_err(map_vm_errno)?;
-            // A short transfer stops at the first inaccessible page: report it as a fault.
-            if n == 0 {
-                return Err(DmaAccessError::Fault);
-            }
-            done += n;
-        }
-        Ok(())
+        })
     }
 
     fn write(&self, offset: u64, buf: &[u8]) -> Result<(), DmaAccessError> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let remote = self.remote_iov(offset + done as u64, buf.len() - done)?;
-            let n = process_vm_writev(self.pid, &[IoSlice::new(&buf[done..])], &[remote])
-                .map_err(map_vm_errno)?;
-            if n == 0 {
-                return Err(DmaAccessError::Fault);
-            }
-            done += n;
-        }
-        Ok(())
+        self.transfer(offset, buf.len(), |done, remote| {
+            process_vm_writev(self.pid, &[IoSlice::new(&buf[done..])], &[remote])
+        })
     }
 
     fn atomic_add_u64(&self, offset: u64, value: u64) -> Result<u64, DmaAccessError> {

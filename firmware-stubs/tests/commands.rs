@@ -2,22 +2,11 @@
 
 mod common;
 
-use std::os::fd::AsFd;
-
 use accel_abi::pt::Perms;
 use accel_abi::regs::{self, ErrorCode};
 use accel_abi::{fnv1a_update, vector, AccessKind, Command, Status, FNV_OFFSET, PAGE_SIZE};
 use common::*;
 use firmware_stubs::AcceleratorConfig;
-use nix::sys::eventfd::{EfdFlags, EventFd};
-
-fn drain(e: &EventFd) -> u64 {
-    match e.read() {
-        Ok(n) => n,
-        Err(nix::errno::Errno::EAGAIN) => 0,
-        Err(err) => panic!("eventfd read: {err}"),
-    }
-}
 
 #[test]
 fn copy_moves_bytes_between_unaligned_ranges() {
@@ -172,12 +161,9 @@ fn length_above_cap_max_transfer_is_a_bad_command() {
 #[test]
 fn completion_interrupt_only_for_irq_commands() {
     let mut d = TestDriver::new();
-    let ev = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).expect("eventfd");
+    let (ev, fd) = irq_eventfd();
     d.dev
-        .set_irq(
-            vector::COMPLETION,
-            Some(ev.as_fd().try_clone_to_owned().expect("dup")),
-        )
+        .set_irq(vector::COMPLETION, Some(fd))
         .expect("set_irq");
     d.map_4k(0, VA, DATA_IOVA, Perms::RW);
     d.run(Command::fill(0, VA, 8, 1));

@@ -117,10 +117,7 @@ fn map_and_unmap_follow_type1v2_rules() {
 fn stale_tlb_entry_after_unmap_hits_the_iommu_not_memory() {
     let mut d = TestDriver::new();
     let victim = SharedRegion::anonymous(PAGE_SIZE as usize).expect("region");
-    d.dev
-        .dma_map(HOLE_IOVA, PAGE_SIZE, victim.clone(), DmaPerms::RW)
-        .expect("map");
-    d.map_4k(0, VA, HOLE_IOVA, Perms::RW);
+    d.map_extra(HOLE_IOVA, victim.clone(), PAGE_SIZE, DmaPerms::RW, VA);
     assert_eq!(d.run(Command::fill(0, VA, 8, 0x11)).status, Status::Ok);
     // The driver "forgets" the TLB invalidation but does unmap: the IOMMU stops the device.
     assert_eq!(d.dev.dma_unmap(HOLE_IOVA, PAGE_SIZE), Ok(PAGE_SIZE));
@@ -290,10 +287,7 @@ fn memory_space_disabled_bar_reads_all_ones_and_ignores_writes() {
 fn after_dma_unmap_returns_the_memory_is_never_touched() {
     let mut d = TestDriver::new();
     let victim = SharedRegion::anonymous(PAGE_SIZE as usize).expect("region");
-    d.dev
-        .dma_map(HOLE_IOVA, PAGE_SIZE, victim.clone(), DmaPerms::RW)
-        .expect("map");
-    d.map_4k(0, VA, HOLE_IOVA, Perms::RW);
+    d.map_extra(HOLE_IOVA, victim.clone(), PAGE_SIZE, DmaPerms::RW, VA);
     let ids: Vec<u32> = (0..60)
         .map(|_| d.submit(Command::atomic_add(0, VA, 1)))
         .collect();

@@ -3,27 +3,11 @@
 
 mod common;
 
-use std::os::fd::AsFd;
-
 use accel_abi::pt::Perms;
 use accel_abi::regs::{self, ErrorCode};
 use accel_abi::{vector, AccessKind, Command, FaultReason, Status, PAGE_SIZE};
 use common::*;
 use firmware_stubs::AcceleratorConfig;
-use nix::sys::eventfd::{EfdFlags, EventFd};
-
-fn eventfd() -> EventFd {
-    EventFd::from_flags(EfdFlags::EFD_NONBLOCK).expect("eventfd")
-}
-
-/// Read and reset an eventfd counter (0 if it was not signalled).
-fn drain(e: &EventFd) -> u64 {
-    match e.read() {
-        Ok(n) => n,
-        Err(nix::errno::Errno::EAGAIN) => 0,
-        Err(err) => panic!("eventfd read: {err}"),
-    }
-}
 
 #[test]
 fn stall_fault_replay_completes_and_keeps_progress() {
@@ -256,13 +240,8 @@ fn stalled_items_do_not_occupy_workers() {
 #[test]
 fn fault_interrupt_is_coalesced_until_cleared() {
     let mut d = TestDriver::new();
-    let ev = eventfd();
-    d.dev
-        .set_irq(
-            vector::FAULT,
-            Some(ev.as_fd().try_clone_to_owned().expect("dup")),
-        )
-        .expect("set_irq");
+    let (ev, fd) = irq_eventfd();
+    d.dev.set_irq(vector::FAULT, Some(fd)).expect("set_irq");
     d.root(0);
     let a = d.submit(Command::fill(0, VA, 8, 1));
     let b = d.submit(Command::fill(0, VA + PAGE_SIZE, 8, 1));

@@ -4,13 +4,15 @@
 //! real driver does. Test code, not the driver.
 #![allow(dead_code)]
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use accel_abi::pt::{self, Perms, Pte};
 use accel_abi::regs;
 use accel_abi::{config, Command, Completion, FaultRecord, LARGE_PAGE_SIZE, PAGE_SIZE};
-use firmware_stubs::{Accelerator, AcceleratorConfig, DmaPerms, SharedRegion};
+use firmware_stubs::{Accelerator, AcceleratorConfig, DmaMemory, DmaPerms, SharedRegion};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 
 /// IOVA of the control region.
 pub const CTRL_IOVA: u64 = 0x10_0000;
@@ -43,6 +45,22 @@ pub struct TestDriver {
     next_table: u64,
     tail: u32,
     get: u32,
+}
+
+/// A non-blocking eventfd for an interrupt vector, and a dup of it to hand to the device.
+pub fn irq_eventfd() -> (EventFd, OwnedFd) {
+    let ev = EventFd::from_flags(EfdFlags::EFD_NONBLOCK).expect("eventfd");
+    let dup = ev.as_fd().try_clone_to_owned().expect("dup");
+    (ev, dup)
+}
+
+/// Read and reset an eventfd counter (0 if it was not signalled).
+pub fn drain(e: &EventFd) -> u64 {
+    match e.read() {
+        Ok(n) => n,
+        Err(nix::errno::Errno::EAGAIN) => 0,
+        Err(err) => panic!("eventfd read: {err}"),
+    }
 }
 
 /// Poll `cond` until it holds, failing the test with `what` after [`TIMEOUT`].
@@ -204,6 +222,19 @@ impl TestDriver {
             self.map_4k(asid, va + o, DATA_IOVA + data_off + o, perms);
             o += PAGE_SIZE;
         }
+    }
+
+    /// DMA-map `mem` at `iova` and point the 4 KiB leaf of `va` (ASID 0, read-write) at it.
+    pub fn map_extra(
+        &mut self,
+        iova: u64,
+        mem: Arc<dyn DmaMemory>,
+        len: u64,
+        perms: DmaPerms,
+        va: u64,
+    ) {
+        self.dev.dma_map(iova, len, mem, perms).expect("dma_map");
+        self.map_4k(0, va, iova, Perms::RW);
     }
 
     pub fn set_entry(&mut self, asid: u16, va: u64, level: u32, raw: u64) {
