@@ -301,3 +301,27 @@ fn dropping_the_device_with_work_in_flight_returns() {
     d.submit(Command::fill(0, VA + (8 << 20), 8, 1)); // stalls
     drop(d);
 }
+
+#[test]
+fn permission_downgrade_and_root_change_need_an_invalidation() {
+    let mut d = TestDriver::new();
+    d.map_4k(0, VA, DATA_IOVA, Perms::RW);
+    assert_eq!(d.run(Command::fill(0, VA, 8, 1)).status, Status::Ok);
+    // Downgrade to read-only without invalidating: the cached RW entry still allows writes.
+    d.map_4k(0, VA, DATA_IOVA, Perms::R);
+    assert_eq!(d.run(Command::fill(0, VA, 8, 2)).status, Status::Ok);
+    d.tlbi_range(0, VA, PAGE_SIZE);
+    let id = d.submit(Command::fill(0, VA, 8, 3));
+    let f = d.wait_fault();
+    assert_eq!((f.work_id, f.reason), (id, FaultReason::Permission));
+    d.cancel(id, 0);
+    assert_eq!(d.data_read(0, 1), vec![2]);
+
+    // Clearing the root register does not flush the TLB either (a read caches the R leaf).
+    assert_eq!(d.run(Command::checksum(0, VA, 8)).status, Status::Ok);
+    d.w64(regs::asid_root(0), 0);
+    assert_eq!(d.run(Command::checksum(0, VA, 8)).status, Status::Ok);
+    d.tlbi_asid(0);
+    let c = d.run(Command::checksum(0, VA, 8));
+    assert_eq!((c.status, c.result), (Status::BadAsid, 0));
+}
