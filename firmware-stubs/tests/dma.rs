@@ -308,3 +308,31 @@ fn after_dma_unmap_returns_the_memory_is_never_touched() {
     );
     assert_eq!(frozen, ok, "every successful add landed before the unmap");
 }
+
+#[test]
+fn shared_region_from_fd_shares_pages_and_respects_read_only() {
+    use nix::sys::memfd::{memfd_create, MemFdCreateFlag};
+    let fd = memfd_create(c"mxa1-test", MemFdCreateFlag::MFD_CLOEXEC).expect("memfd");
+    nix::unistd::ftruncate(&fd, 2 * PAGE_SIZE as i64).expect("ftruncate");
+    let rw = SharedRegion::from_fd(&fd, PAGE_SIZE, PAGE_SIZE as usize, true).expect("rw map");
+    let ro = SharedRegion::from_fd(&fd, PAGE_SIZE, PAGE_SIZE as usize, false).expect("ro map");
+    rw.store_u64(8, 0xfeed).expect("store");
+    assert_eq!(ro.load_u64(8), Ok(0xfeed), "same file pages");
+    assert_eq!(
+        ro.store_u64(8, 1),
+        Err(firmware_stubs::DmaAccessError::ReadOnly)
+    );
+    assert!(matches!(
+        rw.load_u64(PAGE_SIZE),
+        Err(firmware_stubs::DmaAccessError::OutOfBounds { .. })
+    ));
+    assert_eq!(
+        rw.load_u64(4),
+        Err(firmware_stubs::DmaAccessError::Misaligned(4))
+    );
+    // Through the device: a FILL into the read-only view is refused by the backing.
+    let mut d = TestDriver::new();
+    d.map_extra(HOLE_IOVA, ro.clone(), PAGE_SIZE, DmaPerms::RW, VA);
+    assert_eq!(d.run(Command::fill(0, VA, 8, 1)).status, Status::IommuFault);
+    assert_eq!(ro.load_u64(8), Ok(0xfeed));
+}
