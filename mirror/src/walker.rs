@@ -342,7 +342,7 @@ impl Walker {
                 _ if !vma.perms.read => {
                     return Err(Error::Fault {
                         addr,
-                        reason: "the VMA is PROT_NONE",
+                        reason: "the VMA is not readable (PROT_NONE)",
                     })
                 }
                 _ if !vma.perms.allows(access) => {

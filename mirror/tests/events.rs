@@ -12,6 +12,14 @@ use mirror::{
     AddressSpace, Config, Error, EventKind, EventSource, Invalidation, Mapping, Perms, VaRange,
 };
 
+#[test]
+fn handles_are_send_and_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<AddressSpace>();
+    check::<mirror::Subscription<Vec<u64>>>();
+    check::<mirror::Walker>();
+}
+
 fn uffd_mm() -> Option<AddressSpace> {
     let mm = mm();
     if mm.capabilities().uffd.is_none() {
@@ -169,6 +177,21 @@ fn track_is_idempotent_and_refuses_foreign_registration() {
     mm.track(m.range()).unwrap();
     mm.track(m.range()).unwrap();
     mm.track(sub_range(&m, 1, 2)).unwrap();
+    // A range with a hole is never fully covered, so each call registers its VMAs again: that
+    // must stay harmless.
+    let (a, rest) = Mapping::anonymous(3 * PAGE, RW)
+        .unwrap()
+        .split_at(PAGE)
+        .unwrap();
+    let (hole, c) = rest.split_at(PAGE).unwrap();
+    drop(hole);
+    let holey = VaRange::from_bounds(a.addr(), c.range().end()).unwrap();
+    mm.track(holey).unwrap();
+    mm.track(holey).unwrap();
+    let holey_rec = recorder(&mm, holey);
+    drop(c);
+    mm.settle().unwrap();
+    assert_eq!(holey_rec.lock().len(), 1, "one UNMAP for the last page");
     // A second address space (a second uffd) cannot register the same VMA.
     let other = uffd_mm().unwrap();
     match other.track(m.range()) {

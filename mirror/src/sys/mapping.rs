@@ -39,6 +39,44 @@ impl Mapping {
         Self::map(len, prot, flags, fd, offset)
     }
 
+    /// Maps private anonymous memory at exactly `addr` with MAP_FIXED_NOREPLACE, which fails
+    /// (EEXIST) instead of replacing anything already mapped there.
+    pub fn anonymous_at(addr: u64, len: usize, prot: libc::c_int) -> Result<Self, Error> {
+        let r = VaRange::new(addr, len as u64)?;
+        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping, so no memory in use can
+        // be affected; the result is checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                r.start() as *mut libc::c_void,
+                len,
+                prot,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Error::sys_range(
+                "mmap(MAP_FIXED_NOREPLACE)",
+                r.start(),
+                r.end(),
+                Errno::last(),
+            ));
+        }
+        let m = Mapping {
+            addr: ptr as u64,
+            len: len as u64,
+            released: false,
+        };
+        if m.addr != r.start() {
+            // Kernels before 4.17 treat the flag as a hint.
+            return Err(Error::InvalidArgument {
+                what: "the kernel ignored MAP_FIXED_NOREPLACE",
+            });
+        }
+        Ok(m)
+    }
+
     /// Maps `len` bytes of anonymous memory aligned to `align` (a power of two), by over-mapping
     /// and trimming; used to get 2 MiB-aligned buffers for THP.
     pub fn anonymous_aligned(len: usize, align: usize, prot: libc::c_int) -> Result<Self, Error> {
