@@ -229,6 +229,12 @@ impl AddressSpace {
         self.walker.snapshot(range)
     }
 
+    /// [`Walker::snapshot_fast`].
+    pub fn snapshot_fast(&self, range: VaRange) -> Result<Snapshot> {
+        self.check_alive()?;
+        self.walker.snapshot_fast(range)
+    }
+
     /// [`Walker::fault`].
     pub fn fault(&self, range: VaRange, access: Access) -> Result<()> {
         self.check_alive()?;

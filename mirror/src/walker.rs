@@ -131,6 +131,8 @@ pub struct WalkerCaps {
     pub pagemap_scan: bool,
     /// pagemap shows PFNs (CAP_SYS_ADMIN); used to recognise the zero page without PAGEMAP_SCAN.
     pub pfn_visible: bool,
+    /// PAGEMAP_SCAN reports guard regions (PAGE_IS_GUARD), needed by `snapshot_fast`.
+    pub scan_guard: bool,
 }
 
 /// Walks one process's CPU mappings.
@@ -160,7 +162,8 @@ impl Walker {
         let path = format!("{pid_dir}/pagemap");
         let pagemap = File::open(&path).map_err(|e| Error::io(format!("open {path}"), e))?;
         let zero_pfn = zero_pfn();
-        let pagemap_scan = probe_pagemap_scan(&pagemap);
+        let pagemap_scan = probe_pagemap_scan(&pagemap, 0);
+        let scan_guard = pagemap_scan && probe_pagemap_scan(&pagemap, procfs::PAGE_IS_GUARD);
         if !pagemap_scan {
             tracing::warn!("PAGEMAP_SCAN unavailable: THP pages are reported as base pages");
         }
@@ -172,6 +175,7 @@ impl Walker {
                 procmap_query,
                 pagemap_scan,
                 pfn_visible: zero_pfn.is_some(),
+                scan_guard,
             },
             zero_pfn,
         })
@@ -209,9 +213,117 @@ impl Walker {
                 });
                 continue;
             }
-            self.fill_from_pagemap(&vma, clip, out, &mut entries)?;
+            let thp_candidates = self.fill_from_pagemap(&vma, clip, out, &mut entries)?;
             if vma.kind != VmaKind::Hugetlb && self.caps.pagemap_scan {
-                self.mark_thp_and_zero(clip, out)?;
+                for window in thp_candidates {
+                    let first = ((window.start() - clip.start()) / PAGE_SIZE) as usize;
+                    let slots = &mut out[first..first + window.pages()];
+                    self.mark_thp_and_zero(window, slots)?;
+                }
+            }
+        }
+        Ok(Snapshot { range, pages })
+    }
+
+    /// A cheaper snapshot from PAGEMAP_SCAN alone (one region per run of identical pages instead
+    /// of one pagemap entry per page). Same output as [`Walker::snapshot`] except that a present
+    /// page of a private writable mapping is reported [`PageState::Write`] even when it is still
+    /// copy-on-write shared (after fork), because only pagemap shows exclusivity. Meant for the
+    /// fault path right after `fault(range, Access::Write)`, which breaks such sharing. Fails with
+    /// [`Error::Unsupported`] without PAGEMAP_SCAN (and guard-region reporting, kernel 6.14+).
+    pub fn snapshot_fast(&self, range: VaRange) -> Result<Snapshot> {
+        if !self.caps.scan_guard {
+            return Err(Error::Unsupported {
+                what: "snapshot_fast",
+                why:
+                    "PAGEMAP_SCAN with PAGE_IS_GUARD is unavailable on this kernel; use snapshot()"
+                        .into(),
+            });
+        }
+        let mut pages = vec![NO_VMA; range.pages()];
+        let mut regions = vec![procfs::PageRegion::default(); 512];
+        for vma in self.vmas.vmas(range)? {
+            let Some(clip) = vma.range.intersect(&range) else {
+                continue;
+            };
+            let first = ((clip.start() - range.start()) / PAGE_SIZE) as usize;
+            let out = &mut pages[first..first + clip.pages()];
+            let blocked = match vma.kind {
+                VmaKind::Special => Some(PageError::Special),
+                _ if !vma.perms.read => Some(PageError::NoAccess),
+                _ => None,
+            };
+            if let Some(err) = blocked {
+                out.fill(PageInfo {
+                    state: PageState::Error(err),
+                    size: PageSize::Base,
+                });
+                continue;
+            }
+            let base_size = if vma.kind == VmaKind::Hugetlb {
+                PageSize::Hugetlb {
+                    shift: vma.page_size.trailing_zeros() as u8,
+                }
+            } else {
+                PageSize::Base
+            };
+            // Pages the walk does not report (none inside a VMA it accepts) stay "none".
+            out.fill(PageInfo {
+                state: PageState::None,
+                size: base_size,
+            });
+            // PAGE_IS_FILE costs a struct-page lookup per PTE; only a private writable file
+            // mapping needs it (to tell page-cache pages, which are copy-on-write, from copies).
+            let file_mask = if vma.kind == VmaKind::File && vma.perms.write && !vma.shared {
+                procfs::PAGE_IS_FILE
+            } else {
+                0
+            };
+            let mut start = clip.start();
+            while start < clip.end() {
+                let req = procfs::ScanRequest {
+                    start,
+                    end: clip.end(),
+                    category_anyof_mask: procfs::PAGE_IS_PRESENT | procfs::PAGE_IS_GUARD,
+                    return_mask: procfs::PAGE_IS_PRESENT
+                        | procfs::PAGE_IS_PFNZERO
+                        | procfs::PAGE_IS_HUGE
+                        | file_mask
+                        | procfs::PAGE_IS_GUARD,
+                };
+                let (n, walk_end) = procfs::pagemap_scan(self.pagemap.as_fd(), &req, &mut regions)
+                    .map_err(|e| self.proc_err("PAGEMAP_SCAN", clip, e))?;
+                for r in &regions[..n] {
+                    let c = r.categories;
+                    let info = if c & procfs::PAGE_IS_PRESENT != 0 {
+                        let state = if c & procfs::PAGE_IS_PFNZERO != 0 {
+                            PageState::Zero
+                        } else if vma.perms.write && (vma.shared || c & procfs::PAGE_IS_FILE == 0) {
+                            PageState::Write
+                        } else {
+                            PageState::Read
+                        };
+                        let size = if c & procfs::PAGE_IS_HUGE != 0 && vma.kind != VmaKind::Hugetlb
+                        {
+                            PageSize::Thp
+                        } else {
+                            base_size
+                        };
+                        PageInfo { state, size }
+                    } else {
+                        PageInfo {
+                            state: PageState::Error(PageError::Guard),
+                            size: PageSize::Base,
+                        }
+                    };
+                    let a = ((r.start.max(clip.start()) - clip.start()) / PAGE_SIZE) as usize;
+                    let b = ((r.end.min(clip.end()) - clip.start()) / PAGE_SIZE) as usize;
+                    out[a..b].fill(info);
+                }
+                if n < regions.len() || walk_end <= start {
+                    break;
+                }
+                start = walk_end;
             }
         }
         Ok(Snapshot { range, pages })
@@ -223,7 +335,7 @@ impl Walker {
         clip: VaRange,
         out: &mut [PageInfo],
         entries: &mut Vec<u64>,
-    ) -> Result<()> {
+    ) -> Result<Vec<VaRange>> {
         let size = if vma.kind == VmaKind::Hugetlb {
             PageSize::Hugetlb {
                 shift: vma.page_size.trailing_zeros() as u8,
@@ -233,6 +345,7 @@ impl Walker {
         };
         let writable = vma.perms.write;
         let zero_pfn = self.zero_pfn.unwrap_or(u64::MAX);
+        let mut thp_windows = ThpWindows::new(clip, self.zero_pfn.is_none());
         let mut done = 0usize;
         while done < out.len() {
             let n = (out.len() - done).min(CHUNK_PAGES);
@@ -240,7 +353,12 @@ impl Walker {
             let vpn = clip.start() / PAGE_SIZE + done as u64;
             let got = procfs::pagemap_read(self.pagemap.as_fd(), vpn, entries)
                 .map_err(|e| self.proc_err("pread pagemap", clip, e))?;
-            for (slot, &e) in out[done..done + got].iter_mut().zip(entries.iter()) {
+            for (k, (slot, &e)) in out[done..done + got]
+                .iter_mut()
+                .zip(entries.iter())
+                .enumerate()
+            {
+                thp_windows.observe(vpn + k as u64, e);
                 let state = if e & PM_PRESENT != 0 {
                     if e & PM_PFN_MASK == zero_pfn {
                         PageState::Zero
@@ -265,7 +383,7 @@ impl Walker {
             }
             done += n;
         }
-        Ok(())
+        Ok(thp_windows.finish())
     }
 
     /// Marks PMD-mapped THP pages (and the zero page when PFNs are hidden) from PAGEMAP_SCAN.
@@ -442,13 +560,73 @@ impl Walker {
     }
 }
 
-fn probe_pagemap_scan(pagemap: &File) -> bool {
+/// Finds the 2 MiB windows of a clip that may hold a PMD-mapped THP, so PAGEMAP_SCAN (which costs
+/// a page-table walk) only runs there. A PMD-mapped folio is naturally aligned, so each of its
+/// pages has `pfn % 512 == vpn % 512`; ordinary 4 KiB pages match that by chance once in 512.
+/// Without visible PFNs every window is a candidate.
+struct ThpWindows {
+    clip: VaRange,
+    all: bool,
+    current: Option<u64>,
+    decided: bool,
+    found: Vec<VaRange>,
+}
+
+const PMD_PAGES: u64 = 512;
+
+impl ThpWindows {
+    fn new(clip: VaRange, all: bool) -> Self {
+        ThpWindows {
+            clip,
+            all,
+            current: None,
+            decided: false,
+            found: Vec::new(),
+        }
+    }
+
+    fn observe(&mut self, vpn: u64, entry: u64) {
+        if self.all {
+            return;
+        }
+        let window = vpn / PMD_PAGES;
+        if self.current != Some(window) {
+            self.current = Some(window);
+            self.decided = false;
+        }
+        if self.decided || entry & PM_PRESENT == 0 {
+            return;
+        }
+        // The first present page of the window decides.
+        self.decided = true;
+        if (entry & PM_PFN_MASK) % PMD_PAGES == vpn % PMD_PAGES {
+            let start = (window * PMD_PAGES * PAGE_SIZE).max(self.clip.start());
+            let end = ((window + 1) * PMD_PAGES * PAGE_SIZE).min(self.clip.end());
+            match self.found.last_mut() {
+                Some(last) if last.end() == start => {
+                    *last = VaRange::from_bounds(last.start(), end).expect("grows");
+                }
+                _ => self.found.extend(VaRange::from_bounds(start, end).ok()),
+            }
+        }
+    }
+
+    fn finish(self) -> Vec<VaRange> {
+        if self.all {
+            vec![self.clip]
+        } else {
+            self.found
+        }
+    }
+}
+
+fn probe_pagemap_scan(pagemap: &File, extra_category: u64) -> bool {
     let mut regions = [procfs::PageRegion::default(); 1];
     let req = procfs::ScanRequest {
         start: 0,
         end: PAGE_SIZE,
         category_anyof_mask: procfs::PAGE_IS_PRESENT,
-        return_mask: procfs::PAGE_IS_PRESENT,
+        return_mask: procfs::PAGE_IS_PRESENT | extra_category,
     };
     procfs::pagemap_scan(pagemap.as_fd(), &req, &mut regions).is_ok()
 }

@@ -318,3 +318,58 @@ fn snapshot_runs_group_pages() {
     );
     assert!(snap.page_at(m.addr() + 4 * PAGE as u64).is_none());
 }
+
+#[test]
+fn snapshot_fast_agrees_with_snapshot() {
+    let mm = explicit_mm();
+    if !mm.capabilities().walker.scan_guard {
+        assert!(matches!(
+            mm.snapshot_fast(VaRange::new(0x1000, 0x1000).unwrap()),
+            Err(Error::Unsupported { .. })
+        ));
+        println!("SKIP snapshot_fast comparison: no PAGEMAP_SCAN guard reporting");
+        return;
+    }
+    let anon = Mapping::anonymous(6 * PAGE, RW).unwrap();
+    let _ = anon.read_byte(PAGE);
+    anon.write_byte(2 * PAGE, 1);
+    anon.write_byte(3 * PAGE, 1);
+    anon.protect(3 * PAGE, PAGE, libc::PROT_READ).unwrap();
+    anon.protect(4 * PAGE, PAGE, libc::PROT_NONE).unwrap();
+    const MADV_GUARD_INSTALL: libc::c_int = 102;
+    // SAFETY: page 5 is not referenced.
+    unsafe { mm.madvise(sub_range(&anon, 5, 1), MADV_GUARD_INSTALL) }.unwrap();
+    let f = regular_file(2 * PAGE, 3);
+    let private_file = map_fd(f.as_fd(), 2 * PAGE, RW, libc::MAP_PRIVATE);
+    let _ = private_file.read_byte(0);
+    private_file.write_byte(PAGE, 1);
+    let fd = memfd(2 * PAGE);
+    let shm = map_fd(fd.as_fd(), 2 * PAGE, RW, libc::MAP_SHARED);
+    shm.write_byte(0, 1);
+    let two_mb = 2 << 20;
+    let thp = Mapping::anonymous_aligned(two_mb, two_mb, RW).unwrap();
+    // SAFETY: harmless advice.
+    unsafe { mm.madvise(thp.range(), libc::MADV_HUGEPAGE) }.unwrap();
+    mm.fault(thp.range(), Access::Write).unwrap();
+    for (name, r) in [
+        ("anon", anon.range()),
+        ("private file", private_file.range()),
+        ("memfd", shm.range()),
+        ("thp", thp.range()),
+    ] {
+        let precise = mm.snapshot(r).unwrap();
+        let fast = mm.snapshot_fast(r).unwrap();
+        assert_eq!(precise.pages(), fast.pages(), "{name}");
+    }
+    assert_eq!(
+        states(&mm, anon.range()),
+        vec![
+            PageState::None,
+            PageState::Zero,
+            PageState::Write,
+            PageState::Read,
+            PageState::Error(PageError::NoAccess),
+            PageState::Error(PageError::Guard)
+        ]
+    );
+}

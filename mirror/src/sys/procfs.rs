@@ -38,6 +38,8 @@ const _: () = assert!(std::mem::size_of::<PmScanArg>() == 96);
 pub(crate) const PAGE_IS_PRESENT: u64 = 1 << 3;
 pub(crate) const PAGE_IS_PFNZERO: u64 = 1 << 5;
 pub(crate) const PAGE_IS_HUGE: u64 = 1 << 6;
+pub(crate) const PAGE_IS_FILE: u64 = 1 << 2;
+pub(crate) const PAGE_IS_GUARD: u64 = 1 << 8;
 
 const PAGEMAP_SCAN: libc::c_ulong = iowr(b'f', 16, std::mem::size_of::<PmScanArg>());
 
