@@ -1,9 +1,18 @@
 //! `mirrorctl`: the command-line front end.
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
 use clap::{Parser, Subcommand};
+use driver::fault::ServiceMode;
+use driver::runtime::{DeviceSpec, Op, Runtime, RuntimeOptions};
+use driver::{Context, Error};
+use mirror::{Mapping, VaRange};
 
 #[derive(Parser)]
 #[command(
     name = "mirrorctl",
+    version,
     about = "Userspace HMM mirror driver for the MXA-1 accelerator"
 )]
 struct Cli {
@@ -13,19 +22,233 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Mirror this process into the embedded emulated accelerator and run a workload.
-    Demo,
+    /// Mirror this process into the embedded emulated accelerator and run a workload over
+    /// malloc'd and mmap'd memory that the device faults in; then unmap part of it and show the
+    /// device entries gone.
+    Demo {
+        /// Busy-poll the fault buffer instead of waiting for interrupts.
+        #[arg(long)]
+        polling: bool,
+        /// Size of each buffer in MiB.
+        #[arg(long, default_value_t = 8)]
+        mib: usize,
+    },
+    /// List PCI devices bound to vfio-pci and their IOMMU groups.
+    Devices,
 }
 
-fn main() -> std::process::ExitCode {
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
-    match cli.command {
-        Command::Demo => {
-            eprintln!(
-                "mirrorctl demo: not implemented yet: the driver (issue 4) has not landed; \
-                 the emulated device can be explored with `cargo run -p examples --example emulator_tour`"
-            );
-            std::process::ExitCode::from(2)
+    let result = match cli.command {
+        Command::Demo { polling, mib } => demo(polling, mib),
+        Command::Devices => devices(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mirrorctl: {e}");
+            ExitCode::FAILURE
         }
     }
+}
+
+fn devices() -> Result<(), Error> {
+    let found = driver::backend::vfio::list_vfio_devices().map_err(|e| Error::Os {
+        what: "reading /sys/bus/pci/drivers/vfio-pci",
+        source: e,
+    })?;
+    if found.is_empty() {
+        println!(
+            "No PCI device is bound to vfio-pci on this machine{}.\n\
+             To use one: load vfio-pci, then `echo vfio-pci > /sys/bus/pci/devices/ADDR/driver_override` \
+             and `echo ADDR > /sys/bus/pci/drivers_probe`.\n\
+             The embedded emulator needs none of this: `mirrorctl demo`.",
+            if std::path::Path::new("/dev/vfio").exists() { "" } else { " (and there is no /dev/vfio)" }
+        );
+        return Ok(());
+    }
+    println!("{:<14} {:<11} {}", "address", "id", "iommu group");
+    for d in found {
+        let group = d.iommu_group.map_or("none".to_string(), |g| g.to_string());
+        println!("{:<14} {:04x}:{:04x}  {group}", d.address, d.id.0, d.id.1);
+    }
+    Ok(())
+}
+
+fn step(title: &str) {
+    println!("\n== {title}");
+}
+
+fn demo(polling: bool, mib: usize) -> Result<(), Error> {
+    let mode = if polling {
+        ServiceMode::Polling
+    } else {
+        ServiceMode::Interrupt
+    };
+    let options = RuntimeOptions {
+        mode,
+        ..Default::default()
+    };
+    let rt = Runtime::open(DeviceSpec::emulated(), options)?;
+    let caps = rt.device().caps();
+    step("device");
+    println!(
+        "MXA-1 (emulated, in this process): {} address spaces, {}-level page table over {} bits, \
+         {} fault-buffer entries max; fault service: {mode:?}",
+        caps.asids, caps.pt_levels, caps.va_bits, caps.fault_entries
+    );
+    let ctx = rt.create_context()?;
+    println!(
+        "context mirrors this process into device address space {}",
+        ctx.asid()
+    );
+
+    let len = mib << 20;
+    step(&format!(
+        "device FILL over {mib} MiB of plain malloc'd memory (never touched by the CPU)"
+    ));
+    let mut heap = vec![0u8; len];
+    let t = Instant::now();
+    ctx.fill(&mut heap, 0x5a5a_5a5a_5a5a_5a5a)?;
+    let ok = heap.iter().all(|b| *b == 0x5a);
+    println!(
+        "{:.1} ms, CPU sees the device's bytes: {ok}",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    show(&ctx);
+
+    step(&format!(
+        "device COPY malloc -> {mib} MiB of mmap'd memory (2 MiB aligned, THP advised)"
+    ));
+    let map = Mapping::anonymous_aligned(len, 2 << 20, libc::PROT_READ | libc::PROT_WRITE)
+        .map_err(Error::Mirror)?;
+    // SAFETY: advice on a mapping we own.
+    unsafe { libc::madvise(map.as_ptr().cast(), len, libc::MADV_HUGEPAGE) };
+    for (i, b) in heap.iter_mut().enumerate() {
+        *b = (i % 251) as u8;
+    }
+    let t = Instant::now();
+    // SAFETY: `map` is reached only through raw pointers, `heap` is borrowed for the whole
+    // submit-to-wait window.
+    let ticket = unsafe {
+        ctx.submit(Op::Copy {
+            dst: map.addr(),
+            src: heap.as_ptr() as u64,
+            len: len as u64,
+        })?
+    };
+    ctx.wait(ticket)?;
+    let same = (0..len)
+        .step_by(4093)
+        .all(|i| map.read_byte(i) == (i % 251) as u8);
+    println!(
+        "{:.1} ms, copy verified by the CPU: {same}",
+        t.elapsed().as_secs_f64() * 1e3
+    );
+    let dev_sum = ctx.checksum(&heap)?;
+    let cpu_sum = accel_abi::fnv1a_update(accel_abi::FNV_OFFSET, &heap);
+    println!(
+        "device checksum {dev_sum:#018x} == CPU checksum {cpu_sum:#018x}: {}",
+        dev_sum == cpu_sum
+    );
+    show(&ctx);
+
+    step("1000 device atomic adds on a counter on the stack");
+    let counter = AtomicU64::new(0);
+    for _ in 0..1000 {
+        ctx.atomic_add(&counter, 3)?;
+    }
+    println!(
+        "counter = {} (expected 3000)",
+        counter.load(Ordering::SeqCst)
+    );
+
+    step("munmap the second half of the mmap'd buffer through the mirror (strict coherence)");
+    let half = (len / 2) as u64;
+    let range = map.forget();
+    let tail = VaRange::new(range.start() + half, half).map_err(Error::Mirror)?;
+    let probe = tail.start() + 4096;
+    println!(
+        "before: device entry for {probe:#x}: {:?}",
+        ctx.device_translation(probe).map(|t| t.size)
+    );
+    let fences = ctx.stats().tlb_fences;
+    // SAFETY: the tail belongs to the forgotten mapping and nothing refers into it.
+    unsafe { ctx.address_space().munmap(tail).map_err(Error::Mirror)? };
+    println!(
+        "after:  device entry for {probe:#x}: {:?} (TLB fences issued: {})",
+        ctx.device_translation(probe).map(|t| t.size),
+        ctx.stats().tlb_fences - fences
+    );
+    // SAFETY: the address is unmapped; the device must fail cleanly, touching nothing.
+    let ticket = unsafe {
+        ctx.submit(Op::Fill {
+            dst: probe,
+            len: 8,
+            pattern: 1,
+        })?
+    };
+    match ctx.wait(ticket) {
+        Err(e) => println!("device write to the unmapped page: {e}"),
+        Ok(_) => println!("device write to the unmapped page unexpectedly succeeded"),
+    }
+    println!(
+        "the head is still mirrored: device entry for {:#x}: {:?}",
+        range.start(),
+        ctx.device_translation(range.start()).map(|t| t.size)
+    );
+
+    step("munmap the head with a plain munmap(2): only the userfaultfd UNMAP event reports it");
+    let head = range.start();
+    // SAFETY: the head belongs to the forgotten mapping and nothing refers into it.
+    unsafe { libc::munmap(head as *mut libc::c_void, half as usize) };
+    let settled = ctx.address_space().settle();
+    println!(
+        "after settle ({}): device entry for {head:#x}: {:?}",
+        if settled.is_ok() {
+            "events handled"
+        } else {
+            "no userfaultfd"
+        },
+        ctx.device_translation(head).map(|t| t.size)
+    );
+    show(&ctx);
+    let s = rt.service().stats();
+    step("fault service");
+    println!(
+        "records {}, batches {}, pages serviced {}, replays {}, cancels {}, overflows {}",
+        s.records.load(Ordering::Relaxed),
+        s.batches.load(Ordering::Relaxed),
+        s.pages_serviced.load(Ordering::Relaxed),
+        s.replays.load(Ordering::Relaxed),
+        s.cancels.load(Ordering::Relaxed),
+        s.overflows.load(Ordering::Relaxed),
+    );
+    let m = ctx.address_space().stats();
+    println!("mirror: {m:?}");
+    Ok(())
+}
+
+fn show(ctx: &Context) {
+    let s = ctx.stats();
+    println!(
+        "  faults {} | DMA mappings {} ({} KiB mapped, {} KiB pinned) | device leaves 4K {} / 2M {} | \
+         table pages {} | invalidations {} | TLB fences {} | retries {}",
+        s.faults,
+        s.mappings,
+        s.mapped_bytes >> 10,
+        s.pinned_bytes >> 10,
+        s.small_leaves,
+        s.large_leaves,
+        s.table_pages,
+        s.invalidations,
+        s.tlb_fences,
+        s.retries
+    );
 }

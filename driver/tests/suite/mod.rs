@@ -288,9 +288,42 @@ pub fn collision_between_walk_and_install_retries(rt: Arc<Runtime>) {
     assert_eq!(ctx.stats().runs, 1, "exactly one install survived");
 }
 
+pub fn exact(rt: &Arc<Runtime>) -> Context {
+    let options = driver::context::ContextOptions {
+        fault_around: 0,
+        ..Default::default()
+    };
+    rt.create_context_with(options).unwrap()
+}
+
+pub fn fault_around_stays_inside_the_vma(rt: Arc<Runtime>) {
+    let ctx = fresh(&rt);
+    let block = 64 << 10;
+    let m = Mapping::anonymous_aligned(2 * block, block, RW).unwrap();
+    // Two VMAs: [0, 32K) read-write, [32K, 128K) read-only.
+    m.protect(block / 2, m.len() - block / 2, libc::PROT_READ)
+        .unwrap();
+    let page = m.addr() + (block / 2 - PAGE) as u64;
+    device_checksum(&ctx, page, 8).unwrap();
+    assert!(
+        ctx.device_translation(m.addr()).is_some(),
+        "the neighbour in the same VMA was faulted around"
+    );
+    assert!(
+        ctx.device_translation(m.addr() + (block / 2) as u64)
+            .is_none(),
+        "fault-around must not reach into the next VMA"
+    );
+    // Without fault-around only the faulting page is mapped.
+    let exact = exact(&rt);
+    device_checksum(&exact, page, 8).unwrap();
+    assert!(exact.device_translation(page).is_some());
+    assert!(exact.device_translation(m.addr()).is_none());
+}
+
 pub fn several_contexts_on_one_device(rt: Arc<Runtime>) {
-    let a = fresh(&rt);
-    let b = fresh(&rt);
+    let a = exact(&rt);
+    let b = exact(&rt);
     assert_ne!(a.asid(), b.asid());
     let m = Mapping::anonymous(4 * PAGE, RW).unwrap();
     device_fill(&a, m.addr(), 2 * PAGE as u64, 0x1111_1111_1111_1111).unwrap();
@@ -358,6 +391,7 @@ macro_rules! backend_suite {
             permission_errors,
             collision_between_walk_and_install_retries,
             several_contexts_on_one_device,
+            fault_around_stays_inside_the_vma,
             dropping_a_context_releases_everything
         );
     };
