@@ -73,7 +73,7 @@ fn devices() -> Result<(), Error> {
         );
         return Ok(());
     }
-    println!("{:<14} {:<11} {}", "address", "id", "iommu group");
+    println!("{:<14} {:<11} iommu group", "address", "id");
     for d in found {
         let group = d.iommu_group.map_or("none".to_string(), |g| g.to_string());
         println!("{:<14} {:04x}:{:04x}  {group}", d.address, d.id.0, d.id.1);
