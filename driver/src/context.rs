@@ -15,7 +15,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use accel_abi::pt::Perms as PtePerms;
 use accel_abi::{LARGE_PAGE_SIZE, PAGE_SIZE};
 use mirror::{
     Access, AddressSpace, EventKind, Invalidation, PageSize as CpuPageSize, PageState,
@@ -23,9 +22,10 @@ use mirror::{
 };
 
 use crate::backend::{DmaAccess, DmaSource};
-use crate::device::Device;
+use crate::dma::DmaSpace;
 use crate::fault::{CancelReason, FaultHandler, PageFault};
-use crate::pagetable::{PageSize, PageTable, TableMemory, Translation};
+use crate::pagetable::Translation;
+use crate::view::DeviceView;
 use crate::Error;
 
 /// Tunables of a context.
@@ -105,12 +105,11 @@ struct UserMapping {
 
 /// The subscriber state: everything the invalidate callback and the install step touch.
 pub(crate) struct MirrorState {
-    device: Arc<Device>,
-    asid: u16,
-    pt: Option<PageTable>,
+    dma: Arc<DmaSpace>,
+    view: Box<dyn DeviceView>,
+    label: u16,
     mappings: BTreeMap<u64, UserMapping>,
     counters: Arc<ContextCounters>,
-    fence_timeout: Duration,
     released: bool,
 }
 
@@ -128,8 +127,8 @@ impl MirrorState {
         out
     }
 
-    /// Tear down the device's view of `range`: PTEs of every mapping touching it, one fence,
-    /// then the DMA mappings. Returns the mappings removed.
+    /// Tear down the device's view of `range`: the translations of every mapping touching it,
+    /// one fence, then the DMA mappings (unpin). Returns the mappings removed.
     fn tear_down(&mut self, range: Range<u64>) -> usize {
         let victims = self.overlapping(range.clone());
         let mut span = range.clone();
@@ -137,54 +136,31 @@ impl MirrorState {
             span.start = span.start.min(m.va);
             span.end = span.end.max(m.va + m.len);
         }
-        let cleared = match &mut self.pt {
-            Some(pt) => {
-                let memory = self.device.memory.lock().unwrap_or_else(|p| p.into_inner());
-                pt.unmap(&memory.tables, span.clone())
-            }
-            None => Default::default(),
-        };
-        if cleared.needs_fence() || !victims.is_empty() {
-            let fence_span = match cleared.span {
-                Some(c) => c.start.min(span.start)..c.end.max(span.end),
-                None => span.clone(),
-            };
+        if let Some(cached) = self.view.remove(span.clone()) {
+            let fence_span = cached.start.min(span.start)..cached.end.max(span.end);
             self.counters.tlb_fences.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) =
-                self.device
-                    .tlb_invalidate(self.asid, Some(fence_span), self.fence_timeout)
-            {
+            if let Err(e) = self.view.fence(fence_span) {
                 // Unmapping anyway is the safe side: the IOMMU then blocks whatever the device
                 // still caches, instead of letting it reach memory that is about to be reused.
                 self.counters.fence_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, asid = self.asid, "TLB fence failed; unmapping DMA anyway");
+                tracing::error!(error = %e, asid = self.label, "device fence failed; unmapping DMA anyway");
             }
         }
         for m in &victims {
             self.mappings.remove(&m.va);
-            self.unmap_dma(m);
+            if let Err(e) = self.dma.unmap(m.iova, m.len) {
+                tracing::error!(error = %e, iova = m.iova, len = m.len, "DMA unmap failed");
+            }
+            self.counters
+                .mapped_bytes
+                .fetch_sub(m.len, Ordering::Relaxed);
         }
         victims.len()
     }
 
-    fn unmap_dma(&self, m: &UserMapping) {
-        if let Err(e) = self.device.backend().dma_unmap(m.iova, m.len) {
-            tracing::error!(error = %e, iova = m.iova, len = m.len, "DMA unmap failed");
-        }
-        self.device
-            .memory
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iova
-            .free(m.iova);
-        self.counters
-            .mapped_bytes
-            .fetch_sub(m.len, Ordering::Relaxed);
-    }
-
     fn on_invalidate(&mut self, inv: &Invalidation) {
         self.counters.invalidations.fetch_add(1, Ordering::Relaxed);
-        let span = tracing::debug_span!("invalidate", asid = self.asid, range = ?inv.range, kind = ?inv.kind);
+        let span = tracing::debug_span!("invalidate", asid = self.label, range = ?inv.range, kind = ?inv.kind);
         let _enter = span.enter();
         match inv.kind {
             // Fork changes nothing the device sees: pinned pages stay with the parent (the
@@ -204,7 +180,7 @@ impl MirrorState {
 
 /// A walk's result: a DMA mapping not yet installed. Dropping it undoes the mapping (a retry).
 struct Walked {
-    device: Arc<Device>,
+    dma: Arc<DmaSpace>,
     mapping: Option<UserMapping>,
     large: bool,
 }
@@ -212,27 +188,25 @@ struct Walked {
 impl Drop for Walked {
     fn drop(&mut self) {
         if let Some(m) = self.mapping.take() {
-            if let Err(e) = self.device.backend().dma_unmap(m.iova, m.len) {
+            if let Err(e) = self.dma.unmap(m.iova, m.len) {
                 tracing::error!(error = %e, "undoing a DMA mapping after a collision failed");
             }
-            self.device
-                .memory
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iova
-                .free(m.iova);
         }
     }
 }
 
-/// The part of a context the fault service holds (weakly).
-pub(crate) struct ContextCore {
-    pub(crate) device: Arc<Device>,
+/// A process address space mirrored into one device view: the subscription, the DMA
+/// mappings and the fault path. The runtime's [`crate::Context`] wraps one for MXA-1; a device
+/// without page faults uses one directly with an [`crate::view::IommuView`] and
+/// [`ContextCore::map_for_device`] on submit.
+pub struct ContextCore {
+    pub(crate) dma: Arc<DmaSpace>,
     pub(crate) asid: u16,
     pub(crate) mm: Arc<AddressSpace>,
     pub(crate) sub: Subscription<MirrorState>,
     pub(crate) counters: Arc<ContextCounters>,
     options: ContextOptions,
+    needs_identity: bool,
     /// Serializes fault servicing of this context (the service thread is single, but
     /// explicit prefaults from API threads may run at the same time).
     service_lock: Mutex<()>,
@@ -262,30 +236,22 @@ impl From<mirror::Error> for WalkError {
 }
 
 impl ContextCore {
-    pub(crate) fn new(
-        device: Arc<Device>,
-        asid: u16,
+    /// Mirror `mm` into `view` over `dma`. `label` names the device address space in logs.
+    pub fn new(
+        dma: Arc<DmaSpace>,
+        label: u16,
         mm: Arc<AddressSpace>,
+        view: Box<dyn DeviceView>,
         options: ContextOptions,
     ) -> Result<ContextCore, Error> {
         let counters = Arc::new(ContextCounters::default());
-        let pt = {
-            let mut memory = device.memory.lock().unwrap_or_else(|p| p.into_inner());
-            let crate::device::Memory { iova, tables } = &mut *memory;
-            PageTable::new(&mut TableMemory {
-                pool: tables,
-                backend: device.backend(),
-                iova,
-            })?
-        };
-        device.set_asid_root(asid, Some(pt.root_iova()))?;
+        let needs_identity = view.needs_identity();
         let state = MirrorState {
-            device: device.clone(),
-            asid,
-            pt: Some(pt),
+            dma: dma.clone(),
+            view,
+            label,
             mappings: BTreeMap::new(),
             counters: counters.clone(),
-            fence_timeout: options.fence_timeout,
             released: false,
         };
         let sub = mm
@@ -296,31 +262,38 @@ impl ContextCore {
             )
             .map_err(Error::Mirror)?;
         Ok(ContextCore {
-            device,
-            asid,
+            dma,
+            asid: label,
             mm,
             sub,
             counters,
             options,
+            needs_identity,
             service_lock: Mutex::new(()),
         })
     }
 
     /// The device's current translation of `va` (introspection for tests and the demo).
-    pub(crate) fn translate(&self, va: u64) -> Option<Translation> {
-        let state = self.sub.lock();
-        let pt = state.pt.as_ref()?;
-        let memory = self.device.memory.lock().unwrap_or_else(|p| p.into_inner());
-        pt.translate(&memory.tables, va)
+    pub fn translate(&self, va: u64) -> Option<Translation> {
+        self.sub.lock().view.lookup(va)
     }
 
     /// (mappings, mapped bytes, small leaves, large leaves, table pages).
-    pub(crate) fn footprint(&self) -> (usize, u64, u64, u64, usize) {
+    pub fn footprint(&self) -> (usize, u64, u64, u64, usize) {
         let state = self.sub.lock();
-        let (small, large) = state.pt.as_ref().map_or((0, 0), |pt| pt.leaf_counts());
-        let tables = state.pt.as_ref().map_or(0, |pt| pt.table_pages());
+        let (small, large, tables) = state.view.footprint();
         let bytes = state.mappings.values().map(|m| m.len).sum();
         (state.mappings.len(), bytes, small, large, tables)
+    }
+
+    /// The mirrored address space.
+    pub fn address_space(&self) -> &Arc<AddressSpace> {
+        &self.mm
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> &ContextCounters {
+        &self.counters
     }
 
     /// Service one run of pages `[start, end)` needing `write` (or not).
@@ -451,37 +424,30 @@ impl ContextCore {
     ) -> Result<Walked, WalkError> {
         let len = map_range.len();
         let align = if large { LARGE_PAGE_SIZE } else { PAGE_SIZE };
-        let iova = {
-            let mut memory = self.device.memory.lock().unwrap_or_else(|p| p.into_inner());
-            memory
-                .iova
-                .alloc(Some(map_range.start()), len, align)
-                .map_err(|_| WalkError::Cancel(CancelReason::DmaMap))?
-        };
         let dma_access = if access == Access::Write {
             DmaAccess::READ_WRITE
         } else {
             DmaAccess::READ_ONLY
         };
-        if let Err(e) = self.device.backend().dma_map(
-            iova,
-            len,
-            DmaSource::ProcessVa {
-                va: map_range.start(),
-            },
-            dma_access,
-        ) {
-            self.device
-                .memory
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iova
-                .free(iova);
-            tracing::warn!(error = %e, range = ?map_range, "DMA map failed");
-            return Err(WalkError::Cancel(CancelReason::DmaMap));
-        }
+        let source = DmaSource::ProcessVa {
+            va: map_range.start(),
+        };
+        let iova = self
+            .dma
+            .map(
+                Some(map_range.start()),
+                self.needs_identity,
+                len,
+                align,
+                source,
+                dma_access,
+            )
+            .map_err(|e| {
+                tracing::warn!(error = %e, range = ?map_range, "DMA map failed");
+                WalkError::Cancel(CancelReason::DmaMap)
+            })?;
         Ok(Walked {
-            device: self.device.clone(),
+            dma: self.dma.clone(),
             mapping: Some(UserMapping {
                 va: map_range.start(),
                 len,
@@ -513,44 +479,11 @@ impl ContextCore {
         // Whatever the device had for this range (a read-only mapping being upgraded, a stale
         // record serviced twice) goes first, fenced, before the new leaves are written.
         state.tear_down(m.va..m.va + m.len);
-        let perms = if m.writable {
-            PtePerms::RW
-        } else {
-            PtePerms::R
-        };
-        let result = {
-            let mut memory = state
-                .device
-                .memory
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            let crate::device::Memory { iova, tables } = &mut *memory;
-            let mut mem = TableMemory {
-                pool: tables,
-                backend: state.device.backend(),
-                iova,
-            };
-            let pt = state.pt.as_mut().ok_or(CancelReason::NoContext)?;
-            if walked.large {
-                pt.map(&mut mem, m.va, PageSize::Large, m.iova, perms)
-                    .map(|_| 1)
-            } else {
-                let mut n = 0;
-                let mut r = Ok(0);
-                for off in (0..m.len).step_by(PAGE_SIZE as usize) {
-                    if let Err(e) =
-                        pt.map(&mut mem, m.va + off, PageSize::Small, m.iova + off, perms)
-                    {
-                        r = Err(e);
-                        break;
-                    }
-                    n += 1;
-                }
-                r.map(|_: u64| n)
-            }
-        };
-        match result {
-            Ok(_) => {
+        match state
+            .view
+            .install(m.va, m.len, m.iova, m.writable, walked.large)
+        {
+            Ok(()) => {
                 state.mappings.insert(m.va, m);
                 let c = &state.counters;
                 c.mapped_bytes.fetch_add(m.len, Ordering::Relaxed);
@@ -563,15 +496,14 @@ impl ContextCore {
                 Ok(())
             }
             Err(e) => {
-                tracing::error!(error = %e, "writing device PTEs failed");
-                // Leaves written before the failure point into `m`: clear and fence them
-                // before the mapping is undone.
+                tracing::error!(error = %e, "making the mapping visible to the device failed");
+                // Part of it may be visible already: tear it down (fenced) like any mapping.
                 state.mappings.insert(m.va, m);
-                state.tear_down(m.va..m.va + m.len);
                 state
                     .counters
                     .mapped_bytes
                     .fetch_add(m.len, Ordering::Relaxed);
+                state.tear_down(m.va..m.va + m.len);
                 Err(CancelReason::Other)
             }
         }
@@ -605,7 +537,7 @@ impl ContextCore {
     }
 
     /// Make `[start, end)` accessible to the device now (prefault), as if it had faulted.
-    pub(crate) fn prefault(&self, start: u64, end: u64, write: bool) -> Result<(), CancelReason> {
+    pub fn prefault(&self, start: u64, end: u64, write: bool) -> Result<(), CancelReason> {
         let _serial = self.service_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut at = start & !(PAGE_SIZE - 1);
         while at < end {
@@ -616,23 +548,26 @@ impl ContextCore {
         Ok(())
     }
 
-    /// Quiesce and tear down: clear the ASID root, fence everything, unmap every mapping.
-    pub(crate) fn shut_down(&self) {
+    /// Map `[addr, addr + len)` for a device that has no page faults, on submit: the device
+    /// reaches it at IOVA == VA until the CPU mapping changes. Returns that IOVA.
+    pub fn map_for_device(&self, addr: u64, len: u64, write: bool) -> Result<u64, Error> {
+        if len == 0 {
+            return Err(Error::InvalidArgument("map_for_device: empty range"));
+        }
+        let end = addr
+            .checked_add(len)
+            .ok_or(Error::InvalidArgument("map_for_device: range wraps"))?;
+        self.prefault(addr, end, write)
+            .map_err(|reason| Error::Cancelled { reason })?;
+        Ok(addr)
+    }
+
+    /// Quiesce and tear down: every mapping unmapped after the device's view is fenced, then
+    /// the view itself released. Faults fail afterwards.
+    pub fn shut_down(&self) {
         let mut state = self.sub.lock();
-        if let Err(e) = self.device.set_asid_root(self.asid, None) {
-            tracing::error!(error = %e, "clearing the ASID root failed");
-        }
         state.tear_down(0..u64::MAX);
-        if let Err(e) = self
-            .device
-            .tlb_invalidate(self.asid, None, self.options.fence_timeout)
-        {
-            tracing::error!(error = %e, "final TLB fence failed");
-        }
-        if let Some(pt) = state.pt.take() {
-            let mut memory = self.device.memory.lock().unwrap_or_else(|p| p.into_inner());
-            pt.destroy(&mut memory.tables);
-        }
+        state.view.shut_down();
         state.released = true;
     }
 }

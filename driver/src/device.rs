@@ -13,10 +13,11 @@ use accel_abi::{Command, Completion, FaultRecord, Status};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::backend::{Backend, BackendError, Bar0, Config, DmaAccess, DmaSource};
-use crate::iova::IovaSpace;
+use crate::dma::DmaSpace;
 use crate::pagetable::TablePool;
 use crate::sys::dmabuf::DmaBuffer;
 use crate::Error;
+use std::sync::Arc;
 
 /// Capabilities read from the device at bring-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,12 +78,6 @@ struct FaultBuffer {
     get: u32,
 }
 
-/// Device-wide bookkeeping shared by the page tables of every address space.
-pub(crate) struct Memory {
-    pub(crate) iova: IovaSpace,
-    pub(crate) tables: TablePool,
-}
-
 /// The three MSI vectors, each routed to an eventfd.
 pub(crate) struct Interrupts {
     pub(crate) fault: EventFd,
@@ -112,9 +107,10 @@ pub enum DrainedFault {
 
 /// A device brought up and owned by the driver.
 pub struct Device {
-    backend: Box<dyn Backend>,
+    dma: Arc<DmaSpace>,
     caps: Caps,
-    pub(crate) memory: Mutex<Memory>,
+    /// Table pages shared by the page tables of every address space.
+    pub(crate) tables: Mutex<TablePool>,
     cmdq: Mutex<CommandQueue>,
     slot_freed: Condvar,
     faults: Mutex<FaultBuffer>,
@@ -126,29 +122,22 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-fn ring(
-    backend: &dyn Backend,
-    iova: &mut IovaSpace,
-    bytes: usize,
-    name: &str,
-) -> Result<Ring, Error> {
+fn ring(dma: &DmaSpace, bytes: usize, name: &str) -> Result<Ring, Error> {
     let len = bytes.div_ceil(4096) * 4096;
     let buffer = DmaBuffer::new(len, name)?;
-    let base = iova.alloc(Some(buffer.va()), len as u64, 4096)?;
-    let mapped = backend.dma_map(
-        base,
+    let source = DmaSource::Buffer {
+        buffer: &buffer,
+        offset: 0,
+    };
+    let iova = dma.map(
+        Some(buffer.va()),
+        false,
         len as u64,
-        DmaSource::Buffer {
-            buffer: &buffer,
-            offset: 0,
-        },
+        4096,
+        source,
         DmaAccess::READ_WRITE,
-    );
-    if let Err(e) = mapped {
-        iova.free(base);
-        return Err(e.into());
-    }
-    Ok(Ring { buffer, iova: base })
+    )?;
+    Ok(Ring { buffer, iova })
 }
 
 fn eventfd() -> Result<EventFd, Error> {
@@ -171,7 +160,8 @@ impl Device {
     /// Bring the device up: check identity, reset, enable memory decoding and bus mastering,
     /// allocate and program the command queue and fault buffer, route interrupts, enable.
     pub fn bring_up(backend: Box<dyn Backend>, options: DeviceOptions) -> Result<Device, Error> {
-        let b: &dyn Backend = &*backend;
+        let dma = Arc::new(DmaSpace::new(backend));
+        let b: &dyn Backend = dma.backend();
         let cfg = Config(b);
         let vendor = cfg.read16(pci::off::VENDOR_ID)?;
         let device = cfg.read16(pci::off::DEVICE_ID)?;
@@ -210,20 +200,13 @@ impl Device {
         let cmdq_entries = clamp(options.cmdq_entries, caps.cmdq_entries);
         let fault_entries = clamp(options.fault_entries, caps.fault_entries);
 
-        let mut iova = IovaSpace::new(b.iova_ranges());
-        let cq = ring(b, &mut iova, cmdq_entries as usize * Command::SIZE, "cmdq")?;
+        let cq = ring(&dma, cmdq_entries as usize * Command::SIZE, "cmdq")?;
         let cc = ring(
-            b,
-            &mut iova,
+            &dma,
             cmdq_entries as usize * Completion::SIZE,
             "completions",
         )?;
-        let fb = ring(
-            b,
-            &mut iova,
-            fault_entries as usize * FaultRecord::SIZE,
-            "faults",
-        )?;
+        let fb = ring(&dma, fault_entries as usize * FaultRecord::SIZE, "faults")?;
 
         let irq = Interrupts {
             fault: eventfd()?,
@@ -250,11 +233,10 @@ impl Device {
             return Err(Error::DeviceError { code: error, info });
         }
 
-        let tables = TablePool::new();
         Ok(Device {
-            backend,
+            dma: dma.clone(),
             caps,
-            memory: Mutex::new(Memory { iova, tables }),
+            tables: Mutex::new(TablePool::new()),
             cmdq: Mutex::new(CommandQueue {
                 ring: cq,
                 completions: cc,
@@ -281,11 +263,16 @@ impl Device {
 
     /// The backend.
     pub fn backend(&self) -> &dyn Backend {
-        &*self.backend
+        self.dma.backend()
+    }
+
+    /// The DMA space (backend and IOVA allocation) shared with the contexts.
+    pub fn dma(&self) -> &Arc<DmaSpace> {
+        &self.dma
     }
 
     pub(crate) fn bar(&self) -> Bar0<'_> {
-        Bar0(&*self.backend)
+        Bar0(self.dma.backend())
     }
 
     /// Submit `cmd` (its `completion` field is set by the driver). Waits up to `timeout` for a
@@ -505,9 +492,9 @@ impl Device {
     fn shut_down(&self) -> Result<(), BackendError> {
         let bar = self.bar();
         bar.write32(regs::CONTROL, 0)?;
-        self.backend.reset()?;
+        self.backend().reset()?;
         for v in 0..accel_abi::vector::COUNT {
-            self.backend.set_irq(v, None)?;
+            self.backend().set_irq(v, None)?;
         }
         Ok(())
     }
@@ -519,9 +506,7 @@ impl Drop for Device {
         if let Err(e) = self.shut_down() {
             tracing::warn!(error = %e, "device shutdown failed");
         }
-        let mut memory = lock(&self.memory);
-        let Memory { iova, tables } = &mut *memory;
-        if let Err(e) = tables.destroy(&*self.backend, iova) {
+        if let Err(e) = lock(&self.tables).destroy(&self.dma) {
             tracing::warn!(error = %e, "unmapping page-table memory failed");
         }
         let rings = {
@@ -534,10 +519,9 @@ impl Drop for Device {
             ]
         };
         for (base, len) in rings {
-            if let Err(e) = self.backend.dma_unmap(base, len as u64) {
+            if let Err(e) = self.dma.unmap(base, len as u64) {
                 tracing::warn!(error = %e, "unmapping a ring failed");
             }
-            iova.free(base);
         }
     }
 }

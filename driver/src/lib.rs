@@ -11,12 +11,14 @@
 pub mod backend;
 pub mod context;
 pub mod device;
+pub mod dma;
 pub mod fault;
 pub mod iova;
 pub mod memlock;
 pub mod pagetable;
 pub mod runtime;
 pub mod sys;
+pub mod view;
 
 pub use runtime::{Context, DeviceSpec, Op, Runtime, RuntimeOptions};
 
@@ -79,6 +81,15 @@ pub enum Error {
     NoFreeAddressSpace {
         /// How many the device has.
         asids: usize,
+    },
+    /// A device without its own page table needs IOVA == VA, and that IOVA range is taken or
+    /// outside the IOMMU's ranges.
+    #[error("cannot map {len:#x} bytes at IOVA == VA {va:#x}: the range is in use or outside the IOMMU's IOVA ranges")]
+    IdentityUnavailable {
+        /// Virtual address.
+        va: u64,
+        /// Length.
+        len: u64,
     },
     /// A caller passed something unusable.
     #[error("invalid argument: {0}")]

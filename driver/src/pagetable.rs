@@ -14,8 +14,8 @@ use std::sync::atomic::Ordering;
 use accel_abi::pt::{self, Perms, Pte};
 use accel_abi::{LARGE_PAGE_SIZE, PAGE_SIZE, PT_LEVELS};
 
-use crate::backend::{Backend, BackendError, DmaAccess, DmaSource};
-use crate::iova::{IovaError, IovaSpace};
+use crate::backend::{DmaAccess, DmaSource};
+use crate::dma::DmaSpace;
 use crate::sys::dmabuf::{DmaBuffer, DmaBufferError};
 
 /// Table pages per pool chunk (one DMA mapping each).
@@ -27,12 +27,9 @@ pub enum PageTableError {
     /// Allocating DMA memory for table pages failed.
     #[error("page-table memory: {0}")]
     Memory(#[from] DmaBufferError),
-    /// No IOVA space for table pages.
-    #[error("page-table IOVA: {0}")]
-    Iova(#[from] IovaError),
     /// Mapping table pages for the device failed.
     #[error("page-table DMA map: {0}")]
-    Backend(#[from] BackendError),
+    Map(Box<crate::Error>),
     /// The VA is not canonical or not aligned to the page size.
     #[error("cannot map VA {va:#x} with page size {size:#x}")]
     BadAddress {
@@ -84,24 +81,15 @@ impl TablePool {
 
     /// Release every chunk (unmap from the device, free the memory). Call only when no address
     /// space uses the pool any more and the device is quiesced.
-    pub fn destroy(
-        &mut self,
-        backend: &dyn Backend,
-        iova: &mut IovaSpace,
-    ) -> Result<(), BackendError> {
+    pub fn destroy(&mut self, dma: &DmaSpace) -> Result<(), crate::Error> {
         self.free.clear();
         for chunk in self.chunks.drain(..) {
-            backend.dma_unmap(chunk.iova, chunk.buffer.len() as u64)?;
-            iova.free(chunk.iova);
+            dma.unmap(chunk.iova, chunk.buffer.len() as u64)?;
         }
         Ok(())
     }
 
-    fn alloc(
-        &mut self,
-        backend: &dyn Backend,
-        iova: &mut IovaSpace,
-    ) -> Result<TableRef, PageTableError> {
+    fn alloc(&mut self, dma: &DmaSpace) -> Result<TableRef, PageTableError> {
         if let Some(t) = self.free.pop() {
             self.chunks[t.chunk]
                 .buffer
@@ -110,19 +98,19 @@ impl TablePool {
         }
         let len = CHUNK_PAGES * PAGE_SIZE as usize;
         let buffer = DmaBuffer::new(len, "page-tables")?;
-        let base = iova.alloc(Some(buffer.va()), len as u64, PAGE_SIZE)?;
-        if let Err(e) = backend.dma_map(
-            base,
-            len as u64,
-            DmaSource::Buffer {
-                buffer: &buffer,
-                offset: 0,
-            },
-            DmaAccess::READ_ONLY,
-        ) {
-            iova.free(base);
-            return Err(e.into());
-        }
+        let base = dma
+            .map(
+                Some(buffer.va()),
+                false,
+                len as u64,
+                PAGE_SIZE,
+                DmaSource::Buffer {
+                    buffer: &buffer,
+                    offset: 0,
+                },
+                DmaAccess::READ_ONLY,
+            )
+            .map_err(|e| PageTableError::Map(Box::new(e)))?;
         let chunk = self.chunks.len();
         self.chunks.push(Chunk { buffer, iova: base });
         // Hand out index 0 now; the rest go to the free list (highest first so pops ascend).
@@ -166,14 +154,12 @@ impl Default for TablePool {
     }
 }
 
-/// What creating table pages needs: the pool, the device, its IOVA space.
+/// What creating table pages needs: the pool and the device's DMA space.
 pub struct TableMemory<'a> {
     /// Table-page pool.
     pub pool: &'a mut TablePool,
-    /// The device's backend (to DMA-map new pool chunks).
-    pub backend: &'a dyn Backend,
-    /// The device's IOVA space.
-    pub iova: &'a mut IovaSpace,
+    /// The device's DMA space (to map new pool chunks).
+    pub dma: &'a DmaSpace,
 }
 
 /// Page size of a device leaf.
@@ -244,7 +230,7 @@ pub struct PageTable {
 impl PageTable {
     /// A new, empty table whose root comes from `pool`.
     pub fn new(mem: &mut TableMemory<'_>) -> Result<PageTable, PageTableError> {
-        let root = mem.pool.alloc(mem.backend, mem.iova)?;
+        let root = mem.pool.alloc(mem.dma)?;
         Ok(PageTable {
             root,
             tables: HashMap::new(),
@@ -297,7 +283,7 @@ impl PageTable {
                         .expect("table entry without bookkeeping");
                 }
                 Ok(Pte::NotPresent) => {
-                    let child = mem.pool.alloc(mem.backend, mem.iova)?;
+                    let child = mem.pool.alloc(mem.dma)?;
                     mem.pool.write(table, slot, Pte::table(child.iova));
                     self.tables.insert(key, child);
                     table = child;
@@ -458,27 +444,23 @@ mod tests {
     use crate::backend::emulated::EmulatedBackend;
 
     struct Fixture {
-        backend: EmulatedBackend,
+        dma: DmaSpace,
         pool: TablePool,
-        iova: IovaSpace,
     }
 
     impl Fixture {
         fn new() -> Fixture {
             let backend = EmulatedBackend::new(Default::default()).unwrap();
-            let iova = IovaSpace::new(backend.iova_ranges());
             Fixture {
-                backend,
+                dma: DmaSpace::new(Box::new(backend)),
                 pool: TablePool::new(),
-                iova,
             }
         }
 
         fn mem(&mut self) -> TableMemory<'_> {
             TableMemory {
                 pool: &mut self.pool,
-                backend: &self.backend,
-                iova: &mut self.iova,
+                dma: &self.dma,
             }
         }
     }

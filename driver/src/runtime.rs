@@ -27,6 +27,7 @@ use crate::context::{ContextCore, ContextOptions};
 use crate::device::{Device, DeviceOptions, Ticket};
 use crate::fault::{CancelReason, FaultHandler, FaultService, ServiceMode};
 use crate::pagetable::Translation;
+use crate::view::MxaView;
 use crate::Error;
 
 pub use firmware_stubs::AcceleratorConfig;
@@ -148,7 +149,11 @@ impl Runtime {
             asids[free] = true;
             free as u16
         };
-        let core = match ContextCore::new(self.device.clone(), asid, mm, options) {
+        let made =
+            MxaView::new(self.device.clone(), asid, options.fence_timeout).and_then(|view| {
+                ContextCore::new(self.device.dma().clone(), asid, mm, Box::new(view), options)
+            });
+        let core = match made {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 self.asids.lock().unwrap_or_else(|p| p.into_inner())[asid as usize] = false;
@@ -390,7 +395,7 @@ impl Context {
 
     /// Counters and footprint.
     pub fn stats(&self) -> ContextStats {
-        let c = &self.core.counters;
+        let c = self.core.counters();
         let (mappings, mapped_bytes, small_leaves, large_leaves, table_pages) =
             self.core.footprint();
         let pins = self.runtime.device.backend().pins_memory();

@@ -18,14 +18,21 @@ const NAME: &str = "emulated";
 
 /// The emulator, reached by function calls.
 pub struct EmulatedBackend {
-    device: Accelerator,
+    device: Arc<Accelerator>,
 }
 
 impl EmulatedBackend {
     /// Power on a new emulated device.
     pub fn new(config: AcceleratorConfig) -> Result<EmulatedBackend, BackendError> {
         let device = Accelerator::new(config).map_err(|e| transport("power-on", e))?;
-        Ok(EmulatedBackend { device })
+        Ok(EmulatedBackend {
+            device: Arc::new(device),
+        })
+    }
+
+    /// Reach an emulated device the caller also holds (tests inspect its IOMMU through it).
+    pub fn from_device(device: Arc<Accelerator>) -> EmulatedBackend {
+        EmulatedBackend { device }
     }
 
     /// The emulated device itself (host-side views such as its IOMMU fault log).

@@ -1,0 +1,72 @@
+//! A device's DMA space: its backend and the IOVA space of its IOMMU.
+//!
+//! Every DMA mapping the driver makes (rings, page-table pages, mirrored process memory) goes
+//! through [`DmaSpace::map`], which allocates the IOVA (identity when possible), maps, and gives
+//! the IOVA back if the map fails; [`DmaSpace::unmap`] is its inverse.
+
+use std::sync::{Mutex, MutexGuard};
+
+use crate::backend::{Backend, DmaAccess, DmaSource};
+use crate::iova::IovaSpace;
+use crate::Error;
+
+/// A backend and its IOVA space.
+pub struct DmaSpace {
+    backend: Box<dyn Backend>,
+    iova: Mutex<IovaSpace>,
+}
+
+impl DmaSpace {
+    /// Wrap `backend`, with the IOVA ranges it reports.
+    pub fn new(backend: Box<dyn Backend>) -> DmaSpace {
+        let iova = IovaSpace::new(backend.iova_ranges());
+        DmaSpace {
+            backend,
+            iova: Mutex::new(iova),
+        }
+    }
+
+    /// The backend.
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+
+    /// The IOVA space (bytes and allocations in use).
+    pub fn iova(&self) -> MutexGuard<'_, IovaSpace> {
+        self.iova.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Map `len` bytes of `source` at an IOVA aligned to `align`: `preferred` (identity) if free,
+    /// else anywhere; with `exact`, only at `preferred`. Returns the IOVA.
+    pub fn map(
+        &self,
+        preferred: Option<u64>,
+        exact: bool,
+        len: u64,
+        align: u64,
+        source: DmaSource<'_>,
+        access: DmaAccess,
+    ) -> Result<u64, Error> {
+        let iova = self.iova().alloc(preferred, len, align)?;
+        if exact && Some(iova) != preferred {
+            self.iova().free(iova);
+            return Err(Error::IdentityUnavailable {
+                va: preferred.unwrap_or(0),
+                len,
+            });
+        }
+        if let Err(e) = self.backend.dma_map(iova, len, source, access) {
+            self.iova().free(iova);
+            return Err(e.into());
+        }
+        Ok(iova)
+    }
+
+    /// Unmap a mapping made by [`DmaSpace::map`]. If the backend fails, the IOVA range stays
+    /// reserved (the mapping may still exist) and the error is returned.
+    pub fn unmap(&self, iova: u64, len: u64) -> Result<(), Error> {
+        self.backend.dma_unmap(iova, len)?;
+        self.iova().free(iova);
+        Ok(())
+    }
+}

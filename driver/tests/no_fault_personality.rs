@@ -1,0 +1,112 @@
+//! A device without page faults (the edu shape): the same mirror, mapped on submit at
+//! IOVA == VA through the IOMMU alone, torn down when the CPU mapping changes. Runs on the
+//! emulator's IOMMU, whose mapping table is checked directly.
+
+use std::sync::Arc;
+
+use driver::backend::emulated::EmulatedBackend;
+use driver::context::{ContextCore, ContextOptions};
+use driver::dma::DmaSpace;
+use driver::fault::CancelReason;
+use driver::view::IommuView;
+use driver::Error;
+use firmware_stubs::Accelerator;
+use mirror::{AddressSpace, Config, Mapping};
+
+const PAGE: u64 = 4096;
+const RW: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
+
+#[test]
+fn mapped_on_submit_and_torn_down_on_cpu_change() {
+    let device = Arc::new(Accelerator::new(Default::default()).unwrap());
+    let dma = Arc::new(DmaSpace::new(Box::new(EmulatedBackend::from_device(
+        device.clone(),
+    ))));
+    let mm = Arc::new(AddressSpace::current(Config::default()).unwrap());
+    let options = ContextOptions {
+        fault_around: 0,
+        ..Default::default()
+    };
+    let edu = ContextCore::new(
+        dma.clone(),
+        0,
+        mm.clone(),
+        Box::new(IommuView::new()),
+        options.clone(),
+    )
+    .unwrap();
+    let baseline = device.dma_stats();
+
+    // Submit: the range is faulted in and mapped at IOVA == VA.
+    let m = Mapping::anonymous(4 * PAGE as usize, RW).unwrap();
+    let iova = edu.map_for_device(m.addr(), m.len() as u64, true).unwrap();
+    assert_eq!(iova, m.addr());
+    let mapped = device.dma_stats();
+    assert_eq!(mapped.mappings, baseline.mappings + 1);
+    assert_eq!(mapped.mapped_bytes, baseline.mapped_bytes + m.len() as u64);
+    assert!(edu.translate(m.addr() + 3 * PAGE).is_some());
+
+    // A second mirror of the same memory cannot take the same IOVA: a clear error.
+    let other = ContextCore::new(
+        dma.clone(),
+        1,
+        mm.clone(),
+        Box::new(IommuView::new()),
+        options,
+    )
+    .unwrap();
+    let err = other.map_for_device(m.addr(), PAGE, false).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Cancelled {
+                reason: CancelReason::DmaMap
+            }
+        ),
+        "{err}"
+    );
+
+    // Permission: a read-only mapping cannot be mapped for device writes.
+    let ro = Mapping::anonymous(PAGE as usize, libc::PROT_READ).unwrap();
+    let err = edu.map_for_device(ro.addr(), PAGE, true).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Cancelled {
+                reason: CancelReason::Permission
+            }
+        ),
+        "{err}"
+    );
+    edu.map_for_device(ro.addr(), PAGE, false).unwrap();
+
+    // The CPU unmaps part of it: the IOMMU mapping is gone when the strict wrapper returns.
+    let range = m.forget();
+    let head = mirror::VaRange::new(range.start(), PAGE).unwrap();
+    // SAFETY: ours; nothing refers into it.
+    unsafe { mm.munmap(head).unwrap() };
+    assert!(
+        edu.translate(range.start() + PAGE).is_none(),
+        "the whole DMA mapping went"
+    );
+    let after = device.dma_stats();
+    assert_eq!(
+        after.mappings,
+        baseline.mappings + 1,
+        "only the read-only page stays mapped"
+    );
+    // The rest of the buffer is mapped again on the next submit.
+    edu.map_for_device(range.start() + PAGE, 3 * PAGE, true)
+        .unwrap();
+    assert_eq!(device.dma_stats().mappings, baseline.mappings + 2);
+
+    // Shutting down unmaps everything.
+    edu.shut_down();
+    assert_eq!(device.dma_stats().mappings, baseline.mappings);
+    assert_eq!(dma.iova().allocations(), 0);
+    // SAFETY: the tail is ours.
+    unsafe {
+        mm.munmap(mirror::VaRange::new(range.start() + PAGE, 3 * PAGE).unwrap())
+            .unwrap()
+    };
+}
