@@ -509,9 +509,14 @@ impl ContextCore {
         }
     }
 
-    /// The run `[start, end)` grown to the enclosing fault-around block, clipped to the VMA that
-    /// holds the run: fault-around never reaches into a neighbouring mapping (which could be
-    /// anybody's, even the emulator's own DMA memory) and never registers it for events.
+    /// The run `[start, end)` grown for fault-around, clipped to the VMA that holds the run:
+    /// fault-around never reaches into a neighbouring mapping (which could be anybody's, even
+    /// the emulator's own DMA memory) and never registers it for events.
+    ///
+    /// A run that starts where an existing mapping ends is a sequential stream: it grows to
+    /// twice that mapping (up to `max_run`), so a stream converges on 2 MiB mappings and a
+    /// large mirror stays far below TYPE1's 65535-mapping limit. Otherwise it grows to the
+    /// enclosing aligned `fault_around` block.
     fn fault_around_window(&self, start: u64, end: u64) -> Option<(u64, u64)> {
         let block = self.options.fault_around;
         if block <= PAGE_SIZE || !block.is_power_of_two() {
@@ -528,11 +533,29 @@ impl ContextCore {
         if !vma.range.contains_range(&run) {
             return None;
         }
-        let grown_start = (start & !(block - 1)).max(vma.range.start());
-        let grown_end = end
-            .div_ceil(block)
-            .saturating_mul(block)
-            .min(vma.range.end());
+        let stream = {
+            let state = self.sub.lock();
+            state
+                .mappings
+                .range(..start)
+                .next_back()
+                .filter(|(_, m)| m.va + m.len == start)
+                .map(|(_, m)| m.len)
+        };
+        let (grown_start, grown_end) = match stream {
+            Some(previous) => {
+                let want = previous
+                    .saturating_mul(2)
+                    .clamp(block, self.options.max_run.max(block));
+                (start, start.saturating_add(want).max(end))
+            }
+            None => (
+                start & !(block - 1),
+                end.div_ceil(block).saturating_mul(block),
+            ),
+        };
+        let grown_start = grown_start.max(vma.range.start());
+        let grown_end = grown_end.min(vma.range.end());
         (grown_start < start || grown_end > end).then_some((grown_start, grown_end))
     }
 

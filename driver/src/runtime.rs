@@ -39,6 +39,9 @@ pub enum DeviceSpec {
     Emulated(AcceleratorConfig),
     /// A device bound to vfio-pci, by PCI address (`0000:00:03.0`).
     KernelVfio(String),
+    /// A vfio-user server's socket. Not implemented yet: opening it returns
+    /// [`Error::Unsupported`] (the vfio-user client is its own piece of work).
+    VfioUser(std::path::PathBuf),
 }
 
 impl DeviceSpec {
@@ -106,6 +109,12 @@ impl Runtime {
         let backend: Box<dyn Backend> = match &spec {
             DeviceSpec::Emulated(cfg) => Box::new(EmulatedBackend::new(cfg.clone())?),
             DeviceSpec::KernelVfio(address) => Box::new(KernelVfioBackend::open(address)?),
+            DeviceSpec::VfioUser(path) => {
+                return Err(Error::Unsupported(format!(
+                    "vfio-user backend ({}): not implemented yet; use the embedded emulator or kernel VFIO",
+                    path.display()
+                )))
+            }
         };
         let device = Arc::new(Device::bring_up(backend, options.device)?);
         let service = FaultService::start(device.clone(), options.mode, options.batch)?;

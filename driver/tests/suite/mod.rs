@@ -321,6 +321,32 @@ pub fn fault_around_stays_inside_the_vma(rt: Arc<Runtime>) {
     assert!(exact.device_translation(m.addr()).is_none());
 }
 
+pub fn large_mirror_uses_few_mappings(rt: Arc<Runtime>) {
+    let ctx = fresh(&rt);
+    let len = 32 << 20;
+    let m = Mapping::anonymous(len, RW).unwrap();
+    // SAFETY: advice on our own mapping: 4 KiB pages only, so no 2 MiB shortcut.
+    unsafe { libc::madvise(m.as_ptr().cast(), len, libc::MADV_NOHUGEPAGE) };
+    device_fill(&ctx, m.addr(), len as u64, 0x0f0f_0f0f_0f0f_0f0f).unwrap();
+    assert_eq!(m.read_byte(len - 1), 0x0f);
+    let s = ctx.stats();
+    // 8192 pages: a sequential stream grows its mappings to 2 MiB (TYPE1 allows 65535 in all).
+    assert!(
+        s.mappings <= 32,
+        "{} DMA mappings for {} pages: {s:?}",
+        s.mappings,
+        len / PAGE
+    );
+    assert!(s.faults <= 64, "{s:?}");
+    assert_eq!(s.small_leaves, (len / PAGE) as u64);
+    eprintln!(
+        "large_mirror_uses_few_mappings: {} mappings, {} faults for {} pages",
+        s.mappings,
+        s.faults,
+        len / PAGE
+    );
+}
+
 pub fn several_contexts_on_one_device(rt: Arc<Runtime>) {
     let a = exact(&rt);
     let b = exact(&rt);
@@ -392,6 +418,7 @@ macro_rules! backend_suite {
             collision_between_walk_and_install_retries,
             several_contexts_on_one_device,
             fault_around_stays_inside_the_vma,
+            large_mirror_uses_few_mappings,
             dropping_a_context_releases_everything
         );
     };
