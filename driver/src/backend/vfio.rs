@@ -34,6 +34,8 @@ pub struct KernelVfioBackend {
     device: VfioDevice,
     config_offset: u64,
     bars: Vec<(u64, u64)>,
+    /// BAR0 mapped into the process when VFIO allows it (registers without a syscall each).
+    bar0: Option<raw::MappedBar>,
     iova_ranges: Vec<Range<u64>>,
     dma_avail: Option<u32>,
     irq_fds: Mutex<Vec<Option<OwnedFd>>>,
@@ -111,9 +113,26 @@ impl KernelVfioBackend {
             info.iova_ranges
         };
         let config_offset = device.get_region_offset(b::VFIO_PCI_CONFIG_REGION_INDEX);
-        let bars = (0..6)
+        let bars: Vec<(u64, u64)> = (0..6)
             .map(|i| (device.get_region_offset(i), device.get_region_size(i)))
             .collect();
+        let bar0_flags = device.get_region_flags(b::VFIO_PCI_BAR0_REGION_INDEX);
+        let bar0 = if bar0_flags & b::VFIO_REGION_INFO_FLAG_MMAP != 0
+            && bar0_flags & b::VFIO_REGION_INFO_FLAG_CAPS == 0
+        {
+            let (offset, size) = bars[0];
+            // SAFETY: the device fd lives as long as `device`; the borrow ends before it moves.
+            let fd = unsafe { BorrowedFd::borrow_raw(device.as_raw_fd()) };
+            match raw::MappedBar::map(fd, offset, size) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::info!(error = %e, "BAR0 mmap refused; using pread/pwrite");
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let irq_count = device
             .get_irq_info(b::VFIO_PCI_MSI_IRQ_INDEX)
             .map_or(0, |irq| irq.count);
@@ -123,6 +142,7 @@ impl KernelVfioBackend {
             device,
             config_offset,
             bars,
+            bar0,
             iova_ranges,
             dma_avail: info.dma_avail,
             irq_fds: Mutex::new(Vec::new()),
@@ -195,11 +215,17 @@ impl Backend for KernelVfioBackend {
     }
 
     fn bar_read(&self, bar: u32, offset: u64, data: &mut [u8]) -> Result<(), BackendError> {
+        if let (0, Some(m)) = (bar, &self.bar0) {
+            return m.read(offset, data).map_err(|e| err("BAR read", e));
+        }
         let at = self.bar_offset(bar, offset, data.len())?;
         raw::region_read(self.device_fd(), at, data).map_err(|e| err("BAR read", e))
     }
 
     fn bar_write(&self, bar: u32, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+        if let (0, Some(m)) = (bar, &self.bar0) {
+            return m.write(offset, data).map_err(|e| err("BAR write", e));
+        }
         let at = self.bar_offset(bar, offset, data.len())?;
         raw::region_write(self.device_fd(), at, data).map_err(|e| err("BAR write", e))
     }
