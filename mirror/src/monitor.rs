@@ -1,18 +1,28 @@
-//! The event monitor thread: reads userfaultfd events and the pidfd, and runs invalidations.
+//! The event monitor: a *reader* thread that drains the userfaultfd and the pidfd, and a *worker*
+//! thread that runs the invalidations.
 //!
-//! Deadlock rules (the userspace form of the kernel's "notifiers must not recurse into reclaim"):
-//! a thread that munmaps/madvises/mremaps/forks tracked memory blocks until this thread *reads*
-//! the event, so this thread
-//! * reads from a non-blocking fd and never blocks on anything but `poll`;
-//! * takes only the registry's short internal locks, the coverage lock (held by `track` only
-//!   around UFFDIO_REGISTER, never across an mm syscall) and the subscribers' own locks (which
-//!   must not be held across munmap & co., as documented on `Subscription::lock`);
-//! * never touches registered memory itself.
+//! Why two threads: a thread that munmaps/madvises/mremaps/forks tracked memory blocks until the
+//! event is *read*, and glibc's `fork()` holds every malloc arena lock across the fork syscall,
+//! which (with FORK events) blocks until the FORK message is read. A reader that allocated, or
+//! waited for anything that allocates, could therefore deadlock against any forking thread (a
+//! test once hung exactly so: the monitor was in `malloc` while the forker waited for it). So the
+//! reader
+//! * never allocates after start-up: fixed poll set, fixed message buffer, a preallocated queue;
+//! * takes only the queue's mutex, which the worker holds for a few instructions and never while
+//!   allocating;
+//! * never touches registered memory.
+//!
+//! The worker may allocate and takes the registry's short locks and the subscribers' own locks
+//! (which must not be held across munmap & co., as documented on `Subscription::lock`). If it is
+//! stalled (in malloc during a fork, or in a slow callback), the reader keeps reading into the
+//! queue, so the kernel is never kept waiting on the worker. The queue holds `QUEUE_CAPACITY`
+//! messages; only if the worker falls that far behind does the reader stop reading until it
+//! catches up.
 
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
@@ -26,55 +36,52 @@ use crate::{Error, Result, VaRange, PAGE_SIZE};
 /// Called with the child's userfaultfd (already O_NONBLOCK) when the process forks.
 pub type ForkHandler = Box<dyn FnMut(OwnedFd) + Send>;
 
-/// The set of address ranges registered with the uffd, kept merged.
-#[derive(Default)]
-pub(crate) struct Coverage(BTreeMap<u64, u64>);
+const QUEUE_CAPACITY: usize = 16 * 1024;
+const READ_BATCH: usize = 64;
 
-impl Coverage {
-    pub(crate) fn covers(&self, r: VaRange) -> bool {
-        self.0
-            .range(..=r.start())
-            .next_back()
-            .is_some_and(|(_, &end)| end >= r.end())
-    }
+enum Item {
+    /// A userfaultfd message and when it was read.
+    Msg(raw::RawMsg, Instant),
+    /// Everything queued before a `settle()` request of this generation has been pushed.
+    Settled(u64),
+    /// The mirrored process exited.
+    ProcessExit,
+    /// The reader stopped; the worker drains and stops too.
+    Closed,
+}
 
-    pub(crate) fn add(&mut self, r: VaRange) {
-        let (mut start, mut end) = (r.start(), r.end());
-        let touching: Vec<(u64, u64)> = self
-            .0
-            .range(..=end)
-            .filter(|(_, &e)| e >= start)
-            .map(|(&s, &e)| (s, e))
-            .collect();
-        for (s, e) in touching {
-            self.0.remove(&s);
-            start = start.min(s);
-            end = end.max(e);
+struct Queue {
+    items: Mutex<VecDeque<Item>>,
+    not_empty: Condvar,
+    not_full: Condvar,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Queue {
+    /// Pushes without allocating: waits while the preallocated queue is full.
+    fn push(&self, item: Item) {
+        let mut q = lock(&self.items);
+        while q.len() >= QUEUE_CAPACITY {
+            q = self.not_full.wait(q).unwrap_or_else(|p| p.into_inner());
         }
-        self.0.insert(start, end);
+        q.push_back(item);
+        drop(q);
+        self.not_empty.notify_one();
     }
 
-    pub(crate) fn remove(&mut self, r: VaRange) {
-        let overlapping: Vec<(u64, u64)> = self
-            .0
-            .range(..r.end())
-            .filter(|(_, &e)| e > r.start())
-            .map(|(&s, &e)| (s, e))
-            .collect();
-        for (s, e) in overlapping {
-            self.0.remove(&s);
-            if s < r.start() {
-                self.0.insert(s, r.start());
+    fn pop(&self) -> Item {
+        let mut q = lock(&self.items);
+        loop {
+            if let Some(item) = q.pop_front() {
+                drop(q);
+                self.not_full.notify_one();
+                return item;
             }
-            if e > r.end() {
-                self.0.insert(r.end(), e);
-            }
+            q = self.not_empty.wait(q).unwrap_or_else(|p| p.into_inner());
         }
-    }
-
-    #[cfg(test)]
-    fn spans(&self) -> Vec<(u64, u64)> {
-        self.0.iter().map(|(&s, &e)| (s, e)).collect()
     }
 }
 
@@ -87,15 +94,19 @@ pub(crate) struct Shared {
     settle_requested: AtomicU64,
     settled: Mutex<u64>,
     settled_cv: Condvar,
-    pub(crate) coverage: Mutex<Coverage>,
+    queue: Queue,
     fork_handler: Mutex<Option<ForkHandler>>,
-    thread: OnceLock<ThreadId>,
+    threads: OnceLock<[ThreadId; 2]>,
     exited: AtomicBool,
+    /// Set by the reader once its thread start-up (which allocates) is over.
+    reader_ready: Mutex<bool>,
+    reader_ready_cv: Condvar,
 }
 
 pub(crate) struct Monitor {
     pub(crate) shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    reader: Option<JoinHandle<()>>,
+    worker: Option<JoinHandle<()>>,
 }
 
 impl Monitor {
@@ -115,19 +126,52 @@ impl Monitor {
             settle_requested: AtomicU64::new(0),
             settled: Mutex::new(0),
             settled_cv: Condvar::new(),
-            coverage: Mutex::new(Coverage::default()),
+            queue: Queue {
+                items: Mutex::new(VecDeque::with_capacity(QUEUE_CAPACITY)),
+                not_empty: Condvar::new(),
+                not_full: Condvar::new(),
+            },
             fork_handler: Mutex::new(None),
-            thread: OnceLock::new(),
+            threads: OnceLock::new(),
             exited: AtomicBool::new(false),
+            reader_ready: Mutex::new(false),
+            reader_ready_cv: Condvar::new(),
         });
-        let s = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("mirror-monitor".into())
-            .spawn(move || s.run())
-            .map_err(|e| Error::io("spawn the event monitor thread", e))?;
+        let spawn = |name: &str, body: fn(Arc<Shared>)| {
+            let s = shared.clone();
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(move || body(s))
+                .map_err(|e| Error::io(format!("spawn the {name} thread"), e))
+        };
+        let worker = spawn("mirror-events", Shared::work)?;
+        let reader = match spawn("mirror-uffd-reader", Shared::read_loop) {
+            Ok(r) => r,
+            Err(e) => {
+                shared.queue.push(Item::Closed);
+                let _ = worker.join();
+                return Err(e);
+            }
+        };
+        let _ = shared
+            .threads
+            .set([reader.thread().id(), worker.thread().id()]);
+        // Return only once the reader is inside its allocation-free loop: a thread still starting
+        // up allocates (thread-locals, output capture), and a fork in progress holds the malloc
+        // locks while it waits for the reader. Seen as a hang when a test forked right after
+        // creating an address space.
+        let mut ready = lock(&shared.reader_ready);
+        while !*ready {
+            ready = shared
+                .reader_ready_cv
+                .wait(ready)
+                .unwrap_or_else(|p| p.into_inner());
+        }
+        drop(ready);
         Ok(Monitor {
             shared,
-            thread: Some(thread),
+            reader: Some(reader),
+            worker: Some(worker),
         })
     }
 
@@ -137,7 +181,9 @@ impl Monitor {
 
     /// Returns once every event queued before the call has been read and fully handled.
     pub(crate) fn settle(&self, timeout: Duration) -> Result<()> {
-        if in_callback() || self.shared.thread.get() == Some(&std::thread::current().id()) {
+        let me = std::thread::current().id();
+        let on_monitor = self.shared.threads.get().is_some_and(|t| t.contains(&me));
+        if in_callback() || on_monitor {
             return Err(Error::CalledFromCallback { what: "settle" });
         }
         let generation = self.shared.settle_requested.fetch_add(1, Ordering::SeqCst) + 1;
@@ -168,18 +214,17 @@ impl Drop for Monitor {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         if let Err(e) = self.shared.kick() {
-            tracing::error!(error = %e, "cannot wake the monitor to stop it");
+            tracing::error!(error = %e, "cannot wake the uffd reader to stop it");
         }
-        if let Some(t) = self.thread.take() {
+        for t in [self.reader.take(), self.worker.take()]
+            .into_iter()
+            .flatten()
+        {
             if t.join().is_err() {
-                tracing::error!("the event monitor thread panicked");
+                tracing::error!("an event monitor thread panicked");
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Shared {
@@ -190,16 +235,19 @@ impl Shared {
             .map_err(|e| Error::sys("eventfd write", e))
     }
 
-    fn run(self: Arc<Self>) {
-        let _ = self.thread.set(std::thread::current().id());
-        let mut msgs = [raw::RawMsg::default(); 64];
+    /// The reader: poll, drain, queue. No allocation happens in this loop.
+    fn read_loop(self: Arc<Self>) {
+        let mut msgs = [raw::RawMsg::default(); READ_BATCH];
         let mut watch_uffd = self.uffd.is_some();
         let mut watch_pid = self.pidfd.is_some();
+        let mut last_settle_pushed = 0;
+        *lock(&self.reader_ready) = true;
+        self.reader_ready_cv.notify_all();
         loop {
-            let (uffd_ready, pid_ready) = match self.wait(watch_uffd, watch_pid) {
+            let (uffd_failed, pid_ready) = match self.wait(watch_uffd, watch_pid) {
                 Ok(r) => r,
                 Err(e) => {
-                    tracing::error!(error = %e, "monitor poll failed; stopping event delivery");
+                    tracing::error!(error = %e, "uffd reader poll failed; stopping event delivery");
                     break;
                 }
             };
@@ -213,42 +261,49 @@ impl Shared {
                     watch_uffd = false;
                 }
             }
-            if uffd_ready == Some(false) {
+            if uffd_failed {
                 tracing::error!("userfaultfd reports POLLERR (blocking fd or no UFFDIO_API)");
                 watch_uffd = false;
             }
             if watch_pid && pid_ready {
                 watch_pid = false;
                 self.exited.store(true, Ordering::SeqCst);
-                tracing::debug!("mirrored process exited");
-                self.registry.release(EventSource::ProcessExit);
+                self.queue.push(Item::ProcessExit);
             }
-            *lock(&self.settled) = requested;
-            self.settled_cv.notify_all();
+            if requested > last_settle_pushed {
+                last_settle_pushed = requested;
+                self.queue.push(Item::Settled(requested));
+            }
         }
-        // Anyone still waiting in settle() must not hang on a stopped monitor.
-        *lock(&self.settled) = u64::MAX;
-        self.settled_cv.notify_all();
+        self.queue.push(Item::Closed);
     }
 
-    /// Polls the wake eventfd, the uffd and the pidfd. Returns (uffd state: None = not watched
-    /// or idle, Some(false) = error), pidfd readable.
-    fn wait(&self, watch_uffd: bool, watch_pid: bool) -> Result<(Option<bool>, bool)> {
-        let mut fds = vec![PollFd::new(self.wake.as_fd(), PollFlags::POLLIN)];
-        let uffd_slot = match (&self.uffd, watch_uffd) {
-            (Some(u), true) => {
-                fds.push(PollFd::new(u.as_fd(), PollFlags::POLLIN));
-                Some(fds.len() - 1)
-            }
-            _ => None,
-        };
-        let pid_slot = match (&self.pidfd, watch_pid) {
-            (Some(p), true) => {
-                fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
-                Some(fds.len() - 1)
-            }
-            _ => None,
-        };
+    /// Polls the wake eventfd, the uffd and the pidfd (a fixed array: no allocation). Returns
+    /// (uffd in error, pidfd readable).
+    fn wait(&self, watch_uffd: bool, watch_pid: bool) -> Result<(bool, bool)> {
+        let none = PollFlags::empty();
+        let uffd = self.uffd.as_ref().filter(|_| watch_uffd);
+        let pid = self.pidfd.as_ref().filter(|_| watch_pid);
+        let wake = self.wake.as_fd();
+        let mut fds = [
+            PollFd::new(wake, PollFlags::POLLIN),
+            PollFd::new(
+                uffd.map_or(wake, |f| f.as_fd()),
+                if uffd.is_some() {
+                    PollFlags::POLLIN
+                } else {
+                    none
+                },
+            ),
+            PollFd::new(
+                pid.map_or(wake, |f| f.as_fd()),
+                if pid.is_some() {
+                    PollFlags::POLLIN
+                } else {
+                    none
+                },
+            ),
+        ];
         loop {
             match poll(&mut fds, PollTimeout::NONE) {
                 Ok(_) => break,
@@ -256,62 +311,56 @@ impl Shared {
                 Err(e) => return Err(Error::sys("poll", e)),
             }
         }
-        let revents = |slot: Option<usize>| {
-            slot.and_then(|i| fds[i].revents())
-                .unwrap_or(PollFlags::empty())
-        };
-        if !revents(Some(0)).is_empty() {
-            // Clears the counter; EAGAIN just means another wake already consumed it.
+        let revents = |i: usize| fds[i].revents().unwrap_or(none);
+        if !revents(0).is_empty() {
+            // Clears the counter; EAGAIN only means another wake already consumed it.
             let _ = self.wake.read();
         }
-        let u = revents(uffd_slot);
-        let uffd_state = if u.contains(PollFlags::POLLERR) && !u.contains(PollFlags::POLLIN) {
-            Some(false)
-        } else {
-            None
-        };
-        let pid_ready = !revents(pid_slot).is_empty();
-        Ok((uffd_state, pid_ready))
+        let u = revents(1);
+        let uffd_failed =
+            uffd.is_some() && u.contains(PollFlags::POLLERR) && !u.contains(PollFlags::POLLIN);
+        let pid_ready = pid.is_some() && !revents(2).is_empty();
+        Ok((uffd_failed, pid_ready))
     }
 
-    /// Reads every queued message and handles it.
+    /// Reads every queued message into the queue.
     fn drain(&self, msgs: &mut [raw::RawMsg]) -> Result<()> {
         let Some(uffd) = &self.uffd else {
             return Ok(());
         };
         loop {
-            // The coverage lock spans the read so a `track` that follows a returned munmap always
-            // sees the coverage update of the event that munmap waited for.
-            let (n, read_at) = {
-                let mut cov = lock(&self.coverage);
-                let n =
-                    raw::read_msgs(uffd.as_fd(), msgs).map_err(|e| Error::sys("read(uffd)", e))?;
-                let read_at = Instant::now();
-                for m in &msgs[..n] {
-                    match m.event {
-                        raw::EVENT_UNMAP => {
-                            if let Some(r) = VaRange::from_kernel(m.arg[0], m.arg[1]) {
-                                cov.remove(r);
-                            }
-                        }
-                        raw::EVENT_REMAP => {
-                            let (to, len) = (m.arg[1], m.arg[2]);
-                            if let Some(r) = VaRange::from_kernel(to, to.saturating_add(len)) {
-                                cov.add(r);
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                (n, read_at)
-            };
+            let n = raw::read_msgs(uffd.as_fd(), msgs).map_err(|e| Error::sys("read(uffd)", e))?;
             if n == 0 {
                 return Ok(());
             }
+            let read_at = Instant::now();
             for m in &msgs[..n] {
-                self.handle(m, read_at);
+                self.queue.push(Item::Msg(*m, read_at));
             }
         }
+    }
+
+    /// The worker: handles queued items in order.
+    fn work(self: Arc<Self>) {
+        loop {
+            match self.queue.pop() {
+                Item::Msg(m, read_at) => self.handle(&m, read_at),
+                Item::Settled(generation) => {
+                    let mut s = lock(&self.settled);
+                    *s = (*s).max(generation);
+                    drop(s);
+                    self.settled_cv.notify_all();
+                }
+                Item::ProcessExit => {
+                    tracing::debug!("mirrored process exited");
+                    self.registry.release(EventSource::ProcessExit);
+                }
+                Item::Closed => break,
+            }
+        }
+        // Anyone still waiting in settle() must not hang on a stopped monitor.
+        *lock(&self.settled) = u64::MAX;
+        self.settled_cv.notify_all();
     }
 
     fn handle(&self, m: &raw::RawMsg, read_at: Instant) {
@@ -333,15 +382,10 @@ impl Shared {
                 );
             }
             raw::EVENT_FORK => {
-                // The kernel installed the child's uffd in our fd table.
+                // The kernel installed the child's uffd in our fd table when the reader read it.
                 let child = raw::adopt_fork_fd(m.arg[0] as u32 as i32);
                 self.hand_over_child(child);
-                reg.invalidate(
-                    VaRange::whole(),
-                    EventKind::Fork,
-                    EventSource::Userfaultfd,
-                    Some(read_at),
-                );
+                uffd_event(0, crate::VA_LIMIT, EventKind::Fork);
             }
             raw::EVENT_PAGEFAULT => {
                 reg.stats.unexpected_message();
@@ -375,32 +419,5 @@ impl Shared {
             // Closing releases the child's registrations, so its munmaps never wait for us.
             None => drop(child),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn r(s: u64, e: u64) -> VaRange {
-        VaRange::from_bounds(s, e).unwrap()
-    }
-
-    #[test]
-    fn coverage_merges_splits_and_answers() {
-        let mut c = Coverage::default();
-        c.add(r(0x1000, 0x3000));
-        c.add(r(0x3000, 0x5000));
-        c.add(r(0x8000, 0x9000));
-        assert_eq!(c.spans(), vec![(0x1000, 0x5000), (0x8000, 0x9000)]);
-        assert!(c.covers(r(0x2000, 0x4000)));
-        assert!(!c.covers(r(0x4000, 0x6000)));
-        c.remove(r(0x2000, 0x3000));
-        assert_eq!(
-            c.spans(),
-            vec![(0x1000, 0x2000), (0x3000, 0x5000), (0x8000, 0x9000)]
-        );
-        c.remove(r(0x0, 0x10000));
-        assert!(c.spans().is_empty());
     }
 }

@@ -466,18 +466,23 @@ mod loom_tests {
         );
     }
 
-    #[test]
-    fn loom_walker_racing_invalidation_never_installs_stale_entry() {
-        loom::model(|| {
+    /// One walker racing one invalidation that changes the CPU value from 1 to 2, either in the
+    /// kernel's order (tear down, change, end) or userfaultfd's (change, then the event).
+    fn race_walker_and_invalidation(change_before_event: bool) {
+        loom::model(move || {
             let n = Arc::new(Notifier::<()>::new());
             let d = dev(1);
             n.insert(d.clone()).unwrap();
             let cpu = Arc::new(AtomicUsize::new(1));
             let (n2, d2, cpu2) = (n.clone(), d.clone(), cpu.clone());
             let walker = loom::thread::spawn(move || fault_once(&n2, &d2, &cpu2));
-            // Kernel ordering (explicit API): tear down, change the CPU mapping, end.
+            if change_before_event {
+                cpu.store(2, Ordering::SeqCst);
+            }
             let t = n.invalidate_start(0, 0x1000, &());
-            cpu.store(2, Ordering::SeqCst);
+            if !change_before_event {
+                cpu.store(2, Ordering::SeqCst);
+            }
             n.invalidate_end(t);
             walker.join().unwrap();
             assert_not_stale(&d, &cpu);
@@ -485,21 +490,13 @@ mod loom_tests {
     }
 
     #[test]
+    fn loom_walker_racing_invalidation_never_installs_stale_entry() {
+        race_walker_and_invalidation(false);
+    }
+
+    #[test]
     fn loom_event_after_change_still_leaves_no_stale_entry() {
-        loom::model(|| {
-            let n = Arc::new(Notifier::<()>::new());
-            let d = dev(1);
-            n.insert(d.clone()).unwrap();
-            let cpu = Arc::new(AtomicUsize::new(1));
-            let (n2, d2, cpu2) = (n.clone(), d.clone(), cpu.clone());
-            let walker = loom::thread::spawn(move || fault_once(&n2, &d2, &cpu2));
-            // userfaultfd ordering: the CPU change happens first, the event is handled afterwards.
-            cpu.store(2, Ordering::SeqCst);
-            let t = n.invalidate_start(0, 0x1000, &());
-            n.invalidate_end(t);
-            walker.join().unwrap();
-            assert_not_stale(&d, &cpu);
-        });
+        race_walker_and_invalidation(true);
     }
 
     #[test]

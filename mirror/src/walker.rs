@@ -193,8 +193,28 @@ impl Walker {
 
     /// Per-page state and page size of `range`, without faulting or pinning.
     pub fn snapshot(&self, range: VaRange) -> Result<Snapshot> {
-        let mut pages = vec![NO_VMA; range.pages()];
         let mut entries = Vec::new();
+        self.walk_readable_vmas(range, |vma, clip, out| {
+            let thp_candidates = self.fill_from_pagemap(vma, clip, out, &mut entries)?;
+            if vma.kind != VmaKind::Hugetlb && self.caps.pagemap_scan {
+                for window in thp_candidates {
+                    let first = ((window.start() - clip.start()) / PAGE_SIZE) as usize;
+                    let slots = &mut out[first..first + window.pages()];
+                    self.mark_thp_and_zero(window, slots)?;
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Builds a snapshot of `range`: holes are `NoVma`, special and unreadable VMAs are errors,
+    /// and `fill(vma, clip, pages)` fills the pages of every other VMA's part of the range.
+    fn walk_readable_vmas(
+        &self,
+        range: VaRange,
+        mut fill: impl FnMut(&Vma, VaRange, &mut [PageInfo]) -> Result<()>,
+    ) -> Result<Snapshot> {
+        let mut pages = vec![NO_VMA; range.pages()];
         for vma in self.vmas.vmas(range)? {
             let Some(clip) = vma.range.intersect(&range) else {
                 continue;
@@ -206,20 +226,12 @@ impl Walker {
                 _ if !vma.perms.read => Some(PageError::NoAccess),
                 _ => None,
             };
-            if let Some(err) = blocked {
-                out.fill(PageInfo {
+            match blocked {
+                Some(err) => out.fill(PageInfo {
                     state: PageState::Error(err),
                     size: PageSize::Base,
-                });
-                continue;
-            }
-            let thp_candidates = self.fill_from_pagemap(&vma, clip, out, &mut entries)?;
-            if vma.kind != VmaKind::Hugetlb && self.caps.pagemap_scan {
-                for window in thp_candidates {
-                    let first = ((window.start() - clip.start()) / PAGE_SIZE) as usize;
-                    let slots = &mut out[first..first + window.pages()];
-                    self.mark_thp_and_zero(window, slots)?;
-                }
+                }),
+                None => fill(&vma, clip, out)?,
             }
         }
         Ok(Snapshot { range, pages })
@@ -240,26 +252,8 @@ impl Walker {
                         .into(),
             });
         }
-        let mut pages = vec![NO_VMA; range.pages()];
         let mut regions = vec![procfs::PageRegion::default(); 512];
-        for vma in self.vmas.vmas(range)? {
-            let Some(clip) = vma.range.intersect(&range) else {
-                continue;
-            };
-            let first = ((clip.start() - range.start()) / PAGE_SIZE) as usize;
-            let out = &mut pages[first..first + clip.pages()];
-            let blocked = match vma.kind {
-                VmaKind::Special => Some(PageError::Special),
-                _ if !vma.perms.read => Some(PageError::NoAccess),
-                _ => None,
-            };
-            if let Some(err) = blocked {
-                out.fill(PageInfo {
-                    state: PageState::Error(err),
-                    size: PageSize::Base,
-                });
-                continue;
-            }
+        self.walk_readable_vmas(range, |vma, clip, out| {
             let base_size = if vma.kind == VmaKind::Hugetlb {
                 PageSize::Hugetlb {
                     shift: vma.page_size.trailing_zeros() as u8,
@@ -325,8 +319,8 @@ impl Walker {
                 }
                 start = walk_end;
             }
-        }
-        Ok(Snapshot { range, pages })
+            Ok(())
+        })
     }
 
     fn fill_from_pagemap(

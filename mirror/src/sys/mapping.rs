@@ -43,31 +43,8 @@ impl Mapping {
     /// (EEXIST) instead of replacing anything already mapped there.
     pub fn anonymous_at(addr: u64, len: usize, prot: libc::c_int) -> Result<Self, Error> {
         let r = VaRange::new(addr, len as u64)?;
-        // SAFETY: MAP_FIXED_NOREPLACE never replaces an existing mapping, so no memory in use can
-        // be affected; the result is checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                r.start() as *mut libc::c_void,
-                len,
-                prot,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(Error::sys_range(
-                "mmap(MAP_FIXED_NOREPLACE)",
-                r.start(),
-                r.end(),
-                Errno::last(),
-            ));
-        }
-        let m = Mapping {
-            addr: ptr as u64,
-            len: len as u64,
-            released: false,
-        };
+        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE;
+        let m = Self::map_at(r.start(), len, prot, flags, None, 0)?;
         if m.addr != r.start() {
             // Kernels before 4.17 treat the flag as a hint.
             return Err(Error::InvalidArgument {
@@ -114,17 +91,30 @@ impl Mapping {
         fd: Option<BorrowedFd<'_>>,
         offset: u64,
     ) -> Result<Self, Error> {
+        Self::map_at(0, len, prot, flags, fd, offset)
+    }
+
+    /// `mmap` with a hint; MAP_FIXED is always stripped so nothing mapped can be replaced
+    /// (MAP_FIXED_NOREPLACE may be passed).
+    fn map_at(
+        hint: u64,
+        len: usize,
+        prot: libc::c_int,
+        flags: libc::c_int,
+        fd: Option<BorrowedFd<'_>>,
+        offset: u64,
+    ) -> Result<Self, Error> {
         if len == 0 {
             return Err(Error::InvalidArgument {
                 what: "mapping length must be non-zero",
             });
         }
         let raw_fd = fd.map_or(-1, |f| f.as_raw_fd());
-        // SAFETY: a NULL hint without MAP_FIXED lets the kernel pick fresh addresses, so no existing
-        // memory is replaced; the result is checked against MAP_FAILED.
+        // SAFETY: without MAP_FIXED the kernel never replaces an existing mapping (the hint is only
+        // a hint, and MAP_FIXED_NOREPLACE fails instead); the result is checked against MAP_FAILED.
         let ptr = unsafe {
             libc::mmap(
-                std::ptr::null_mut(),
+                hint as *mut libc::c_void,
                 len,
                 prot,
                 flags & !libc::MAP_FIXED,
