@@ -94,6 +94,11 @@ fn main() {
     let m = Mapping::anonymous(n * 4096, rw).unwrap();
     let _sub = mm.subscribe(m.range(), (), |_, _| {}).unwrap();
     mm.track(m.range()).unwrap();
+    let retrack = time(1001, || mm.track(m.range()).unwrap());
+    println!(
+        "track() of an already tracked 1-VMA range: {:.2} us median",
+        retrack.as_secs_f64() * 1e6
+    );
     mm.settle().unwrap();
     let before = mm.stats().event_latency;
     let mut op = Vec::with_capacity(n);

@@ -192,7 +192,7 @@ impl AddressSpace {
     }
 
     /// Subscribes `callback` to invalidations of `range`. The callback runs with the subscriber
-    /// lock held on `state` (after the sequence number was bumped) from the monitor thread or the
+    /// lock held on `state` (after the sequence number was bumped) from the monitor's worker thread or the
     /// thread making an explicit change; it must not return before the subscriber stopped using
     /// the range (device PTEs cleared, TLB invalidated and fenced), must not touch registered user
     /// memory and must not call munmap/madvise/mremap/fork on tracked memory.

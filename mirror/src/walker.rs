@@ -242,7 +242,7 @@ impl Walker {
     /// page of a private writable mapping is reported [`PageState::Write`] even when it is still
     /// copy-on-write shared (after fork), because only pagemap shows exclusivity. Meant for the
     /// fault path right after `fault(range, Access::Write)`, which breaks such sharing. Fails with
-    /// [`Error::Unsupported`] without PAGEMAP_SCAN (and guard-region reporting, kernel 6.14+).
+    /// [`Error::Unsupported`] without PAGEMAP_SCAN with PAGE_IS_GUARD (guard-region reporting).
     pub fn snapshot_fast(&self, range: VaRange) -> Result<Snapshot> {
         if !self.caps.scan_guard {
             return Err(Error::Unsupported {
