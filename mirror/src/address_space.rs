@@ -256,7 +256,7 @@ impl AddressSpace {
     /// UFFDIO_REGISTER per VMA (about 1-2 µs). Registration is always asked of the kernel rather
     /// than cached, because a VMA can be unmapped and replaced at the same address at any time.
     /// New mmaps are never registered automatically: call this before mapping a range on the
-    /// device. VMAs that cannot be registered and cannot be mirrored anyway ([vdso], [vvar],
+    /// device. VMAs that cannot be registered and cannot be mirrored anyway (`[vdso]`, `[vvar]`,
     /// VM_IO/VM_PFNMAP) are skipped.
     pub fn track(&self, range: VaRange) -> Result<()> {
         self.check_alive()?;

@@ -70,7 +70,7 @@ pub enum Error {
         /// The access that was requested.
         access: Access,
     },
-    /// The range contains a special mapping (VM_IO / VM_PFNMAP, e.g. a mapped BAR, or [vvar]),
+    /// The range contains a special mapping (VM_IO / VM_PFNMAP, e.g. a mapped BAR, or `[vvar]`),
     /// which a device mirror refuses.
     #[error("special mapping (VM_IO/VM_PFNMAP) at [{start:#x}, {end:#x}) refused")]
     SpecialMapping {

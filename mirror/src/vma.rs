@@ -22,7 +22,7 @@ pub enum VmaKind {
     File,
     /// hugetlbfs (MAP_HUGETLB or a hugetlbfs file); see [`Vma::page_size`].
     Hugetlb,
-    /// VM_IO / VM_PFNMAP (a device BAR, [vvar]): never mirrored.
+    /// VM_IO / VM_PFNMAP (a device BAR, `[vvar]`): never mirrored.
     Special,
 }
 

@@ -1,4 +1,5 @@
-//! Raw kernel interfaces: the only place (with [`crate::mm_ops`]) where this crate uses `unsafe`.
+//! Raw kernel interfaces: with the private `mm_ops` module (the mapping-changing wrappers), the
+//! only place where this crate uses `unsafe`.
 //!
 //! Each binding checks its return value and turns a failure into [`crate::Error`] with the name of
 //! the operation, so callers above this module never see a bare errno.
