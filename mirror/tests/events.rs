@@ -20,18 +20,6 @@ fn handles_are_send_and_sync() {
     check::<mirror::Walker>();
 }
 
-fn uffd_mm() -> Option<AddressSpace> {
-    let mm = mm();
-    if mm.capabilities().uffd.is_none() {
-        println!(
-            "SKIP: userfaultfd unavailable: {:?}",
-            mm.capabilities().degraded
-        );
-        return None;
-    }
-    Some(mm)
-}
-
 fn kinds(log: &[Invalidation]) -> Vec<(EventKind, VaRange, EventSource)> {
     log.iter().map(|i| (i.kind, i.range, i.source)).collect()
 }

@@ -9,18 +9,6 @@ use std::time::Duration;
 use common::*;
 use mirror::Mapping;
 
-fn uffd_mm() -> Option<mirror::AddressSpace> {
-    let mm = mm();
-    if mm.capabilities().uffd.is_none() {
-        println!(
-            "SKIP: userfaultfd unavailable: {:?}",
-            mm.capabilities().degraded
-        );
-        return None;
-    }
-    Some(mm)
-}
-
 #[test]
 fn faults_racing_munmap_leave_no_entry_for_the_unmapped_half() {
     // The hmm-tests anon_teardown port: device faults race a munmap of half the buffer; after the

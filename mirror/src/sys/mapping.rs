@@ -25,7 +25,14 @@ pub struct Mapping {
 impl Mapping {
     /// Maps `len` bytes of private anonymous memory with protection `prot` (`libc::PROT_*`).
     pub fn anonymous(len: usize, prot: libc::c_int) -> Result<Self, Error> {
-        Self::map(len, prot, libc::MAP_PRIVATE | libc::MAP_ANONYMOUS, None, 0)
+        Self::map_at(
+            0,
+            len,
+            prot,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            None,
+            0,
+        )
     }
 
     /// Maps memory with explicit `mmap` flags (`libc::MAP_*`), optionally backed by `fd` at `offset`.
@@ -36,7 +43,7 @@ impl Mapping {
         fd: Option<BorrowedFd<'_>>,
         offset: u64,
     ) -> Result<Self, Error> {
-        Self::map(len, prot, flags, fd, offset)
+        Self::map_at(0, len, prot, flags, fd, offset)
     }
 
     /// Maps private anonymous memory at exactly `addr` with MAP_FIXED_NOREPLACE, which fails
@@ -82,16 +89,6 @@ impl Mapping {
             len: len as u64,
             released: false,
         })
-    }
-
-    fn map(
-        len: usize,
-        prot: libc::c_int,
-        flags: libc::c_int,
-        fd: Option<BorrowedFd<'_>>,
-        offset: u64,
-    ) -> Result<Self, Error> {
-        Self::map_at(0, len, prot, flags, fd, offset)
     }
 
     /// `mmap` with a hint; MAP_FIXED is always stripped so nothing mapped can be replaced

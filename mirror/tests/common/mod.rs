@@ -14,6 +14,19 @@ pub fn mm() -> AddressSpace {
     AddressSpace::current(Config::default()).expect("address space with userfaultfd")
 }
 
+/// An address space with userfaultfd events, or `None` after printing why the test is skipped.
+pub fn uffd_mm() -> Option<AddressSpace> {
+    let mm = mm();
+    if mm.capabilities().uffd.is_none() {
+        println!(
+            "SKIP: userfaultfd unavailable: {:?}",
+            mm.capabilities().degraded
+        );
+        return None;
+    }
+    Some(mm)
+}
+
 /// A subscription whose state records every invalidation it receives.
 pub fn recorder(mm: &AddressSpace, range: VaRange) -> Subscription<Vec<Invalidation>> {
     mm.subscribe(range, Vec::new(), |log: &mut Vec<Invalidation>, inv| {
