@@ -139,9 +139,23 @@ impl AddressSpace {
         if !walker_caps.pagemap_scan {
             degraded.push("PAGEMAP_SCAN unavailable: THP reported as base pages".into());
         }
+        if !walker_caps.pfn_visible {
+            degraded.push(
+                "pagemap hides PFNs (no CAP_SYS_ADMIN): the zero page is recognised through \
+                 PAGEMAP_SCAN"
+                    .into(),
+            );
+        }
         let (uffd, uffd_caps) = if config.userfaultfd {
             match crate::uffd::open(uffd) {
                 Ok((fd, caps)) => {
+                    if caps.user_mode_only {
+                        degraded.push(
+                            "userfaultfd created with UFFD_USER_MODE_ONLY \
+                             (vm.unprivileged_userfaultfd=0)"
+                                .into(),
+                        );
+                    }
                     if !caps.fork_events {
                         degraded.push(
                             "no FORK events (needs CAP_SYS_PTRACE, or the sender initialised the \

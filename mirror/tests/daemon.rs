@@ -212,3 +212,52 @@ fn for_process_rejects_bad_pids() {
         Err(Error::Released) | Err(Error::Sys { .. })
     ));
 }
+
+#[test]
+fn unprivileged_process_degrades_as_documented() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let euid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|v| v.split_whitespace().nth(1))
+        .unwrap_or("");
+    if euid != "0" {
+        println!("SKIP unprivileged degradation: needs root to drop to uid 65534");
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_mirror-uffd-client"))
+        .arg("--unprivileged-report")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let get = |k: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .map(str::to_string)
+    };
+    // PFNs are hidden from an unprivileged pagemap reader: the zero page is still recognised,
+    // through PAGEMAP_SCAN.
+    assert_eq!(get("pfn_visible").as_deref(), Some("false"), "{text}");
+    assert!(text.contains("degraded=pagemap hides PFNs"), "{text}");
+    assert_eq!(get("page0").as_deref(), Some("Zero"), "{text}");
+    assert_eq!(get("page1").as_deref(), Some("Write"), "{text}");
+    if get("uffd").as_deref() == Some("true") {
+        // vm.unprivileged_userfaultfd=0 forces user-mode-only; FORK needs CAP_SYS_PTRACE.
+        assert_eq!(get("fork_events").as_deref(), Some("false"), "{text}");
+        assert_eq!(get("user_mode_only").as_deref(), Some("true"), "{text}");
+        assert!(
+            text.contains("degraded=userfaultfd created with UFFD_USER_MODE_ONLY"),
+            "{text}"
+        );
+        assert!(text.contains("degraded=no FORK events"), "{text}");
+        assert_eq!(get("events").as_deref(), Some("[Discard]"), "{text}");
+    } else {
+        assert!(text.contains("degraded=userfaultfd unavailable"), "{text}");
+        assert!(get("track_error").is_some(), "{text}");
+    }
+}

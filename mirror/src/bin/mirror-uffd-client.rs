@@ -1,7 +1,9 @@
 //! Test helper: a "client" process that hands its userfaultfd to a "daemon" (the test) over a
 //! Unix socket, then changes its own mappings on command so the daemon sees the events.
 //!
-//! Usage: `mirror-uffd-client SOCKET_PATH`. Protocol on the stream: the client sends
+//! Usage: `mirror-uffd-client SOCKET_PATH`, or `mirror-uffd-client --unprivileged-report`, which
+//! drops to uid/gid 65534, mirrors itself and prints `key=value` lines describing how the crate
+//! degraded (for the degradation test). Protocol on the stream: the client sends
 //! (uffd, payload = region address and length, 16 bytes little endian); then for each command
 //! byte it acts and answers `k` (or `e` on failure):
 //! `d` discard page 0, `u` unmap page 1, `m` move pages 2..4 elsewhere (REMAP + UNMAP),
@@ -22,10 +24,49 @@ fn main() {
     }
 }
 
+fn unprivileged_report() -> Result<(), Box<dyn std::error::Error>> {
+    mirror::sys::process::become_unprivileged(65534, 65534)?;
+    let mm = mirror::AddressSpace::current(mirror::Config::default())?;
+    let caps = mm.capabilities();
+    println!("uffd={}", caps.uffd.is_some());
+    if let Some(u) = &caps.uffd {
+        println!("fork_events={}", u.fork_events);
+        println!("user_mode_only={}", u.user_mode_only);
+    }
+    println!("pfn_visible={}", caps.walker.pfn_visible);
+    for note in &caps.degraded {
+        println!("degraded={note}");
+    }
+    let page = PAGE_SIZE as usize;
+    let m = Mapping::anonymous(2 * page, libc::PROT_READ | libc::PROT_WRITE)?;
+    let _ = m.read_byte(0);
+    m.write_byte(page, 1);
+    let snap = mm.snapshot(m.range())?;
+    println!("page0={:?}", snap.pages()[0].state);
+    println!("page1={:?}", snap.pages()[1].state);
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = log.clone();
+    let _sub = mm.subscribe(m.range(), (), move |_, inv| {
+        l.lock().unwrap().push(inv.kind)
+    })?;
+    match mm.track(m.range()) {
+        Ok(()) => {
+            m.discard(page, page)?;
+            mm.settle()?;
+            println!("events={:?}", log.lock().unwrap());
+        }
+        Err(e) => println!("track_error={e}"),
+    }
+    Ok(())
+}
+
 fn run() -> Result<(), Box<dyn std::error::Error>> {
     let path = std::env::args()
         .nth(1)
         .ok_or("usage: mirror-uffd-client SOCKET_PATH")?;
+    if path == "--unprivileged-report" {
+        return unprivileged_report();
+    }
     let mut sock = UnixStream::connect(path)?;
     let page = PAGE_SIZE as usize;
     let region = Mapping::anonymous(PAGES * page, libc::PROT_READ | libc::PROT_WRITE)?;
