@@ -408,7 +408,21 @@ impl AddressSpace {
 
 impl Drop for AddressSpace {
     fn drop(&mut self) {
-        // Stop the monitor first so no event races the release, then close the fds (the monitor's
+        // Unregister everything while the reader still reads: once it stops, an event on a still
+        // registered range would block its thread until the uffd is closed, and a fork (which
+        // holds the malloc locks meanwhile) could then deadlock with this thread's frees.
+        if let Ok(uffd) = self.uffd() {
+            match self.walker.vmas(VaRange::whole()) {
+                Ok(vmas) => {
+                    for vma in vmas.iter().filter(|v| v.kind != VmaKind::Special) {
+                        // EINVAL: [vdso] or another uffd's range; neither is ours.
+                        let _ = raw::unregister(uffd.as_fd(), vma.range.start(), vma.range.len());
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "no VMA list at drop; relying on close"),
+            }
+        }
+        // Stop the monitor so no event races the release, then close the fds (the monitor's
         // shared state owns them).
         let monitor = self.monitor.take();
         drop(monitor);
