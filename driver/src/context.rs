@@ -334,8 +334,19 @@ impl ContextCore {
         } else {
             Access::Read
         };
-        if let Err(e) = self.mm.track(range) {
-            tracing::debug!(error = %e, ?range, "could not register the range for CPU events");
+        // Register 2 MiB-aligned (within the VMAs): registering splits the VMA at the range's
+        // ends, and a split inside a 2 MiB THP would break it into 4 KiB pages.
+        let vma_start = vmas.first().map_or(start, |v| v.range.start());
+        let vma_end = vmas.last().map_or(end, |v| v.range.end());
+        let track = VaRange::from_bounds(
+            (start & !(LARGE_PAGE_SIZE - 1)).max(vma_start),
+            end.div_ceil(LARGE_PAGE_SIZE)
+                .saturating_mul(LARGE_PAGE_SIZE)
+                .min(vma_end),
+        )
+        .unwrap_or(range);
+        if let Err(e) = self.mm.track(track) {
+            tracing::debug!(error = %e, ?track, "could not register the range for CPU events");
         }
         let result = self.sub.mirror_range(
             |_seq| Ok(self.walk(range, access)),
@@ -371,6 +382,16 @@ impl ContextCore {
 
     /// The range to map and whether it is one 2 MiB page, if every page is present with the
     /// access; `None` if some page is not.
+    /// PAGEMAP_SCAN-only snapshot (a few ns/page) where the kernel supports it. It may call a
+    /// copy-on-write page still shared after a fork `Write`; the pages were just populated for
+    /// the access, and a write pin breaks any such sharing anyway.
+    fn quick_snapshot(&self, range: VaRange) -> Result<mirror::Snapshot, mirror::Error> {
+        match self.mm.snapshot_fast(range) {
+            Err(mirror::Error::Unsupported { .. }) => self.mm.snapshot(range),
+            other => other,
+        }
+    }
+
     fn present(
         &self,
         range: VaRange,
@@ -382,7 +403,7 @@ impl ContextCore {
             let block = range.start() & !(LARGE_PAGE_SIZE - 1);
             if range.end() <= block + LARGE_PAGE_SIZE {
                 if let Ok(block_range) = VaRange::new(block, LARGE_PAGE_SIZE) {
-                    if let Ok(snap) = self.mm.snapshot(block_range) {
+                    if let Ok(snap) = self.quick_snapshot(block_range) {
                         let want = if access == Access::Write {
                             PageState::Write
                         } else {
@@ -401,7 +422,7 @@ impl ContextCore {
             }
         }
         if !large {
-            let snap = self.mm.snapshot(range)?;
+            let snap = self.quick_snapshot(range)?;
             let ok = snap.pages().iter().all(|p| match access {
                 Access::Write => p.state == PageState::Write,
                 Access::Read => matches!(
