@@ -121,8 +121,7 @@ impl KernelVfioBackend {
             && bar0_flags & b::VFIO_REGION_INFO_FLAG_CAPS == 0
         {
             let (offset, size) = bars[0];
-            // SAFETY: the device fd lives as long as `device`; the borrow ends before it moves.
-            let fd = unsafe { BorrowedFd::borrow_raw(device.as_raw_fd()) };
+            let fd = raw::borrow_fd(&device);
             match raw::MappedBar::map(fd, offset, size) {
                 Ok(m) => Some(m),
                 Err(e) => {
@@ -168,8 +167,7 @@ impl KernelVfioBackend {
     }
 
     fn device_fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: the device fd lives as long as `self.device`, which outlives the borrow.
-        unsafe { BorrowedFd::borrow_raw(self.device.as_raw_fd()) }
+        raw::borrow_fd(&self.device)
     }
 
     fn bar_offset(&self, bar: u32, offset: u64, len: usize) -> Result<u64, BackendError> {
@@ -194,8 +192,7 @@ trait AsFdCompat {
 
 impl AsFdCompat for VfioContainer {
     fn as_fd_compat(&self) -> BorrowedFd<'_> {
-        // SAFETY: the container's fd lives as long as the container.
-        unsafe { BorrowedFd::borrow_raw(self.as_raw_fd()) }
+        raw::borrow_fd(self)
     }
 }
 

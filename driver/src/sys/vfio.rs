@@ -17,6 +17,12 @@ const VFIO_IOMMU_GET_INFO: libc::c_ulong = vfio_io(12);
 const VFIO_IOMMU_MAP_DMA: libc::c_ulong = vfio_io(13);
 const VFIO_IOMMU_UNMAP_DMA: libc::c_ulong = vfio_io(14);
 
+/// Borrow the fd of a vfio-ioctls object, which exposes only `AsRawFd`.
+pub fn borrow_fd<T: AsRawFd>(owner: &T) -> BorrowedFd<'_> {
+    // SAFETY: the fd belongs to `owner` and stays open for as long as `owner` is borrowed.
+    unsafe { BorrowedFd::borrow_raw(owner.as_raw_fd()) }
+}
+
 /// What `VFIO_IOMMU_GET_INFO` reports.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct IommuInfo {
