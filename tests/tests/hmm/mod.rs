@@ -1,0 +1,1366 @@
+//! The port of the kernel's `tools/testing/selftests/mm/hmm-tests.c` (run there against
+//! `lib/test_hmm.c`, "dmirror") to the real stack: driver + a device backend. Every case takes a
+//! freshly opened runtime, so the per-runtime counters (fault service, IOVA space) are ours alone;
+//! `hmm_suite!(open_fn)` instantiates the whole suite for one backend (see `hmm_conformance.rs`).
+//!
+//! dmirror's counters map onto ours like this:
+//! * `faults` (fault-service rounds of one device access) = `ContextStats::faults` on a context
+//!   whose fault-around block covers the whole buffer (`hmm_ctx`): the device stalls at its first
+//!   miss, posts one record, and one service run maps `[buffer start, end)`, like `dmirror_fault`
+//!   over `[first miss, end)`. A second access to a populated range adds 0.
+//! * `cpages` (pages the device touched) = `ContextStats::pages_mapped` growth, cross-checked with
+//!   the fault service's `pages_serviced` and the data itself.
+//!
+//! The device's "read" of a buffer is a `Copy` into a bounce buffer (dmirror's `cmd.ptr`), which is
+//! prefaulted so that only the buffer under test faults; a device "write" is a `Copy` from it.
+
+#![allow(dead_code)]
+
+use std::io::Write as _;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use driver::context::ContextOptions;
+use driver::fault::CancelReason;
+use driver::runtime::{Op, Runtime};
+use driver::{Context, Error};
+use mirror::{Mapping, PageError, PageSize as CpuPageSize, PageState, Perms, VaRange};
+
+pub const PAGE: usize = 4096;
+/// hmm-tests' HMM_BUFFER_SIZE: 1024 pages.
+pub const BUF: usize = 1024 * PAGE;
+pub const NPAGES: u64 = (BUF / PAGE) as u64;
+/// hmm-tests' NTIMES.
+pub const NTIMES: usize = 10;
+pub const TWOMEG: usize = 2 << 20;
+pub const RW: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+
+/// A context whose fault-around block is the whole (aligned) test buffer: one device access to a
+/// fresh buffer is serviced by one fault, like dmirror_fault over `[first miss, end)`.
+pub fn hmm_ctx(rt: &Arc<Runtime>) -> Context {
+    rt.create_context_with(ContextOptions {
+        fault_around: BUF as u64,
+        ..Default::default()
+    })
+    .expect("create context")
+}
+
+/// A context that maps exactly the faulting pages (no fault-around): for buffers not aligned to
+/// a block, whose VMA may have merged with a neighbour's memory.
+pub fn exact_ctx(rt: &Arc<Runtime>) -> Context {
+    rt.create_context_with(ContextOptions {
+        fault_around: 0,
+        ..Default::default()
+    })
+    .expect("create context")
+}
+
+/// A test buffer aligned to its own size (so the fault-around block is exactly the buffer).
+pub fn buffer(prot: libc::c_int) -> Mapping {
+    Mapping::anonymous_aligned(BUF, BUF, prot).expect("mmap test buffer")
+}
+
+/// The bounce buffer ("mirror" in hmm-tests), already device-mapped for writing.
+pub fn bounce(ctx: &Context, len: usize) -> Mapping {
+    let m = Mapping::anonymous(len, RW).expect("mmap bounce buffer");
+    ctx.prefault(m.addr(), len as u64, true)
+        .expect("prefault the bounce buffer");
+    m
+}
+
+pub fn run(ctx: &Context, op: Op) -> Result<u64, Error> {
+    // SAFETY: every range in these tests is a Mapping (or raw mmap) that no Rust reference points
+    // into while the device works on it.
+    let t = unsafe { ctx.submit(op)? };
+    ctx.wait(t)
+}
+
+/// Device read of `len` bytes at `src` into `dst` (dmirror READ).
+pub fn device_read(ctx: &Context, src: u64, dst: u64, len: usize) -> Result<u64, Error> {
+    run(
+        ctx,
+        Op::Copy {
+            dst,
+            src,
+            len: len as u64,
+        },
+    )
+}
+
+/// Device write of `len` bytes from `src` to `dst` (dmirror WRITE).
+pub fn device_write(ctx: &Context, dst: u64, src: u64, len: usize) -> Result<u64, Error> {
+    device_read(ctx, src, dst, len)
+}
+
+pub fn device_checksum(ctx: &Context, src: u64, len: usize) -> Result<u64, Error> {
+    run(
+        ctx,
+        Op::Checksum {
+            src,
+            len: len as u64,
+        },
+    )
+}
+
+pub fn device_fill(ctx: &Context, dst: u64, len: usize, pattern: u64) -> Result<u64, Error> {
+    run(
+        ctx,
+        Op::Fill {
+            dst,
+            len: len as u64,
+            pattern,
+        },
+    )
+}
+
+/// FNV-1a of CPU memory at a raw address (read with volatile loads).
+pub fn cpu_checksum(addr: u64, len: usize) -> u64 {
+    let mut state = accel_abi::FNV_OFFSET;
+    for i in 0..len {
+        // SAFETY: callers pass readable mapped memory.
+        let b = unsafe { std::ptr::read_volatile((addr as *const u8).add(i)) };
+        state = accel_abi::fnv1a_update(state, &[b]);
+    }
+    state
+}
+
+pub fn write_u32(m: &Mapping, index: usize, value: u32) {
+    // SAFETY: in bounds of a writable mapping that no reference points into.
+    unsafe { std::ptr::write_volatile((m.as_ptr() as *mut u32).add(index), value) }
+}
+
+pub fn read_u32(m: &Mapping, index: usize) -> u32 {
+    // SAFETY: in bounds of a readable mapping.
+    unsafe { std::ptr::read_volatile((m.as_ptr() as *const u32).add(index)) }
+}
+
+pub fn read_u32_at(addr: u64, index: usize) -> u32 {
+    // SAFETY: callers pass readable mapped memory.
+    unsafe { std::ptr::read_volatile((addr as *const u32).add(index)) }
+}
+
+pub fn ints(m: &Mapping) -> usize {
+    m.len() / 4
+}
+
+pub fn is_cancel(err: &Error, want: CancelReason) -> bool {
+    matches!(err, Error::Cancelled { reason } if *reason == want)
+}
+
+/// A device error a racing CPU change may legitimately cause: the item was cancelled (no
+/// mapping any more) or the device's DMA was refused. Timeouts and anything else are not clean.
+pub fn is_clean_race_error(err: &Error) -> bool {
+    matches!(err, Error::Cancelled { .. } | Error::CommandFailed { .. })
+}
+
+pub fn strict_mprotect(ctx: &Context, range: VaRange, perms: Perms) {
+    // SAFETY: test-owned range; no reference relies on the removed access.
+    unsafe { ctx.address_space().mprotect(range, perms).unwrap() }
+}
+
+fn raw_mprotect(addr: u64, len: usize, prot: libc::c_int) {
+    // SAFETY: test-owned range.
+    let r = unsafe { libc::mprotect(addr as *mut libc::c_void, len, prot) };
+    assert_eq!(r, 0, "mprotect: {}", std::io::Error::last_os_error());
+}
+
+fn iova_footprint(rt: &Arc<Runtime>) -> (u64, usize) {
+    let iova = rt.device().dma().iova();
+    (iova.used_bytes(), iova.allocations())
+}
+
+fn has_uffd(ctx: &Context, case: &str) -> bool {
+    if ctx.address_space().capabilities().uffd.is_none() {
+        eprintln!("SKIP {case}: no userfaultfd here");
+        return false;
+    }
+    true
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2.1 Basic mirror faults on system memory
+
+/// Port of `open_close`: open the device, create a context, close both; nothing stays mapped.
+pub fn open_close(rt: Arc<Runtime>) {
+    let m = buffer(RW);
+    let cycle = |rt: &Arc<Runtime>| {
+        let ctx = hmm_ctx(rt);
+        let s = ctx.stats();
+        assert_eq!(
+            (s.mappings, s.mapped_bytes, s.pinned_bytes),
+            (0, 0, 0),
+            "{s:?}"
+        );
+        device_fill(&ctx, m.addr(), PAGE, 1).unwrap();
+        assert!(ctx.stats().mapped_bytes > 0);
+        drop(ctx);
+    };
+    // The first context makes the device allocate its page-table pool (kept for the device's
+    // lifetime); from then on every open/close cycle returns the IOVA space to the same state.
+    cycle(&rt);
+    let baseline = iova_footprint(&rt);
+    for _ in 0..4 {
+        cycle(&rt);
+        assert_eq!(
+            iova_footprint(&rt),
+            baseline,
+            "closing the context gave back every IOVA range"
+        );
+    }
+    assert_eq!(rt.device().in_flight(), 0);
+    // The device can be closed too (the runtime's drop joins the service thread).
+    drop(rt);
+}
+
+/// Port of `anon_read`: page 0 untouched, page 1 the zero page, pages 2.. hold `i`, everything
+/// read-only; one device read of all pages: one fault, every page copied, the data right.
+pub fn anon_read(rt: Arc<Runtime>) {
+    let ctx = hmm_ctx(&rt);
+    let m = buffer(RW);
+    let mirror = bounce(&ctx, BUF);
+    for i in 2 * PAGE / 4..ints(&m) {
+        write_u32(&m, i, i as u32);
+    }
+    assert_eq!(m.read_byte(PAGE), 0, "page 1 read: the shared zero page");
+    strict_mprotect(&ctx, m.range(), Perms::READ);
+    let before = ctx.stats();
+    let serviced = rt.service().stats().pages_serviced.load(Ordering::Relaxed);
+    device_read(&ctx, m.addr(), mirror.addr(), BUF).unwrap();
+    let after = ctx.stats();
+    assert_eq!(after.faults - before.faults, 1, "faults == 1: {after:?}");
+    assert_eq!(
+        after.pages_mapped - before.pages_mapped,
+        NPAGES,
+        "cpages == npages"
+    );
+    assert!(rt.service().stats().pages_serviced.load(Ordering::Relaxed) > serviced);
+    for i in 0..ints(&mirror) {
+        let want = if i < 2 * PAGE / 4 { 0 } else { i as u32 };
+        assert_eq!(read_u32(&mirror, i), want, "int {i}");
+    }
+    let t = ctx.device_translation(m.addr()).expect("mapped");
+    assert!(!t.perms.write, "a read-only VMA is mapped read-only");
+}
+
+/// Port of `anon_read_prot`: PROT_NONE memory cannot be read by the device; nothing is copied,
+/// nothing is mapped, and the CPU data survives.
+pub fn anon_read_prot(rt: Arc<Runtime>) {
+    let ctx = hmm_ctx(&rt);
+    let m = buffer(RW);
+    let mirror = bounce(&ctx, BUF);
+    for i in 0..ints(&m) {
+        write_u32(&m, i, i as u32);
+        write_u32(&mirror, i, (i as u32).wrapping_neg());
+    }
+    strict_mprotect(&ctx, m.range(), Perms::NONE);
+    let before = ctx.stats();
+    let err = device_read(&ctx, m.addr(), mirror.addr(), BUF).unwrap_err();
+    assert!(is_cancel(&err, CancelReason::NoMapping), "-EFAULT: {err}");
+    let after = ctx.stats();
+    assert_eq!(
+        after.pages_mapped, before.pages_mapped,
+        "nothing mapped: {after:?}"
+    );
+    assert_eq!(after.mapped_bytes, before.mapped_bytes);
+    assert!(ctx.device_translation(m.addr()).is_none());
+    strict_mprotect(&ctx, m.range(), Perms::READ);
+    for i in 0..ints(&m) {
+        assert_eq!(read_u32(&m, i), i as u32, "CPU data intact at {i}");
+        assert_eq!(
+            read_u32(&mirror, i),
+            (i as u32).wrapping_neg(),
+            "device wrote nothing"
+        );
+    }
+}
+
+/// Port of `anon_write`: a device write into fresh memory: one fault, every page, CPU sees it.
+pub fn anon_write(rt: Arc<Runtime>) {
+    let ctx = hmm_ctx(&rt);
+    let m = buffer(RW);
+    let mirror = bounce(&ctx, BUF);
+    for i in 0..ints(&mirror) {
+        write_u32(&mirror, i, i as u32);
+    }
+    let before = ctx.stats();
+    device_write(&ctx, m.addr(), mirror.addr(), BUF).unwrap();
+    let after = ctx.stats();
+    assert_eq!(after.faults - before.faults, 1, "{after:?}");
+    assert_eq!(after.pages_mapped - before.pages_mapped, NPAGES);
+    for i in 0..ints(&m) {
+        assert_eq!(read_u32(&m, i), i as u32, "int {i}");
+    }
+    assert!(ctx.device_translation(m.addr()).unwrap().perms.write);
+}
+
+/// Port of `anon_write_prot` (adapted): read-only memory: a device read maps it read-only, a
+/// device write is refused (-EPERM) and changes nothing; after `mprotect(RW)` and the explicit
+/// `protect` that reports it (mprotect has no userfaultfd event), the write succeeds with one
+/// fault: the read-only device entry is upgraded.
+pub fn anon_write_prot(rt: Arc<Runtime>) {
+    let ctx = hmm_ctx(&rt);
+    let m = buffer(libc::PROT_READ);
+    let mirror = bounce(&ctx, BUF);
+    let before = ctx.stats();
+    device_read(&ctx, m.addr(), mirror.addr(), PAGE).unwrap();
+    assert_eq!(ctx.stats().faults - before.faults, 1);
+    assert_eq!(read_u32(&mirror, 0), 0);
+    for i in 0..ints(&mirror) {
+        write_u32(&mirror, i, i as u32);
+    }
+    let err = device_write(&ctx, m.addr(), mirror.addr(), BUF).unwrap_err();
+    assert!(is_cancel(&err, CancelReason::Permission), "-EPERM: {err}");
+    for i in (0..ints(&m)).step_by(97) {
+        assert_eq!(read_u32(&m, i), 0, "nothing written at {i}");
+    }
+    raw_mprotect(m.addr(), BUF, RW);
+    ctx.address_space()
+        .protect(m.range(), Perms::READ_WRITE)
+        .unwrap();
+    let before = ctx.stats();
+    device_write(&ctx, m.addr(), mirror.addr(), BUF).unwrap();
+    let after = ctx.stats();
+    assert_eq!(after.faults - before.faults, 1, "{after:?}");
+    assert_eq!(after.pages_mapped - before.pages_mapped, NPAGES);
+    for i in 0..ints(&m) {
+        assert_eq!(read_u32(&m, i), i as u32, "int {i}");
+    }
+    assert!(ctx.device_translation(m.addr()).unwrap().perms.write);
+}
+
+fn memfd(name: &str, len: usize) -> OwnedFd {
+    let cname = std::ffi::CString::new(name).unwrap();
+    // SAFETY: a valid C string; the returned fd is owned below.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), 0) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: fd is a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: plain ftruncate on our fd.
+    assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) }, 0);
+    fd
+}
+
+/// An `O_TMPFILE` in the temporary directory (what hmm-tests uses), if the file system allows it.
+fn tmpfile(len: usize) -> Option<(OwnedFd, String)> {
+    let dir = std::env::temp_dir();
+    let cdir = std::ffi::CString::new(dir.to_str()?).ok()?;
+    // SAFETY: a valid C string; the fd is owned below.
+    let fd = unsafe { libc::open(cdir.as_ptr(), libc::O_TMPFILE | libc::O_RDWR, 0o600) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: plain ftruncate on our fd.
+    assert_eq!(unsafe { libc::ftruncate(fd.as_raw_fd(), len as i64) }, 0);
+    let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs fills the struct.
+    unsafe { libc::fstatfs(fd.as_raw_fd(), &mut sfs) };
+    Some((fd, format!("{} (f_type {:#x})", dir.display(), sfs.f_type)))
+}
+
+/// A shared mapping of `fd`, placed over a reservation aligned to `len` (so the fault-around block
+/// of `hmm_ctx` is exactly the mapping).
+fn map_file(fd: &OwnedFd, len: usize, prot: libc::c_int) -> u64 {
+    let at = Mapping::anonymous_aligned(len, len, libc::PROT_NONE)
+        .unwrap()
+        .forget();
+    // SAFETY: replaces our own reservation with a shared file mapping.
+    let p = unsafe {
+        libc::mmap(
+            at.start() as *mut libc::c_void,
+            len,
+            prot,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    assert_ne!(
+        p,
+        libc::MAP_FAILED,
+        "mmap file: {}",
+        std::io::Error::last_os_error()
+    );
+    p as u64
+}
+
+fn unmap_strict(ctx: &Context, addr: u64, len: usize) {
+    // SAFETY: test-owned raw mapping, nothing refers into it any more.
+    unsafe {
+        ctx.address_space()
+            .munmap(VaRange::new(addr, len as u64).unwrap())
+            .unwrap()
+    }
+}
+
+fn pwrite_ints(fd: &OwnedFd, n: usize) {
+    let bytes: Vec<u8> = (0..n as u32).flat_map(|i| i.to_ne_bytes()).collect();
+    let mut f = std::fs::File::from(fd.try_clone().unwrap());
+    f.write_all(&bytes).unwrap();
+}
+
+fn file_read_on(ctx: &Context, fd: &OwnedFd, what: &str) {
+    pwrite_ints(fd, BUF / 4);
+    let addr = map_file(fd, BUF, libc::PROT_READ);
+    let mirror = bounce(ctx, BUF);
+    let before = ctx.stats();
+    device_read(ctx, addr, mirror.addr(), BUF).unwrap();
+    let after = ctx.stats();
+    assert_eq!(after.faults - before.faults, 1, "{what}: {after:?}");
+    assert_eq!(
+        after.pages_mapped - before.pages_mapped,
+        NPAGES,
+        "{what}: {after:?}"
+    );
+    for i in 0..BUF / 4 {
+        assert_eq!(read_u32(&mirror, i), i as u32, "{what}: int {i}");
+    }
+    unmap_strict(ctx, addr, BUF);
+}
+
+/// Port of `file_read`: a shared read-only file mapping (O_TMPFILE as in hmm-tests, and a memfd)
+/// is read by the device: one fault, every page, the file's data.
+pub fn file_read(rt: Arc<Runtime>) {
+    let ctx = hmm_ctx(&rt);
+    file_read_on(&ctx, &memfd("hmm-file-read", BUF), "memfd");
+    match tmpfile(BUF) {
+        Some((fd, fs)) => file_read_on(&ctx, &fd, &fs),
+        None => {
+            eprintln!("SKIP file_read O_TMPFILE part: the temporary directory refuses O_TMPFILE")
+        }
+    }
+}
+
+fn file_write_on(ctx: &Context, fd: &OwnedFd, what: &str) {
+    let addr = map_file(fd, BUF, RW);
+    let mirror = bounce(ctx, BUF);
+    for i in 0..ints(&mirror) {
+        write_u32(&mirror, i, i as u32);
+    }
+    device_write(ctx, addr, mirror.addr(), BUF).unwrap();
+    for i in 0..BUF / 4 {
+        assert_eq!(read_u32_at(addr, i), i as u32, "{what}: CPU int {i}");
+    }
+    let mut back = vec![0u8; BUF];
+    // SAFETY: pread into our own buffer.
+    let n = unsafe { libc::pread(fd.as_raw_fd(), back.as_mut_ptr().cast(), BUF, 0) };
+    assert_eq!(n, BUF as isize);
+    for i in 0..BUF / 4 {
+        let v = u32::from_ne_bytes(back[4 * i..4 * i + 4].try_into().unwrap());
+        assert_eq!(v, i as u32, "{what}: pread int {i}");
+    }
+    unmap_strict(ctx, addr, BUF);
+}
+
+/// Port of `file_write` (adapted): device write into a shared memfd (shmem) mapping; the CPU and
+/// `pread` see the data. The O_TMPFILE part runs on whatever the temporary directory is: the
+/// in-process backend reaches memory with process_vm_writev and takes no long-term pin, so the
+/// kernel's refusal of writable FOLL_LONGTERM pins on dirty-tracked file systems (ext4, xfs:
+/// `CancelReason::DmaMap` on a pinning backend) cannot happen here and the write succeeds.
+pub fn file_write(rt: Arc<Runtime>) {
+    let ctx = hmm_ctx(&rt);
+    assert!(
+        !rt.device().backend().pins_memory(),
+        "this case's O_TMPFILE expectation is for a backend without pins"
+    );
+    file_write_on(&ctx, &memfd("hmm-file-write", BUF), "memfd");
+    match tmpfile(BUF) {
+        Some((fd, fs)) => file_write_on(&ctx, &fd, &fs),
+        None => {
+            eprintln!("SKIP file_write O_TMPFILE part: the temporary directory refuses O_TMPFILE")
+        }
+    }
+}
+
+/// Port of `anon_read_multiple`: ten fresh buffers read one after the other, each with one fault
+/// and right data; each buffer's munmap (seen through userfaultfd) releases its DMA mapping, so
+/// mappings, mapped bytes and the IOVA space stay flat across iterations.
+pub fn anon_read_multiple(rt: Arc<Runtime>) {
+    let ctx = hmm_ctx(&rt);
+    if !has_uffd(&ctx, "anon_read_multiple") {
+        return;
+    }
+    let mirror = bounce(&ctx, BUF);
+    let base = ctx.stats();
+    let base_iova = iova_footprint(&rt);
+    for c in 0..NTIMES {
+        let m = buffer(RW);
+        for i in 0..ints(&m) {
+            write_u32(&m, i, (i + c) as u32);
+        }
+        let before = ctx.stats();
+        device_read(&ctx, m.addr(), mirror.addr(), BUF).unwrap();
+        let after = ctx.stats();
+        assert_eq!(after.faults - before.faults, 1, "iteration {c}: {after:?}");
+        assert_eq!(
+            after.pages_mapped - before.pages_mapped,
+            NPAGES,
+            "iteration {c}"
+        );
+        for i in 0..ints(&mirror) {
+            assert_eq!(
+                read_u32(&mirror, i),
+                (i + c) as u32,
+                "iteration {c}: int {i}"
+            );
+        }
+        drop(m); // a plain munmap: the UNMAP event releases the mapping
+        ctx.address_space().settle().unwrap();
+        let s = ctx.stats();
+        assert_eq!(
+            (s.mappings, s.mapped_bytes, s.pinned_bytes),
+            (base.mappings, base.mapped_bytes, base.pinned_bytes),
+            "iteration {c}: the buffer's mapping was released"
+        );
+        assert_eq!(
+            iova_footprint(&rt),
+            base_iova,
+            "iteration {c}: IOVA space flat"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2.2 Teardown races
+
+#[derive(Clone, Copy, Debug)]
+enum Racer {
+    Munmap,
+    DontNeed,
+    Mremap,
+}
+
+fn teardown_race(rt: Arc<Runtime>, racer: Racer) {
+    let len = BUF / 4;
+    // Fault-around over exactly one (aligned) buffer: one fault maps it all, like dmirror.
+    let ctx = rt
+        .create_context_with(ContextOptions {
+            fault_around: len as u64,
+            ..Default::default()
+        })
+        .unwrap();
+    if !has_uffd(&ctx, "anon_teardown") {
+        return;
+    }
+    let mirror = bounce(&ctx, len);
+    let base = ctx.stats();
+    let mut oks = 0;
+    for round in 0..(2 * NTIMES) {
+        let m = Mapping::anonymous_aligned(len, len, RW).unwrap();
+        for i in 0..ints(&m) {
+            write_u32(&m, i, (i + round) as u32);
+        }
+        let faults = ctx.stats().faults;
+        let start = m.addr();
+        let range = m.forget();
+        let half = start + (len / 2) as u64;
+        let go = Arc::new(AtomicBool::new(false));
+        let go2 = go.clone();
+        let spin = (round as u64 * 7919) % 20_000;
+        let racer_thread = std::thread::spawn(move || {
+            while !go2.load(Ordering::Acquire) {
+                std::hint::spin_loop();
+            }
+            for _ in 0..spin {
+                std::hint::spin_loop();
+            }
+            // SAFETY: the second half of a test-owned mapping; the device may be reading it,
+            // which is the point, and no Rust reference points into it.
+            let r = unsafe {
+                match racer {
+                    Racer::Munmap => libc::munmap(half as *mut libc::c_void, len / 2),
+                    Racer::DontNeed => {
+                        libc::madvise(half as *mut libc::c_void, len / 2, libc::MADV_DONTNEED)
+                    }
+                    Racer::Mremap => {
+                        let p = libc::mremap(
+                            half as *mut libc::c_void,
+                            len / 2,
+                            len / 2,
+                            libc::MREMAP_MAYMOVE,
+                        );
+                        if p == libc::MAP_FAILED {
+                            -1
+                        } else {
+                            libc::munmap(p, len / 2)
+                        }
+                    }
+                }
+            };
+            assert_eq!(r, 0, "{racer:?}: {}", std::io::Error::last_os_error());
+        });
+        go.store(true, Ordering::Release);
+        let result = device_read(&ctx, start, mirror.addr(), len);
+        racer_thread.join().unwrap();
+        match &result {
+            Ok(_) => {
+                oks += 1;
+                // A racing DONTNEED invalidates and the device faults the zeroed pages again (as
+                // dmirror counts faults == 2 when an invalidation lands in between); a read that
+                // succeeds across munmap/mremap had the whole range all along: one fault.
+                let f = ctx.stats().faults - faults;
+                if matches!(racer, Racer::DontNeed) {
+                    assert!(f >= 1, "{racer:?} round {round}");
+                } else {
+                    assert_eq!(f, 1, "{racer:?} round {round}");
+                }
+                for i in 0..ints(&mirror) {
+                    let got = read_u32(&mirror, i);
+                    let want = (i + round) as u32;
+                    // After DONTNEED the CPU itself reads zeros: a page read after the discard
+                    // is zero (coherent), never anything else.
+                    let zero_ok = matches!(racer, Racer::DontNeed) && i >= ints(&mirror) / 2;
+                    assert!(
+                        got == want || (zero_ok && got == 0),
+                        "{racer:?} round {round}: a successful read returned {got:#x} at int {i}"
+                    );
+                }
+            }
+            Err(e) => assert!(is_clean_race_error(e), "{racer:?} round {round}: {e:?}"),
+        }
+        ctx.address_space().settle().unwrap();
+        if !matches!(racer, Racer::DontNeed) {
+            for p in (len / 2..len).step_by(PAGE) {
+                assert!(
+                    ctx.device_translation(start + p as u64).is_none(),
+                    "{racer:?} round {round}: a device entry survived for the unmapped half"
+                );
+            }
+        }
+        // The rest goes through the strict wrapper; then nothing of this round stays mapped.
+        let rest = if matches!(racer, Racer::DontNeed) {
+            range
+        } else {
+            VaRange::new(start, (len / 2) as u64).unwrap()
+        };
+        // SAFETY: ours, no reference into it.
+        unsafe { ctx.address_space().munmap(rest).unwrap() };
+        let s = ctx.stats();
+        assert_eq!(
+            (s.mappings, s.mapped_bytes),
+            (base.mappings, base.mapped_bytes),
+            "{racer:?} round {round}: leaked mapping {s:?}"
+        );
+    }
+    eprintln!(
+        "anon_teardown {racer:?}: {oks} of {} reads succeeded",
+        2 * NTIMES
+    );
+}
+
+/// Port of `anon_teardown`: munmap of the second half races a device read of the whole buffer.
+/// Ok => the data is complete and right; Err => a clean cancel/refusal; afterwards no device entry
+/// for the unmapped half and no leaked mapping.
+pub fn anon_teardown(rt: Arc<Runtime>) {
+    teardown_race(rt, Racer::Munmap);
+}
+
+/// `anon_teardown` variant racing MADV_DONTNEED (userfaultfd REMOVE).
+pub fn anon_teardown_dontneed(rt: Arc<Runtime>) {
+    teardown_race(rt, Racer::DontNeed);
+}
+
+/// `anon_teardown` variant racing mremap of the second half away (userfaultfd REMAP).
+pub fn anon_teardown_mremap(rt: Arc<Runtime>) {
+    teardown_race(rt, Racer::Mremap);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2.4 Huge pages
+
+/// Port of `anon_write_huge`: a device write of one PMD of a THP-backed buffer: one fault, one
+/// 2 MiB device leaf, data right.
+pub fn anon_write_huge(rt: Arc<Runtime>) {
+    let ctx = hmm_ctx(&rt);
+    let m = Mapping::anonymous_aligned(TWOMEG, TWOMEG, RW).unwrap();
+    // SAFETY: advice on our own mapping.
+    unsafe { libc::madvise(m.as_ptr().cast(), TWOMEG, libc::MADV_HUGEPAGE) };
+    m.write_byte(0, 1);
+    let snap = ctx.address_space().snapshot(m.range()).unwrap();
+    if snap.pages()[0].size != CpuPageSize::Thp {
+        eprintln!("SKIP anon_write_huge: no THP backs the buffer (THP off or memory fragmented)");
+        return;
+    }
+    let mirror = bounce(&ctx, TWOMEG);
+    for i in 0..ints(&mirror) {
+        write_u32(&mirror, i, i as u32);
+    }
+    let before = ctx.stats();
+    device_write(&ctx, m.addr(), mirror.addr(), TWOMEG).unwrap();
+    let after = ctx.stats();
+    assert_eq!(after.faults - before.faults, 1, "{after:?}");
+    assert_eq!(
+        after.pages_mapped - before.pages_mapped,
+        (TWOMEG / PAGE) as u64
+    );
+    assert_eq!(
+        after.large_mappings - before.large_mappings,
+        1,
+        "one 2 MiB mapping"
+    );
+    let t = ctx.device_translation(m.addr() + 4321).unwrap();
+    assert_eq!(t.size, driver::pagetable::PageSize::Large);
+    for i in 0..ints(&m) {
+        assert_eq!(read_u32(&m, i), i as u32, "int {i}");
+    }
+}
+
+fn hugetlb_pages() -> u64 {
+    std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn map_hugetlb() -> Option<u64> {
+    if hugetlb_pages() == 0 {
+        return None;
+    }
+    // SAFETY: a fresh anonymous hugetlb mapping.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            TWOMEG,
+            RW,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB,
+            -1,
+            0,
+        )
+    };
+    (p != libc::MAP_FAILED).then_some(p as u64)
+}
+
+/// Port of `anon_write_hugetlbfs`: device write into a MAP_HUGETLB buffer. Skipped (with the
+/// reason) when no free 2 MiB huge page is reserved; system settings are never changed.
+pub fn anon_write_hugetlbfs(rt: Arc<Runtime>) {
+    let Some(addr) = map_hugetlb() else {
+        eprintln!("SKIP anon_write_hugetlbfs: no free 2 MiB hugetlb page (hugepages-2048kB/free_hugepages is 0)");
+        return;
+    };
+    let ctx = hmm_ctx(&rt);
+    let mirror = bounce(&ctx, TWOMEG);
+    for i in 0..TWOMEG / 4 {
+        write_u32(&mirror, i, i as u32);
+    }
+    let before = ctx.stats();
+    device_write(&ctx, addr, mirror.addr(), TWOMEG).unwrap();
+    assert_eq!(ctx.stats().faults - before.faults, 1);
+    for i in 0..TWOMEG / 4 {
+        assert_eq!(read_u32_at(addr, i), i as u32);
+    }
+    unmap_strict(&ctx, addr, TWOMEG);
+}
+
+/// Port of `compound` (adapted): the CPU snapshot of a huge page reports WRITE at the huge level
+/// on every page, then READ after mprotect — but mprotect sends no event, so the device entry
+/// stays writable until the explicit `protect()`, after which device writes are refused.
+/// hugetlbfs as in the kernel when a huge page is reserved; a THP otherwise.
+pub fn compound(rt: Arc<Runtime>) {
+    let ctx = hmm_ctx(&rt);
+    let (addr, owned) = match map_hugetlb() {
+        Some(a) => (a, None),
+        None => {
+            let m = Mapping::anonymous_aligned(TWOMEG, TWOMEG, RW).unwrap();
+            // SAFETY: advice on our own mapping.
+            unsafe { libc::madvise(m.as_ptr().cast(), TWOMEG, libc::MADV_HUGEPAGE) };
+            (m.addr(), Some(m))
+        }
+    };
+    let range = VaRange::new(addr, TWOMEG as u64).unwrap();
+    for i in 0..TWOMEG / 4 {
+        // SAFETY: our writable mapping.
+        unsafe { std::ptr::write_volatile((addr as *mut u32).add(i), i as u32) };
+    }
+    let snap = ctx.address_space().snapshot(range).unwrap();
+    let level = snap.pages()[0].size;
+    if level == CpuPageSize::Base {
+        eprintln!("SKIP compound: neither a hugetlb page nor a THP backs the buffer");
+        return;
+    }
+    assert!(
+        snap.pages()
+            .iter()
+            .all(|p| p.state == PageState::Write && p.size == level),
+        "every page WRITE at {level:?}"
+    );
+    device_checksum(&ctx, addr, TWOMEG).unwrap();
+    assert!(ctx.device_translation(addr).unwrap().perms.write);
+    raw_mprotect(addr, TWOMEG, libc::PROT_READ);
+    let snap = ctx.address_space().snapshot(range).unwrap();
+    assert!(
+        snap.pages()
+            .iter()
+            .all(|p| p.state == PageState::Read && p.size == level),
+        "every page READ at {level:?} after mprotect"
+    );
+    // No event for mprotect: the device entry is unchanged until the caller reports it.
+    assert!(ctx.device_translation(addr).unwrap().perms.write);
+    ctx.address_space().protect(range, Perms::READ).unwrap();
+    assert!(ctx.device_translation(addr).is_none_or(|t| !t.perms.write));
+    let err = device_fill(&ctx, addr, PAGE, 7).unwrap_err();
+    assert!(is_cancel(&err, CancelReason::Permission), "{err}");
+    assert_eq!(read_u32_at(addr, 5), 5);
+    assert_eq!(
+        device_checksum(&ctx, addr, TWOMEG).unwrap(),
+        cpu_checksum(addr, TWOMEG)
+    );
+    match owned {
+        Some(m) => {
+            let r = m.forget();
+            unmap_strict(&ctx, r.start(), r.len() as usize);
+        }
+        None => unmap_strict(&ctx, addr, TWOMEG),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2.5 Snapshot
+
+fn vvar() -> Option<VaRange> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    let line = maps.lines().find(|l| l.ends_with("[vvar]"))?;
+    let (a, rest) = line.split_once('-')?;
+    let b = rest.split_whitespace().next()?;
+    VaRange::from_bounds(
+        u64::from_str_radix(a, 16).ok()?,
+        u64::from_str_radix(b, 16).ok()?,
+    )
+    .ok()
+}
+
+/// Port of `mixedmap` (adapted): hmm-tests snapshots a VM_MIXEDMAP mapping of the dmirror fd; we
+/// have no such driver mapping, so the special mapping is `[vvar]` (VM_PFNMAP/VM_IO): the snapshot
+/// reports it as an error page and a device access is refused without mapping anything.
+pub fn mixedmap(rt: Arc<Runtime>) {
+    let Some(vvar) = vvar() else {
+        eprintln!("SKIP mixedmap: no [vvar] in /proc/self/maps");
+        return;
+    };
+    let ctx = hmm_ctx(&rt);
+    let page = VaRange::new(vvar.start(), PAGE as u64).unwrap();
+    let snap = ctx.address_space().snapshot(page).unwrap();
+    assert_eq!(
+        snap.pages()[0].state,
+        PageState::Error(PageError::Special),
+        "{snap:?}"
+    );
+    let before = ctx.stats();
+    let err = device_checksum(&ctx, vvar.start(), 8).unwrap_err();
+    assert!(is_cancel(&err, CancelReason::NoMapping), "{err}");
+    assert_eq!(ctx.stats().mapped_bytes, before.mapped_bytes);
+    assert!(ctx.device_translation(vvar.start()).is_none());
+}
+
+/// Port of `snapshot` (pages 0–4 plus an untouched page; the device-private pages 5–6 are out of
+/// scope): PROT_NONE -> error, hole -> error, zero page -> ZERO, read-only data -> READ, written
+/// -> WRITE, untouched -> NONE. A snapshot maps and pins nothing.
+pub fn snapshot(rt: Arc<Runtime>) {
+    let ctx = hmm_ctx(&rt);
+    let m = Mapping::anonymous(6 * PAGE, RW).unwrap();
+    // Page 0 PROT_NONE, pages 1 and 5 untouched, page 2 zero page read-only, page 3 data
+    // read-only, page 4 written. The hole is page 0 of the address space (a hole made by munmap
+    // here could be refilled at once by a parallel test).
+    assert_eq!(m.read_byte(2 * PAGE), 0);
+    m.write_byte(3 * PAGE, 3);
+    m.write_byte(4 * PAGE, 4);
+    m.protect(0, PAGE, libc::PROT_NONE).unwrap();
+    m.protect(2 * PAGE, 2 * PAGE, libc::PROT_READ).unwrap();
+    let before = ctx.stats();
+    let iova = iova_footprint(&rt);
+    let snap = ctx.address_space().snapshot(m.range()).unwrap();
+    let states: Vec<PageState> = snap.pages().iter().map(|p| p.state).collect();
+    let walker = ctx.address_space().walker().caps().clone();
+    let zero = if walker.pagemap_scan || walker.pfn_visible {
+        PageState::Zero
+    } else {
+        eprintln!("note: the zero page is not distinguishable here ({walker:?})");
+        states[2]
+    };
+    assert_eq!(
+        states,
+        vec![
+            PageState::Error(PageError::NoAccess),
+            PageState::None,
+            zero,
+            PageState::Read,
+            PageState::Write,
+            PageState::None,
+        ],
+        "{snap:?}"
+    );
+    let hole = ctx
+        .address_space()
+        .snapshot(VaRange::new(0, PAGE as u64).unwrap())
+        .unwrap();
+    assert_eq!(hole.pages()[0].state, PageState::Error(PageError::NoVma));
+    assert_eq!(
+        ctx.stats(),
+        before,
+        "a snapshot creates no mapping and no pin"
+    );
+    assert_eq!(iova_footprint(&rt), iova);
+    assert!(ctx.device_translation(m.addr() + 4 * PAGE as u64).is_none());
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2.6 Multi-device
+
+/// Port of `double_map` (without the migration step): two devices mirror the one address space;
+/// both read the read-only data with one fault each; one CPU event (a plain munmap seen through
+/// userfaultfd) invalidates both device page tables. `open` must give a second, independent device.
+pub fn double_map(rt: Arc<Runtime>, rt2: Arc<Runtime>) {
+    let a = hmm_ctx(&rt);
+    let b = hmm_ctx(&rt2);
+    if !has_uffd(&a, "double_map") {
+        return;
+    }
+    assert!(Arc::ptr_eq(a.address_space(), b.address_space()));
+    let m = buffer(RW);
+    for i in 0..6 * PAGE / 4 {
+        write_u32(&m, i, i as u32);
+    }
+    strict_mprotect(&a, m.range(), Perms::READ);
+    for ctx in [&a, &b] {
+        let mirror = bounce(ctx, 6 * PAGE);
+        let before = ctx.stats();
+        device_read(ctx, m.addr(), mirror.addr(), 6 * PAGE).unwrap();
+        assert_eq!(ctx.stats().faults - before.faults, 1);
+        for i in 0..6 * PAGE / 4 {
+            assert_eq!(read_u32(&mirror, i), i as u32);
+        }
+    }
+    let addr = m.addr();
+    let (fa, fb) = (a.stats().tlb_fences, b.stats().tlb_fences);
+    drop(m);
+    a.address_space().settle().unwrap();
+    assert!(a.device_translation(addr).is_none(), "device 0 invalidated");
+    assert!(b.device_translation(addr).is_none(), "device 1 invalidated");
+    assert!(a.stats().tlb_fences > fa && b.stats().tlb_fences > fb);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2.9 userfaultfd_read (proposed upstream)
+
+mod uffd_raw {
+    pub const UFFD_API: u64 = 0xaa;
+    pub const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
+    pub const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
+    pub const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
+    pub const MODE_MISSING: u64 = 1;
+    pub const EVENT_PAGEFAULT: u8 = 0x12;
+
+    #[repr(C)]
+    pub struct Api {
+        pub api: u64,
+        pub features: u64,
+        pub ioctls: u64,
+    }
+    #[repr(C)]
+    pub struct Register {
+        pub start: u64,
+        pub len: u64,
+        pub mode: u64,
+        pub ioctls: u64,
+    }
+    #[repr(C)]
+    pub struct Copy {
+        pub dst: u64,
+        pub src: u64,
+        pub len: u64,
+        pub mode: u64,
+        pub copy: i64,
+    }
+}
+
+/// The application's own userfaultfd, MISSING mode, on `range`.
+fn app_uffd(range: VaRange) -> Result<OwnedFd, std::io::Error> {
+    use uffd_raw::*;
+    // SAFETY: plain syscall; the fd is owned below.
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fresh fd we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut api = Api {
+        api: UFFD_API,
+        features: 0,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API with a properly sized struct.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let mut reg = Register {
+        start: range.start(),
+        len: range.len(),
+        mode: MODE_MISSING,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_REGISTER with a properly sized struct.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd)
+}
+
+/// Serves MISSING faults on `fd` with pages of 0xAB until `stop`; returns how many it served.
+fn serve_missing(fd: OwnedFd, stop: Arc<AtomicBool>) -> usize {
+    use uffd_raw::*;
+    let page = vec![0xabu8; PAGE];
+    let mut served = 0;
+    while !stop.load(Ordering::Acquire) {
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, 20) } <= 0 {
+            continue;
+        }
+        let mut msg = [0u8; 32];
+        // SAFETY: reading one uffd_msg into a 32-byte buffer.
+        let n = unsafe { libc::read(fd.as_raw_fd(), msg.as_mut_ptr().cast(), 32) };
+        if n != 32 || msg[0] != EVENT_PAGEFAULT {
+            continue;
+        }
+        let addr = u64::from_ne_bytes(msg[16..24].try_into().unwrap()) & !(PAGE as u64 - 1);
+        let mut copy = Copy {
+            dst: addr,
+            src: page.as_ptr() as u64,
+            len: PAGE as u64,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: UFFDIO_COPY from our page into the faulting page.
+        unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_COPY, &mut copy) };
+        served += 1;
+    }
+    served
+}
+
+/// Port of the proposed `userfaultfd_read`: the application serves MISSING faults of a 4-page
+/// region with its own userfaultfd while the device reads it. The driver populates from its fault
+/// service thread (never from its monitor), so the application's handler runs and the device reads
+/// 0xAB. The mirror cannot also register the range for its events (one uffd per VMA): `track`
+/// reports `TrackedElsewhere`, the driver logs it and serves the fault anyway — without CPU events
+/// for that range, so coherence there relies on the explicit API.
+pub fn userfaultfd_read(rt: Arc<Runtime>) {
+    let ctx = hmm_ctx(&rt);
+    let m = Mapping::anonymous(4 * PAGE, RW).unwrap();
+    let fd = match app_uffd(m.range()) {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("SKIP userfaultfd_read: the application cannot register its own uffd: {e}");
+            return;
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let handler = std::thread::spawn(move || serve_missing(fd, stop2));
+    let mirror = bounce(&ctx, 4 * PAGE);
+    let before = ctx.stats();
+    let result = device_read(&ctx, m.addr(), mirror.addr(), 4 * PAGE);
+    let tracked = ctx.address_space().track(m.range());
+    stop.store(true, Ordering::Release);
+    let served = handler.join().unwrap();
+    result.unwrap();
+    assert_eq!(ctx.stats().faults - before.faults, 1);
+    assert_eq!(ctx.stats().pages_mapped - before.pages_mapped, 4);
+    assert_eq!(served, 4, "the application's handler served every page");
+    for i in 0..4 * PAGE {
+        assert_eq!(mirror.read_byte(i), 0xab, "byte {i}");
+    }
+    if ctx.address_space().capabilities().uffd.is_some() {
+        assert!(
+            matches!(tracked, Err(mirror::Error::TrackedElsewhere { .. })),
+            "{tracked:?}"
+        );
+    }
+    let r = m.forget();
+    unmap_strict(&ctx, r.start(), r.len() as usize);
+}
+
+/// The other order: once the mirror tracks a range (after a device access), the application's
+/// own UFFDIO_REGISTER on it fails with EBUSY.
+pub fn userfaultfd_after_mirror_is_busy(rt: Arc<Runtime>) {
+    let ctx = hmm_ctx(&rt);
+    if !has_uffd(&ctx, "userfaultfd_after_mirror_is_busy") {
+        return;
+    }
+    let m = Mapping::anonymous(4 * PAGE, RW).unwrap();
+    device_fill(&ctx, m.addr(), 4 * PAGE, 1).unwrap();
+    let err = app_uffd(m.range()).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EBUSY), "{err}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cases the kernel never needed (its notifiers are synchronous)
+
+/// Partial munmap at head, middle and tail of a device-mapped buffer (strict wrapper). The driver
+/// tears down every DMA mapping overlapping the change, so afterwards the unmapped part has no
+/// device entry, and the untouched parts still work on the device (re-faulted where needed) with
+/// their data intact.
+pub fn partial_munmap(rt: Arc<Runtime>) {
+    let ctx = exact_ctx(&rt);
+    let n = 16;
+    for (name, from, count) in [("head", 0, 4), ("middle", 6, 4), ("tail", 12, 4)] {
+        let m = Mapping::anonymous(n * PAGE, RW).unwrap();
+        for i in 0..ints(&m) {
+            write_u32(&m, i, i as u32 ^ 0x5a5a);
+        }
+        let sum = device_checksum(&ctx, m.addr(), n * PAGE).unwrap();
+        assert_eq!(sum, cpu_checksum(m.addr(), n * PAGE));
+        let range = m.forget();
+        let gone =
+            VaRange::new(range.start() + (from * PAGE) as u64, (count * PAGE) as u64).unwrap();
+        // SAFETY: ours; nothing refers into it.
+        unsafe { ctx.address_space().munmap(gone).unwrap() };
+        for p in 0..count {
+            assert!(
+                ctx.device_translation(gone.start() + (p * PAGE) as u64)
+                    .is_none(),
+                "{name}: unmapped page {p} still on the device"
+            );
+        }
+        let faults = ctx.stats().faults;
+        for (s, e) in [(0, from), (from + count, n)] {
+            if s == e {
+                continue;
+            }
+            let addr = range.start() + (s * PAGE) as u64;
+            let len = (e - s) * PAGE;
+            assert_eq!(
+                device_checksum(&ctx, addr, len).unwrap(),
+                cpu_checksum(addr, len),
+                "{name}: surviving part [{s}, {e}) pages"
+            );
+            for i in 0..len / 4 {
+                assert_eq!(read_u32_at(addr, i), (i + s * PAGE / 4) as u32 ^ 0x5a5a);
+            }
+            // SAFETY: ours.
+            unsafe {
+                ctx.address_space()
+                    .munmap(VaRange::new(addr, len as u64).unwrap())
+                    .unwrap()
+            };
+        }
+        assert!(ctx.stats().faults >= faults);
+        let err = device_checksum(&ctx, 0x1000, 8).unwrap_err();
+        assert!(is_cancel(&err, CancelReason::NoMapping));
+    }
+    assert_eq!(
+        ctx.stats().mapped_bytes,
+        0,
+        "nothing leaked: {:?}",
+        ctx.stats()
+    );
+}
+
+/// mremap move (strict wrapper) and MREMAP_DONTUNMAP (plain syscall, seen through userfaultfd):
+/// the old range's device entries are dropped, the new range faults in with the data; after
+/// DONTUNMAP the old range reads zeros on the device like on the CPU.
+pub fn mremap_move_and_dontunmap(rt: Arc<Runtime>) {
+    let ctx = exact_ctx(&rt);
+    if !has_uffd(&ctx, "mremap") {
+        return;
+    }
+    let len = 8 * PAGE;
+    // Move.
+    let m = Mapping::anonymous(len, RW).unwrap();
+    for i in 0..ints(&m) {
+        write_u32(&m, i, i as u32 + 11);
+    }
+    let sum = device_checksum(&ctx, m.addr(), len).unwrap();
+    let old = m.forget();
+    let target = Mapping::anonymous(len, libc::PROT_NONE).unwrap().forget();
+    // SAFETY: the old range and the target reservation are ours and abandoned.
+    let new = unsafe {
+        ctx.address_space()
+            .mremap(old, len as u64, true, Some(target.start()))
+            .unwrap()
+    };
+    assert_eq!(new, target.start());
+    assert!(ctx.device_translation(old.start()).is_none());
+    assert!(
+        ctx.device_translation(new).is_none(),
+        "the new range faults in"
+    );
+    let faults = ctx.stats().faults;
+    assert_eq!(device_checksum(&ctx, new, len).unwrap(), sum);
+    assert!(ctx.stats().faults > faults);
+    unmap_strict(&ctx, new, len);
+
+    // DONTUNMAP: the old VMA stays, emptied.
+    let m = Mapping::anonymous(len, RW).unwrap();
+    for i in 0..ints(&m) {
+        write_u32(&m, i, i as u32 + 22);
+    }
+    let sum = device_checksum(&ctx, m.addr(), len).unwrap();
+    let old = m.forget();
+    // SAFETY: moving our own mapping with DONTUNMAP; the old range stays mapped (empty).
+    let p = unsafe {
+        libc::mremap(
+            old.start() as *mut libc::c_void,
+            len,
+            len,
+            libc::MREMAP_MAYMOVE | libc::MREMAP_DONTUNMAP,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        eprintln!("SKIP DONTUNMAP part: {}", std::io::Error::last_os_error());
+        unmap_strict(&ctx, old.start(), len);
+        return;
+    }
+    let new = p as u64;
+    ctx.address_space().settle().unwrap();
+    assert!(
+        ctx.device_translation(old.start()).is_none(),
+        "old range dropped"
+    );
+    assert_eq!(device_checksum(&ctx, new, len).unwrap(), sum, "data moved");
+    let zeros = accel_abi::fnv1a_update(accel_abi::FNV_OFFSET, &vec![0u8; len]);
+    assert_eq!(cpu_checksum(old.start(), len), zeros);
+    assert_eq!(
+        device_checksum(&ctx, old.start(), len).unwrap(),
+        zeros,
+        "old range is zero-fill"
+    );
+    unmap_strict(&ctx, new, len);
+    unmap_strict(&ctx, old.start(), len);
+}
+
+/// Sequence collision between walk and install where the colliding event really changes the
+/// memory (MADV_DONTNEED through the strict wrapper, from the walk hook): the install is retried
+/// and the device never writes into the discarded page: the CPU sees the device's data.
+pub fn collision_with_dontneed_is_never_stale(rt: Arc<Runtime>) {
+    let fired = Arc::new(AtomicBool::new(false));
+    let mm = Arc::new(std::sync::Mutex::new(None::<Arc<mirror::AddressSpace>>));
+    let (hook_mm, hook_fired) = (mm.clone(), fired.clone());
+    let ctx = rt
+        .create_context_with(ContextOptions {
+            fault_around: 0,
+            walk_hook: Some(Arc::new(move |range: VaRange| {
+                if !hook_fired.swap(true, Ordering::SeqCst) {
+                    if let Some(mm) = hook_mm.lock().unwrap().as_ref() {
+                        // SAFETY: the test's page; its old contents are not relied on.
+                        unsafe { mm.madvise(range, libc::MADV_DONTNEED).unwrap() };
+                    }
+                }
+            })),
+            ..Default::default()
+        })
+        .unwrap();
+    *mm.lock().unwrap() = Some(ctx.address_space().clone());
+    let m = Mapping::anonymous(PAGE, RW).unwrap();
+    m.write_byte(0, 9);
+    let retries = ctx.stats().retries;
+    device_fill(&ctx, m.addr(), PAGE, 0x3c3c_3c3c_3c3c_3c3c).unwrap();
+    assert!(fired.load(Ordering::SeqCst));
+    assert!(ctx.stats().retries > retries, "{:?}", ctx.stats());
+    for i in 0..PAGE {
+        assert_eq!(
+            m.read_byte(i),
+            0x3c,
+            "byte {i}: the device wrote a stale page"
+        );
+    }
+    assert_eq!(
+        device_checksum(&ctx, m.addr(), PAGE).unwrap(),
+        cpu_checksum(m.addr(), PAGE)
+    );
+}
+
+/// Release ordering: the context is dropped while its work is stalled on faults. The drop
+/// quiesces (the work completes or is cancelled), then tears the device view down, then unmaps;
+/// the IOVA space and the device return to their baseline and the CPU memory stays usable.
+pub fn release_while_busy(rt: Arc<Runtime>) {
+    drop(hmm_ctx(&rt)); // the device's page-table pool now exists (kept for its lifetime)
+    let baseline_iova = iova_footprint(&rt);
+    let in_flight = rt.device().in_flight();
+    let m = buffer(RW);
+    {
+        let ctx = rt
+            .create_context_with(ContextOptions {
+                fault_around: 0,
+                ..Default::default()
+            })
+            .unwrap();
+        // SAFETY: the buffer is reached only through raw pointers.
+        let _busy = unsafe {
+            ctx.submit(Op::Fill {
+                dst: m.addr(),
+                len: BUF as u64,
+                pattern: 0x6161_6161_6161_6161,
+            })
+            .unwrap()
+        };
+        // Dropped here without waiting: the fill is still faulting page by page.
+    }
+    assert_eq!(rt.device().in_flight(), in_flight, "the work was collected");
+    assert_eq!(iova_footprint(&rt), baseline_iova, "every DMA mapping went");
+    // Whatever the fill managed is a prefix of the pattern; the rest is untouched zeros.
+    let mut seen_zero = false;
+    for i in (0..BUF).step_by(PAGE) {
+        match m.read_byte(i) {
+            0x61 => assert!(
+                !seen_zero,
+                "page {} written after an unwritten one",
+                i / PAGE
+            ),
+            0 => seen_zero = true,
+            b => panic!("byte {b:#x} at {i}"),
+        }
+    }
+    let ctx = hmm_ctx(&rt);
+    assert_eq!(ctx.stats().mapped_bytes, 0);
+    device_fill(&ctx, m.addr(), PAGE, 1).unwrap();
+}
+
+#[macro_export]
+macro_rules! hmm_suite {
+    ($open:expr) => {
+        $crate::hmm_suite!(@cases $open;
+            open_close,
+            anon_read,
+            anon_read_prot,
+            anon_write,
+            anon_write_prot,
+            file_read,
+            file_write,
+            anon_read_multiple,
+            anon_teardown,
+            anon_teardown_dontneed,
+            anon_teardown_mremap,
+            anon_write_huge,
+            anon_write_hugetlbfs,
+            compound,
+            mixedmap,
+            snapshot,
+            userfaultfd_read,
+            userfaultfd_after_mirror_is_busy,
+            partial_munmap,
+            mremap_move_and_dontunmap,
+            collision_with_dontneed_is_never_stale,
+            release_while_busy
+        );
+        #[test]
+        fn double_map() {
+            hmm::double_map($open(), $open());
+        }
+    };
+    (@cases $open:expr; $($case:ident),*) => {
+        $(
+            #[test]
+            fn $case() {
+                hmm::$case($open());
+            }
+        )*
+    };
+}
