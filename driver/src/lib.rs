@@ -12,6 +12,7 @@ pub mod backend;
 pub mod context;
 pub mod device;
 pub mod dma;
+pub mod edu;
 pub mod fault;
 pub mod iova;
 pub mod memlock;
