@@ -10,3 +10,6 @@ cargo test --workspace --doc
 
 echo "== mirror: sequence-protocol model check (loom) =="
 CARGO_TARGET_DIR=target/loom RUSTFLAGS="--cfg loom" cargo test -p mirror --release --lib loom
+
+echo "== kernel VFIO: QEMU's edu device in a guest with an emulated IOMMU (tests/qemu/run.sh) =="
+./tests/qemu/run.sh

@@ -48,16 +48,22 @@ BUSYBOX=/bin/busybox
 [ -x "$BUSYBOX" ] || skip_or_fail "no static busybox at $BUSYBOX: install busybox-static"
 
 # 2. The guest kernel: resolved from the linux-image-amd64 metapackage, downloaded once.
+resolve_kernel() {
+    apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ { print $2; exit }'
+}
 KPKG=
 if command -v apt-cache >/dev/null; then
-    KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
-fi
-if [ -z "$KPKG" ] || [ ! -f "$OUT/$KPKG/done" ]; then
-    # Reuse any cached kernel when apt cannot tell (offline or not Debian).
-    cached=$(ls -d "$OUT"/linux-image-*/done 2>/dev/null | head -1 || true)
-    if [ -z "$KPKG" ] && [ -n "$cached" ]; then
-        KPKG=$(basename "$(dirname "$cached")")
+    KPKG=$(resolve_kernel)
+    # A fresh machine may have empty package lists.
+    if [ -z "$KPKG" ] && command -v apt-get >/dev/null; then
+        as_root apt-get update -qq || true
+        KPKG=$(resolve_kernel)
     fi
+fi
+if [ -z "$KPKG" ]; then
+    # Reuse a cached kernel when apt cannot tell (offline or not Debian).
+    cached=$(ls -d "$OUT"/linux-image-*/done 2>/dev/null | head -1 || true)
+    [ -n "$cached" ] && KPKG=$(basename "$(dirname "$cached")")
 fi
 [ -n "$KPKG" ] || skip_or_fail "cannot resolve the kernel package (apt-cache depends linux-image-amd64)"
 KDIR=$OUT/$KPKG
@@ -65,7 +71,10 @@ if [ ! -f "$KDIR/done" ]; then
     say "downloading $KPKG (once; cached in $KDIR)"
     rm -rf "$KDIR" "$OUT/dl"
     mkdir -p "$OUT/dl" "$KDIR/modules"
-    (cd "$OUT/dl" && apt-get download -q "$KPKG" >/dev/null) || skip_or_fail "apt-get download $KPKG failed"
+    sandbox=()
+    [ "$(id -u)" = 0 ] && sandbox=(-o APT::Sandbox::User=root) # else _apt cannot write here
+    (cd "$OUT/dl" && apt-get download -q "${sandbox[@]}" "$KPKG" >/dev/null) ||
+        skip_or_fail "apt-get download $KPKG failed"
     dpkg-deb -x "$OUT"/dl/"$KPKG"_*.deb "$OUT/dl/root"
     vmlinuz=$(ls "$OUT"/dl/root/boot/vmlinuz-* | head -1)
     # The bzImage's xz payload is an ELF vmlinux, which QEMU boots directly (PVH) and faster.
@@ -80,6 +89,10 @@ if [ ! -f "$KDIR/done" ]; then
     done
     rm -rf "$OUT/dl"
     touch "$KDIR/done"
+    # Older kernels the archive no longer has.
+    for old in "$OUT"/linux-image-*; do
+        [ "$old" = "$KDIR" ] || rm -rf "$old"
+    done
 fi
 
 # 3. The static test binary (its own target dir: RUSTFLAGS would rebuild the workspace's).
@@ -117,8 +130,8 @@ set -e
 result=$(grep -a '^EDU-GUEST-TEST:' "$LOG" | tail -1 | tr -d '\r' || true)
 # isa-debug-exit: QEMU exits with (guest code << 1) | 1, so 1 means the guest test returned 0.
 if [ "$rc" = 1 ] && [[ "$result" == "EDU-GUEST-TEST: PASS"* ]]; then
-    grep -a 'DMAR: \[' "$LOG" | head -2 | sed 's/^/qemu-guest: guest kernel: /' || true
-    say "$result; $((SECONDS - START)) s in all"
+    grep -a '^\[.*DMAR: \[' "$LOG" | head -2 | sed 's/^/qemu-guest: guest kernel: /' || true
+    say "PASS: ${result#EDU-GUEST-TEST: PASS }, $((SECONDS - START)) s in all"
     exit 0
 fi
 echo "----- guest serial log ($LOG) -----"
