@@ -31,7 +31,8 @@ as_root() {
 }
 
 # 1. Host packages.
-have_busybox() { dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'install ok installed'; }
+# A static busybox (busybox-static); Debian's plain busybox is dynamic and cannot run in the initramfs.
+have_busybox() { [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; }
 if ! command -v qemu-system-x86_64 >/dev/null || ! have_busybox; then
     if command -v apt-get >/dev/null; then
         say "installing qemu-system-x86 busybox-static"
@@ -40,12 +41,13 @@ if ! command -v qemu-system-x86_64 >/dev/null || ! have_busybox; then
             qemu-system-x86 busybox-static >/dev/null ||
             skip_or_fail "apt-get install failed: install qemu-system-x86 and busybox-static"
     else
-        skip_or_fail "no apt-get: install QEMU (qemu-system-x86_64), a static busybox at /bin/busybox \
-and provide a Debian 6.1 kernel package (linux-image-6.1.*-amd64 .deb) in $OUT/"
+        skip_or_fail "no apt-get: install QEMU (qemu-system-x86_64 >= 7.2) and a static busybox at \
+/bin/busybox (Debian: apt-get install qemu-system-x86 busybox-static), and put a Debian \
+linux-image-6.1.*-amd64 .deb in $OUT/"
     fi
 fi
 BUSYBOX=/bin/busybox
-[ -x "$BUSYBOX" ] || skip_or_fail "no static busybox at $BUSYBOX: install busybox-static"
+have_busybox || skip_or_fail "no static busybox at $BUSYBOX: install busybox-static"
 
 # 2. The guest kernel: resolved from the linux-image-amd64 metapackage, downloaded once.
 resolve_kernel() {
@@ -60,21 +62,32 @@ if command -v apt-cache >/dev/null; then
         KPKG=$(resolve_kernel)
     fi
 fi
+DEB=
 if [ -z "$KPKG" ]; then
-    # Reuse a cached kernel when apt cannot tell (offline or not Debian).
+    # Without apt: a cached kernel, else a kernel package put here by hand.
     cached=$(ls -d "$OUT"/linux-image-*/done 2>/dev/null | head -1 || true)
-    [ -n "$cached" ] && KPKG=$(basename "$(dirname "$cached")")
+    DEB=$(ls "$OUT"/linux-image-*_amd64.deb 2>/dev/null | head -1 || true)
+    if [ -n "$cached" ]; then
+        KPKG=$(basename "$(dirname "$cached")")
+    elif [ -n "$DEB" ]; then
+        KPKG=$(basename "$DEB" | cut -d_ -f1)
+    fi
 fi
-[ -n "$KPKG" ] || skip_or_fail "cannot resolve the kernel package (apt-cache depends linux-image-amd64)"
+[ -n "$KPKG" ] || skip_or_fail "cannot resolve the kernel package (apt-cache depends linux-image-amd64); \
+without apt, put a Debian linux-image-6.1.*-amd64 .deb in $OUT/"
 KDIR=$OUT/$KPKG
 if [ ! -f "$KDIR/done" ]; then
     say "downloading $KPKG (once; cached in $KDIR)"
     rm -rf "$KDIR" "$OUT/dl"
     mkdir -p "$OUT/dl" "$KDIR/modules"
-    sandbox=()
-    [ "$(id -u)" = 0 ] && sandbox=(-o APT::Sandbox::User=root) # else _apt cannot write here
-    (cd "$OUT/dl" && apt-get download -q "${sandbox[@]}" "$KPKG" >/dev/null) ||
-        skip_or_fail "apt-get download $KPKG failed"
+    if [ -n "$DEB" ]; then
+        cp "$DEB" "$OUT/dl/"
+    else
+        sandbox=()
+        [ "$(id -u)" = 0 ] && sandbox=(-o APT::Sandbox::User=root) # else _apt cannot write here
+        (cd "$OUT/dl" && apt-get download -q "${sandbox[@]}" "$KPKG" >/dev/null) ||
+            skip_or_fail "apt-get download $KPKG failed"
+    fi
     dpkg-deb -x "$OUT"/dl/"$KPKG"_*.deb "$OUT/dl/root"
     vmlinuz=$(ls "$OUT"/dl/root/boot/vmlinuz-* | head -1)
     # The bzImage's xz payload is an ELF vmlinux, which QEMU boots directly (PVH) and faster.
@@ -90,8 +103,8 @@ if [ ! -f "$KDIR/done" ]; then
     rm -rf "$OUT/dl"
     touch "$KDIR/done"
     # Older kernels the archive no longer has.
-    for old in "$OUT"/linux-image-*; do
-        [ "$old" = "$KDIR" ] || rm -rf "$old"
+    for old in "$OUT"/linux-image-*/; do
+        [ "${old%/}" = "$KDIR" ] || rm -rf "$old"
     done
 fi
 
