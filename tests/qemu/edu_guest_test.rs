@@ -137,17 +137,23 @@ fn locked() -> Res<u64> {
 }
 
 /// The kernel log from now on, read through /dev/kmsg.
-struct Kmsg(std::fs::File);
+struct Kmsg {
+    file: std::fs::File,
+    device: String,
+}
 
 impl Kmsg {
-    fn open() -> Res<Kmsg> {
+    fn open(device: &str) -> Res<Kmsg> {
         let mut f = std::fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NONBLOCK)
             .open("/dev/kmsg")
             .map_err(e("open /dev/kmsg"))?;
         f.seek(SeekFrom::End(0)).map_err(e("seek /dev/kmsg"))?;
-        Ok(Kmsg(f))
+        Ok(Kmsg {
+            file: f,
+            device: device.to_string(),
+        })
     }
 
     /// Records logged since the last call.
@@ -155,7 +161,7 @@ impl Kmsg {
         let mut out = Vec::new();
         let mut buf = vec![0u8; 8192];
         loop {
-            match self.0.read(&mut buf) {
+            match self.file.read(&mut buf) {
                 Ok(0) => break,
                 Ok(n) => {
                     let rec = String::from_utf8_lossy(&buf[..n]);
@@ -175,11 +181,13 @@ impl Kmsg {
     /// Wait (up to 3 s) for the DMAR fault on `addr`'s page; returns the line.
     fn wait_dmar_fault(&mut self, addr: u64) -> Res<String> {
         let needle = format!("fault addr {:#x}", addr & !(PAGE - 1));
+        // "0000:00:01.0" is logged as "[00:01.0]".
+        let device = format!("[{}]", self.device.get(5..).unwrap_or(&self.device));
         let deadline = Instant::now() + Duration::from_secs(3);
         let mut seen = Vec::new();
         loop {
             for line in self.drain()? {
-                if line.contains("DMAR") && line.contains(&needle) {
+                if line.contains("DMAR") && line.contains(&needle) && line.contains(&device) {
                     return Ok(line);
                 }
                 seen.push(line);
@@ -388,6 +396,64 @@ fn munmap(run: &mut Run, edu: &Edu, scratch: &Mapping, kmsg: &mut Kmsg) -> Res {
     release(edu, rest)
 }
 
+/// munmap of a page whose memory lives on (a memfd mapped twice): after the unmap, an edu DMA to
+/// the old address is blocked and the page, read through the other mapping, is unchanged.
+fn munmap_shared(run: &mut Run, edu: &Edu, scratch: &Mapping, kmsg: &mut Kmsg) -> Res {
+    let mm = edu.core().address_space().clone();
+    let fd =
+        nix::sys::memfd::memfd_create(c"edu-alias", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+            .map_err(e("memfd_create"))?;
+    let file = std::fs::File::from(fd);
+    file.set_len(2 * PAGE).map_err(e("ftruncate"))?;
+    let shared = |what| {
+        Mapping::with_flags(
+            2 * PAGE as usize,
+            RW,
+            libc::MAP_SHARED,
+            Some(std::os::fd::AsFd::as_fd(&file)),
+            0,
+        )
+        .map_err(e(what))
+    };
+    let mirrored = shared("mmap the memfd")?;
+    let alias = shared("mmap the memfd again")?;
+    fill(&alias, 0, &pattern(13, LEN));
+    edu.dma_to_device(mirrored.addr(), LEN)
+        .map_err(e("memfd -> edu"))?;
+    check_eq(
+        "edu buffer from the memfd",
+        &device_contents(edu, scratch)?,
+        &pattern(13, LEN),
+    )?;
+    load_device(edu, scratch, &pattern(14, LEN))?;
+    edu.dma_from_device(mirrored.addr(), LEN)
+        .map_err(e("edu -> memfd"))?;
+    check_eq(
+        "memfd page through the alias",
+        &read(&alias, 0, LEN),
+        &pattern(14, LEN),
+    )?;
+    let gone = mirrored.forget();
+    // SAFETY: the owner is forgotten and only raw byte accesses referred into the range.
+    unsafe { mm.munmap(gone) }.map_err(e("munmap"))?;
+    ensure!(
+        edu.core().translate(gone.start()).is_none(),
+        "mapping survived munmap"
+    );
+    load_device(edu, scratch, &pattern(15, LEN))?;
+    kmsg.drain()?;
+    edu.dma_from_device_unmapped(gone.start(), LEN)
+        .map_err(e("DMA to the unmapped memfd page"))?;
+    kmsg.wait_dmar_fault(gone.start())?;
+    check_eq(
+        "memfd page after the blocked DMA (through the alias)",
+        &read(&alias, 0, LEN),
+        &pattern(14, LEN),
+    )?;
+    run.ok("munmap of a memfd mapping: edu DMA to the old address blocked (DMAR fault), the page (seen through an alias) unchanged");
+    release(edu, alias)
+}
+
 fn dontneed(run: &mut Run, edu: &Edu, scratch: &Mapping) -> Res {
     let mm = edu.core().address_space().clone();
     let n = Mapping::anonymous(2 * PAGE as usize, RW).map_err(e("mmap"))?;
@@ -519,7 +585,7 @@ fn main_inner(run: &mut Run) -> Res {
         Some(a) => a,
         None => find_edu()?,
     };
-    let mut kmsg = Kmsg::open()?;
+    let mut kmsg = Kmsg::open(&address)?;
     let baseline = locked()?;
     {
         let edu = Edu::open(&address).map_err(e("open edu through kernel VFIO"))?;
@@ -533,6 +599,7 @@ fn main_inner(run: &mut Run) -> Res {
         basics(run, &edu)?;
         malloc_and_mmap(run, &edu, &scratch)?;
         munmap(run, &edu, &scratch, &mut kmsg)?;
+        munmap_shared(run, &edu, &scratch, &mut kmsg)?;
         dontneed(run, &edu, &scratch)?;
         mremap(run, &edu, &scratch)?;
         release(&edu, scratch)?;
