@@ -239,6 +239,27 @@ fn device_contents(edu: &Edu, scratch: &Mapping) -> Res<Vec<u8>> {
     Ok(read(scratch, 0, LEN))
 }
 
+/// DMA `LEN` bytes at `va` (holding pattern `seed`) to edu and check edu's buffer holds them.
+fn to_device(edu: &Edu, scratch: &Mapping, va: u64, seed: u8, what: &str) -> Res {
+    edu.dma_to_device(va, LEN).map_err(e(what))?;
+    check_eq(what, &device_contents(edu, scratch)?, &pattern(seed, LEN))
+}
+
+/// Load pattern `seed` into edu, DMA it to `va` and check it arrived, reading through `view`
+/// at `offset` (the same memory, possibly through another mapping).
+fn from_device(
+    edu: &Edu,
+    scratch: &Mapping,
+    va: u64,
+    (view, offset): (&Mapping, usize),
+    seed: u8,
+    what: &str,
+) -> Res {
+    load_device(edu, scratch, &pattern(seed, LEN))?;
+    edu.dma_from_device(va, LEN).map_err(e(what))?;
+    check_eq(what, &read(view, offset, LEN), &pattern(seed, LEN))
+}
+
 fn basics(run: &mut Run, edu: &Edu) -> Res {
     let id = edu.id().map_err(e("read ID"))?;
     ensure!(
@@ -271,12 +292,7 @@ fn malloc_and_mmap(run: &mut Run, edu: &Edu, scratch: &Mapping) -> Res {
     let dst = vec![0u8; LEN as usize + 301];
     let src_va = src.as_ptr() as u64 + 77;
     let dst_va = dst.as_ptr() as u64 + 301;
-    edu.dma_to_device(src_va, LEN).map_err(e("malloc -> edu"))?;
-    check_eq(
-        "edu buffer after DMA from malloc'd memory",
-        &device_contents(edu, scratch)?,
-        &pattern(1, LEN),
-    )?;
+    to_device(edu, scratch, src_va, 1, "malloc'd -> edu")?;
     edu.dma_from_device(dst_va, LEN)
         .map_err(e("edu -> malloc"))?;
     check_eq(
@@ -297,8 +313,7 @@ fn malloc_and_mmap(run: &mut Run, edu: &Edu, scratch: &Mapping) -> Res {
     let a = Mapping::anonymous(2 * PAGE as usize, RW).map_err(e("mmap"))?;
     let b = Mapping::anonymous(2 * PAGE as usize, RW).map_err(e("mmap"))?;
     fill(&a, 2500, &pattern(2, LEN));
-    edu.dma_to_device(a.addr() + 2500, LEN)
-        .map_err(e("mmap -> edu"))?;
+    to_device(edu, scratch, a.addr() + 2500, 2, "mmap'd -> edu")?;
     edu.dma_from_device(b.addr() + 1000, LEN)
         .map_err(e("edu -> mmap"))?;
     check_eq(
@@ -418,20 +433,15 @@ fn munmap_shared(run: &mut Run, edu: &Edu, scratch: &Mapping, kmsg: &mut Kmsg) -
     let mirrored = shared("mmap the memfd")?;
     let alias = shared("mmap the memfd again")?;
     fill(&alias, 0, &pattern(13, LEN));
-    edu.dma_to_device(mirrored.addr(), LEN)
-        .map_err(e("memfd -> edu"))?;
-    check_eq(
-        "edu buffer from the memfd",
-        &device_contents(edu, scratch)?,
-        &pattern(13, LEN),
-    )?;
-    load_device(edu, scratch, &pattern(14, LEN))?;
-    edu.dma_from_device(mirrored.addr(), LEN)
-        .map_err(e("edu -> memfd"))?;
-    check_eq(
-        "memfd page through the alias",
-        &read(&alias, 0, LEN),
-        &pattern(14, LEN),
+    to_device(edu, scratch, mirrored.addr(), 13, "memfd -> edu")?;
+    let through_alias = (&alias, 0);
+    from_device(
+        edu,
+        scratch,
+        mirrored.addr(),
+        through_alias,
+        14,
+        "edu -> memfd",
     )?;
     let gone = mirrored.forget();
     // SAFETY: the owner is forgotten and only raw byte accesses referred into the range.
@@ -458,13 +468,7 @@ fn dontneed(run: &mut Run, edu: &Edu, scratch: &Mapping) -> Res {
     let mm = edu.core().address_space().clone();
     let n = Mapping::anonymous(2 * PAGE as usize, RW).map_err(e("mmap"))?;
     fill(&n, 0, &pattern(6, LEN));
-    edu.dma_to_device(n.addr(), LEN)
-        .map_err(e("old page -> edu"))?;
-    check_eq(
-        "edu buffer",
-        &device_contents(edu, scratch)?,
-        &pattern(6, LEN),
-    )?;
+    to_device(edu, scratch, n.addr(), 6, "old page -> edu")?;
     // SAFETY: only raw byte accesses refer into `n`.
     unsafe { mm.madvise(n.range(), libc::MADV_DONTNEED) }.map_err(e("madvise"))?;
     ensure!(
@@ -476,17 +480,8 @@ fn dontneed(run: &mut Run, edu: &Edu, scratch: &Mapping) -> Res {
         "MADV_DONTNEED left data"
     );
     fill(&n, 0, &pattern(7, LEN));
-    edu.dma_to_device(n.addr(), LEN)
-        .map_err(e("new page -> edu"))?;
-    check_eq(
-        "edu buffer after MADV_DONTNEED and new data",
-        &device_contents(edu, scratch)?,
-        &pattern(7, LEN),
-    )?;
-    load_device(edu, scratch, &pattern(8, LEN))?;
-    edu.dma_from_device(n.addr(), LEN)
-        .map_err(e("edu -> new page"))?;
-    check_eq("new page after DMA", &read(&n, 0, LEN), &pattern(8, LEN))?;
+    to_device(edu, scratch, n.addr(), 7, "new page -> edu")?;
+    from_device(edu, scratch, n.addr(), (&n, 0), 8, "edu -> new page")?;
     run.ok("MADV_DONTNEED: mapping torn down, edu reads and writes the new pages");
     release(edu, n)
 }
@@ -495,8 +490,7 @@ fn mremap(run: &mut Run, edu: &Edu, scratch: &Mapping) -> Res {
     let mm = edu.core().address_space().clone();
     let r = Mapping::anonymous(2 * PAGE as usize, RW).map_err(e("mmap"))?;
     fill(&r, 0, &pattern(9, LEN));
-    edu.dma_to_device(r.addr(), LEN)
-        .map_err(e("old range -> edu"))?;
+    to_device(edu, scratch, r.addr(), 9, "old range -> edu")?;
     // The target: a reservation whose owner then owns the moved pages (unmapped on drop).
     let moved = Mapping::anonymous(2 * PAGE as usize, libc::PROT_NONE).map_err(e("mmap"))?;
     let old = r.forget();
@@ -514,22 +508,16 @@ fn mremap(run: &mut Run, edu: &Edu, scratch: &Mapping) -> Res {
         "mapping of the old range survived mremap"
     );
     check_eq("moved data", &read(&moved, 0, LEN), &pattern(9, LEN))?;
-    load_device(edu, scratch, &pattern(10, LEN))?;
-    edu.dma_from_device(moved.addr(), LEN)
-        .map_err(e("edu -> moved range"))?;
-    check_eq(
-        "moved range after DMA",
-        &read(&moved, 0, LEN),
-        &pattern(10, LEN),
+    from_device(
+        edu,
+        scratch,
+        moved.addr(),
+        (&moved, 0),
+        10,
+        "edu -> moved range",
     )?;
     fill(&moved, 0, &pattern(11, LEN));
-    edu.dma_to_device(moved.addr(), LEN)
-        .map_err(e("moved range -> edu"))?;
-    check_eq(
-        "edu buffer from the moved range",
-        &device_contents(edu, scratch)?,
-        &pattern(11, LEN),
-    )?;
+    to_device(edu, scratch, moved.addr(), 11, "moved range -> edu")?;
     run.ok(
         "mremap: old mapping torn down, edu reads and writes the moved pages at their new address",
     );
