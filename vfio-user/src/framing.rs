@@ -1,0 +1,413 @@
+//! Messages over a connected `AF_UNIX` stream socket, file descriptors by `SCM_RIGHTS`.
+//!
+//! Receiving reads exactly the message size the header declares, whatever happens: a message
+//! over the size limit, or carrying more descriptors than allowed, is drained (its bytes read
+//! into a fixed scratch buffer, its descriptors closed) and reported with its header, so the
+//! caller can answer it with an error reply and the stream stays in step. Limits are checked
+//! before any allocation. Only a header whose size is smaller than a header leaves the stream
+//! position undefined; that is [`RecvError::Desync`] and the connection must be dropped.
+//!
+//! This module holds the crate's only `unsafe`: adopting received descriptors.
+
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+use nix::errno::Errno;
+use nix::sys::socket::{
+    recvmsg, send, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr,
+};
+
+use crate::{Header, HEADER_SIZE};
+
+/// Most descriptors one message can carry on the receive side (the cmsg buffer is sized for
+/// it); [`Limits::max_fds`] may be lower.
+pub const FD_CAP: usize = 16;
+
+/// What a receiver accepts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest message, header included.
+    pub max_msg_size: usize,
+    /// Most descriptors per message (at most [`FD_CAP`]).
+    pub max_fds: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            // A 1 MiB data transfer plus its fixed fields.
+            max_msg_size: (1 << 20) + 4096,
+            max_fds: 8,
+        }
+    }
+}
+
+/// One received message.
+#[derive(Debug)]
+pub struct Message {
+    /// Its header.
+    pub header: Header,
+    /// Its payload (`header.size - 16` bytes).
+    pub payload: Vec<u8>,
+    /// Descriptors that came with it.
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Why [`Connection::recv`] returned no message.
+#[derive(Debug, thiserror::Error)]
+pub enum RecvError {
+    /// The peer closed the connection between messages.
+    #[error("peer closed the connection")]
+    Closed,
+    /// The peer closed the connection in the middle of a message.
+    #[error("peer closed the connection mid-message ({got} of {want} bytes)")]
+    Truncated {
+        /// Bytes received.
+        got: usize,
+        /// Bytes expected.
+        want: usize,
+    },
+    /// A socket error.
+    #[error("socket error: {0}")]
+    Io(Errno),
+    /// The message was larger than the limit; it was drained. Answer with an error.
+    #[error("message of {} bytes exceeds the limit", .0.size)]
+    TooLarge(Header),
+    /// The message carried too many descriptors; it was drained and they were closed.
+    #[error("message {} carried more descriptors than allowed", .0.id)]
+    TooManyFds(Header),
+    /// The header declares a size smaller than a header: the stream cannot be followed.
+    #[error("message size {} is smaller than the header", .0.size)]
+    Desync(Header),
+}
+
+impl RecvError {
+    /// True if the stream is still in step (the caller may answer and carry on).
+    pub fn recoverable(&self) -> bool {
+        matches!(self, RecvError::TooLarge(_) | RecvError::TooManyFds(_))
+    }
+}
+
+/// A vfio-user connection: sends are serialised by a lock, receives must come from one thread.
+#[derive(Debug)]
+pub struct Connection {
+    stream: UnixStream,
+    write: Mutex<()>,
+    limits: Limits,
+    peer_max_fds: AtomicUsize,
+}
+
+impl Connection {
+    /// Wrap a connected stream.
+    pub fn new(stream: UnixStream, limits: Limits) -> Connection {
+        let limits = Limits {
+            max_fds: limits.max_fds.min(FD_CAP),
+            ..limits
+        };
+        Connection {
+            stream,
+            write: Mutex::new(()),
+            limits,
+            peer_max_fds: AtomicUsize::new(1),
+        }
+    }
+
+    /// Our receive limits.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Record how many descriptors the peer accepts per message (from VERSION).
+    pub fn set_peer_max_fds(&self, n: usize) {
+        self.peer_max_fds.store(n, Ordering::Relaxed);
+    }
+
+    /// The underlying socket.
+    pub fn stream(&self) -> &UnixStream {
+        &self.stream
+    }
+
+    /// Shut the socket down both ways: a blocked `recv` returns, later sends fail.
+    pub fn shutdown(&self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+
+    /// Send one message; `header.size` is set from the payload.
+    pub fn send(
+        &self,
+        mut header: Header,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> std::io::Result<()> {
+        let total = HEADER_SIZE + payload.len();
+        header.size =
+            u32::try_from(total).map_err(|_| std::io::Error::from_raw_os_error(libc::EMSGSIZE))?;
+        if fds.len() > self.peer_max_fds.load(Ordering::Relaxed).max(1) {
+            return Err(std::io::Error::from_raw_os_error(libc::EMSGSIZE));
+        }
+        let head = header.encode();
+        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let fd = self.stream.as_raw_fd();
+        let iov = [IoSlice::new(&head), IoSlice::new(payload)];
+        let cmsg = [ControlMessage::ScmRights(&raw)];
+        let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+        let mut sent = loop {
+            match sendmsg::<UnixAddr>(fd, &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+                Ok(n) => break n,
+            }
+        };
+        // The descriptors went with the first byte; the rest is plain data.
+        while sent < total {
+            let (src, at) = if sent < HEADER_SIZE {
+                (&head[..], sent)
+            } else {
+                (payload, sent - HEADER_SIZE)
+            };
+            match send(fd, &src[at..], MsgFlags::MSG_NOSIGNAL) {
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e.into()),
+                Ok(0) => return Err(std::io::Error::from_raw_os_error(libc::EPIPE)),
+                Ok(n) => sent += n,
+            }
+        }
+        Ok(())
+    }
+
+    /// A successful reply to `request`.
+    pub fn reply(
+        &self,
+        request: &Header,
+        payload: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> std::io::Result<()> {
+        self.send(Header::reply(request, payload.len()), payload, fds)
+    }
+
+    /// A header-only error reply to `request`.
+    pub fn reply_error(&self, request: &Header, errno: i32) -> std::io::Result<()> {
+        self.send(Header::error_reply(request, errno), &[], &[])
+    }
+
+    /// Receive `buf.len()` bytes, collecting descriptors. Returns bytes read before EOF.
+    fn fill(
+        &self,
+        buf: &mut [u8],
+        fds: &mut Vec<OwnedFd>,
+        truncated: &mut bool,
+    ) -> Result<usize, Errno> {
+        let mut got = 0;
+        let mut cmsg = nix::cmsg_space!([RawFd; FD_CAP]);
+        while got < buf.len() {
+            let mut iov = [IoSliceMut::new(&mut buf[got..])];
+            let msg = match recvmsg::<UnixAddr>(
+                self.stream.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(e),
+                Ok(m) => m,
+            };
+            if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+                *truncated = true;
+            }
+            let n = msg.bytes;
+            if let Ok(cmsgs) = msg.cmsgs() {
+                for c in cmsgs {
+                    if let ControlMessageOwned::ScmRights(raw) = c {
+                        for r in raw {
+                            // SAFETY: the kernel just installed `r` in our table for this
+                            // message (SCM_RIGHTS); nothing else owns it, we adopt it once.
+                            fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+                        }
+                    }
+                }
+            }
+            if n == 0 {
+                break;
+            }
+            got += n;
+        }
+        Ok(got)
+    }
+
+    /// Read and discard `len` bytes (closing any descriptors). Returns bytes read before EOF.
+    fn drain(&self, len: usize, truncated: &mut bool) -> Result<usize, Errno> {
+        let mut scratch = [0u8; 4096];
+        let mut done = 0;
+        while done < len {
+            let want = (len - done).min(scratch.len());
+            let mut fds = Vec::new();
+            let n = self.fill(&mut scratch[..want], &mut fds, truncated)?;
+            done += n;
+            if n < want {
+                break;
+            }
+        }
+        Ok(done)
+    }
+
+    /// Receive the next message.
+    pub fn recv(&self) -> Result<Message, RecvError> {
+        let mut head = [0u8; HEADER_SIZE];
+        let mut fds = Vec::new();
+        let mut ctrunc = false;
+        let got = self
+            .fill(&mut head, &mut fds, &mut ctrunc)
+            .map_err(RecvError::Io)?;
+        if got == 0 {
+            return Err(RecvError::Closed);
+        }
+        if got < HEADER_SIZE {
+            return Err(RecvError::Truncated {
+                got,
+                want: HEADER_SIZE,
+            });
+        }
+        let header = Header::decode(&head);
+        let Some(len) = header.payload_len() else {
+            return Err(RecvError::Desync(header));
+        };
+        if header.size as usize > self.limits.max_msg_size {
+            let n = self.drain(len, &mut ctrunc).map_err(RecvError::Io)?;
+            if n < len {
+                return Err(RecvError::Truncated {
+                    got: HEADER_SIZE + n,
+                    want: header.size as usize,
+                });
+            }
+            return Err(RecvError::TooLarge(header));
+        }
+        let mut payload = vec![0u8; len];
+        let n = self
+            .fill(&mut payload, &mut fds, &mut ctrunc)
+            .map_err(RecvError::Io)?;
+        if n < len {
+            return Err(RecvError::Truncated {
+                got: HEADER_SIZE + n,
+                want: header.size as usize,
+            });
+        }
+        if ctrunc || fds.len() > self.limits.max_fds {
+            return Err(RecvError::TooManyFds(header));
+        }
+        Ok(Message {
+            header,
+            payload,
+            fds,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::command;
+    use std::io::Write;
+
+    fn pair(limits: Limits) -> (Connection, Connection) {
+        let (a, b) = UnixStream::pair().unwrap();
+        (Connection::new(a, limits), Connection::new(b, limits))
+    }
+
+    #[test]
+    fn message_with_fds_round_trips() {
+        let (a, b) = pair(Limits::default());
+        a.set_peer_max_fds(8);
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let h = Header::command(3, command::DMA_MAP, 0);
+        a.send(h, &[1, 2, 3], &[std::os::fd::AsFd::as_fd(&f)])
+            .unwrap();
+        let m = b.recv().unwrap();
+        assert_eq!(m.header.id, 3);
+        assert_eq!(m.header.size, 19);
+        assert_eq!(m.payload, vec![1, 2, 3]);
+        assert_eq!(m.fds.len(), 1);
+    }
+
+    #[test]
+    fn oversized_message_is_drained_and_the_stream_stays_in_step() {
+        let limits = Limits {
+            max_msg_size: 64,
+            max_fds: 1,
+        };
+        let (a, b) = pair(limits);
+        a.send(
+            Header::command(1, command::REGION_WRITE, 0),
+            &[7; 1000],
+            &[],
+        )
+        .unwrap();
+        a.send(Header::command(2, command::DEVICE_RESET, 0), &[], &[])
+            .unwrap();
+        assert!(matches!(b.recv(), Err(RecvError::TooLarge(h)) if h.id == 1));
+        let next = b.recv().unwrap();
+        assert_eq!(
+            (next.header.id, next.header.command),
+            (2, command::DEVICE_RESET)
+        );
+    }
+
+    #[test]
+    fn too_many_fds_are_refused_and_closed() {
+        let (a, b) = pair(Limits {
+            max_fds: 1,
+            ..Default::default()
+        });
+        a.set_peer_max_fds(4);
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let fd = std::os::fd::AsFd::as_fd(&f);
+        a.send(
+            Header::command(5, command::DEVICE_SET_IRQS, 0),
+            &[0; 20],
+            &[fd, fd],
+        )
+        .unwrap();
+        a.send(Header::command(6, command::DEVICE_RESET, 0), &[], &[])
+            .unwrap();
+        assert!(matches!(b.recv(), Err(RecvError::TooManyFds(h)) if h.id == 5));
+        assert_eq!(b.recv().unwrap().header.id, 6);
+    }
+
+    #[test]
+    fn sender_refuses_more_fds_than_the_peer_takes() {
+        let (a, _b) = pair(Limits::default());
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let fd = std::os::fd::AsFd::as_fd(&f);
+        assert!(a.send(Header::command(1, 1, 0), &[], &[fd, fd]).is_err());
+    }
+
+    #[test]
+    fn truncated_and_desynchronised_messages() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let b = Connection::new(b, Limits::default());
+        let h = Header {
+            size: 100,
+            ..Header::command(1, command::REGION_WRITE, 0)
+        };
+        a.write_all(&h.encode()).unwrap();
+        a.write_all(&[0; 10]).unwrap();
+        drop(a);
+        assert!(matches!(
+            b.recv(),
+            Err(RecvError::Truncated { got: 26, want: 100 })
+        ));
+        assert!(matches!(b.recv(), Err(RecvError::Closed)));
+
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let b = Connection::new(b, Limits::default());
+        let h = Header {
+            size: 8,
+            ..Header::command(1, command::REGION_WRITE, 0)
+        };
+        a.write_all(&h.encode()).unwrap();
+        assert!(matches!(b.recv(), Err(RecvError::Desync(_))));
+    }
+}
