@@ -48,6 +48,7 @@ fn anon_write_child() {
         for i in 0..ints(&m) {
             write_u32(&m, i, i as u32);
         }
+        quiesce(&ctx);
         let before = ctx.stats();
         let sum = device_checksum(&ctx, m.addr(), BUF).unwrap();
         assert_eq!(ctx.stats().faults - before.faults, 1);

@@ -64,9 +64,20 @@ pub fn buffer(prot: libc::c_int) -> Mapping {
     Mapping::anonymous_aligned(BUF, BUF, prot).expect("mmap test buffer")
 }
 
-/// The bounce buffer ("mirror" in hmm-tests), already device-mapped for writing.
+/// Waits until every CPU event queued so far has been handled. Needed before counting faults:
+/// a plain munmap by a test running in parallel is delivered after the syscall (eventual
+/// coherence), and if the kernel reuses the freed addresses for our new buffer at once, that late
+/// UNMAP tears down our fresh device mapping (harmless, but the device then faults twice).
+/// Such a munmap returns only once its event has been read, so `settle` covers it.
+pub fn quiesce(ctx: &Context) {
+    ctx.address_space().settle().expect("settle");
+}
+
+/// The bounce buffer ("mirror" in hmm-tests), already device-mapped for writing. Quiesces first
+/// (see `quiesce`), which also covers every buffer mapped before it.
 pub fn bounce(ctx: &Context, len: usize) -> Mapping {
     let m = Mapping::anonymous(len, RW).expect("mmap bounce buffer");
+    quiesce(ctx);
     ctx.prefault(m.addr(), len as u64, true)
         .expect("prefault the bounce buffer");
     m
@@ -493,6 +504,7 @@ pub fn anon_read_multiple(rt: Arc<Runtime>) {
         for i in 0..ints(&m) {
             write_u32(&m, i, (i + c) as u32);
         }
+        quiesce(&ctx);
         let before = ctx.stats();
         device_read(&ctx, m.addr(), mirror.addr(), BUF).unwrap();
         let after = ctx.stats();
@@ -555,6 +567,7 @@ fn teardown_race(rt: Arc<Runtime>, racer: Racer) {
         for i in 0..ints(&m) {
             write_u32(&m, i, (i + round) as u32);
         }
+        quiesce(&ctx);
         let faults = ctx.stats().faults;
         let start = m.addr();
         let range = m.forget();
@@ -929,7 +942,12 @@ pub fn double_map(rt: Arc<Runtime>, rt2: Arc<Runtime>) {
         let mirror = bounce(ctx, 6 * PAGE);
         let before = ctx.stats();
         device_read(ctx, m.addr(), mirror.addr(), 6 * PAGE).unwrap();
-        assert_eq!(ctx.stats().faults - before.faults, 1);
+        assert_eq!(
+            ctx.stats().faults - before.faults,
+            1,
+            "before {before:?} after {:?}",
+            ctx.stats()
+        );
         for i in 0..6 * PAGE / 4 {
             assert_eq!(read_u32(&mirror, i), i as u32);
         }
