@@ -212,22 +212,7 @@ fn child_writes_through_its_own_mirror() {
     };
     let fd: i32 = fd.parse().unwrap();
     let len: usize = len.parse().unwrap();
-    let at = Mapping::anonymous_aligned(len, len, libc::PROT_NONE)
-        .unwrap()
-        .forget();
-    // SAFETY: replaces our own reservation with the inherited shared memory.
-    let p = unsafe {
-        libc::mmap(
-            at.start() as *mut libc::c_void,
-            len,
-            RW,
-            libc::MAP_SHARED | libc::MAP_FIXED,
-            fd,
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    let addr = p as u64;
+    let addr = map_shared_aligned(fd, len, RW);
     for i in 0..len / 4 {
         assert_eq!(
             read_u32_at(addr, i),

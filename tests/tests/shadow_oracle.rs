@@ -121,6 +121,16 @@ struct Region {
 }
 
 impl Region {
+    /// `[page, page + pages)` clipped to the region, if `page` is inside it.
+    fn clip(&self, page: usize, pages: usize) -> Option<(VaRange, usize)> {
+        (page < self.pages()).then(|| {
+            let pages = pages.min(self.pages() - page);
+            let range =
+                VaRange::new(self.addr + (page * PAGE) as u64, (pages * PAGE) as u64).unwrap();
+            (range, pages)
+        })
+    }
+
     fn range(&self) -> VaRange {
         VaRange::new(self.addr, self.shadow.len() as u64).unwrap()
     }
@@ -262,12 +272,9 @@ impl World<'_> {
                 let Some(r) = self.regions[slot].as_mut() else {
                     return Ok(());
                 };
-                if page >= r.pages() {
+                let Some((range, pages)) = r.clip(page, pages) else {
                     return Ok(());
-                }
-                let pages = pages.min(r.pages() - page);
-                let range =
-                    VaRange::new(r.addr + (page * PAGE) as u64, (pages * PAGE) as u64).unwrap();
+                };
                 match via {
                     // SAFETY: discarding the sequence's own memory.
                     Via::Strict => unsafe {
@@ -351,13 +358,12 @@ impl World<'_> {
                 let Some(r) = self.regions[slot].as_mut() else {
                     return Ok(());
                 };
-                if page >= r.pages() {
+                let Some((range, pages)) = r.clip(page, pages) else {
                     return Ok(());
-                }
-                let pages = pages.min(r.pages() - page);
+                };
                 let got = device_fill(
                     self.ctx,
-                    r.addr + (page * PAGE) as u64,
+                    range.start(),
                     pages * PAGE,
                     u64::from_ne_bytes([byte; 8]),
                 );

@@ -128,6 +128,52 @@ pub fn device_fill(ctx: &Context, dst: u64, len: usize, pattern: u64) -> Result<
     )
 }
 
+/// dmirror's WRITE as the kernel test checks it: the bounce buffer holds `i`, one device write of
+/// `len` bytes to `dst` takes exactly one fault and maps every page, and the CPU reads `i` back.
+pub fn write_ints_once(ctx: &Context, dst: u64, mirror: &Mapping, len: usize) {
+    for i in 0..len / 4 {
+        write_u32(mirror, i, i as u32);
+    }
+    let before = ctx.stats();
+    device_write(ctx, dst, mirror.addr(), len).unwrap();
+    let after = ctx.stats();
+    assert_eq!(after.faults - before.faults, 1, "faults == 1: {after:?}");
+    assert_eq!(
+        after.pages_mapped - before.pages_mapped,
+        (len / PAGE) as u64,
+        "cpages == npages: {after:?}"
+    );
+    for i in 0..len / 4 {
+        assert_eq!(read_u32_at(dst, i), i as u32, "CPU int {i}");
+    }
+}
+
+/// Maps `fd` shared over a fresh reservation aligned to `len` (so the fault-around block of
+/// `hmm_ctx` is exactly the mapping).
+pub fn map_shared_aligned(fd: std::os::fd::RawFd, len: usize, prot: libc::c_int) -> u64 {
+    let at = Mapping::anonymous_aligned(len, len, libc::PROT_NONE)
+        .unwrap()
+        .forget();
+    // SAFETY: replaces our own reservation with a shared mapping of the fd.
+    let p = unsafe {
+        libc::mmap(
+            at.start() as *mut libc::c_void,
+            len,
+            prot,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            fd,
+            0,
+        )
+    };
+    assert_ne!(
+        p,
+        libc::MAP_FAILED,
+        "mmap: {}",
+        std::io::Error::last_os_error()
+    );
+    p as u64
+}
+
 /// FNV-1a of CPU memory at a raw address (read with volatile loads).
 pub fn cpu_checksum(addr: u64, len: usize) -> u64 {
     let mut state = accel_abi::FNV_OFFSET;
@@ -239,7 +285,11 @@ pub fn anon_read(rt: Arc<Runtime>) {
     assert_eq!(m.read_byte(PAGE), 0, "page 1 read: the shared zero page");
     strict_mprotect(&ctx, m.range(), Perms::READ);
     let before = ctx.stats();
-    let serviced = rt.service().stats().pages_serviced.load(Ordering::Relaxed);
+    let service = rt.service().stats();
+    let (records, serviced) = (
+        service.records.load(Ordering::Relaxed),
+        service.pages_serviced.load(Ordering::Relaxed),
+    );
     device_read(&ctx, m.addr(), mirror.addr(), BUF).unwrap();
     let after = ctx.stats();
     assert_eq!(after.faults - before.faults, 1, "faults == 1: {after:?}");
@@ -248,7 +298,9 @@ pub fn anon_read(rt: Arc<Runtime>) {
         NPAGES,
         "cpages == npages"
     );
-    assert!(rt.service().stats().pages_serviced.load(Ordering::Relaxed) > serviced);
+    // The runtime is this test's own: its fault service drained exactly one record.
+    assert_eq!(service.records.load(Ordering::Relaxed) - records, 1);
+    assert!(service.pages_serviced.load(Ordering::Relaxed) > serviced);
     for i in 0..ints(&mirror) {
         let want = if i < 2 * PAGE / 4 { 0 } else { i as u32 };
         assert_eq!(read_u32(&mirror, i), want, "int {i}");
@@ -294,17 +346,7 @@ pub fn anon_write(rt: Arc<Runtime>) {
     let ctx = hmm_ctx(&rt);
     let m = buffer(RW);
     let mirror = bounce(&ctx, BUF);
-    for i in 0..ints(&mirror) {
-        write_u32(&mirror, i, i as u32);
-    }
-    let before = ctx.stats();
-    device_write(&ctx, m.addr(), mirror.addr(), BUF).unwrap();
-    let after = ctx.stats();
-    assert_eq!(after.faults - before.faults, 1, "{after:?}");
-    assert_eq!(after.pages_mapped - before.pages_mapped, NPAGES);
-    for i in 0..ints(&m) {
-        assert_eq!(read_u32(&m, i), i as u32, "int {i}");
-    }
+    write_ints_once(&ctx, m.addr(), &mirror, BUF);
     assert!(ctx.device_translation(m.addr()).unwrap().perms.write);
 }
 
@@ -332,14 +374,7 @@ pub fn anon_write_prot(rt: Arc<Runtime>) {
     ctx.address_space()
         .protect(m.range(), Perms::READ_WRITE)
         .unwrap();
-    let before = ctx.stats();
-    device_write(&ctx, m.addr(), mirror.addr(), BUF).unwrap();
-    let after = ctx.stats();
-    assert_eq!(after.faults - before.faults, 1, "{after:?}");
-    assert_eq!(after.pages_mapped - before.pages_mapped, NPAGES);
-    for i in 0..ints(&m) {
-        assert_eq!(read_u32(&m, i), i as u32, "int {i}");
-    }
+    write_ints_once(&ctx, m.addr(), &mirror, BUF);
     assert!(ctx.device_translation(m.addr()).unwrap().perms.write);
 }
 
@@ -374,32 +409,6 @@ fn tmpfile(len: usize) -> Option<(OwnedFd, String)> {
     Some((fd, format!("{} (f_type {:#x})", dir.display(), sfs.f_type)))
 }
 
-/// A shared mapping of `fd`, placed over a reservation aligned to `len` (so the fault-around block
-/// of `hmm_ctx` is exactly the mapping).
-fn map_file(fd: &OwnedFd, len: usize, prot: libc::c_int) -> u64 {
-    let at = Mapping::anonymous_aligned(len, len, libc::PROT_NONE)
-        .unwrap()
-        .forget();
-    // SAFETY: replaces our own reservation with a shared file mapping.
-    let p = unsafe {
-        libc::mmap(
-            at.start() as *mut libc::c_void,
-            len,
-            prot,
-            libc::MAP_SHARED | libc::MAP_FIXED,
-            fd.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(
-        p,
-        libc::MAP_FAILED,
-        "mmap file: {}",
-        std::io::Error::last_os_error()
-    );
-    p as u64
-}
-
 fn unmap_strict(ctx: &Context, addr: u64, len: usize) {
     // SAFETY: test-owned raw mapping, nothing refers into it any more.
     unsafe {
@@ -417,7 +426,7 @@ fn pwrite_ints(fd: &OwnedFd, n: usize) {
 
 fn file_read_on(ctx: &Context, fd: &OwnedFd, what: &str) {
     pwrite_ints(fd, BUF / 4);
-    let addr = map_file(fd, BUF, libc::PROT_READ);
+    let addr = map_shared_aligned(fd.as_raw_fd(), BUF, libc::PROT_READ);
     let mirror = bounce(ctx, BUF);
     let before = ctx.stats();
     device_read(ctx, addr, mirror.addr(), BUF).unwrap();
@@ -448,7 +457,7 @@ pub fn file_read(rt: Arc<Runtime>) {
 }
 
 fn file_write_on(ctx: &Context, fd: &OwnedFd, what: &str) {
-    let addr = map_file(fd, BUF, RW);
+    let addr = map_shared_aligned(fd.as_raw_fd(), BUF, RW);
     let mirror = bounce(ctx, BUF);
     for i in 0..ints(&mirror) {
         write_u32(&mirror, i, i as u32);
@@ -700,27 +709,11 @@ pub fn anon_write_huge(rt: Arc<Runtime>) {
         return;
     }
     let mirror = bounce(&ctx, TWOMEG);
-    for i in 0..ints(&mirror) {
-        write_u32(&mirror, i, i as u32);
-    }
-    let before = ctx.stats();
-    device_write(&ctx, m.addr(), mirror.addr(), TWOMEG).unwrap();
-    let after = ctx.stats();
-    assert_eq!(after.faults - before.faults, 1, "{after:?}");
-    assert_eq!(
-        after.pages_mapped - before.pages_mapped,
-        (TWOMEG / PAGE) as u64
-    );
-    assert_eq!(
-        after.large_mappings - before.large_mappings,
-        1,
-        "one 2 MiB mapping"
-    );
+    let large = ctx.stats().large_mappings;
+    write_ints_once(&ctx, m.addr(), &mirror, TWOMEG);
+    assert_eq!(ctx.stats().large_mappings - large, 1, "one 2 MiB mapping");
     let t = ctx.device_translation(m.addr() + 4321).unwrap();
     assert_eq!(t.size, driver::pagetable::PageSize::Large);
-    for i in 0..ints(&m) {
-        assert_eq!(read_u32(&m, i), i as u32, "int {i}");
-    }
 }
 
 fn hugetlb_pages() -> u64 {
@@ -757,15 +750,7 @@ pub fn anon_write_hugetlbfs(rt: Arc<Runtime>) {
     };
     let ctx = hmm_ctx(&rt);
     let mirror = bounce(&ctx, TWOMEG);
-    for i in 0..TWOMEG / 4 {
-        write_u32(&mirror, i, i as u32);
-    }
-    let before = ctx.stats();
-    device_write(&ctx, addr, mirror.addr(), TWOMEG).unwrap();
-    assert_eq!(ctx.stats().faults - before.faults, 1);
-    for i in 0..TWOMEG / 4 {
-        assert_eq!(read_u32_at(addr, i), i as u32);
-    }
+    write_ints_once(&ctx, addr, &mirror, TWOMEG);
     unmap_strict(&ctx, addr, TWOMEG);
 }
 
