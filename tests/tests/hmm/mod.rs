@@ -1436,6 +1436,63 @@ pub fn thp_partial_changes(rt: Arc<Runtime>) {
     unmap_strict(&ctx, hole + PAGE as u64, TWOMEG - 101 * PAGE);
 }
 
+/// Strict coherence against a running device: a long device fill (page by page, no
+/// fault-around) races a strict `mprotect(PROT_READ)` from another thread. Once the wrapper
+/// returns, the device must not write one more byte: the memory is copied at that instant and
+/// must equal the memory after the fill has ended (which fails with `Permission` or had finished).
+pub fn strict_mprotect_stops_device_writes(rt: Arc<Runtime>) {
+    let ctx = Arc::new(exact_ctx(&rt));
+    for round in 0..4u64 {
+        let m = buffer(RW);
+        let range = m.range();
+        let addr = m.addr();
+        let go = Arc::new(AtomicBool::new(false));
+        let (go2, ctx2) = (go.clone(), ctx.clone());
+        let protector = std::thread::spawn(move || {
+            while !go2.load(Ordering::Acquire) {
+                std::hint::spin_loop();
+            }
+            for _ in 0..round * 150_000 {
+                std::hint::spin_loop();
+            }
+            strict_mprotect(&ctx2, range, Perms::READ);
+            // The instant the wrapper returned.
+            let mut copy = vec![0u8; BUF];
+            for (i, b) in copy.iter_mut().enumerate() {
+                // SAFETY: readable test memory.
+                *b = unsafe { std::ptr::read_volatile((addr as *const u8).add(i)) };
+            }
+            copy
+        });
+        go.store(true, Ordering::Release);
+        let result = device_fill(&ctx, addr, BUF, 0x5555_5555_5555_5555);
+        let copy = protector.join().unwrap();
+        match &result {
+            Ok(_) => {}
+            Err(e) => assert!(is_cancel(e, CancelReason::Permission), "round {round}: {e}"),
+        }
+        let written = copy.iter().step_by(PAGE).filter(|b| **b == 0x55).count();
+        eprintln!(
+            "strict_mprotect round {round}: {written} of {} pages written when mprotect returned, fill {}",
+            BUF / PAGE,
+            if result.is_ok() { "finished" } else { "refused" }
+        );
+        let mut changed = 0;
+        for (i, b) in copy.iter().enumerate() {
+            if m.read_byte(i) != *b {
+                changed += 1;
+            }
+        }
+        assert_eq!(
+            changed, 0,
+            "round {round}: the device wrote {changed} bytes after the strict mprotect returned ({result:?})"
+        );
+        let r = m.forget();
+        // SAFETY: ours.
+        unsafe { ctx.address_space().munmap(r).unwrap() };
+    }
+}
+
 #[macro_export]
 macro_rules! hmm_suite {
     ($open:expr) => {
@@ -1463,7 +1520,8 @@ macro_rules! hmm_suite {
             collision_with_dontneed_is_never_stale,
             release_while_busy,
             file_private_write,
-            thp_partial_changes
+            thp_partial_changes,
+            strict_mprotect_stops_device_writes
         );
         #[test]
         fn double_map() {
