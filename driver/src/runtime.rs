@@ -22,6 +22,7 @@ use mirror::AddressSpace;
 
 use crate::backend::emulated::EmulatedBackend;
 use crate::backend::vfio::KernelVfioBackend;
+use crate::backend::vfio_user::VfioUserBackend;
 use crate::backend::Backend;
 use crate::context::{ContextCore, ContextOptions};
 use crate::device::{Device, DeviceOptions, Ticket};
@@ -39,8 +40,7 @@ pub enum DeviceSpec {
     Emulated(AcceleratorConfig),
     /// A device bound to vfio-pci, by PCI address (`0000:00:03.0`).
     KernelVfio(String),
-    /// A vfio-user server's socket. Not implemented yet: opening it returns
-    /// [`Error::Unsupported`] (the vfio-user client is its own piece of work).
+    /// A vfio-user server's socket (for example `mirrorctl emulate --socket PATH`).
     VfioUser(std::path::PathBuf),
 }
 
@@ -109,12 +109,7 @@ impl Runtime {
         let backend: Box<dyn Backend> = match &spec {
             DeviceSpec::Emulated(cfg) => Box::new(EmulatedBackend::new(cfg.clone())?),
             DeviceSpec::KernelVfio(address) => Box::new(KernelVfioBackend::open(address)?),
-            DeviceSpec::VfioUser(path) => {
-                return Err(Error::Unsupported(format!(
-                    "vfio-user backend ({}): not implemented yet; use the embedded emulator or kernel VFIO",
-                    path.display()
-                )))
-            }
+            DeviceSpec::VfioUser(path) => Box::new(VfioUserBackend::connect(path)?),
         };
         let device = Arc::new(Device::bring_up(backend, options.device)?);
         let service = FaultService::start(device.clone(), options.mode, options.batch)?;

@@ -25,6 +25,7 @@ mod memory;
 mod mmu;
 mod sync;
 mod tlb;
+pub mod vfio_user_server;
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;

@@ -16,6 +16,7 @@ use crate::sys::dmabuf::DmaBuffer;
 
 pub mod emulated;
 pub mod vfio;
+pub mod vfio_user;
 
 /// An error from a backend operation.
 #[derive(Debug, thiserror::Error)]

@@ -35,6 +35,16 @@ enum Command {
     },
     /// List PCI devices bound to vfio-pci and their IOMMU groups.
     Devices,
+    /// Serve the emulated accelerator as a vfio-user device on a UNIX socket (one client at a
+    /// time, a fresh device per connection) until SIGTERM or SIGINT.
+    Emulate {
+        /// Path of the socket to create.
+        #[arg(long)]
+        socket: std::path::PathBuf,
+        /// Exit when the first client disconnects.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -48,6 +58,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Demo { polling, mib } => demo(polling, mib),
         Command::Devices => devices(),
+        Command::Emulate { socket, once } => {
+            return match emulate(&socket, once) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("mirrorctl emulate: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -56,6 +75,34 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn emulate(socket: &std::path::Path, once: bool) -> std::io::Result<()> {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal};
+    use nix::sys::signalfd::{SfdFlags, SignalFd};
+    use std::os::fd::AsFd;
+    // Block the stop signals in every thread (threads inherit the mask) and read them from a
+    // signalfd, so the accept loop sees them as a readable descriptor.
+    let mut stop = SigSet::empty();
+    stop.add(Signal::SIGTERM);
+    stop.add(Signal::SIGINT);
+    nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&stop), None)?;
+    let sfd = SignalFd::with_flags(&stop, SfdFlags::SFD_CLOEXEC)?;
+    let listener = std::os::unix::net::UnixListener::bind(socket)?;
+    eprintln!(
+        "mirrorctl emulate: serving the MXA-1 on {}",
+        socket.display()
+    );
+    let result = firmware_stubs::vfio_user_server::serve(
+        &listener,
+        &firmware_stubs::AcceleratorConfig::default(),
+        sfd.as_fd(),
+        once,
+    );
+    if let Err(e) = std::fs::remove_file(socket) {
+        eprintln!("mirrorctl emulate: removing {}: {e}", socket.display());
+    }
+    result
 }
 
 fn devices() -> Result<(), Error> {

@@ -1,0 +1,667 @@
+//! vfio-user client backend: the device is a vfio-user server in another process, reached over
+//! a UNIX socket (protocol in the `vfio-user-protocol` crate, documented in docs/vfio-user.md).
+//!
+//! One reader thread per connection receives every message: replies are handed to the caller
+//! waiting for that message id; the server's DMA_READ/DMA_WRITE requests are served on the spot
+//! from the mapped memory, so a server request arriving while a caller waits for its own reply
+//! never deadlocks. Memory with a file behind it (driver buffers, memfd arenas) is mapped with
+//! its fd and the server reaches it directly; other process memory is mapped without an fd and
+//! reached through DMA_READ/DMA_WRITE, copied with process_vm_readv/writev on our own pid so an
+//! unmapped page becomes an error reply, never a SIGSEGV.
+//!
+//! When the server goes away (EOF, a broken or desynchronised stream) every waiting and later
+//! operation fails with a transport error naming the cause.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, SyncSender};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use firmware_stubs::{DmaMemory, ProcessMemory};
+use vfio_user_protocol::payload::{self, irq, region};
+use vfio_user_protocol::version::{self, Capabilities, Version};
+use vfio_user_protocol::{command, Connection, Header, Limits, Message, MessageType, RecvError};
+
+use super::{Backend, BackendError, BackendKind, DmaAccess, DmaSource};
+
+const NAME: &str = "vfio-user";
+
+/// How long a request waits for its reply from a live server (a dead one fails at once).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn transport(op: &'static str, detail: impl std::fmt::Display) -> BackendError {
+    BackendError::Transport {
+        backend: NAME,
+        op,
+        detail: detail.to_string(),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A mapping the server reaches through DMA_READ/DMA_WRITE.
+#[derive(Debug, Clone, Copy)]
+struct LocalMap {
+    len: u64,
+    va: u64,
+    access: DmaAccess,
+}
+
+type Waiter = SyncSender<Result<Message, String>>;
+
+struct Shared {
+    conn: Connection,
+    pending: Mutex<HashMap<u16, Waiter>>,
+    closed: AtomicBool,
+    close_reason: Mutex<Option<String>>,
+    next_id: AtomicU16,
+    max_xfer: AtomicUsize,
+    maps: RwLock<BTreeMap<u64, LocalMap>>,
+}
+
+impl Shared {
+    fn dead(&self) -> String {
+        lock(&self.close_reason)
+            .clone()
+            .unwrap_or_else(|| "server disconnected".into())
+    }
+
+    fn close(&self, reason: String) {
+        let mut pending = lock(&self.pending);
+        {
+            let mut r = lock(&self.close_reason);
+            if r.is_none() {
+                *r = Some(reason);
+            }
+        }
+        self.closed.store(true, Ordering::Release);
+        pending.clear();
+        self.conn.shutdown();
+    }
+
+    /// Send a command and wait for its reply; an error reply is an error.
+    fn request(
+        &self,
+        op: &'static str,
+        cmd: u16,
+        body: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Message, BackendError> {
+        let (tx, rx) = mpsc::sync_channel(1);
+        let id = {
+            let mut pending = lock(&self.pending);
+            if self.closed.load(Ordering::Acquire) {
+                return Err(transport(op, self.dead()));
+            }
+            let mut id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            while pending.contains_key(&id) {
+                id = self.next_id.fetch_add(1, Ordering::Relaxed);
+            }
+            pending.insert(id, tx);
+            id
+        };
+        if let Err(e) = self
+            .conn
+            .send(Header::command(id, cmd, body.len()), body, fds)
+        {
+            lock(&self.pending).remove(&id);
+            return Err(transport(op, format!("send: {e}")));
+        }
+        let reply = match rx.recv_timeout(REPLY_TIMEOUT) {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => return Err(transport(op, e)),
+            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(transport(op, self.dead())),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                lock(&self.pending).remove(&id);
+                return Err(transport(op, "no reply from the server"));
+            }
+        };
+        if reply.header.is_error() {
+            let errno = nix::errno::Errno::from_raw(reply.header.error as i32);
+            return Err(transport(op, format!("server answered error {errno}")));
+        }
+        if reply.header.command != cmd {
+            return Err(transport(op, "reply for another command"));
+        }
+        Ok(reply)
+    }
+}
+
+/// What DEVICE_GET_INFO and the region/IRQ queries told us.
+#[derive(Debug, Clone, Copy)]
+struct Layout {
+    bar0_size: u64,
+    config_size: u64,
+    msi_vectors: u32,
+}
+
+/// A vfio-user server's device.
+pub struct VfioUserBackend {
+    shared: Arc<Shared>,
+    reader: Option<JoinHandle<()>>,
+    layout: Layout,
+}
+
+impl std::fmt::Debug for VfioUserBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VfioUserBackend")
+            .field("layout", &self.layout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl VfioUserBackend {
+    /// Connect to the server at `path`, negotiate the version and read the device layout.
+    pub fn connect(path: &Path) -> Result<VfioUserBackend, BackendError> {
+        let stream = UnixStream::connect(path)
+            .map_err(|e| transport("connect", format!("{}: {e}", path.display())))?;
+        Self::from_stream(stream)
+    }
+
+    /// Use an already connected socket.
+    pub fn from_stream(stream: UnixStream) -> Result<VfioUserBackend, BackendError> {
+        let limits = Limits::default();
+        let shared = Arc::new(Shared {
+            conn: Connection::new(stream, limits),
+            pending: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+            close_reason: Mutex::new(None),
+            next_id: AtomicU16::new(0),
+            max_xfer: AtomicUsize::new(version::DEFAULT_MAX_DATA_XFER as usize),
+            maps: RwLock::new(BTreeMap::new()),
+        });
+        let reader = {
+            let shared = Arc::clone(&shared);
+            std::thread::Builder::new()
+                .name("vfio-user-client".into())
+                .spawn(move || reader_loop(&shared))
+                .map_err(|e| transport("connect", format!("reader thread: {e}")))?
+        };
+        let mut backend = VfioUserBackend {
+            shared,
+            reader: Some(reader),
+            layout: Layout {
+                bar0_size: 0,
+                config_size: 0,
+                msi_vectors: 0,
+            },
+        };
+        backend.negotiate(limits)?;
+        backend.layout = backend.query_layout()?;
+        Ok(backend)
+    }
+
+    fn negotiate(&self, limits: Limits) -> Result<(), BackendError> {
+        let ours = Version::ours(Capabilities {
+            max_msg_fds: limits.max_fds as u32,
+            max_data_xfer_size: version::DEFAULT_MAX_DATA_XFER,
+            pgsizes: accel_abi::PAGE_SIZE,
+            max_dma_maps: version::DEFAULT_MAX_DMA_MAPS,
+            write_multiple: false,
+            twin_socket: false,
+        });
+        let reply = self
+            .shared
+            .request("version", command::VERSION, &ours.encode(), &[])?;
+        let theirs = Version::decode(&reply.payload).map_err(|e| transport("version", e))?;
+        version::check_reply(&ours, &theirs).map_err(|e| transport("version", e))?;
+        if theirs.caps.pgsizes & accel_abi::PAGE_SIZE == 0 {
+            return Err(transport("version", "server does not take 4 KiB DMA pages"));
+        }
+        self.shared
+            .conn
+            .set_peer_max_fds(theirs.caps.max_msg_fds as usize);
+        let xfer = theirs
+            .caps
+            .max_data_xfer_size
+            .clamp(8, version::DEFAULT_MAX_DATA_XFER);
+        self.shared.max_xfer.store(xfer as usize, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn query_layout(&self) -> Result<Layout, BackendError> {
+        let req = payload::DeviceInfo {
+            argsz: payload::DeviceInfo::SIZE as u32,
+            flags: 0,
+            num_regions: 0,
+            num_irqs: 0,
+        };
+        let r = self
+            .shared
+            .request("device info", command::DEVICE_GET_INFO, &req.encode(), &[])?;
+        let info =
+            payload::DeviceInfo::decode(&r.payload).map_err(|e| transport("device info", e))?;
+        if info.flags & payload::DEVICE_FLAGS_PCI == 0
+            || info.num_regions <= region::CONFIG
+            || info.num_irqs <= irq::MSI
+        {
+            return Err(transport(
+                "device info",
+                format!("not a PCI device: {info:?}"),
+            ));
+        }
+        let region_size = |index: u32| -> Result<u64, BackendError> {
+            let req = payload::RegionInfo {
+                argsz: payload::RegionInfo::SIZE as u32,
+                flags: 0,
+                index,
+                cap_offset: 0,
+                size: 0,
+                offset: 0,
+            };
+            let r = self.shared.request(
+                "region info",
+                command::DEVICE_GET_REGION_INFO,
+                &req.encode(),
+                &[],
+            )?;
+            let ri =
+                payload::RegionInfo::decode(&r.payload).map_err(|e| transport("region info", e))?;
+            let rw = region::FLAG_READ | region::FLAG_WRITE;
+            if ri.index != index || ri.flags & rw != rw {
+                return Err(transport("region info", format!("region {index}: {ri:?}")));
+            }
+            Ok(ri.size)
+        };
+        let bar0_size = region_size(region::BAR0)?;
+        let config_size = region_size(region::CONFIG)?;
+        let req = payload::IrqInfo {
+            argsz: payload::IrqInfo::SIZE as u32,
+            flags: 0,
+            index: irq::MSI,
+            count: 0,
+        };
+        let r =
+            self.shared
+                .request("irq info", command::DEVICE_GET_IRQ_INFO, &req.encode(), &[])?;
+        let ii = payload::IrqInfo::decode(&r.payload).map_err(|e| transport("irq info", e))?;
+        if ii.flags & irq::INFO_EVENTFD == 0 {
+            return Err(transport("irq info", "MSI cannot signal eventfds"));
+        }
+        Ok(Layout {
+            bar0_size,
+            config_size,
+            msi_vectors: ii.count,
+        })
+    }
+
+    /// Unmap every DMA mapping (DMA_UNMAP with the ALL flag).
+    pub fn dma_unmap_all(&self) -> Result<(), BackendError> {
+        let req = payload::DmaUnmap {
+            argsz: payload::DmaUnmap::SIZE as u32,
+            flags: payload::DMA_UNMAP_ALL,
+            address: 0,
+            size: 0,
+        };
+        self.shared
+            .request("dma_unmap (all)", command::DMA_UNMAP, &req.encode(), &[])?;
+        self.shared
+            .maps
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        Ok(())
+    }
+
+    fn region_read(
+        &self,
+        op: &'static str,
+        index: u32,
+        size: u64,
+        offset: u64,
+        data: &mut [u8],
+    ) -> Result<(), BackendError> {
+        check_range(op, offset, data.len(), size)?;
+        let chunk = self.shared.max_xfer.load(Ordering::Relaxed).max(1);
+        for (i, part) in data.chunks_mut(chunk).enumerate() {
+            let at = offset + (i * chunk) as u64;
+            let req = payload::RegionAccess {
+                offset: at,
+                region: index,
+                count: part.len() as u32,
+                data: Vec::new(),
+            };
+            let r = self
+                .shared
+                .request(op, command::REGION_READ, &req.encode(), &[])?;
+            let got =
+                payload::RegionAccess::decode(&r.payload, true).map_err(|e| transport(op, e))?;
+            if got.offset != at || got.region != index || got.data.len() != part.len() {
+                return Err(transport(op, "reply does not match the request"));
+            }
+            part.copy_from_slice(&got.data);
+        }
+        Ok(())
+    }
+
+    fn region_write(
+        &self,
+        op: &'static str,
+        index: u32,
+        size: u64,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<(), BackendError> {
+        check_range(op, offset, data.len(), size)?;
+        let chunk = self.shared.max_xfer.load(Ordering::Relaxed).max(1);
+        for (i, part) in data.chunks(chunk).enumerate() {
+            let at = offset + (i * chunk) as u64;
+            let req = payload::RegionAccess {
+                offset: at,
+                region: index,
+                count: part.len() as u32,
+                data: part.to_vec(),
+            };
+            let r = self
+                .shared
+                .request(op, command::REGION_WRITE, &req.encode(), &[])?;
+            let got =
+                payload::RegionAccess::decode(&r.payload, false).map_err(|e| transport(op, e))?;
+            if got.offset != at || got.region != index || got.count as usize != part.len() {
+                return Err(transport(op, "reply does not match the request"));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn check_range(op: &'static str, offset: u64, len: usize, size: u64) -> Result<(), BackendError> {
+    match offset.checked_add(len as u64) {
+        Some(end) if end <= size => Ok(()),
+        _ => Err(transport(
+            op,
+            format!("access {offset:#x}+{len:#x} outside the region of {size:#x} bytes"),
+        )),
+    }
+}
+
+impl Drop for VfioUserBackend {
+    fn drop(&mut self) {
+        self.shared.close("backend closed".into());
+        if let Some(r) = self.reader.take() {
+            if r.join().is_err() {
+                tracing::error!("the vfio-user reader thread panicked");
+            }
+        }
+    }
+}
+
+fn reader_loop(shared: &Shared) {
+    let reason = loop {
+        match shared.conn.recv() {
+            Ok(msg) => match msg.header.message_type() {
+                MessageType::Reply => {
+                    let waiter = lock(&shared.pending).remove(&msg.header.id);
+                    match waiter {
+                        Some(tx) => {
+                            let _ = tx.send(Ok(msg));
+                        }
+                        None => tracing::warn!(id = msg.header.id, "unexpected reply dropped"),
+                    }
+                }
+                MessageType::Command => serve_request(shared, msg),
+                MessageType::Other(t) => {
+                    tracing::warn!(kind = t, "message of unknown type");
+                    if !msg.header.no_reply() {
+                        let _ = shared.conn.reply_error(&msg.header, libc::EINVAL);
+                    }
+                }
+            },
+            Err(RecvError::TooLarge(h)) | Err(RecvError::TooManyFds(h)) => {
+                if h.message_type() == MessageType::Reply {
+                    if let Some(tx) = lock(&shared.pending).remove(&h.id) {
+                        let _ = tx.send(Err("reply over the size or descriptor limit".into()));
+                    }
+                } else {
+                    let _ = shared.conn.reply_error(&h, libc::E2BIG);
+                }
+            }
+            Err(RecvError::Closed) => break "server closed the connection".to_string(),
+            Err(e) => break format!("connection to the server lost: {e}"),
+        }
+    };
+    shared.close(reason);
+}
+
+/// Serve a server-to-client command (DMA_READ/DMA_WRITE; anything else is ENOSYS).
+fn serve_request(shared: &Shared, msg: Message) {
+    let h = msg.header;
+    let result = match h.command {
+        command::DMA_READ if msg.fds.is_empty() => dma_access(shared, &msg.payload, false),
+        command::DMA_WRITE if msg.fds.is_empty() => dma_access(shared, &msg.payload, true),
+        command::DMA_READ | command::DMA_WRITE => Err(libc::EINVAL),
+        _ => Err(libc::ENOSYS),
+    };
+    if h.no_reply() {
+        return;
+    }
+    let sent = match result {
+        Ok(body) => shared.conn.reply(&h, &body, &[]),
+        Err(errno) => shared.conn.reply_error(&h, errno),
+    };
+    if let Err(e) = sent {
+        tracing::debug!("DMA reply failed: {e}");
+    }
+}
+
+fn dma_access(shared: &Shared, body: &[u8], write: bool) -> Result<Vec<u8>, i32> {
+    let req = payload::DmaAccess::decode(body, write).map_err(|_| libc::EINVAL)?;
+    let count = usize::try_from(req.count).map_err(|_| libc::EINVAL)?;
+    if count > shared.max_xfer.load(Ordering::Relaxed) {
+        return Err(libc::E2BIG);
+    }
+    let end = req.address.checked_add(req.count).ok_or(libc::EFAULT)?;
+    let (va, access) = {
+        let maps = shared.maps.read().unwrap_or_else(|p| p.into_inner());
+        let (&start, m) = maps.range(..=req.address).next_back().ok_or(libc::EFAULT)?;
+        if end > start.saturating_add(m.len) {
+            return Err(libc::EFAULT);
+        }
+        (m.va + (req.address - start), m.access)
+    };
+    let memory = ProcessMemory::current(va, req.count);
+    if write {
+        if !access.write {
+            return Err(libc::EPERM);
+        }
+        memory.write(0, &req.data).map_err(|_| libc::EFAULT)?;
+        Ok(payload::DmaAccess {
+            address: req.address,
+            count: req.count,
+            data: Vec::new(),
+        }
+        .encode())
+    } else {
+        if !access.read {
+            return Err(libc::EPERM);
+        }
+        let mut data = vec![0u8; count];
+        memory.read(0, &mut data).map_err(|_| libc::EFAULT)?;
+        Ok(payload::DmaAccess {
+            address: req.address,
+            count: req.count,
+            data,
+        }
+        .encode())
+    }
+}
+
+impl Backend for VfioUserBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::VfioUser
+    }
+
+    fn config_read(&self, offset: u64, data: &mut [u8]) -> Result<(), BackendError> {
+        self.region_read(
+            "config_read",
+            region::CONFIG,
+            self.layout.config_size,
+            offset,
+            data,
+        )
+    }
+
+    fn config_write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+        self.region_write(
+            "config_write",
+            region::CONFIG,
+            self.layout.config_size,
+            offset,
+            data,
+        )
+    }
+
+    fn bar_read(&self, bar: u32, offset: u64, data: &mut [u8]) -> Result<(), BackendError> {
+        if bar != 0 {
+            return Err(transport("bar_read", format!("no BAR{bar}")));
+        }
+        self.region_read(
+            "bar_read",
+            region::BAR0,
+            self.layout.bar0_size,
+            offset,
+            data,
+        )
+    }
+
+    fn bar_write(&self, bar: u32, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+        if bar != 0 {
+            return Err(transport("bar_write", format!("no BAR{bar}")));
+        }
+        self.region_write(
+            "bar_write",
+            region::BAR0,
+            self.layout.bar0_size,
+            offset,
+            data,
+        )
+    }
+
+    fn iova_ranges(&self) -> Vec<Range<u64>> {
+        // vfio-user has no IOVA-range query; the server maps any page-aligned range. Page 0
+        // stays unmapped so a zero IOVA is always a fault.
+        vec![Range {
+            start: accel_abi::PAGE_SIZE,
+            end: 1u64 << accel_abi::VA_BITS,
+        }]
+    }
+
+    fn dma_map(
+        &self,
+        iova: u64,
+        len: u64,
+        source: DmaSource<'_>,
+        access: DmaAccess,
+    ) -> Result<(), BackendError> {
+        let mut flags = 0;
+        if access.read {
+            flags |= payload::DMA_MAP_READ;
+        }
+        if access.write {
+            flags |= payload::DMA_MAP_WRITE;
+        }
+        let (offset, fd, local) = match source {
+            DmaSource::Buffer { buffer, offset } => (offset as u64, Some(buffer.fd()), None),
+            DmaSource::SharedFd { fd, offset, .. } => (offset, Some(fd), None),
+            DmaSource::ProcessVa { va } => (0, None, Some(LocalMap { len, va, access })),
+        };
+        if let Some(m) = local {
+            // Registered before the server can use it (it may DMA as soon as it has the map).
+            let mut maps = self.shared.maps.write().unwrap_or_else(|p| p.into_inner());
+            let end = iova
+                .checked_add(len)
+                .ok_or_else(|| transport("dma_map", "range wraps"))?;
+            let overlaps = maps
+                .range(..end)
+                .next_back()
+                .is_some_and(|(&s, o)| s.saturating_add(o.len) > iova);
+            if overlaps {
+                return Err(transport("dma_map", format!("{iova:#x}+{len:#x} overlaps")));
+            }
+            maps.insert(iova, m);
+        }
+        let req = payload::DmaMap {
+            argsz: payload::DmaMap::SIZE as u32,
+            flags,
+            offset,
+            address: iova,
+            size: len,
+        };
+        let fds: Vec<BorrowedFd<'_>> = fd.into_iter().collect();
+        let r = self
+            .shared
+            .request("dma_map", command::DMA_MAP, &req.encode(), &fds);
+        if r.is_err() && local.is_some() {
+            self.shared
+                .maps
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&iova);
+        }
+        r.map(|_| ())
+    }
+
+    fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), BackendError> {
+        let req = payload::DmaUnmap {
+            argsz: payload::DmaUnmap::SIZE as u32,
+            flags: 0,
+            address: iova,
+            size: len,
+        };
+        let r = self
+            .shared
+            .request("dma_unmap", command::DMA_UNMAP, &req.encode(), &[])?;
+        let got = payload::DmaUnmap::decode(&r.payload).map_err(|e| transport("dma_unmap", e))?;
+        // The server no longer reaches the range: forget our side of it.
+        {
+            let mut maps = self.shared.maps.write().unwrap_or_else(|p| p.into_inner());
+            let end = iova.saturating_add(len);
+            let inside: Vec<u64> = maps.range(iova..end).map(|(&s, _)| s).collect();
+            for s in inside {
+                maps.remove(&s);
+            }
+        }
+        if got.size != len {
+            return Err(transport(
+                "dma_unmap",
+                format!("unmapped {} of {len} bytes at {iova:#x}", got.size),
+            ));
+        }
+        Ok(())
+    }
+
+    fn set_irq(&self, vector: u32, eventfd: Option<OwnedFd>) -> Result<(), BackendError> {
+        if vector >= self.layout.msi_vectors {
+            return Err(transport("set_irq", format!("no MSI vector {vector}")));
+        }
+        let req = payload::SetIrqs {
+            argsz: payload::SetIrqs::SIZE as u32,
+            flags: irq::DATA_EVENTFD | irq::ACTION_TRIGGER,
+            index: irq::MSI,
+            start: vector,
+            count: 1,
+        };
+        let fds: Vec<BorrowedFd<'_>> = eventfd.iter().map(|f| f.as_fd()).collect();
+        self.shared
+            .request("set_irq", command::DEVICE_SET_IRQS, &req.encode(), &fds)
+            .map(|_| ())
+    }
+
+    fn reset(&self) -> Result<(), BackendError> {
+        self.shared
+            .request("reset", command::DEVICE_RESET, &[], &[])
+            .map(|_| ())
+    }
+
+    fn pins_memory(&self) -> bool {
+        false
+    }
+}
