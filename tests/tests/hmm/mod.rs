@@ -1493,6 +1493,49 @@ pub fn strict_mprotect_stops_device_writes(rt: Arc<Runtime>) {
     }
 }
 
+/// Safety against a running device (semantics §1): a device fill faulting page by page races a
+/// strict munmap of its buffer; the moment the wrapper returns, the same addresses are mapped again
+/// read-only (fresh zero memory: "handed to someone else"). No byte of the fill may ever appear in
+/// the new memory, and the fill ends with a clean error (or had finished before the munmap).
+pub fn strict_munmap_then_reuse_sees_no_device_write(rt: Arc<Runtime>) {
+    let ctx = Arc::new(exact_ctx(&rt));
+    for round in 0..4u64 {
+        let m = buffer(RW);
+        let range = m.forget();
+        let go = Arc::new(AtomicBool::new(false));
+        let (go2, ctx2) = (go.clone(), ctx.clone());
+        let unmapper = std::thread::spawn(move || {
+            while !go2.load(Ordering::Acquire) {
+                std::hint::spin_loop();
+            }
+            for _ in 0..round * 150_000 {
+                std::hint::spin_loop();
+            }
+            // SAFETY: ours; only the device (through raw addresses) uses it.
+            unsafe { ctx2.address_space().munmap(range).unwrap() };
+            Mapping::anonymous_at(range.start(), range.len() as usize, libc::PROT_READ).ok()
+        });
+        go.store(true, Ordering::Release);
+        let result = device_fill(&ctx, range.start(), BUF, 0x5555_5555_5555_5555);
+        let reused = unmapper.join().unwrap();
+        if let Err(e) = &result {
+            assert!(is_clean_race_error(e), "round {round}: {e:?}");
+        }
+        let Some(reused) = reused else {
+            eprintln!("round {round}: the addresses were taken by someone else; not checked");
+            continue;
+        };
+        let dirty = (0..BUF).filter(|&i| reused.read_byte(i) != 0).count();
+        assert_eq!(
+            dirty, 0,
+            "round {round}: {dirty} bytes of the device fill landed in memory mapped after the strict munmap ({result:?})"
+        );
+        let r = reused.forget();
+        // SAFETY: ours.
+        unsafe { ctx.address_space().munmap(r).unwrap() };
+    }
+}
+
 #[macro_export]
 macro_rules! hmm_suite {
     ($open:expr) => {
@@ -1521,7 +1564,8 @@ macro_rules! hmm_suite {
             release_while_busy,
             file_private_write,
             thp_partial_changes,
-            strict_mprotect_stops_device_writes
+            strict_mprotect_stops_device_writes,
+            strict_munmap_then_reuse_sees_no_device_write
         );
         #[test]
         fn double_map() {
