@@ -8,6 +8,12 @@
 //! (`-device intel-iommu,aw-bits=48` on QEMU 7.2) and edu's DMA mask set to all ones
 //! (`-device edu,dma_mask=0xffffffffffffffff`); otherwise the map or the transfer fails.
 //!
+//! CPU changes made through the mirror's wrappers (`AddressSpace::munmap`/`madvise`/`mremap`)
+//! are seen at once. Plain syscalls (or `free`) are seen only through userfaultfd events, which
+//! the mirror gets from kernels with UFFD_FEATURE_WP_ASYNC (6.7+); [`Edu::map`] settles them
+//! before each submit. On older kernels (the 6.1 guest) a plain munmap leaves the device mapping
+//! (and its pin) in place until the wrappers or [`ContextCore::shut_down`] remove it.
+//!
 //! Register map (QEMU `docs/specs/edu.rst`): ID at 0x00, liveness at 0x04 (reads back the
 //! complement of what was written), interrupt status 0x24, raise 0x60, ack 0x64, DMA source
 //! 0x80, destination 0x88, count 0x90, command 0x98. The device's DMA buffer is 4096 bytes at
@@ -50,7 +56,7 @@ const REG_DMA_CMD: u64 = 0x98;
 const CMD_START: u64 = 0x1;
 const CMD_TO_RAM: u64 = 0x2;
 const CMD_IRQ: u64 = 0x4;
-/// Interrupt status bit edu raises when a DMA with [`CMD_IRQ`] completes.
+/// Interrupt status bit edu raises when a DMA started with "raise an interrupt" completes.
 pub const IRQ_DMA_DONE: u32 = 0x100;
 
 const PCI_COMMAND: usize = 0x04;
@@ -262,7 +268,9 @@ impl Edu {
         }
     }
 
-    /// The mirror reports a failed DMA map only as a cancel; name the usual cause.
+    /// The mirror reports a failed DMA map only as a cancel (the backend's error is logged, not
+    /// returned): name the usual cause when the numbers show it, i.e. this process's locked
+    /// memory (VmLck, where VFIO charges its pins) plus the request exceeds RLIMIT_MEMLOCK.
     fn explain_map_failure(&self, len: u64) -> Error {
         let locked = locked_bytes().unwrap_or(0);
         match crate::memlock::effective_limit() {
