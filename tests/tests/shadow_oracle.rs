@@ -68,9 +68,12 @@ enum Step {
         pages: usize,
         via: Via,
     },
+    /// `Strict`: the mprotect wrapper; `Observed`: a plain mprotect (no event exists for it)
+    /// reported with the explicit `protect()`, as an application must.
     Protect {
         slot: usize,
         prot: Prot,
+        via: Via,
     },
     Fork,
     CpuWrite {
@@ -103,8 +106,8 @@ fn step() -> impl Strategy<Value = Step> {
         1 => (slot.clone(), via()).prop_map(|(slot, via)| Step::Mremap { slot, via }),
         1 => (slot.clone(), 0..MAX_PAGES, 1..=MAX_PAGES, via())
             .prop_map(|(slot, page, pages, via)| Step::DontNeed { slot, page, pages, via }),
-        1 => (slot.clone(), prop_oneof![Just(Prot::None), Just(Prot::Read), Just(Prot::ReadWrite)])
-            .prop_map(|(slot, prot)| Step::Protect { slot, prot }),
+        1 => (slot.clone(), prop_oneof![Just(Prot::None), Just(Prot::Read), Just(Prot::ReadWrite)], via())
+            .prop_map(|(slot, prot, via)| Step::Protect { slot, prot, via }),
         1 => Just(Step::Fork),
         2 => (slot.clone(), 0..MAX_PAGES, any::<u8>())
             .prop_map(|(slot, page, byte)| Step::CpuWrite { slot, page, byte }),
@@ -297,7 +300,7 @@ impl World<'_> {
                 }
                 r.shadow[page * PAGE..(page + pages) * PAGE].fill(0);
             }
-            Step::Protect { slot, prot } => {
+            Step::Protect { slot, prot, via } => {
                 let Some(r) = self.regions[slot].as_mut() else {
                     return Ok(());
                 };
@@ -306,8 +309,25 @@ impl World<'_> {
                     Prot::Read => Perms::READ,
                     Prot::ReadWrite => Perms::READ_WRITE,
                 };
-                // SAFETY: the sequence's own memory; no reference relies on the access.
-                unsafe { self.ctx.address_space().mprotect(r.range(), perms).unwrap() };
+                match via {
+                    // SAFETY: the sequence's own memory; no reference relies on the access.
+                    Via::Strict => unsafe {
+                        self.ctx.address_space().mprotect(r.range(), perms).unwrap()
+                    },
+                    Via::Observed => {
+                        let range = r.range();
+                        // SAFETY: as above.
+                        let rc = unsafe {
+                            libc::mprotect(
+                                range.start() as *mut libc::c_void,
+                                range.len() as usize,
+                                libc_prot(prot),
+                            )
+                        };
+                        assert_eq!(rc, 0);
+                        self.ctx.address_space().protect(range, perms).unwrap();
+                    }
+                }
                 r.prot = prot;
             }
             Step::Fork => {
