@@ -665,3 +665,220 @@ impl Backend for VfioUserBackend {
         false
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Answer the client's bring-up queries like a minimal server.
+    fn handshake(c: &Connection) {
+        loop {
+            let m = c.recv().expect("bring-up request");
+            let h = m.header;
+            let body = match h.command {
+                command::VERSION => Version::ours(Capabilities {
+                    max_msg_fds: 8,
+                    ..Default::default()
+                })
+                .encode(),
+                command::DEVICE_GET_INFO => payload::DeviceInfo {
+                    argsz: 16,
+                    flags: payload::DEVICE_FLAGS_PCI | payload::DEVICE_FLAGS_RESET,
+                    num_regions: 9,
+                    num_irqs: 5,
+                }
+                .encode(),
+                command::DEVICE_GET_REGION_INFO => {
+                    let r = payload::RegionInfo::decode(&m.payload).unwrap();
+                    payload::RegionInfo {
+                        flags: region::FLAG_READ | region::FLAG_WRITE,
+                        size: 0x1000,
+                        ..r
+                    }
+                    .encode()
+                }
+                command::DEVICE_GET_IRQ_INFO => {
+                    c.reply(
+                        &h,
+                        &payload::IrqInfo {
+                            argsz: 16,
+                            flags: irq::INFO_EVENTFD,
+                            index: irq::MSI,
+                            count: 3,
+                        }
+                        .encode(),
+                        &[],
+                    )
+                    .unwrap();
+                    return;
+                }
+                other => panic!("unexpected command {other} during bring-up"),
+            };
+            c.reply(&h, &body, &[]).unwrap();
+        }
+    }
+
+    fn fake() -> (VfioUserBackend, Connection) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            let c = Connection::new(b, Limits::default());
+            handshake(&c);
+            c
+        });
+        let backend = VfioUserBackend::from_stream(a).unwrap();
+        (backend, server.join().unwrap())
+    }
+
+    /// Send a server-to-client command and return the client's reply.
+    fn server_request(c: &Connection, id: u16, cmd: u16, body: &[u8]) -> Message {
+        c.send(Header::command(id, cmd, 0), body, &[]).unwrap();
+        let m = c.recv().unwrap();
+        assert_eq!(m.header.message_type(), MessageType::Reply);
+        assert_eq!(m.header.id, id);
+        m
+    }
+
+    #[test]
+    fn error_replies_with_and_without_payload_are_errors_and_keep_the_stream() {
+        let (backend, server) = fake();
+        let t = std::thread::spawn(move || {
+            // Header-only error reply (the spec).
+            let m = server.recv().unwrap();
+            server.reply_error(&m.header, libc::EINVAL).unwrap();
+            // Error reply that carries a payload (libvfio-user does that).
+            let m = server.recv().unwrap();
+            let mut h = Header::reply(&m.header, 16);
+            h.flags |= vfio_user_protocol::flags::ERROR;
+            h.error = libc::EFAULT as u32;
+            server.send(h, &[0xee; 16], &[]).unwrap();
+            // A good reply next: the stream is in step.
+            let m = server.recv().unwrap();
+            let req = payload::RegionAccess::decode(&m.payload, false).unwrap();
+            let reply = payload::RegionAccess {
+                data: vec![0x34, 0x12],
+                ..req
+            };
+            server.reply(&m.header, &reply.encode(), &[]).unwrap();
+            server
+        });
+        let mut b = [0u8; 2];
+        let e = backend.config_read(0, &mut b).unwrap_err().to_string();
+        assert!(e.contains("EINVAL"), "{e}");
+        let e = backend.config_read(0, &mut b).unwrap_err().to_string();
+        assert!(e.contains("EFAULT"), "{e}");
+        backend.config_read(0, &mut b).unwrap();
+        assert_eq!(b, [0x34, 0x12]);
+        drop(t.join().unwrap());
+    }
+
+    #[test]
+    fn server_requests_are_served_while_a_client_request_waits() {
+        let (backend, server) = fake();
+        let mut local = vec![0u8; 2 * 4096];
+        local[..8].copy_from_slice(b"abcdefgh");
+        let va = local.as_ptr() as u64 & !4095;
+        let base = local.as_ptr() as u64;
+        // Map the page holding `local` without an fd at IOVA 0x10000.
+        let t = std::thread::spawn(move || {
+            let m = server.recv().unwrap();
+            assert_eq!(m.header.command, command::DMA_MAP);
+            assert!(m.fds.is_empty());
+            server.reply(&m.header, &[], &[]).unwrap();
+            // The reset request arrives; before answering it, use DMA.
+            let reset = server.recv().unwrap();
+            assert_eq!(reset.header.command, command::DEVICE_RESET);
+            let iova = 0x10000 + (base - va);
+            let read = payload::DmaAccess {
+                address: iova,
+                count: 8,
+                data: Vec::new(),
+            };
+            let r = server_request(&server, 1, command::DMA_READ, &read.encode());
+            let got = payload::DmaAccess::decode(&r.payload, true).unwrap();
+            assert_eq!(got.data, b"abcdefgh");
+            let write = payload::DmaAccess {
+                address: iova,
+                count: 3,
+                data: b"XYZ".to_vec(),
+            };
+            let r = server_request(&server, 2, command::DMA_WRITE, &write.encode());
+            assert!(!r.header.is_error());
+            // Outside every mapping: an error reply.
+            let outside = payload::DmaAccess {
+                address: 0x9_0000,
+                count: 8,
+                data: Vec::new(),
+            };
+            let r = server_request(&server, 3, command::DMA_READ, &outside.encode());
+            assert!(r.header.is_error());
+            assert_eq!(r.header.error, libc::EFAULT as u32);
+            // An unknown server command with a payload: ENOSYS, payload drained.
+            let r = server_request(&server, 4, 77, &[1; 40]);
+            assert_eq!(r.header.error, libc::ENOSYS as u32);
+            // A stray reply with an id nobody waits for is dropped.
+            server
+                .send(Header::reply(&Header::command(999, 5, 0), 0), &[], &[])
+                .unwrap();
+            server.reply(&reset.header, &[], &[]).unwrap();
+            server
+        });
+        backend
+            .dma_map(
+                0x10000,
+                8192,
+                DmaSource::ProcessVa { va },
+                DmaAccess::READ_WRITE,
+            )
+            .unwrap();
+        backend.reset().unwrap();
+        let server = t.join().unwrap();
+        assert_eq!(&local[..8], b"XYZdefgh");
+        drop(server);
+    }
+
+    #[test]
+    fn an_inaccessible_page_is_an_error_reply_not_a_crash() {
+        let (backend, server) = fake();
+        let none = mirror::Mapping::anonymous(4096, libc::PROT_NONE).unwrap();
+        let va = none.addr();
+        let t = std::thread::spawn(move || {
+            let m = server.recv().unwrap();
+            server.reply(&m.header, &[], &[]).unwrap();
+            let read = payload::DmaAccess {
+                address: 0x20000,
+                count: 8,
+                data: Vec::new(),
+            };
+            let r = server_request(&server, 1, command::DMA_READ, &read.encode());
+            assert_eq!(r.header.error, libc::EFAULT as u32);
+            server
+        });
+        backend
+            .dma_map(
+                0x20000,
+                4096,
+                DmaSource::ProcessVa { va },
+                DmaAccess::READ_WRITE,
+            )
+            .unwrap();
+        drop(t.join().unwrap());
+    }
+
+    #[test]
+    fn a_server_dying_mid_reply_fails_the_request() {
+        let (backend, server) = fake();
+        let t = std::thread::spawn(move || {
+            let m = server.recv().unwrap();
+            let h = Header::reply(&m.header, 100);
+            let mut bytes = h.encode().to_vec();
+            bytes.extend_from_slice(&[0; 10]);
+            use std::io::Write;
+            server.stream().write_all(&bytes).unwrap();
+        });
+        let mut b = [0u8; 4];
+        let e = backend.config_read(0, &mut b).unwrap_err().to_string();
+        assert!(e.contains("mid-message") || e.contains("lost"), "{e}");
+        t.join().unwrap();
+        assert!(backend.reset().is_err());
+    }
+}
