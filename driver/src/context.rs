@@ -127,6 +127,18 @@ impl MirrorState {
         out
     }
 
+    /// True if mappings (with write access, if asked) cover every byte of `range`.
+    fn covers(&self, range: Range<u64>, write: bool) -> bool {
+        let mut cursor = range.start;
+        for m in self.overlapping(range.clone()) {
+            if m.va > cursor || (write && !m.writable) {
+                return false;
+            }
+            cursor = cursor.max(m.va + m.len);
+        }
+        cursor >= range.end
+    }
+
     /// Tear down the device's view of `range`: the translations of every mapping touching it,
     /// one fence, then the DMA mappings (unpin). Returns the mappings removed.
     fn tear_down(&mut self, range: Range<u64>) -> usize {
@@ -227,6 +239,29 @@ fn cancel_reason(e: &mirror::Error) -> CancelReason {
 enum WalkError {
     Mirror(mirror::Error),
     Cancel(CancelReason),
+    Dma(Error),
+}
+
+/// Why a run could not be serviced: the cancel code for the device, and the underlying error
+/// when there is one worth handing to a caller (a DMA map refused past RLIMIT_MEMLOCK).
+struct Failure {
+    reason: CancelReason,
+    cause: Option<Error>,
+}
+
+impl From<CancelReason> for Failure {
+    fn from(reason: CancelReason) -> Self {
+        Failure {
+            reason,
+            cause: None,
+        }
+    }
+}
+
+impl From<Failure> for Error {
+    fn from(f: Failure) -> Self {
+        f.cause.unwrap_or(Error::Cancelled { reason: f.reason })
+    }
 }
 
 impl From<mirror::Error> for WalkError {
@@ -297,13 +332,14 @@ impl ContextCore {
     }
 
     /// Service one run of pages `[start, end)` needing `write` (or not).
-    fn service_run(&self, start: u64, end: u64, write: bool) -> Result<(), CancelReason> {
-        let range = VaRange::from_bounds(start, end).map_err(|_| CancelReason::NoMapping)?;
+    fn service_run(&self, start: u64, end: u64, write: bool) -> Result<(), Failure> {
+        let range =
+            VaRange::from_bounds(start, end).map_err(|_| Failure::from(CancelReason::NoMapping))?;
         let vmas = self
             .mm
             .walker()
             .vmas(range)
-            .map_err(|e| cancel_reason(&e))?;
+            .map_err(|e| Failure::from(cancel_reason(&e)))?;
         // Every byte must be covered by readable, non-special VMAs.
         let mut cursor = start;
         let mut writable = true;
@@ -312,19 +348,19 @@ impl ContextCore {
                 break;
             }
             if v.kind == mirror::VmaKind::Special {
-                return Err(CancelReason::NoMapping);
+                return Err(CancelReason::NoMapping.into());
             }
             if !v.perms.read {
-                return Err(CancelReason::NoMapping);
+                return Err(CancelReason::NoMapping.into());
             }
             writable &= v.perms.write;
             cursor = v.range.end();
         }
         if cursor < end {
-            return Err(CancelReason::NoMapping);
+            return Err(CancelReason::NoMapping.into());
         }
         if write && !writable {
-            return Err(CancelReason::Permission);
+            return Err(CancelReason::Permission.into());
         }
         // Map writable VMAs for writing even on a read fault: populating for write breaks
         // copy-on-write up front, so the device never mirrors a page (like the shared zero
@@ -354,8 +390,8 @@ impl ContextCore {
         );
         match result {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(reason)) => Err(reason),
-            Err(e) => Err(cancel_reason(&e)),
+            Ok(Err(failure)) => Err(failure),
+            Err(e) => Err(cancel_reason(&e).into()),
         }
     }
 
@@ -465,7 +501,7 @@ impl ContextCore {
             )
             .map_err(|e| {
                 tracing::warn!(error = %e, range = ?map_range, "DMA map failed");
-                WalkError::Cancel(CancelReason::DmaMap)
+                WalkError::Dma(e)
             })?;
         Ok(Walked {
             dma: self.dma.clone(),
@@ -484,14 +520,20 @@ impl ContextCore {
         &self,
         state: &mut MirrorState,
         walked: Result<Walked, WalkError>,
-    ) -> Result<(), CancelReason> {
+    ) -> Result<(), Failure> {
         let mut walked = match walked {
             Ok(w) => w,
-            Err(WalkError::Mirror(e)) => return Err(cancel_reason(&e)),
-            Err(WalkError::Cancel(r)) => return Err(r),
+            Err(WalkError::Mirror(e)) => return Err(cancel_reason(&e).into()),
+            Err(WalkError::Cancel(r)) => return Err(r.into()),
+            Err(WalkError::Dma(e)) => {
+                return Err(Failure {
+                    reason: CancelReason::DmaMap,
+                    cause: Some(e),
+                })
+            }
         };
         if state.released {
-            return Err(CancelReason::NoContext);
+            return Err(CancelReason::NoContext.into());
         }
         let m = walked
             .mapping
@@ -525,7 +567,10 @@ impl ContextCore {
                     .mapped_bytes
                     .fetch_add(m.len, Ordering::Relaxed);
                 state.tear_down(m.va..m.va + m.len);
-                Err(CancelReason::Other)
+                Err(Failure {
+                    reason: CancelReason::Other,
+                    cause: Some(e),
+                })
             }
         }
     }
@@ -581,7 +626,7 @@ impl ContextCore {
     }
 
     /// Make `[start, end)` accessible to the device now (prefault), as if it had faulted.
-    pub fn prefault(&self, start: u64, end: u64, write: bool) -> Result<(), CancelReason> {
+    pub fn prefault(&self, start: u64, end: u64, write: bool) -> Result<(), Error> {
         let _serial = self.service_lock.lock().unwrap_or_else(|p| p.into_inner());
         let mut at = start & !(PAGE_SIZE - 1);
         while at < end {
@@ -593,7 +638,10 @@ impl ContextCore {
     }
 
     /// Map `[addr, addr + len)` for a device that has no page faults, on submit: the device
-    /// reaches it at IOVA == VA until the CPU mapping changes. Returns that IOVA.
+    /// reaches it at IOVA == VA until the CPU mapping changes. Returns that IOVA. A range
+    /// already mapped with the access costs a lookup; a partly mapped one is mapped anew as a
+    /// whole (an identity IOVA can be mapped only once, so what overlaps goes first, fenced).
+    /// A refused DMA map returns the backend's error (e.g. the RLIMIT_MEMLOCK one).
     pub fn map_for_device(&self, addr: u64, len: u64, write: bool) -> Result<u64, Error> {
         if len == 0 {
             return Err(Error::InvalidArgument("map_for_device: empty range"));
@@ -601,8 +649,17 @@ impl ContextCore {
         let end = addr
             .checked_add(len)
             .ok_or(Error::InvalidArgument("map_for_device: range wraps"))?;
-        self.prefault(addr, end, write)
-            .map_err(|reason| Error::Cancelled { reason })?;
+        let (start, end) = (addr & !(PAGE_SIZE - 1), end.div_ceil(PAGE_SIZE) * PAGE_SIZE);
+        {
+            let mut state = self.sub.lock();
+            if state.covers(start..end, write) {
+                return Ok(addr);
+            }
+            if self.needs_identity {
+                state.tear_down(start..end);
+            }
+        }
+        self.prefault(start, end, write)?;
         Ok(addr)
     }
 
@@ -646,11 +703,13 @@ impl FaultHandler for ContextCore {
                     continue;
                 }
             }
-            let run = self.service_run(start, end, write);
+            let run = self.service_run(start, end, write).map_err(|f| f.reason);
             if run.is_err() && j - i > 1 {
                 // Find exactly which pages fail (a run may straddle a VMA boundary).
                 for (k, f) in faults.iter().enumerate().take(j).skip(i) {
-                    out[k] = self.service_run(f.page, f.page + PAGE_SIZE, f.access.needs_write());
+                    out[k] = self
+                        .service_run(f.page, f.page + PAGE_SIZE, f.access.needs_write())
+                        .map_err(|f| f.reason);
                 }
             } else {
                 for o in out.iter_mut().take(j).skip(i) {

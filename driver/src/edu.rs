@@ -28,10 +28,9 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::backend::vfio::KernelVfioBackend;
-use crate::backend::{Backend, BackendError, Bar0, Config};
+use crate::backend::{Backend, Bar0, Config};
 use crate::context::{ContextCore, ContextOptions};
 use crate::dma::DmaSpace;
-use crate::fault::CancelReason;
 use crate::view::IommuView;
 use crate::Error;
 
@@ -216,80 +215,17 @@ impl Edu {
 
     /// Mirror `[va, va + len)` for edu (IOVA == VA) unless it is mapped already with the access
     /// needed; every transfer does this on submit, after settling the CPU events queued so far
-    /// (munmap, MADV_DONTNEED, mremap done without the mirror's wrappers). Returns the IOVA. Past RLIMIT_MEMLOCK this
-    /// fails with the memlock error that names the limit and the fix.
+    /// (munmap, MADV_DONTNEED, mremap done without the mirror's wrappers). Returns the IOVA. Past
+    /// RLIMIT_MEMLOCK this fails with the memlock error that names the limit and the fix.
     pub fn map(&self, va: u64, len: u64, write: bool) -> Result<u64, Error> {
         if len == 0 {
             return Err(Error::InvalidArgument("edu map of 0 bytes"));
         }
-        let end = va
-            .checked_add(len)
-            .ok_or(Error::InvalidArgument("edu DMA range wraps"))?;
         // Changes the CPU made behind our back (a plain munmap, a free()) arrive as userfaultfd
         // events: handle every one queued so far, so no stale mapping of a reused VA is taken
         // for a live one.
         self.core.address_space().settle().map_err(Error::Mirror)?;
-        let page = accel_abi::PAGE_SIZE;
-        // Map the runs of pages not mapped yet. Pages mapped already (by an earlier transfer
-        // touching the same page, e.g. a neighbouring malloc'd buffer) stay as they are: the
-        // mirror tears them down when the CPU mapping changes, and an identity IOVA can only
-        // be mapped once.
-        let mut run: Option<u64> = None;
-        let mut at = va & !(page - 1);
-        while at < end || run.is_some() {
-            let mapped = at < end
-                && self.core.translate(at).is_some_and(|t| {
-                    t.iova == at && (!write || t.perms == accel_abi::pt::Perms::RW)
-                });
-            match (run, at < end && !mapped) {
-                (None, true) => run = Some(at),
-                (Some(start), false) => {
-                    self.map_run(start, at.min(end.div_ceil(page) * page), write)?;
-                    run = None;
-                }
-                _ => {}
-            }
-            if at >= end {
-                break;
-            }
-            at += page;
-        }
-        Ok(va)
-    }
-
-    fn map_run(&self, start: u64, end: u64, write: bool) -> Result<(), Error> {
-        let len = end - start;
-        match self.core.map_for_device(start, len, write) {
-            Ok(_) => Ok(()),
-            Err(Error::Cancelled {
-                reason: CancelReason::DmaMap,
-            }) => Err(self.explain_map_failure(len)),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// The mirror reports a failed DMA map only as a cancel (the backend's error is logged, not
-    /// returned): name the usual cause when the numbers show it, i.e. this process's locked
-    /// memory (VmLck, where VFIO charges its pins) plus the request exceeds RLIMIT_MEMLOCK.
-    fn explain_map_failure(&self, len: u64) -> Error {
-        let locked = locked_bytes().unwrap_or(0);
-        match crate::memlock::effective_limit() {
-            Some(limit) if locked.saturating_add(len) > limit => {
-                Error::Backend(BackendError::Transport {
-                    backend: "edu",
-                    op: "map on submit",
-                    detail: crate::memlock::MemlockExceeded {
-                        request: len,
-                        pinned: locked,
-                        limit,
-                    }
-                    .to_string(),
-                })
-            }
-            _ => Error::Cancelled {
-                reason: CancelReason::DmaMap,
-            },
-        }
+        self.core.map_for_device(va, len, write)
     }
 
     fn run_dma(&self, src: u64, dst: u64, len: u64, to_ram: bool) -> Result<(), Error> {

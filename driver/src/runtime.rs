@@ -387,9 +387,7 @@ impl Context {
         if len == 0 {
             return Ok(());
         }
-        self.core
-            .prefault(addr, addr.saturating_add(len), write)
-            .map_err(|reason| Error::Cancelled { reason })
+        self.core.prefault(addr, addr.saturating_add(len), write)
     }
 
     /// The device page table's current translation of `va` (introspection).

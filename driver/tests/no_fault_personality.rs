@@ -56,15 +56,7 @@ fn mapped_on_submit_and_torn_down_on_cpu_change() {
     )
     .unwrap();
     let err = other.map_for_device(m.addr(), PAGE, false).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::Cancelled {
-                reason: CancelReason::DmaMap
-            }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, Error::IdentityUnavailable { .. }), "{err}");
 
     // Permission: a read-only mapping cannot be mapped for device writes.
     let ro = Mapping::anonymous(PAGE as usize, libc::PROT_READ).unwrap();
@@ -109,4 +101,46 @@ fn mapped_on_submit_and_torn_down_on_cpu_change() {
         mm.munmap(mirror::VaRange::new(range.start() + PAGE, 3 * PAGE).unwrap())
             .unwrap()
     };
+}
+
+#[test]
+fn overlapping_submits_share_and_replace_identity_mappings() {
+    let device = Arc::new(Accelerator::new(Default::default()).unwrap());
+    let dma = Arc::new(DmaSpace::new(Box::new(EmulatedBackend::from_device(
+        device.clone(),
+    ))));
+    let mm = Arc::new(AddressSpace::current(Config::explicit_only()).unwrap());
+    let options = ContextOptions {
+        fault_around: 0,
+        ..Default::default()
+    };
+    let edu = ContextCore::new(
+        dma.clone(),
+        0,
+        mm.clone(),
+        Box::new(IommuView::new()),
+        options,
+    )
+    .unwrap();
+    let m = Mapping::anonymous(4 * PAGE as usize, RW).unwrap();
+    // Two buffers sharing a page, like two malloc'd buffers: the second submit overlaps the first.
+    edu.map_for_device(m.addr(), 2 * PAGE, true).unwrap();
+    edu.map_for_device(m.addr() + PAGE + 100, 2 * PAGE, true)
+        .unwrap();
+    // The overlapped mapping went (fenced) and the second range was mapped whole.
+    assert!(
+        edu.translate(m.addr()).is_none(),
+        "the overlapped mapping was replaced, not kept"
+    );
+    for page in 1..4 {
+        let t = edu.translate(m.addr() + page * PAGE).expect("mapped");
+        assert_eq!(t.iova, m.addr() + page * PAGE, "IOVA == VA");
+    }
+    assert_eq!(device.dma_stats().mappings, 1);
+    // A range already covered costs nothing: no new mapping.
+    let before = device.dma_stats().mappings;
+    edu.map_for_device(m.addr() + 2 * PAGE, 10, false).unwrap();
+    assert_eq!(device.dma_stats().mappings, before);
+    edu.shut_down();
+    assert_eq!(device.dma_stats().mappings, 0);
 }
