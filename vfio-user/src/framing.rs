@@ -317,6 +317,49 @@ mod tests {
         (Connection::new(a, limits), Connection::new(b, limits))
     }
 
+    proptest::proptest! {
+        /// Any sequence of messages, some over the size limit, some with descriptors beyond the
+        /// limit: each in-limit message arrives intact and in order, each other one is reported
+        /// with its header, and the stream ends exactly at the end (every declared size was
+        /// consumed, never more).
+        #[test]
+        fn streams_stay_in_step(
+            msgs in proptest::collection::vec(
+                (proptest::prelude::any::<u16>(), 0usize..400, 0usize..3), 0..24)
+        ) {
+            let limits = Limits { max_msg_size: 256, max_fds: 1 };
+            let (a, b) = pair(limits);
+            a.set_peer_max_fds(4);
+            let writer = std::thread::spawn({
+                let msgs = msgs.clone();
+                move || {
+                    let f = std::fs::File::open("/dev/null").unwrap();
+                    let fd = std::os::fd::AsFd::as_fd(&f);
+                    for (i, (cmd, len, nfds)) in msgs.iter().enumerate() {
+                        let body = vec![i as u8; *len];
+                        let fds = vec![fd; *nfds];
+                        a.send(Header::command(i as u16, *cmd, 0), &body, &fds).unwrap();
+                    }
+                }
+            });
+            for (i, (cmd, len, nfds)) in msgs.iter().enumerate() {
+                let r = b.recv();
+                if HEADER_SIZE + len > limits.max_msg_size {
+                    proptest::prop_assert!(matches!(r, Err(RecvError::TooLarge(h)) if h.id == i as u16));
+                } else if *nfds > limits.max_fds {
+                    proptest::prop_assert!(matches!(r, Err(RecvError::TooManyFds(h)) if h.id == i as u16));
+                } else {
+                    let m = r.unwrap();
+                    proptest::prop_assert_eq!((m.header.id, m.header.command), (i as u16, *cmd));
+                    proptest::prop_assert_eq!(m.payload, vec![i as u8; *len]);
+                    proptest::prop_assert_eq!(m.fds.len(), *nfds);
+                }
+            }
+            writer.join().unwrap();
+            proptest::prop_assert!(matches!(b.recv(), Err(RecvError::Closed)));
+        }
+    }
+
     #[test]
     fn message_with_fds_round_trips() {
         let (a, b) = pair(Limits::default());
