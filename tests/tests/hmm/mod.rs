@@ -151,16 +151,26 @@ pub fn write_ints_once(ctx: &Context, dst: u64, mirror: &Mapping, len: usize) {
 /// Maps `fd` shared over a fresh reservation aligned to `len` (so the fault-around block of
 /// `hmm_ctx` is exactly the mapping).
 pub fn map_shared_aligned(fd: std::os::fd::RawFd, len: usize, prot: libc::c_int) -> u64 {
+    map_fd_aligned(fd, len, prot, libc::MAP_SHARED)
+}
+
+/// Maps `fd` (MAP_SHARED or MAP_PRIVATE in `flags`) over a fresh reservation aligned to `len`.
+pub fn map_fd_aligned(
+    fd: std::os::fd::RawFd,
+    len: usize,
+    prot: libc::c_int,
+    flags: libc::c_int,
+) -> u64 {
     let at = Mapping::anonymous_aligned(len, len, libc::PROT_NONE)
         .unwrap()
         .forget();
-    // SAFETY: replaces our own reservation with a shared mapping of the fd.
+    // SAFETY: replaces our own reservation with a mapping of the fd.
     let p = unsafe {
         libc::mmap(
             at.start() as *mut libc::c_void,
             len,
             prot,
-            libc::MAP_SHARED | libc::MAP_FIXED,
+            flags | libc::MAP_FIXED,
             fd,
             0,
         )
@@ -1336,22 +1346,7 @@ pub fn file_private_write(rt: Arc<Runtime>) {
     let ctx = hmm_ctx(&rt);
     let fd = memfd("hmm-file-private", BUF);
     pwrite_ints(&fd, BUF / 4);
-    let at = Mapping::anonymous_aligned(BUF, BUF, libc::PROT_NONE)
-        .unwrap()
-        .forget();
-    // SAFETY: replaces our own reservation with a private file mapping.
-    let p = unsafe {
-        libc::mmap(
-            at.start() as *mut libc::c_void,
-            BUF,
-            RW,
-            libc::MAP_PRIVATE | libc::MAP_FIXED,
-            fd.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    let addr = p as u64;
+    let addr = map_fd_aligned(fd.as_raw_fd(), BUF, RW, libc::MAP_PRIVATE);
     assert_eq!(read_u32_at(addr, 7), 7, "the file's data before the write");
     let mirror = bounce(&ctx, BUF);
     device_fill(&ctx, addr, BUF, 0x0d0d_0d0d_0d0d_0d0d).unwrap();
