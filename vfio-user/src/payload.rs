@@ -255,6 +255,61 @@ impl RegionInfo {
     }
 }
 
+/// Region-info capability id of a sparse-mmap list (`VFIO_REGION_INFO_CAP_SPARSE_MMAP`).
+pub const CAP_SPARSE_MMAP: u16 = 1;
+
+/// The mmap-able areas `(offset, size)` of a region, from the capability chain of a
+/// DEVICE_GET_REGION_INFO reply (`reply` is the whole payload, `RegionInfo` first; capability
+/// offsets count from its start). Bounded: at most 16 capabilities, each strictly after the
+/// previous (no cycles), at most 1024 areas; every read is bounds-checked.
+pub fn sparse_mmap_areas(reply: &[u8]) -> Result<Vec<(u64, u64)>, DecodeError> {
+    let info = RegionInfo::decode(reply)?;
+    if info.flags & region::FLAG_CAPS == 0 || info.cap_offset == 0 {
+        return Ok(Vec::new());
+    }
+    let mut at = info.cap_offset as usize;
+    let mut areas = Vec::new();
+    for _ in 0..16 {
+        if at < RegionInfo::SIZE {
+            return Err(DecodeError::Invalid("cap_offset"));
+        }
+        let hdr = reply.get(at..).ok_or(DecodeError::Invalid("cap_offset"))?;
+        let mut r = Reader::new(hdr, 8)?;
+        let id = u16::from_ne_bytes(r.take());
+        let _version = u16::from_ne_bytes(r.take());
+        let next = r.u32() as usize;
+        if id == CAP_SPARSE_MMAP {
+            let mut r = Reader::new(hdr, 16)?;
+            let _ = r.u64();
+            let nr = r.u32() as usize;
+            let _reserved = r.u32();
+            if nr > 1024 {
+                return Err(DecodeError::Invalid("nr_areas"));
+            }
+            let need = 16 + nr * 16;
+            let mut r = Reader::new(hdr, need)?;
+            r.at = 16;
+            for _ in 0..nr {
+                let offset = r.u64();
+                let size = r.u64();
+                offset
+                    .checked_add(size)
+                    .filter(|end| *end <= info.size)
+                    .ok_or(DecodeError::Invalid("sparse area"))?;
+                areas.push((offset, size));
+            }
+        }
+        if next == 0 {
+            return Ok(areas);
+        }
+        if next <= at {
+            return Err(DecodeError::Invalid("capability chain"));
+        }
+        at = next;
+    }
+    Err(DecodeError::Invalid("capability chain too long"))
+}
+
 /// IRQ indices.
 pub mod irq {
     /// INTx.
@@ -503,6 +558,66 @@ mod tests {
             prop_assert_eq!(RegionAccess::decode(&r.encode(), true).unwrap(), r);
             let d = DmaAccess { address: off, count: data.len() as u64, data };
             prop_assert_eq!(DmaAccess::decode(&d.encode(), true).unwrap(), d);
+        }
+    }
+
+    fn region_with_caps(caps: &[u8], cap_offset: u32) -> Vec<u8> {
+        let mut v = RegionInfo {
+            argsz: (32 + caps.len()) as u32,
+            flags: region::FLAG_READ | region::FLAG_MMAP | region::FLAG_CAPS,
+            index: 0,
+            cap_offset,
+            size: 0x4000,
+            offset: 0,
+        }
+        .encode();
+        v.extend_from_slice(caps);
+        v
+    }
+
+    fn sparse_cap(next: u32, areas: &[(u64, u64)]) -> Vec<u8> {
+        let mut c = Vec::new();
+        c.extend_from_slice(&CAP_SPARSE_MMAP.to_ne_bytes());
+        c.extend_from_slice(&1u16.to_ne_bytes());
+        put32(&mut c, next);
+        put32(&mut c, areas.len() as u32);
+        put32(&mut c, 0);
+        for (o, s) in areas {
+            put64(&mut c, *o);
+            put64(&mut c, *s);
+        }
+        c
+    }
+
+    #[test]
+    fn sparse_mmap_capability() {
+        let areas = [(0, 0x1000), (0x2000, 0x2000)];
+        let r = region_with_caps(&sparse_cap(0, &areas), 32);
+        assert_eq!(sparse_mmap_areas(&r).unwrap(), areas.to_vec());
+        // No capabilities: no areas.
+        let plain = RegionInfo {
+            argsz: 32,
+            flags: 0,
+            index: 0,
+            cap_offset: 0,
+            size: 1,
+            offset: 0,
+        };
+        assert!(sparse_mmap_areas(&plain.encode()).unwrap().is_empty());
+        // An area past the region, a cycle, a truncated list: errors.
+        assert!(
+            sparse_mmap_areas(&region_with_caps(&sparse_cap(0, &[(0x3000, 0x2000)]), 32)).is_err()
+        );
+        assert!(sparse_mmap_areas(&region_with_caps(&sparse_cap(32, &areas), 32)).is_err());
+        let mut cut = region_with_caps(&sparse_cap(0, &areas), 32);
+        cut.truncate(cut.len() - 1);
+        assert!(sparse_mmap_areas(&cut).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn capability_chains_never_panic(caps in proptest::collection::vec(any::<u8>(), 0..128), off in 0u32..200) {
+            let _ = sparse_mmap_areas(&region_with_caps(&caps, off));
         }
     }
 

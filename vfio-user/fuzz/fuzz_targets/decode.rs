@@ -8,7 +8,7 @@ use std::os::unix::net::UnixStream;
 
 use libfuzzer_sys::fuzz_target;
 use vfio_user_protocol::payload::{
-    DeviceInfo, DmaAccess, DmaMap, DmaUnmap, IrqInfo, RegionAccess, RegionInfo, SetIrqs,
+    sparse_mmap_areas, DeviceInfo, DmaAccess, DmaMap, DmaUnmap, IrqInfo, RegionAccess, RegionInfo, SetIrqs,
 };
 use vfio_user_protocol::version::Version;
 use vfio_user_protocol::{json, Connection, Limits};
@@ -25,6 +25,7 @@ fn decode_all(p: &[u8]) {
     let _ = DmaAccess::decode(p, true);
     let _ = DmaAccess::decode(p, false);
     let _ = Version::decode(p);
+    let _ = sparse_mmap_areas(p);
 }
 
 fuzz_target!(|data: &[u8]| {
