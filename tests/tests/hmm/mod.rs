@@ -591,16 +591,8 @@ fn teardown_race(rt: Arc<Runtime>, racer: Racer) {
         let start = m.addr();
         let range = m.forget();
         let half = start + (len / 2) as u64;
-        let go = Arc::new(AtomicBool::new(false));
-        let go2 = go.clone();
         let spin = (round as u64 * 7919) % 20_000;
-        let racer_thread = std::thread::spawn(move || {
-            while !go2.load(Ordering::Acquire) {
-                std::hint::spin_loop();
-            }
-            for _ in 0..spin {
-                std::hint::spin_loop();
-            }
+        let (go, racer_thread) = spawn_racer(spin, move || {
             // SAFETY: the second half of a test-owned mapping; the device may be reading it,
             // which is the point, and no Rust reference points into it.
             let r = unsafe {
@@ -1431,6 +1423,25 @@ pub fn thp_partial_changes(rt: Arc<Runtime>) {
     unmap_strict(&ctx, hole + PAGE as u64, TWOMEG - 101 * PAGE);
 }
 
+/// A racing thread: it waits for the returned flag, spins `spin` iterations, then runs `f`.
+pub fn spawn_racer<T: Send + 'static>(
+    spin: u64,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> (Arc<AtomicBool>, std::thread::JoinHandle<T>) {
+    let go = Arc::new(AtomicBool::new(false));
+    let go2 = go.clone();
+    let handle = std::thread::spawn(move || {
+        while !go2.load(Ordering::Acquire) {
+            std::hint::spin_loop();
+        }
+        for _ in 0..spin {
+            std::hint::spin_loop();
+        }
+        f()
+    });
+    (go, handle)
+}
+
 /// Strict coherence against a running device: a long device fill (page by page, no
 /// fault-around) races a strict `mprotect(PROT_READ)` from another thread. Once the wrapper
 /// returns, the device must not write one more byte: the memory is copied at that instant and
@@ -1441,15 +1452,8 @@ pub fn strict_mprotect_stops_device_writes(rt: Arc<Runtime>) {
         let m = buffer(RW);
         let range = m.range();
         let addr = m.addr();
-        let go = Arc::new(AtomicBool::new(false));
-        let (go2, ctx2) = (go.clone(), ctx.clone());
-        let protector = std::thread::spawn(move || {
-            while !go2.load(Ordering::Acquire) {
-                std::hint::spin_loop();
-            }
-            for _ in 0..round * 150_000 {
-                std::hint::spin_loop();
-            }
+        let ctx2 = ctx.clone();
+        let (go, protector) = spawn_racer(round * 150_000, move || {
             strict_mprotect(&ctx2, range, Perms::READ);
             // The instant the wrapper returned.
             let mut copy = vec![0u8; BUF];
@@ -1497,15 +1501,8 @@ pub fn strict_munmap_then_reuse_sees_no_device_write(rt: Arc<Runtime>) {
     for round in 0..4u64 {
         let m = buffer(RW);
         let range = m.forget();
-        let go = Arc::new(AtomicBool::new(false));
-        let (go2, ctx2) = (go.clone(), ctx.clone());
-        let unmapper = std::thread::spawn(move || {
-            while !go2.load(Ordering::Acquire) {
-                std::hint::spin_loop();
-            }
-            for _ in 0..round * 150_000 {
-                std::hint::spin_loop();
-            }
+        let ctx2 = ctx.clone();
+        let (go, unmapper) = spawn_racer(round * 150_000, move || {
             // SAFETY: ours; only the device (through raw addresses) uses it.
             unsafe { ctx2.address_space().munmap(range).unwrap() };
             Mapping::anonymous_at(range.start(), range.len() as usize, libc::PROT_READ).ok()
