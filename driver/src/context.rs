@@ -127,16 +127,20 @@ impl MirrorState {
         out
     }
 
-    /// True if mappings (with write access, if asked) cover every byte of `range`.
-    fn covers(&self, range: Range<u64>, write: bool) -> bool {
+    /// The parts of `range` no mapping covers.
+    fn gaps(&self, range: Range<u64>) -> Vec<Range<u64>> {
+        let mut gaps = Vec::new();
         let mut cursor = range.start;
         for m in self.overlapping(range.clone()) {
-            if m.va > cursor || (write && !m.writable) {
-                return false;
+            if m.va > cursor {
+                gaps.push(cursor..m.va);
             }
             cursor = cursor.max(m.va + m.len);
         }
-        cursor >= range.end
+        if cursor < range.end {
+            gaps.push(cursor..range.end);
+        }
+        gaps
     }
 
     /// Tear down the device's view of `range`: the translations of every mapping touching it,
@@ -628,6 +632,10 @@ impl ContextCore {
     /// Make `[start, end)` accessible to the device now (prefault), as if it had faulted.
     pub fn prefault(&self, start: u64, end: u64, write: bool) -> Result<(), Error> {
         let _serial = self.service_lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.prefault_serialized(start, end, write)
+    }
+
+    fn prefault_serialized(&self, start: u64, end: u64, write: bool) -> Result<(), Error> {
         let mut at = start & !(PAGE_SIZE - 1);
         while at < end {
             let run_end = (at + self.options.max_run).min(end.div_ceil(PAGE_SIZE) * PAGE_SIZE);
@@ -638,10 +646,12 @@ impl ContextCore {
     }
 
     /// Map `[addr, addr + len)` for a device that has no page faults, on submit: the device
-    /// reaches it at IOVA == VA until the CPU mapping changes. Returns that IOVA. A range
-    /// already mapped with the access costs a lookup; a partly mapped one is mapped anew as a
-    /// whole (an identity IOVA can be mapped only once, so what overlaps goes first, fenced).
-    /// A refused DMA map returns the backend's error (e.g. the RLIMIT_MEMLOCK one).
+    /// reaches it at IOVA == VA until the CPU mapping changes. Returns that IOVA.
+    ///
+    /// Pages already mapped with the access stay mapped (two buffers may share a page, and a
+    /// transfer on one must not unmap the other); a read-only mapping under a write request is
+    /// replaced (fenced first); the gaps are mapped. A refused DMA map returns the backend's
+    /// error (e.g. the RLIMIT_MEMLOCK one).
     pub fn map_for_device(&self, addr: u64, len: u64, write: bool) -> Result<u64, Error> {
         if len == 0 {
             return Err(Error::InvalidArgument("map_for_device: empty range"));
@@ -650,16 +660,21 @@ impl ContextCore {
             .checked_add(len)
             .ok_or(Error::InvalidArgument("map_for_device: range wraps"))?;
         let (start, end) = (addr & !(PAGE_SIZE - 1), end.div_ceil(PAGE_SIZE) * PAGE_SIZE);
-        {
+        let _serial = self.service_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let gaps = {
             let mut state = self.sub.lock();
-            if state.covers(start..end, write) {
-                return Ok(addr);
+            if write {
+                for m in state.overlapping(start..end) {
+                    if !m.writable {
+                        state.tear_down(m.va..m.va + m.len);
+                    }
+                }
             }
-            if self.needs_identity {
-                state.tear_down(start..end);
-            }
+            state.gaps(start..end)
+        };
+        for gap in gaps {
+            self.prefault_serialized(gap.start, gap.end, write)?;
         }
-        self.prefault(start, end, write)?;
         Ok(addr)
     }
 
