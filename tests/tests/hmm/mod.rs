@@ -128,6 +128,24 @@ pub fn device_fill(ctx: &Context, dst: u64, len: usize, pattern: u64) -> Result<
     )
 }
 
+/// dmirror's READ as the kernel test counts it: one device read of `len` bytes at `src` into
+/// the bounce buffer takes exactly one fault and maps `cpages` pages (the caller checks the data).
+pub fn read_once(ctx: &Context, src: u64, mirror: &Mapping, len: usize, cpages: u64) {
+    let before = ctx.stats();
+    device_read(ctx, src, mirror.addr(), len).unwrap();
+    let after = ctx.stats();
+    assert_eq!(
+        after.faults - before.faults,
+        1,
+        "faults == 1: {before:?} -> {after:?}"
+    );
+    assert_eq!(
+        after.pages_mapped - before.pages_mapped,
+        cpages,
+        "cpages: {before:?} -> {after:?}"
+    );
+}
+
 /// dmirror's WRITE as the kernel test checks it: the bounce buffer holds `i`, one device write of
 /// `len` bytes to `dst` takes exactly one fault and maps every page, and the CPU reads `i` back.
 pub fn write_ints_once(ctx: &Context, dst: u64, mirror: &Mapping, len: usize) {
@@ -294,20 +312,12 @@ pub fn anon_read(rt: Arc<Runtime>) {
     }
     assert_eq!(m.read_byte(PAGE), 0, "page 1 read: the shared zero page");
     strict_mprotect(&ctx, m.range(), Perms::READ);
-    let before = ctx.stats();
     let service = rt.service().stats();
     let (records, serviced) = (
         service.records.load(Ordering::Relaxed),
         service.pages_serviced.load(Ordering::Relaxed),
     );
-    device_read(&ctx, m.addr(), mirror.addr(), BUF).unwrap();
-    let after = ctx.stats();
-    assert_eq!(after.faults - before.faults, 1, "faults == 1: {after:?}");
-    assert_eq!(
-        after.pages_mapped - before.pages_mapped,
-        NPAGES,
-        "cpages == npages"
-    );
+    read_once(&ctx, m.addr(), &mirror, BUF, NPAGES);
     // The runtime is this test's own: its fault service drained exactly one record.
     assert_eq!(service.records.load(Ordering::Relaxed) - records, 1);
     assert!(service.pages_serviced.load(Ordering::Relaxed) > serviced);
@@ -438,15 +448,7 @@ fn file_read_on(ctx: &Context, fd: &OwnedFd, what: &str) {
     pwrite_ints(fd, BUF / 4);
     let addr = map_shared_aligned(fd.as_raw_fd(), BUF, libc::PROT_READ);
     let mirror = bounce(ctx, BUF);
-    let before = ctx.stats();
-    device_read(ctx, addr, mirror.addr(), BUF).unwrap();
-    let after = ctx.stats();
-    assert_eq!(after.faults - before.faults, 1, "{what}: {after:?}");
-    assert_eq!(
-        after.pages_mapped - before.pages_mapped,
-        NPAGES,
-        "{what}: {after:?}"
-    );
+    read_once(ctx, addr, &mirror, BUF, NPAGES);
     for i in 0..BUF / 4 {
         assert_eq!(read_u32(&mirror, i), i as u32, "{what}: int {i}");
     }
@@ -524,15 +526,7 @@ pub fn anon_read_multiple(rt: Arc<Runtime>) {
             write_u32(&m, i, (i + c) as u32);
         }
         quiesce(&ctx);
-        let before = ctx.stats();
-        device_read(&ctx, m.addr(), mirror.addr(), BUF).unwrap();
-        let after = ctx.stats();
-        assert_eq!(after.faults - before.faults, 1, "iteration {c}: {after:?}");
-        assert_eq!(
-            after.pages_mapped - before.pages_mapped,
-            NPAGES,
-            "iteration {c}"
-        );
+        read_once(&ctx, m.addr(), &mirror, BUF, NPAGES);
         for i in 0..ints(&mirror) {
             assert_eq!(
                 read_u32(&mirror, i),
@@ -927,14 +921,8 @@ pub fn double_map(rt: Arc<Runtime>, rt2: Arc<Runtime>) {
     strict_mprotect(&a, m.range(), Perms::READ);
     for ctx in [&a, &b] {
         let mirror = bounce(ctx, 6 * PAGE);
-        let before = ctx.stats();
-        device_read(ctx, m.addr(), mirror.addr(), 6 * PAGE).unwrap();
-        assert_eq!(
-            ctx.stats().faults - before.faults,
-            1,
-            "before {before:?} after {:?}",
-            ctx.stats()
-        );
+        // Fault-around maps the whole (aligned) buffer with that one fault.
+        read_once(ctx, m.addr(), &mirror, 6 * PAGE, NPAGES);
         for i in 0..6 * PAGE / 4 {
             assert_eq!(read_u32(&mirror, i), i as u32);
         }
