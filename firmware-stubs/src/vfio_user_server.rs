@@ -13,17 +13,18 @@
 //! (an IOMMU-style device fault) once the client is gone. When the client disconnects, pending
 //! requests fail, the command thread stops and the device is dropped.
 
-use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use vfio_user_protocol::payload::{self, irq, region, DecodeError};
 use vfio_user_protocol::version::{self, Capabilities, Version};
-use vfio_user_protocol::{command, Connection, Header, Limits, Message, MessageType, RecvError};
+use vfio_user_protocol::{
+    command, CallError, Calls, Connection, Limits, Message, MessageType, RecvError,
+};
 
 use crate::sync::lock;
 use crate::SharedRegion;
@@ -45,55 +46,30 @@ fn server_caps() -> Capabilities {
     }
 }
 
-type Pending = HashMap<u16, SyncSender<Result<Message, DmaAccessError>>>;
-
 /// The connection as the device's DMA sees it.
 struct Link {
     conn: Connection,
-    pending: Mutex<Pending>,
-    closed: AtomicBool,
-    next_id: AtomicU16,
+    calls: Calls,
     max_xfer: AtomicUsize,
 }
 
 impl Link {
-    /// Send a server-to-client command and wait for its reply.
+    /// Send a server-to-client command and wait for its reply (a dead client fails at once).
     fn request(&self, cmd: u16, body: &[u8]) -> Result<Message, DmaAccessError> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        let id = {
-            let mut pending = lock(&self.pending);
-            if self.closed.load(Ordering::Acquire) {
-                return Err(DmaAccessError::Os(nix::errno::Errno::ENOTCONN));
-            }
-            let mut id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            while pending.contains_key(&id) {
-                id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            }
-            pending.insert(id, tx);
-            id
-        };
-        if let Err(e) = self
-            .conn
-            .send(Header::command(id, cmd, body.len()), body, &[])
-        {
-            lock(&self.pending).remove(&id);
-            tracing::warn!("DMA request to the client failed: {e}");
-            return Err(DmaAccessError::Os(nix::errno::Errno::ENOTCONN));
-        }
-        match rx.recv_timeout(DMA_REPLY_TIMEOUT) {
-            Ok(r) => r,
-            Err(_) => {
-                lock(&self.pending).remove(&id);
-                Err(DmaAccessError::Os(nix::errno::Errno::ENOTCONN))
-            }
-        }
+        self.calls
+            .call(&self.conn, cmd, body, &[], DMA_REPLY_TIMEOUT)
+            .map_err(|e| {
+                tracing::debug!("DMA request to the client failed: {e}");
+                match e {
+                    CallError::OverLimit => DmaAccessError::Fault,
+                    _ => DmaAccessError::Os(nix::errno::Errno::ENOTCONN),
+                }
+            })
     }
 
     /// Fail every waiting request and refuse new ones.
     fn close(&self) {
-        let mut pending = lock(&self.pending);
-        self.closed.store(true, Ordering::Release);
-        pending.clear();
+        self.calls.close();
     }
 }
 
@@ -209,9 +185,7 @@ pub fn serve_connection(stream: UnixStream, cfg: &AcceleratorConfig) -> Result<(
     let device = Arc::new(Accelerator::new(cfg.clone())?);
     let link = Arc::new(Link {
         conn: Connection::new(stream, Limits::default()),
-        pending: Mutex::new(HashMap::new()),
-        closed: AtomicBool::new(false),
-        next_id: AtomicU16::new(0),
+        calls: Calls::new(),
         max_xfer: AtomicUsize::new(version::DEFAULT_MAX_DATA_XFER as usize),
     });
     let (tx, rx) = mpsc::channel::<Message>();
@@ -247,15 +221,9 @@ fn reader_loop(link: &Link, commands: &mpsc::Sender<Message>) -> Result<(), Recv
         match link.conn.recv() {
             Ok(msg) => match msg.header.message_type() {
                 MessageType::Reply => {
-                    let waiter = lock(&link.pending).remove(&msg.header.id);
-                    match waiter {
-                        Some(tx) => {
-                            let _ = tx.send(Ok(msg));
-                        }
-                        None => tracing::warn!(
-                            id = msg.header.id,
-                            "reply to no outstanding request: dropped"
-                        ),
+                    let id = msg.header.id;
+                    if !link.calls.complete(id, Ok(msg)) {
+                        tracing::warn!(id, "reply to no outstanding request: dropped");
                     }
                 }
                 MessageType::Command => {
@@ -272,9 +240,7 @@ fn reader_loop(link: &Link, commands: &mpsc::Sender<Message>) -> Result<(), Recv
             },
             Err(RecvError::TooLarge(h)) | Err(RecvError::TooManyFds(h)) => match h.message_type() {
                 MessageType::Reply => {
-                    if let Some(tx) = lock(&link.pending).remove(&h.id) {
-                        let _ = tx.send(Err(DmaAccessError::Fault));
-                    }
+                    link.calls.complete(h.id, Err(CallError::OverLimit));
                 }
                 _ => {
                     let _ = link.conn.reply_error(&h, libc::E2BIG);
@@ -727,6 +693,7 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::io::{Read, Write};
+    use vfio_user_protocol::Header;
 
     fn small() -> AcceleratorConfig {
         AcceleratorConfig {
@@ -850,9 +817,7 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         let link = Arc::new(Link {
             conn: Connection::new(b, Limits::default()),
-            pending: Mutex::new(HashMap::new()),
-            closed: AtomicBool::new(false),
-            next_id: AtomicU16::new(0),
+            calls: Calls::new(),
             max_xfer: AtomicUsize::new(16),
         });
         let mem = RemoteMemory {

@@ -4,6 +4,7 @@
 //! - [`Header`]: the 16-byte header every message starts with;
 //! - [`payload`]: the payload of every message type we use, with encode/decode;
 //! - [`version`]: VERSION negotiation and its JSON capabilities;
+//! - [`calls`]: outstanding requests matched to replies by message id;
 //! - [`framing`]: messages over a `UnixStream` with file descriptors by `SCM_RIGHTS`, the
 //!   header's message size always honoured, limits on size and fd count enforced before any
 //!   allocation.
@@ -11,11 +12,13 @@
 //! Decoding never panics on peer input: every length is checked, every error is a value.
 #![deny(missing_docs)]
 
+pub mod calls;
 pub mod framing;
 pub mod json;
 pub mod payload;
 pub mod version;
 
+pub use calls::{CallError, Calls};
 pub use framing::{Connection, Limits, Message, RecvError};
 
 /// Size of the message header.

@@ -12,13 +12,12 @@
 //! When the server goes away (EOF, a broken or desynchronised stream) every waiting and later
 //! operation fails with a transport error naming the cause.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, SyncSender};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -26,7 +25,9 @@ use std::time::Duration;
 use firmware_stubs::{DmaMemory, ProcessMemory};
 use vfio_user_protocol::payload::{self, irq, region};
 use vfio_user_protocol::version::{self, Capabilities, Version};
-use vfio_user_protocol::{command, Connection, Header, Limits, Message, MessageType, RecvError};
+use vfio_user_protocol::{
+    command, CallError, Calls, Connection, Limits, Message, MessageType, RecvError,
+};
 
 use super::{Backend, BackendError, BackendKind, DmaAccess, DmaSource};
 
@@ -55,14 +56,10 @@ struct LocalMap {
     access: DmaAccess,
 }
 
-type Waiter = SyncSender<Result<Message, String>>;
-
 struct Shared {
     conn: Connection,
-    pending: Mutex<HashMap<u16, Waiter>>,
-    closed: AtomicBool,
+    calls: Calls,
     close_reason: Mutex<Option<String>>,
-    next_id: AtomicU16,
     max_xfer: AtomicUsize,
     maps: RwLock<BTreeMap<u64, LocalMap>>,
 }
@@ -74,16 +71,15 @@ impl Shared {
             .unwrap_or_else(|| "server disconnected".into())
     }
 
+    /// Record why the connection ended (the first reason wins), fail every waiting call.
     fn close(&self, reason: String) {
-        let mut pending = lock(&self.pending);
         {
             let mut r = lock(&self.close_reason);
             if r.is_none() {
                 *r = Some(reason);
             }
         }
-        self.closed.store(true, Ordering::Release);
-        pending.clear();
+        self.calls.close();
         self.conn.shutdown();
     }
 
@@ -95,35 +91,13 @@ impl Shared {
         body: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<Message, BackendError> {
-        let (tx, rx) = mpsc::sync_channel(1);
-        let id = {
-            let mut pending = lock(&self.pending);
-            if self.closed.load(Ordering::Acquire) {
-                return Err(transport(op, self.dead()));
-            }
-            let mut id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            while pending.contains_key(&id) {
-                id = self.next_id.fetch_add(1, Ordering::Relaxed);
-            }
-            pending.insert(id, tx);
-            id
-        };
-        if let Err(e) = self
-            .conn
-            .send(Header::command(id, cmd, body.len()), body, fds)
-        {
-            lock(&self.pending).remove(&id);
-            return Err(transport(op, format!("send: {e}")));
-        }
-        let reply = match rx.recv_timeout(REPLY_TIMEOUT) {
-            Ok(Ok(m)) => m,
-            Ok(Err(e)) => return Err(transport(op, e)),
-            Err(mpsc::RecvTimeoutError::Disconnected) => return Err(transport(op, self.dead())),
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                lock(&self.pending).remove(&id);
-                return Err(transport(op, "no reply from the server"));
-            }
-        };
+        let reply = self
+            .calls
+            .call(&self.conn, cmd, body, fds, REPLY_TIMEOUT)
+            .map_err(|e| match e {
+                CallError::Closed => transport(op, self.dead()),
+                other => transport(op, other),
+            })?;
         if reply.header.is_error() {
             let errno = nix::errno::Errno::from_raw(reply.header.error as i32);
             return Err(transport(op, format!("server answered error {errno}")));
@@ -171,10 +145,8 @@ impl VfioUserBackend {
         let limits = Limits::default();
         let shared = Arc::new(Shared {
             conn: Connection::new(stream, limits),
-            pending: Mutex::new(HashMap::new()),
-            closed: AtomicBool::new(false),
+            calls: Calls::new(),
             close_reason: Mutex::new(None),
-            next_id: AtomicU16::new(0),
             max_xfer: AtomicUsize::new(version::DEFAULT_MAX_DATA_XFER as usize),
             maps: RwLock::new(BTreeMap::new()),
         });
@@ -399,12 +371,9 @@ fn reader_loop(shared: &Shared) {
         match shared.conn.recv() {
             Ok(msg) => match msg.header.message_type() {
                 MessageType::Reply => {
-                    let waiter = lock(&shared.pending).remove(&msg.header.id);
-                    match waiter {
-                        Some(tx) => {
-                            let _ = tx.send(Ok(msg));
-                        }
-                        None => tracing::warn!(id = msg.header.id, "unexpected reply dropped"),
+                    let id = msg.header.id;
+                    if !shared.calls.complete(id, Ok(msg)) {
+                        tracing::warn!(id, "unexpected reply dropped");
                     }
                 }
                 MessageType::Command => serve_request(shared, msg),
@@ -417,9 +386,7 @@ fn reader_loop(shared: &Shared) {
             },
             Err(RecvError::TooLarge(h)) | Err(RecvError::TooManyFds(h)) => {
                 if h.message_type() == MessageType::Reply {
-                    if let Some(tx) = lock(&shared.pending).remove(&h.id) {
-                        let _ = tx.send(Err("reply over the size or descriptor limit".into()));
-                    }
+                    shared.calls.complete(h.id, Err(CallError::OverLimit));
                 } else {
                     let _ = shared.conn.reply_error(&h, libc::E2BIG);
                 }
@@ -669,6 +636,7 @@ impl Backend for VfioUserBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vfio_user_protocol::Header;
 
     /// Answer the client's bring-up queries like a minimal server.
     fn handshake(c: &Connection) {
