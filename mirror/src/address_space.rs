@@ -156,6 +156,15 @@ impl AddressSpace {
                                 .into(),
                         );
                     }
+                    if !caps.initialised_elsewhere
+                        && caps.features & crate::sys::uffd::FEATURE_WP_ASYNC == 0
+                    {
+                        degraded.push(
+                            "no UFFD_FEATURE_WP_ASYNC (kernel before 6.7): plain write-protect \
+                             registration; non-shmem file mappings cannot be tracked"
+                                .into(),
+                        );
+                    }
                     if !caps.fork_events {
                         degraded.push(
                             "no FORK events (needs CAP_SYS_PTRACE, or the sender initialised the \

@@ -42,8 +42,33 @@ pub fn create_uninitialised() -> Result<OwnedFd> {
         .map_err(|e| Error::sys("userfaultfd", e))
 }
 
+/// The feature bits this kernel supports, learned from a throwaway uffd (UFFDIO_API with no
+/// features reports them). `None` if no uffd can be made to ask.
+fn supported_features() -> Option<u64> {
+    let probe = raw::create(true, false)
+        .or_else(|_| raw::create(true, true))
+        .ok()?;
+    raw::api(probe.as_fd(), 0).ok().map(|(features, _)| features)
+}
+
 /// Creates (or adopts) a uffd and does the handshake, degrading when privileges are missing.
+///
+/// Only features the kernel supports are requested: asking for an unknown bit is EINVAL, which
+/// a received fd would make indistinguishable from "already initialised". Before Linux 6.7 there
+/// is no WP_ASYNC: ranges are then registered in plain write-protect mode, which still diverts
+/// no fault because nothing is ever write-protected, but file mappings other than shmem cannot
+/// be registered (their munmap/madvise are then seen only through the explicit API).
 pub(crate) fn open(existing: Option<OwnedFd>) -> Result<(OwnedFd, UffdCaps)> {
+    let wanted = match supported_features() {
+        Some(supported) => WANTED & supported,
+        None => WANTED,
+    };
+    if wanted & raw::FEATURE_WP_ASYNC == 0 {
+        tracing::warn!(
+            "UFFD_FEATURE_WP_ASYNC unsupported (kernel before 6.7): registering in plain WP \
+             mode; non-shmem file mappings cannot be tracked"
+        );
+    }
     let (fd, user_mode_only) = match existing {
         Some(fd) => (fd, false),
         None => match raw::create(true, false) {
@@ -59,7 +84,7 @@ pub(crate) fn open(existing: Option<OwnedFd>) -> Result<(OwnedFd, UffdCaps)> {
         },
     };
     set_nonblocking(fd.as_fd())?;
-    match raw::api(fd.as_fd(), WANTED) {
+    match raw::api(fd.as_fd(), wanted) {
         Ok((features, _)) => Ok((
             fd,
             UffdCaps {
@@ -74,7 +99,7 @@ pub(crate) fn open(existing: Option<OwnedFd>) -> Result<(OwnedFd, UffdCaps)> {
                 "UFFD_FEATURE_EVENT_FORK needs CAP_SYS_PTRACE: fork events disabled, \
                  forked children are not reported"
             );
-            let (features, _) = raw::api(fd.as_fd(), WANTED & !raw::FEATURE_EVENT_FORK)
+            let (features, _) = raw::api(fd.as_fd(), wanted & !raw::FEATURE_EVENT_FORK)
                 .map_err(|e| Error::sys("UFFDIO_API", e))?;
             Ok((
                 fd,

@@ -486,6 +486,34 @@ fn dontneed(run: &mut Run, edu: &Edu, scratch: &Mapping) -> Res {
     release(edu, n)
 }
 
+/// A change made behind the mirror's back (a plain madvise, as an allocator does) is seen
+/// through the userfaultfd REMOVE event: after settling, the mapping and its pin are gone.
+fn observed_by_userfaultfd(run: &mut Run, edu: &Edu, scratch: &Mapping) -> Res {
+    let mm = edu.core().address_space().clone();
+    let n = Mapping::anonymous(2 * PAGE as usize, RW).map_err(e("mmap"))?;
+    fill(&n, 0, &pattern(9, LEN));
+    to_device(
+        edu,
+        scratch,
+        n.addr(),
+        9,
+        "page -> edu (before a plain MADV_DONTNEED)",
+    )?;
+    let pinned = locked()?;
+    n.discard(0, n.len())
+        .map_err(e("plain madvise(MADV_DONTNEED)"))?;
+    mm.settle().map_err(e("settle the userfaultfd events"))?;
+    ensure!(
+        edu.core().translate(n.addr()).is_none(),
+        "a plain MADV_DONTNEED was not seen through userfaultfd"
+    );
+    ensure!(locked()? < pinned, "pin kept after the userfaultfd event");
+    fill(&n, 0, &pattern(10, LEN));
+    to_device(edu, scratch, n.addr(), 10, "new page -> edu")?;
+    run.ok("plain MADV_DONTNEED seen through userfaultfd: mapping torn down, unpinned, new pages reach edu");
+    release(edu, n)
+}
+
 fn mremap(run: &mut Run, edu: &Edu, scratch: &Mapping) -> Res {
     let mm = edu.core().address_space().clone();
     let r = Mapping::anonymous(2 * PAGE as usize, RW).map_err(e("mmap"))?;
@@ -589,6 +617,7 @@ fn main_inner(run: &mut Run) -> Res {
         munmap(run, &edu, &scratch, &mut kmsg)?;
         munmap_shared(run, &edu, &scratch, &mut kmsg)?;
         dontneed(run, &edu, &scratch)?;
+        observed_by_userfaultfd(run, &edu, &scratch)?;
         mremap(run, &edu, &scratch)?;
         release(&edu, scratch)?;
     }
