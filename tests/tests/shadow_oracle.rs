@@ -6,7 +6,8 @@
 //! says, device writes land where the CPU reads them, accesses the CPU protection forbids fail
 //! cleanly, and no device entry survives for memory that is no longer mapped.
 //!
-//! Cases: 192 by default (a few seconds); `MIRROR_ORACLE_CASES=N` for long runs. A failure shrinks
+//! Cases: 192 by default on the emulated device and 64 on vfio-user (a few seconds each);
+//! `MIRROR_ORACLE_CASES=N` for long runs. A failure shrinks
 //! to a minimal sequence of `Step`s, printed with Debug.
 
 mod hmm;
@@ -496,12 +497,15 @@ impl World<'_> {
     }
 }
 
-#[test]
-fn device_view_matches_cpu_after_every_step() {
-    let cases = std::env::var("MIRROR_ORACLE_CASES")
+fn cases(default: u32) -> u32 {
+    std::env::var("MIRROR_ORACLE_CASES")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(192);
+        .unwrap_or(default)
+}
+
+#[test]
+fn device_view_matches_cpu_after_every_step() {
     let rt = Runtime::open(
         DeviceSpec::emulated(),
         RuntimeOptions {
@@ -510,6 +514,23 @@ fn device_view_matches_cpu_after_every_step() {
         },
     )
     .unwrap();
+    oracle(&rt, cases(192));
+}
+
+/// The same oracle with the device in another process (vfio-user); fewer cases by default.
+#[test]
+fn device_view_matches_cpu_after_every_step_vfio_user() {
+    let rt = hmm::vfio_user::open(ServiceMode::Polling, "device_server_mode");
+    oracle(&rt, cases(64));
+}
+
+/// Server mode for the vfio-user oracle (does nothing otherwise).
+#[test]
+fn device_server_mode() {
+    hmm::vfio_user::serve_if_server_mode();
+}
+
+fn oracle(rt: &Arc<Runtime>, cases: u32) {
     let ctx = rt.create_context().unwrap();
     if ctx.address_space().capabilities().uffd.is_none() {
         eprintln!("SKIP shadow oracle: no userfaultfd here (observed steps need events)");
@@ -523,7 +544,7 @@ fn device_view_matches_cpu_after_every_step() {
     let result = runner.run(&proptest::collection::vec(step(), 1..40), |steps| {
         let mut world = World {
             ctx: &ctx,
-            rt: &rt,
+            rt,
             regions: [None, None, None],
             freed: Vec::new(),
         };
