@@ -30,6 +30,7 @@ use vfio_user_protocol::{
 };
 
 use super::{Backend, BackendError, BackendKind, DmaAccess, DmaSource};
+use crate::sys::vfio::MappedBar;
 
 const NAME: &str = "vfio-user";
 
@@ -117,17 +118,70 @@ struct Layout {
     msi_vectors: u32,
 }
 
+/// A part of BAR0 the server let us mmap (the whole region, or one sparse-mmap area):
+/// register accesses inside it are single loads and stores instead of messages.
+struct BarWindow {
+    start: u64,
+    len: u64,
+    map: MappedBar,
+}
+
+impl BarWindow {
+    fn find(windows: &[BarWindow], offset: u64, len: usize) -> Option<(&MappedBar, u64)> {
+        let end = offset.checked_add(len as u64)?;
+        windows
+            .iter()
+            .find(|w| offset >= w.start && end <= w.start.saturating_add(w.len))
+            .map(|w| (&w.map, offset - w.start))
+    }
+}
+
+/// The BAR0 windows a DEVICE_GET_REGION_INFO reply offers: with the mmap flag and a region fd,
+/// the sparse-mmap areas if the reply has that capability, else the whole region.
+fn bar_windows(reply: &Message, ri: &payload::RegionInfo) -> Result<Vec<BarWindow>, BackendError> {
+    const OP: &str = "region info (mmap)";
+    if ri.flags & region::FLAG_MMAP == 0 {
+        return Ok(Vec::new());
+    }
+    let fd = match reply.fds.as_slice() {
+        [] => {
+            tracing::warn!("BAR0 is mmap-able but the server sent no fd: using messages");
+            return Ok(Vec::new());
+        }
+        [fd] => fd,
+        _ => return Err(transport(OP, "more than one region fd")),
+    };
+    let areas = if ri.flags & region::FLAG_CAPS != 0 {
+        payload::sparse_mmap_areas(&reply.payload).map_err(|e| transport(OP, e))?
+    } else {
+        vec![(0, ri.size)]
+    };
+    let mut windows = Vec::new();
+    for (start, len) in areas.into_iter().filter(|a| a.1 > 0) {
+        let file_offset = ri
+            .offset
+            .checked_add(start)
+            .ok_or_else(|| transport(OP, "area offset overflows"))?;
+        let map = MappedBar::map(fd.as_fd(), file_offset, len)
+            .map_err(|e| transport(OP, format!("mmap of {start:#x}+{len:#x}: {e}")))?;
+        windows.push(BarWindow { start, len, map });
+    }
+    Ok(windows)
+}
+
 /// A vfio-user server's device.
 pub struct VfioUserBackend {
     shared: Arc<Shared>,
     reader: Option<JoinHandle<()>>,
     layout: Layout,
+    bar0_windows: Vec<BarWindow>,
 }
 
 impl std::fmt::Debug for VfioUserBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VfioUserBackend")
             .field("layout", &self.layout)
+            .field("bar0_windows", &self.bar0_windows.len())
             .finish_non_exhaustive()
     }
 }
@@ -165,9 +219,12 @@ impl VfioUserBackend {
                 config_size: 0,
                 msi_vectors: 0,
             },
+            bar0_windows: Vec::new(),
         };
         backend.negotiate(limits)?;
-        backend.layout = backend.query_layout()?;
+        let (layout, windows) = backend.query_layout()?;
+        backend.layout = layout;
+        backend.bar0_windows = windows;
         Ok(backend)
     }
 
@@ -199,7 +256,7 @@ impl VfioUserBackend {
         Ok(())
     }
 
-    fn query_layout(&self) -> Result<Layout, BackendError> {
+    fn query_layout(&self) -> Result<(Layout, Vec<BarWindow>), BackendError> {
         let req = payload::DeviceInfo {
             argsz: payload::DeviceInfo::SIZE as u32,
             flags: 0,
@@ -220,7 +277,7 @@ impl VfioUserBackend {
                 format!("not a PCI device: {info:?}"),
             ));
         }
-        let region_size = |index: u32| -> Result<u64, BackendError> {
+        let region_info = |index: u32| -> Result<(payload::RegionInfo, Message), BackendError> {
             let req = payload::RegionInfo {
                 argsz: payload::RegionInfo::SIZE as u32,
                 flags: 0,
@@ -241,10 +298,11 @@ impl VfioUserBackend {
             if ri.index != index || ri.flags & rw != rw {
                 return Err(transport("region info", format!("region {index}: {ri:?}")));
             }
-            Ok(ri.size)
+            Ok((ri, r))
         };
-        let bar0_size = region_size(region::BAR0)?;
-        let config_size = region_size(region::CONFIG)?;
+        let (bar0, reply) = region_info(region::BAR0)?;
+        let windows = bar_windows(&reply, &bar0)?;
+        let (config, _) = region_info(region::CONFIG)?;
         let req = payload::IrqInfo {
             argsz: payload::IrqInfo::SIZE as u32,
             flags: 0,
@@ -258,11 +316,12 @@ impl VfioUserBackend {
         if ii.flags & irq::INFO_EVENTFD == 0 {
             return Err(transport("irq info", "MSI cannot signal eventfds"));
         }
-        Ok(Layout {
-            bar0_size,
-            config_size,
+        let layout = Layout {
+            bar0_size: bar0.size,
+            config_size: config.size,
             msi_vectors: ii.count,
-        })
+        };
+        Ok((layout, windows))
     }
 
     /// Unmap every DMA mapping (DMA_UNMAP with the ALL flag).
@@ -490,6 +549,9 @@ impl Backend for VfioUserBackend {
         if bar != 0 {
             return Err(transport("bar_read", format!("no BAR{bar}")));
         }
+        if let Some((map, at)) = BarWindow::find(&self.bar0_windows, offset, data.len()) {
+            return map.read(at, data).map_err(|e| transport("bar_read", e));
+        }
         self.region_read(
             "bar_read",
             region::BAR0,
@@ -502,6 +564,9 @@ impl Backend for VfioUserBackend {
     fn bar_write(&self, bar: u32, offset: u64, data: &[u8]) -> Result<(), BackendError> {
         if bar != 0 {
             return Err(transport("bar_write", format!("no BAR{bar}")));
+        }
+        if let Some((map, at)) = BarWindow::find(&self.bar0_windows, offset, data.len()) {
+            return map.write(at, data).map_err(|e| transport("bar_write", e));
         }
         self.region_write(
             "bar_write",
@@ -640,6 +705,25 @@ mod tests {
 
     /// Answer the client's bring-up queries like a minimal server.
     fn handshake(c: &Connection) {
+        handshake_with(c, None)
+    }
+
+    /// The sparse-mmap capability with one area.
+    fn sparse_cap(start: u64, len: u64) -> Vec<u8> {
+        let mut c = Vec::new();
+        c.extend_from_slice(&payload::CAP_SPARSE_MMAP.to_ne_bytes());
+        c.extend_from_slice(&1u16.to_ne_bytes());
+        c.extend_from_slice(&0u32.to_ne_bytes());
+        c.extend_from_slice(&1u32.to_ne_bytes());
+        c.extend_from_slice(&0u32.to_ne_bytes());
+        c.extend_from_slice(&start.to_ne_bytes());
+        c.extend_from_slice(&len.to_ne_bytes());
+        c
+    }
+
+    /// As `handshake`; with `bar0`, BAR0 is offered mmap-able through that fd with one sparse
+    /// area, `[0x1000, 0x2000)`.
+    fn handshake_with(c: &Connection, bar0: Option<BorrowedFd<'_>>) {
         loop {
             let m = c.recv().expect("bring-up request");
             let h = m.header;
@@ -658,6 +742,23 @@ mod tests {
                 .encode(),
                 command::DEVICE_GET_REGION_INFO => {
                     let r = payload::RegionInfo::decode(&m.payload).unwrap();
+                    if let (region::BAR0, Some(fd)) = (r.index, bar0) {
+                        let mut body = payload::RegionInfo {
+                            argsz: 64,
+                            flags: region::FLAG_READ
+                                | region::FLAG_WRITE
+                                | region::FLAG_MMAP
+                                | region::FLAG_CAPS,
+                            cap_offset: 32,
+                            size: 0x4000,
+                            offset: 0,
+                            ..r
+                        }
+                        .encode();
+                        body.extend_from_slice(&sparse_cap(0x1000, 0x1000));
+                        c.reply(&h, &body, &[fd]).unwrap();
+                        continue;
+                    }
                     payload::RegionInfo {
                         flags: region::FLAG_READ | region::FLAG_WRITE,
                         size: 0x1000,
@@ -704,6 +805,54 @@ mod tests {
         assert_eq!(m.header.message_type(), MessageType::Reply);
         assert_eq!(m.header.id, id);
         m
+    }
+
+    #[test]
+    fn sparse_mmap_areas_of_bar0_are_mapped_the_rest_uses_messages() {
+        use std::os::unix::fs::FileExt;
+        let fd =
+            nix::sys::memfd::memfd_create(c"bar0", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+                .unwrap();
+        let file = std::fs::File::from(fd);
+        file.set_len(0x4000).unwrap();
+        let (a, b) = UnixStream::pair().unwrap();
+        let bar_fd = file.try_clone().unwrap();
+        let server = std::thread::spawn(move || {
+            let c = Connection::new(b, Limits::default());
+            c.set_peer_max_fds(8);
+            handshake_with(&c, Some(bar_fd.as_fd()));
+            c
+        });
+        let backend = VfioUserBackend::from_stream(a).unwrap();
+        let server = server.join().unwrap();
+        // Inside the area: straight to the mapping, no message.
+        backend
+            .bar_write(0, 0x1008, &0x1122_3344_5566_7788u64.to_le_bytes())
+            .unwrap();
+        let mut w = [0u8; 8];
+        file.read_exact_at(&mut w, 0x1008).unwrap();
+        assert_eq!(u64::from_le_bytes(w), 0x1122_3344_5566_7788);
+        file.write_all_at(&0xabcd_u32.to_le_bytes(), 0x1ffc)
+            .unwrap();
+        let mut r = [0u8; 4];
+        backend.bar_read(0, 0x1ffc, &mut r).unwrap();
+        assert_eq!(u32::from_le_bytes(r), 0xabcd);
+        // Outside it: a REGION_READ message.
+        let t = std::thread::spawn(move || {
+            let m = server.recv().unwrap();
+            assert_eq!(m.header.command, command::REGION_READ);
+            let req = payload::RegionAccess::decode(&m.payload, false).unwrap();
+            assert_eq!(req.offset, 0x2000);
+            let reply = payload::RegionAccess {
+                data: vec![7, 0, 0, 0],
+                ..req
+            };
+            server.reply(&m.header, &reply.encode(), &[]).unwrap();
+            server
+        });
+        backend.bar_read(0, 0x2000, &mut r).unwrap();
+        assert_eq!(r, [7, 0, 0, 0]);
+        drop(t.join().unwrap());
     }
 
     #[test]
