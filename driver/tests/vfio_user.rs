@@ -279,3 +279,20 @@ fn garbage_from_a_client_gets_error_replies_not_a_crash() {
     let got = vfio_user_protocol::payload::RegionAccess::decode(&r.payload, true).unwrap();
     assert_eq!(got.data, accel_abi::config::VENDOR_ID.to_le_bytes());
 }
+
+#[test]
+fn a_client_dying_mid_message_leaves_the_server_ready_for_the_next() {
+    use std::io::Write;
+    use vfio_user_protocol::{command, Header};
+    let server = Server::spawn(false);
+    let mut raw = UnixStream::connect(&server.path).unwrap();
+    let h = Header {
+        size: 64,
+        ..Header::command(1, command::VERSION, 0)
+    };
+    raw.write_all(&h.encode()).unwrap();
+    raw.write_all(&[0, 0, 2, 0]).unwrap();
+    drop(raw);
+    let next = VfioUserBackend::connect(&server.path).unwrap();
+    assert_eq!(vendor_device(&next), IDS);
+}

@@ -671,19 +671,15 @@ pub fn serve(
     }
 }
 
-/// True if the peer of `s` hung up (or the socket was shut down): a non-blocking peek sees
-/// end-of-file.
+/// True if the peer of `s` hung up (or the socket was shut down), even with unread data left:
+/// a closed peer sets both shutdown bits on our side, which poll reports as POLLHUP.
 fn peer_gone(s: &UnixStream) -> bool {
-    use nix::sys::socket::{recv, MsgFlags};
-    let mut b = [0u8; 1];
-    match recv(
-        s.as_raw_fd(),
-        &mut b,
-        MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT,
-    ) {
-        Ok(0) => true,
-        Ok(_) => false,
-        Err(nix::errno::Errno::EAGAIN) => false,
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(s.as_fd(), PollFlags::POLLIN)];
+    match poll(&mut fds, PollTimeout::ZERO) {
+        Ok(_) => fds[0]
+            .revents()
+            .is_some_and(|r| r.intersects(PollFlags::POLLHUP | PollFlags::POLLERR)),
         Err(_) => true,
     }
 }
