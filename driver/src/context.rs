@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::ops::Range;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -189,6 +190,35 @@ impl MirrorState {
             }
             _ => {
                 self.tear_down(inv.range.start()..inv.range.end());
+            }
+        }
+    }
+}
+
+/// A MAP_SHARED file VMA (memfd, shmem, tmpfs, a regular file) whose pages can be handed to
+/// the device by fd.
+#[derive(Debug, Clone, Copy)]
+struct SharedFile {
+    start: u64,
+    end: u64,
+    offset: u64,
+}
+
+impl SharedFile {
+    /// The file behind the VMA, through /proc/self/map_files (which needs CAP_SYS_ADMIN or
+    /// CAP_CHECKPOINT_RESTORE; without them the memory goes by address instead). Returns the
+    /// fd, the file offset of the VMA start, and the VMA start.
+    fn open(self, write: bool) -> Option<(std::fs::File, u64, u64)> {
+        let path = format!("/proc/self/map_files/{:x}-{:x}", self.start, self.end);
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(write)
+            .open(&path);
+        match file {
+            Ok(f) => Some((f, self.offset, self.start)),
+            Err(e) => {
+                tracing::debug!(error = %e, path, "shared file not reachable by fd; mapping it by address");
+                None
             }
         }
     }
@@ -388,8 +418,21 @@ impl ContextCore {
         if let Err(e) = self.mm.track(track) {
             tracing::debug!(error = %e, ?track, "could not register the range for CPU events");
         }
+        let shared_file = match vmas.as_slice() {
+            [v] if v.shared
+                && v.kind == mirror::VmaKind::File
+                && v.range.contains_range(&range) =>
+            {
+                Some(SharedFile {
+                    start: v.range.start(),
+                    end: v.range.end(),
+                    offset: v.offset,
+                })
+            }
+            _ => None,
+        };
         let result = self.sub.mirror_range(
-            |_seq| Ok(self.walk(range, access)),
+            |_seq| Ok(self.walk(range, access, shared_file)),
             |state, walked| self.install(state, walked),
         );
         match result {
@@ -400,7 +443,12 @@ impl ContextCore {
     }
 
     /// Fault in, snapshot, DMA-map. Runs without the subscriber lock.
-    fn walk(&self, range: VaRange, access: Access) -> Result<Walked, WalkError> {
+    fn walk(
+        &self,
+        range: VaRange,
+        access: Access,
+        shared_file: Option<SharedFile>,
+    ) -> Result<Walked, WalkError> {
         let mut attempts = 0;
         let (map_range, large) = loop {
             self.mm.fault(range, access)?;
@@ -417,7 +465,7 @@ impl ContextCore {
         if let Some(hook) = &self.options.walk_hook {
             hook(range);
         }
-        self.map_dma(map_range, large, access)
+        self.map_dma(map_range, large, access, shared_file)
     }
 
     /// The range to map and whether it is one 2 MiB page, if every page is present with the
@@ -482,6 +530,7 @@ impl ContextCore {
         map_range: VaRange,
         large: bool,
         access: Access,
+        shared_file: Option<SharedFile>,
     ) -> Result<Walked, WalkError> {
         let len = map_range.len();
         let align = if large { LARGE_PAGE_SIZE } else { PAGE_SIZE };
@@ -490,8 +539,18 @@ impl ContextCore {
         } else {
             DmaAccess::READ_ONLY
         };
-        let source = DmaSource::ProcessVa {
-            va: map_range.start(),
+        // Shared file memory (memfd, shmem, tmpfs) goes by fd where we can get one, so a
+        // device in another process maps the pages itself instead of asking for every access.
+        let file = shared_file.and_then(|f| f.open(access == Access::Write));
+        let source = match &file {
+            Some((fd, base_offset, vma_start)) => DmaSource::SharedFd {
+                va: map_range.start(),
+                fd: fd.as_fd(),
+                offset: base_offset + (map_range.start() - vma_start),
+            },
+            None => DmaSource::ProcessVa {
+                va: map_range.start(),
+            },
         };
         let iova = self
             .dma

@@ -296,3 +296,32 @@ fn a_client_dying_mid_message_leaves_the_server_ready_for_the_next() {
     let next = VfioUserBackend::connect(&server.path).unwrap();
     assert_eq!(vendor_device(&next), IDS);
 }
+
+#[test]
+fn memfd_memory_is_mapped_by_the_server_itself() {
+    let server = Server::spawn(false);
+    let rt = Runtime::open(
+        DeviceSpec::VfioUser(server.path.clone()),
+        RuntimeOptions::default(),
+    )
+    .expect("open the vfio-user device");
+    let ctx = rt.create_context().unwrap();
+    let (_file, m) = suite::memfd_arena("vfu-user-arena", 16 * suite::PAGE);
+    suite::device_fill(
+        &ctx,
+        m.addr(),
+        4 * suite::PAGE as u64,
+        0x5151_5151_5151_5151,
+    )
+    .unwrap();
+    assert_eq!(m.read_byte(4 * suite::PAGE - 1), 0x51);
+    // Shared file memory goes by fd: the device process maps the arena itself instead of
+    // asking for every access with DMA_READ/DMA_WRITE.
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", server.pid())).unwrap();
+    assert!(
+        maps.contains("memfd:vfu-user-arena"),
+        "the server did not map the client's memfd arena:\n{maps}"
+    );
+    drop(ctx);
+    drop(rt);
+}

@@ -41,6 +41,8 @@ pub struct Vma {
     pub kind: VmaKind,
     /// The name /proc/PID/maps shows (path, `[heap]`, empty for anonymous memory).
     pub name: String,
+    /// For a file mapping, the file offset of `range.start` (0 for anonymous memory).
+    pub offset: u64,
 }
 
 const SPECIAL_NAMES: [&str; 3] = ["[vvar]", "[vvar_vclock]", "[vsyscall]"];
@@ -121,6 +123,7 @@ impl VmaSource {
                 },
                 shared: q.flags & procfs::PROCMAP_QUERY_VMA_SHARED != 0,
                 page_size: Some(q.page_size),
+                offset: q.offset,
                 inode: q.inode,
                 name: String::from_utf8_lossy(&name[..q.name_len]).into_owned(),
             });
@@ -174,6 +177,7 @@ impl VmaSource {
             page_size,
             kind,
             name: raw.name,
+            offset: raw.offset,
         })
     }
 
@@ -248,6 +252,7 @@ struct RawVma {
     perms: Perms,
     shared: bool,
     page_size: Option<u64>,
+    offset: u64,
     inode: u64,
     name: String,
 }
@@ -262,7 +267,7 @@ fn parse_maps_line(line: &str) -> Option<RawVma> {
     if perms.len() != 4 {
         return None;
     }
-    let _offset = parts.next()?;
+    let offset = u64::from_str_radix(parts.next()?, 16).ok()?;
     let dev = parts.next()?;
     if !dev.contains(':') {
         return None;
@@ -279,6 +284,7 @@ fn parse_maps_line(line: &str) -> Option<RawVma> {
         },
         shared: perms[3] == b's',
         page_size: None,
+        offset,
         inode,
         name,
     })
@@ -287,6 +293,16 @@ fn parse_maps_line(line: &str) -> Option<RawVma> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maps_line_keeps_the_file_offset() {
+        let v = parse_maps_line(
+            "7f0000000000-7f0000004000 rw-s 00002000 00:01 1234 /memfd:x (deleted)",
+        )
+        .unwrap();
+        assert_eq!(v.offset, 0x2000);
+        assert!(v.shared);
+    }
 
     #[test]
     fn parses_maps_lines() {

@@ -345,6 +345,51 @@ pub fn large_mirror_uses_few_mappings(rt: Arc<Runtime>) {
     );
 }
 
+/// A MAP_SHARED memfd arena, as a runtime or the daemon hands out.
+pub fn memfd_arena(name: &str, len: usize) -> (std::fs::File, Mapping) {
+    let cname = std::ffi::CString::new(name).unwrap();
+    let fd = nix::sys::memfd::memfd_create(&cname, nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+        .unwrap();
+    let file = std::fs::File::from(fd);
+    file.set_len(len as u64).unwrap();
+    let m = Mapping::with_flags(
+        len,
+        RW,
+        libc::MAP_SHARED,
+        Some(std::os::fd::AsFd::as_fd(&file)),
+        0,
+    )
+    .unwrap();
+    (file, m)
+}
+
+pub fn shared_memfd_memory(rt: Arc<Runtime>) {
+    use std::os::unix::fs::FileExt;
+    let ctx = fresh(&rt);
+    let (file, m) = memfd_arena("suite-shared-arena", 16 * PAGE);
+    device_fill(
+        &ctx,
+        m.addr() + PAGE as u64,
+        2 * PAGE as u64,
+        0x3c3c_3c3c_3c3c_3c3c,
+    )
+    .unwrap();
+    let mut back = vec![0u8; 2 * PAGE];
+    file.read_exact_at(&mut back, PAGE as u64).unwrap();
+    assert!(
+        back.iter().all(|b| *b == 0x3c),
+        "the device's bytes are in the file"
+    );
+    assert_eq!(m.read_byte(0), 0, "nothing outside the range was written");
+    file.write_all_at(&[7u8; 64], 3 * PAGE as u64).unwrap();
+    let want = accel_abi::fnv1a_update(accel_abi::FNV_OFFSET, &[7u8; 64]);
+    assert_eq!(
+        device_checksum(&ctx, m.addr() + 3 * PAGE as u64, 64).unwrap(),
+        want,
+        "file writes reach the device"
+    );
+}
+
 pub fn several_contexts_on_one_device(rt: Arc<Runtime>) {
     let a = exact(&rt);
     let b = exact(&rt);
@@ -417,6 +462,7 @@ macro_rules! backend_suite {
             several_contexts_on_one_device,
             fault_around_stays_inside_the_vma,
             large_mirror_uses_few_mappings,
+            shared_memfd_memory,
             dropping_a_context_releases_everything
         );
     };

@@ -116,6 +116,7 @@ pub(crate) struct QueriedVma {
     pub end: u64,
     pub flags: u64,
     pub page_size: u64,
+    pub offset: u64,
     pub inode: u64,
     pub name_len: usize,
 }
@@ -150,6 +151,7 @@ pub(crate) fn procmap_query(
             end: arg.vma_end,
             flags: arg.vma_flags,
             page_size: arg.vma_page_size,
+            offset: arg.vma_offset,
             inode: arg.inode,
             // vma_name_size counts the terminating NUL when a name exists.
             name_len: (arg.vma_name_size as usize)
