@@ -48,7 +48,9 @@ fn supported_features() -> Option<u64> {
     let probe = raw::create(true, false)
         .or_else(|_| raw::create(true, true))
         .ok()?;
-    raw::api(probe.as_fd(), 0).ok().map(|(features, _)| features)
+    raw::api(probe.as_fd(), 0)
+        .ok()
+        .map(|(features, _)| features)
 }
 
 /// Creates (or adopts) a uffd and does the handshake, degrading when privileges are missing.
