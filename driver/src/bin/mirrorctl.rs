@@ -33,6 +33,22 @@ enum Command {
         #[arg(long, default_value_t = 8)]
         mib: usize,
     },
+    /// Run the benchmarks (each beside a kernel baseline measured in the same run) and write
+    /// results.json, results.md and SVG plots into the results directory.
+    Bench {
+        /// CI smoke run (seconds): small sizes, few repeats.
+        #[arg(long, conflicts_with = "full")]
+        quick: bool,
+        /// Full run (the default): all sizes, more repeats.
+        #[arg(long)]
+        full: bool,
+        /// Results directory.
+        #[arg(long, default_value = "results")]
+        out: std::path::PathBuf,
+        /// No progress bars.
+        #[arg(long)]
+        no_progress: bool,
+    },
     /// List PCI devices bound to vfio-pci and their IOMMU groups.
     Devices,
     /// Serve the emulated accelerator as a vfio-user device on a UNIX socket (one client at a
@@ -57,6 +73,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Demo { polling, mib } => demo(polling, mib),
+        Command::Bench {
+            quick,
+            full: _,
+            out,
+            no_progress,
+        } => bench(quick, out, !no_progress),
         Command::Devices => devices(),
         Command::Emulate { socket, once } => {
             return match emulate(&socket, once) {
@@ -75,6 +97,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn bench(quick: bool, out: std::path::PathBuf, progress: bool) -> Result<(), Error> {
+    let options = driver::bench::BenchOptions {
+        quick,
+        out: out.clone(),
+        progress,
+    };
+    let report = driver::bench::Bench::run(&options)?;
+    print!("{}", report.to_markdown());
+    println!("\nwritten to {}", out.display());
+    Ok(())
 }
 
 fn emulate(socket: &std::path::Path, once: bool) -> std::io::Result<()> {

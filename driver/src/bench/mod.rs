@@ -1,0 +1,868 @@
+//! `mirrorctl bench`: the driver's benchmarks, each beside a kernel baseline measured in the same
+//! run, written as JSON, Markdown and SVG plots (see `docs/performance.md`).
+//!
+//! Everything runs in this process against the embedded emulated MXA-1. Placement labels mean:
+//! *same-core*: the process (application thread, fault service, emulated device, mirror monitor)
+//! pinned to CPU 0; *cross-core*: the driver's threads and the device pinned to CPU 1, the
+//! measuring thread to CPU 0. Interrupt mode completes commands through cross-thread wake-ups;
+//! polling mode busy-polls.
+
+pub mod report;
+pub mod sys;
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::context::ContextOptions;
+use crate::device::DeviceOptions;
+use crate::fault::ServiceMode;
+use crate::runtime::{Context, DeviceSpec, Runtime, RuntimeOptions};
+use crate::Error;
+pub use report::{Figure, Plot, Report, Target};
+use sys::{Region, PAGE};
+
+/// How much to run.
+#[derive(Debug, Clone)]
+pub struct BenchOptions {
+    /// Quick (CI smoke, seconds) or full.
+    pub quick: bool,
+    /// Results directory.
+    pub out: PathBuf,
+    /// Show progress bars.
+    pub progress: bool,
+}
+
+struct Sizes {
+    repeats: usize,
+    fault_pages: usize,
+    lat_iters: usize,
+    range_pages: Vec<usize>,
+    walk_pages: usize,
+    overhead_pages: usize,
+    scale_pages: Vec<usize>,
+    scale_vmas: Vec<usize>,
+    scale_asids: Vec<usize>,
+}
+
+impl Sizes {
+    fn new(quick: bool) -> Sizes {
+        if quick {
+            Sizes {
+                repeats: 3,
+                fault_pages: 2048,
+                lat_iters: 200,
+                range_pages: vec![1, 16, 256, 4096],
+                walk_pages: 16384,
+                overhead_pages: 16384,
+                scale_pages: vec![1024, 4096, 16384],
+                scale_vmas: vec![10, 100, 1000],
+                scale_asids: vec![1, 4, 16],
+            }
+        } else {
+            Sizes {
+                repeats: 7,
+                fault_pages: 16384,
+                lat_iters: 2000,
+                range_pages: vec![1, 16, 256, 4096, 65536],
+                walk_pages: 65536,
+                overhead_pages: 262144,
+                scale_pages: vec![1024, 16384, 262144, 1 << 20],
+                scale_vmas: vec![10, 100, 1000, 10000],
+                scale_asids: vec![1, 4, 16, 64],
+            }
+        }
+    }
+}
+
+const BATCHES: [usize; 5] = [1, 16, 64, 256, 512];
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn p99(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[((v.len() as f64 * 0.99).ceil() as usize).min(v.len()) - 1]
+    }
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+fn os(what: &'static str) -> impl Fn(std::io::Error) -> Error {
+    move |source| Error::Os { what, source }
+}
+
+fn mode_name(m: ServiceMode) -> &'static str {
+    match m {
+        ServiceMode::Polling => "polling",
+        ServiceMode::Interrupt => "interrupt",
+    }
+}
+
+/// Where the threads run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    Same,
+    Cross,
+}
+
+impl Placement {
+    fn name(self) -> &'static str {
+        match self {
+            Placement::Same => "same-core",
+            Placement::Cross => "cross-core",
+        }
+    }
+}
+
+fn cpus() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// Open a runtime and one context with the driver's threads placed as asked; the calling thread
+/// ends pinned to CPU 0. Contexts created later inherit the mirror monitor placement.
+fn open(
+    mode: ServiceMode,
+    batch: usize,
+    placement: Placement,
+    large_pages: bool,
+) -> Result<(Arc<Runtime>, Context), Error> {
+    let driver_cpu = if placement == Placement::Cross && cpus() > 1 {
+        1
+    } else {
+        0
+    };
+    sys::pin(&[driver_cpu]).map_err(os("sched_setaffinity"))?;
+    let options = RuntimeOptions {
+        mode,
+        batch,
+        device: DeviceOptions {
+            cmdq_entries: 1024,
+            ..Default::default()
+        },
+        context: ContextOptions {
+            fault_around: 0,
+            large_pages,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let rt = Runtime::open(DeviceSpec::emulated(), options)?;
+    let ctx = rt.create_context()?;
+    sys::pin(&[0]).map_err(os("sched_setaffinity"))?;
+    Ok((rt, ctx))
+}
+
+fn unpin() {
+    let all: Vec<usize> = (0..cpus()).collect();
+    let _ = sys::pin(&all);
+}
+
+/// Device FILLs of 8 bytes at each address, up to `window` in flight; elapsed time.
+fn device_touch(ctx: &Context, addrs: &[u64], window: usize) -> Result<Duration, Error> {
+    let t = Instant::now();
+    let mut q = VecDeque::with_capacity(window);
+    for &a in addrs {
+        if q.len() >= window {
+            ctx.wait(q.pop_front().unwrap())?;
+        }
+        q.push_back(sys::submit_touch(ctx, a)?);
+    }
+    while let Some(tk) = q.pop_front() {
+        ctx.wait(tk)?;
+    }
+    Ok(t.elapsed())
+}
+
+fn pages_of(r: &Region, n: usize) -> Vec<u64> {
+    (0..n).map(|i| r.page(i)).collect()
+}
+
+/// Runs the benchmarks.
+pub struct Bench {
+    sizes: Sizes,
+    report: Report,
+    bar: ProgressBar,
+}
+
+fn read_trim(p: &str) -> String {
+    std::fs::read_to_string(p)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|s| {
+            s.lines().next().and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|k| k.parse::<u64>().ok())
+            })
+        })
+        .unwrap_or(0);
+    format!(
+        "{} x {cpu}, {:.0} GiB RAM, Linux {}",
+        cpus(),
+        mem as f64 / (1 << 20) as f64,
+        read_trim("/proc/sys/kernel/osrelease")
+    )
+}
+
+/// UTC now as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn utc_now() -> String {
+    let s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    let (days, rem) = (s.div_euclid(86400), s.rem_euclid(86400));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+fn target(text: &str, met: bool) -> Option<Target> {
+    Some(Target {
+        text: text.into(),
+        met,
+    })
+}
+
+impl Bench {
+    /// Run everything and write the results into `options.out`.
+    pub fn run(options: &BenchOptions) -> Result<Report, Error> {
+        let sizes = Sizes::new(options.quick);
+        let bar = if options.progress {
+            let b = ProgressBar::new(7);
+            b.set_style(
+                ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+            );
+            b
+        } else {
+            ProgressBar::hidden()
+        };
+        let mut b = Bench {
+            sizes,
+            report: Report {
+                profile: if options.quick { "quick" } else { "full" }.into(),
+                date: utc_now(),
+                machine: machine(),
+                load_start: read_trim("/proc/loadavg"),
+                ..Default::default()
+            },
+            bar,
+        };
+        let t = Instant::now();
+        b.step("warm-up", Self::warm_up)?;
+        b.step("fault throughput vs batch", Self::fault_throughput)?;
+        b.step("single-fault latency", Self::fault_latency)?;
+        b.step("invalidation", Self::invalidation)?;
+        b.step("walk", Self::walk)?;
+        b.step("memory overhead", Self::overhead)?;
+        b.step("scaling", Self::scaling)?;
+        unpin();
+        b.report.not_measured.push((
+            "daemon: aggregate fault throughput and p99 with 1, 4, 16, 64 clients".into(),
+            "not measured: no daemon yet".into(),
+        ));
+        b.report.not_measured.push((
+            "registry bytes per mirrored GiB".into(),
+            "not measured: the driver exposes no registry footprint counter yet".into(),
+        ));
+        b.report.seconds = t.elapsed().as_secs_f64();
+        b.report.load_end = read_trim("/proc/loadavg");
+        b.bar.finish_with_message("done");
+        b.report
+            .write(&options.out)
+            .map_err(os("writing the results"))?;
+        Ok(b.report)
+    }
+
+    fn step(
+        &mut self,
+        msg: &'static str,
+        f: fn(&mut Bench) -> Result<(), Error>,
+    ) -> Result<(), Error> {
+        self.bar.set_message(msg);
+        let r = f(self);
+        unpin();
+        self.bar.inc(1);
+        r
+    }
+
+    fn fig(&mut self, f: Figure) {
+        self.report.figures.push(f);
+    }
+
+    /// First touch of guest RAM is ~10x slower on this VM (the host backs it lazily): touch and
+    /// free more memory than the benchmarks use so later allocations reuse backed pages.
+    fn warm_up(&mut self) -> Result<(), Error> {
+        let pages = (self.sizes.overhead_pages.max(self.sizes.fault_pages * 4)).max(65536);
+        let r = Region::new(pages).map_err(os("mmap"))?;
+        r.madvise(libc::MADV_POPULATE_WRITE)
+            .map_err(os("madvise"))?;
+        Ok(())
+    }
+
+    fn populate_rate(
+        &self,
+        n: usize,
+        advice: libc::c_int,
+        prepopulate: bool,
+    ) -> Result<f64, Error> {
+        let mut v = Vec::new();
+        for _ in 0..self.sizes.repeats {
+            let r = Region::new(n).map_err(os("mmap"))?;
+            if prepopulate {
+                r.touch();
+            }
+            let t = Instant::now();
+            r.madvise(advice).map_err(os("madvise"))?;
+            v.push(n as f64 / t.elapsed().as_secs_f64());
+        }
+        Ok(median(&mut v))
+    }
+
+    fn fault_throughput(&mut self) -> Result<(), Error> {
+        let n = self.sizes.fault_pages;
+        sys::pin(&[0]).map_err(os("sched_setaffinity"))?;
+        let pw = self.populate_rate(n, libc::MADV_POPULATE_WRITE, false)?;
+        let pr = self.populate_rate(n, libc::MADV_POPULATE_READ, false)?;
+        let pw_pop = self.populate_rate(n, libc::MADV_POPULATE_WRITE, true)?;
+        let mut first_line = Vec::new();
+        let mut pop_line = Vec::new();
+        for &batch in &BATCHES {
+            let (_rt, ctx) = open(ServiceMode::Polling, batch, Placement::Same, false)?;
+            let (mut first, mut popd) = (Vec::new(), Vec::new());
+            for _ in 0..self.sizes.repeats {
+                let r = Region::new(n).map_err(os("mmap"))?;
+                let d = device_touch(&ctx, &pages_of(&r, n), 1000)?;
+                first.push(n as f64 / d.as_secs_f64());
+                drop(r);
+                let r = Region::new(n).map_err(os("mmap"))?;
+                r.madvise(libc::MADV_POPULATE_WRITE)
+                    .map_err(os("madvise"))?;
+                let d = device_touch(&ctx, &pages_of(&r, n), 1000)?;
+                popd.push(n as f64 / d.as_secs_f64());
+            }
+            let (f, p) = (median(&mut first), median(&mut popd));
+            first_line.push((batch as f64, f));
+            pop_line.push((batch as f64, p));
+            self.fig(Figure {
+                group: "fault".into(),
+                name: format!("first-touch fault throughput, batch {batch}"),
+                mode: "polling".into(),
+                placement: "same-core".into(),
+                value: f,
+                unit: "pages/s".into(),
+                baseline_name: "MADV_POPULATE_WRITE (fresh pages)".into(),
+                baseline: Some(pw),
+                ratio: Some(f / pw),
+                target: (batch == 256)
+                    .then(|| target(">= 0.8x MADV_POPULATE_WRITE", f >= 0.8 * pw))
+                    .flatten(),
+                note: format!(
+                    "{n} pages, one 8-byte device FILL per page, <= 1000 in flight, fault_around 0"
+                ),
+                ..Default::default()
+            });
+            self.fig(Figure {
+                group: "fault".into(),
+                name: format!("populated-page fault throughput, batch {batch}"),
+                mode: "polling".into(),
+                placement: "same-core".into(),
+                value: p,
+                unit: "pages/s".into(),
+                baseline_name: "MADV_POPULATE_WRITE (populated pages)".into(),
+                baseline: Some(pw_pop),
+                ratio: Some(p / pw_pop),
+                target: (batch == 256)
+                    .then(|| target(">= 1M pages/s", p >= 1e6))
+                    .flatten(),
+                note: "CPU pages present; device maps them".into(),
+                ..Default::default()
+            });
+        }
+        self.fig(Figure {
+            group: "fault".into(),
+            name: "MADV_POPULATE_READ (fresh pages, baseline)".into(),
+            mode: "-".into(),
+            placement: "same-core".into(),
+            value: pr,
+            unit: "pages/s".into(),
+            note: "maps the zero page".into(),
+            ..Default::default()
+        });
+        self.report.plots.push(Plot {
+            file: "fault_throughput".into(),
+            title: "Device fault throughput vs batch (polling, same-core)".into(),
+            x_label: "fault batch size".into(),
+            y_label: "pages/s".into(),
+            log_x: true,
+            log_y: true,
+            lines: vec![
+                ("first touch".into(), first_line),
+                ("populated".into(), pop_line),
+                (
+                    "POPULATE_WRITE".into(),
+                    BATCHES.iter().map(|b| (*b as f64, pw)).collect(),
+                ),
+                (
+                    "POPULATE_WRITE popul.".into(),
+                    BATCHES.iter().map(|b| (*b as f64, pw_pop)).collect(),
+                ),
+            ],
+        });
+        Ok(())
+    }
+
+    fn fault_latency(&mut self) -> Result<(), Error> {
+        let n = self.sizes.lat_iters;
+        let mut uffd = Vec::new();
+        for placement in [Placement::Same, Placement::Cross] {
+            let hcpu = if placement == Placement::Cross && cpus() > 1 {
+                1
+            } else {
+                0
+            };
+            let mut v: Vec<f64> = sys::uffd_round_trips(n, 0, hcpu)
+                .map_err(os("userfaultfd baseline"))?
+                .into_iter()
+                .map(us)
+                .collect();
+            let (m, p) = (median(&mut v), p99(&mut v));
+            uffd.push((placement, m, p));
+            self.fig(Figure {
+                group: "latency".into(),
+                name: "uffd MISSING + UFFDIO_COPY round trip (baseline)".into(),
+                mode: "-".into(),
+                placement: placement.name().into(),
+                value: m,
+                p99: Some(p),
+                unit: "us".into(),
+                note: "blocking read() handler thread".into(),
+                ..Default::default()
+            });
+        }
+        for mode in [ServiceMode::Polling, ServiceMode::Interrupt] {
+            for placement in [Placement::Same, Placement::Cross] {
+                let (_rt, ctx) = open(mode, 256, placement, false)?;
+                let r = Region::new(n + 1).map_err(os("mmap"))?;
+                r.madvise(libc::MADV_POPULATE_WRITE)
+                    .map_err(os("madvise"))?;
+                // Command round trip on a page the device already maps.
+                device_touch(&ctx, &[r.page(n)], 1)?;
+                let mut nofault = Vec::with_capacity(n);
+                let mut fault = Vec::with_capacity(n);
+                for i in 0..n {
+                    nofault.push(us(device_touch(&ctx, &[r.page(n)], 1)?));
+                    fault.push(us(device_touch(&ctx, &[r.page(i)], 1)?));
+                }
+                let (m, p) = (median(&mut fault), p99(&mut fault));
+                let (nm, np) = (median(&mut nofault), p99(&mut nofault));
+                let (_, um, up) = *uffd.iter().find(|u| u.0 == placement).unwrap();
+                let tgt = if mode == ServiceMode::Polling {
+                    target("p50 <= 10 us and < uffd round trip", m <= 10.0 && m < um)
+                } else {
+                    target("p50 < uffd round trip", m < um)
+                };
+                self.fig(Figure {
+                    group: "latency".into(),
+                    name: "single device fault (CPU page present), command submit -> completion"
+                        .into(),
+                    mode: mode_name(mode).into(),
+                    placement: placement.name().into(),
+                    value: m,
+                    p99: Some(p),
+                    unit: "us".into(),
+                    baseline_name: "uffd MISSING round trip".into(),
+                    baseline: Some(um),
+                    ratio: Some(m / um),
+                    target: tgt,
+                    note: format!(
+                        "uffd p99 {up:.1} us; includes the command round trip (next row)"
+                    ),
+                });
+                self.fig(Figure {
+                    group: "latency".into(),
+                    name: "command round trip, no fault (page already mapped)".into(),
+                    mode: mode_name(mode).into(),
+                    placement: placement.name().into(),
+                    value: nm,
+                    p99: Some(np),
+                    unit: "us".into(),
+                    note: "subtract from the fault row for the fault service alone".into(),
+                    ..Default::default()
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn invalidation(&mut self) -> Result<(), Error> {
+        let n = self.sizes.lat_iters;
+        // Baselines without any mirror: no runtime (and so no address space) exists here.
+        sys::pin(&[0]).map_err(os("sched_setaffinity"))?;
+        let mut raw1 = Vec::new();
+        for _ in 0..n {
+            let r = Region::new(1).map_err(os("mmap"))?;
+            r.touch();
+            raw1.push(us(r.munmap_timed()));
+        }
+        let (raw_m, raw_p) = (median(&mut raw1), p99(&mut raw1));
+        let mut raw_range = Vec::new();
+        for &k in &self.sizes.range_pages {
+            let mut v = Vec::new();
+            for _ in 0..self.sizes.repeats {
+                let r = Region::new(k).map_err(os("mmap"))?;
+                r.touch();
+                v.push(r.munmap_timed().as_nanos() as f64 / k as f64);
+            }
+            raw_range.push(median(&mut v));
+        }
+        for placement in [Placement::Same, Placement::Cross] {
+            let (_rt, ctx) = open(ServiceMode::Polling, 256, placement, false)?;
+            let mm = ctx.address_space().clone();
+            let fences0 = ctx.stats().tlb_fences;
+            let mut one = Vec::with_capacity(n);
+            for _ in 0..n {
+                let r = Region::new(1).map_err(os("mmap"))?;
+                r.touch();
+                device_touch(&ctx, &[r.addr()], 1)?;
+                one.push(us(sys::mirror_munmap(&mm, r.forget())?));
+            }
+            let fences = (ctx.stats().tlb_fences - fences0) as f64 / n as f64;
+            let (m, p) = (median(&mut one), p99(&mut one));
+            self.fig(Figure {
+                group: "invalidation".into(),
+                name: "1-page munmap -> device PTE cleared -> TLB fence".into(),
+                mode: "polling".into(),
+                placement: placement.name().into(),
+                value: m,
+                p99: Some(p),
+                unit: "us".into(),
+                baseline_name: "munmap 1 page, no mirror".into(),
+                baseline: Some(raw_m),
+                ratio: Some(m / raw_m),
+                target: if placement == Placement::Same {
+                    target("p50 <= 10 us same-core", m <= 10.0)
+                } else {
+                    None
+                },
+                note: format!("{fences:.2} TLB fences per munmap; baseline p99 {raw_p:.1} us; strict mirror munmap wrapper"),
+            });
+            if placement == Placement::Cross {
+                continue;
+            }
+            let mut line = Vec::new();
+            let mut base = Vec::new();
+            for (i, &k) in self.sizes.range_pages.clone().iter().enumerate() {
+                let mut v = Vec::new();
+                let mut fence = 0.0;
+                for _ in 0..self.sizes.repeats {
+                    let r = Region::new(k).map_err(os("mmap"))?;
+                    r.madvise(libc::MADV_POPULATE_WRITE)
+                        .map_err(os("madvise"))?;
+                    ctx.prefault(r.addr(), r.len() as u64, true)?;
+                    let f0 = ctx.stats().tlb_fences;
+                    v.push(sys::mirror_munmap(&mm, r.forget())?.as_nanos() as f64 / k as f64);
+                    fence = (ctx.stats().tlb_fences - f0) as f64;
+                }
+                let m = median(&mut v);
+                line.push((k as f64, m));
+                base.push((k as f64, raw_range[i]));
+                self.fig(Figure {
+                    group: "invalidation".into(),
+                    name: format!("range munmap, {k} pages"),
+                    mode: "polling".into(),
+                    placement: "same-core".into(),
+                    value: m,
+                    unit: "ns/page".into(),
+                    baseline_name: "munmap, no mirror".into(),
+                    baseline: Some(raw_range[i]),
+                    ratio: Some(m / raw_range[i]),
+                    target: (k >= 256).then(|| {
+                        target(
+                            "<= 100 ns/page, one TLB command per range",
+                            m <= 100.0 && fence <= 1.0,
+                        )
+                    }).flatten(),
+                    note: format!("{fence:.0} TLB fences for the range (last repeat); ns/page includes the kernel munmap"),
+                    ..Default::default()
+                });
+            }
+            self.report.plots.push(Plot {
+                file: "invalidation_range".into(),
+                title: "munmap cost per page, mirrored vs not (same-core)".into(),
+                x_label: "pages in the range".into(),
+                y_label: "ns/page".into(),
+                log_x: true,
+                log_y: true,
+                lines: vec![("mirrored".into(), line), ("no mirror".into(), base)],
+            });
+        }
+        Ok(())
+    }
+
+    fn walk(&mut self) -> Result<(), Error> {
+        let (_rt, ctx) = open(ServiceMode::Polling, 256, Placement::Same, false)?;
+        let mm = ctx.address_space().clone();
+        let n = self.sizes.walk_pages;
+        let r = Region::new(n).map_err(os("mmap"))?;
+        r.madvise(libc::MADV_POPULATE_WRITE)
+            .map_err(os("madvise"))?;
+        let range = mirror::VaRange::new(r.addr(), r.len() as u64).map_err(Error::Mirror)?;
+        let pagemap = std::fs::File::open("/proc/self/pagemap").map_err(os("open pagemap"))?;
+        let reps = self.sizes.repeats * 3;
+        let time = |f: &mut dyn FnMut()| {
+            let mut v: Vec<f64> = (0..reps)
+                .map(|_| {
+                    let t = Instant::now();
+                    f();
+                    t.elapsed().as_nanos() as f64 / n as f64
+                })
+                .collect();
+            median(&mut v)
+        };
+        let scan = time(&mut || {
+            std::hint::black_box(mirror::sys::baseline::pagemap_scan_present(&pagemap, range).ok());
+        });
+        let snap = time(&mut || {
+            std::hint::black_box(mm.snapshot(range).ok());
+        });
+        let fast = time(&mut || {
+            std::hint::black_box(mm.snapshot_fast(range).ok());
+        });
+        for (name, v) in [("snapshot", snap), ("snapshot_fast", fast)] {
+            self.fig(Figure {
+                group: "walk".into(),
+                name: format!("CPU walk: {name}, {n} populated 4 KiB pages"),
+                mode: "-".into(),
+                placement: "same-core".into(),
+                value: v,
+                unit: "ns/page".into(),
+                baseline_name: "raw PAGEMAP_SCAN".into(),
+                baseline: Some(scan),
+                ratio: Some(v / scan),
+                target: target("<= 2x PAGEMAP_SCAN", v <= 2.0 * scan),
+                note: "same approach as mirror/examples/walk_bench.rs".into(),
+                ..Default::default()
+            });
+        }
+        Ok(())
+    }
+
+    fn overhead(&mut self) -> Result<(), Error> {
+        let n = self.sizes.overhead_pages;
+        for large in [false, true] {
+            let (_rt, ctx) = open(ServiceMode::Polling, 256, Placement::Same, large)?;
+            let r = if large {
+                // 2 MiB-aligned THP-backed memory: over-allocate and let the device map large pages.
+                let r = Region::new(n + 512).map_err(os("mmap"))?;
+                r.madvise(libc::MADV_HUGEPAGE).map_err(os("madvise"))?;
+                r
+            } else {
+                Region::new(n).map_err(os("mmap"))?
+            };
+            r.madvise(libc::MADV_POPULATE_WRITE)
+                .map_err(os("madvise"))?;
+            let s0 = ctx.stats();
+            ctx.prefault(r.addr(), (n * PAGE) as u64, true)?;
+            let s = ctx.stats();
+            let mapped = (s.mapped_bytes - s0.mapped_bytes).max(1) as f64;
+            let table = ((s.table_pages - s0.table_pages) * PAGE) as f64;
+            let per_gib = table / mapped * (1u64 << 30) as f64;
+            self.fig(Figure {
+                group: "overhead".into(),
+                name: format!(
+                    "device page-table bytes per mirrored GiB ({})",
+                    if large { "THP, large pages" } else { "4 KiB pages" }
+                ),
+                mode: "-".into(),
+                placement: "-".into(),
+                value: per_gib,
+                unit: "bytes/GiB".into(),
+                baseline_name: "mirrored bytes".into(),
+                baseline: Some((1u64 << 30) as f64),
+                ratio: Some(per_gib / (1u64 << 30) as f64),
+                target: target("<= 0.5% of mirrored memory", per_gib <= 0.005 * (1u64 << 30) as f64),
+                note: format!(
+                    "{} MiB mirrored, {} small + {} large leaves, {} DMA mappings; registry bytes not counted",
+                    (mapped / (1 << 20) as f64).round(),
+                    s.small_leaves - s0.small_leaves,
+                    s.large_leaves - s0.large_leaves,
+                    s.mappings - s0.mappings
+                ),
+                ..Default::default()
+            });
+        }
+        Ok(())
+    }
+
+    fn scaling(&mut self) -> Result<(), Error> {
+        let (_rt, ctx) = open(ServiceMode::Polling, 256, Placement::Same, false)?;
+        // Mirrored pages: device fault-in cost per page and table pages as the mirror grows.
+        let mut line = Vec::new();
+        let mut kept = Vec::new();
+        for &k in &self.sizes.scale_pages.clone() {
+            let r = Region::new(k).map_err(os("mmap"))?;
+            r.madvise(libc::MADV_POPULATE_WRITE)
+                .map_err(os("madvise"))?;
+            let d = device_touch(&ctx, &pages_of(&r, k), 1000)?;
+            let rate = k as f64 / d.as_secs_f64();
+            line.push((k as f64, rate));
+            self.fig(Figure {
+                group: "scaling".into(),
+                name: format!("populated-page fault throughput, {k} mirrored pages"),
+                mode: "polling".into(),
+                placement: "same-core".into(),
+                value: rate,
+                unit: "pages/s".into(),
+                note: "single run (no repeats)".into(),
+                ..Default::default()
+            });
+            // Keep these pages mirrored so the next size sees a bigger mirror.
+            kept.push(r);
+        }
+        self.report.plots.push(Plot {
+            file: "scaling_pages".into(),
+            title: "Populated-page fault throughput vs mirrored pages".into(),
+            x_label: "pages in the run".into(),
+            y_label: "pages/s".into(),
+            log_x: true,
+            log_y: true,
+            lines: vec![("polling, batch 256".into(), line)],
+        });
+        // VMAs: every other page PROT_NONE, so k accessible 1-page VMAs.
+        let mm = ctx.address_space().clone();
+        let mut vline = Vec::new();
+        for &k in &self.sizes.scale_vmas.clone() {
+            let r = Region::new(2 * k).map_err(os("mmap"))?;
+            r.madvise(libc::MADV_POPULATE_WRITE)
+                .map_err(os("madvise"))?;
+            for i in 0..k {
+                r.protect_none(2 * i + 1).map_err(os("mprotect"))?;
+            }
+            let range = r.forget();
+            let addrs: Vec<u64> = (0..k)
+                .map(|i| range.start() + (2 * i * PAGE) as u64)
+                .collect();
+            let d = device_touch(&ctx, &addrs, 1000)?;
+            let t = Instant::now();
+            let _ = mm.snapshot(range);
+            let walk = t.elapsed().as_nanos() as f64 / k as f64;
+            let rate = k as f64 / d.as_secs_f64();
+            vline.push((k as f64, rate));
+            self.fig(Figure {
+                group: "scaling".into(),
+                name: format!("{k} VMAs: fault throughput (1 page per VMA)"),
+                mode: "polling".into(),
+                placement: "same-core".into(),
+                value: rate,
+                unit: "pages/s".into(),
+                note: format!("snapshot over the span: {walk:.0} ns per VMA; single run"),
+                ..Default::default()
+            });
+            sys::mirror_munmap(&mm, range)?;
+        }
+        self.report.plots.push(Plot {
+            file: "scaling_vmas".into(),
+            title: "Fault throughput vs number of VMAs (1 page each)".into(),
+            x_label: "VMAs".into(),
+            y_label: "pages/s".into(),
+            log_x: true,
+            log_y: true,
+            lines: vec![("polling, batch 256".into(), vline)],
+        });
+        drop(kept);
+        drop(ctx);
+        // Device address spaces: k contexts all mapping one page; 1-page munmap must clear all.
+        let rt = _rt;
+        let asids = rt.device().caps().asids as usize;
+        let mut aline = Vec::new();
+        for &k in &self.sizes.scale_asids.clone() {
+            if k > asids {
+                self.report.not_measured.push((
+                    format!("{k} device address spaces"),
+                    format!("the device has {asids}"),
+                ));
+                continue;
+            }
+            let ctxs: Vec<Context> = (0..k)
+                .map(|_| rt.create_context())
+                .collect::<Result<_, _>>()?;
+            let n = self.sizes.lat_iters / 2;
+            let mut v = Vec::with_capacity(n);
+            for _ in 0..n {
+                let r = Region::new(1).map_err(os("mmap"))?;
+                r.touch();
+                for c in &ctxs {
+                    device_touch(c, &[r.addr()], 1)?;
+                }
+                v.push(us(sys::mirror_munmap(&mm, r.forget())?));
+            }
+            let (m, p) = (median(&mut v), p99(&mut v));
+            aline.push((k as f64, m));
+            self.fig(Figure {
+                group: "scaling".into(),
+                name: format!("1-page munmap with {k} device address spaces mapping it"),
+                mode: "polling".into(),
+                placement: "same-core".into(),
+                value: m,
+                p99: Some(p),
+                unit: "us".into(),
+                ..Default::default()
+            });
+        }
+        self.report.plots.push(Plot {
+            file: "scaling_asids".into(),
+            title: "1-page invalidation vs device address spaces".into(),
+            x_label: "device address spaces mapping the page".into(),
+            y_label: "us (median)".into(),
+            log_x: true,
+            log_y: false,
+            lines: vec![("polling, same-core".into(), aline)],
+        });
+        Ok(())
+    }
+}

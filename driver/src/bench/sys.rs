@@ -1,0 +1,289 @@
+//! The benchmarks' raw kernel calls: CPU pinning, madvise/munmap baselines, a minimal
+//! MISSING-mode userfaultfd handler (the UFFDIO_COPY round-trip baseline), and device command
+//! submission on bench-owned memory. The only `unsafe` of `driver::bench`.
+
+use std::io;
+use std::time::{Duration, Instant};
+
+use crate::device::Ticket;
+use crate::runtime::{Context, Op};
+use crate::Error;
+
+/// Page size the benchmarks use.
+pub const PAGE: usize = 4096;
+
+/// Pin the calling thread to `cpus` (threads it spawns later inherit the mask).
+pub fn pin(cpus: &[usize]) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET only write inside it; the syscall reads
+    // it for the calling thread (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// An anonymous private mapping owned by the benchmark, reached only through raw addresses.
+pub struct Region {
+    addr: usize,
+    len: usize,
+}
+
+impl Region {
+    /// `pages` 4 KiB pages, read-write, MADV_NOHUGEPAGE (so every page is a 4 KiB fault).
+    pub fn new(pages: usize) -> io::Result<Region> {
+        let len = pages * PAGE;
+        // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases nothing.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let r = Region {
+            addr: p as usize,
+            len,
+        };
+        r.madvise(libc::MADV_NOHUGEPAGE)?;
+        Ok(r)
+    }
+
+    /// Start address.
+    pub fn addr(&self) -> u64 {
+        self.addr as u64
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false (a region has at least one page).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Address of page `i`.
+    pub fn page(&self, i: usize) -> u64 {
+        (self.addr + i * PAGE) as u64
+    }
+
+    /// madvise over the whole region (POPULATE_*, NOHUGEPAGE: no effect on Rust-visible memory).
+    pub fn madvise(&self, advice: libc::c_int) -> io::Result<()> {
+        // SAFETY: the region is ours and no Rust reference points into it; the advice values
+        // used here populate or change backing policy, never discard data someone relies on.
+        if unsafe { libc::madvise(self.addr as *mut _, self.len, advice) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// mprotect page `i` to PROT_NONE (splits the VMA; the device has never mapped it).
+    pub fn protect_none(&self, i: usize) -> io::Result<()> {
+        // SAFETY: a page of our mapping that no Rust reference points into.
+        if unsafe { libc::mprotect((self.addr + i * PAGE) as *mut _, PAGE, libc::PROT_NONE) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Write one byte in every page from the CPU.
+    pub fn touch(&self) {
+        for i in 0..self.len / PAGE {
+            // SAFETY: in bounds of our read-write mapping; no reference aliases it.
+            unsafe { std::ptr::write_volatile((self.addr + i * PAGE) as *mut u8, 1) };
+        }
+    }
+
+    /// Time `munmap` of the whole region with libc (no mirror wrapper), consuming it.
+    pub fn munmap_timed(self) -> Duration {
+        let (a, l) = (self.addr, self.len);
+        std::mem::forget(self);
+        let t = Instant::now();
+        // SAFETY: the region was forgotten; nothing refers to it.
+        unsafe { libc::munmap(a as *mut _, l) };
+        t.elapsed()
+    }
+
+    /// Give the range up without unmapping it (the caller unmaps through the mirror).
+    pub fn forget(self) -> mirror::VaRange {
+        let r =
+            mirror::VaRange::new(self.addr as u64, self.len as u64).expect("page-aligned region");
+        std::mem::forget(self);
+        r
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: our mapping; nothing refers to it any more.
+        unsafe { libc::munmap(self.addr as *mut _, self.len) };
+    }
+}
+
+/// munmap `range` through the mirror's strict wrapper (device PTEs cleared and fenced before it
+/// returns); returns the time it took.
+pub fn mirror_munmap(mm: &mirror::AddressSpace, range: mirror::VaRange) -> Result<Duration, Error> {
+    let t = Instant::now();
+    // SAFETY: `range` comes from `Region::forget`: owned by nobody, referenced by nothing.
+    unsafe { mm.munmap(range) }.map_err(Error::Mirror)?;
+    Ok(t.elapsed())
+}
+
+/// Submit a device FILL of 8 bytes at `addr` (inside a bench [`Region`]).
+pub fn submit_touch(ctx: &Context, addr: u64) -> Result<Ticket, Error> {
+    // SAFETY: `addr` lies in a bench-owned Region that Rust code reaches only through raw
+    // pointers, and the caller waits for the ticket before unmapping it.
+    unsafe {
+        ctx.submit(Op::Fill {
+            dst: addr,
+            len: 8,
+            pattern: 0x5a5a,
+        })
+    }
+}
+
+// --- userfaultfd MISSING-mode baseline (x86-64/arm64 ioctl layout) ---
+
+const UFFD_API: u64 = 0xAA;
+const UFFD_USER_MODE_ONLY: libc::c_int = 1;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+
+const fn iowr(nr: u64, size: u64) -> u64 {
+    (3 << 30) | (size << 16) | (0xAA << 8) | nr
+}
+const UFFDIO_API: u64 = iowr(0x3F, 24);
+const UFFDIO_REGISTER: u64 = iowr(0x00, 32);
+const UFFDIO_COPY: u64 = iowr(0x03, 40);
+
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+#[repr(C)]
+struct UffdioRegister {
+    start: u64,
+    len: u64,
+    mode: u64,
+    ioctls: u64,
+}
+#[repr(C)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+struct Fd(libc::c_int);
+impl Drop for Fd {
+    fn drop(&mut self) {
+        // SAFETY: we own the descriptor.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+/// Round trips of a userfaultfd MISSING fault resolved by UFFDIO_COPY: the measuring thread
+/// (pinned to `fault_cpu`) touches `n` fresh pages, a handler thread (pinned to `handler_cpu`)
+/// reads each fault message and copies a page in. Returns one duration per fault.
+pub fn uffd_round_trips(
+    n: usize,
+    fault_cpu: usize,
+    handler_cpu: usize,
+) -> io::Result<Vec<Duration>> {
+    // SAFETY: plain syscall; the returned descriptor is owned by `Fd`.
+    let raw =
+        unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | UFFD_USER_MODE_ONLY) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let fd = Fd(raw as libc::c_int);
+    let mut api = UffdioApi {
+        api: UFFD_API,
+        features: 0,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_API reads and writes a UffdioApi we own.
+    if unsafe { libc::ioctl(fd.0, UFFDIO_API as _, &mut api) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let region = Region::new(n)?;
+    let mut reg = UffdioRegister {
+        start: region.addr(),
+        len: region.len() as u64,
+        mode: UFFDIO_REGISTER_MODE_MISSING,
+        ioctls: 0,
+    };
+    // SAFETY: UFFDIO_REGISTER on our own untouched region.
+    if unsafe { libc::ioctl(fd.0, UFFDIO_REGISTER as _, &mut reg) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let ufd = fd.0;
+    let handler = std::thread::spawn(move || -> io::Result<()> {
+        pin(&[handler_cpu])?;
+        let src = vec![7u8; PAGE];
+        let mut msg = [0u8; 32];
+        let mut served = 0;
+        while served < n {
+            // SAFETY: reads at most 32 bytes into our buffer.
+            let r = unsafe { libc::read(ufd, msg.as_mut_ptr().cast(), msg.len()) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if msg[0] != UFFD_EVENT_PAGEFAULT {
+                continue;
+            }
+            let addr = u64::from_ne_bytes(msg[16..24].try_into().unwrap()) & !(PAGE as u64 - 1);
+            let mut copy = UffdioCopy {
+                dst: addr,
+                src: src.as_ptr() as u64,
+                len: PAGE as u64,
+                mode: 0,
+                copy: 0,
+            };
+            // SAFETY: copies one page from our buffer into the registered, missing page
+            // (the kernel checks the destination lies in the registered range).
+            if unsafe { libc::ioctl(ufd, UFFDIO_COPY as _, &mut copy) } != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            served += 1;
+        }
+        Ok(())
+    });
+    pin(&[fault_cpu])?;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let p = region.page(i) as *const u8;
+        let t = Instant::now();
+        // SAFETY: in bounds of our mapping; the fault blocks until the handler copies the page.
+        unsafe { std::ptr::read_volatile(p) };
+        out.push(t.elapsed());
+    }
+    handler
+        .join()
+        .map_err(|_| io::Error::other("uffd handler panicked"))??;
+    drop(region);
+    drop(fd);
+    Ok(out)
+}
