@@ -143,14 +143,14 @@ pub fn mirror_munmap(mm: &mirror::AddressSpace, range: mirror::VaRange) -> Resul
     Ok(t.elapsed())
 }
 
-/// Submit a device FILL of 8 bytes at `addr` (inside a bench [`Region`]).
-pub fn submit_touch(ctx: &Context, addr: u64) -> Result<Ticket, Error> {
+/// Submit a device FILL of `len` bytes at `addr` (inside a bench [`Region`]).
+pub fn submit_fill(ctx: &Context, addr: u64, len: u64) -> Result<Ticket, Error> {
     // SAFETY: `addr` lies in a bench-owned Region that Rust code reaches only through raw
     // pointers, and the caller waits for the ticket before unmapping it.
     unsafe {
         ctx.submit(Op::Fill {
             dst: addr,
-            len: 8,
+            len,
             pattern: 0x5a5a,
         })
     }
