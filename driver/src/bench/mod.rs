@@ -368,6 +368,24 @@ impl Bench {
         Ok(median(&mut v))
     }
 
+    /// Median first-touch and populated-page device fault throughput (pages/s) on `ctx`.
+    fn fault_rates(&self, ctx: &Context) -> Result<(f64, f64), Error> {
+        let n = self.sizes.fault_pages;
+        let (mut first, mut popd) = (Vec::new(), Vec::new());
+        for _ in 0..self.sizes.repeats {
+            let r = Region::new(n).map_err(os("mmap"))?;
+            let d = device_touch(ctx, &pages_of(&r, n), 1000)?;
+            first.push(n as f64 / d.as_secs_f64());
+            drop(r);
+            let r = Region::new(n).map_err(os("mmap"))?;
+            r.madvise(libc::MADV_POPULATE_WRITE)
+                .map_err(os("madvise"))?;
+            let d = device_touch(ctx, &pages_of(&r, n), 1000)?;
+            popd.push(n as f64 / d.as_secs_f64());
+        }
+        Ok((median(&mut first), median(&mut popd)))
+    }
+
     fn fault_throughput(&mut self) -> Result<(), Error> {
         let n = self.sizes.fault_pages;
         sys::pin(&[0]).map_err(os("sched_setaffinity"))?;
@@ -378,19 +396,7 @@ impl Bench {
         let mut pop_line = Vec::new();
         for &batch in &BATCHES {
             let (_rt, ctx) = open(ServiceMode::Polling, batch, Placement::Same, false)?;
-            let (mut first, mut popd) = (Vec::new(), Vec::new());
-            for _ in 0..self.sizes.repeats {
-                let r = Region::new(n).map_err(os("mmap"))?;
-                let d = device_touch(&ctx, &pages_of(&r, n), 1000)?;
-                first.push(n as f64 / d.as_secs_f64());
-                drop(r);
-                let r = Region::new(n).map_err(os("mmap"))?;
-                r.madvise(libc::MADV_POPULATE_WRITE)
-                    .map_err(os("madvise"))?;
-                let d = device_touch(&ctx, &pages_of(&r, n), 1000)?;
-                popd.push(n as f64 / d.as_secs_f64());
-            }
-            let (f, p) = (median(&mut first), median(&mut popd));
+            let (f, p) = self.fault_rates(&ctx)?;
             if batch == 256 {
                 // The same commands on pages the device already maps: the command-path ceiling.
                 let r = Region::new(n).map_err(os("mmap"))?;
@@ -474,6 +480,37 @@ impl Bench {
                 note: "CPU pages present; device maps them".into(),
                 ..Default::default()
             });
+        }
+        for (mode, placement) in [
+            (ServiceMode::Interrupt, Placement::Same),
+            (ServiceMode::Polling, Placement::Cross),
+            (ServiceMode::Interrupt, Placement::Cross),
+        ] {
+            let (_rt, ctx) = open(mode, 256, placement, false)?;
+            let (f, p) = self.fault_rates(&ctx)?;
+            for (what, v, base_name, base) in [
+                ("first-touch", f, "MADV_POPULATE_WRITE (fresh pages)", pw),
+                (
+                    "populated-page",
+                    p,
+                    "MADV_POPULATE_WRITE (populated pages)",
+                    pw_pop,
+                ),
+            ] {
+                self.fig(Figure {
+                    group: "fault".into(),
+                    name: format!("{what} fault throughput, batch 256"),
+                    mode: mode_name(mode).into(),
+                    placement: placement.name().into(),
+                    value: v,
+                    unit: "pages/s".into(),
+                    baseline_name: base_name.into(),
+                    baseline: Some(base),
+                    ratio: Some(v / base),
+                    note: format!("{n} pages, one 8-byte device FILL per page"),
+                    ..Default::default()
+                });
+            }
         }
         self.fig(Figure {
             group: "fault".into(),
