@@ -167,6 +167,9 @@ fn step(title: &str) {
 }
 
 fn demo(polling: bool, mib: usize) -> Result<(), Error> {
+    if !(1..=4096).contains(&mib) {
+        return Err(Error::InvalidArgument("--mib must be between 1 and 4096"));
+    }
     let mode = if polling {
         ServiceMode::Polling
     } else {
