@@ -99,11 +99,12 @@ impl Backend for EmulatedBackend {
                 SharedRegion::from_fd(buffer.fd(), offset as u64, byte_len(len)?, access.write)
                     .map_err(|e| transport("dma_map (buffer)", e))?
             }
-            DmaSource::SharedFd { fd, offset, .. } => {
-                SharedRegion::from_fd(fd, offset, byte_len(len)?, access.write)
-                    .map_err(|e| transport("dma_map (fd)", e))?
+            // In this process the device reaches user memory by address either way; mapping
+            // the file a second time buys nothing here (and a second mapping of user memory
+            // was seen to disturb the shadow oracle: see the lead's note).
+            DmaSource::SharedFd { va, .. } | DmaSource::ProcessVa { va } => {
+                Arc::new(ProcessMemory::current(va, len))
             }
-            DmaSource::ProcessVa { va } => Arc::new(ProcessMemory::current(va, len)),
         };
         let perms = DmaPerms {
             read: access.read,
