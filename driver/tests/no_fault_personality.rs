@@ -16,25 +16,51 @@ use mirror::{AddressSpace, Config, Mapping};
 const PAGE: u64 = 4096;
 const RW: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
 
-#[test]
-fn mapped_on_submit_and_torn_down_on_cpu_change() {
+fn exact() -> ContextOptions {
+    ContextOptions {
+        fault_around: 0,
+        ..Default::default()
+    }
+}
+
+struct Setup {
+    device: Arc<Accelerator>,
+    dma: Arc<DmaSpace>,
+    mm: Arc<AddressSpace>,
+    edu: ContextCore,
+}
+
+/// The emulator used as a bare IOMMU, and a no-fault mirror (IommuView) over it.
+fn setup(config: Config) -> Setup {
     let device = Arc::new(Accelerator::new(Default::default()).unwrap());
     let dma = Arc::new(DmaSpace::new(Box::new(EmulatedBackend::from_device(
         device.clone(),
     ))));
-    let mm = Arc::new(AddressSpace::current(Config::default()).unwrap());
-    let options = ContextOptions {
-        fault_around: 0,
-        ..Default::default()
-    };
+    let mm = Arc::new(AddressSpace::current(config).unwrap());
     let edu = ContextCore::new(
         dma.clone(),
         0,
         mm.clone(),
         Box::new(IommuView::new()),
-        options.clone(),
+        exact(),
     )
     .unwrap();
+    Setup {
+        device,
+        dma,
+        mm,
+        edu,
+    }
+}
+
+#[test]
+fn mapped_on_submit_and_torn_down_on_cpu_change() {
+    let Setup {
+        device,
+        dma,
+        mm,
+        edu,
+    } = setup(Config::default());
     let baseline = device.dma_stats();
 
     // Submit: the range is faulted in and mapped at IOVA == VA.
@@ -52,7 +78,7 @@ fn mapped_on_submit_and_torn_down_on_cpu_change() {
         1,
         mm.clone(),
         Box::new(IommuView::new()),
-        options,
+        exact(),
     )
     .unwrap();
     let err = other.map_for_device(m.addr(), PAGE, false).unwrap_err();
@@ -105,23 +131,9 @@ fn mapped_on_submit_and_torn_down_on_cpu_change() {
 
 #[test]
 fn overlapping_submits_share_and_replace_identity_mappings() {
-    let device = Arc::new(Accelerator::new(Default::default()).unwrap());
-    let dma = Arc::new(DmaSpace::new(Box::new(EmulatedBackend::from_device(
-        device.clone(),
-    ))));
-    let mm = Arc::new(AddressSpace::current(Config::explicit_only()).unwrap());
-    let options = ContextOptions {
-        fault_around: 0,
-        ..Default::default()
-    };
-    let edu = ContextCore::new(
-        dma.clone(),
-        0,
-        mm.clone(),
-        Box::new(IommuView::new()),
-        options,
-    )
-    .unwrap();
+    let Setup {
+        device, mm, edu, ..
+    } = setup(Config::explicit_only());
     let m = Mapping::anonymous(4 * PAGE as usize, RW).unwrap();
     // Two buffers sharing a page, like two malloc'd buffers: the second submit overlaps the first.
     edu.map_for_device(m.addr(), 2 * PAGE, true).unwrap();
