@@ -349,6 +349,27 @@ fn page_round(len: usize) -> Result<NonZeroUsize, DmaAccessError> {
 /// Serialises `ProcessMemory::atomic_add_u64` read-modify-writes against each other.
 static PROCESS_ATOMIC_LOCK: Mutex<()> = Mutex::new(());
 
+/// A 64-bit atomic add on memory reached only by copies: a read and a write under `serial`, so it
+/// is atomic against other device work through the same lock, not against the CPU. `base` is
+/// the address `offset` is relative to, for the alignment check.
+pub(crate) fn read_add_write<M: DmaMemory + ?Sized>(
+    mem: &M,
+    serial: &Mutex<()>,
+    base: u64,
+    offset: u64,
+    value: u64,
+) -> Result<u64, DmaAccessError> {
+    if base.wrapping_add(offset) % 8 != 0 {
+        return Err(DmaAccessError::Misaligned(offset));
+    }
+    let _serial = lock(serial);
+    let mut word = [0u8; 8];
+    mem.read(offset, &mut word)?;
+    let old = u64::from_le_bytes(word);
+    mem.write(offset, &old.wrapping_add(value).to_le_bytes())?;
+    Ok(old)
+}
+
 /// Memory of a process reached with `process_vm_readv`/`process_vm_writev`.
 ///
 /// An unmapped or `PROT_NONE` page makes the access fail with [`DmaAccessError::Fault`]; the
@@ -440,15 +461,7 @@ impl DmaMemory for ProcessMemory {
     }
 
     fn atomic_add_u64(&self, offset: u64, value: u64) -> Result<u64, DmaAccessError> {
-        if (self.base.wrapping_add(offset)) % 8 != 0 {
-            return Err(DmaAccessError::Misaligned(offset));
-        }
-        let _serial = lock(&PROCESS_ATOMIC_LOCK);
-        let mut word = [0u8; 8];
-        self.read(offset, &mut word)?;
-        let old = u64::from_le_bytes(word);
-        self.write(offset, &old.wrapping_add(value).to_le_bytes())?;
-        Ok(old)
+        read_add_write(self, &PROCESS_ATOMIC_LOCK, self.base, offset, value)
     }
 
     fn size(&self) -> Option<u64> {

@@ -26,7 +26,6 @@ use vfio_user_protocol::{
     command, CallError, Calls, Connection, Limits, Message, MessageType, RecvError,
 };
 
-use crate::sync::lock;
 use crate::SharedRegion;
 use crate::{Accelerator, AcceleratorConfig, DmaAccessError, DmaError, DmaMemory, DmaPerms};
 
@@ -150,15 +149,7 @@ impl DmaMemory for RemoteMemory {
     /// A read and a write under one lock: atomic against other device work on this mapping,
     /// not against the client's CPU (memory shared by fd gets real atomics).
     fn atomic_add_u64(&self, offset: u64, value: u64) -> Result<u64, DmaAccessError> {
-        if self.iova.wrapping_add(offset) % 8 != 0 {
-            return Err(DmaAccessError::Misaligned(offset));
-        }
-        let _serial = lock(&self.atomic);
-        let mut word = [0u8; 8];
-        self.read(offset, &mut word)?;
-        let old = u64::from_le_bytes(word);
-        self.write(offset, &old.wrapping_add(value).to_le_bytes())?;
-        Ok(old)
+        crate::memory::read_add_write(self, &self.atomic, self.iova, offset, value)
     }
 
     fn size(&self) -> Option<u64> {
@@ -687,6 +678,7 @@ fn peer_gone(s: &UnixStream) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sync::lock;
     use proptest::prelude::*;
     use std::io::{Read, Write};
     use vfio_user_protocol::Header;
