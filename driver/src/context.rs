@@ -22,6 +22,7 @@ use mirror::{
     Subscription, VaRange,
 };
 
+use crate::arena::{Arena, ArenaTable};
 use crate::backend::{DmaAccess, DmaSource};
 use crate::dma::DmaSpace;
 use crate::fault::{CancelReason, FaultHandler, PageFault};
@@ -46,6 +47,24 @@ pub struct ContextOptions {
     /// Test hook, called between the CPU walk and the install, with the run's range: a test
     /// invalidates from here to force a sequence collision.
     pub walk_hook: Option<Arc<dyn Fn(VaRange) + Send + Sync>>,
+    /// How the device reaches the mirrored process's memory.
+    pub reach: Reach,
+    /// Most bytes this context may have DMA-mapped (pinned, on kernel VFIO) at once; a fault
+    /// past it is cancelled with [`CancelReason::Quota`]. `None`: no limit of our own (kernel
+    /// VFIO still has RLIMIT_MEMLOCK).
+    pub max_mapped_bytes: Option<u64>,
+}
+
+/// How the device reaches the pages of the mirrored address space.
+#[derive(Clone, Debug, Default)]
+pub enum Reach {
+    /// The mirrored process is this one: by address (pinned on kernel VFIO), and MAP_SHARED
+    /// files by fd where the backend can use one.
+    #[default]
+    Local,
+    /// Another process (daemon mode): only through the memfd arenas it registered, which this
+    /// process maps itself. Everything else is [`CancelReason::Unreachable`].
+    Arenas(Arc<ArenaTable>),
 }
 
 impl Default for ContextOptions {
@@ -56,6 +75,8 @@ impl Default for ContextOptions {
             max_run: 2 << 20,
             fence_timeout: Duration::from_secs(5),
             walk_hook: None,
+            reach: Reach::Local,
+            max_mapped_bytes: None,
         }
     }
 }
@@ -67,6 +88,8 @@ impl std::fmt::Debug for ContextOptions {
             .field("fault_around", &self.fault_around)
             .field("max_run", &self.max_run)
             .field("walk_hook", &self.walk_hook.is_some())
+            .field("reach", &self.reach)
+            .field("max_mapped_bytes", &self.max_mapped_bytes)
             .finish()
     }
 }
@@ -96,12 +119,15 @@ pub struct ContextCounters {
 }
 
 /// One DMA mapping of process memory, and the device leaves pointing into it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 struct UserMapping {
     va: u64,
     len: u64,
     iova: u64,
     writable: bool,
+    /// The arena whose local mapping the DMA mapping points into: kept mapped until the DMA
+    /// mapping is gone.
+    _arena: Option<Arc<Arena>>,
 }
 
 /// The subscriber state: everything the invalidate callback and the install step touch.
@@ -122,7 +148,7 @@ impl MirrorState {
             .range(..range.end)
             .rev()
             .take_while(|(_, m)| m.va + m.len > range.start)
-            .map(|(_, m)| *m)
+            .map(|(_, m)| m.clone())
             .collect();
         out.reverse();
         out
@@ -274,6 +300,16 @@ enum WalkError {
     Mirror(mirror::Error),
     Cancel(CancelReason),
     Dma(Error),
+    /// The context's mapped-bytes quota (its value) would be exceeded.
+    Quota(u64),
+}
+
+/// Where the pages of a run live.
+enum Backing {
+    /// In this process (the mirrored one), perhaps also reachable by fd.
+    Process(Option<SharedFile>),
+    /// In an arena the mirrored process shares with us.
+    Arena(Arc<Arena>),
 }
 
 /// Why a run could not be serviced: the cancel code for the device, and the underlying error
@@ -393,6 +429,28 @@ impl ContextCore {
         if cursor < end {
             return Err(CancelReason::NoMapping.into());
         }
+        let backing = match &self.options.reach {
+            Reach::Local => Backing::Process(match vmas.as_slice() {
+                [v] if v.shared
+                    && v.kind == mirror::VmaKind::File
+                    && v.range.contains_range(&range) =>
+                {
+                    Some(SharedFile {
+                        start: v.range.start(),
+                        end: v.range.end(),
+                        offset: v.offset,
+                    })
+                }
+                _ => None,
+            }),
+            Reach::Arenas(table) => {
+                let arena = table
+                    .resolve(&vmas, start, end)
+                    .ok_or(CancelReason::Unreachable)?;
+                writable &= arena.writable();
+                Backing::Arena(arena)
+            }
+        };
         if write && !writable {
             return Err(CancelReason::Permission.into());
         }
@@ -418,21 +476,8 @@ impl ContextCore {
         if let Err(e) = self.mm.track(track) {
             tracing::debug!(error = %e, ?track, "could not register the range for CPU events");
         }
-        let shared_file = match vmas.as_slice() {
-            [v] if v.shared
-                && v.kind == mirror::VmaKind::File
-                && v.range.contains_range(&range) =>
-            {
-                Some(SharedFile {
-                    start: v.range.start(),
-                    end: v.range.end(),
-                    offset: v.offset,
-                })
-            }
-            _ => None,
-        };
         let result = self.sub.mirror_range(
-            |_seq| Ok(self.walk(range, access, shared_file)),
+            |_seq| Ok(self.walk(range, access, &backing)),
             |state, walked| self.install(state, walked),
         );
         match result {
@@ -443,12 +488,16 @@ impl ContextCore {
     }
 
     /// Fault in, snapshot, DMA-map. Runs without the subscriber lock.
-    fn walk(
-        &self,
-        range: VaRange,
-        access: Access,
-        shared_file: Option<SharedFile>,
-    ) -> Result<Walked, WalkError> {
+    fn walk(&self, range: VaRange, access: Access, backing: &Backing) -> Result<Walked, WalkError> {
+        if let Backing::Arena(_) = backing {
+            // The device reaches the file's pages through our own mapping: the client's page
+            // tables play no part, only its mapping of the file (checked by the caller, and
+            // watched for changes through the sequence count).
+            if let Some(hook) = &self.options.walk_hook {
+                hook(range);
+            }
+            return self.map_dma(range, false, access, backing);
+        }
         let mut attempts = 0;
         let (map_range, large) = loop {
             self.mm.fault(range, access)?;
@@ -465,7 +514,7 @@ impl ContextCore {
         if let Some(hook) = &self.options.walk_hook {
             hook(range);
         }
-        self.map_dma(map_range, large, access, shared_file)
+        self.map_dma(map_range, large, access, backing)
     }
 
     /// The range to map and whether it is one 2 MiB page, if every page is present with the
@@ -530,9 +579,15 @@ impl ContextCore {
         map_range: VaRange,
         large: bool,
         access: Access,
-        shared_file: Option<SharedFile>,
+        backing: &Backing,
     ) -> Result<Walked, WalkError> {
         let len = map_range.len();
+        if let Some(max) = self.options.max_mapped_bytes {
+            let mapped = self.counters.mapped_bytes.load(Ordering::Relaxed);
+            if mapped.saturating_add(len) > max {
+                return Err(WalkError::Quota(max));
+            }
+        }
         let align = if large { LARGE_PAGE_SIZE } else { PAGE_SIZE };
         let dma_access = if access == Access::Write {
             DmaAccess::READ_WRITE
@@ -541,16 +596,34 @@ impl ContextCore {
         };
         // Shared file memory (memfd, shmem, tmpfs) goes by fd where we can get one, so a
         // device in another process maps the pages itself instead of asking for every access.
-        let file = shared_file.and_then(|f| f.open(access == Access::Write));
-        let source = match &file {
-            Some((fd, base_offset, vma_start)) => DmaSource::SharedFd {
-                va: map_range.start(),
-                fd: fd.as_fd(),
-                offset: base_offset + (map_range.start() - vma_start),
-            },
-            None => DmaSource::ProcessVa {
-                va: map_range.start(),
-            },
+        let file = match backing {
+            Backing::Process(shared) => shared.and_then(|f| f.open(access == Access::Write)),
+            Backing::Arena(_) => None,
+        };
+        let (source, arena) = match (backing, &file) {
+            (Backing::Arena(arena), _) => {
+                let run = arena.run(map_range.start());
+                let source = DmaSource::SharedFd {
+                    va: run.local_va,
+                    fd: run.fd,
+                    offset: run.offset,
+                };
+                (source, Some(arena.clone()))
+            }
+            (_, Some((fd, base_offset, vma_start))) => {
+                let source = DmaSource::SharedFd {
+                    va: map_range.start(),
+                    fd: fd.as_fd(),
+                    offset: base_offset + (map_range.start() - vma_start),
+                };
+                (source, None)
+            }
+            (_, None) => {
+                let source = DmaSource::ProcessVa {
+                    va: map_range.start(),
+                };
+                (source, None)
+            }
         };
         let iova = self
             .dma
@@ -573,6 +646,7 @@ impl ContextCore {
                 len,
                 iova,
                 writable: access == Access::Write,
+                _arena: arena,
             }),
             large,
         })
@@ -594,6 +668,15 @@ impl ContextCore {
                     cause: Some(e),
                 })
             }
+            Err(WalkError::Quota(limit)) => {
+                return Err(Failure {
+                    reason: CancelReason::Quota,
+                    cause: Some(Error::QuotaExceeded {
+                        quota: "mapped (pinned) bytes per context",
+                        limit,
+                    }),
+                })
+            }
         };
         if state.released {
             return Err(CancelReason::NoContext.into());
@@ -610,11 +693,11 @@ impl ContextCore {
             .install(m.va, m.len, m.iova, m.writable, walked.large)
         {
             Ok(()) => {
-                state.mappings.insert(m.va, m);
+                let (va, len) = (m.va, m.len);
+                state.mappings.insert(va, m);
                 let c = &state.counters;
-                c.mapped_bytes.fetch_add(m.len, Ordering::Relaxed);
-                c.pages_mapped
-                    .fetch_add(m.len / PAGE_SIZE, Ordering::Relaxed);
+                c.mapped_bytes.fetch_add(len, Ordering::Relaxed);
+                c.pages_mapped.fetch_add(len / PAGE_SIZE, Ordering::Relaxed);
                 if walked.large {
                     c.large_mappings.fetch_add(1, Ordering::Relaxed);
                 }
@@ -624,12 +707,10 @@ impl ContextCore {
             Err(e) => {
                 tracing::error!(error = %e, "making the mapping visible to the device failed");
                 // Part of it may be visible already: tear it down (fenced) like any mapping.
-                state.mappings.insert(m.va, m);
-                state
-                    .counters
-                    .mapped_bytes
-                    .fetch_add(m.len, Ordering::Relaxed);
-                state.tear_down(m.va..m.va + m.len);
+                let (va, len) = (m.va, m.len);
+                state.mappings.insert(va, m);
+                state.counters.mapped_bytes.fetch_add(len, Ordering::Relaxed);
+                state.tear_down(va..va + len);
                 Err(Failure {
                     reason: CancelReason::Other,
                     cause: Some(e),

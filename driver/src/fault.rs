@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, RwLock, Weak};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -54,6 +54,14 @@ pub enum CancelReason {
     /// Any other servicing failure (see the driver log).
     #[error("the fault could not be serviced")]
     Other = 7,
+    /// The device cannot reach this memory: in daemon mode only the memfd arenas a client
+    /// registered are reachable, and the address is outside them (or the client maps something
+    /// else there now).
+    #[error("the memory is not reachable by the device (daemon mode: outside every registered arena)")]
+    Unreachable = 8,
+    /// Mapping the page would exceed the context's mapped/pinned-bytes quota.
+    #[error("the context's mapped (pinned) bytes quota would be exceeded")]
+    Quota = 9,
 }
 
 impl CancelReason {
@@ -66,6 +74,8 @@ impl CancelReason {
             4 => Self::NoContext,
             5 => Self::DmaMap,
             6 => Self::Malformed,
+            8 => Self::Unreachable,
+            9 => Self::Quota,
             _ => Self::Other,
         }
     }
@@ -106,7 +116,13 @@ pub struct ServiceStats {
     pub malformed: AtomicU64,
     /// Device errors latched (ERROR_CODE) and cleared.
     pub device_errors: AtomicU64,
+    /// Times an address space's faults beyond its fair share of a batch were left stalled for
+    /// the next round (several address spaces faulting at once).
+    pub deferred: AtomicU64,
 }
+
+/// Fewest pages an address space may have serviced per batch when several share it.
+const MIN_FAIR_SHARE: usize = 16;
 
 /// Shared between the service thread and the driver.
 struct Shared {
@@ -116,6 +132,8 @@ struct Shared {
     stop: AtomicBool,
     mode: ServiceMode,
     batch: usize,
+    /// The address space served first in the next batch (round robin).
+    next_first_asid: AtomicU32,
     completed: Mutex<u64>,
     completion_cv: Condvar,
 }
@@ -153,6 +171,7 @@ impl FaultService {
             stop: AtomicBool::new(false),
             mode,
             batch: batch.max(1),
+            next_first_asid: AtomicU32::new(0),
             completed: Mutex::new(0),
             completion_cv: Condvar::new(),
         });
@@ -387,20 +406,46 @@ impl Shared {
         }
         records.sort_by_key(|r| (r.asid, r.va / PAGE_SIZE, access_rank(r.access)));
 
-        let mut cancels: Vec<(u32, CancelReason)> = Vec::new();
-        let mut serviced_any = false;
+        // One group per address space. Fairness between address spaces (daemon clients): the
+        // group served first rotates from batch to batch, and when several share a batch each
+        // gets at most its share of pages; the rest stay stalled and fault again after the
+        // replay, so one flooding client cannot hold the service for everybody else.
+        let mut groups: Vec<std::ops::Range<usize>> = Vec::new();
         let mut i = 0;
         while i < records.len() {
-            let asid = records[i].asid;
             let mut j = i;
-            while j < records.len() && records[j].asid == asid {
+            while j < records.len() && records[j].asid == records[i].asid {
                 j += 1;
             }
-            let group = &records[i..j];
+            groups.push(i..j);
+            i = j;
+        }
+        let first = self.next_first_asid.load(Ordering::Relaxed);
+        let start = groups
+            .iter()
+            .position(|g| u32::from(records[g.start].asid) >= first)
+            .unwrap_or(0);
+        groups.rotate_left(start);
+        if let Some(g) = groups.first() {
+            self.next_first_asid
+                .store(u32::from(records[g.start].asid) + 1, Ordering::Relaxed);
+        }
+        let share = if groups.len() > 1 {
+            (self.batch / groups.len()).max(MIN_FAIR_SHARE)
+        } else {
+            usize::MAX
+        };
+
+        let mut cancels: Vec<(u32, CancelReason)> = Vec::new();
+        let mut serviced_any = false;
+        for range in groups {
+            let group = &records[range];
+            let asid = group[0].asid;
             let mut pages: Vec<PageFault> = Vec::new();
             let mut owners: Vec<Vec<u32>> = Vec::new();
             for r in group {
                 let page = r.va & !(PAGE_SIZE - 1);
+                let full = pages.len() == share;
                 match pages.last_mut() {
                     Some(last) if last.page == page => {
                         if access_rank(r.access) > access_rank(last.access) {
@@ -410,6 +455,11 @@ impl Shared {
                         if !o.contains(&r.work_id) {
                             o.push(r.work_id);
                         }
+                    }
+                    _ if full => {
+                        // Over this batch's share: left stalled, it faults again after replay.
+                        self.stats.deferred.fetch_add(1, Ordering::Relaxed);
+                        break;
                     }
                     _ => {
                         pages.push(PageFault {
@@ -445,7 +495,6 @@ impl Shared {
                     }
                 }
             }
-            i = j;
         }
 
         for (work_id, reason) in &cancels {

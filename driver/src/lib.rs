@@ -8,6 +8,7 @@
 //!   invalidation), and the runtime API on top.
 #![deny(missing_docs)]
 
+pub mod arena;
 pub mod backend;
 pub mod bench;
 pub mod context;
@@ -102,6 +103,17 @@ pub enum Error {
         /// Why.
         reason: fault::CancelReason,
     },
+    /// A quota would be exceeded.
+    #[error("quota exceeded: {quota} is {limit}")]
+    QuotaExceeded {
+        /// Which quota.
+        quota: &'static str,
+        /// Its value.
+        limit: u64,
+    },
+    /// An arena was refused.
+    #[error(transparent)]
+    Arena(#[from] arena::ArenaError),
     /// The device failed the command.
     #[error("device failed the command: {status:?} (detail {detail:#x})")]
     CommandFailed {

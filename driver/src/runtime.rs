@@ -88,6 +88,7 @@ pub struct Runtime {
     asids: Mutex<Vec<bool>>,
     options: RuntimeOptions,
     commands: AtomicU64,
+    quarantined: AtomicU64,
 }
 
 /// The current process's address space, shared by every context of every runtime: a second
@@ -120,6 +121,7 @@ impl Runtime {
             asids: Mutex::new(asids),
             options,
             commands: AtomicU64::new(0),
+            quarantined: AtomicU64::new(0),
         }))
     }
 
@@ -144,6 +146,17 @@ impl Runtime {
         options: ContextOptions,
     ) -> Result<Context, Error> {
         let mm = current_address_space(&self.options.mirror)?;
+        self.create_context_in(mm, options)
+    }
+
+    /// A context mirroring `mm` (another process's address space, in a daemon: pair it with
+    /// [`crate::context::Reach::Arenas`], since the device cannot reach that process's memory by
+    /// address).
+    pub fn create_context_in(
+        self: &Arc<Self>,
+        mm: Arc<AddressSpace>,
+        options: ContextOptions,
+    ) -> Result<Context, Error> {
         let asid = {
             let mut asids = self.asids.lock().unwrap_or_else(|p| p.into_inner());
             let free = asids
@@ -176,6 +189,17 @@ impl Runtime {
     /// Commands submitted through this runtime so far.
     pub fn commands_submitted(&self) -> u64 {
         self.commands.load(Ordering::Relaxed)
+    }
+
+    /// Device address spaces held back because a context was dropped while its work did not
+    /// finish: reusing one could let that work reach the next owner's memory.
+    pub fn quarantined_address_spaces(&self) -> usize {
+        self.quarantined.load(Ordering::Relaxed) as usize
+    }
+
+    /// The options the runtime was opened with.
+    pub fn options(&self) -> &RuntimeOptions {
+        &self.options
     }
 }
 
@@ -312,6 +336,26 @@ impl Context {
         Ok(ticket)
     }
 
+    /// The completion of `ticket` if the device has posted it (it is then collected: do not
+    /// wait for the ticket again).
+    pub fn try_complete(&self, ticket: Ticket) -> Option<Completion> {
+        let mut outstanding = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
+        if !outstanding.contains(&ticket.work_id) {
+            return None;
+        }
+        let completion = self.runtime.device.try_complete(ticket)?;
+        outstanding.remove(&ticket.work_id);
+        Some(completion)
+    }
+
+    /// Commands submitted and not yet collected.
+    pub fn in_flight(&self) -> usize {
+        self.outstanding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
     /// Wait for `ticket`; the command's result value (old value, checksum, or 0).
     pub fn wait(&self, ticket: Ticket) -> Result<u64, Error> {
         let completion = self
@@ -421,7 +465,8 @@ impl Context {
     }
 }
 
-fn completion_result(c: Completion) -> Result<u64, Error> {
+/// A completion as the submitter sees it: the result value, or why the command failed.
+pub fn completion_result(c: Completion) -> Result<u64, Error> {
     match c.status {
         Status::Ok => Ok(c.result),
         Status::Cancelled => Err(Error::Cancelled {
@@ -474,9 +519,12 @@ impl Drop for Context {
                 tracing::error!(
                     asid,
                     left,
-                    "context dropped with work that did not finish; tearing down anyway"
+                    "context dropped with work that did not finish; tearing down anyway and \
+                     keeping the address space out of use"
                 );
-                break;
+                self.core.shut_down();
+                self.runtime.quarantined.fetch_add(1, Ordering::Relaxed);
+                return;
             }
             crate::device::backoff(&mut spins);
         }

@@ -43,6 +43,10 @@ pub struct Vma {
     pub name: String,
     /// For a file mapping, the file offset of `range.start` (0 for anonymous memory).
     pub offset: u64,
+    /// The backing file's inode number (0 for anonymous memory).
+    pub inode: u64,
+    /// The backing file's device as (major, minor), what `fstat` reports as `st_dev`.
+    pub dev: (u32, u32),
 }
 
 const SPECIAL_NAMES: [&str; 3] = ["[vvar]", "[vvar_vclock]", "[vsyscall]"];
@@ -125,6 +129,7 @@ impl VmaSource {
                 page_size: Some(q.page_size),
                 offset: q.offset,
                 inode: q.inode,
+                dev: (q.dev_major, q.dev_minor),
                 name: String::from_utf8_lossy(&name[..q.name_len]).into_owned(),
             });
             addr = q.end;
@@ -178,6 +183,8 @@ impl VmaSource {
             kind,
             name: raw.name,
             offset: raw.offset,
+            inode: raw.inode,
+            dev: raw.dev,
         })
     }
 
@@ -254,6 +261,7 @@ struct RawVma {
     page_size: Option<u64>,
     offset: u64,
     inode: u64,
+    dev: (u32, u32),
     name: String,
 }
 
@@ -268,10 +276,11 @@ fn parse_maps_line(line: &str) -> Option<RawVma> {
         return None;
     }
     let offset = u64::from_str_radix(parts.next()?, 16).ok()?;
-    let dev = parts.next()?;
-    if !dev.contains(':') {
-        return None;
-    }
+    let (major, minor) = parts.next()?.split_once(':')?;
+    let dev = (
+        u32::from_str_radix(major, 16).ok()?,
+        u32::from_str_radix(minor, 16).ok()?,
+    );
     let inode: u64 = parts.next()?.parse().ok()?;
     let name = parts.next().unwrap_or("").trim_start().to_string();
     Some(RawVma {
@@ -286,6 +295,7 @@ fn parse_maps_line(line: &str) -> Option<RawVma> {
         page_size: None,
         offset,
         inode,
+        dev,
         name,
     })
 }
@@ -301,6 +311,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(v.offset, 0x2000);
+        assert_eq!(v.dev, (0, 1));
         assert!(v.shared);
     }
 
@@ -338,8 +349,8 @@ mod tests {
         assert_eq!(via_default.len(), 1);
         let (a, b) = (&via_default[0], &parsed[0]);
         assert_eq!(
-            (a.range, a.perms, a.shared, a.kind),
-            (b.range, b.perms, b.shared, b.kind)
+            (a.range, a.perms, a.shared, a.kind, a.inode, a.dev),
+            (b.range, b.perms, b.shared, b.kind, b.inode, b.dev)
         );
         assert!(a.range.contains_range(&m.range()));
         assert_eq!(a.perms, Perms::READ);

@@ -118,6 +118,8 @@ pub(crate) struct QueriedVma {
     pub page_size: u64,
     pub offset: u64,
     pub inode: u64,
+    pub dev_major: u32,
+    pub dev_minor: u32,
     pub name_len: usize,
 }
 
@@ -153,6 +155,8 @@ pub(crate) fn procmap_query(
             page_size: arg.vma_page_size,
             offset: arg.vma_offset,
             inode: arg.inode,
+            dev_major: arg.dev_major,
+            dev_minor: arg.dev_minor,
             // vma_name_size counts the terminating NUL when a name exists.
             name_len: (arg.vma_name_size as usize)
                 .saturating_sub(1)
