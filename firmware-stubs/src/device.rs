@@ -17,7 +17,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, RwLock, RwLockReadGuard};
+use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use accel_abi::pt::{self, Perms};
@@ -39,6 +39,8 @@ pub(crate) const IOMMU_LOG_CAP: usize = 256;
 /// Idle workers re-check their conditions this often even without a wake-up, so a lost
 /// notification can delay work but never stall it forever.
 const IDLE_POLL: Duration = Duration::from_millis(50);
+/// Looks with `spin_loop` before an idle worker starts yielding the CPU between looks.
+const SPIN_HINTS: u32 = 256;
 
 /// Register file values (everything the driver can see that is not derived).
 #[derive(Default)]
@@ -101,6 +103,8 @@ struct State {
     generation: u64,
     reset_at: Instant,
     shutdown: bool,
+    /// Workers parked on `work_cv` (only they need a notification).
+    parked: u32,
 }
 
 impl State {
@@ -111,6 +115,7 @@ impl State {
             generation,
             reset_at: Instant::now(),
             shutdown: false,
+            parked: 0,
         }
     }
 
@@ -191,6 +196,10 @@ pub(crate) struct Inner {
     bus_master: AtomicBool,
     state: Mutex<State>,
     work_cv: Condvar,
+    /// Bumped (under `state`) whenever work may have appeared; the spinning worker watches it.
+    work_epoch: AtomicU64,
+    /// A worker is watching `work_epoch` instead of parking (at most one at a time).
+    spinning: AtomicBool,
     iommu: RwLock<Iommu>,
     iommu_log: Mutex<FaultLog>,
     tlb: Mutex<Tlb>,
@@ -314,6 +323,8 @@ impl Inner {
             bus_master: AtomicBool::new(false),
             state: Mutex::new(State::new(0)),
             work_cv: Condvar::new(),
+            work_epoch: AtomicU64::new(0),
+            spinning: AtomicBool::new(false),
             iommu: RwLock::new(Iommu::default()),
             iommu_log: Mutex::new(FaultLog::new(IOMMU_LOG_CAP)),
             tlbi_serial: Mutex::new(()),
@@ -408,8 +419,8 @@ impl Inner {
         let bm = command & command::BUS_MASTER != 0;
         if !self.bus_master.swap(bm, Ordering::AcqRel) && bm {
             // Fetching may have been waiting for bus mastering.
-            let _st = lock(&self.state);
-            self.work_cv.notify_all();
+            let st = lock(&self.state);
+            self.kick(&st);
         }
     }
 
@@ -551,7 +562,7 @@ impl Inner {
                     return bad_value(self, st);
                 }
                 r.control = v32;
-                self.work_cv.notify_all();
+                self.kick(st);
             }
             RESET => {
                 if v32 != RESET_MAGIC {
@@ -613,7 +624,7 @@ impl Inner {
             FAULT_REPLAY => {
                 let stalled = std::mem::take(&mut st.engine.stalled);
                 st.engine.ready.extend(stalled.into_values());
-                self.work_cv.notify_all();
+                self.kick(st);
             }
             FAULT_CANCEL => {
                 let work_id = value as u32;
@@ -654,7 +665,7 @@ impl Inner {
                     return bad_value(self, st);
                 }
                 r.cmdq_ctrl = v32;
-                self.work_cv.notify_all();
+                self.kick(st);
             }
             CMDQ_TAIL => {
                 let head = st.engine.fetched as u32;
@@ -666,7 +677,7 @@ impl Inner {
                     return Action::None;
                 }
                 r.cmdq_tail = v32;
-                self.work_cv.notify_all();
+                self.kick(st);
             }
             TLBI_ASID => r.tlbi_asid = v32,
             TLBI_SCOPE => {
@@ -745,9 +756,10 @@ impl Inner {
         {
             let mut st = lock(&self.state);
             let generation = st.generation + 1;
-            let shutdown = st.shutdown;
+            let (shutdown, parked) = (st.shutdown, st.parked);
             *st = State::new(generation);
             st.shutdown = shutdown;
+            st.parked = parked;
             self.generation.store(generation, Ordering::Release);
             for r in &self.roots {
                 r.store(0, Ordering::Release);
@@ -758,34 +770,108 @@ impl Inner {
         // new generation and stop.
         drop(write(&self.iommu));
         let _st = lock(&self.state);
-        self.work_cv.notify_all();
+        self.kick_all();
     }
 
     pub(crate) fn stop(&self) {
         self.shutdown.store(true, Ordering::Release);
         let mut st = lock(&self.state);
         st.shutdown = true;
-        self.work_cv.notify_all();
+        self.kick_all();
     }
 
     // ---------------------------------------------------------------- command engine
+
+    /// Work may have appeared (the caller holds `state` and has changed it): the spinning
+    /// worker sees the epoch move; a parked one is woken only if nobody is spinning. A spinner
+    /// always re-checks under `state` before it parks, so skipping the notification cannot lose
+    /// the work; a spinner takes one job and kicks again if more is left.
+    fn kick(&self, st: &State) {
+        self.work_epoch.fetch_add(1, Ordering::SeqCst);
+        if st.parked > 0 && !self.spinning.load(Ordering::SeqCst) && self.has_work(st) {
+            self.work_cv.notify_one();
+        }
+    }
+
+    /// An idle worker would find a job.
+    fn has_work(&self, st: &State) -> bool {
+        !st.engine.ready.is_empty() || st.can_fetch(self.bus_master.load(Ordering::Acquire))
+    }
+
+    /// Every worker must look (shutdown, reset).
+    fn kick_all(&self) {
+        self.work_epoch.fetch_add(1, Ordering::SeqCst);
+        self.work_cv.notify_all();
+    }
+
+    /// The next job for an idle worker, if any: a replayed item (`Some`) or the right to fetch
+    /// (`None`). The outer `None` means shut down.
+    fn next_job<'a>(
+        &'a self,
+        mut st: MutexGuard<'a, State>,
+    ) -> Option<(MutexGuard<'a, State>, Option<WorkItem>)> {
+        let spin = Duration::from_micros(self.cfg.idle_spin_us.into());
+        let mut spin_deadline: Option<Instant> = None;
+        loop {
+            if st.shutdown {
+                return None;
+            }
+            if let Some(item) = st.engine.ready.pop_front() {
+                // More left: another worker may take it.
+                self.kick(&st);
+                return Some((st, Some(item)));
+            }
+            if st.can_fetch(self.bus_master.load(Ordering::Acquire)) {
+                return Some((st, None));
+            }
+            let deadline = *spin_deadline.get_or_insert_with(|| Instant::now() + spin);
+            if !spin.is_zero()
+                && Instant::now() < deadline
+                && self
+                    .spinning
+                    .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+                    .is_ok()
+            {
+                // Read under `state`: any change made after this bumps the epoch.
+                let epoch = self.work_epoch.load(Ordering::SeqCst);
+                drop(st);
+                self.watch(epoch, deadline);
+                self.spinning.store(false, Ordering::SeqCst);
+                st = lock(&self.state);
+                continue;
+            }
+            st.parked += 1;
+            st = wait_timeout(&self.work_cv, st, IDLE_POLL);
+            st.parked -= 1;
+        }
+    }
+
+    /// Watch `work_epoch` until it moves, shutdown, or `deadline`: `spin_loop` first, then
+    /// yield the CPU between looks (on a shared core the thread that will produce the work
+    /// needs it).
+    fn watch(&self, epoch: u64, deadline: Instant) {
+        let mut looks = 0u32;
+        while self.work_epoch.load(Ordering::SeqCst) == epoch
+            && !self.shutdown.load(Ordering::Acquire)
+        {
+            looks = looks.wrapping_add(1);
+            if looks < SPIN_HINTS {
+                std::hint::spin_loop();
+                continue;
+            }
+            if Instant::now() >= deadline {
+                return;
+            }
+            std::thread::yield_now();
+        }
+    }
 
     /// Body of a worker thread.
     pub(crate) fn worker_loop(&self) {
         let mut buf = vec![0u8; PAGE_SIZE as usize];
         loop {
-            let mut st = lock(&self.state);
-            let job = loop {
-                if st.shutdown {
-                    return;
-                }
-                if let Some(item) = st.engine.ready.pop_front() {
-                    break Some(item);
-                }
-                if st.can_fetch(self.bus_master.load(Ordering::Acquire)) {
-                    break None;
-                }
-                st = wait_timeout(&self.work_cv, st, IDLE_POLL);
+            let Some((mut st, job)) = self.next_job(lock(&self.state)) else {
+                return;
             };
             match job {
                 Some(item) => {
@@ -827,7 +913,8 @@ impl Inner {
         }
         st.engine.fetching = false;
         st.engine.fetched += 1;
-        self.work_cv.notify_all();
+        // Another worker may fetch the next command now.
+        self.kick(&st);
         if let Err(f) = fetched {
             // Nothing to complete: the command itself could not be read.
             self.note_dma_fault(&mut st, f);
