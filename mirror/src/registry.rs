@@ -103,13 +103,17 @@ pub(crate) struct Registry {
 
 impl Registry {
     pub(crate) fn new(retry_budget: Duration) -> Self {
-        Registry {
+        let registry = Registry {
             notifier: Notifier::new(),
             next_id: AtomicU64::new(1),
             stats: StatsInner::default(),
             retry_budget,
             observer: RwLock::new(None),
-        }
+        };
+        // Its Arc allocation: two counts and the registry.
+        let own = 2 * std::mem::size_of::<usize>() + std::mem::size_of::<Registry>();
+        registry.stats.registry_bytes(own as i64);
+        registry
     }
 
     pub(crate) fn set_observer(&self, observer: Option<Observer>) {
@@ -127,16 +131,23 @@ impl Registry {
         F: Fn(&mut T, &Invalidation) + Send + Sync + 'static,
     {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // The node's Arc allocation, the boxed callback and the notifier's slot for it.
+        let bytes = (2 * std::mem::size_of::<usize>()
+            + std::mem::size_of::<SubNode<T>>()
+            + std::mem::size_of_val(&callback)
+            + std::mem::size_of::<Arc<dyn Interval<Invalidation>>>()) as i64;
         let node = Arc::new(SubNode {
             seq: IntervalSeq::new(id, range.start(), range.end()),
             range,
             state: Mutex::new(state),
             callback: Box::new(callback),
             registry: Arc::downgrade(self),
+            bytes,
         });
         self.notifier
             .insert(node.clone())
             .map_err(|_| Error::Released)?;
+        self.stats.registry_bytes(bytes);
         Ok(Subscription {
             node,
             registry: self.clone(),
@@ -250,6 +261,8 @@ struct SubNode<T> {
     state: Mutex<T>,
     callback: Callback<T>,
     registry: std::sync::Weak<Registry>,
+    /// What this node adds to [`crate::Stats::registry_bytes`].
+    bytes: i64,
 }
 
 impl<T: Send> Interval<Invalidation> for SubNode<T> {
@@ -413,6 +426,7 @@ impl<T: Send + 'static> Drop for Subscription<T> {
         self.registry
             .notifier
             .remove(self.node.seq.id(), !in_callback());
+        self.registry.stats.registry_bytes(-self.node.bytes);
     }
 }
 
@@ -492,5 +506,30 @@ impl RetryBudget {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registry_bytes_follow_subscriptions() {
+        let reg = Arc::new(Registry::new(DEFAULT_RETRY_BUDGET));
+        let empty = reg.stats.snapshot().registry_bytes;
+        assert!(empty >= std::mem::size_of::<Registry>() as u64);
+        let range = VaRange::new(0x10_0000, 0x1000).unwrap();
+        let a = reg.subscribe(range, [0u64; 32], |_, _| {}).unwrap();
+        let one = reg.stats.snapshot().registry_bytes;
+        // The state is held inline in the node.
+        assert!(one >= empty + 256, "{empty} -> {one}");
+        let b = reg.subscribe(range, [0u64; 32], |_, _| {}).unwrap();
+        assert_eq!(
+            reg.stats.snapshot().registry_bytes,
+            empty + 2 * (one - empty)
+        );
+        drop(a);
+        drop(b);
+        assert_eq!(reg.stats.snapshot().registry_bytes, empty);
     }
 }

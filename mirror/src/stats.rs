@@ -19,6 +19,7 @@ pub(crate) struct StatsInner {
     latency_total_ns: AtomicU64,
     latency_max_ns: AtomicU64,
     latency_buckets: [AtomicU64; BUCKETS],
+    registry_bytes: AtomicU64,
 }
 
 fn kind_index(kind: &EventKind) -> usize {
@@ -52,6 +53,16 @@ impl StatsInner {
     pub(crate) fn unexpected_message(&self) {
         self.unexpected_messages.fetch_add(1, Ordering::Relaxed);
     }
+    /// The registry allocated (`bytes > 0`) or freed (`< 0`) bookkeeping memory.
+    pub(crate) fn registry_bytes(&self, bytes: i64) {
+        if bytes >= 0 {
+            self.registry_bytes
+                .fetch_add(bytes.unsigned_abs(), Ordering::Relaxed);
+        } else {
+            self.registry_bytes
+                .fetch_sub(bytes.unsigned_abs(), Ordering::Relaxed);
+        }
+    }
     pub(crate) fn latency(&self, d: Duration) {
         let ns = d.as_nanos().min(u64::MAX as u128) as u64;
         self.latency_count.fetch_add(1, Ordering::Relaxed);
@@ -76,6 +87,7 @@ impl StatsInner {
             budget_exhaustions: self.budget_exhaustions.load(Ordering::Relaxed),
             callback_panics: self.callback_panics.load(Ordering::Relaxed),
             unexpected_messages: self.unexpected_messages.load(Ordering::Relaxed),
+            registry_bytes: self.registry_bytes.load(Ordering::Relaxed),
             event_latency: LatencySummary {
                 count: self.latency_count.load(Ordering::Relaxed),
                 total_ns: self.latency_total_ns.load(Ordering::Relaxed),
@@ -123,6 +135,11 @@ pub struct Stats {
     pub callback_panics: u64,
     /// userfaultfd messages that should not arrive in WP_ASYNC mode (page faults, unknown events).
     pub unexpected_messages: u64,
+    /// Memory the registry itself holds, in bytes: the registry and, per live subscription, its
+    /// node (reference counts, sequence state, the subscriber state inline, the callback) and
+    /// its interval slot. What a subscriber's state owns on the heap is the subscriber's and
+    /// not counted here.
+    pub registry_bytes: u64,
     /// Time from reading a userfaultfd event to all of its callbacks having returned.
     pub event_latency: LatencySummary,
 }
