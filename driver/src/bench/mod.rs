@@ -20,7 +20,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use crate::context::ContextOptions;
 use crate::device::DeviceOptions;
 use crate::fault::ServiceMode;
-use crate::runtime::{Context, DeviceSpec, Runtime, RuntimeOptions};
+use crate::runtime::{AcceleratorConfig, Context, DeviceSpec, Runtime, RuntimeOptions};
 use crate::Error;
 pub use report::{Figure, Plot, Report, Target};
 use sys::{Region, PAGE};
@@ -129,15 +129,33 @@ impl Placement {
     }
 }
 
+/// CPUs online. Not `available_parallelism`: that is the calling thread's affinity, which the
+/// benchmarks themselves narrow to one CPU (it made every "cross-core" row same-core once the
+/// first pin was taken, and `unpin` a no-op).
 fn cpus() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    sys::online_cpus()
 }
 
 /// Open a runtime and one context with the driver's threads placed as asked; the calling thread
 /// ends pinned to CPU 0. Contexts created later inherit the mirror monitor placement.
 fn open(
+    mode: ServiceMode,
+    batch: usize,
+    placement: Placement,
+    large_pages: bool,
+) -> Result<(Arc<Runtime>, Context), Error> {
+    open_device(
+        AcceleratorConfig::default(),
+        mode,
+        batch,
+        placement,
+        large_pages,
+    )
+}
+
+/// [`open`] with an emulated device configured as `device`.
+fn open_device(
+    device: AcceleratorConfig,
     mode: ServiceMode,
     batch: usize,
     placement: Placement,
@@ -163,7 +181,7 @@ fn open(
         },
         ..Default::default()
     };
-    let rt = Runtime::open(DeviceSpec::emulated(), options)?;
+    let rt = Runtime::open(DeviceSpec::Emulated(device), options)?;
     let ctx = rt.create_context()?;
     sys::pin(&[0]).map_err(os("sched_setaffinity"))?;
     Ok((rt, ctx))
@@ -277,7 +295,7 @@ impl Bench {
     pub fn run(options: &BenchOptions) -> Result<Report, Error> {
         let sizes = Sizes::new(options.quick);
         let bar = if options.progress {
-            let b = ProgressBar::new(7);
+            let b = ProgressBar::new(8);
             b.set_style(
                 ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
                     .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -304,15 +322,12 @@ impl Bench {
         b.step("invalidation", Self::invalidation)?;
         b.step("walk", Self::walk)?;
         b.step("memory overhead", Self::overhead)?;
+        b.step("emulator idle spin", Self::idle_spin)?;
         b.step("scaling", Self::scaling)?;
         unpin();
         b.report.not_measured.push((
             "daemon: aggregate fault throughput and p99 with 1, 4, 16, 64 clients".into(),
             "not measured: no daemon yet".into(),
-        ));
-        b.report.not_measured.push((
-            "registry bytes per mirrored GiB".into(),
-            "not measured: the driver exposes no registry footprint counter yet".into(),
         ));
         b.report.seconds = t.elapsed().as_secs_f64();
         b.report.load_end = read_trim("/proc/loadavg");
@@ -803,6 +818,7 @@ impl Bench {
             let s0 = ctx.stats();
             ctx.prefault(r.addr(), (n * PAGE) as u64, true)?;
             let s = ctx.stats();
+            let registry = ctx.address_space().stats().registry_bytes as f64;
             let mapped = (s.mapped_bytes - s0.mapped_bytes).max(1) as f64;
             let table = ((s.table_pages - s0.table_pages) * PAGE) as f64;
             let per_gib = table / mapped * (1u64 << 30) as f64;
@@ -810,6 +826,37 @@ impl Bench {
                 group: "overhead".into(),
                 name: format!(
                     "device page-table bytes per mirrored GiB ({})",
+                    if large {
+                        "THP, large pages"
+                    } else {
+                        "4 KiB pages"
+                    }
+                ),
+                mode: "-".into(),
+                placement: "-".into(),
+                value: per_gib,
+                unit: "bytes/GiB".into(),
+                baseline_name: "mirrored bytes".into(),
+                baseline: Some((1u64 << 30) as f64),
+                ratio: Some(per_gib / (1u64 << 30) as f64),
+                target: target(
+                    "<= 0.5% of mirrored memory",
+                    per_gib <= 0.005 * (1u64 << 30) as f64,
+                ),
+                note: format!(
+                    "{} MiB mirrored, {} small + {} large leaves, {} DMA mappings",
+                    (mapped / (1 << 20) as f64).round(),
+                    s.small_leaves - s0.small_leaves,
+                    s.large_leaves - s0.large_leaves,
+                    s.mappings - s0.mappings
+                ),
+                ..Default::default()
+            });
+            let per_gib = registry / mapped * (1u64 << 30) as f64;
+            self.fig(Figure {
+                group: "overhead".into(),
+                name: format!(
+                    "mirror registry bytes per mirrored GiB ({})",
                     if large { "THP, large pages" } else { "4 KiB pages" }
                 ),
                 mode: "-".into(),
@@ -819,16 +866,89 @@ impl Bench {
                 baseline_name: "mirrored bytes".into(),
                 baseline: Some((1u64 << 30) as f64),
                 ratio: Some(per_gib / (1u64 << 30) as f64),
-                target: target("<= 0.5% of mirrored memory", per_gib <= 0.005 * (1u64 << 30) as f64),
                 note: format!(
-                    "{} MiB mirrored, {} small + {} large leaves, {} DMA mappings; registry bytes not counted",
-                    (mapped / (1 << 20) as f64).round(),
-                    s.small_leaves - s0.small_leaves,
-                    s.large_leaves - s0.large_leaves,
+                    "{registry:.0} B in all, fixed: one whole-address-space subscription per context (mirror::Stats::registry_bytes); the driver's per-mapping records in the subscriber state ({} entries) are the driver's, not counted",
                     s.mappings - s0.mappings
                 ),
                 ..Default::default()
             });
+        }
+        Ok(())
+    }
+
+    /// The emulator's idle-worker spin (`AcceleratorConfig::idle_spin_us`) against parking at
+    /// once, polling mode, same-core and cross-core: command round trip, single fault, 1-page
+    /// invalidation and populated-page throughput with each setting, in this run.
+    fn idle_spin(&mut self) -> Result<(), Error> {
+        let n = self.sizes.lat_iters / 2;
+        let pages = self.sizes.fault_pages;
+        let default = AcceleratorConfig::default().idle_spin_us;
+        let mut spins = vec![0, 20, default, 200];
+        spins.sort_unstable();
+        spins.dedup();
+        for placement in [Placement::Same, Placement::Cross] {
+            for &spin in &spins {
+                let device = AcceleratorConfig {
+                    idle_spin_us: spin,
+                    ..Default::default()
+                };
+                let (_rt, ctx) = open_device(device, ServiceMode::Polling, 256, placement, false)?;
+                let mm = ctx.address_space().clone();
+                let r = Region::new(n + 1).map_err(os("mmap"))?;
+                r.madvise(libc::MADV_POPULATE_WRITE)
+                    .map_err(os("madvise"))?;
+                device_touch(&ctx, &[r.page(n)], 1)?;
+                let (mut nofault, mut fault, mut inval) = (Vec::new(), Vec::new(), Vec::new());
+                for i in 0..n {
+                    nofault.push(us(device_touch(&ctx, &[r.page(n)], 1)?));
+                    fault.push(us(device_touch(&ctx, &[r.page(i)], 1)?));
+                    let one = Region::new(1).map_err(os("mmap"))?;
+                    one.touch();
+                    device_touch(&ctx, &[one.addr()], 1)?;
+                    inval.push(us(sys::mirror_munmap(&mm, one.forget())?));
+                }
+                let mut rates = Vec::new();
+                for _ in 0..self.sizes.repeats {
+                    let r = Region::new(pages).map_err(os("mmap"))?;
+                    r.madvise(libc::MADV_POPULATE_WRITE)
+                        .map_err(os("madvise"))?;
+                    let d = device_touch(&ctx, &pages_of(&r, pages), 1000)?;
+                    rates.push(pages as f64 / d.as_secs_f64());
+                }
+                let label = if spin == default {
+                    format!("idle_spin_us {spin} (default)")
+                } else {
+                    format!("idle_spin_us {spin}")
+                };
+                let rows: [(&str, &mut Vec<f64>, &str); 4] = [
+                    ("command round trip, no fault", &mut nofault, "us"),
+                    ("single device fault", &mut fault, "us"),
+                    (
+                        "1-page munmap -> PTE cleared -> TLB fence",
+                        &mut inval,
+                        "us",
+                    ),
+                    (
+                        "populated-page fault throughput, batch 256",
+                        &mut rates,
+                        "pages/s",
+                    ),
+                ];
+                for (what, v, unit) in rows {
+                    let latency = unit == "us";
+                    self.fig(Figure {
+                        group: "idle spin".into(),
+                        name: format!("{what}, {label}"),
+                        mode: "polling".into(),
+                        placement: placement.name().into(),
+                        value: median(v),
+                        p99: latency.then(|| p99(v)),
+                        unit: unit.into(),
+                        note: "emulator workers: 0 = park on the condvar at once".into(),
+                        ..Default::default()
+                    });
+                }
+            }
         }
         Ok(())
     }

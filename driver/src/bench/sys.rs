@@ -29,6 +29,13 @@ pub fn pin(cpus: &[usize]) -> io::Result<()> {
     Ok(())
 }
 
+/// CPUs online (at least 1).
+pub fn online_cpus() -> usize {
+    // SAFETY: sysconf only reads a system parameter.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).unwrap_or(1).max(1)
+}
+
 /// An anonymous private mapping owned by the benchmark, reached only through raw addresses.
 pub struct Region {
     addr: usize,
