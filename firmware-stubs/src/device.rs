@@ -40,7 +40,7 @@ pub(crate) const IOMMU_LOG_CAP: usize = 256;
 /// notification can delay work but never stall it forever.
 const IDLE_POLL: Duration = Duration::from_millis(50);
 /// Looks with `spin_loop` before an idle worker starts yielding the CPU between looks.
-const SPIN_HINTS: u32 = 256;
+const SPIN_HINTS: u32 = 16;
 
 /// Register file values (everything the driver can see that is not derived).
 #[derive(Default)]
