@@ -390,7 +390,11 @@ impl ArenaTable {
                 break;
             }
             if let Err(why) = arena.check_vma(v, cursor) {
-                tracing::debug!(start, why, "fault in an arena the client no longer maps as registered");
+                tracing::debug!(
+                    start,
+                    why,
+                    "fault in an arena the client no longer maps as registered"
+                );
                 return None;
             }
             cursor = v.range.end();

@@ -709,7 +709,10 @@ impl ContextCore {
                 // Part of it may be visible already: tear it down (fenced) like any mapping.
                 let (va, len) = (m.va, m.len);
                 state.mappings.insert(va, m);
-                state.counters.mapped_bytes.fetch_add(len, Ordering::Relaxed);
+                state
+                    .counters
+                    .mapped_bytes
+                    .fetch_add(len, Ordering::Relaxed);
                 state.tear_down(va..va + len);
                 Err(Failure {
                     reason: CancelReason::Other,

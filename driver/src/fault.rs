@@ -57,7 +57,9 @@ pub enum CancelReason {
     /// The device cannot reach this memory: in daemon mode only the memfd arenas a client
     /// registered are reachable, and the address is outside them (or the client maps something
     /// else there now).
-    #[error("the memory is not reachable by the device (daemon mode: outside every registered arena)")]
+    #[error(
+        "the memory is not reachable by the device (daemon mode: outside every registered arena)"
+    )]
     Unreachable = 8,
     /// Mapping the page would exceed the context's mapped/pinned-bytes quota.
     #[error("the context's mapped (pinned) bytes quota would be exceeded")]
@@ -216,6 +218,33 @@ impl FaultService {
     /// The mode in use.
     pub fn mode(&self) -> ServiceMode {
         self.shared.mode
+    }
+
+    /// How many completion interrupts the service has seen (interrupt mode; it stays put in
+    /// polling mode). Read it before looking for completions, then
+    /// [`FaultService::wait_completion_interrupt`] cannot miss one posted after the look.
+    pub fn completion_generation(&self) -> u64 {
+        *self
+            .shared
+            .completed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Block until the completion-interrupt count differs from `seen` or `timeout` passes;
+    /// returns the count.
+    pub fn wait_completion_interrupt(&self, seen: u64, timeout: Duration) -> u64 {
+        let guard = self
+            .shared
+            .completed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let (guard, _) = self
+            .shared
+            .completion_cv
+            .wait_timeout_while(guard, timeout, |now| *now == seen)
+            .unwrap_or_else(|p| p.into_inner());
+        *guard
     }
 
     /// Wait up to `timeout` for `ticket`'s completion.

@@ -12,6 +12,7 @@ pub mod arena;
 pub mod backend;
 pub mod bench;
 pub mod context;
+pub mod daemon;
 pub mod device;
 pub mod dma;
 pub mod edu;
@@ -23,7 +24,7 @@ pub mod runtime;
 pub mod sys;
 pub mod view;
 
-pub use runtime::{Context, DeviceSpec, Op, Runtime, RuntimeOptions};
+pub use runtime::{Context, DeviceOps, DeviceSpec, Op, Runtime, RuntimeOptions};
 
 /// Driver errors.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +115,17 @@ pub enum Error {
     /// An arena was refused.
     #[error(transparent)]
     Arena(#[from] arena::ArenaError),
+    /// The daemon refused a request.
+    #[error("daemon: {message} ({code:?})")]
+    Daemon {
+        /// Its error code.
+        code: daemon::ErrorCode,
+        /// Its explanation.
+        message: String,
+    },
+    /// The daemon connection broke or the daemon said something this client cannot read.
+    #[error("daemon connection: {0}")]
+    DaemonConnection(String),
     /// The device failed the command.
     #[error("device failed the command: {status:?} (detail {detail:#x})")]
     CommandFailed {

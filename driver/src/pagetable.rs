@@ -79,6 +79,11 @@ impl TablePool {
         (self.chunks.len() * CHUNK_PAGES) as u64 * PAGE_SIZE
     }
 
+    /// Table pages handed out and not yet returned.
+    pub fn in_use(&self) -> usize {
+        self.chunks.len() * CHUNK_PAGES - self.free.len()
+    }
+
     /// Release every chunk (unmap from the device, free the memory). Call only when no address
     /// space uses the pool any more and the device is quiesced.
     pub fn destroy(&mut self, dma: &DmaSpace) -> Result<(), crate::Error> {

@@ -312,6 +312,12 @@ impl Context {
     /// this thread, until [`Context::wait`] returns for the ticket: no Rust reference to
     /// memory it writes may be used (or exist as `&`) in that time.
     pub unsafe fn submit(&self, op: Op) -> Result<Ticket, Error> {
+        // Every CPU mapping change that returned before this call must be visible to the
+        // device before the command runs: the kernel lets a munmap return once its userfaultfd
+        // event is read, not handled.
+        if let Err(e) = self.core.mm.catch_up() {
+            tracing::warn!(error = %e, "CPU events not caught up before a submit");
+        }
         let asid = self.core.asid;
         let cmd = match op {
             Op::Copy { dst, src, len } => Command::copy(asid, dst, src, len),
@@ -369,61 +375,24 @@ impl Context {
         completion_result(completion)
     }
 
-    fn run(&self, op: Op) -> Result<u64, Error> {
-        // SAFETY: the callers below hold the borrows of every byte `op` names for the whole
-        // submit-to-wait window.
-        let ticket = unsafe { self.submit(op)? };
-        self.wait(ticket)
-    }
-
     /// Fill `dst` with the 8-byte `pattern` on the device.
     pub fn fill(&self, dst: &mut [u8], pattern: u64) -> Result<(), Error> {
-        if dst.is_empty() {
-            return Ok(());
-        }
-        self.run(Op::Fill {
-            dst: dst.as_mut_ptr() as u64,
-            len: dst.len() as u64,
-            pattern,
-        })
-        .map(drop)
+        DeviceOps::fill(self, dst, pattern)
     }
 
     /// Copy `src` into `dst` (equal lengths) on the device.
     pub fn copy(&self, dst: &mut [u8], src: &[u8]) -> Result<(), Error> {
-        if dst.len() != src.len() {
-            return Err(Error::InvalidArgument(
-                "copy: source and destination lengths differ",
-            ));
-        }
-        if dst.is_empty() {
-            return Ok(());
-        }
-        self.run(Op::Copy {
-            dst: dst.as_mut_ptr() as u64,
-            src: src.as_ptr() as u64,
-            len: dst.len() as u64,
-        })
-        .map(drop)
+        DeviceOps::copy(self, dst, src)
     }
 
     /// The device's FNV-1a 64 checksum of `src`.
     pub fn checksum(&self, src: &[u8]) -> Result<u64, Error> {
-        if src.is_empty() {
-            return Ok(accel_abi::FNV_OFFSET);
-        }
-        self.run(Op::Checksum {
-            src: src.as_ptr() as u64,
-            len: src.len() as u64,
-        })
+        DeviceOps::checksum(self, src)
     }
 
     /// Atomically add `value` to `target` on the device; returns the old value.
     pub fn atomic_add(&self, target: &AtomicU64, value: u64) -> Result<u64, Error> {
-        self.run(Op::AtomicAdd {
-            dst: target.as_ptr() as u64,
-            value,
-        })
+        DeviceOps::atomic_add(self, target, value)
     }
 
     /// Make `[addr, addr + len)` device-accessible now instead of on first device access.
@@ -462,6 +431,104 @@ impl Context {
             table_pages,
             retries: self.core.mm.stats().retries,
         }
+    }
+}
+
+/// Device operations on ordinary memory for anything that submits and waits: a [`Context`]
+/// in-process, a [`crate::daemon::DaemonClient`] through the daemon. The provided methods hold
+/// the borrows of every byte they name from submit to completion.
+pub trait DeviceOps {
+    /// What a submit returns and a wait takes.
+    type Ticket;
+
+    /// Submit `op`.
+    ///
+    /// # Safety
+    /// The device reads and writes the addresses in `op` concurrently with the caller until
+    /// [`DeviceOps::wait_op`] returns for the ticket: no Rust reference to memory it writes may
+    /// be used (or exist as `&`) in that time.
+    unsafe fn submit_op(&self, op: Op) -> Result<Self::Ticket, Error>;
+
+    /// Wait for a ticket; the command's result value.
+    fn wait_op(&self, ticket: Self::Ticket) -> Result<u64, Error>;
+
+    /// Submit and wait.
+    ///
+    /// # Safety
+    /// As [`DeviceOps::submit_op`], for the whole call.
+    unsafe fn run(&self, op: Op) -> Result<u64, Error> {
+        // SAFETY: forwarded to our caller.
+        let ticket = unsafe { self.submit_op(op)? };
+        self.wait_op(ticket)
+    }
+
+    /// Fill `dst` with the 8-byte `pattern` on the device.
+    fn fill(&self, dst: &mut [u8], pattern: u64) -> Result<(), Error> {
+        if dst.is_empty() {
+            return Ok(());
+        }
+        let op = Op::Fill {
+            dst: dst.as_mut_ptr() as u64,
+            len: dst.len() as u64,
+            pattern,
+        };
+        // SAFETY: `dst` is borrowed mutably for the whole submit-to-wait window.
+        unsafe { self.run(op) }.map(drop)
+    }
+
+    /// Copy `src` into `dst` (equal lengths) on the device.
+    fn copy(&self, dst: &mut [u8], src: &[u8]) -> Result<(), Error> {
+        if dst.len() != src.len() {
+            return Err(Error::InvalidArgument(
+                "copy: source and destination lengths differ",
+            ));
+        }
+        if dst.is_empty() {
+            return Ok(());
+        }
+        let op = Op::Copy {
+            dst: dst.as_mut_ptr() as u64,
+            src: src.as_ptr() as u64,
+            len: dst.len() as u64,
+        };
+        // SAFETY: `dst` is borrowed mutably and `src` shared for the whole window.
+        unsafe { self.run(op) }.map(drop)
+    }
+
+    /// The device's FNV-1a 64 checksum of `src`.
+    fn checksum(&self, src: &[u8]) -> Result<u64, Error> {
+        if src.is_empty() {
+            return Ok(accel_abi::FNV_OFFSET);
+        }
+        let op = Op::Checksum {
+            src: src.as_ptr() as u64,
+            len: src.len() as u64,
+        };
+        // SAFETY: the device only reads `src`, borrowed for the whole window.
+        unsafe { self.run(op) }
+    }
+
+    /// Atomically add `value` to `target` on the device; returns the old value.
+    fn atomic_add(&self, target: &AtomicU64, value: u64) -> Result<u64, Error> {
+        let op = Op::AtomicAdd {
+            dst: target.as_ptr() as u64,
+            value,
+        };
+        // SAFETY: an AtomicU64 may be written behind a shared reference.
+        unsafe { self.run(op) }
+    }
+}
+
+impl DeviceOps for Context {
+    type Ticket = Ticket;
+
+    unsafe fn submit_op(&self, op: Op) -> Result<Ticket, Error> {
+        // SAFETY: forwarded to our caller.
+        unsafe { self.submit(op) }
+    }
+
+    fn wait_op(&self, ticket: Ticket) -> Result<u64, Error> {
+        self.wait(ticket)
     }
 }
 

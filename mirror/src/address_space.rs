@@ -377,6 +377,18 @@ impl AddressSpace {
         }
     }
 
+    /// Returns once every userfaultfd event the kernel has handed over so far has been handled,
+    /// so a munmap/madvise/mremap that returned in the mirrored process before this call is
+    /// reflected in every subscription (the kernel lets those calls return as soon as their
+    /// event is read, before it is handled). Cheap when nothing is pending: no wake-up, unlike
+    /// [`AddressSpace::settle`]. Must not be called from an invalidate callback.
+    pub fn catch_up(&self) -> Result<()> {
+        match &self.monitor {
+            Some(m) => m.catch_up(self.settle_timeout),
+            None => Ok(()),
+        }
+    }
+
     /// Counters: events by kind, invalidations, retries, budget exhaustions, event latency.
     pub fn stats(&self) -> Stats {
         self.registry.stats.snapshot()

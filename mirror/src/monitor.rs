@@ -60,6 +60,27 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// Waits until the counter reaches `target`; `Err` at the deadline.
+fn wait_for_count(
+    count: &Mutex<u64>,
+    cv: &Condvar,
+    target: u64,
+    deadline: Instant,
+) -> std::result::Result<(), ()> {
+    let mut now = lock(count);
+    while *now < target {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(());
+        }
+        now = cv
+            .wait_timeout(now, left)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
+    Ok(())
+}
+
 impl Queue {
     /// Pushes without allocating: waits while the preallocated queue is full.
     fn push(&self, item: Item) {
@@ -94,6 +115,13 @@ pub(crate) struct Shared {
     settle_requested: AtomicU64,
     settled: Mutex<u64>,
     settled_cv: Condvar,
+    /// The reader is inside a read of the uffd (messages may be dequeued but not yet counted).
+    reading: AtomicBool,
+    /// Messages the reader has taken from the kernel.
+    messages_read: AtomicU64,
+    /// Messages the worker has fully handled.
+    handled: Mutex<u64>,
+    handled_cv: Condvar,
     queue: Queue,
     fork_handler: Mutex<Option<ForkHandler>>,
     threads: OnceLock<[ThreadId; 2]>,
@@ -126,6 +154,10 @@ impl Monitor {
             settle_requested: AtomicU64::new(0),
             settled: Mutex::new(0),
             settled_cv: Condvar::new(),
+            reading: AtomicBool::new(false),
+            messages_read: AtomicU64::new(0),
+            handled: Mutex::new(0),
+            handled_cv: Condvar::new(),
             queue: Queue {
                 items: Mutex::new(VecDeque::with_capacity(QUEUE_CAPACITY)),
                 not_empty: Condvar::new(),
@@ -181,28 +213,49 @@ impl Monitor {
 
     /// Returns once every event queued before the call has been read and fully handled.
     pub(crate) fn settle(&self, timeout: Duration) -> Result<()> {
-        let me = std::thread::current().id();
-        let on_monitor = self.shared.threads.get().is_some_and(|t| t.contains(&me));
-        if in_callback() || on_monitor {
-            return Err(Error::CalledFromCallback { what: "settle" });
-        }
+        self.refuse_from_monitor("settle")?;
         let generation = self.shared.settle_requested.fetch_add(1, Ordering::SeqCst) + 1;
         self.shared.kick()?;
         let deadline = Instant::now() + timeout;
-        let mut settled = lock(&self.shared.settled);
-        while *settled < generation {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(Error::SettleTimeout(timeout));
-            }
-            settled = self
-                .shared
-                .settled_cv
-                .wait_timeout(settled, left)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        wait_for_count(
+            &self.shared.settled,
+            &self.shared.settled_cv,
+            generation,
+            deadline,
+        )
+        .map_err(|()| Error::SettleTimeout(timeout))
+    }
+
+    /// Waiting for the monitor from one of its own threads or callbacks would deadlock.
+    fn refuse_from_monitor(&self, what: &'static str) -> Result<()> {
+        let me = std::thread::current().id();
+        let on_monitor = self.shared.threads.get().is_some_and(|t| t.contains(&me));
+        if in_callback() || on_monitor {
+            return Err(Error::CalledFromCallback { what });
         }
         Ok(())
+    }
+
+    /// Returns once every message the reader has taken from the kernel so far has been
+    /// handled. Unlike `settle` it does not wake the reader: nothing to do costs two atomic
+    /// loads and a lock.
+    pub(crate) fn catch_up(&self, timeout: Duration) -> Result<()> {
+        self.refuse_from_monitor("catch_up")?;
+        let deadline = Instant::now() + timeout;
+        while self.shared.reading.load(Ordering::SeqCst) {
+            if Instant::now() >= deadline {
+                return Err(Error::SettleTimeout(timeout));
+            }
+            std::thread::yield_now();
+        }
+        let target = self.shared.messages_read.load(Ordering::SeqCst);
+        wait_for_count(
+            &self.shared.handled,
+            &self.shared.handled_cv,
+            target,
+            deadline,
+        )
+        .map_err(|()| Error::SettleTimeout(timeout))
     }
 
     pub(crate) fn process_exited(&self) -> bool {
@@ -329,7 +382,19 @@ impl Shared {
             return Ok(());
         };
         loop {
-            let n = raw::read_msgs(uffd.as_fd(), msgs).map_err(|e| Error::sys("read(uffd)", e))?;
+            // The kernel lets an munmap return once its event has been read: `catch_up` must
+            // see the message counted from that moment, so the read is bracketed.
+            self.reading.store(true, Ordering::SeqCst);
+            let n = raw::read_msgs(uffd.as_fd(), msgs);
+            let n = match n {
+                Ok(n) => n,
+                Err(e) => {
+                    self.reading.store(false, Ordering::SeqCst);
+                    return Err(Error::sys("read(uffd)", e));
+                }
+            };
+            self.messages_read.fetch_add(n as u64, Ordering::SeqCst);
+            self.reading.store(false, Ordering::SeqCst);
             if n == 0 {
                 return Ok(());
             }
@@ -344,7 +409,11 @@ impl Shared {
     fn work(self: Arc<Self>) {
         loop {
             match self.queue.pop() {
-                Item::Msg(m, read_at) => self.handle(&m, read_at),
+                Item::Msg(m, read_at) => {
+                    self.handle(&m, read_at);
+                    *lock(&self.handled) += 1;
+                    self.handled_cv.notify_all();
+                }
                 Item::Settled(generation) => {
                     let mut s = lock(&self.settled);
                     *s = (*s).max(generation);
@@ -358,9 +427,11 @@ impl Shared {
                 Item::Closed => break,
             }
         }
-        // Anyone still waiting in settle() must not hang on a stopped monitor.
+        // Anyone still waiting in settle() or catch_up() must not hang on a stopped monitor.
         *lock(&self.settled) = u64::MAX;
         self.settled_cv.notify_all();
+        *lock(&self.handled) = u64::MAX;
+        self.handled_cv.notify_all();
     }
 
     fn handle(&self, m: &raw::RawMsg, read_at: Instant) {

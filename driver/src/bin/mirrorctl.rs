@@ -61,17 +61,78 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Run the daemon: own one device and serve client processes over a UNIX socket, each
+    /// mirrored into its own device address space (docs/daemon.md), until SIGTERM or SIGINT.
+    Serve {
+        /// Socket path [default: $XDG_RUNTIME_DIR/mirrord.sock, /run/mirrord.sock for root,
+        /// else /tmp/mirrord-UID.sock].
+        #[arg(long)]
+        socket: Option<std::path::PathBuf>,
+        /// Allow this uid to connect (repeatable) [default: the daemon's own uid only].
+        #[arg(long = "allow-uid", value_name = "UID")]
+        allow_uid: Vec<u32>,
+        /// Serve a device reached through this vfio-user socket instead of the embedded
+        /// emulator.
+        #[arg(long, conflicts_with = "vfio")]
+        vfio_user: Option<std::path::PathBuf>,
+        /// Serve a device bound to vfio-pci, by PCI address (0000:00:03.0).
+        #[arg(long)]
+        vfio: Option<String>,
+        /// Busy-poll the fault buffer instead of waiting for interrupts.
+        #[arg(long)]
+        polling: bool,
+        /// Most clients at once.
+        #[arg(long, default_value_t = 64)]
+        max_clients: usize,
+        /// Most commands in flight per client.
+        #[arg(long, default_value_t = 32)]
+        max_in_flight: u32,
+        /// Most MiB mapped (pinned) per client.
+        #[arg(long, default_value_t = 256)]
+        max_mapped_mib: u64,
+    },
 }
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The daemon logs its lifecycle (clients, releases, shutdown) by default.
+    let default_filter = if matches!(cli.command, Command::Serve { .. }) {
+        "info"
+    } else {
+        "warn"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| default_filter.into()),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
+        Command::Serve {
+            socket,
+            allow_uid,
+            vfio_user,
+            vfio,
+            polling,
+            max_clients,
+            max_in_flight,
+            max_mapped_mib,
+        } => {
+            let spec = match (vfio_user, vfio) {
+                (Some(path), _) => DeviceSpec::VfioUser(path),
+                (None, Some(address)) => DeviceSpec::KernelVfio(address),
+                (None, None) => DeviceSpec::emulated(),
+            };
+            let mut config = driver::daemon::DaemonConfig::new(
+                socket.unwrap_or_else(driver::daemon::default_socket_path),
+            );
+            config.allowed_uids = allow_uid;
+            config.max_clients = max_clients;
+            config.limits.max_in_flight = max_in_flight;
+            config.limits.max_mapped_bytes = max_mapped_mib << 20;
+            serve(spec, polling, config)
+        }
         Command::Demo { polling, mib } => demo(polling, mib),
         Command::Bench {
             quick,
@@ -97,6 +158,41 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn serve(
+    spec: DeviceSpec,
+    polling: bool,
+    config: driver::daemon::DaemonConfig,
+) -> Result<(), Error> {
+    let options = RuntimeOptions {
+        mode: if polling {
+            ServiceMode::Polling
+        } else {
+            ServiceMode::Interrupt
+        },
+        ..RuntimeOptions::default()
+    };
+    let runtime = Runtime::open(spec, options)?;
+    let daemon = driver::daemon::Daemon::new(runtime, config)?;
+    let os = |what| move |source| Error::Os { what, source };
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(os("start the tokio runtime"))?;
+    tokio.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).map_err(os("watch SIGTERM"))?;
+        let mut int = signal(SignalKind::interrupt()).map_err(os("watch SIGINT"))?;
+        let stop = async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM"),
+                _ = int.recv() => tracing::info!("SIGINT"),
+            }
+        };
+        daemon.serve(stop).await
+    })
 }
 
 fn bench(quick: bool, out: std::path::PathBuf, progress: bool) -> Result<(), Error> {

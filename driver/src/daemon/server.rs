@@ -1,0 +1,1105 @@
+//! The daemon's server: accept clients on a Unix socket, give each its own device address space
+//! mirroring its process, run its commands, release it when it leaves or dies.
+//!
+//! Threads: tokio tasks own the sockets (one reader and one session task per client); blocking
+//! driver work (building a mirror, registering an arena, releasing a client) goes to tokio's
+//! blocking pool; one completion pump thread collects finished commands for every client and
+//! hands them to the sessions; the runtime's fault-service thread services every client's faults
+//! against that client's own mirror.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use mirror::{AddressSpace, VaRange};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+
+use super::protocol::{
+    self, kind, ClientLimits, CompletionEvent, DecodeError, ErrorCode, Header, Reply, Request,
+    StatsReply, HEADER_SIZE, MAX_PAYLOAD, REPLY, VERSION,
+};
+use crate::arena::{ArenaError, ArenaLimits, ArenaTable};
+use crate::context::{ContextOptions, Reach};
+use crate::device::{backoff, Ticket};
+use crate::fault::ServiceMode;
+use crate::runtime::{Context, Runtime};
+use crate::sys::unix_msg;
+use crate::Error;
+
+/// How the daemon is set up.
+#[derive(Debug, Clone)]
+pub struct DaemonConfig {
+    /// The socket path.
+    pub socket: PathBuf,
+    /// Uids allowed to connect (SO_PEERCRED). Empty: only the daemon's own uid.
+    pub allowed_uids: Vec<u32>,
+    /// Most clients served at once (sessions, including ones still before HELLO).
+    pub max_clients: usize,
+    /// Per-client limits.
+    pub limits: ClientLimits,
+    /// Protocol violations (malformed, out-of-order, oversized messages) a client may commit
+    /// before it is disconnected; each one is answered with an error first.
+    pub max_strikes: u32,
+    /// On shutdown, how long in-flight commands may take to finish before clients are released.
+    pub drain_timeout: Duration,
+    /// How long writing to a client may block (a client that stops reading is disconnected).
+    pub write_timeout: Duration,
+}
+
+impl DaemonConfig {
+    /// Defaults, listening on `socket`.
+    pub fn new(socket: impl Into<PathBuf>) -> DaemonConfig {
+        DaemonConfig {
+            socket: socket.into(),
+            allowed_uids: Vec::new(),
+            max_clients: 64,
+            limits: ClientLimits {
+                max_in_flight: 32,
+                max_mapped_bytes: 256 << 20,
+                max_arenas: 64,
+                max_arena_bytes: 1 << 30,
+            },
+            max_strikes: 3,
+            drain_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn uid_allowed(&self, uid: u32) -> bool {
+        if self.allowed_uids.is_empty() {
+            uid == nix::unistd::getuid().as_raw()
+        } else {
+            self.allowed_uids.contains(&uid)
+        }
+    }
+}
+
+/// One client past HELLO.
+struct ClientState {
+    id: u32,
+    pid: libc::pid_t,
+    ctx: Arc<Context>,
+    mm: Arc<AddressSpace>,
+    arenas: Arc<ArenaTable>,
+    in_flight: Arc<AtomicU32>,
+    commands: AtomicU64,
+}
+
+/// A submitted command the pump waits for.
+struct Pending {
+    ctx: Weak<Context>,
+    ticket: Ticket,
+    tag: u64,
+    events: mpsc::UnboundedSender<CompletionEvent>,
+    in_flight: Arc<AtomicU32>,
+    _slot: OwnedSemaphorePermit,
+}
+
+/// Collects completions for every client on one thread.
+struct Pump {
+    pending: Mutex<Vec<Pending>>,
+    added: Condvar,
+    stop: AtomicBool,
+}
+
+impl Pump {
+    fn add(&self, p: Pending) {
+        self.pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(p);
+        self.added.notify_one();
+    }
+
+    fn run(&self, runtime: &Runtime) {
+        let service = runtime.service();
+        let mut spins = 0u32;
+        while !self.stop.load(Ordering::Acquire) {
+            let seen = service.completion_generation();
+            let mut keep_alive = Vec::new();
+            let mut progressed = false;
+            {
+                let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                if pending.is_empty() {
+                    let _ = self
+                        .added
+                        .wait_timeout(pending, Duration::from_millis(100))
+                        .unwrap_or_else(|p| p.into_inner());
+                    continue;
+                }
+                pending.retain(|p| {
+                    let Some(ctx) = p.ctx.upgrade() else {
+                        // Released: the release quiesced (or quarantined) its work.
+                        p.in_flight.fetch_sub(1, Ordering::AcqRel);
+                        return false;
+                    };
+                    let done = ctx.try_complete(p.ticket);
+                    // Dropped outside the lock: the last reference runs the context's release.
+                    keep_alive.push(ctx);
+                    match done {
+                        Some(c) => {
+                            progressed = true;
+                            p.in_flight.fetch_sub(1, Ordering::AcqRel);
+                            let _ = p.events.send(CompletionEvent {
+                                tag: p.tag,
+                                status: c.status as u32,
+                                result: c.result,
+                            });
+                            false
+                        }
+                        None => true,
+                    }
+                });
+            }
+            drop(keep_alive);
+            if progressed {
+                spins = 0;
+                continue;
+            }
+            match service.mode() {
+                ServiceMode::Interrupt => {
+                    service.wait_completion_interrupt(seen, Duration::from_millis(20));
+                }
+                ServiceMode::Polling => backoff(&mut spins),
+            }
+        }
+    }
+}
+
+struct Shared {
+    runtime: Arc<Runtime>,
+    config: DaemonConfig,
+    clients: Mutex<HashMap<u32, Arc<ClientState>>>,
+    sessions: AtomicUsize,
+    /// Clients removed from `clients` whose release has not finished yet.
+    releasing: AtomicUsize,
+    next_id: AtomicU32,
+    released: AtomicU64,
+    slots: Arc<Semaphore>,
+    pump: Arc<Pump>,
+}
+
+impl Shared {
+    fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<ClientState>>> {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn daemon_stats(&self) -> StatsReply {
+        let clients: Vec<Arc<ClientState>> = self.clients().values().cloned().collect();
+        let dma = self.runtime.device().dma().clone();
+        let (iova_bytes, iova_allocations) = {
+            let iova = dma.iova();
+            (iova.used_bytes(), iova.allocations() as u64)
+        };
+        let (table_pool_bytes, table_pages_in_use) = {
+            let pool = self
+                .runtime
+                .device()
+                .tables
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            (pool.bytes(), pool.in_use() as u64)
+        };
+        StatsReply {
+            table_pool_bytes,
+            table_pages_in_use,
+            clients: (clients.len() + self.releasing.load(Ordering::Acquire)) as u64,
+            mapped_bytes_total: clients.iter().map(|c| c.ctx.stats().mapped_bytes).sum(),
+            iova_bytes,
+            iova_allocations,
+            quarantined: self.runtime.quarantined_address_spaces() as u64,
+            fault_deferrals: self
+                .runtime
+                .service()
+                .stats()
+                .deferred
+                .load(Ordering::Relaxed),
+            released: self.released.load(Ordering::Relaxed),
+            ..StatsReply::default()
+        }
+    }
+}
+
+/// The daemon: a runtime (one device) shared by every client.
+pub struct Daemon {
+    shared: Arc<Shared>,
+    pump_thread: Option<JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// A daemon over `runtime`'s device.
+    pub fn new(runtime: Arc<Runtime>, config: DaemonConfig) -> Result<Daemon, Error> {
+        let slots = runtime.device().caps().cmdq_entries.min(
+            runtime
+                .options()
+                .device
+                .cmdq_entries
+                .max(1)
+                .next_power_of_two(),
+        );
+        let pump = Arc::new(Pump {
+            pending: Mutex::new(Vec::new()),
+            added: Condvar::new(),
+            stop: AtomicBool::new(false),
+        });
+        let (worker, rt) = (pump.clone(), runtime.clone());
+        let pump_thread = std::thread::Builder::new()
+            .name("mirrord-completions".into())
+            .spawn(move || worker.run(&rt))
+            .map_err(|e| Error::Os {
+                what: "spawn the completion pump",
+                source: e,
+            })?;
+        Ok(Daemon {
+            shared: Arc::new(Shared {
+                runtime,
+                config,
+                clients: Mutex::new(HashMap::new()),
+                sessions: AtomicUsize::new(0),
+                releasing: AtomicUsize::new(0),
+                next_id: AtomicU32::new(1),
+                released: AtomicU64::new(0),
+                slots: Arc::new(Semaphore::new(slots.max(1) as usize)),
+                pump,
+            }),
+            pump_thread: Some(pump_thread),
+        })
+    }
+
+    /// Daemon-wide statistics (the daemon part of a STATS reply).
+    pub fn stats(&self) -> StatsReply {
+        self.shared.daemon_stats()
+    }
+
+    /// Bind the socket and serve until `shutdown` resolves; then stop accepting, let in-flight
+    /// commands finish (up to the drain timeout), release every client and remove the socket.
+    pub async fn serve(&self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let listener = bind(&self.shared.config)?;
+        let path = self.shared.config.socket.clone();
+        tracing::info!(socket = %path.display(), "mirrord serving");
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let mut sessions = tokio::task::JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        sessions.spawn(session(self.shared.clone(), stream, stop_rx.clone()));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                },
+                Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            }
+        }
+        drop(listener);
+        let _ = std::fs::remove_file(&path);
+        tracing::info!(sessions = sessions.len(), "shutting down: draining clients");
+        let _ = stop_tx.send(true);
+        while sessions.join_next().await.is_some() {}
+        tracing::info!("mirrord stopped");
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.shared.pump.stop.store(true, Ordering::Release);
+        self.shared.pump.added.notify_all();
+        if let Some(t) = self.pump_thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn bind(config: &DaemonConfig) -> Result<UnixListener, Error> {
+    let path = &config.socket;
+    let os = |what: &'static str| move |source: io::Error| Error::Os { what, source };
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(Error::Os {
+                what: "bind the daemon socket",
+                source: io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("a daemon already serves {}", path.display()),
+                ),
+            });
+        }
+        std::fs::remove_file(path).map_err(os("remove a stale daemon socket"))?;
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(os("create the socket directory"))?;
+    }
+    let listener = UnixListener::bind(path).map_err(os("bind the daemon socket"))?;
+    // Only our own uid may connect unless others are allowed; SO_PEERCRED is the real check.
+    let mode = if config.allowed_uids.is_empty() {
+        0o600
+    } else {
+        0o666
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(os("chmod the daemon socket"))?;
+    Ok(listener)
+}
+
+/// What the reader task hands the session.
+enum Incoming {
+    Frame {
+        header: Header,
+        payload: Vec<u8>,
+        fds: Vec<OwnedFd>,
+    },
+    /// A frame that could not be taken; `header` when its kind and id are known. `fatal` when the
+    /// stream cannot be resynchronised.
+    Bad {
+        header: Option<Header>,
+        error: DecodeError,
+        fatal: bool,
+    },
+    /// More descriptors than any message carries; the frame was consumed and its fds closed.
+    TooManyFds { header: Header },
+}
+
+/// Read exactly `buf.len()` bytes (and whatever descriptors come along). `Ok(false)` at a clean
+/// end of stream before the first byte.
+async fn read_exact(
+    stream: &UnixStream,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+    truncated: &mut bool,
+) -> io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        let (n, cut) = stream
+            .async_io(Interest::READABLE, || {
+                unix_msg::recv(stream.as_fd(), &mut buf[got..], fds)
+            })
+            .await?;
+        *truncated |= cut;
+        if n == 0 {
+            if got == 0 {
+                return Ok(false);
+            }
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        got += n;
+    }
+    Ok(true)
+}
+
+/// Most descriptors one message carries (HELLO: the uffd and a pidfd).
+const MAX_FDS_PER_MESSAGE: usize = 2;
+
+async fn read_loop(stream: Arc<UnixStream>, tx: mpsc::Sender<Incoming>) {
+    loop {
+        let mut fds = Vec::new();
+        let mut truncated = false;
+        let mut head = [0u8; HEADER_SIZE];
+        match read_exact(&stream, &mut head, &mut fds, &mut truncated).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::debug!(error = %e, "client read failed");
+                return;
+            }
+        }
+        let header = match Header::decode_lenient(&head) {
+            Ok(h) => h,
+            Err(error) => {
+                let _ = tx
+                    .send(Incoming::Bad {
+                        header: None,
+                        error,
+                        fatal: true,
+                    })
+                    .await;
+                return;
+            }
+        };
+        if header.len > MAX_PAYLOAD {
+            // Skip it without keeping it: the stream stays in step.
+            let mut left = u64::from(header.len);
+            let mut sink = vec![0u8; 4096];
+            while left > 0 {
+                let n = left.min(sink.len() as u64) as usize;
+                match read_exact(&stream, &mut sink[..n], &mut fds, &mut truncated).await {
+                    Ok(true) => left -= n as u64,
+                    _ => return,
+                }
+                fds.clear();
+            }
+            let error = DecodeError::TooLarge { len: header.len };
+            let bad = Incoming::Bad {
+                header: Some(header),
+                error,
+                fatal: false,
+            };
+            if tx.send(bad).await.is_err() {
+                return;
+            }
+            continue;
+        }
+        let mut payload = vec![0u8; header.len as usize];
+        match read_exact(&stream, &mut payload, &mut fds, &mut truncated).await {
+            Ok(true) => {}
+            _ => return,
+        }
+        let incoming = if truncated || fds.len() > MAX_FDS_PER_MESSAGE {
+            Incoming::TooManyFds { header }
+        } else {
+            Incoming::Frame {
+                header,
+                payload,
+                fds,
+            }
+        };
+        if tx.send(incoming).await.is_err() {
+            return;
+        }
+    }
+}
+
+enum Flow {
+    Continue,
+    Close,
+}
+
+/// One client's session (after accept).
+struct Session {
+    shared: Arc<Shared>,
+    stream: Arc<UnixStream>,
+    peer_pid: libc::pid_t,
+    client: Option<Arc<ClientState>>,
+    events: Option<mpsc::UnboundedSender<CompletionEvent>>,
+    strikes: u32,
+    closing: bool,
+}
+
+async fn write_all(stream: &UnixStream, bytes: &[u8], timeout: Duration) -> io::Result<()> {
+    let write = async {
+        let mut sent = 0;
+        while sent < bytes.len() {
+            sent += stream
+                .async_io(Interest::WRITABLE, || {
+                    unix_msg::send(stream.as_fd(), &bytes[sent..], &[])
+                })
+                .await?;
+        }
+        Ok(())
+    };
+    tokio::time::timeout(timeout, write)
+        .await
+        .unwrap_or_else(|_| Err(io::ErrorKind::TimedOut.into()))
+}
+
+async fn exited(pidfd: Option<&AsyncFd<OwnedFd>>) {
+    match pidfd {
+        Some(fd) => {
+            let _ = fd.readable().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_event(rx: &mut Option<mpsc::UnboundedReceiver<CompletionEvent>>) -> CompletionEvent {
+    match rx {
+        Some(r) => match r.recv().await {
+            Some(e) => e,
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+enum Next {
+    Message(Option<Incoming>),
+    Event(CompletionEvent),
+    Exited,
+    Shutdown,
+}
+
+async fn session(shared: Arc<Shared>, stream: UnixStream, mut shutdown: watch::Receiver<bool>) {
+    let cred = match stream.peer_cred() {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "SO_PEERCRED failed; dropping the connection");
+            return;
+        }
+    };
+    let (uid, pid) = (cred.uid(), cred.pid().unwrap_or(0));
+    let stream = Arc::new(stream);
+    let write_timeout = shared.config.write_timeout;
+    let refuse_at_door = |code, message: String| {
+        let stream = stream.clone();
+        async move {
+            tracing::warn!(uid, pid, %message, "refusing a client");
+            let frame = protocol::frame(
+                kind::HELLO | REPLY,
+                0,
+                &Reply::error(code, message).encode(),
+            );
+            let _ = write_all(&stream, &frame, write_timeout).await;
+        }
+    };
+    if !shared.config.uid_allowed(uid) {
+        refuse_at_door(
+            ErrorCode::NotAllowed,
+            format!("uid {uid} is not allowed to use this daemon"),
+        )
+        .await;
+        return;
+    }
+    if pid <= 0 {
+        refuse_at_door(ErrorCode::NotAllowed, "the peer's pid is unknown".into()).await;
+        return;
+    }
+    let sessions = shared.sessions.fetch_add(1, Ordering::AcqRel) + 1;
+    let _session_count = SessionCount(shared.clone());
+    if sessions > shared.config.max_clients {
+        refuse_at_door(
+            ErrorCode::Limit,
+            format!(
+                "client limit reached: clients is {}",
+                shared.config.max_clients
+            ),
+        )
+        .await;
+        return;
+    }
+    let span = tracing::info_span!("client", pid, uid);
+    let _enter = span.enter();
+    tracing::info!("connected");
+    drop(_enter);
+
+    let (tx, mut rx) = mpsc::channel(4);
+    let reader = tokio::spawn(read_loop(stream.clone(), tx));
+    let mut s = Session {
+        shared: shared.clone(),
+        stream,
+        peer_pid: pid,
+        client: None,
+        events: None,
+        strikes: 0,
+        closing: false,
+    };
+    let mut events_rx: Option<mpsc::UnboundedReceiver<CompletionEvent>> = None;
+    let mut pidfd: Option<AsyncFd<OwnedFd>> = None;
+    loop {
+        let next = tokio::select! {
+            m = rx.recv() => Next::Message(m),
+            e = next_event(&mut events_rx) => Next::Event(e),
+            _ = exited(pidfd.as_ref()) => Next::Exited,
+            _ = shutdown.changed() => Next::Shutdown,
+        };
+        let flow = match next {
+            Next::Message(None) => {
+                tracing::info!(pid, "client closed the connection");
+                Flow::Close
+            }
+            Next::Message(Some(m)) => {
+                let flow = s.handle(m).await;
+                if events_rx.is_none() && s.client.is_some() {
+                    let (etx, erx) = mpsc::unbounded_channel();
+                    s.events = Some(etx);
+                    events_rx = Some(erx);
+                    pidfd = s.watch_exit();
+                }
+                flow
+            }
+            Next::Event(e) => s.send_event(e).await,
+            Next::Exited => {
+                tracing::info!(pid, "client process exited");
+                Flow::Close
+            }
+            Next::Shutdown => {
+                s.drain(&mut events_rx).await;
+                Flow::Close
+            }
+        };
+        if let Flow::Close = flow {
+            break;
+        }
+    }
+    reader.abort();
+    s.release().await;
+}
+
+/// Decrements the session count when a session ends, however it ends.
+struct SessionCount(Arc<Shared>);
+
+impl Drop for SessionCount {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn arena_error_code(e: &ArenaError) -> ErrorCode {
+    match e {
+        ArenaError::Limit { .. } => ErrorCode::Limit,
+        ArenaError::NotFound(_) => ErrorCode::NotFound,
+        ArenaError::Map(_) => ErrorCode::Internal,
+        _ => ErrorCode::InvalidArgument,
+    }
+}
+
+impl Session {
+    async fn reply(&mut self, header: Header, reply: Reply) -> Flow {
+        let frame = protocol::frame(header.kind | REPLY, header.id, &reply.encode());
+        match write_all(&self.stream, &frame, self.shared.config.write_timeout).await {
+            Ok(()) => Flow::Continue,
+            Err(e) => {
+                tracing::info!(pid = self.peer_pid, error = %e, "writing to the client failed");
+                Flow::Close
+            }
+        }
+    }
+
+    /// Answer a protocol violation and count it; past the limit the client is disconnected.
+    async fn strike(&mut self, header: Header, code: ErrorCode, message: String) -> Flow {
+        self.strikes += 1;
+        let limit = self.shared.config.max_strikes;
+        tracing::warn!(pid = self.peer_pid, strikes = self.strikes, %message, "protocol violation");
+        let over = self.strikes > limit;
+        let message = if over {
+            format!("{message}; {limit} protocol violations allowed, disconnecting")
+        } else {
+            message
+        };
+        match self.reply(header, Reply::error(code, message)).await {
+            Flow::Continue if !over => Flow::Continue,
+            _ => Flow::Close,
+        }
+    }
+
+    async fn send_event(&mut self, e: CompletionEvent) -> Flow {
+        let frame = protocol::frame(kind::COMPLETION, 0, &e.encode());
+        match write_all(&self.stream, &frame, self.shared.config.write_timeout).await {
+            Ok(()) => Flow::Continue,
+            Err(_) => Flow::Close,
+        }
+    }
+
+    fn watch_exit(&self) -> Option<AsyncFd<OwnedFd>> {
+        let pidfd = unix_msg::pidfd_open(self.peer_pid).ok()?;
+        unix_msg::async_readable(pidfd).ok()
+    }
+
+    async fn handle(&mut self, incoming: Incoming) -> Flow {
+        let (header, payload, fds) = match incoming {
+            Incoming::Frame {
+                header,
+                payload,
+                fds,
+            } => (header, payload, fds),
+            Incoming::Bad {
+                header,
+                error,
+                fatal,
+            } => {
+                let code = ErrorCode::from(&error);
+                let header = header.unwrap_or(Header {
+                    kind: 0,
+                    id: 0,
+                    len: 0,
+                });
+                if fatal {
+                    let _ = self
+                        .reply(header, Reply::error(code, error.to_string()))
+                        .await;
+                    return Flow::Close;
+                }
+                return self.strike(header, code, error.to_string()).await;
+            }
+            Incoming::TooManyFds { header } => {
+                return self
+                    .strike(
+                        header,
+                        ErrorCode::BadMessage,
+                        format!("more than {MAX_FDS_PER_MESSAGE} file descriptors in one message"),
+                    )
+                    .await
+            }
+        };
+        let request = match Request::decode(header.kind, &payload) {
+            Ok(r) => r,
+            Err(e) => {
+                return self
+                    .strike(header, ErrorCode::from(&e), e.to_string())
+                    .await
+            }
+        };
+        let expects_fds = matches!(
+            request,
+            Request::Hello { .. } | Request::RegisterArena { .. }
+        );
+        if !expects_fds && !fds.is_empty() {
+            return self
+                .strike(
+                    header,
+                    ErrorCode::BadMessage,
+                    "unexpected file descriptors".into(),
+                )
+                .await;
+        }
+        let client = match (&self.client, request) {
+            (
+                None,
+                Request::Hello {
+                    min_version,
+                    max_version,
+                },
+            ) => return self.hello(header, min_version, max_version, fds).await,
+            (Some(_), Request::Hello { .. }) => {
+                return self
+                    .strike(
+                        header,
+                        ErrorCode::OutOfOrder,
+                        "HELLO was already accepted".into(),
+                    )
+                    .await
+            }
+            (None, _) => {
+                return self
+                    .strike(
+                        header,
+                        ErrorCode::OutOfOrder,
+                        "HELLO must come first".into(),
+                    )
+                    .await
+            }
+            (Some(c), _) => c.clone(),
+        };
+        match request {
+            Request::Hello { .. } => Flow::Continue,
+            Request::RegisterArena { va, len, offset } => {
+                let [fd]: [OwnedFd; 1] = match fds.try_into() {
+                    Ok(one) => one,
+                    Err(_) => {
+                        return self
+                            .strike(
+                                header,
+                                ErrorCode::BadMessage,
+                                "REGISTER_ARENA carries exactly one fd (the memfd)".into(),
+                            )
+                            .await
+                    }
+                };
+                let c = client.clone();
+                let done = tokio::task::spawn_blocking(move || {
+                    c.arenas.register(&c.mm, va, len, offset, fd)
+                })
+                .await;
+                let reply = match done {
+                    Ok(Ok(arena)) => {
+                        tracing::debug!(pid = self.peer_pid, ?arena, "arena registered");
+                        Reply::Arena {
+                            writable: arena.writable(),
+                        }
+                    }
+                    Ok(Err(e)) => Reply::error(arena_error_code(&e), e.to_string()),
+                    Err(e) => Reply::error(ErrorCode::Internal, e.to_string()),
+                };
+                self.reply(header, reply).await
+            }
+            Request::UnregisterArena { va } => {
+                let c = client.clone();
+                let done = tokio::task::spawn_blocking(move || -> Result<(), ArenaError> {
+                    let arena = c.arenas.unregister(va)?;
+                    // The device's entries and DMA mappings into it go (fenced) before it is
+                    // unmapped here; mappings still holding it keep it mapped until then.
+                    let r = arena.range();
+                    if let Ok(range) = VaRange::from_bounds(r.start, r.end) {
+                        let _ = c.mm.invalidate(range);
+                    }
+                    Ok(())
+                })
+                .await;
+                let reply = match done {
+                    Ok(Ok(())) => Reply::Done,
+                    Ok(Err(e)) => Reply::error(arena_error_code(&e), e.to_string()),
+                    Err(e) => Reply::error(ErrorCode::Internal, e.to_string()),
+                };
+                self.reply(header, reply).await
+            }
+            Request::Submit { tag, op } => self.submit(header, &client, tag, op).await,
+            Request::Stats => {
+                let c = client.clone();
+                let shared = self.shared.clone();
+                let stats = tokio::task::spawn_blocking(move || {
+                    let cs = c.ctx.stats();
+                    StatsReply {
+                        faults: cs.faults,
+                        pages_mapped: cs.pages_mapped,
+                        mapped_bytes: cs.mapped_bytes,
+                        failures: cs.failures,
+                        invalidations: cs.invalidations,
+                        in_flight: u64::from(c.in_flight.load(Ordering::Acquire)),
+                        commands: c.commands.load(Ordering::Relaxed),
+                        arenas: c.arenas.len() as u64,
+                        arena_bytes: c.arenas.bytes(),
+                        ..shared.daemon_stats()
+                    }
+                })
+                .await;
+                let reply = match stats {
+                    Ok(s) => Reply::Stats(s),
+                    Err(e) => Reply::error(ErrorCode::Internal, e.to_string()),
+                };
+                self.reply(header, reply).await
+            }
+            Request::Goodbye => {
+                self.reply(header, Reply::Done).await;
+                Flow::Close
+            }
+        }
+    }
+
+    async fn hello(
+        &mut self,
+        header: Header,
+        min_version: u16,
+        max_version: u16,
+        fds: Vec<OwnedFd>,
+    ) -> Flow {
+        if !(min_version..=max_version).contains(&VERSION) {
+            let message = format!(
+                "no common protocol version: the client speaks {min_version}..={max_version}, \
+                 this daemon speaks {VERSION}"
+            );
+            self.reply(header, Reply::error(ErrorCode::Version, message))
+                .await;
+            return Flow::Close;
+        }
+        let mut fds = fds.into_iter();
+        let Some(uffd) = fds.next() else {
+            return self
+                .strike(
+                    header,
+                    ErrorCode::BadMessage,
+                    "HELLO carries the client's userfaultfd (and optionally its pidfd)".into(),
+                )
+                .await;
+        };
+        if unix_msg::anon_inode_kind(uffd.as_fd()).as_deref() != Some("[userfaultfd]") {
+            return self
+                .reply(
+                    header,
+                    Reply::error(
+                        ErrorCode::InvalidArgument,
+                        "the first fd of HELLO is not a userfaultfd",
+                    ),
+                )
+                .await;
+        }
+        let pid = self.peer_pid;
+        let pidfd = match fds.next() {
+            Some(fd) => {
+                if unix_msg::pidfd_pid(fd.as_fd()) != Some(pid) {
+                    return self
+                        .reply(
+                            header,
+                            Reply::error(
+                                ErrorCode::NotAllowed,
+                                format!(
+                                    "the pidfd sent does not refer to the connecting process {pid}"
+                                ),
+                            ),
+                        )
+                        .await;
+                }
+                Some(fd)
+            }
+            None => None,
+        };
+        let shared = self.shared.clone();
+        let built = tokio::task::spawn_blocking(move || -> Result<Arc<ClientState>, Error> {
+            let limits = shared.config.limits;
+            let mm = Arc::new(
+                AddressSpace::for_process(
+                    pid,
+                    pidfd,
+                    Some(uffd),
+                    shared.runtime.options().mirror.clone(),
+                )
+                .map_err(Error::Mirror)?,
+            );
+            let arenas = Arc::new(ArenaTable::new(ArenaLimits {
+                max_arenas: limits.max_arenas as usize,
+                max_bytes: limits.max_arena_bytes,
+            }));
+            let options = ContextOptions {
+                reach: Reach::Arenas(arenas.clone()),
+                max_mapped_bytes: Some(limits.max_mapped_bytes),
+                ..shared.runtime.options().context.clone()
+            };
+            let ctx = shared.runtime.create_context_in(mm.clone(), options)?;
+            Ok(Arc::new(ClientState {
+                id: shared.next_id.fetch_add(1, Ordering::Relaxed),
+                pid,
+                ctx: Arc::new(ctx),
+                mm,
+                arenas,
+                in_flight: Arc::new(AtomicU32::new(0)),
+                commands: AtomicU64::new(0),
+            }))
+        })
+        .await;
+        let client = match built {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                let code = match e {
+                    Error::NoFreeAddressSpace { .. } => ErrorCode::Limit,
+                    Error::Mirror(mirror::Error::Released) => ErrorCode::NotFound,
+                    _ => ErrorCode::Device,
+                };
+                return self.reply(header, Reply::error(code, e.to_string())).await;
+            }
+            Err(e) => {
+                return self
+                    .reply(header, Reply::error(ErrorCode::Internal, e.to_string()))
+                    .await
+            }
+        };
+        let reply = Reply::Hello {
+            version: VERSION,
+            client_id: client.id,
+            asid: client.ctx.asid(),
+            limits: self.shared.config.limits,
+        };
+        tracing::info!(
+            pid,
+            client = client.id,
+            asid = client.ctx.asid(),
+            "client registered"
+        );
+        self.shared.clients().insert(client.id, client.clone());
+        self.client = Some(client);
+        self.reply(header, reply).await
+    }
+
+    async fn submit(
+        &mut self,
+        header: Header,
+        client: &Arc<ClientState>,
+        tag: u64,
+        op: crate::Op,
+    ) -> Flow {
+        if self.closing {
+            return self
+                .reply(
+                    header,
+                    Reply::error(ErrorCode::ShuttingDown, "the daemon is shutting down"),
+                )
+                .await;
+        }
+        let max = self.shared.config.limits.max_in_flight;
+        if client.in_flight.load(Ordering::Acquire) >= max {
+            let message = format!("quota exceeded: in-flight commands per client is {max}");
+            return self
+                .reply(header, Reply::error(ErrorCode::Limit, message))
+                .await;
+        }
+        // A device queue slot first (FIFO across clients), so the submit below never waits for
+        // one while holding the queue.
+        let Ok(slot) = self.shared.slots.clone().acquire_owned().await else {
+            return self
+                .reply(
+                    header,
+                    Reply::error(ErrorCode::ShuttingDown, "the daemon is shutting down"),
+                )
+                .await;
+        };
+        client.in_flight.fetch_add(1, Ordering::AcqRel);
+        // SAFETY: the addresses in `op` name the client's memory, which the device reaches only
+        // through the client's arenas (our own mappings of its memfds, never a Rust object of
+        // this process); no reference into them exists here.
+        let submitted = unsafe { client.ctx.submit(op) };
+        match submitted {
+            Ok(ticket) => {
+                client.commands.fetch_add(1, Ordering::Relaxed);
+                let events = self
+                    .events
+                    .clone()
+                    .expect("events channel exists after HELLO");
+                self.shared.pump.add(Pending {
+                    ctx: Arc::downgrade(&client.ctx),
+                    ticket,
+                    tag,
+                    events,
+                    in_flight: client.in_flight.clone(),
+                    _slot: slot,
+                });
+                self.reply(header, Reply::Submitted).await
+            }
+            Err(e) => {
+                client.in_flight.fetch_sub(1, Ordering::AcqRel);
+                self.reply(header, Reply::error(ErrorCode::Device, e.to_string()))
+                    .await
+            }
+        }
+    }
+
+    /// Shutdown: take no new commands, forward the completions of those in flight (up to the
+    /// drain timeout).
+    async fn drain(&mut self, events: &mut Option<mpsc::UnboundedReceiver<CompletionEvent>>) {
+        self.closing = true;
+        let Some(client) = self.client.clone() else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + self.shared.config.drain_timeout;
+        while client.in_flight.load(Ordering::Acquire) > 0 {
+            let Some(rx) = events.as_mut() else { break };
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(e)) => {
+                    if let Flow::Close = self.send_event(e).await {
+                        break;
+                    }
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        // Completions the pump posted just before the count reached zero.
+        if let Some(rx) = events.as_mut() {
+            while let Ok(e) = rx.try_recv() {
+                if let Flow::Close = self.send_event(e).await {
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Quiesce and tear down the client's device address space, unpin, unmap its arenas.
+    async fn release(mut self) {
+        let Some(client) = self.client.take() else {
+            return;
+        };
+        self.shared.releasing.fetch_add(1, Ordering::AcqRel);
+        self.shared.clients().remove(&client.id);
+        let shared = self.shared.clone();
+        let (id, pid) = (client.id, client.pid);
+        let _ = tokio::task::spawn_blocking(move || {
+            // The last reference to the context runs its release: stop servicing, let its work
+            // finish (or quarantine the ASID), fence, unmap, unpin. The pump holds it weakly.
+            let arenas = client.arenas.clone();
+            drop(client);
+            arenas.clear();
+            shared.released.fetch_add(1, Ordering::Relaxed);
+            shared.releasing.fetch_sub(1, Ordering::AcqRel);
+        })
+        .await;
+        tracing::info!(client = id, pid, "client released");
+    }
+}

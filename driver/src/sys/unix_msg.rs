@@ -1,0 +1,100 @@
+//! Unix-socket messages with file descriptors (SCM_RIGHTS), peer credentials and pidfds: the
+//! daemon's OS edge. Works on blocking and non-blocking sockets alike (a non-blocking one
+//! reports `WouldBlock`, which is what tokio's `async_io` expects).
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
+/// Most descriptors one read accepts; more are refused (the kernel closes what does not fit).
+pub const MAX_FDS_PER_READ: usize = 4;
+
+fn errno(e: nix::errno::Errno) -> io::Error {
+    io::Error::from_raw_os_error(e as i32)
+}
+
+/// Send `bytes` (all or a prefix: returns how many) with `fds` attached to the first byte.
+pub fn send(socket: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io::Result<usize> {
+    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsg = [ControlMessage::ScmRights(&raw)];
+    let iov = [io::IoSlice::new(bytes)];
+    let control: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
+    sendmsg::<()>(
+        socket.as_raw_fd(),
+        &iov,
+        control,
+        MsgFlags::MSG_NOSIGNAL,
+        None,
+    )
+    .map_err(errno)
+}
+
+/// Receive into `buf`; descriptors that came along are appended to `fds`. Returns the byte
+/// count (0 at end of stream) and whether control data was cut short (more than
+/// [`MAX_FDS_PER_READ`] descriptors: the kernel closed the ones that did not fit).
+pub fn recv(
+    socket: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<(usize, bool)> {
+    let mut space = nix::cmsg_space!([RawFd; MAX_FDS_PER_READ]);
+    let mut iov = [io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(errno)?;
+    let bytes = msg.bytes;
+    let truncated = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+    for c in msg.cmsgs().map_err(errno)? {
+        if let ControlMessageOwned::ScmRights(received) = c {
+            for raw_fd in received {
+                // SAFETY: SCM_RIGHTS installed this fd in our table just now; nothing else owns it.
+                fds.push(unsafe { OwnedFd::from_raw_fd(raw_fd) });
+            }
+        }
+    }
+    Ok((bytes, truncated))
+}
+
+/// `pidfd_open(pid, 0)`.
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags by value and returns a new fd or -1.
+    let ret = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd returned by the kernel, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(ret as RawFd) })
+}
+
+/// The pid a pidfd refers to, from `/proc/self/fdinfo` (`None` if it is not a pidfd, or the
+/// process is gone: fdinfo then says -1).
+pub fn pidfd_pid(fd: BorrowedFd<'_>) -> Option<libc::pid_t> {
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd())).ok()?;
+    info.lines()
+        .find_map(|l| l.strip_prefix("Pid:"))
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|pid: &libc::pid_t| *pid > 0)
+}
+
+/// What kind of anonymous inode `fd` is (`"[userfaultfd]"`, `"[pidfd]"`, ...), if it is one.
+pub fn anon_inode_kind(fd: BorrowedFd<'_>) -> Option<String> {
+    let target = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
+    target
+        .to_str()?
+        .strip_prefix("anon_inode:")
+        .map(str::to_string)
+}
+
+/// Register `fd` with tokio for readability (a pidfd turns readable when its process exits).
+/// Must be called inside a tokio runtime.
+pub fn async_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open (and is not reused
+    // for something else) until the registration is dropped with it.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into())
+}

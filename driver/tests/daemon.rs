@@ -1,0 +1,877 @@
+//! The daemon with real client processes: this test binary re-runs itself as the clients (the
+//! ignored `client_role` test, told its role through the environment), so each client is a
+//! separate process with its own address space, userfaultfd and pidfd, as in production. The
+//! daemon runs in the test process on the emulated device, or as `mirrorctl serve` for the
+//! shutdown test.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use driver::daemon::protocol::{self, kind, ErrorCode, Header, Reply, Request, HEADER_SIZE};
+use driver::daemon::{Daemon, DaemonClient, DaemonConfig, StatsReply};
+use driver::fault::{CancelReason, ServiceMode};
+use driver::runtime::{DeviceSpec, Op, Runtime, RuntimeOptions};
+use driver::{DeviceOps, Error};
+
+const ROLE_ENV: &str = "MIRROR_DAEMON_TEST_ROLE";
+const SOCKET_ENV: &str = "MIRROR_DAEMON_TEST_SOCKET";
+const ARG_ENV: &str = "MIRROR_DAEMON_TEST_ARG";
+
+// ---------------------------------------------------------------------------------------------
+// The daemon side.
+
+struct TestDaemon {
+    socket: PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<(), Error>>>,
+    daemon: Arc<Daemon>,
+    _dir: TempDir,
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!(
+            "mirrord-test-{tag}-{}-{:?}",
+            std::process::id(),
+            Instant::now()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+impl TestDaemon {
+    fn start(tag: &str, mode: ServiceMode, adjust: impl FnOnce(&mut DaemonConfig)) -> TestDaemon {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let dir = TempDir::new(tag);
+        let socket = dir.0.join("mirrord.sock");
+        let runtime = Runtime::open(
+            DeviceSpec::emulated(),
+            RuntimeOptions {
+                mode,
+                ..RuntimeOptions::default()
+            },
+        )
+        .expect("open the emulated device");
+        let mut config = DaemonConfig::new(&socket);
+        adjust(&mut config);
+        let daemon = Arc::new(Daemon::new(runtime, config).expect("daemon"));
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let served = daemon.clone();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("tokio");
+            rt.block_on(served.serve(async {
+                let _ = rx.await;
+            }))
+        });
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "daemon did not bind its socket");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        TestDaemon {
+            socket,
+            stop: Some(tx),
+            thread: Some(thread),
+            daemon,
+            _dir: dir,
+        }
+    }
+
+    fn client(&self, role: &str, arg: &str) -> Child {
+        spawn_client(&self.socket, role, arg)
+    }
+
+    /// Waits until the daemon has released every client (stats are daemon-wide).
+    fn settle(&self) -> StatsReply {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = self.daemon.stats();
+            if s.clients == 0 || Instant::now() > deadline {
+                return s;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        let served = self.thread.take().unwrap().join().expect("daemon thread");
+        served.expect("serve returned an error");
+    }
+}
+
+impl Drop for TestDaemon {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn spawn_client(socket: &Path, role: &str, arg: &str) -> Child {
+    Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "client_role",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ROLE_ENV, role)
+        .env(SOCKET_ENV, socket)
+        .env(ARG_ENV, arg)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn a client process")
+}
+
+/// The client's report lines (`RESULT ...`), and whether it exited successfully.
+fn finish(mut child: Child) -> (bool, Vec<String>) {
+    drop(child.stdin.take());
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let ok = wait_timeout(&mut child, Duration::from_secs(120));
+    let lines = out
+        .lines()
+        // libtest prints "test client_role ... " in front of the first line.
+        .filter_map(|l| l.find("RESULT ").map(|at| l[at + 7..].to_string()))
+        .collect();
+    (ok, lines)
+}
+
+fn wait_timeout(child: &mut Child, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.success();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Reads the client's stdout until a `READY` line.
+fn wait_ready(child: &mut Child) -> BufReader<std::process::ChildStdout> {
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line).unwrap();
+        assert!(n > 0, "client exited before it was ready");
+        if line.contains("READY") {
+            return reader;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The client side: runs only in the child processes.
+
+fn fnv(bytes: &[u8]) -> u64 {
+    let mut h = accel_abi::FNV_OFFSET;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+fn report(line: impl AsRef<str>) {
+    println!("RESULT {}", line.as_ref());
+    eprintln!("[client {}] {}", std::process::id(), line.as_ref());
+    std::io::stdout().flush().unwrap();
+}
+
+fn cancelled(r: Result<(), Error>) -> Option<CancelReason> {
+    match r {
+        Err(Error::Cancelled { reason }) => Some(reason),
+        _ => None,
+    }
+}
+
+/// Real work on memory of its own: device fill, copy, checksum and atomics, checked by the CPU.
+fn role_work(client: &Arc<DaemonClient>, seed: u64) {
+    let mut arena = client.alloc_arena(2 << 20).expect("arena");
+    let half = arena.len() / 2;
+    let pattern = 0x0101_0101_0101_0101u64.wrapping_mul(seed % 251 + 1);
+    client.fill(&mut arena[..half], pattern).expect("fill");
+    assert!(arena[..half].iter().all(|b| *b == pattern.to_le_bytes()[0]));
+    for (i, b) in arena[..half].iter_mut().enumerate().step_by(4093) {
+        *b = (i as u64 ^ seed) as u8;
+    }
+    let (src, dst) = arena.split_at_mut(half);
+    client.copy(dst, src).expect("copy");
+    assert_eq!(src, dst);
+    let sum = client.checksum(&arena[..half]).expect("checksum");
+    assert_eq!(sum, fnv(&arena[..half]));
+    // Atomics go to arena memory: place the counter there.
+    let slot = &arena[half..half + 8];
+    let slot = slot.as_ptr() as *const AtomicU64;
+    // SAFETY: 8 aligned bytes of the arena, alive for the whole block; only atomics touch them.
+    let counter_in_arena = unsafe { &*slot };
+    counter_in_arena.store(0, std::sync::atomic::Ordering::Relaxed);
+    for _ in 0..100 {
+        client.atomic_add(counter_in_arena, 3).expect("atomic add");
+    }
+    assert_eq!(
+        counter_in_arena.load(std::sync::atomic::Ordering::Relaxed),
+        300
+    );
+    let stats = client.stats().expect("stats");
+    assert!(
+        stats.pages_mapped > 0 && stats.commands == 103 && stats.arenas == 1,
+        "{stats:?}"
+    );
+    report(format!(
+        "work ok asid {} faults {} commands {}",
+        client.asid(),
+        stats.faults,
+        stats.commands
+    ));
+}
+
+/// Tries to make the device reach memory outside its arenas; reports what happened.
+fn role_isolation(client: &Arc<DaemonClient>, daemon_canary: u64) {
+    // Private memory of our own is out of reach.
+    let mut private = vec![0x11u8; 64 << 10];
+    let r = client.fill(&mut private, 0x2222_2222_2222_2222);
+    report(format!("private {:?}", cancelled(r)));
+    assert!(private.iter().all(|b| *b == 0x11));
+
+    // An address in the daemon's own memory (its canary) means nothing in ours: unreachable.
+    let op = Op::Fill {
+        dst: daemon_canary,
+        len: 4096,
+        pattern: 0x3333_3333_3333_3333,
+    };
+    // SAFETY: the address is not ours; the device must refuse it, touching nothing of ours.
+    let r = unsafe { client.run(op) }.map(drop);
+    report(format!("daemon-address {:?}", cancelled(r)));
+
+    // A wild address range and a kernel address.
+    for (name, dst) in [
+        ("wild", 0x7fff_0000_0000u64),
+        ("kernel", 0xffff_8000_0000_0000),
+    ] {
+        let op = Op::Fill {
+            dst,
+            len: 8192,
+            pattern: 1,
+        };
+        // SAFETY: as above.
+        let r = unsafe { client.run(op) }.map(drop);
+        report(format!("{name} {}", outcome(&r)));
+    }
+
+    // An arena the daemon takes, then replaced under the same address by anonymous memory.
+    let mut arena = client.alloc_arena(64 << 10).expect("arena");
+    client
+        .fill(&mut arena[..], 0x4444_4444_4444_4444)
+        .expect("fill arena");
+    let va = arena.va();
+    // SAFETY: replaces our own arena mapping (which `arena` still owns and will munmap again,
+    // harmlessly, on drop) with anonymous memory at the same address.
+    let replaced = unsafe {
+        libc::mmap(
+            va as *mut libc::c_void,
+            64 << 10,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    assert_eq!(replaced as u64, va);
+    let op = Op::Fill {
+        dst: va,
+        len: 64 << 10,
+        pattern: 0x5555_5555_5555_5555,
+    };
+    // SAFETY: the anonymous memory at `va` is ours and nothing references it in Rust.
+    let r = unsafe { client.run(op) }.map(drop);
+    report(format!("replaced-arena {:?}", cancelled(r)));
+    // SAFETY: reads the anonymous page mapped above.
+    let first = unsafe { *(va as *const u8) };
+    report(format!("replaced-arena-byte {first}"));
+    std::mem::forget(arena); // its memory is gone from our side; the daemon still unregisters on exit
+
+    // Arenas the daemon must refuse.
+    use std::os::fd::AsFd;
+    let try_register = |name: &str, va: u64, len: u64, offset: u64, fd| {
+        let req = Request::RegisterArena { va, len, offset };
+        report(format!(
+            "{name} {:?}",
+            refusal(client.raw_request(req, &[fd]))
+        ));
+    };
+    let memfd = memfd(64 << 10);
+    try_register(
+        "unmapped-arena",
+        0x6000_0000_0000,
+        64 << 10,
+        0,
+        memfd.as_fd(),
+    );
+    let tmp = std::env::temp_dir().join(format!("mirrord-notmemfd-{}", std::process::id()));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&tmp)
+        .unwrap();
+    file.set_len(64 << 10).unwrap();
+    let _ = std::fs::remove_file(&tmp);
+    let map_of = |f: &std::fs::File| {
+        memmap2::MmapOptions::new()
+            .len(64 << 10)
+            .map_raw(f)
+            .unwrap()
+    };
+    let (file_map, memfd_map) = (map_of(&file), map_of(&memfd));
+    let (file_va, memfd_va) = (file_map.as_ptr() as u64, memfd_map.as_ptr() as u64);
+    try_register("regular-file", file_va, 64 << 10, 0, file.as_fd());
+    try_register("wrong-offset", memfd_va, 32 << 10, 4096, memfd.as_fd());
+    try_register("past-eof", memfd_va, 1 << 20, 0, memfd.as_fd());
+}
+
+fn outcome(r: &Result<(), Error>) -> String {
+    match r {
+        Ok(()) => "SUCCEEDED".into(),
+        Err(Error::Cancelled { reason }) => format!("cancelled {reason:?}"),
+        Err(e) => format!("failed {e}"),
+    }
+}
+
+fn refusal(r: Result<Reply, Error>) -> Option<ErrorCode> {
+    match r {
+        Err(Error::Daemon { code, .. }) => Some(code),
+        _ => None,
+    }
+}
+
+fn memfd(len: u64) -> std::fs::File {
+    let fd = nix::sys::memfd::memfd_create(
+        c"isolation",
+        nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC
+            | nix::sys::memfd::MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )
+    .unwrap();
+    let f = std::fs::File::from(fd);
+    f.set_len(len).unwrap();
+    f
+}
+
+/// Faults forever over a large arena (until killed).
+fn role_storm(client: &Arc<DaemonClient>) {
+    let arena = client.alloc_arena(48 << 20).expect("arena");
+    let mut announced = false;
+    let mut round = 0u64;
+    loop {
+        let chunk = 4 << 20;
+        let at = (round as usize * chunk) % arena.len();
+        let op = Op::Fill {
+            dst: arena.va() + at as u64,
+            len: chunk as u64,
+            pattern: round,
+        };
+        // SAFETY: the arena is ours and no reference into it is used while the device runs.
+        let ticket = unsafe { client.submit(op) }.expect("submit");
+        if !announced {
+            println!("READY");
+            std::io::stdout().flush().unwrap();
+            announced = true;
+        }
+        let _ = client.wait(ticket);
+        // Free the pages so the next round faults again.
+        // SAFETY: discards our own arena pages; the daemon hears of it through userfaultfd.
+        unsafe {
+            libc::madvise(
+                (arena.va() + at as u64) as *mut libc::c_void,
+                chunk,
+                libc::MADV_REMOVE,
+            );
+        }
+        round += 1;
+    }
+}
+
+/// Holds its session until stdin closes.
+fn role_hold(_client: &Arc<DaemonClient>) {
+    println!("READY");
+    std::io::stdout().flush().unwrap();
+    let mut sink = String::new();
+    let _ = std::io::stdin().read_to_string(&mut sink);
+}
+
+/// Submits past its in-flight limit, and maps past its pinned-bytes quota.
+fn role_quota(client: &Arc<DaemonClient>) {
+    let limits = client.limits();
+    let mut arena = client.alloc_arena(8 << 20).expect("arena");
+    let mut tickets = Vec::new();
+    let mut refused = None;
+    for i in 0..=limits.max_in_flight as u64 + 4 {
+        let op = Op::Fill {
+            dst: arena.va() + (i % 4) * 4096,
+            len: 4096,
+            pattern: i,
+        };
+        // SAFETY: no reference into the arena is used until every ticket is waited for.
+        match unsafe { client.submit(op) } {
+            Ok(t) => tickets.push(t),
+            Err(e) => {
+                refused = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    report(format!("in-flight-refused {}", refused.unwrap_or_default()));
+    for t in tickets {
+        client.wait(t).expect("wait");
+    }
+    let r = client.fill(&mut arena[..], 7);
+    report(format!("pinned {:?}", cancelled(r)));
+    let s = client.stats().unwrap();
+    report(format!("mapped {}", s.mapped_bytes));
+}
+
+#[test]
+#[ignore = "the client processes of the daemon tests run this"]
+fn client_role() {
+    let Ok(role) = std::env::var(ROLE_ENV) else {
+        return;
+    };
+    let socket = PathBuf::from(std::env::var(SOCKET_ENV).unwrap());
+    let arg = std::env::var(ARG_ENV).unwrap_or_default();
+    let client = match DaemonClient::connect(&socket) {
+        Ok(c) => c,
+        Err(e) => {
+            report(format!("connect-error {e}"));
+            return;
+        }
+    };
+    match role.as_str() {
+        "work" => role_work(&client, arg.parse().unwrap_or(1)),
+        "isolation" => role_isolation(&client, arg.parse().unwrap()),
+        "storm" => role_storm(&client),
+        "hold" => role_hold(&client),
+        "quota" => role_quota(&client),
+        other => panic!("unknown role {other}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The tests.
+
+#[test]
+fn eight_concurrent_clients_compute_on_their_own_memory() {
+    for mode in [ServiceMode::Interrupt, ServiceMode::Polling] {
+        let d = TestDaemon::start("eight", mode, |_| {});
+        let children: Vec<Child> = (0..8).map(|i| d.client("work", &i.to_string())).collect();
+        let mut asids = Vec::new();
+        for child in children {
+            let (ok, lines) = finish(child);
+            assert!(ok, "a client failed: {lines:?}");
+            let line = lines
+                .iter()
+                .find(|l| l.starts_with("work ok"))
+                .expect("report");
+            asids.push(line.split_whitespace().nth(3).unwrap().to_string());
+        }
+        asids.sort();
+        asids.dedup();
+        assert_eq!(
+            asids.len(),
+            8,
+            "every client had its own device address space"
+        );
+        let s = d.settle();
+        assert_eq!((s.clients, s.mapped_bytes_total, s.released), (0, 0, 8));
+        d.stop();
+    }
+}
+
+#[test]
+fn clients_cannot_reach_memory_outside_their_arenas() {
+    let canary = vec![0xa5u8; 4096];
+    let d = TestDaemon::start("isolation", ServiceMode::Interrupt, |_| {});
+    let bystander = d.client("hold", "");
+    let mut bystander = bystander;
+    let _out = wait_ready(&mut bystander);
+    let child = d.client("isolation", &(canary.as_ptr() as u64).to_string());
+    let (ok, lines) = finish(child);
+    assert!(ok, "isolation client failed: {lines:?}");
+    let get = |k: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(&format!("{k} ")).map(str::to_string))
+            .unwrap_or_else(|| panic!("no {k} in {lines:?}"))
+    };
+    assert_eq!(get("private"), "Some(Unreachable)");
+    // Nothing of the client's is mapped at those addresses: no CPU mapping to mirror at all.
+    assert_eq!(get("daemon-address"), "Some(NoMapping)");
+    assert_eq!(get("wild"), "cancelled NoMapping");
+    assert!(!get("kernel").contains("SUCCEEDED"), "{lines:?}");
+    assert_eq!(get("replaced-arena"), "Some(Unreachable)");
+    assert_eq!(get("replaced-arena-byte"), "0");
+    assert_eq!(get("unmapped-arena"), "Some(InvalidArgument)");
+    assert_eq!(get("regular-file"), "Some(InvalidArgument)");
+    assert_eq!(get("wrong-offset"), "Some(InvalidArgument)");
+    assert_eq!(get("past-eof"), "Some(InvalidArgument)");
+    assert!(
+        canary.iter().all(|b| *b == 0xa5),
+        "the daemon's memory changed"
+    );
+    drop(bystander.stdin.take());
+    assert!(wait_timeout(&mut bystander, Duration::from_secs(30)));
+    let s = d.settle();
+    assert_eq!((s.clients, s.mapped_bytes_total), (0, 0));
+    d.stop();
+}
+
+#[test]
+fn killed_clients_release_everything() {
+    let d = TestDaemon::start("kill", ServiceMode::Interrupt, |_| {});
+    let baseline = d.daemon.stats();
+    let survivor = d.client("hold", "");
+    let mut survivor = survivor;
+    let _out = wait_ready(&mut survivor);
+    for round in 0..5 {
+        let mut storm = d.client("storm", "");
+        let _out = wait_ready(&mut storm);
+        // Let it get into the middle of fault batches.
+        std::thread::sleep(Duration::from_millis(20 + 15 * round));
+        storm.kill().unwrap();
+        storm.wait().unwrap();
+    }
+    // The survivor still works after all that.
+    let (ok, lines) = finish(d.client("work", "9"));
+    assert!(ok, "a client after the kills failed: {lines:?}");
+    drop(survivor.stdin.take());
+    assert!(wait_timeout(&mut survivor, Duration::from_secs(30)));
+    let s = d.settle();
+    assert_eq!(s.clients, 0);
+    assert_eq!(s.mapped_bytes_total, 0, "pins left behind");
+    assert_eq!(s.quarantined, 0, "an address space was quarantined");
+    assert_eq!(s.table_pages_in_use, 0, "device page tables left behind");
+    // The table pool keeps its chunks for reuse; everything else returns to the baseline.
+    assert_eq!(
+        s.iova_bytes - s.table_pool_bytes,
+        baseline.iova_bytes - baseline.table_pool_bytes,
+        "IOVA usage did not return to the baseline"
+    );
+    assert_eq!(s.released, 7);
+    d.stop();
+}
+
+#[test]
+fn quotas_and_limits_are_named() {
+    let d = TestDaemon::start("quota", ServiceMode::Interrupt, |c| {
+        c.limits.max_in_flight = 4;
+        c.limits.max_mapped_bytes = 1 << 20;
+        c.max_clients = 2;
+    });
+    let (ok, lines) = finish(d.client("quota", ""));
+    assert!(ok, "{lines:?}");
+    let get = |k: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(&format!("{k} ")).map(str::to_string))
+            .unwrap_or_else(|| panic!("no {k} in {lines:?}"))
+    };
+    assert!(
+        get("in-flight-refused").contains("in-flight commands per client is 4"),
+        "{lines:?}"
+    );
+    assert_eq!(get("pinned"), "Some(Quota)");
+    assert!(get("mapped").parse::<u64>().unwrap() <= 1 << 20);
+
+    let mut a = d.client("hold", "");
+    let _ra = wait_ready(&mut a);
+    let mut b = d.client("hold", "");
+    let _rb = wait_ready(&mut b);
+    let (_, lines) = finish(d.client("hold", ""));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("connect-error") && l.contains("clients is 2")),
+        "{lines:?}"
+    );
+    for mut c in [a, b] {
+        drop(c.stdin.take());
+        assert!(wait_timeout(&mut c, Duration::from_secs(30)));
+    }
+    d.stop();
+}
+
+#[test]
+fn uids_off_the_allow_list_are_refused() {
+    let d = TestDaemon::start("uid", ServiceMode::Interrupt, |c| {
+        c.allowed_uids = vec![nix::unistd::getuid().as_raw().wrapping_add(4242)];
+    });
+    let (_, lines) = finish(d.client("hold", ""));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("connect-error") && l.contains("is not allowed")),
+        "{lines:?}"
+    );
+    d.stop();
+}
+
+#[test]
+fn a_flooding_client_does_not_starve_another() {
+    let d = TestDaemon::start("fair", ServiceMode::Interrupt, |_| {});
+    let mut storms: Vec<Child> = (0..2).map(|_| d.client("storm", "")).collect();
+    for s in &mut storms {
+        let _ = wait_ready(s);
+    }
+    // While two clients flood the fault buffer, a third gets its work done.
+    let (ok, lines) = finish(d.client("work", "5"));
+    assert!(ok, "{lines:?}");
+    for mut s in storms {
+        s.kill().unwrap();
+        s.wait().unwrap();
+    }
+    let s = d.settle();
+    assert_eq!((s.clients, s.mapped_bytes_total), (0, 0));
+    d.stop();
+}
+
+// --- raw protocol misbehaviour, from this process --------------------------------------------
+
+fn raw_connect(d: &TestDaemon) -> UnixStream {
+    let s = UnixStream::connect(&d.socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s
+}
+
+/// Reads one frame; `None` at end of stream.
+fn read_frame(s: &mut UnixStream) -> Option<(Header, Vec<u8>)> {
+    let mut head = [0u8; HEADER_SIZE];
+    s.read_exact(&mut head).ok()?;
+    let h = Header::decode_lenient(&head).expect("daemon frames decode");
+    let mut payload = vec![0u8; h.len as usize];
+    s.read_exact(&mut payload).ok()?;
+    Some((h, payload))
+}
+
+fn error_code(frame: &(Header, Vec<u8>)) -> Option<ErrorCode> {
+    match Reply::decode(frame.0.kind & !protocol::REPLY, &frame.1) {
+        Ok(Reply::Error { code, .. }) => Some(code),
+        _ => None,
+    }
+}
+
+#[test]
+fn malformed_and_out_of_order_messages_get_errors_then_a_disconnect() {
+    let d = TestDaemon::start("malformed", ServiceMode::Interrupt, |c| c.max_strikes = 3);
+    // Out of order: SUBMIT before HELLO, three times, then the fourth disconnects.
+    let mut s = raw_connect(&d);
+    let (k, p) = Request::Submit {
+        tag: 1,
+        op: Op::Checksum { src: 0, len: 8 },
+    }
+    .encode();
+    for i in 0..4 {
+        s.write_all(&protocol::frame(k, i + 1, &p)).unwrap();
+        let f = read_frame(&mut s).expect("an error reply");
+        assert_eq!(f.0.id, i + 1);
+        assert_eq!(error_code(&f), Some(ErrorCode::OutOfOrder));
+    }
+    assert!(
+        read_frame(&mut s).is_none(),
+        "disconnected after the strikes"
+    );
+
+    // Oversized: answered, skipped, and the stream stays usable.
+    let mut s = raw_connect(&d);
+    let mut big = Header {
+        kind: kind::STATS,
+        id: 9,
+        len: protocol::MAX_PAYLOAD + 100,
+    }
+    .encode()
+    .to_vec();
+    big.extend(std::iter::repeat_n(
+        0u8,
+        protocol::MAX_PAYLOAD as usize + 100,
+    ));
+    s.write_all(&big).unwrap();
+    let f = read_frame(&mut s).unwrap();
+    assert_eq!((f.0.id, error_code(&f)), (9, Some(ErrorCode::TooLarge)));
+    s.write_all(&protocol::frame(0x77, 10, &[])).unwrap();
+    let f = read_frame(&mut s).unwrap();
+    assert_eq!((f.0.id, error_code(&f)), (10, Some(ErrorCode::BadMessage)));
+
+    // Bad magic: answered, then disconnected (the stream cannot be resynchronised).
+    let mut s = raw_connect(&d);
+    s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let f = read_frame(&mut s).unwrap();
+    assert_eq!(error_code(&f), Some(ErrorCode::BadMessage));
+    assert!(read_frame(&mut s).is_none());
+
+    // A version nobody speaks.
+    let mut s = raw_connect(&d);
+    let (k, p) = Request::Hello {
+        min_version: 7,
+        max_version: 9,
+    }
+    .encode();
+    s.write_all(&protocol::frame(k, 1, &p)).unwrap();
+    let f = read_frame(&mut s).unwrap();
+    assert_eq!(error_code(&f), Some(ErrorCode::Version));
+    let mut v2 = protocol::frame(kind::STATS, 2, &[]);
+    v2[4] = 2;
+    let mut s = raw_connect(&d);
+    s.write_all(&v2).unwrap();
+    let f = read_frame(&mut s).unwrap();
+    assert_eq!(error_code(&f), Some(ErrorCode::Version));
+
+    // HELLO without its userfaultfd.
+    let mut s = raw_connect(&d);
+    let (k, p) = Request::Hello {
+        min_version: 1,
+        max_version: 1,
+    }
+    .encode();
+    s.write_all(&protocol::frame(k, 3, &p)).unwrap();
+    let f = read_frame(&mut s).unwrap();
+    assert_eq!(error_code(&f), Some(ErrorCode::BadMessage));
+
+    // The daemon still serves a real client.
+    let (ok, lines) = finish(d.client("work", "3"));
+    assert!(ok, "{lines:?}");
+    d.stop();
+}
+
+#[test]
+fn random_bytes_never_take_the_daemon_down() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    let d = TestDaemon::start("fuzz", ServiceMode::Interrupt, |_| {});
+    let mut runner = TestRunner::new(Config {
+        cases: 64,
+        ..Config::default()
+    });
+    let frames = prop_oneof![
+        // Well-framed, random kind and payload.
+        (any::<u16>(), proptest::collection::vec(any::<u8>(), 0..64))
+            .prop_map(|(k, p)| { protocol::frame(k % 8, 1, &p) }),
+        // Random everything.
+        proptest::collection::vec(any::<u8>(), 0..200),
+        // A valid header announcing more than follows.
+        (any::<u16>(), 1u32..4096).prop_map(|(k, len)| {
+            Header {
+                kind: k,
+                id: 1,
+                len,
+            }
+            .encode()
+            .to_vec()
+        }),
+    ];
+    runner
+        .run(&proptest::collection::vec(frames, 1..6), |msgs| {
+            let mut s = raw_connect(&d);
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            for m in msgs {
+                if s.write_all(&m).is_err() {
+                    break;
+                }
+            }
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink);
+            Ok(())
+        })
+        .unwrap();
+    let (ok, lines) = finish(d.client("work", "4"));
+    assert!(
+        ok,
+        "the daemon stopped serving after the fuzzing: {lines:?}"
+    );
+    d.stop();
+}
+
+#[test]
+fn mirrorctl_serve_shuts_down_gracefully_on_sigterm() {
+    let dir = TempDir::new("serve");
+    let socket = dir.0.join("mirrord.sock");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_mirrorctl"))
+        .args(["serve", "--socket"])
+        .arg(&socket)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !socket.exists() {
+        assert!(Instant::now() < deadline, "mirrorctl serve did not bind");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (ok, lines) = finish(spawn_client(&socket, "work", "2"));
+    assert!(ok, "{lines:?}");
+    let mut holder = spawn_client(&socket, "hold", "");
+    let _out = wait_ready(&mut holder);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let exited = wait_timeout(&mut daemon, Duration::from_secs(30));
+    let mut log = String::new();
+    daemon
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut log)
+        .unwrap();
+    assert!(
+        exited,
+        "mirrorctl serve did not exit 0 after SIGTERM:\n{log}"
+    );
+    assert!(!socket.exists(), "the socket was not removed");
+    assert!(log.contains("client released"), "{log}");
+    assert!(log.contains("mirrord stopped"), "{log}");
+    // The holder's session is gone; it exits when told to.
+    drop(holder.stdin.take());
+    assert!(wait_timeout(&mut holder, Duration::from_secs(30)));
+}
