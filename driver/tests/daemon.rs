@@ -189,14 +189,20 @@ fn wait_timeout(child: &mut Child, limit: Duration) -> bool {
 
 /// Reads the client's stdout until a `READY` line.
 fn wait_ready(child: &mut Child) -> BufReader<std::process::ChildStdout> {
+    wait_ready_line(child).0
+}
+
+/// Like [`wait_ready`], also returning what follows `READY` on its line.
+fn wait_ready_line(child: &mut Child) -> (BufReader<std::process::ChildStdout>, String) {
     let mut reader = BufReader::new(child.stdout.take().unwrap());
     let mut line = String::new();
     loop {
         line.clear();
         let n = reader.read_line(&mut line).unwrap();
         assert!(n > 0, "client exited before it was ready");
-        if line.contains("READY") {
-            return reader;
+        if let Some(at) = line.find("READY") {
+            let rest = line[at + 5..].to_string();
+            return (reader, rest);
         }
     }
 }
@@ -268,7 +274,7 @@ fn role_work(client: &Arc<DaemonClient>, seed: u64) {
 }
 
 /// Tries to make the device reach memory outside its arenas; reports what happened.
-fn role_isolation(client: &Arc<DaemonClient>, daemon_canary: u64) {
+fn role_isolation(client: &Arc<DaemonClient>, daemon_canary: u64, other_arena: u64) {
     // Private memory of our own is out of reach.
     let mut private = vec![0x11u8; 64 << 10];
     let r = client.fill(&mut private, 0x2222_2222_2222_2222);
@@ -284,6 +290,16 @@ fn role_isolation(client: &Arc<DaemonClient>, daemon_canary: u64) {
     // SAFETY: the address is not ours; the device must refuse it, touching nothing of ours.
     let r = unsafe { client.run(op) }.map(drop);
     report(format!("daemon-address {:?}", cancelled(r)));
+
+    // Another client's arena, by its address: in our address space nothing is there.
+    let op = Op::Fill {
+        dst: other_arena,
+        len: 64 << 10,
+        pattern: 0x6666_6666_6666_6666,
+    };
+    // SAFETY: as above.
+    let r = unsafe { client.run(op) }.map(drop);
+    report(format!("other-client {:?}", cancelled(r)));
 
     // A wild address range and a kernel address.
     for (name, dst) in [
@@ -433,6 +449,24 @@ fn role_storm(client: &Arc<DaemonClient>) {
     }
 }
 
+/// Keeps device-written data in an arena while others try to reach it; checks it at the end.
+fn role_guard(client: &Arc<DaemonClient>) {
+    let mut arena = client.alloc_arena(64 << 10).expect("arena");
+    client
+        .fill(&mut arena[..], 0x7777_7777_7777_7777)
+        .expect("fill");
+    println!("READY {}", arena.va());
+    std::io::stdout().flush().unwrap();
+    let mut sink = String::new();
+    let _ = std::io::stdin().read_to_string(&mut sink);
+    let intact = arena.iter().all(|b| *b == 0x77);
+    let sum = client.checksum(&arena[..]).expect("checksum");
+    report(format!(
+        "guard intact {intact} device-agrees {}",
+        sum == fnv(&arena[..])
+    ));
+}
+
 /// Holds its session until stdin closes.
 fn role_hold(_client: &Arc<DaemonClient>) {
     println!("READY");
@@ -489,7 +523,11 @@ fn client_role() {
     };
     match role.as_str() {
         "work" => role_work(&client, arg.parse().unwrap_or(1)),
-        "isolation" => role_isolation(&client, arg.parse().unwrap()),
+        "isolation" => {
+            let (canary, other) = arg.split_once(',').unwrap();
+            role_isolation(&client, canary.parse().unwrap(), other.parse().unwrap())
+        }
+        "guard" => role_guard(&client),
         "storm" => role_storm(&client),
         "hold" => role_hold(&client),
         "quota" => role_quota(&client),
@@ -532,10 +570,13 @@ fn eight_concurrent_clients_compute_on_their_own_memory() {
 fn clients_cannot_reach_memory_outside_their_arenas() {
     let canary = vec![0xa5u8; 4096];
     let d = TestDaemon::start("isolation", ServiceMode::Interrupt, |_| {});
-    let bystander = d.client("hold", "");
-    let mut bystander = bystander;
-    let _out = wait_ready(&mut bystander);
-    let child = d.client("isolation", &(canary.as_ptr() as u64).to_string());
+    let mut guard = d.client("guard", "");
+    let mut guard_out = wait_ready_line(&mut guard);
+    let other_arena: u64 = guard_out.1.trim().parse().unwrap();
+    let child = d.client(
+        "isolation",
+        &format!("{},{other_arena}", canary.as_ptr() as u64),
+    );
     let (ok, lines) = finish(child);
     assert!(ok, "isolation client failed: {lines:?}");
     let get = |k: &str| {
@@ -547,6 +588,7 @@ fn clients_cannot_reach_memory_outside_their_arenas() {
     assert_eq!(get("private"), "Some(Unreachable)");
     // Nothing of the client's is mapped at those addresses: no CPU mapping to mirror at all.
     assert_eq!(get("daemon-address"), "Some(NoMapping)");
+    assert_eq!(get("other-client"), "Some(NoMapping)");
     assert_eq!(get("wild"), "cancelled NoMapping");
     assert!(!get("kernel").contains("SUCCEEDED"), "{lines:?}");
     assert_eq!(get("replaced-arena"), "Some(Unreachable)");
@@ -559,8 +601,14 @@ fn clients_cannot_reach_memory_outside_their_arenas() {
         canary.iter().all(|b| *b == 0xa5),
         "the daemon's memory changed"
     );
-    drop(bystander.stdin.take());
-    assert!(wait_timeout(&mut bystander, Duration::from_secs(30)));
+    drop(guard.stdin.take());
+    let mut rest = String::new();
+    guard_out.0.read_to_string(&mut rest).unwrap();
+    assert!(wait_timeout(&mut guard, Duration::from_secs(30)));
+    assert!(
+        rest.contains("guard intact true device-agrees true"),
+        "the other client's arena changed: {rest}"
+    );
     let s = d.settle();
     assert_eq!((s.clients, s.mapped_bytes_total), (0, 0));
     d.stop();
