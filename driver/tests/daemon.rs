@@ -55,6 +55,15 @@ impl Drop for TempDir {
 
 impl TestDaemon {
     fn start(tag: &str, mode: ServiceMode, adjust: impl FnOnce(&mut DaemonConfig)) -> TestDaemon {
+        Self::start_on(tag, DeviceSpec::emulated(), mode, adjust)
+    }
+
+    fn start_on(
+        tag: &str,
+        spec: DeviceSpec,
+        mode: ServiceMode,
+        adjust: impl FnOnce(&mut DaemonConfig),
+    ) -> TestDaemon {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -62,7 +71,7 @@ impl TestDaemon {
         let dir = TempDir::new(tag);
         let socket = dir.0.join("mirrord.sock");
         let runtime = Runtime::open(
-            DeviceSpec::emulated(),
+            spec,
             RuntimeOptions {
                 mode,
                 ..RuntimeOptions::default()
@@ -922,4 +931,43 @@ fn mirrorctl_serve_shuts_down_gracefully_on_sigterm() {
     // The holder's session is gone; it exits when told to.
     drop(holder.stdin.take());
     assert!(wait_timeout(&mut holder, Duration::from_secs(30)));
+}
+
+#[test]
+fn clients_work_with_the_device_in_another_process() {
+    // Three kinds of process: the device (a vfio-user server), the daemon, the clients. Arena
+    // memory reaches the device process by fd.
+    let dir = TempDir::new("vfio-user");
+    let device_socket = dir.0.join("device.sock");
+    let mut device = Command::new(env!("CARGO_BIN_EXE_mirrorctl"))
+        .args(["emulate", "--socket"])
+        .arg(&device_socket)
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !device_socket.exists() {
+        assert!(Instant::now() < deadline, "mirrorctl emulate did not bind");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let d = TestDaemon::start_on(
+        "over-vfio-user",
+        DeviceSpec::VfioUser(device_socket),
+        ServiceMode::Interrupt,
+        |_| {},
+    );
+    let children: Vec<Child> = (0..2).map(|i| d.client("work", &i.to_string())).collect();
+    for child in children {
+        let (ok, lines) = finish(child);
+        assert!(ok, "a client failed over vfio-user: {lines:?}");
+    }
+    let s = d.settle();
+    assert_eq!((s.clients, s.mapped_bytes_total), (0, 0));
+    d.stop();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(device.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(wait_timeout(&mut device, Duration::from_secs(30)));
 }
