@@ -880,7 +880,9 @@ impl Bench {
         let mut spins = vec![0, 20, default, 200];
         spins.sort_unstable();
         spins.dedup();
+        let mut lines = Vec::new();
         for placement in [Placement::Same, Placement::Cross] {
+            let (mut rt_line, mut fault_line) = (Vec::new(), Vec::new());
             for &spin in &spins {
                 let device = AcceleratorConfig {
                     idle_spin_us: spin,
@@ -892,10 +894,14 @@ impl Bench {
                 r.madvise(libc::MADV_POPULATE_WRITE)
                     .map_err(os("madvise"))?;
                 device_touch(&ctx, &[r.page(n)], 1)?;
+                // As in the latency rows: commands back to back, then invalidations apart (an
+                // invalidation between commands would let the watching worker run out of time).
                 let (mut nofault, mut fault, mut inval) = (Vec::new(), Vec::new(), Vec::new());
                 for i in 0..n {
                     nofault.push(us(device_touch(&ctx, &[r.page(n)], 1)?));
                     fault.push(us(device_touch(&ctx, &[r.page(i)], 1)?));
+                }
+                for _ in 0..n {
                     let one = Region::new(1).map_err(os("mmap"))?;
                     one.touch();
                     device_touch(&ctx, &[one.addr()], 1)?;
@@ -928,6 +934,8 @@ impl Bench {
                         "pages/s",
                     ),
                 ];
+                rt_line.push((f64::from(spin), median(rows[0].1)));
+                fault_line.push((f64::from(spin), median(rows[1].1)));
                 for (what, v, unit) in rows {
                     let latency = unit == "us";
                     self.fig(Figure {
@@ -943,7 +951,19 @@ impl Bench {
                     });
                 }
             }
+            let at = placement.name();
+            lines.push((format!("command, {at}"), rt_line));
+            lines.push((format!("fault, {at}"), fault_line));
         }
+        self.report.plots.push(Plot {
+            file: "idle_spin".into(),
+            title: "Round trip vs the emulator's idle spin (polling, p50)".into(),
+            x_label: "idle_spin_us".into(),
+            y_label: "us".into(),
+            log_x: false,
+            log_y: false,
+            lines,
+        });
         Ok(())
     }
 
