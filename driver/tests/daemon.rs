@@ -438,7 +438,14 @@ fn role_storm(client: &Arc<DaemonClient>) {
             pattern: round,
         };
         // SAFETY: the arena is ours and no reference into it is used while the device runs.
-        let ticket = unsafe { client.submit(op) }.expect("submit");
+        let ticket = match unsafe { client.submit(op) } {
+            Ok(t) => t,
+            Err(e) => {
+                // The daemon went away (the shutdown test): stop quietly.
+                report(format!("storm stopped: {e}"));
+                return;
+            }
+        };
         if !announced {
             println!("READY");
             std::io::stdout().flush().unwrap();
