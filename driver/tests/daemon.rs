@@ -986,3 +986,26 @@ fn clients_work_with_the_device_in_another_process() {
     .unwrap();
     assert!(wait_timeout(&mut device, Duration::from_secs(30)));
 }
+
+#[test]
+fn the_daemon_benchmark_runs_its_client_processes() {
+    use driver::bench::daemon::{measure, DaemonBenchSpec};
+    let spec = DaemonBenchSpec {
+        clients: vec![1, 3],
+        rounds: 3,
+        pages: 32,
+        exe: PathBuf::from(env!("CARGO_BIN_EXE_mirrorctl")),
+        mode: ServiceMode::Interrupt,
+    };
+    let points = measure(&spec).expect("the daemon benchmark");
+    assert_eq!(points.len(), 2);
+    for p in &points {
+        // Functional checks only: figures are the benchmark's business, not the test's.
+        assert!(
+            p.pages_per_s > 0.0 && p.p50_us > 0.0 && p.p99_us >= p.p50_us,
+            "{p:?}"
+        );
+    }
+    eprintln!("{points:?}");
+    assert_eq!((points[0].clients, points[1].clients), (1, 3));
+}

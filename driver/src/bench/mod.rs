@@ -7,6 +7,7 @@
 //! measuring thread to CPU 0. Interrupt mode completes commands through cross-thread wake-ups;
 //! polling mode busy-polls.
 
+pub mod daemon;
 pub mod report;
 pub mod sys;
 

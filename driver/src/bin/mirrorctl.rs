@@ -61,6 +61,19 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// A benchmark client process (started by `mirrorctl bench` itself).
+    #[command(hide = true)]
+    BenchClient {
+        /// The daemon's socket.
+        #[arg(long)]
+        socket: std::path::PathBuf,
+        /// Rounds.
+        #[arg(long)]
+        rounds: usize,
+        /// Arena pages.
+        #[arg(long)]
+        pages: usize,
+    },
     /// Run the daemon: own one device and serve client processes over a UNIX socket, each
     /// mirrored into its own device address space (docs/daemon.md), until SIGTERM or SIGINT.
     Serve {
@@ -109,6 +122,11 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let result = match cli.command {
+        Command::BenchClient {
+            socket,
+            rounds,
+            pages,
+        } => driver::bench::daemon::client_main(&socket, rounds, pages),
         Command::Serve {
             socket,
             allow_uid,

@@ -374,6 +374,15 @@ impl ClientArena {
     pub fn writable(&self) -> bool {
         self.writable
     }
+
+    /// Give its pages back (they read as zeroes afterwards); the device's entries for them go
+    /// too, and its next access faults them in again.
+    pub fn discard(&mut self) -> Result<(), Error> {
+        self.mem.discard().map_err(|source| Error::Os {
+            what: "madvise(MADV_REMOVE) an arena",
+            source,
+        })
+    }
 }
 
 impl std::ops::Deref for ClientArena {

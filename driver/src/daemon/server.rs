@@ -1030,10 +1030,15 @@ impl Session {
         match submitted {
             Ok(ticket) => {
                 client.commands.fetch_add(1, Ordering::Relaxed);
-                let events = self
-                    .events
-                    .clone()
-                    .expect("events channel exists after HELLO");
+                let Some(events) = self.events.clone() else {
+                    // Cannot happen (the channel is made with the HELLO reply); fail the command
+                    // rather than the daemon.
+                    client.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    let message = "internal: no completion channel for this session";
+                    return self
+                        .reply(header, Reply::error(ErrorCode::Internal, message))
+                        .await;
+                };
                 self.shared.pump.add(Pending {
                     ctx: Arc::downgrade(&client.ctx),
                     ticket,

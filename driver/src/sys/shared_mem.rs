@@ -51,6 +51,25 @@ impl SharedMemory {
         self.map.as_ptr() as u64
     }
 
+    /// Give the pages back (MADV_REMOVE: the file's pages go, later reads see zeroes). A
+    /// mirror of this process hears of it through userfaultfd as a discard.
+    pub fn discard(&self) -> std::io::Result<()> {
+        // SAFETY: the range is exactly our own live mapping; MADV_REMOVE only drops its pages
+        // (the mapping stays valid and reads back zeroes), which no reference can observe as
+        // undefined behaviour.
+        let r = unsafe {
+            libc::madvise(
+                self.map.as_ptr() as *mut libc::c_void,
+                self.map.len(),
+                libc::MADV_REMOVE,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// The bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.map

@@ -1,0 +1,261 @@
+//! The daemon benchmark: aggregate device-fault throughput and per-command latency with 1..64
+//! client processes served by one daemon, beside the same work done in-process.
+//!
+//! Each client (this executable again, `mirrorctl bench-client`) connects, allocates an arena,
+//! says READY and waits for GO on stdin so every client starts together; then each round it
+//! discards its arena's pages (MADV_REMOVE: the daemon sees the userfaultfd event and tears the
+//! device entries down) and has the device fill the arena, which faults every page in again.
+//! It reports each round's submit-to-completion time. Throughput is pages made device-accessible
+//! per second over every client, from GO to the last client's end.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::daemon::{Daemon, DaemonClient, DaemonConfig};
+use crate::fault::ServiceMode;
+use crate::runtime::{DeviceSpec, Runtime, RuntimeOptions};
+use crate::sys::shared_mem::SharedMemory;
+use crate::{DeviceOps, Error};
+
+/// One measured configuration.
+#[derive(Debug, Clone)]
+pub struct DaemonPoint {
+    /// Client processes.
+    pub clients: usize,
+    /// Pages made device-accessible per second, all clients together.
+    pub pages_per_s: f64,
+    /// Median round (one fill of the arena) latency, µs.
+    pub p50_us: f64,
+    /// 99th percentile round latency, µs.
+    pub p99_us: f64,
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct DaemonBenchSpec {
+    /// Client counts to measure.
+    pub clients: Vec<usize>,
+    /// Rounds per client.
+    pub rounds: usize,
+    /// Arena pages per client (each round faults them all).
+    pub pages: usize,
+    /// The executable that runs `bench-client`.
+    pub exe: PathBuf,
+    /// Fault-service mode.
+    pub mode: ServiceMode,
+}
+
+fn os(what: &'static str) -> impl Fn(std::io::Error) -> Error {
+    move |source| Error::Os { what, source }
+}
+
+/// The client process: connect, allocate, wait for GO, run the rounds, print one `ROUND <ns>`
+/// line per round and `DONE`.
+pub fn client_main(socket: &Path, rounds: usize, pages: usize) -> Result<(), Error> {
+    let client = DaemonClient::connect(socket)?;
+    let mut arena = client.alloc_arena(pages * 4096)?;
+    // Warm: the first touch of fresh memory on this VM is far slower than the rest.
+    client.fill(&mut arena[..], 1)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "READY").map_err(os("stdout"))?;
+    out.flush().map_err(os("stdout"))?;
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go).map_err(os("read GO"))?;
+    let mut times = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        arena.discard()?;
+        let t = Instant::now();
+        client.fill(&mut arena[..], round as u64)?;
+        times.push(t.elapsed().as_nanos());
+    }
+    for ns in times {
+        writeln!(out, "ROUND {ns}").map_err(os("stdout"))?;
+    }
+    writeln!(out, "DONE").map_err(os("stdout"))?;
+    Ok(())
+}
+
+/// The same rounds in-process (the baseline): a context over this process and a memfd of the
+/// same size, discarded and filled each round.
+pub fn in_process(rounds: usize, pages: usize, mode: ServiceMode) -> Result<DaemonPoint, Error> {
+    let rt = Runtime::open(
+        DeviceSpec::emulated(),
+        RuntimeOptions {
+            mode,
+            ..RuntimeOptions::default()
+        },
+    )?;
+    let ctx = rt.create_context()?;
+    let mut mem = SharedMemory::new(pages * 4096, "bench").map_err(os("memfd"))?;
+    ctx.fill(mem.bytes_mut(), 1)?;
+    let mut times = Vec::with_capacity(rounds);
+    let start = Instant::now();
+    for round in 0..rounds {
+        mem.discard()
+            .map_err(os("madvise(MADV_REMOVE) the memfd"))?;
+        let t = Instant::now();
+        ctx.fill(mem.bytes_mut(), round as u64)?;
+        times.push(t.elapsed().as_nanos());
+    }
+    let wall = start.elapsed();
+    Ok(point(1, rounds * pages, wall, times))
+}
+
+fn point(clients: usize, pages: usize, wall: Duration, mut times: Vec<u128>) -> DaemonPoint {
+    times.sort_unstable();
+    let at = |q: f64| {
+        if times.is_empty() {
+            return 0.0;
+        }
+        let i = ((times.len() - 1) as f64 * q).round() as usize;
+        times[i] as f64 / 1e3
+    };
+    DaemonPoint {
+        clients,
+        pages_per_s: pages as f64 / wall.as_secs_f64().max(1e-9),
+        p50_us: at(0.5),
+        p99_us: at(0.99),
+    }
+}
+
+struct Spawned {
+    child: Child,
+    lines: BufReader<std::process::ChildStdout>,
+}
+
+fn read_until(s: &mut Spawned, word: &str) -> Result<Vec<String>, Error> {
+    let mut seen = Vec::new();
+    loop {
+        let mut line = String::new();
+        let n = s.lines.read_line(&mut line).map_err(os("read a client"))?;
+        if n == 0 {
+            return Err(Error::DaemonConnection(format!(
+                "a benchmark client ended before {word}: {seen:?}"
+            )));
+        }
+        if line.trim() == word {
+            return Ok(seen);
+        }
+        seen.push(line.trim().to_string());
+    }
+}
+
+/// Runs every client count against one daemon (serving on a fresh socket in this process).
+pub fn measure(spec: &DaemonBenchSpec) -> Result<Vec<DaemonPoint>, Error> {
+    let dir = std::env::temp_dir().join(format!("mirrord-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(os("create the bench socket directory"))?;
+    let socket = dir.join("mirrord.sock");
+    let runtime = Runtime::open(
+        DeviceSpec::emulated(),
+        RuntimeOptions {
+            mode: spec.mode,
+            ..RuntimeOptions::default()
+        },
+    )?;
+    let daemon = Daemon::new(runtime, DaemonConfig::new(&socket))?;
+    let tokio = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(os("start tokio"))?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = {
+        let daemon = &daemon;
+        async move {
+            daemon
+                .serve(async {
+                    let _ = stopped.await;
+                })
+                .await
+        }
+    };
+    let result = std::thread::scope(|scope| {
+        let runner = scope.spawn(|| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !socket.exists() {
+                if Instant::now() > deadline {
+                    return Err(Error::Timeout("the benchmark daemon's socket"));
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let mut points = Vec::new();
+            for &n in &spec.clients {
+                points.push(run_clients(spec, &socket, n)?);
+            }
+            Ok(points)
+        });
+        let served = tokio.block_on(async {
+            let run = async {
+                while !runner.is_finished() {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let _ = stop.send(());
+            };
+            let (served, ()) = tokio::join!(server, run);
+            served
+        });
+        let points = runner
+            .join()
+            .map_err(|_| Error::DaemonConnection("the benchmark runner panicked".into()))?;
+        served.and(points)
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn run_clients(spec: &DaemonBenchSpec, socket: &Path, n: usize) -> Result<DaemonPoint, Error> {
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut child = Command::new(&spec.exe)
+            .arg("bench-client")
+            .arg("--socket")
+            .arg(socket)
+            .arg("--rounds")
+            .arg(spec.rounds.to_string())
+            .arg("--pages")
+            .arg(spec.pages.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(os("spawn a benchmark client"))?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or(Error::InvalidArgument("no stdout"))?;
+        clients.push(Spawned {
+            child,
+            lines: BufReader::new(stdout),
+        });
+    }
+    let outcome = (|| {
+        for c in &mut clients {
+            read_until(c, "READY")?;
+        }
+        let start = Instant::now();
+        for c in &mut clients {
+            if let Some(stdin) = c.child.stdin.as_mut() {
+                stdin.write_all(b"GO\n").map_err(os("start a client"))?;
+                stdin.flush().map_err(os("start a client"))?;
+            }
+        }
+        let mut times = Vec::new();
+        for c in &mut clients {
+            for line in read_until(c, "DONE")? {
+                if let Some(ns) = line.strip_prefix("ROUND ").and_then(|v| v.parse().ok()) {
+                    times.push(ns);
+                }
+            }
+        }
+        let wall = start.elapsed();
+        Ok(point(n, n * spec.rounds * spec.pages, wall, times))
+    })();
+    for mut c in clients {
+        if outcome.is_err() {
+            let _ = c.child.kill();
+        }
+        let _ = c.child.wait();
+    }
+    outcome
+}
