@@ -491,12 +491,18 @@ impl ContextCore {
     fn walk(&self, range: VaRange, access: Access, backing: &Backing) -> Result<Walked, WalkError> {
         if let Backing::Arena(_) = backing {
             // The device reaches the file's pages through our own mapping: the client's page
-            // tables play no part, only its mapping of the file (checked by the caller, and
-            // watched for changes through the sequence count).
+            // tables play no part, only its mapping of the file. That is checked again here,
+            // inside the sequence count: an unregister or a munmap between the caller's check
+            // and `read_begin` (before the range was registered for events) is seen now, one
+            // after it collides and the retry sees it.
+            let arena = self.resolve_arena(range)?;
+            if access == Access::Write && !arena.writable() {
+                return Err(WalkError::Cancel(CancelReason::Permission));
+            }
             if let Some(hook) = &self.options.walk_hook {
                 hook(range);
             }
-            return self.map_dma(range, false, access, backing);
+            return self.map_dma(range, false, access, &Backing::Arena(arena));
         }
         let mut attempts = 0;
         let (map_range, large) = loop {
@@ -515,6 +521,17 @@ impl ContextCore {
             hook(range);
         }
         self.map_dma(map_range, large, access, backing)
+    }
+
+    /// The arena that holds `range`, if the mirrored process maps it there as registered.
+    fn resolve_arena(&self, range: VaRange) -> Result<Arc<Arena>, WalkError> {
+        let Reach::Arenas(table) = &self.options.reach else {
+            return Err(WalkError::Cancel(CancelReason::Unreachable));
+        };
+        let vmas = self.mm.walker().vmas(range)?;
+        table
+            .resolve(&vmas, range.start(), range.end())
+            .ok_or(WalkError::Cancel(CancelReason::Unreachable))
     }
 
     /// The range to map and whether it is one 2 MiB page, if every page is present with the

@@ -422,8 +422,21 @@ impl Shared {
         // Sort by (asid, page, access) and group: one entry per (asid, page) with the
         // strongest access, and every work id that faulted on it.
         let mut records: Vec<FaultRecord> = Vec::with_capacity(batch.len());
+        let mut cancels: Vec<(u32, CancelReason)> = Vec::new();
+        let va_limit = 1u64 << self.device.caps().va_bits.clamp(12, 63);
         for d in batch.iter() {
             match *d {
+                DrainedFault::Fault(r) if r.va >= va_limit => {
+                    // An address the device cannot translate: a device (or emulator) bug, and
+                    // arithmetic on it further down could overflow. Fail the work item.
+                    self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        va = r.va,
+                        work_id = r.work_id,
+                        "fault record beyond the VA width"
+                    );
+                    cancels.push((r.work_id, CancelReason::Malformed));
+                }
                 DrainedFault::Fault(r) => records.push(r),
                 DrainedFault::Malformed { slot } => {
                     // Nothing in it can be trusted, not even the work id: the stalled item
@@ -465,7 +478,6 @@ impl Shared {
             usize::MAX
         };
 
-        let mut cancels: Vec<(u32, CancelReason)> = Vec::new();
         let mut serviced_any = false;
         for range in groups {
             let group = &records[range];

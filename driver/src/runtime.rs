@@ -89,6 +89,9 @@ pub struct Runtime {
     options: RuntimeOptions,
     commands: AtomicU64,
     quarantined: AtomicU64,
+    /// Leftover work of dropped contexts, by address space.
+    orphans: Mutex<Vec<(u16, Ticket)>>,
+    has_orphans: std::sync::atomic::AtomicBool,
 }
 
 /// The current process's address space, shared by every context of every runtime: a second
@@ -122,6 +125,8 @@ impl Runtime {
             options,
             commands: AtomicU64::new(0),
             quarantined: AtomicU64::new(0),
+            orphans: Mutex::new(Vec::new()),
+            has_orphans: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -157,6 +162,7 @@ impl Runtime {
         mm: Arc<AddressSpace>,
         options: ContextOptions,
     ) -> Result<Context, Error> {
+        self.reap_orphans();
         let asid = {
             let mut asids = self.asids.lock().unwrap_or_else(|p| p.into_inner());
             let free = asids
@@ -192,9 +198,40 @@ impl Runtime {
     }
 
     /// Device address spaces held back because a context was dropped while its work did not
-    /// finish: reusing one could let that work reach the next owner's memory.
+    /// finish: reusing one could let that work reach the next owner's memory. Each returns to
+    /// use once its leftover work has completed (collected on later submits).
     pub fn quarantined_address_spaces(&self) -> usize {
         self.quarantined.load(Ordering::Relaxed) as usize
+    }
+
+    fn quarantine(&self, asid: u16, tickets: Vec<Ticket>) {
+        let mut orphans = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+        orphans.extend(tickets.into_iter().map(|t| (asid, t)));
+        self.quarantined.fetch_add(1, Ordering::Relaxed);
+        self.has_orphans.store(true, Ordering::Release);
+    }
+
+    /// Collect the completions of dropped contexts' leftover work (their queue slots are busy
+    /// until someone does), and give an address space back once all of its work is done.
+    fn reap_orphans(&self) {
+        if !self.has_orphans.load(Ordering::Acquire) {
+            return;
+        }
+        let mut orphans = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+        let before: HashSet<u16> = orphans.iter().map(|(asid, _)| *asid).collect();
+        orphans.retain(|(_, t)| self.device.try_complete(*t).is_none());
+        let after: HashSet<u16> = orphans.iter().map(|(asid, _)| *asid).collect();
+        let mut asids = self.asids.lock().unwrap_or_else(|p| p.into_inner());
+        for &asid in before.difference(&after) {
+            asids[asid as usize] = false;
+            self.quarantined.fetch_sub(1, Ordering::Relaxed);
+            tracing::info!(
+                asid,
+                "quarantined address space back in use: its work ended"
+            );
+        }
+        self.has_orphans
+            .store(!orphans.is_empty(), Ordering::Release);
     }
 
     /// The options the runtime was opened with.
@@ -318,6 +355,7 @@ impl Context {
         if let Err(e) = self.core.mm.catch_up() {
             tracing::warn!(error = %e, "CPU events not caught up before a submit");
         }
+        self.runtime.reap_orphans();
         let asid = self.core.asid;
         let cmd = match op {
             Op::Copy { dst, src, len } => Command::copy(asid, dst, src, len),
@@ -548,10 +586,13 @@ pub fn completion_result(c: Completion) -> Result<u64, Error> {
 
 impl Drop for Context {
     fn drop(&mut self) {
-        // Release ordering: stop servicing this ASID (its stalled items are cancelled when they
-        // re-fault), let in-flight work finish, then tear down the device's view and unpin.
+        // Release ordering: stop servicing this ASID, take the device's view away (clear the
+        // page table, fence, unmap, unpin), then replay: work still running faults on the empty
+        // table and, with no handler, is cancelled `NoContext`, so it ends quickly instead of
+        // running on for seconds against memory nobody is waiting for.
         let asid = self.core.asid;
         self.runtime.service.unregister(asid);
+        self.core.shut_down();
         let _ = self.runtime.device.replay();
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut spins = 0u32;
@@ -563,39 +604,33 @@ impl Drop for Context {
                 .iter()
                 .copied()
                 .collect();
-            let mut left = 0;
+            let mut left = Vec::new();
             for work_id in pending {
-                if self
-                    .runtime
-                    .device
-                    .try_complete(Ticket { work_id })
-                    .is_some()
-                {
+                let ticket = Ticket { work_id };
+                if self.runtime.device.try_complete(ticket).is_some() {
                     self.outstanding
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .remove(&work_id);
                 } else {
-                    left += 1;
+                    left.push(ticket);
                 }
             }
-            if left == 0 {
+            if left.is_empty() {
                 break;
             }
             if Instant::now() >= deadline {
                 tracing::error!(
                     asid,
-                    left,
-                    "context dropped with work that did not finish; tearing down anyway and \
-                     keeping the address space out of use"
+                    left = left.len(),
+                    "context dropped with work that did not finish: its address space stays out \
+                     of use until that work completes"
                 );
-                self.core.shut_down();
-                self.runtime.quarantined.fetch_add(1, Ordering::Relaxed);
+                self.runtime.quarantine(asid, left);
                 return;
             }
             crate::device::backoff(&mut spins);
         }
-        self.core.shut_down();
         self.runtime.asids.lock().unwrap_or_else(|p| p.into_inner())[asid as usize] = false;
     }
 }

@@ -483,6 +483,27 @@ fn role_guard(client: &Arc<DaemonClient>) {
     ));
 }
 
+/// Leaves long commands running and closes its connection while staying alive.
+fn role_abandon(client: Arc<DaemonClient>) {
+    let arena = client.alloc_arena(32 << 20).expect("arena");
+    for _ in 0..client.limits().max_in_flight {
+        let op = Op::Checksum {
+            src: arena.va(),
+            len: arena.len() as u64,
+        };
+        // SAFETY: the device only reads the arena; its tickets are never waited for.
+        let _ = unsafe { client.submit(op) }.expect("submit");
+    }
+    // Walk away: end the session with the work still running (no unregister, no waits); the
+    // process lives on.
+    client.goodbye().expect("goodbye");
+    std::mem::forget(arena);
+    println!("READY");
+    std::io::stdout().flush().unwrap();
+    let mut sink = String::new();
+    let _ = std::io::stdin().read_to_string(&mut sink);
+}
+
 /// Holds its session until stdin closes.
 fn role_hold(_client: &Arc<DaemonClient>) {
     println!("READY");
@@ -544,6 +565,7 @@ fn client_role() {
             role_isolation(&client, canary.parse().unwrap(), other.parse().unwrap())
         }
         "guard" => role_guard(&client),
+        "abandon" => role_abandon(client),
         "storm" => role_storm(&client),
         "hold" => role_hold(&client),
         "quota" => role_quota(&client),
@@ -1008,4 +1030,77 @@ fn the_daemon_benchmark_runs_its_client_processes() {
     }
     eprintln!("{points:?}");
     assert_eq!((points[0].clients, points[1].clients), (1, 3));
+}
+
+#[test]
+fn a_client_that_walks_away_from_running_work_costs_nobody_anything() {
+    let d = TestDaemon::start("abandon", ServiceMode::Interrupt, |_| {});
+    let mut quitter = d.client("abandon", "");
+    let _out = wait_ready(&mut quitter);
+    let s = d.settle();
+    assert_eq!(
+        (s.clients, s.mapped_bytes_total, s.quarantined),
+        (0, 0, 0),
+        "{s:?}"
+    );
+    // The device queue (256 slots) still works all the way round for everyone else.
+    for seed in 0..3 {
+        let (ok, lines) = finish(d.client("work", &seed.to_string()));
+        assert!(ok, "{lines:?}");
+    }
+    drop(quitter.stdin.take());
+    assert!(wait_timeout(&mut quitter, Duration::from_secs(30)));
+    d.stop();
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+#[test]
+fn extra_file_descriptors_are_refused_and_closed() {
+    use std::os::fd::AsFd;
+    let d = TestDaemon::start("fds", ServiceMode::Interrupt, |c| c.max_strikes = 10);
+    let memfds: Vec<std::fs::File> = (0..6).map(|_| memfd(4096)).collect();
+    // Settle the daemon's own descriptors (runtime threads, the listener) first.
+    std::thread::sleep(Duration::from_millis(100));
+    let before = open_fds();
+    for round in 0..5 {
+        let s = raw_connect(&d);
+        let (k, p) = Request::Hello {
+            min_version: 1,
+            max_version: 1,
+        }
+        .encode();
+        let fds: Vec<_> = memfds.iter().map(|f| f.as_fd()).collect();
+        let frame = protocol::frame(k, round + 1, &p);
+        driver::sys::unix_msg::send(s.as_fd(), &frame, &fds).unwrap();
+        let mut s = s;
+        let f = read_frame(&mut s).expect("an answer");
+        assert_eq!(error_code(&f), Some(ErrorCode::BadMessage));
+    }
+    // Every descriptor the daemon received was closed again.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while open_fds() > before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(open_fds() <= before, "{} fds leaked", open_fds() - before);
+    d.stop();
+}
+
+#[test]
+fn a_connection_that_never_says_hello_is_closed() {
+    let d = TestDaemon::start("hello-timeout", ServiceMode::Interrupt, |c| {
+        c.hello_timeout = Duration::from_millis(200);
+        c.max_clients = 1;
+    });
+    let mut s = raw_connect(&d);
+    s.write_all(b"MXD1").unwrap(); // half a header, then nothing
+    let f = read_frame(&mut s).expect("an answer");
+    assert_eq!(error_code(&f), Some(ErrorCode::OutOfOrder));
+    assert!(read_frame(&mut s).is_none(), "closed after the answer");
+    // Its slot is free again.
+    let (ok, lines) = finish(d.client("work", "1"));
+    assert!(ok, "{lines:?}");
+    d.stop();
 }

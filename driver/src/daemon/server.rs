@@ -54,6 +54,9 @@ pub struct DaemonConfig {
     pub drain_timeout: Duration,
     /// How long writing to a client may block (a client that stops reading is disconnected).
     pub write_timeout: Duration,
+    /// How long a connection may take to complete HELLO (an idle or half-sent connection
+    /// would otherwise hold a client slot forever).
+    pub hello_timeout: Duration,
 }
 
 impl DaemonConfig {
@@ -72,6 +75,7 @@ impl DaemonConfig {
             max_strikes: 3,
             drain_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
+            hello_timeout: Duration::from_secs(10),
         }
     }
 
@@ -161,7 +165,19 @@ impl Pump {
                     }
                 });
             }
-            drop(keep_alive);
+            for ctx in keep_alive {
+                // If the session let go meanwhile, this is the last reference: its release
+                // (which can wait seconds for the client's work) must not hold up everybody's
+                // completions, so it runs on a thread of its own.
+                if let Some(last) = Arc::into_inner(ctx) {
+                    let spawned = std::thread::Builder::new()
+                        .name("mirrord-release".into())
+                        .spawn(move || drop(last));
+                    if let Err(e) = spawned {
+                        tracing::warn!(error = %e, "releasing a context on the pump thread");
+                    }
+                }
+            }
             if progressed {
                 spins = 0;
                 continue;
@@ -484,6 +500,8 @@ struct Session {
     peer_pid: libc::pid_t,
     client: Option<Arc<ClientState>>,
     events: Option<mpsc::UnboundedSender<CompletionEvent>>,
+    /// A duplicate of the client's verified pidfd, until the session watches it.
+    exit_watch: Option<OwnedFd>,
     strikes: u32,
     closing: bool,
 }
@@ -529,6 +547,7 @@ enum Next {
     Event(CompletionEvent),
     Exited,
     Shutdown,
+    HelloTimeout,
 }
 
 async fn session(shared: Arc<Shared>, stream: UnixStream, mut shutdown: watch::Receiver<bool>) {
@@ -592,13 +611,17 @@ async fn session(shared: Arc<Shared>, stream: UnixStream, mut shutdown: watch::R
         peer_pid: pid,
         client: None,
         events: None,
+        exit_watch: None,
         strikes: 0,
         closing: false,
     };
     let mut events_rx: Option<mpsc::UnboundedReceiver<CompletionEvent>> = None;
     let mut pidfd: Option<AsyncFd<OwnedFd>> = None;
+    let hello_deadline = tokio::time::sleep(shared.config.hello_timeout);
+    tokio::pin!(hello_deadline);
     loop {
         let next = tokio::select! {
+            _ = &mut hello_deadline, if s.client.is_none() => Next::HelloTimeout,
             m = rx.recv() => Next::Message(m),
             e = next_event(&mut events_rx) => Next::Event(e),
             _ = exited(pidfd.as_ref()) => Next::Exited,
@@ -626,6 +649,18 @@ async fn session(shared: Arc<Shared>, stream: UnixStream, mut shutdown: watch::R
             }
             Next::Shutdown => {
                 s.drain(&mut events_rx).await;
+                Flow::Close
+            }
+            Next::HelloTimeout => {
+                let limit = shared.config.hello_timeout;
+                let message = format!("no HELLO within {limit:?}; disconnecting");
+                let header = Header {
+                    kind: kind::HELLO,
+                    id: 0,
+                    len: 0,
+                };
+                s.reply(header, Reply::error(ErrorCode::OutOfOrder, message))
+                    .await;
                 Flow::Close
             }
         };
@@ -692,8 +727,8 @@ impl Session {
         }
     }
 
-    fn watch_exit(&self) -> Option<AsyncFd<OwnedFd>> {
-        let pidfd = unix_msg::pidfd_open(self.peer_pid).ok()?;
+    fn watch_exit(&mut self) -> Option<AsyncFd<OwnedFd>> {
+        let pidfd = self.exit_watch.take()?;
         unix_msg::async_readable(pidfd).ok()
     }
 
@@ -883,47 +918,38 @@ impl Session {
                 .await;
             return Flow::Close;
         }
-        let mut fds = fds.into_iter();
-        let Some(uffd) = fds.next() else {
-            return self
-                .strike(
-                    header,
-                    ErrorCode::BadMessage,
-                    "HELLO carries the client's userfaultfd (and optionally its pidfd)".into(),
-                )
-                .await;
+        // Both descriptors are required: the pidfd proves which process the client is (a pid
+        // from SO_PEERCRED alone could be reused by another process before we open it).
+        let [uffd, pidfd]: [OwnedFd; 2] = match fds.try_into() {
+            Ok(both) => both,
+            Err(_) => {
+                let message = "HELLO carries two fds: the client's userfaultfd, then its pidfd";
+                return self
+                    .strike(header, ErrorCode::BadMessage, message.into())
+                    .await;
+            }
         };
         if unix_msg::anon_inode_kind(uffd.as_fd()).as_deref() != Some("[userfaultfd]") {
+            let message = "the first fd of HELLO is not a userfaultfd";
             return self
-                .reply(
-                    header,
-                    Reply::error(
-                        ErrorCode::InvalidArgument,
-                        "the first fd of HELLO is not a userfaultfd",
-                    ),
-                )
+                .strike(header, ErrorCode::InvalidArgument, message.into())
                 .await;
         }
         let pid = self.peer_pid;
-        let pidfd = match fds.next() {
-            Some(fd) => {
-                if unix_msg::pidfd_pid(fd.as_fd()) != Some(pid) {
-                    return self
-                        .reply(
-                            header,
-                            Reply::error(
-                                ErrorCode::NotAllowed,
-                                format!(
-                                    "the pidfd sent does not refer to the connecting process {pid}"
-                                ),
-                            ),
-                        )
-                        .await;
-                }
-                Some(fd)
+        if unix_msg::pidfd_pid(pidfd.as_fd()) != Some(pid) {
+            let message = format!("the pidfd sent does not refer to the connecting process {pid}");
+            return self.strike(header, ErrorCode::NotAllowed, message).await;
+        }
+        match pidfd.try_clone() {
+            Ok(watch) => self.exit_watch = Some(watch),
+            Err(e) => {
+                let message = format!("cannot duplicate the pidfd: {e}");
+                return self
+                    .reply(header, Reply::error(ErrorCode::Internal, message))
+                    .await;
             }
-            None => None,
-        };
+        }
+        let pidfd = Some(pidfd);
         let shared = self.shared.clone();
         let built = tokio::task::spawn_blocking(move || -> Result<Arc<ClientState>, Error> {
             let limits = shared.config.limits;
@@ -965,7 +991,8 @@ impl Session {
                     Error::Mirror(mirror::Error::Released) => ErrorCode::NotFound,
                     _ => ErrorCode::Device,
                 };
-                return self.reply(header, Reply::error(code, e.to_string())).await;
+                // A strike: each attempt builds a mirror, which is not free.
+                return self.strike(header, code, e.to_string()).await;
             }
             Err(e) => {
                 return self
@@ -1023,10 +1050,24 @@ impl Session {
                 .await;
         };
         client.in_flight.fetch_add(1, Ordering::AcqRel);
-        // SAFETY: the addresses in `op` name the client's memory, which the device reaches only
-        // through the client's arenas (our own mappings of its memfds, never a Rust object of
-        // this process); no reference into them exists here.
-        let submitted = unsafe { client.ctx.submit(op) };
+        let ctx = client.ctx.clone();
+        let submit = move || {
+            // SAFETY: the addresses in `op` name the client's memory, which the device reaches
+            // only through the client's arenas (our own mappings of its memfds, never a Rust
+            // object of this process); no reference into them exists here.
+            unsafe { ctx.submit(op) }
+        };
+        // The submit may wait (for CPU events to be handled, for a queue slot): never on a
+        // worker other sessions need.
+        let submitted = if tokio::runtime::Handle::current().runtime_flavor()
+            == tokio::runtime::RuntimeFlavor::MultiThread
+        {
+            tokio::task::block_in_place(submit)
+        } else {
+            tokio::task::spawn_blocking(submit)
+                .await
+                .unwrap_or_else(|e| Err(Error::DaemonConnection(e.to_string())))
+        };
         match submitted {
             Ok(ticket) => {
                 client.commands.fetch_add(1, Ordering::Relaxed);

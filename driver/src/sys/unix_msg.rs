@@ -7,8 +7,11 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
-/// Most descriptors one read accepts; more are refused (the kernel closes what does not fit).
-pub const MAX_FDS_PER_READ: usize = 4;
+/// Room for descriptors in one read: the kernel's SCM_MAX_FD, the most one message can carry
+/// however many SCM_RIGHTS blocks the sender used. With less room the kernel would install the
+/// descriptors that fit and flag the truncation, and nix then refuses to list them: they would
+/// stay open in this process forever (a review found exactly that leak with 4).
+pub const MAX_FDS_PER_READ: usize = 253;
 
 fn errno(e: nix::errno::Errno) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
@@ -31,8 +34,8 @@ pub fn send(socket: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io:
 }
 
 /// Receive into `buf`; descriptors that came along are appended to `fds`. Returns the byte
-/// count (0 at end of stream) and whether control data was cut short (more than
-/// [`MAX_FDS_PER_READ`] descriptors: the kernel closed the ones that did not fit).
+/// count (0 at end of stream) and whether control data was cut short (cannot happen with
+/// SCM_RIGHTS alone, see [`MAX_FDS_PER_READ`]; other control messages may).
 pub fn recv(
     socket: BorrowedFd<'_>,
     buf: &mut [u8],
