@@ -259,3 +259,85 @@ fn run_clients(spec: &DaemonBenchSpec, socket: &Path, n: usize) -> Result<Daemon
     }
     outcome
 }
+
+/// The daemon rows of the report: per client count, aggregate throughput (beside the 1-client
+/// daemon figure, the scaling target) and round latency (beside the same rounds in-process).
+pub(super) fn figures(
+    quick: bool,
+    exe: &Path,
+) -> Result<(Vec<super::report::Figure>, super::report::Plot), Error> {
+    use super::report::{Figure, Plot, Target};
+    let mode = ServiceMode::Interrupt;
+    let spec = DaemonBenchSpec {
+        clients: if quick {
+            vec![1, 4]
+        } else {
+            vec![1, 4, 16, 64]
+        },
+        rounds: if quick { 5 } else { 20 },
+        pages: 256,
+        exe: exe.to_path_buf(),
+        mode,
+    };
+    let local = in_process(spec.rounds, spec.pages, mode)?;
+    let points = measure(&spec)?;
+    let one = points.first().map(|p| p.pages_per_s).unwrap_or(0.0);
+    let mut figures = Vec::new();
+    let mut line = Vec::new();
+    let note = format!(
+        "{} rounds per client of MADV_REMOVE + device FILL over a {}-page memfd arena; client \
+         processes float over the CPUs; median round latency, p99 over every client's rounds",
+        spec.rounds, spec.pages
+    );
+    for p in &points {
+        line.push((p.clients as f64, p.pages_per_s));
+        let ratio = (one > 0.0).then(|| p.pages_per_s / one);
+        figures.push(Figure {
+            group: "daemon".into(),
+            name: format!("aggregate device-fault throughput, {} clients", p.clients),
+            mode: "interrupt".into(),
+            placement: "-".into(),
+            value: p.pages_per_s,
+            unit: "pages/s".into(),
+            baseline_name: "1 client through the daemon".into(),
+            baseline: Some(one),
+            ratio,
+            target: (p.clients == 64).then(|| Target {
+                text: ">= 0.8x the 1-client aggregate".into(),
+                met: ratio.is_some_and(|r| r >= 0.8),
+            }),
+            note: note.clone(),
+            ..Default::default()
+        });
+        figures.push(Figure {
+            group: "daemon".into(),
+            name: format!("round latency (discard + fill), {} clients", p.clients),
+            mode: "interrupt".into(),
+            placement: "-".into(),
+            value: p.p50_us,
+            p99: Some(p.p99_us),
+            unit: "µs".into(),
+            baseline_name: "the same round in-process (no daemon)".into(),
+            baseline: Some(local.p50_us),
+            ratio: (local.p50_us > 0.0).then(|| p.p50_us / local.p50_us),
+            note: note.clone(),
+            ..Default::default()
+        });
+    }
+    let plot = Plot {
+        file: "daemon_clients".into(),
+        title: "Daemon: aggregate device-fault throughput vs client processes".into(),
+        x_label: "client processes".into(),
+        y_label: "pages/s".into(),
+        log_x: true,
+        log_y: false,
+        lines: vec![
+            ("through the daemon".into(), line),
+            (
+                "in-process, 1 context".into(),
+                vec![(1.0, local.pages_per_s), (64.0, local.pages_per_s)],
+            ),
+        ],
+    };
+    Ok((figures, plot))
+}

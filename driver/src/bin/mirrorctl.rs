@@ -218,6 +218,7 @@ fn bench(quick: bool, out: std::path::PathBuf, progress: bool) -> Result<(), Err
         quick,
         out: out.clone(),
         progress,
+        client_exe: std::env::current_exe().ok(),
     };
     let report = driver::bench::Bench::run(&options)?;
     print!("{}", report.to_markdown());
