@@ -326,6 +326,13 @@ impl AddressSpace {
             })
     }
 
+    /// One UFFDIO_UNREGISTER over `range`, errors ignored (for ranges about to disappear).
+    pub(crate) fn unregister_quietly(&self, range: VaRange) {
+        if let Ok(uffd) = self.uffd() {
+            let _ = raw::unregister(uffd.as_fd(), range.start(), range.len());
+        }
+    }
+
     /// Unregisters the VMAs covering `range` from the userfaultfd (events stop for them).
     pub fn untrack(&self, range: VaRange) -> Result<()> {
         let Ok(uffd) = self.uffd() else {

@@ -46,6 +46,11 @@ impl AddressSpace {
     pub unsafe fn munmap(&self, range: VaRange) -> Result<()> {
         self.require_current("munmap wrapper")?;
         let bracket = self.bracket(range, EventKind::Unmap);
+        // Every subscriber has torn the range down already: spare the kernel the UNMAP event,
+        // which would make this munmap wait until the monitor thread has read it (most of a
+        // 1-page munmap's cost here). Best effort: a range the kernel will not unregister
+        // (a special mapping in it) still gets its event, which is then redundant.
+        self.unregister_quietly(range);
         // SAFETY: the caller guarantees nothing uses the range.
         let r = unsafe { mm::munmap(range.start(), range.len()) };
         drop(bracket);
