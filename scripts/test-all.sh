@@ -8,6 +8,9 @@ echo "== unit, integration and doc tests (all crates) =="
 cargo test --workspace --all-targets
 cargo test --workspace --doc
 
+echo "== benchmarks: quick smoke run (every benchmark runs, daemon client processes included; figures not judged) =="
+cargo run -q -p driver --bin mirrorctl -- bench --quick --no-progress --out target/bench-smoke > /dev/null
+
 echo "== mirror: sequence-protocol model check (loom) =="
 CARGO_TARGET_DIR=target/loom RUSTFLAGS="--cfg loom" cargo test -p mirror --release --lib loom
 
