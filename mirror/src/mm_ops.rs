@@ -24,6 +24,10 @@ const HARMLESS_ADVICE: [libc::c_int; 12] = [
     mm::MADV_POPULATE_WRITE,
 ];
 
+/// Largest munmap whose range the wrapper unregisters first instead of letting the kernel send
+/// an UNMAP event (see [`AddressSpace::munmap`]).
+const QUIET_UNMAP_MAX: u64 = 64 * 4096;
+
 impl AddressSpace {
     fn require_current(&self, what: &'static str) -> Result<()> {
         match self.pid() {
@@ -47,10 +51,14 @@ impl AddressSpace {
         self.require_current("munmap wrapper")?;
         let bracket = self.bracket(range, EventKind::Unmap);
         // Every subscriber has torn the range down already: spare the kernel the UNMAP event,
-        // which would make this munmap wait until the monitor thread has read it (most of a
-        // 1-page munmap's cost here). Best effort: a range the kernel will not unregister
-        // (a special mapping in it) still gets its event, which is then redundant.
-        self.unregister_quietly(range);
+        // which would make this munmap wait until the monitor thread has read it (~12 µs, most
+        // of a 1-page munmap's cost here). Only for small ranges: unregistering a write-protect
+        // registration walks the page tables of the whole range (~150 ns/page measured), which
+        // costs more than the event beyond a few dozen pages. Best effort: a range the kernel
+        // will not unregister (a special mapping in it) still gets its event, then redundant.
+        if range.len() <= QUIET_UNMAP_MAX {
+            self.unregister_quietly(range);
+        }
         // SAFETY: the caller guarantees nothing uses the range.
         let r = unsafe { mm::munmap(range.start(), range.len()) };
         drop(bracket);
