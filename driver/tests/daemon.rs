@@ -516,23 +516,21 @@ fn role_hold(_client: &Arc<DaemonClient>) {
 fn role_quota(client: &Arc<DaemonClient>) {
     let limits = client.limits();
     let mut arena = client.alloc_arena(8 << 20).expect("arena");
-    let mut tickets = Vec::new();
-    let mut refused = None;
-    for i in 0..=limits.max_in_flight as u64 + 4 {
-        let op = Op::Fill {
-            dst: arena.va() + (i % 4) * 4096,
-            len: 4096,
+    // Fills of fresh pages (each faults them in first, milliseconds), all sent before any reply
+    // is read: the daemon sees more than the limit in flight at once.
+    let ops: Vec<Op> = (0..limits.max_in_flight as u64 + 6)
+        .map(|i| Op::Fill {
+            dst: arena.va(),
+            len: 512 << 10,
             pattern: i,
-        };
-        // SAFETY: no reference into the arena is used until every ticket is waited for.
-        match unsafe { client.submit(op) } {
-            Ok(t) => tickets.push(t),
-            Err(e) => {
-                refused = Some(e.to_string());
-                break;
-            }
-        }
-    }
+        })
+        .collect();
+    // SAFETY: no reference into the arena is used until every ticket is waited for.
+    let results = unsafe { client.submit_batch(&ops) };
+    let refused = results
+        .iter()
+        .find_map(|r| r.as_ref().err().map(|e| e.to_string()));
+    let tickets: Vec<_> = results.into_iter().filter_map(Result::ok).collect();
     report(format!("in-flight-refused {}", refused.unwrap_or_default()));
     for t in tickets {
         client.wait(t).expect("wait");

@@ -308,6 +308,31 @@ impl DaemonClient {
         }
     }
 
+    /// Submit several commands with one round trip: every SUBMIT is sent before any reply is
+    /// read. One result per op, in order (a refused op, e.g. past the in-flight quota, does not
+    /// stop the ones after it from being tried).
+    ///
+    /// # Safety
+    /// As [`DaemonClient::submit`], for every op.
+    pub unsafe fn submit_batch(&self, ops: &[Op]) -> Vec<Result<DaemonTicket, Error>> {
+        let mut conn = self.conn();
+        let mut sent = Vec::with_capacity(ops.len());
+        for op in ops {
+            let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+            let (k, payload) = Request::Submit { tag, op: *op }.encode();
+            sent.push((tag, conn.send(k, &payload, &[])));
+        }
+        sent.into_iter()
+            .map(|(tag, id)| match conn.reply_to(kind::SUBMIT, id?)? {
+                Reply::Submitted => Ok(DaemonTicket { tag }),
+                Reply::Error { code, message } => Err(Error::Daemon { code, message }),
+                other => Err(Error::DaemonConnection(format!(
+                    "unexpected answer to SUBMIT: {other:?}"
+                ))),
+            })
+            .collect()
+    }
+
     /// Wait for `ticket`'s completion; the command's result value.
     pub fn wait(&self, ticket: DaemonTicket) -> Result<u64, Error> {
         let mut conn = self.conn();
