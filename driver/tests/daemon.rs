@@ -1051,8 +1051,14 @@ fn a_client_that_walks_away_from_running_work_costs_nobody_anything() {
     d.stop();
 }
 
+/// Descriptors of this process that are memfds made by [`memfd`] (tests run in parallel threads
+/// of one process, so counting every fd would see the others' come and go).
 fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd").unwrap().count()
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|target| target.to_string_lossy().starts_with("/memfd:isolation"))
+        .count()
 }
 
 #[test]
@@ -1060,9 +1066,8 @@ fn extra_file_descriptors_are_refused_and_closed() {
     use std::os::fd::AsFd;
     let d = TestDaemon::start("fds", ServiceMode::Interrupt, |c| c.max_strikes = 10);
     let memfds: Vec<std::fs::File> = (0..6).map(|_| memfd(4096)).collect();
-    // Settle the daemon's own descriptors (runtime threads, the listener) first.
-    std::thread::sleep(Duration::from_millis(100));
     let before = open_fds();
+    assert!(before >= 6);
     for round in 0..5 {
         let s = raw_connect(&d);
         let (k, p) = Request::Hello {
