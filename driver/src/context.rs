@@ -179,19 +179,27 @@ impl MirrorState {
             span.start = span.start.min(m.va);
             span.end = span.end.max(m.va + m.len);
         }
+        let mut fenced = true;
         if let Some(cached) = self.view.remove(span.clone()) {
             let fence_span = cached.start.min(span.start)..cached.end.max(span.end);
             self.counters.tlb_fences.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = self.view.fence(fence_span) {
                 // Unmapping anyway is the safe side: the IOMMU then blocks whatever the device
                 // still caches, instead of letting it reach memory that is about to be reused.
+                // The IOVAs stay reserved, or a later mapping there would be reachable again.
                 self.counters.fence_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, asid = self.label, "device fence failed; unmapping DMA anyway");
+                tracing::error!(error = %e, asid = self.label, "device fence failed; unmapping DMA anyway, IOVAs kept out of use");
+                fenced = false;
             }
         }
         for m in &victims {
             self.mappings.remove(&m.va);
-            if let Err(e) = self.dma.unmap(m.iova, m.len) {
+            let unmapped = if fenced {
+                self.dma.unmap(m.iova, m.len)
+            } else {
+                self.dma.unmap_keep_iova(m.iova, m.len)
+            };
+            if let Err(e) = unmapped {
                 tracing::error!(error = %e, iova = m.iova, len = m.len, "DMA unmap failed");
             }
             self.counters
@@ -839,12 +847,15 @@ impl ContextCore {
     }
 
     /// Quiesce and tear down: every mapping unmapped after the device's view is fenced, then
-    /// the view itself released. Faults fail afterwards.
-    pub fn shut_down(&self) {
+    /// the view itself released. Faults fail afterwards. False if the device did not confirm a
+    /// fence: the device address space must then never be reused.
+    pub fn shut_down(&self) -> bool {
         let mut state = self.sub.lock();
+        let fences_before = self.counters.fence_failures.load(Ordering::Relaxed);
         state.tear_down(0..u64::MAX);
-        state.view.shut_down();
+        let confirmed = state.view.shut_down();
         state.released = true;
+        confirmed && self.counters.fence_failures.load(Ordering::Relaxed) == fences_before
     }
 }
 

@@ -14,6 +14,7 @@ use crate::Error;
 pub struct DmaSpace {
     backend: Box<dyn Backend>,
     iova: Mutex<IovaSpace>,
+    poisoned: std::sync::atomic::AtomicU64,
 }
 
 impl DmaSpace {
@@ -23,6 +24,7 @@ impl DmaSpace {
         DmaSpace {
             backend,
             iova: Mutex::new(iova),
+            poisoned: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -60,6 +62,20 @@ impl DmaSpace {
             return Err(e.into());
         }
         Ok(iova)
+    }
+
+    /// Unmap a mapping but keep its IOVA range reserved for good: for a range a device may still
+    /// cache translations to (its fence failed), so no later mapping becomes reachable there.
+    pub fn unmap_keep_iova(&self, iova: u64, len: u64) -> Result<(), Error> {
+        self.backend.dma_unmap(iova, len)?;
+        self.poisoned
+            .fetch_add(len, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// IOVA bytes kept out of use after failed fences.
+    pub fn poisoned_bytes(&self) -> u64 {
+        self.poisoned.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Unmap a mapping made by [`DmaSpace::map`]. If the backend fails, the IOVA range stays

@@ -592,7 +592,7 @@ impl Drop for Context {
         // running on for seconds against memory nobody is waiting for.
         let asid = self.core.asid;
         self.runtime.service.unregister(asid);
-        self.core.shut_down();
+        let confirmed = self.core.shut_down();
         let _ = self.runtime.device.replay();
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut spins = 0u32;
@@ -630,6 +630,15 @@ impl Drop for Context {
                 return;
             }
             crate::device::backoff(&mut spins);
+        }
+        if !confirmed {
+            // The device may still cache this address space's translations: never reuse it.
+            tracing::error!(
+                asid,
+                "the device did not confirm the tear-down: address space retired"
+            );
+            self.runtime.quarantine(asid, Vec::new());
+            return;
         }
         self.runtime.asids.lock().unwrap_or_else(|p| p.into_inner())[asid as usize] = false;
     }

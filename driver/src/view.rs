@@ -50,7 +50,9 @@ pub trait DeviceView: Send {
     fn footprint(&self) -> (u64, u64, usize);
 
     /// The address space is going away: stop the device walking it, fence, free resources.
-    fn shut_down(&mut self);
+    /// False if the device did not confirm (the root could not be cleared or the fence failed):
+    /// the address space must then never be handed to anybody else.
+    fn shut_down(&mut self) -> bool;
 }
 
 /// An MXA-1 address space: its page table, root register and TLB.
@@ -137,19 +139,28 @@ impl DeviceView for MxaView {
         })
     }
 
-    fn shut_down(&mut self) {
+    fn shut_down(&mut self) -> bool {
+        let mut confirmed = true;
         if let Err(e) = self.device.set_asid_root(self.asid, None) {
             tracing::error!(error = %e, asid = self.asid, "clearing the ASID root failed");
+            confirmed = false;
         }
         if let Err(e) = self
             .device
             .tlb_invalidate(self.asid, None, self.fence_timeout)
         {
             tracing::error!(error = %e, asid = self.asid, "final TLB fence failed");
+            confirmed = false;
         }
         if let Some(pt) = self.pt.take() {
-            pt.destroy(&mut self.device.tables.lock().unwrap_or_else(|p| p.into_inner()));
+            if confirmed {
+                pt.destroy(&mut self.device.tables.lock().unwrap_or_else(|p| p.into_inner()));
+            } else {
+                // The device may still walk these pages: they never go back to the pool.
+                tracing::error!(asid = self.asid, "keeping the page-table pages out of use");
+            }
         }
+        confirmed
     }
 }
 
@@ -224,7 +235,8 @@ impl DeviceView for IommuView {
         (pages, 0, 0)
     }
 
-    fn shut_down(&mut self) {
+    fn shut_down(&mut self) -> bool {
         self.installed.clear();
+        true
     }
 }

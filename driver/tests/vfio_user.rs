@@ -173,6 +173,14 @@ fn killed_server_fails_the_runtime_without_hanging() {
     server.signal(nix::sys::signal::Signal::SIGKILL);
     server.wait();
     assert!(suite::device_fill(&ctx, m.addr(), m.len() as u64, 0x66).is_err());
+    // The tear-down cannot be fenced on a dead device: its address space is retired, never
+    // handed out again, and the unmapped IOVAs stay reserved.
+    let asid = ctx.asid();
+    drop(ctx);
+    assert_eq!(rt.quarantined_address_spaces(), 1);
+    if let Ok(other) = rt.create_context() {
+        assert_ne!(other.asid(), asid, "a retired address space was reused");
+    }
 }
 
 #[test]
