@@ -690,7 +690,8 @@ fn quotas_and_limits_are_named() {
     let d = TestDaemon::start("quota", ServiceMode::Interrupt, |c| {
         c.limits.max_in_flight = 4;
         c.limits.max_mapped_bytes = 1 << 20;
-        c.max_clients = 2;
+        c.max_clients = 3;
+        c.max_clients_per_uid = 2;
     });
     let (ok, lines) = finish(d.client("quota", ""));
     assert!(ok, "{lines:?}");
@@ -715,7 +716,7 @@ fn quotas_and_limits_are_named() {
     assert!(
         lines
             .iter()
-            .any(|l| l.starts_with("connect-error") && l.contains("clients is 2")),
+            .any(|l| l.starts_with("connect-error") && l.contains("clients per uid is 2")),
         "{lines:?}"
     );
     for mut c in [a, b] {
@@ -1094,11 +1095,19 @@ fn extra_file_descriptors_are_refused_and_closed() {
 #[test]
 fn a_connection_that_never_says_hello_is_closed() {
     let d = TestDaemon::start("hello-timeout", ServiceMode::Interrupt, |c| {
-        c.hello_timeout = Duration::from_millis(200);
+        c.hello_timeout = Duration::from_secs(2);
         c.max_clients = 1;
     });
     let mut s = raw_connect(&d);
     s.write_all(b"MXD1").unwrap(); // half a header, then nothing
+                                   // Meanwhile it holds the only slot: the daemon-wide limit refuses anybody else.
+    let (_, lines) = finish(d.client("hold", ""));
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("connect-error") && l.contains("clients is 1")),
+        "{lines:?}"
+    );
     let f = read_frame(&mut s).expect("an answer");
     assert_eq!(error_code(&f), Some(ErrorCode::OutOfOrder));
     assert!(read_frame(&mut s).is_none(), "closed after the answer");

@@ -97,6 +97,9 @@ enum Command {
         /// Most clients at once.
         #[arg(long, default_value_t = 64)]
         max_clients: usize,
+        /// Most clients of one uid at once [default: --max-clients].
+        #[arg(long)]
+        max_clients_per_uid: Option<usize>,
         /// Most commands in flight per client.
         #[arg(long, default_value_t = 32)]
         max_in_flight: u32,
@@ -134,6 +137,7 @@ fn main() -> ExitCode {
             vfio,
             polling,
             max_clients,
+            max_clients_per_uid,
             max_in_flight,
             max_mapped_mib,
         } => {
@@ -147,6 +151,7 @@ fn main() -> ExitCode {
             );
             config.allowed_uids = allow_uid;
             config.max_clients = max_clients;
+            config.max_clients_per_uid = max_clients_per_uid.unwrap_or(max_clients);
             config.limits.max_in_flight = max_in_flight;
             config.limits.max_mapped_bytes = max_mapped_mib << 20;
             serve(spec, polling, config)

@@ -45,6 +45,9 @@ pub struct DaemonConfig {
     pub allowed_uids: Vec<u32>,
     /// Most clients served at once (sessions, including ones still before HELLO).
     pub max_clients: usize,
+    /// Most clients of one uid at once (with several allowed uids, so one user cannot take
+    /// every slot). Default: `max_clients`.
+    pub max_clients_per_uid: usize,
     /// Per-client limits.
     pub limits: ClientLimits,
     /// Protocol violations (malformed, out-of-order, oversized messages) a client may commit
@@ -66,6 +69,7 @@ impl DaemonConfig {
             socket: socket.into(),
             allowed_uids: Vec::new(),
             max_clients: 64,
+            max_clients_per_uid: 64,
             limits: ClientLimits {
                 max_in_flight: 32,
                 max_mapped_bytes: 256 << 20,
@@ -197,6 +201,8 @@ struct Shared {
     config: DaemonConfig,
     clients: Mutex<HashMap<u32, Arc<ClientState>>>,
     sessions: AtomicUsize,
+    /// Sessions per peer uid.
+    uid_sessions: Mutex<HashMap<u32, usize>>,
     /// Clients removed from `clients` whose release has not finished yet.
     releasing: AtomicUsize,
     next_id: AtomicU32,
@@ -208,6 +214,10 @@ struct Shared {
 impl Shared {
     fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<ClientState>>> {
         self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn sessions_by_uid(&self) -> std::sync::MutexGuard<'_, HashMap<u32, usize>> {
+        self.uid_sessions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn daemon_stats(&self) -> StatsReply {
@@ -282,6 +292,7 @@ impl Daemon {
                 config,
                 clients: Mutex::new(HashMap::new()),
                 sessions: AtomicUsize::new(0),
+                uid_sessions: Mutex::new(HashMap::new()),
                 releasing: AtomicUsize::new(0),
                 next_id: AtomicU32::new(1),
                 released: AtomicU64::new(0),
@@ -586,7 +597,24 @@ async fn session(shared: Arc<Shared>, stream: UnixStream, mut shutdown: watch::R
         return;
     }
     let sessions = shared.sessions.fetch_add(1, Ordering::AcqRel) + 1;
-    let _session_count = SessionCount(shared.clone());
+    let per_uid = {
+        let mut by_uid = shared.sessions_by_uid();
+        let n = by_uid.entry(uid).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let _session_count = SessionCount(shared.clone(), uid);
+    if per_uid > shared.config.max_clients_per_uid {
+        refuse_at_door(
+            ErrorCode::Limit,
+            format!(
+                "client limit reached: clients per uid is {}",
+                shared.config.max_clients_per_uid
+            ),
+        )
+        .await;
+        return;
+    }
     if sessions > shared.config.max_clients {
         refuse_at_door(
             ErrorCode::Limit,
@@ -672,12 +700,19 @@ async fn session(shared: Arc<Shared>, stream: UnixStream, mut shutdown: watch::R
     s.release().await;
 }
 
-/// Decrements the session count when a session ends, however it ends.
-struct SessionCount(Arc<Shared>);
+/// Decrements the session counts (all, and the uid's) when a session ends, however it ends.
+struct SessionCount(Arc<Shared>, u32);
 
 impl Drop for SessionCount {
     fn drop(&mut self) {
         self.0.sessions.fetch_sub(1, Ordering::AcqRel);
+        let mut by_uid = self.0.sessions_by_uid();
+        if let Some(n) = by_uid.get_mut(&self.1) {
+            *n -= 1;
+            if *n == 0 {
+                by_uid.remove(&self.1);
+            }
+        }
     }
 }
 
