@@ -314,8 +314,8 @@ enum WalkError {
 
 /// Where the pages of a run live.
 enum Backing {
-    /// In this process (the mirrored one), perhaps also reachable by fd.
-    Process(Option<SharedFile>),
+    /// In this process (the mirrored one); `true` if in a MAP_SHARED file, reachable by fd.
+    Process(bool),
     /// In an arena the mirrored process shares with us.
     Arena(Arc<Arena>),
 }
@@ -438,19 +438,10 @@ impl ContextCore {
             return Err(CancelReason::NoMapping.into());
         }
         let backing = match &self.options.reach {
-            Reach::Local => Backing::Process(match vmas.as_slice() {
-                [v] if v.shared
-                    && v.kind == mirror::VmaKind::File
-                    && v.range.contains_range(&range) =>
-                {
-                    Some(SharedFile {
-                        start: v.range.start(),
-                        end: v.range.end(),
-                        offset: v.offset,
-                    })
-                }
-                _ => None,
-            }),
+            Reach::Local => Backing::Process(matches!(
+                vmas.as_slice(),
+                [v] if v.shared && v.kind == mirror::VmaKind::File && v.range.contains_range(&range)
+            )),
             Reach::Arenas(table) => {
                 let arena = table
                     .resolve(&vmas, start, end)
@@ -529,6 +520,23 @@ impl ContextCore {
             hook(range);
         }
         self.map_dma(map_range, large, access, backing)
+    }
+
+    /// The MAP_SHARED file VMA holding all of `range`, if one does.
+    fn shared_file(&self, range: VaRange) -> Option<SharedFile> {
+        match self.mm.walker().vmas(range).ok()?.as_slice() {
+            [v] if v.shared
+                && v.kind == mirror::VmaKind::File
+                && v.range.contains_range(&range) =>
+            {
+                Some(SharedFile {
+                    start: v.range.start(),
+                    end: v.range.end(),
+                    offset: v.offset,
+                })
+            }
+            _ => None,
+        }
     }
 
     /// The arena that holds `range`, if the mirrored process maps it there as registered.
@@ -621,9 +629,15 @@ impl ContextCore {
         };
         // Shared file memory (memfd, shmem, tmpfs) goes by fd where we can get one, so a
         // device in another process maps the pages itself instead of asking for every access.
+        // The VMA is looked up again: registering the run for events (after the caller's
+        // lookup) splits a VMA that straddles a 2 MiB boundary, and /proc/self/map_files names
+        // VMAs by their bounds. (With the stale bounds the open failed and the memory went by
+        // address instead, about one run in thirty: a flaky test found it.)
         let file = match backing {
-            Backing::Process(shared) => shared.and_then(|f| f.open(access == Access::Write)),
-            Backing::Arena(_) => None,
+            Backing::Process(true) => self
+                .shared_file(map_range)
+                .and_then(|f| f.open(access == Access::Write)),
+            Backing::Process(false) | Backing::Arena(_) => None,
         };
         let (source, arena) = match (backing, &file) {
             (Backing::Arena(arena), _) => {

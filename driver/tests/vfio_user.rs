@@ -333,3 +333,48 @@ fn memfd_memory_is_mapped_by_the_server_itself() {
     drop(ctx);
     drop(rt);
 }
+
+#[test]
+fn memfd_memory_straddling_a_2mib_boundary_goes_by_fd_too() {
+    // Registering the run for events splits such a VMA at the boundary; the fd lookup must use
+    // the VMA as it is after that (it used the bounds from before and fell back to DMA_READ and
+    // DMA_WRITE whenever a mapping happened to straddle one).
+    let server = Server::spawn(false);
+    let rt = Runtime::open(
+        DeviceSpec::VfioUser(server.path.clone()),
+        RuntimeOptions::default(),
+    )
+    .expect("open the vfio-user device");
+    let ctx = rt.create_context().unwrap();
+    let len = 16 * suite::PAGE;
+    let (file, _elsewhere) = suite::memfd_arena("vfu-straddle", len);
+    let reserve = mirror::Mapping::anonymous(4 << 20, libc::PROT_NONE).unwrap();
+    let boundary = (reserve.addr() + (2 << 20)) & !((2 << 20) - 1);
+    let at = boundary - (len as u64) / 2;
+    // SAFETY: `at..at+len` lies inside `reserve`, which this test owns and nothing references;
+    // `reserve` unmaps it all when dropped.
+    let mapped = unsafe {
+        libc::mmap(
+            at as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_FIXED,
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            0,
+        )
+    };
+    assert_eq!(mapped as u64, at);
+    suite::device_fill(&ctx, at, len as u64, 0x6262_6262_6262_6262).unwrap();
+    use std::os::unix::fs::FileExt;
+    let mut last = [0u8; 1];
+    file.read_exact_at(&mut last, len as u64 - 1).unwrap();
+    assert_eq!(last[0], 0x62);
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", server.pid())).unwrap();
+    assert!(
+        maps.contains("memfd:vfu-straddle"),
+        "the server did not map the straddling memfd arena:\n{maps}"
+    );
+    drop(ctx);
+    drop(rt);
+    drop(reserve);
+}
