@@ -305,15 +305,31 @@ fn a_client_dying_mid_message_leaves_the_server_ready_for_the_next() {
     assert_eq!(vendor_device(&next), IDS);
 }
 
-#[test]
-fn memfd_memory_is_mapped_by_the_server_itself() {
-    let server = Server::spawn(false);
+/// A runtime on `server`'s device and a context.
+fn open_on(server: &Server) -> (Arc<Runtime>, driver::Context) {
     let rt = Runtime::open(
         DeviceSpec::VfioUser(server.path.clone()),
         RuntimeOptions::default(),
     )
     .expect("open the vfio-user device");
     let ctx = rt.create_context().unwrap();
+    (rt, ctx)
+}
+
+/// The device process maps a file whose /proc/PID/maps name contains `name` (memory it reaches
+/// by fd, not by DMA_READ/DMA_WRITE).
+fn assert_server_maps(server: &Server, name: &str) {
+    let maps = std::fs::read_to_string(format!("/proc/{}/maps", server.pid())).unwrap();
+    assert!(
+        maps.contains(name),
+        "the server did not map {name}:\n{maps}"
+    );
+}
+
+#[test]
+fn memfd_memory_is_mapped_by_the_server_itself() {
+    let server = Server::spawn(false);
+    let (rt, ctx) = open_on(&server);
     let (_file, m) = suite::memfd_arena("vfu-user-arena", 16 * suite::PAGE);
     suite::device_fill(
         &ctx,
@@ -325,11 +341,7 @@ fn memfd_memory_is_mapped_by_the_server_itself() {
     assert_eq!(m.read_byte(4 * suite::PAGE - 1), 0x51);
     // Shared file memory goes by fd: the device process maps the arena itself instead of
     // asking for every access with DMA_READ/DMA_WRITE.
-    let maps = std::fs::read_to_string(format!("/proc/{}/maps", server.pid())).unwrap();
-    assert!(
-        maps.contains("memfd:vfu-user-arena"),
-        "the server did not map the client's memfd arena:\n{maps}"
-    );
+    assert_server_maps(&server, "memfd:vfu-user-arena");
     drop(ctx);
     drop(rt);
 }
@@ -340,12 +352,7 @@ fn memfd_memory_straddling_a_2mib_boundary_goes_by_fd_too() {
     // the VMA as it is after that (it used the bounds from before and fell back to DMA_READ and
     // DMA_WRITE whenever a mapping happened to straddle one).
     let server = Server::spawn(false);
-    let rt = Runtime::open(
-        DeviceSpec::VfioUser(server.path.clone()),
-        RuntimeOptions::default(),
-    )
-    .expect("open the vfio-user device");
-    let ctx = rt.create_context().unwrap();
+    let (rt, ctx) = open_on(&server);
     let len = 16 * suite::PAGE;
     let (file, _elsewhere) = suite::memfd_arena("vfu-straddle", len);
     let reserve = mirror::Mapping::anonymous(4 << 20, libc::PROT_NONE).unwrap();
@@ -369,11 +376,7 @@ fn memfd_memory_straddling_a_2mib_boundary_goes_by_fd_too() {
     let mut last = [0u8; 1];
     file.read_exact_at(&mut last, len as u64 - 1).unwrap();
     assert_eq!(last[0], 0x62);
-    let maps = std::fs::read_to_string(format!("/proc/{}/maps", server.pid())).unwrap();
-    assert!(
-        maps.contains("memfd:vfu-straddle"),
-        "the server did not map the straddling memfd arena:\n{maps}"
-    );
+    assert_server_maps(&server, "memfd:vfu-straddle");
     drop(ctx);
     drop(rt);
     drop(reserve);
