@@ -70,7 +70,15 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         println!("SKIP shadow oracle: userfaultfd unavailable");
         return Ok(());
     }
-    let pool = Mapping::anonymous(POOL * PAGE, RW).unwrap();
+    // The pool sits between two PROT_NONE guard pages that stay mapped: a page Replace frees is
+    // then an enclosed one-page hole. Without them, freeing page 0 or the last page joins the
+    // free space next to the pool, and any mmap another thread of this process makes in that
+    // window (a large malloc, a thread stack) can land on the page's address before we map it
+    // again (seen once on CI as EEXIST from MAP_FIXED_NOREPLACE).
+    let fenced = Mapping::anonymous((POOL + 2) * PAGE, libc::PROT_NONE).unwrap();
+    let (_guard_low, rest) = fenced.split_at(PAGE).unwrap();
+    let (pool, _guard_high) = rest.split_at(POOL * PAGE).unwrap();
+    pool.protect(0, POOL * PAGE, RW).unwrap();
     let base = pool.addr();
     let mut pages = Vec::new();
     let mut rest = Some(pool);
@@ -137,7 +145,16 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Replace(i) => {
                 let addr = w.base + (i * PAGE) as u64;
                 drop(w.pages[i].take());
-                w.pages[i] = Some(Mapping::anonymous_at(addr, PAGE, RW).unwrap());
+                match Mapping::anonymous_at(addr, PAGE, RW) {
+                    Ok(m) => w.pages[i] = Some(m),
+                    Err(mirror::Error::Sys { errno, .. }) if errno == nix::errno::Errno::EEXIST => {
+                        // Another thread's one-page mmap took the hole: that memory is not
+                        // ours to touch, so the case ends here (every step so far was checked).
+                        println!("page {i} was taken by another mapping; case ends early");
+                        return Ok(());
+                    }
+                    Err(e) => panic!("mapping page {i} again: {e:?}"),
+                }
                 w.bump(i, 1);
                 // The new VMA is not registered: track it again (after the UNMAP was read, which
                 // munmap waited for, so coverage already dropped the old one).
