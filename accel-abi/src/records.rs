@@ -58,7 +58,7 @@ impl FaultReason {
 /// A fault record, 32 bytes in the fault buffer.
 ///
 /// Layout: 0 `va` u64; 8 `work_id` u32; 12 `asid` u16; 14 `access` u8; 15 `reason` u8;
-/// 16 `timestamp_ns` u64; 24 reserved u32; 28 `flags` u32 (bit 0 VALID). The device writes
+/// 16 `timestamp_ns` u64; 24 reserved u32; 28 `flags` u32 (bit 0 VALID, bit 1 LOOKAHEAD). The device writes
 /// bytes 0..28 first and the flags word last; the driver clears the flags word when it has
 /// consumed the record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +75,8 @@ pub struct FaultRecord {
     pub reason: FaultReason,
     /// Device time of the fault, nanoseconds since reset.
     pub timestamp_ns: u64,
+    /// A lookahead record ([`Self::FLAG_LOOKAHEAD`]): the item has not reached `va` yet.
+    pub lookahead: bool,
 }
 
 impl FaultRecord {
@@ -84,6 +86,20 @@ impl FaultRecord {
     pub const FLAGS_OFFSET: usize = 28;
     /// VALID bit of the flags word.
     pub const FLAG_VALID: u32 = 1;
+    /// LOOKAHEAD bit: the work item stalled on an earlier page of the same operand and has not
+    /// reached `va` yet; the device found that it would fault there too. Servicing it is
+    /// optional and failing to service it must not cancel the item: after the replay the item
+    /// faults again, without this bit, if the page still does not translate.
+    pub const FLAG_LOOKAHEAD: u32 = 1 << 1;
+
+    /// The flags word to publish the record with (written last, after the body).
+    pub fn flags(&self) -> u32 {
+        if self.lookahead {
+            Self::FLAG_VALID | Self::FLAG_LOOKAHEAD
+        } else {
+            Self::FLAG_VALID
+        }
+    }
 
     /// Encode the 28-byte body (everything but the flags word).
     pub fn encode_body(&self) -> [u8; 28] {
@@ -101,7 +117,7 @@ impl FaultRecord {
     pub fn encode(&self) -> [u8; 32] {
         let mut b = [0u8; 32];
         b[..28].copy_from_slice(&self.encode_body());
-        wr_u32(&mut b, 28, Self::FLAG_VALID);
+        wr_u32(&mut b, 28, self.flags());
         b
     }
 
@@ -111,7 +127,7 @@ impl FaultRecord {
         if flags & Self::FLAG_VALID == 0 {
             return Ok(None);
         }
-        if flags & !Self::FLAG_VALID != 0 {
+        if flags & !(Self::FLAG_VALID | Self::FLAG_LOOKAHEAD) != 0 {
             return Err(AbiError::ReservedNotZero { offset: 28 });
         }
         if rd_u32(b, 24) != 0 {
@@ -124,6 +140,7 @@ impl FaultRecord {
             access: AccessKind::from_u8(b[14])?,
             reason: FaultReason::from_u8(b[15])?,
             timestamp_ns: rd_u64(b, 16),
+            lookahead: flags & Self::FLAG_LOOKAHEAD != 0,
         }))
     }
 }
@@ -508,11 +525,24 @@ mod tests {
             access: AccessKind::Atomic,
             reason: FaultReason::Permission,
             timestamp_ns: 123456,
+            lookahead: false,
         };
         assert_eq!(FaultRecord::decode(&r.encode()).unwrap(), Some(r));
+        let ahead = FaultRecord {
+            lookahead: true,
+            ..r
+        };
+        assert_eq!(FaultRecord::decode(&ahead.encode()).unwrap(), Some(ahead));
         let mut empty = r.encode();
         empty[28] = 0;
         assert_eq!(FaultRecord::decode(&empty).unwrap(), None);
+        // LOOKAHEAD without VALID is a slot not yet written; unknown flag bits are refused.
+        let mut half = ahead.encode();
+        half[28] = 2;
+        assert_eq!(FaultRecord::decode(&half).unwrap(), None);
+        let mut unknown = r.encode();
+        unknown[28] |= 4;
+        assert!(FaultRecord::decode(&unknown).is_err());
     }
 
     #[test]

@@ -89,6 +89,10 @@ registers! {
     CAP_VECTORS = 0x01c, W32, ReadOnly;
     /// Largest `len` a command may carry, in bytes.
     CAP_MAX_TRANSFER = 0x020, W32, ReadOnly;
+    /// Fault lookahead depth: how many further pages of the same operand an engine checks, and
+    /// reports with [`crate::FaultRecord::FLAG_LOOKAHEAD`] records, when a work item stalls and
+    /// [`fault_ctrl::LOOKAHEAD`] is set. 0: the device has no lookahead.
+    CAP_FAULT_LOOKAHEAD = 0x024, W32, ReadOnly;
     /// Control: [`control`] bits.
     CONTROL = 0x030, W32, ReadWrite;
     /// Status: [`status`] bits.
@@ -232,6 +236,11 @@ pub mod fault_ctrl {
     pub const ENABLE: u32 = 1 << 0;
     /// A record was dropped because the buffer was full (write 1 to clear).
     pub const OVERFLOW: u32 = 1 << 1;
+    /// Lookahead: a work item that stalls on a page also gets records, flagged
+    /// [`crate::FaultRecord::FLAG_LOOKAHEAD`], for the next pages of the same operand (up to
+    /// [`super::CAP_FAULT_LOOKAHEAD`], within the command's length) that would fault too, the way
+    /// a GPU's many lanes fault on many pages at once. Ignored if that capability is 0.
+    pub const LOOKAHEAD: u32 = 1 << 2;
 }
 
 /// [`CMDQ_CTRL`] bits.

@@ -99,6 +99,8 @@ impl std::fmt::Debug for ContextOptions {
 pub struct ContextCounters {
     /// Distinct pages the fault service asked us to make accessible.
     pub faults: AtomicU64,
+    /// Fault batches the service handed us (one per stall round trip).
+    pub fault_batches: AtomicU64,
     /// Runs serviced (one DMA mapping each).
     pub runs: AtomicU64,
     /// Pages made accessible to the device (device PTEs written, 4 KiB units).
@@ -879,6 +881,7 @@ impl FaultHandler for ContextCore {
         self.counters
             .faults
             .fetch_add(faults.len() as u64, Ordering::Relaxed);
+        self.counters.fault_batches.fetch_add(1, Ordering::Relaxed);
         let mut out = vec![Ok(()); faults.len()];
         let mut i = 0;
         while i < faults.len() {

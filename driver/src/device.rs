@@ -36,6 +36,8 @@ pub struct Caps {
     pub cmdq_entries: u32,
     /// Largest transfer per command.
     pub max_transfer: u32,
+    /// Pages past a stalled access the device can report ahead (0: no lookahead).
+    pub fault_lookahead: u32,
 }
 
 /// Ring sizes and similar choices made at bring-up.
@@ -45,6 +47,10 @@ pub struct DeviceOptions {
     pub cmdq_entries: u32,
     /// Fault-buffer entries (clamped likewise).
     pub fault_entries: u32,
+    /// Ask the device for lookahead fault records (if it has them): a work item stalling on a
+    /// page also reports the next pages of its operand that would fault, so the service maps
+    /// them in the same batch instead of one replay round trip per page.
+    pub fault_lookahead: bool,
 }
 
 impl Default for DeviceOptions {
@@ -52,6 +58,7 @@ impl Default for DeviceOptions {
         DeviceOptions {
             cmdq_entries: 256,
             fault_entries: 1024,
+            fault_lookahead: true,
         }
     }
 }
@@ -189,6 +196,7 @@ impl Device {
             fault_entries: bar.read32(regs::CAP_FAULT_ENTRIES)?,
             cmdq_entries: bar.read32(regs::CAP_CMDQ_ENTRIES)?,
             max_transfer: bar.read32(regs::CAP_MAX_TRANSFER)?,
+            fault_lookahead: bar.read32(regs::CAP_FAULT_LOOKAHEAD)?,
         };
         if caps.pt_levels != accel_abi::PT_LEVELS
             || caps.va_bits != accel_abi::VA_BITS
@@ -221,7 +229,12 @@ impl Device {
         bar.write64(regs::FAULT_BUF_BASE, fb.iova)?;
         bar.write32(regs::FAULT_BUF_ENTRIES, fault_entries)?;
         bar.write32(regs::FAULT_BUF_GET, 0)?;
-        bar.write32(regs::FAULT_BUF_CTRL, regs::fault_ctrl::ENABLE)?;
+        let lookahead = if options.fault_lookahead && caps.fault_lookahead > 0 {
+            regs::fault_ctrl::LOOKAHEAD
+        } else {
+            0
+        };
+        bar.write32(regs::FAULT_BUF_CTRL, regs::fault_ctrl::ENABLE | lookahead)?;
         bar.write64(regs::CMDQ_BASE, cq.iova)?;
         bar.write32(regs::CMDQ_ENTRIES, cmdq_entries)?;
         bar.write32(regs::CMDQ_TAIL, 0)?;
@@ -437,10 +450,8 @@ impl Device {
         let ctrl = self.bar().read32(regs::FAULT_BUF_CTRL)?;
         let overflow = ctrl & regs::fault_ctrl::OVERFLOW != 0;
         if overflow {
-            self.bar().write32(
-                regs::FAULT_BUF_CTRL,
-                regs::fault_ctrl::ENABLE | regs::fault_ctrl::OVERFLOW,
-            )?;
+            // Write the bits back: OVERFLOW is write-1-to-clear, ENABLE and LOOKAHEAD stay.
+            self.bar().write32(regs::FAULT_BUF_CTRL, ctrl)?;
         }
         Ok(overflow)
     }

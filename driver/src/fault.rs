@@ -121,6 +121,10 @@ pub struct ServiceStats {
     /// Times an address space's faults beyond its fair share of a batch were left stalled for
     /// the next round (several address spaces faulting at once).
     pub deferred: AtomicU64,
+    /// Lookahead records drained (pages the device reported ahead of the stalled access).
+    pub lookahead_records: AtomicU64,
+    /// Lookahead pages that could not be serviced (their items were left to fault for real).
+    pub lookahead_failed: AtomicU64,
 }
 
 /// Fewest pages an address space may have serviced per batch when several share it.
@@ -437,7 +441,12 @@ impl Shared {
                     );
                     cancels.push((r.work_id, CancelReason::Malformed));
                 }
-                DrainedFault::Fault(r) => records.push(r),
+                DrainedFault::Fault(r) => {
+                    if r.lookahead {
+                        self.stats.lookahead_records.fetch_add(1, Ordering::Relaxed);
+                    }
+                    records.push(r)
+                }
                 DrainedFault::Malformed { slot } => {
                     // Nothing in it can be trusted, not even the work id: the stalled item
                     // re-faults on the next replay and gets a well-formed record.
@@ -483,7 +492,10 @@ impl Shared {
             let group = &records[range];
             let asid = group[0].asid;
             let mut pages: Vec<PageFault> = Vec::new();
-            let mut owners: Vec<Vec<u32>> = Vec::new();
+            // Per page: the work ids that faulted on it, and whether one of them had reached
+            // it (a record without LOOKAHEAD). Only those are cancelled if the page fails: an
+            // item that merely looked ahead faults on the page again after the replay.
+            let mut owners: Vec<Vec<(u32, bool)>> = Vec::new();
             for r in group {
                 let page = r.va & !(PAGE_SIZE - 1);
                 let full = pages.len() == share;
@@ -493,8 +505,9 @@ impl Shared {
                             last.access = r.access;
                         }
                         let o = owners.last_mut().expect("owners parallel to pages");
-                        if !o.contains(&r.work_id) {
-                            o.push(r.work_id);
+                        match o.iter_mut().find(|(w, _)| *w == r.work_id) {
+                            Some((_, reached)) => *reached |= !r.lookahead,
+                            None => o.push((r.work_id, !r.lookahead)),
                         }
                     }
                     _ if full => {
@@ -507,7 +520,7 @@ impl Shared {
                             page,
                             access: r.access,
                         });
-                        owners.push(vec![r.work_id]);
+                        owners.push(vec![(r.work_id, !r.lookahead)]);
                     }
                 }
             }
@@ -528,7 +541,11 @@ impl Shared {
                         self.stats.pages_serviced.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(reason) => {
-                        for &w in owners {
+                        for &(w, reached) in owners {
+                            if !reached {
+                                self.stats.lookahead_failed.fetch_add(1, Ordering::Relaxed);
+                                continue;
+                            }
                             if !cancels.iter().any(|(id, _)| *id == w) {
                                 cancels.push((w, reason));
                             }

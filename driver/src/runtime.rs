@@ -296,6 +296,9 @@ pub struct Context {
 pub struct ContextStats {
     /// Distinct faulting pages handed to this context.
     pub faults: u64,
+    /// Fault batches serviced: one per device stall round trip, however many pages (lookahead
+    /// included) it carried. test_hmm's dmirror counts the same thing as `faults`.
+    pub fault_batches: u64,
     /// Runs serviced (one DMA mapping each).
     pub runs: u64,
     /// 4 KiB pages made device-accessible.
@@ -454,6 +457,7 @@ impl Context {
         let pins = self.runtime.device.backend().pins_memory();
         ContextStats {
             faults: c.faults.load(Ordering::Relaxed),
+            fault_batches: c.fault_batches.load(Ordering::Relaxed),
             runs: c.runs.load(Ordering::Relaxed),
             pages_mapped: c.pages_mapped.load(Ordering::Relaxed),
             large_mappings: c.large_mappings.load(Ordering::Relaxed),

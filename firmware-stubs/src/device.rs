@@ -474,6 +474,7 @@ impl Inner {
             CAP_CMDQ_ENTRIES => self.cfg.cmdq_entries_max.into(),
             CAP_VECTORS => accel_abi::vector::COUNT.into(),
             CAP_MAX_TRANSFER => self.cfg.max_transfer.into(),
+            CAP_FAULT_LOOKAHEAD => self.cfg.fault_lookahead.into(),
             CONTROL => r.control.into(),
             STATUS => st.status().into(),
             ERROR_CODE => r.error_code.into(),
@@ -604,7 +605,7 @@ impl Inner {
                 r.fault_entries = v32;
             }
             FAULT_BUF_CTRL => {
-                if v32 & !(fault_ctrl::ENABLE | fault_ctrl::OVERFLOW) != 0 {
+                if v32 & !(fault_ctrl::ENABLE | fault_ctrl::OVERFLOW | fault_ctrl::LOOKAHEAD) != 0 {
                     return bad_value(self, st);
                 }
                 let enabling = v32 & fault_ctrl::ENABLE != 0;
@@ -612,7 +613,7 @@ impl Inner {
                     return bad_value(self, st);
                 }
                 let overflow = r.fault_ctrl & fault_ctrl::OVERFLOW & !(v32 & fault_ctrl::OVERFLOW);
-                r.fault_ctrl = (v32 & fault_ctrl::ENABLE) | overflow;
+                r.fault_ctrl = (v32 & (fault_ctrl::ENABLE | fault_ctrl::LOOKAHEAD)) | overflow;
             }
             FAULT_BUF_GET => {
                 // GET may only move forward, up to PUT.
@@ -1001,7 +1002,8 @@ impl Inner {
                     return;
                 }
                 Step::Stop(Stop::Stall { va, access, reason }) => {
-                    self.stall(&dma, item, va, access, reason);
+                    let ahead = self.lookahead(&dma, &item, va);
+                    self.stall(&dma, item, va, access, reason, &ahead);
                     return;
                 }
             }
@@ -1164,7 +1166,72 @@ impl Inner {
         }
     }
 
-    /// Post a fault record and park the item (or fail it if faults cannot be posted).
+    /// The pages after `stalled_va` in the operand it belongs to (up to CAP_FAULT_LOOKAHEAD,
+    /// within the command's length) that would fault too, if the driver enabled lookahead.
+    /// Stops at the first page that translates or whose walk goes wrong: a lookahead never
+    /// latches an error or touches data for a page the item has not reached.
+    fn lookahead(
+        &self,
+        dma: &Dma<'_>,
+        item: &WorkItem,
+        stalled_va: u64,
+    ) -> Vec<(u64, AccessKind, FaultReason)> {
+        let depth = u64::from(self.cfg.fault_lookahead);
+        if depth == 0 || lock(&self.state).regs.fault_ctrl & regs::fault_ctrl::LOOKAHEAD == 0 {
+            return Vec::new();
+        }
+        let cmd = item.cmd;
+        let operands: &[(u64, AccessKind)] = match cmd.opcode {
+            Opcode::Fill => &[(cmd.dst, AccessKind::Write)],
+            Opcode::Checksum => &[(cmd.src, AccessKind::Read)],
+            Opcode::Prefetch => &[(cmd.src, AccessKind::Prefetch)],
+            Opcode::Copy => &[(cmd.src, AccessKind::Read), (cmd.dst, AccessKind::Write)],
+            Opcode::AtomicAdd | Opcode::Fence => &[],
+        };
+        let Some(&(start, access)) = operands
+            .iter()
+            .find(|(start, _)| (*start..start.saturating_add(cmd.len)).contains(&stalled_va))
+        else {
+            return Vec::new();
+        };
+        let end = start.saturating_add(cmd.len);
+        let mut out = Vec::new();
+        let mut va = (stalled_va & !(PAGE_SIZE - 1)) + PAGE_SIZE;
+        while va < end && (out.len() as u64) < depth {
+            match self.probe(dma, cmd.asid, va, access) {
+                Some(reason) => out.push((va, access, reason)),
+                None => break,
+            }
+            va += PAGE_SIZE;
+        }
+        out
+    }
+
+    /// Why `va` would stall `access`, or `None` if it translates (or the walk fails in a way
+    /// only the real access may report).
+    fn probe(&self, dma: &Dma<'_>, asid: u16, va: u64, access: AccessKind) -> Option<FaultReason> {
+        if let Some(e) = lock(&self.tlb).lookup(asid, va) {
+            if perms_allow(e.perms, access) {
+                return None;
+            }
+        }
+        let root = self
+            .roots
+            .get(usize::from(asid))
+            .map_or(0, |r| r.load(Ordering::Acquire));
+        if root & regs::ASID_ROOT_VALID == 0 {
+            return None;
+        }
+        match walk(root & pt::ADDR_MASK, va, |iova| dma.read_u64(iova).ok()) {
+            Walk::Leaf(e) if perms_allow(e.perms, access) => None,
+            Walk::Leaf(_) => Some(FaultReason::Permission),
+            Walk::NotPresent => Some(FaultReason::NotPresent),
+            Walk::BadPte { .. } | Walk::ReadFailed { .. } | Walk::NonCanonical => None,
+        }
+    }
+
+    /// Post a fault record (and the lookahead records that fit) and park the item, or fail it
+    /// if faults cannot be posted.
     fn stall(
         &self,
         dma: &Dma<'_>,
@@ -1172,6 +1239,7 @@ impl Inner {
         va: u64,
         access: AccessKind,
         reason: FaultReason,
+        ahead: &[(u64, AccessKind, FaultReason)],
     ) {
         let mut st = lock(&self.state);
         if st.generation != item.generation {
@@ -1189,25 +1257,24 @@ impl Inner {
             self.raise(&mut st, regs::intr::FAULT);
             return;
         }
-        let slot = u64::from(r.fault_put % r.fault_entries);
-        let iova = r.fault_base + slot * FaultRecord::SIZE as u64;
-        let record = FaultRecord {
+        let timestamp_ns = u64::try_from(st.reset_at.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        let record = |va, access, reason, lookahead| FaultRecord {
             va,
             work_id: item.seq as u32,
             asid: item.cmd.asid,
             access,
             reason,
-            timestamp_ns: u64::try_from(st.reset_at.elapsed().as_nanos()).unwrap_or(u64::MAX),
+            timestamp_ns,
+            lookahead,
         };
-        let posted = dma.write(iova, &record.encode_body()).and_then(|()| {
-            dma.store_u32_release(
-                iova + FaultRecord::FLAGS_OFFSET as u64,
-                FaultRecord::FLAG_VALID,
-            )
-        });
-        match posted {
+        // Lookahead records are hints: they take free slots only and never overflow.
+        let free = st.regs.fault_entries - st.regs.fault_put.wrapping_sub(st.regs.fault_get);
+        let records: Vec<FaultRecord> = std::iter::once(record(va, access, reason, false))
+            .chain(ahead.iter().map(|&(va, a, r)| record(va, a, r, true)))
+            .take(free as usize)
+            .collect();
+        match Self::post_records(dma, &mut st, &records) {
             Ok(()) => {
-                st.regs.fault_put = st.regs.fault_put.wrapping_add(1);
                 st.engine.stalled.insert(item.seq, item);
                 self.raise(&mut st, regs::intr::FAULT);
             }
@@ -1216,6 +1283,33 @@ impl Inner {
                 self.complete_locked(dma, &mut st, &item, Status::IommuFault, f.iova);
             }
         }
+    }
+
+    /// Write `records` into the fault buffer from PUT on and advance PUT; the caller checked
+    /// that the slots are free. Every body goes first, then the flags words from the last
+    /// record to the first: a driver consuming in order sees all of one stall's records at
+    /// once (the first becomes valid last), so they land in one batch.
+    fn post_records(
+        dma: &Dma<'_>,
+        st: &mut State,
+        records: &[FaultRecord],
+    ) -> Result<(), DmaFault> {
+        let r = &st.regs;
+        let slot_iova = |k: usize| {
+            let slot = u64::from(r.fault_put.wrapping_add(k as u32) % r.fault_entries);
+            r.fault_base + slot * FaultRecord::SIZE as u64
+        };
+        for (k, record) in records.iter().enumerate() {
+            dma.write(slot_iova(k), &record.encode_body())?;
+        }
+        for (k, record) in records.iter().enumerate().rev() {
+            dma.store_u32_release(
+                slot_iova(k) + FaultRecord::FLAGS_OFFSET as u64,
+                record.flags(),
+            )?;
+        }
+        st.regs.fault_put = st.regs.fault_put.wrapping_add(records.len() as u32);
+        Ok(())
     }
 
     fn complete(&self, dma: &Dma<'_>, item: &WorkItem, status: Status, result: u64) {

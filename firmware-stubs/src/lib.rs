@@ -58,7 +58,13 @@ pub struct AcceleratorConfig {
     /// it watches is picked up without a thread wake-up (the writer makes no syscall). Parked
     /// workers are woken through a condition variable, which costs a cross-thread wake-up.
     pub idle_spin_us: u32,
+    /// CAP_FAULT_LOOKAHEAD: further pages of the stalled operand an engine checks and reports
+    /// when the driver set FAULT_BUF_CTRL.LOOKAHEAD, `0..=512` (0 = no lookahead).
+    pub fault_lookahead: u32,
 }
+
+/// Default [`AcceleratorConfig::fault_lookahead`]: a 64 KiB operand faults in one batch.
+pub const DEFAULT_FAULT_LOOKAHEAD: u32 = 15;
 
 /// Default [`AcceleratorConfig::idle_spin_us`] (the trade-off is measured in
 /// `docs/performance.md`).
@@ -74,6 +80,7 @@ impl Default for AcceleratorConfig {
             cmdq_entries_max: 1024,
             max_transfer: 64 << 20,
             idle_spin_us: DEFAULT_IDLE_SPIN_US,
+            fault_lookahead: DEFAULT_FAULT_LOOKAHEAD,
         }
     }
 }
@@ -116,6 +123,9 @@ impl AcceleratorConfig {
                 self.cmdq_entries_max.into(),
                 "a power of two in 2..=2^20",
             );
+        }
+        if self.fault_lookahead > 512 {
+            return fail("fault_lookahead", self.fault_lookahead.into(), "0..=512");
         }
         if self.max_transfer < 4096 {
             return fail("max_transfer", self.max_transfer.into(), ">= 4096");

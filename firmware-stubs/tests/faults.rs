@@ -273,3 +273,129 @@ fn fault_interrupt_is_coalesced_until_cleared() {
     assert_eq!(drain(&ev), 1, "unmasking a pending status bit delivers it");
     d.cancel(c, 0);
 }
+
+fn enable_lookahead(d: &TestDriver) {
+    d.w32(
+        regs::FAULT_BUF_CTRL,
+        regs::fault_ctrl::ENABLE | regs::fault_ctrl::LOOKAHEAD,
+    );
+    assert_eq!(d.r32(regs::ERROR_CODE), 0);
+}
+
+#[test]
+fn lookahead_reports_the_next_missing_pages_of_the_operand_at_once() {
+    let mut d = TestDriver::new();
+    enable_lookahead(&d);
+    // Six pages (the last one partly): 0 and 3 mapped. The FILL stalls at page 1; the device
+    // also reports page 2 and stops looking at page 3, which translates.
+    d.map_4k(0, VA, DATA_IOVA, Perms::RW);
+    d.map_4k(0, VA + 3 * PAGE_SIZE, DATA_IOVA + 3 * PAGE_SIZE, Perms::RW);
+    let len = 5 * PAGE_SIZE + 100;
+    let id = d.submit(Command::fill(0, VA, len, 0x1111_1111_1111_1111));
+    d.wait_put(2);
+    let first = d.next_fault().unwrap();
+    let ahead = d.next_fault().unwrap();
+    assert_eq!((first.va, first.lookahead), (VA + PAGE_SIZE, false));
+    assert_eq!(
+        (ahead.va, ahead.work_id, ahead.access, ahead.lookahead),
+        (VA + 2 * PAGE_SIZE, id, AccessKind::Write, true)
+    );
+    assert!(d.next_fault().is_none());
+    // Looking ahead wrote nothing: page 3 is untouched until the item gets there.
+    assert!(d.data_read(3 * PAGE_SIZE, 8).iter().all(|b| *b == 0));
+
+    d.map_4k(0, VA + PAGE_SIZE, DATA_IOVA + PAGE_SIZE, Perms::RW);
+    d.map_4k(0, VA + 2 * PAGE_SIZE, DATA_IOVA + 2 * PAGE_SIZE, Perms::RW);
+    d.replay();
+    // Pages 4 and 5 (5 only partly inside the operand) come in the next stall's records.
+    d.wait_put(4);
+    let vas: Vec<(u64, bool)> = std::iter::from_fn(|| d.next_fault())
+        .map(|f| (f.va, f.lookahead))
+        .collect();
+    assert_eq!(
+        vas,
+        [(VA + 4 * PAGE_SIZE, false), (VA + 5 * PAGE_SIZE, true)]
+    );
+    d.map_4k(0, VA + 4 * PAGE_SIZE, DATA_IOVA + 4 * PAGE_SIZE, Perms::RW);
+    d.map_4k(0, VA + 5 * PAGE_SIZE, DATA_IOVA + 5 * PAGE_SIZE, Perms::RW);
+    d.replay();
+    assert_eq!(d.wait_completion(id).status, Status::Ok);
+    assert!(d.data_read(0, len as usize).iter().all(|b| *b == 0x11));
+    assert_eq!(d.data_read(len, 8), [0; 8]);
+}
+
+#[test]
+fn lookahead_is_bounded_by_its_depth_and_free_slots_and_never_overflows() {
+    let depth = 5;
+    let mut d = TestDriver::with(
+        AcceleratorConfig {
+            fault_lookahead: depth,
+            ..Default::default()
+        },
+        8,
+    );
+    enable_lookahead(&d);
+    d.root(0);
+    assert_eq!(d.r32(regs::CAP_FAULT_LOOKAHEAD), depth);
+    // A 16-page CHECKSUM over nothing mapped: 1 + depth records.
+    let a = d.submit(Command::checksum(0, VA, 16 * PAGE_SIZE));
+    d.wait_put(6);
+    // A second one while those 6 of the 8 slots are unconsumed: 1 + 1, and the rest of its
+    // lookahead is dropped without OVERFLOW.
+    let vb = VA + 0x10_0000;
+    let b = d.submit(Command::checksum(0, vb, 16 * PAGE_SIZE));
+    d.wait_put(8);
+    let got: Vec<(u32, u64, AccessKind, bool)> = std::iter::from_fn(|| d.next_fault())
+        .map(|f| (f.work_id, f.va, f.access, f.lookahead))
+        .collect();
+    let want: Vec<(u32, u64, AccessKind, bool)> = (0..6)
+        .map(|k| (a, VA + k * PAGE_SIZE, AccessKind::Read, k > 0))
+        .chain((0..2).map(|k| (b, vb + k * PAGE_SIZE, AccessKind::Read, k > 0)))
+        .collect();
+    assert_eq!(got, want);
+    assert_eq!(d.r32(regs::FAULT_BUF_CTRL) & regs::fault_ctrl::OVERFLOW, 0);
+    for id in [a, b] {
+        d.cancel(id, 1);
+        assert_eq!(d.wait_completion(id).status, Status::Cancelled);
+    }
+}
+
+#[test]
+fn lookahead_stays_off_until_the_driver_asks_and_never_latches_errors() {
+    let mut d = TestDriver::new();
+    d.root(0);
+    // Without FAULT_BUF_CTRL.LOOKAHEAD: one record per stall, as before.
+    let id = d.submit(Command::fill(0, VA, 4 * PAGE_SIZE, 0));
+    d.wait_put(1);
+    assert!(!d.wait_fault().lookahead);
+    assert!(d.next_fault().is_none());
+    d.cancel(id, 1);
+    d.wait_completion(id);
+    // With it: a malformed entry two pages ahead ends the lookahead silently; only the access
+    // that reaches it reports BAD_PTE.
+    enable_lookahead(&d);
+    d.map_4k(0, VA + PAGE_SIZE, DATA_IOVA, Perms::R); // read-only: Permission ahead
+                                                      // A valid leaf with a reserved bit set: malformed.
+    d.set_entry(
+        0,
+        VA + 2 * PAGE_SIZE,
+        1,
+        accel_abi::pt::VALID | accel_abi::pt::LEAF | accel_abi::pt::READ | (1 << 62),
+    );
+    let id = d.submit(Command::fill(0, VA, 4 * PAGE_SIZE, 0));
+    d.wait_put(3);
+    let a = d.wait_fault();
+    let b = d.wait_fault();
+    assert_eq!(
+        (a.va, a.reason, a.lookahead),
+        (VA, FaultReason::NotPresent, false)
+    );
+    assert_eq!(
+        (b.va, b.reason, b.lookahead),
+        (VA + PAGE_SIZE, FaultReason::Permission, true)
+    );
+    assert!(d.next_fault().is_none());
+    assert_eq!(d.r32(regs::ERROR_CODE), 0);
+    d.cancel(id, 1);
+    d.wait_completion(id);
+}

@@ -31,6 +31,10 @@ fn identity_and_capabilities() {
     assert_eq!(d.r32(regs::CAP_FAULT_ENTRIES), 256);
     assert_eq!(d.r32(regs::CAP_CMDQ_ENTRIES), 128);
     assert_eq!(d.r32(regs::CAP_VECTORS), 3);
+    assert_eq!(
+        d.r32(regs::CAP_FAULT_LOOKAHEAD),
+        firmware_stubs::DEFAULT_FAULT_LOOKAHEAD
+    );
     // Root registers exist only for the configured ASIDs.
     d.w64(regs::asid_root(15), 0);
     assert_eq!(d.r32(regs::ERROR_CODE), 0);
@@ -51,7 +55,7 @@ fn bad_accesses_read_all_ones_and_record_the_first_error() {
     assert_eq!(d.r64(regs::ERROR_INFO), regs::ID);
     // A second error does not overwrite the first.
     let mut b4 = [0u8; 4];
-    d.dev.bar_read(0, 0x024, &mut b4);
+    d.dev.bar_read(0, 0x028, &mut b4); // no register there
     assert_eq!(b4, [0xff; 4]);
     assert_eq!(d.r64(regs::ERROR_INFO), regs::ID);
     assert_ne!(d.r32(regs::STATUS) & regs::status::ERROR, 0);

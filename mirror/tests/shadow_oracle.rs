@@ -147,7 +147,10 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 drop(w.pages[i].take());
                 match Mapping::anonymous_at(addr, PAGE, RW) {
                     Ok(m) => w.pages[i] = Some(m),
-                    Err(mirror::Error::Sys { errno, .. }) if errno == nix::errno::Errno::EEXIST => {
+                    Err(mirror::Error::Sys {
+                        errno: nix::errno::Errno::EEXIST,
+                        ..
+                    }) => {
                         // Another thread's one-page mmap took the hole: that memory is not
                         // ours to touch, so the case ends here (every step so far was checked).
                         println!("page {i} was taken by another mapping; case ends early");
