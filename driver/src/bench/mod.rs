@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::context::ContextOptions;
-use crate::device::DeviceOptions;
+use crate::device::{DeviceOptions, Ticket};
 use crate::fault::ServiceMode;
 use crate::runtime::{AcceleratorConfig, Context, DeviceSpec, Runtime, RuntimeOptions};
 use crate::Error;
@@ -203,13 +203,25 @@ fn device_touch(ctx: &Context, addrs: &[u64], window: usize) -> Result<Duration,
 
 /// Device FILLs of `len` bytes at each address, up to `window` in flight; elapsed time.
 fn device_fill(ctx: &Context, addrs: &[u64], len: u64, window: usize) -> Result<Duration, Error> {
+    device_commands(ctx, addrs, len, window, sys::submit_fill)
+}
+
+/// One device command of `len` bytes at each address (`submit`), up to `window` in flight;
+/// elapsed time.
+fn device_commands(
+    ctx: &Context,
+    addrs: &[u64],
+    len: u64,
+    window: usize,
+    submit: fn(&Context, u64, u64) -> Result<Ticket, Error>,
+) -> Result<Duration, Error> {
     let t = Instant::now();
     let mut q = VecDeque::with_capacity(window);
     for &a in addrs {
         if q.len() >= window {
             ctx.wait(q.pop_front().unwrap())?;
         }
-        q.push_back(sys::submit_fill(ctx, a, len)?);
+        q.push_back(submit(ctx, a, len)?);
     }
     while let Some(tk) = q.pop_front() {
         ctx.wait(tk)?;
@@ -398,6 +410,106 @@ impl Bench {
         Ok(median(&mut v))
     }
 
+    /// Device faults when one command covers many pages (as a GPU kernel's accesses do). The
+    /// device's fault lookahead reports up to 15 pages past the stalled one, so a 64 KiB command
+    /// costs one stall instead of 16. Lookahead on and off (a device without it); FILL (data
+    /// moves: the ceiling row has the same commands on pages already mapped) and PREFETCH
+    /// (translation only: the fault path alone); fresh and populated pages.
+    fn multi_page_commands(&mut self, pw: f64, pw_pop: f64) -> Result<(), Error> {
+        type Submit = fn(&Context, u64, u64) -> Result<Ticket, Error>;
+        let ops: [(&str, Submit); 2] = [
+            ("FILL", sys::submit_fill),
+            ("PREFETCH", sys::submit_prefetch),
+        ];
+        let n = self.sizes.fault_pages;
+        for lookahead in [true, false] {
+            let device = AcceleratorConfig {
+                fault_lookahead: if lookahead {
+                    firmware_stubs::DEFAULT_FAULT_LOOKAHEAD
+                } else {
+                    0
+                },
+                ..Default::default()
+            };
+            let (_rt, ctx) =
+                open_device(device, ServiceMode::Polling, 256, Placement::Same, false)?;
+            let on_off = if lookahead {
+                "lookahead 15"
+            } else {
+                "no lookahead"
+            };
+            for per_cmd in [16usize, 64] {
+                let len = (per_cmd * PAGE) as u64;
+                for (op, submit) in ops {
+                    let (mut first, mut popd, mut mapped) = (Vec::new(), Vec::new(), Vec::new());
+                    for _ in 0..self.sizes.repeats {
+                        for populate in [false, true] {
+                            let r = Region::new(n).map_err(os("mmap"))?;
+                            if populate {
+                                r.madvise(libc::MADV_POPULATE_WRITE)
+                                    .map_err(os("madvise"))?;
+                            }
+                            let starts: Vec<u64> =
+                                (0..n / per_cmd).map(|i| r.page(per_cmd * i)).collect();
+                            let pages = (starts.len() * per_cmd) as f64;
+                            let d = device_commands(&ctx, &starts, len, 1000, submit)?;
+                            if populate {
+                                popd.push(pages / d.as_secs_f64());
+                                // Again, now that the device maps every page: no faults.
+                                let d = device_commands(&ctx, &starts, len, 1000, submit)?;
+                                mapped.push(pages / d.as_secs_f64());
+                            } else {
+                                first.push(pages / d.as_secs_f64());
+                            }
+                        }
+                    }
+                    let (f, p, c) = (median(&mut first), median(&mut popd), median(&mut mapped));
+                    let note = format!(
+                        "{n} pages, one {} KiB {op} per {per_cmd} pages, batch 256, fault_around 0; \
+                         the same commands on device-mapped pages: {c:.0} pages/s",
+                        per_cmd * 4
+                    );
+                    let tracked = lookahead && per_cmd == 16 && op == "PREFETCH";
+                    self.fig(Figure {
+                        group: "fault".into(),
+                        name: format!(
+                            "first-touch fault throughput, {per_cmd}-page {op}, {on_off}"
+                        ),
+                        mode: "polling".into(),
+                        placement: "same-core".into(),
+                        value: f,
+                        unit: "pages/s".into(),
+                        baseline_name: "MADV_POPULATE_WRITE (fresh pages)".into(),
+                        baseline: Some(pw),
+                        ratio: Some(f / pw),
+                        target: tracked
+                            .then(|| target(">= 0.8x MADV_POPULATE_WRITE", f >= 0.8 * pw))
+                            .flatten(),
+                        note: note.clone(),
+                        ..Default::default()
+                    });
+                    self.fig(Figure {
+                        group: "fault".into(),
+                        name: format!(
+                            "populated-page fault throughput, {per_cmd}-page {op}, {on_off}"
+                        ),
+                        mode: "polling".into(),
+                        placement: "same-core".into(),
+                        value: p,
+                        unit: "pages/s".into(),
+                        baseline_name: "MADV_POPULATE_WRITE (populated pages)".into(),
+                        baseline: Some(pw_pop),
+                        ratio: Some(p / pw_pop),
+                        target: tracked.then(|| target(">= 1M pages/s", p >= 1e6)).flatten(),
+                        note,
+                        ..Default::default()
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Median first-touch and populated-page device fault throughput (pages/s) on `ctx`.
     fn fault_rates(&self, ctx: &Context) -> Result<(f64, f64), Error> {
         let n = self.sizes.fault_pages;
@@ -439,30 +551,6 @@ impl Bench {
                     v.push(n as f64 / device_touch(&ctx, &addrs, 1000)?.as_secs_f64());
                 }
                 let c = median(&mut v);
-                // 16 pages per command: 16x fewer commands for the same faults.
-                let mut v = Vec::new();
-                for _ in 0..self.sizes.repeats {
-                    let r = Region::new(n).map_err(os("mmap"))?;
-                    r.madvise(libc::MADV_POPULATE_WRITE)
-                        .map_err(os("madvise"))?;
-                    let starts: Vec<u64> = (0..n / 16).map(|i| r.page(16 * i)).collect();
-                    let d = device_fill(&ctx, &starts, 16 * PAGE as u64, 1000)?;
-                    v.push(n as f64 / d.as_secs_f64());
-                }
-                let m16 = median(&mut v);
-                self.fig(Figure {
-                    group: "fault".into(),
-                    name: "populated-page fault throughput, batch 256, 16 pages per command".into(),
-                    mode: "polling".into(),
-                    placement: "same-core".into(),
-                    value: m16,
-                    unit: "pages/s".into(),
-                    baseline_name: "MADV_POPULATE_WRITE (populated pages)".into(),
-                    baseline: Some(pw_pop),
-                    ratio: Some(m16 / pw_pop),
-                    note: "64 KiB FILL per command: faults of one command are sequential".into(),
-                    ..Default::default()
-                });
                 self.fig(Figure {
                     group: "fault".into(),
                     name: "command throughput without faults (pages already device-mapped)".into(),
@@ -511,6 +599,7 @@ impl Bench {
                 ..Default::default()
             });
         }
+        self.multi_page_commands(pw, pw_pop)?;
         for (mode, placement) in [
             (ServiceMode::Interrupt, Placement::Same),
             (ServiceMode::Polling, Placement::Cross),

@@ -163,6 +163,12 @@ pub fn submit_fill(ctx: &Context, addr: u64, len: u64) -> Result<Ticket, Error> 
     }
 }
 
+/// A device PREFETCH of `len` bytes at `addr`: translation (and faults) without data.
+pub fn submit_prefetch(ctx: &Context, addr: u64, len: u64) -> Result<Ticket, Error> {
+    // SAFETY: as for `submit_fill`; the device only translates.
+    unsafe { ctx.submit(Op::Prefetch { src: addr, len }) }
+}
+
 // --- userfaultfd MISSING-mode baseline (x86-64/arm64 ioctl layout) ---
 
 const UFFD_API: u64 = 0xAA;
