@@ -156,6 +156,14 @@ impl MirrorState {
         out
     }
 
+    /// Whether a mapping lets the device reach `page` (for writing, if `write`).
+    fn reaches(&self, page: u64, write: bool) -> bool {
+        self.mappings
+            .range(..=page)
+            .next_back()
+            .is_some_and(|(_, m)| page < m.va + m.len && (m.writable || !write))
+    }
+
     /// The parts of `range` no mapping covers.
     fn gaps(&self, range: Range<u64>) -> Vec<Range<u64>> {
         let mut gaps = Vec::new();
@@ -883,15 +891,27 @@ impl FaultHandler for ContextCore {
             .fetch_add(faults.len() as u64, Ordering::Relaxed);
         self.counters.fault_batches.fetch_add(1, Ordering::Relaxed);
         let mut out = vec![Ok(()); faults.len()];
+        // Pages the device can already reach with the access: a stale record (its item was
+        // replayed and re-faulted, or an earlier batch mapped the page). The replay finds them
+        // mapped; servicing them again would tear the mapping down, fence and map it anew.
+        let todo: Vec<(usize, PageFault)> = {
+            let state = self.sub.lock();
+            faults
+                .iter()
+                .copied()
+                .enumerate()
+                .filter(|(_, f)| !state.reaches(f.page, f.access.needs_write()))
+                .collect()
+        };
         let mut i = 0;
-        while i < faults.len() {
+        while i < todo.len() {
             // A run: consecutive pages, optionally grown to the fault-around block.
             let mut j = i + 1;
-            let mut write = faults[i].access.needs_write();
-            let start = faults[i].page;
+            let mut write = todo[i].1.access.needs_write();
+            let start = todo[i].1.page;
             let mut end = start + PAGE_SIZE;
-            while j < faults.len() && faults[j].page == end && end - start < self.options.max_run {
-                write |= faults[j].access.needs_write();
+            while j < todo.len() && todo[j].1.page == end && end - start < self.options.max_run {
+                write |= todo[j].1.access.needs_write();
                 end += PAGE_SIZE;
                 j += 1;
             }
@@ -899,7 +919,7 @@ impl FaultHandler for ContextCore {
                 // Fault-around is best effort: if the grown run fails, fall back to the faults.
                 if self.service_run(grown_start, grown_end, write).is_ok() {
                     // Later faults inside the grown run are satisfied already.
-                    while j < faults.len() && faults[j].page < grown_end {
+                    while j < todo.len() && todo[j].1.page < grown_end {
                         j += 1;
                     }
                     i = j;
@@ -909,14 +929,14 @@ impl FaultHandler for ContextCore {
             let run = self.service_run(start, end, write).map_err(|f| f.reason);
             if run.is_err() && j - i > 1 {
                 // Find exactly which pages fail (a run may straddle a VMA boundary).
-                for (k, f) in faults.iter().enumerate().take(j).skip(i) {
+                for &(k, f) in &todo[i..j] {
                     out[k] = self
                         .service_run(f.page, f.page + PAGE_SIZE, f.access.needs_write())
                         .map_err(|f| f.reason);
                 }
             } else {
-                for o in out.iter_mut().take(j).skip(i) {
-                    *o = run;
+                for &(k, _) in &todo[i..j] {
+                    out[k] = run;
                 }
             }
             i = j;
