@@ -57,7 +57,7 @@ impl Default for DeviceOptions {
     fn default() -> Self {
         DeviceOptions {
             cmdq_entries: 256,
-            fault_entries: 1024,
+            fault_entries: 4096,
             fault_lookahead: true,
         }
     }
@@ -417,12 +417,14 @@ impl Device {
         Ok(())
     }
 
-    /// Move up to `max` posted fault records out of the fault buffer, clearing each slot and
-    /// publishing the new GET index. Also reports (and clears) an overflow.
+    /// Move posted fault records out of the fault buffer, clearing each slot and publishing the
+    /// new GET index: up to `max` stalls, each with the lookahead records that follow its own
+    /// record (a ring's worth at most). Also reports (and clears) an overflow.
     pub fn drain_faults(&self, max: usize, out: &mut Vec<DrainedFault>) -> Result<bool, Error> {
         let mut fb = lock(&self.faults);
         let mut taken = 0;
-        while taken < max {
+        let mut stalls = 0;
+        while taken < fb.entries as usize {
             let slot = fb.get % fb.entries;
             let base = slot as usize * FaultRecord::SIZE;
             let flags = fb
@@ -431,6 +433,14 @@ impl Device {
                 .load_u32(base + FaultRecord::FLAGS_OFFSET, Ordering::Acquire);
             if flags == 0 {
                 break;
+            }
+            // Lookahead records ride with the stall before them; anything else is a new stall.
+            let lookahead = flags == FaultRecord::FLAG_VALID | FaultRecord::FLAG_LOOKAHEAD;
+            if !lookahead {
+                if stalls == max {
+                    break;
+                }
+                stalls += 1;
             }
             let mut raw = [0u8; 32];
             fb.ring.buffer.read(base, &mut raw);
