@@ -56,7 +56,8 @@ impl DeviceSpec {
 pub struct RuntimeOptions {
     /// Interrupt or polling fault service.
     pub mode: ServiceMode,
-    /// Most fault records serviced per batch.
+    /// Most stalls serviced per batch: fault records of work items that reached the page,
+    /// each with the lookahead records the device posted behind it.
     pub batch: usize,
     /// Ring sizes.
     pub device: DeviceOptions,
