@@ -1,10 +1,13 @@
-//! Every event kind from real munmap / mremap / madvise / fork, the explicit API's strict
-//! coherence, release, the retry budget, settle, stats and latency.
+//! Every event kind from real munmap / mremap / madvise, the explicit API's strict coherence,
+//! release, the retry budget, settle, stats and latency. Fork has its own test binary
+//! (`fork_event.rs`): a fork reaches every userfaultfd of the process with registered ranges as
+//! a Fork over the whole address space, which would land in these tests' logs (seen once as a
+//! third entry in the mremap case).
 
 mod common;
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
@@ -105,45 +108,6 @@ fn mremap_move_delivers_remap_then_unmap_and_registration_follows() {
         new_range,
         EventSource::Userfaultfd
     )));
-}
-
-#[test]
-fn fork_delivers_fork_and_hands_over_the_child_uffd() {
-    let Some(mm) = uffd_mm() else { return };
-    if !mm.capabilities().uffd.as_ref().unwrap().fork_events {
-        println!("SKIP fork: no FORK events (needs CAP_SYS_PTRACE)");
-        return;
-    }
-    let m = Mapping::anonymous(2 * PAGE, RW).unwrap();
-    m.write_byte(0, 1);
-    let rec = recorder(&mm, m.range());
-    mm.track(m.range()).unwrap();
-    let (tx, rx) = mpsc::channel();
-    let tx = Mutex::new(tx);
-    mm.on_fork(Some(Box::new(move |fd| {
-        let _ = tx.lock().unwrap().send(fd);
-    })));
-    let child = mirror::sys::process::fork_exiting_child(0).unwrap();
-    nix::sys::wait::waitpid(child, None).unwrap();
-    mm.settle().unwrap();
-    assert!(kinds(&rec.lock()).contains(&(EventKind::Fork, m.range(), EventSource::Userfaultfd)));
-    // Other tests' address spaces in this process may fork too, so look for ours among any.
-    let fd = rx
-        .recv_timeout(Duration::from_secs(5))
-        .expect("child uffd handed over");
-    let link = std::fs::read_link(format!(
-        "/proc/self/fd/{}",
-        std::os::fd::AsRawFd::as_raw_fd(&fd)
-    ))
-    .unwrap();
-    assert!(link.to_string_lossy().contains("userfaultfd"), "{link:?}");
-    assert!(mm.stats().fork_events >= 1);
-    // After fork the parent's written page is shared with the (exited, maybe not yet reaped)
-    // child or exclusive again; either way the walker still reports it mapped.
-    assert!(matches!(
-        mm.snapshot(sub_range(&m, 0, 1)).unwrap().pages()[0].state,
-        mirror::PageState::Read | mirror::PageState::Write
-    ));
 }
 
 #[test]
