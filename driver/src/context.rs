@@ -772,8 +772,11 @@ impl ContextCore {
     }
 
     /// The run `[start, end)` grown for fault-around, clipped to the VMA that holds the run:
-    /// fault-around never reaches into a neighbouring mapping (which could be anybody's, even
-    /// the emulator's own DMA memory) and never registers it for events.
+    /// fault-around never reaches into a neighbouring VMA, nor registers one for events.
+    /// Adjacent anonymous mappings with the same flags merge into one VMA, though, so the block
+    /// can cover a neighbour's memory of this process (another allocation, the emulator's own
+    /// buffers): memory any command could name anyway, since the device sees the whole address
+    /// space; the cost is pinning it, and its owner's munmap then waits for our event reader.
     ///
     /// A run that starts where an existing mapping ends is a sequential stream: it grows to
     /// twice that mapping (up to `max_run`), so a stream converges on 2 MiB mappings and a
