@@ -53,6 +53,14 @@ pub struct ContextOptions {
     /// past it is cancelled with [`CancelReason::Quota`]. `None`: no limit of our own (kernel
     /// VFIO still has RLIMIT_MEMLOCK).
     pub max_mapped_bytes: Option<u64>,
+    /// Refuse to map memory that cannot be registered for CPU change events (another
+    /// userfaultfd owns the range, or the kernel refuses the VMA): such a fault is cancelled
+    /// with [`CancelReason::Untracked`]. Off by default: the device then maps it anyway (as
+    /// test_hmm's `userfaultfd_read` expects), the context warns once and counts it in
+    /// `ContextStats::untracked_runs`, and coherence for that memory rests on the strict
+    /// wrappers and `invalidate()`. A mirror built without userfaultfd (explicit-only) is not
+    /// affected: its coherence is explicit by choice.
+    pub require_events: bool,
 }
 
 /// How the device reaches the pages of the mirrored address space.
@@ -77,6 +85,7 @@ impl Default for ContextOptions {
             walk_hook: None,
             reach: Reach::Local,
             max_mapped_bytes: None,
+            require_events: false,
         }
     }
 }
@@ -90,6 +99,7 @@ impl std::fmt::Debug for ContextOptions {
             .field("walk_hook", &self.walk_hook.is_some())
             .field("reach", &self.reach)
             .field("max_mapped_bytes", &self.max_mapped_bytes)
+            .field("require_events", &self.require_events)
             .finish()
     }
 }
@@ -101,6 +111,8 @@ pub struct ContextCounters {
     pub faults: AtomicU64,
     /// Fault batches the service handed us (one per stall round trip).
     pub fault_batches: AtomicU64,
+    /// Runs mapped although their memory could not be registered for CPU events.
+    pub untracked_runs: AtomicU64,
     /// Runs serviced (one DMA mapping each).
     pub runs: AtomicU64,
     /// Pages made accessible to the device (device PTEs written, 4 KiB units).
@@ -482,8 +494,25 @@ impl ContextCore {
                 .min(vma_end),
         )
         .unwrap_or(range);
-        if let Err(e) = self.mm.track(track) {
-            tracing::debug!(error = %e, ?track, "could not register the range for CPU events");
+        match self.mm.track(track) {
+            Ok(()) => {}
+            // Explicit-only mirror (no userfaultfd): coherence is explicit by configuration.
+            Err(mirror::Error::Unsupported { .. }) => {}
+            Err(mirror::Error::Released) => return Err(CancelReason::NoContext.into()),
+            Err(e) if self.options.require_events => {
+                return Err(Failure {
+                    reason: CancelReason::Untracked,
+                    cause: Some(Error::Mirror(e)),
+                })
+            }
+            Err(e) => {
+                let first = self.counters.untracked_runs.fetch_add(1, Ordering::Relaxed) == 0;
+                if first {
+                    tracing::warn!(error = %e, ?track, asid = self.asid, "mapping memory that cannot be registered for CPU events: its munmap/madvise/mremap will not reach the device; use the strict wrappers or invalidate() there (logged once per context; ContextStats::untracked_runs counts them)");
+                } else {
+                    tracing::debug!(error = %e, ?track, "could not register the range for CPU events");
+                }
+            }
         }
         let result = self.sub.mirror_range(
             |_seq| Ok(self.walk(range, access, &backing)),

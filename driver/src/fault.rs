@@ -64,6 +64,11 @@ pub enum CancelReason {
     /// Mapping the page would exceed the context's mapped/pinned-bytes quota.
     #[error("the context's mapped (pinned) bytes quota would be exceeded")]
     Quota = 9,
+    /// The memory could not be registered for CPU change events (another userfaultfd owns the
+    /// range, or the kernel refuses the VMA) and the context requires events
+    /// (`ContextOptions::require_events`).
+    #[error("the memory cannot be registered for CPU change events (another userfaultfd owns it, or the kernel refuses the mapping)")]
+    Untracked = 10,
 }
 
 impl CancelReason {
@@ -78,6 +83,7 @@ impl CancelReason {
             6 => Self::Malformed,
             8 => Self::Unreachable,
             9 => Self::Quota,
+            10 => Self::Untracked,
             _ => Self::Other,
         }
     }

@@ -300,6 +300,9 @@ pub struct ContextStats {
     /// Fault batches serviced: one per device stall round trip, however many pages (lookahead
     /// included) it carried. test_hmm's dmirror counts the same thing as `faults`.
     pub fault_batches: u64,
+    /// Runs mapped although their memory could not be registered for CPU change events (see
+    /// `ContextOptions::require_events`).
+    pub untracked_runs: u64,
     /// Runs serviced (one DMA mapping each).
     pub runs: u64,
     /// 4 KiB pages made device-accessible.
@@ -459,6 +462,7 @@ impl Context {
         ContextStats {
             faults: c.faults.load(Ordering::Relaxed),
             fault_batches: c.fault_batches.load(Ordering::Relaxed),
+            untracked_runs: c.untracked_runs.load(Ordering::Relaxed),
             runs: c.runs.load(Ordering::Relaxed),
             pages_mapped: c.pages_mapped.load(Ordering::Relaxed),
             large_mappings: c.large_mappings.load(Ordering::Relaxed),

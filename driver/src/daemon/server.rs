@@ -1004,6 +1004,10 @@ impl Session {
             let options = ContextOptions {
                 reach: Reach::Arenas(arenas.clone()),
                 max_mapped_bytes: Some(limits.max_mapped_bytes),
+                // A client that keeps the daemon from registering its arena for events (its
+                // own userfaultfd on it) would otherwise leave mappings the daemon never
+                // hears about: refuse with `Untracked` instead.
+                require_events: true,
                 ..shared.runtime.options().context.clone()
             };
             let ctx = shared.runtime.create_context_in(mm.clone(), options)?;

@@ -1090,7 +1090,50 @@ pub fn userfaultfd_read(rt: Arc<Runtime>) {
             matches!(tracked, Err(mirror::Error::TrackedElsewhere { .. })),
             "{tracked:?}"
         );
+        // Mapped without CPU events, and said so.
+        assert!(ctx.stats().untracked_runs > before.untracked_runs);
     }
+    let r = m.forget();
+    unmap_strict(&ctx, r.start(), r.len() as usize);
+}
+
+/// The same application-owned userfaultfd range on a context that requires CPU events
+/// (`ContextOptions::require_events`): the device access is refused with `Untracked` instead of
+/// mapping memory whose changes the mirror would never see, and nothing is mapped.
+pub fn userfaultfd_owned_range_refused_when_events_required(rt: Arc<Runtime>) {
+    let ctx = rt
+        .create_context_with(ContextOptions {
+            fault_around: BUF as u64,
+            require_events: true,
+            ..Default::default()
+        })
+        .expect("create context");
+    if !has_uffd(&ctx, "userfaultfd_owned_range_refused_when_events_required") {
+        return;
+    }
+    let m = Mapping::anonymous(4 * PAGE, RW).unwrap();
+    let fd = match app_uffd(m.range()) {
+        Ok(fd) => fd,
+        Err(e) => {
+            eprintln!("SKIP: the application cannot register its own uffd: {e}");
+            return;
+        }
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    let handler = std::thread::spawn(move || serve_missing(fd, stop2));
+    let before = ctx.stats();
+    let result = device_checksum(&ctx, m.addr(), 4 * PAGE);
+    stop.store(true, Ordering::Release);
+    handler.join().unwrap();
+    assert!(
+        matches!(&result, Err(e) if is_cancel(e, CancelReason::Untracked)),
+        "{result:?}"
+    );
+    let after = ctx.stats();
+    assert_eq!(after.pages_mapped, before.pages_mapped, "{after:?}");
+    assert_eq!(after.untracked_runs, before.untracked_runs, "{after:?}");
+    assert!(ctx.device_translation(m.addr()).is_none());
     let r = m.forget();
     unmap_strict(&ctx, r.start(), r.len() as usize);
 }
@@ -1630,6 +1673,7 @@ macro_rules! hmm_suite {
             snapshot,
             userfaultfd_read,
             userfaultfd_after_mirror_is_busy,
+            userfaultfd_owned_range_refused_when_events_required,
             partial_munmap,
             mremap_move_and_dontunmap,
             collision_with_dontneed_is_never_stale,
