@@ -433,8 +433,9 @@ fn demo(polling: bool, mib: usize) -> Result<(), Error> {
     let s = rt.service().stats();
     step("fault service");
     println!(
-        "records {}, batches {}, pages serviced {}, replays {}, cancels {}, overflows {}",
+        "records {} ({} lookahead), batches {}, pages serviced {}, replays {}, cancels {}, overflows {}",
         s.records.load(Ordering::Relaxed),
+        s.lookahead_records.load(Ordering::Relaxed),
         s.batches.load(Ordering::Relaxed),
         s.pages_serviced.load(Ordering::Relaxed),
         s.replays.load(Ordering::Relaxed),
