@@ -21,6 +21,10 @@ use driver::{DeviceOps, Error};
 const ROLE_ENV: &str = "MIRROR_DAEMON_TEST_ROLE";
 const SOCKET_ENV: &str = "MIRROR_DAEMON_TEST_SOCKET";
 const ARG_ENV: &str = "MIRROR_DAEMON_TEST_ARG";
+/// The uid (and gid) a client process drops to before it connects.
+const UID_ENV: &str = "MIRROR_DAEMON_TEST_UID";
+/// nobody/nogroup.
+const OTHER_UID: u32 = 65534;
 
 // ---------------------------------------------------------------------------------------------
 // The daemon side.
@@ -111,6 +115,11 @@ impl TestDaemon {
         spawn_client(&self.socket, role, arg)
     }
 
+    /// A client that drops to `uid` (needs root) before connecting.
+    fn client_as(&self, uid: u32, role: &str, arg: &str) -> Child {
+        spawn_client_with(&self.socket, role, arg, Some(uid))
+    }
+
     /// Waits until the daemon has released every client (stats are daemon-wide).
     fn settle(&self) -> StatsReply {
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -144,22 +153,29 @@ impl Drop for TestDaemon {
 }
 
 fn spawn_client(socket: &Path, role: &str, arg: &str) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args([
-            "--exact",
-            "client_role",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(ROLE_ENV, role)
-        .env(SOCKET_ENV, socket)
-        .env(ARG_ENV, arg)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn a client process")
+    spawn_client_with(socket, role, arg, None)
+}
+
+fn spawn_client_with(socket: &Path, role: &str, arg: &str, uid: Option<u32>) -> Child {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    if let Some(uid) = uid {
+        cmd.env(UID_ENV, uid.to_string());
+    }
+    cmd.args([
+        "--exact",
+        "client_role",
+        "--ignored",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env(ROLE_ENV, role)
+    .env(SOCKET_ENV, socket)
+    .env(ARG_ENV, arg)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit())
+    .spawn()
+    .expect("spawn a client process")
 }
 
 /// The client's report lines (`RESULT ...`), and whether it exited successfully.
@@ -541,6 +557,22 @@ fn role_quota(client: &Arc<DaemonClient>) {
     report(format!("mapped {}", s.mapped_bytes));
 }
 
+/// Some work on an arena, then what STATS tells this client.
+fn role_stats(client: &Arc<DaemonClient>) {
+    let mut arena = client.alloc_arena(64 << 10).expect("arena");
+    client.fill(&mut arena[..], 0x3c).expect("fill");
+    let s = client.stats().expect("stats");
+    report(format!(
+        "stats uid {} pages {} clients {} mapped-total {} iova {} tables {}",
+        nix::unistd::getuid(),
+        s.pages_mapped,
+        s.clients,
+        s.mapped_bytes_total,
+        s.iova_bytes,
+        s.table_pages_in_use
+    ));
+}
+
 #[test]
 #[ignore = "the client processes of the daemon tests run this"]
 fn client_role() {
@@ -549,6 +581,18 @@ fn client_role() {
     };
     let socket = PathBuf::from(std::env::var(SOCKET_ENV).unwrap());
     let arg = std::env::var(ARG_ENV).unwrap_or_default();
+    if let Some(uid) = std::env::var(UID_ENV)
+        .ok()
+        .and_then(|u| u.parse::<u32>().ok())
+    {
+        let dropped = nix::unistd::setgroups(&[])
+            .and_then(|()| nix::unistd::setgid(nix::unistd::Gid::from_raw(uid)))
+            .and_then(|()| nix::unistd::setuid(nix::unistd::Uid::from_raw(uid)));
+        if let Err(e) = dropped {
+            report(format!("setuid-error {e}"));
+            return;
+        }
+    }
     let client = match DaemonClient::connect(&socket) {
         Ok(c) => c,
         Err(e) => {
@@ -567,6 +611,7 @@ fn client_role() {
         "storm" => role_storm(&client),
         "hold" => role_hold(&client),
         "quota" => role_quota(&client),
+        "stats" => role_stats(&client),
         other => panic!("unknown role {other}"),
     }
 }
@@ -1114,5 +1159,57 @@ fn a_connection_that_never_says_hello_is_closed() {
     // Its slot is free again.
     let (ok, lines) = finish(d.client("work", "1"));
     assert!(ok, "{lines:?}");
+    d.stop();
+}
+
+/// STATS shows a client of another uid its own figures only: the daemon-wide ones (how many
+/// clients, everyone's mapped bytes, IOVA and table use) would tell it about other users' work.
+/// The daemon's own uid (the operator) sees them.
+#[test]
+fn other_uids_see_only_their_own_statistics() {
+    if !nix::unistd::getuid().is_root() {
+        eprintln!("SKIP other_uids_see_only_their_own_statistics: needs root to run a client as uid {OTHER_UID}");
+        return;
+    }
+    let own = nix::unistd::getuid().as_raw();
+    let d = TestDaemon::start("stats-uid", ServiceMode::Interrupt, |c| {
+        c.allowed_uids = vec![own, OTHER_UID];
+    });
+    let fields = |lines: &[String]| -> Vec<u64> {
+        let line = lines
+            .iter()
+            .find_map(|l| l.strip_prefix("stats "))
+            .unwrap_or_else(|| panic!("no stats line in {lines:?}"));
+        line.split_whitespace()
+            .skip(1)
+            .step_by(2)
+            .map(|v| v.parse().unwrap())
+            .collect()
+    };
+    let (ok, lines) = finish(d.client_as(OTHER_UID, "stats", ""));
+    if lines.iter().any(|l| l.starts_with("setuid-error")) {
+        eprintln!("SKIP other_uids_see_only_their_own_statistics: {lines:?}");
+        d.stop();
+        return;
+    }
+    assert!(ok, "{lines:?}");
+    // uid, own pages, clients, mapped-total, iova, tables
+    let other = fields(&lines);
+    assert_eq!(other[0], u64::from(OTHER_UID), "{lines:?}");
+    assert!(other[1] > 0, "its own figures are there: {lines:?}");
+    assert_eq!(
+        &other[2..],
+        &[0, 0, 0, 0],
+        "no daemon-wide figures: {lines:?}"
+    );
+    let (ok, lines) = finish(d.client("stats", ""));
+    assert!(ok, "{lines:?}");
+    let operator = fields(&lines);
+    assert!(operator[1] > 0, "{lines:?}");
+    assert!(
+        operator[2] >= 1 && operator[3] > 0 && operator[4] > 0 && operator[5] > 0,
+        "the operator sees the daemon: {lines:?}"
+    );
+    d.settle();
     d.stop();
 }

@@ -441,7 +441,8 @@ pub struct StatsReply {
     pub arenas: u64,
     /// This client: arena bytes registered.
     pub arena_bytes: u64,
-    /// Daemon: clients connected (sessions past HELLO).
+    /// Daemon: clients connected (sessions past HELLO). The daemon-wide fields are 0 in a reply
+    /// to a client of another uid than the daemon's.
     pub clients: u64,
     /// Daemon: bytes mapped (pinned) over every client.
     pub mapped_bytes_total: u64,

@@ -509,6 +509,8 @@ struct Session {
     shared: Arc<Shared>,
     stream: Arc<UnixStream>,
     peer_pid: libc::pid_t,
+    /// Whether the peer runs as the daemon's own uid: only it sees daemon-wide statistics.
+    peer_is_operator: bool,
     client: Option<Arc<ClientState>>,
     events: Option<mpsc::UnboundedSender<CompletionEvent>>,
     /// A duplicate of the client's verified pidfd, until the session watches it.
@@ -637,6 +639,7 @@ async fn session(shared: Arc<Shared>, stream: UnixStream, mut shutdown: watch::R
         shared: shared.clone(),
         stream,
         peer_pid: pid,
+        peer_is_operator: uid == nix::unistd::getuid().as_raw(),
         client: None,
         events: None,
         exit_watch: None,
@@ -908,8 +911,17 @@ impl Session {
             Request::Stats => {
                 let c = client.clone();
                 let shared = self.shared.clone();
+                let operator = self.peer_is_operator;
                 let stats = tokio::task::spawn_blocking(move || {
                     let cs = c.ctx.stats();
+                    // Other users' clients see their own figures only: the daemon-wide ones
+                    // (clients, everyone's mapped bytes, IOVA use) would tell them about
+                    // other users' work.
+                    let daemon = if operator {
+                        shared.daemon_stats()
+                    } else {
+                        StatsReply::default()
+                    };
                     StatsReply {
                         faults: cs.faults,
                         pages_mapped: cs.pages_mapped,
@@ -920,7 +932,7 @@ impl Session {
                         commands: c.commands.load(Ordering::Relaxed),
                         arenas: c.arenas.len() as u64,
                         arena_bytes: c.arenas.bytes(),
-                        ..shared.daemon_stats()
+                        ..daemon
                     }
                 })
                 .await;
