@@ -469,45 +469,63 @@ impl Bench {
                          the same commands on device-mapped pages: {c:.0} pages/s",
                         per_cmd * 4
                     );
-                    let tracked = lookahead && per_cmd == 16 && op == "PREFETCH";
-                    self.fig(Figure {
-                        group: "fault".into(),
-                        name: format!(
-                            "first-touch fault throughput, {per_cmd}-page {op}, {on_off}"
-                        ),
-                        mode: "polling".into(),
-                        placement: "same-core".into(),
-                        value: f,
-                        unit: "pages/s".into(),
-                        baseline_name: "MADV_POPULATE_WRITE (fresh pages)".into(),
-                        baseline: Some(pw),
-                        ratio: Some(f / pw),
-                        target: tracked
-                            .then(|| target(">= 0.8x MADV_POPULATE_WRITE", f >= 0.8 * pw))
-                            .flatten(),
-                        note: note.clone(),
-                        ..Default::default()
-                    });
-                    self.fig(Figure {
-                        group: "fault".into(),
-                        name: format!(
-                            "populated-page fault throughput, {per_cmd}-page {op}, {on_off}"
-                        ),
-                        mode: "polling".into(),
-                        placement: "same-core".into(),
-                        value: p,
-                        unit: "pages/s".into(),
-                        baseline_name: "MADV_POPULATE_WRITE (populated pages)".into(),
-                        baseline: Some(pw_pop),
-                        ratio: Some(p / pw_pop),
-                        target: tracked.then(|| target(">= 1M pages/s", p >= 1e6)).flatten(),
-                        note,
-                        ..Default::default()
-                    });
+                    self.throughput_pair(
+                        &format!("{per_cmd}-page {op}, {on_off}"),
+                        (ServiceMode::Polling, Placement::Same),
+                        (f, p),
+                        (pw, pw_pop),
+                        lookahead && per_cmd == 16 && op == "PREFETCH",
+                        (note.clone(), note),
+                    );
                 }
             }
         }
         Ok(())
+    }
+
+    /// The first-touch and populated-page throughput figures of one configuration, each beside
+    /// its `MADV_POPULATE_WRITE` baseline; `tracked` adds the issue's targets.
+    fn throughput_pair(
+        &mut self,
+        what: &str,
+        (mode, placement): (ServiceMode, Placement),
+        (first, populated): (f64, f64),
+        (pw, pw_pop): (f64, f64),
+        tracked: bool,
+        (first_note, populated_note): (String, String),
+    ) {
+        self.fig(Figure {
+            group: "fault".into(),
+            name: format!("first-touch fault throughput, {what}"),
+            mode: mode_name(mode).into(),
+            placement: placement.name().into(),
+            value: first,
+            unit: "pages/s".into(),
+            baseline_name: "MADV_POPULATE_WRITE (fresh pages)".into(),
+            baseline: Some(pw),
+            ratio: Some(first / pw),
+            target: tracked
+                .then(|| target(">= 0.8x MADV_POPULATE_WRITE", first >= 0.8 * pw))
+                .flatten(),
+            note: first_note,
+            ..Default::default()
+        });
+        self.fig(Figure {
+            group: "fault".into(),
+            name: format!("populated-page fault throughput, {what}"),
+            mode: mode_name(mode).into(),
+            placement: placement.name().into(),
+            value: populated,
+            unit: "pages/s".into(),
+            baseline_name: "MADV_POPULATE_WRITE (populated pages)".into(),
+            baseline: Some(pw_pop),
+            ratio: Some(populated / pw_pop),
+            target: tracked
+                .then(|| target(">= 1M pages/s", populated >= 1e6))
+                .flatten(),
+            note: populated_note,
+            ..Default::default()
+        });
     }
 
     /// Median first-touch and populated-page device fault throughput (pages/s) on `ctx`.
@@ -564,40 +582,17 @@ impl Bench {
             }
             first_line.push((batch as f64, f));
             pop_line.push((batch as f64, p));
-            self.fig(Figure {
-                group: "fault".into(),
-                name: format!("first-touch fault throughput, batch {batch}"),
-                mode: "polling".into(),
-                placement: "same-core".into(),
-                value: f,
-                unit: "pages/s".into(),
-                baseline_name: "MADV_POPULATE_WRITE (fresh pages)".into(),
-                baseline: Some(pw),
-                ratio: Some(f / pw),
-                target: (batch == 256)
-                    .then(|| target(">= 0.8x MADV_POPULATE_WRITE", f >= 0.8 * pw))
-                    .flatten(),
-                note: format!(
-                    "{n} pages, one 8-byte device FILL per page, <= 1000 in flight, fault_around 0"
+            self.throughput_pair(
+                &format!("batch {batch}"),
+                (ServiceMode::Polling, Placement::Same),
+                (f, p),
+                (pw, pw_pop),
+                batch == 256,
+                (
+                    format!("{n} pages, one 8-byte device FILL per page, <= 1000 in flight, fault_around 0"),
+                    "CPU pages present; device maps them".into(),
                 ),
-                ..Default::default()
-            });
-            self.fig(Figure {
-                group: "fault".into(),
-                name: format!("populated-page fault throughput, batch {batch}"),
-                mode: "polling".into(),
-                placement: "same-core".into(),
-                value: p,
-                unit: "pages/s".into(),
-                baseline_name: "MADV_POPULATE_WRITE (populated pages)".into(),
-                baseline: Some(pw_pop),
-                ratio: Some(p / pw_pop),
-                target: (batch == 256)
-                    .then(|| target(">= 1M pages/s", p >= 1e6))
-                    .flatten(),
-                note: "CPU pages present; device maps them".into(),
-                ..Default::default()
-            });
+            );
         }
         self.multi_page_commands(pw, pw_pop)?;
         for (mode, placement) in [
@@ -607,29 +602,15 @@ impl Bench {
         ] {
             let (_rt, ctx) = open(mode, 256, placement, false)?;
             let (f, p) = self.fault_rates(&ctx)?;
-            for (what, v, base_name, base) in [
-                ("first-touch", f, "MADV_POPULATE_WRITE (fresh pages)", pw),
-                (
-                    "populated-page",
-                    p,
-                    "MADV_POPULATE_WRITE (populated pages)",
-                    pw_pop,
-                ),
-            ] {
-                self.fig(Figure {
-                    group: "fault".into(),
-                    name: format!("{what} fault throughput, batch 256"),
-                    mode: mode_name(mode).into(),
-                    placement: placement.name().into(),
-                    value: v,
-                    unit: "pages/s".into(),
-                    baseline_name: base_name.into(),
-                    baseline: Some(base),
-                    ratio: Some(v / base),
-                    note: format!("{n} pages, one 8-byte device FILL per page"),
-                    ..Default::default()
-                });
-            }
+            let note = format!("{n} pages, one 8-byte device FILL per page");
+            self.throughput_pair(
+                "batch 256",
+                (mode, placement),
+                (f, p),
+                (pw, pw_pop),
+                false,
+                (note.clone(), note),
+            );
         }
         self.fig(Figure {
             group: "fault".into(),

@@ -1053,6 +1053,36 @@ fn serve_missing(fd: OwnedFd, stop: Arc<AtomicBool>) -> usize {
     served
 }
 
+/// The application's own userfaultfd (MISSING mode) over a mapping, served with 0xAB pages by a
+/// thread until `stop`.
+struct AppHandler {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<usize>,
+}
+
+impl AppHandler {
+    /// `None` (after printing why `test` is skipped) if the application cannot register one.
+    fn register(m: &Mapping, test: &str) -> Option<AppHandler> {
+        let fd = match app_uffd(m.range()) {
+            Ok(fd) => fd,
+            Err(e) => {
+                eprintln!("SKIP {test}: the application cannot register its own uffd: {e}");
+                return None;
+            }
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let thread = std::thread::spawn(move || serve_missing(fd, stop2));
+        Some(AppHandler { stop, thread })
+    }
+
+    /// Stops the handler; returns how many faults it served.
+    fn stop(self) -> usize {
+        self.stop.store(true, Ordering::Release);
+        self.thread.join().unwrap()
+    }
+}
+
 /// Port of the proposed `userfaultfd_read`: the application serves MISSING faults of a 4-page
 /// region with its own userfaultfd while the device reads it. The driver populates from its fault
 /// service thread (never from its monitor), so the application's handler runs and the device reads
@@ -1062,22 +1092,14 @@ fn serve_missing(fd: OwnedFd, stop: Arc<AtomicBool>) -> usize {
 pub fn userfaultfd_read(rt: Arc<Runtime>) {
     let ctx = hmm_ctx(&rt);
     let m = Mapping::anonymous(4 * PAGE, RW).unwrap();
-    let fd = match app_uffd(m.range()) {
-        Ok(fd) => fd,
-        Err(e) => {
-            eprintln!("SKIP userfaultfd_read: the application cannot register its own uffd: {e}");
-            return;
-        }
+    let Some(handler) = AppHandler::register(&m, "userfaultfd_read") else {
+        return;
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let handler = std::thread::spawn(move || serve_missing(fd, stop2));
     let mirror = bounce(&ctx, 4 * PAGE);
     let before = ctx.stats();
     let result = device_read(&ctx, m.addr(), mirror.addr(), 4 * PAGE);
     let tracked = ctx.address_space().track(m.range());
-    stop.store(true, Ordering::Release);
-    let served = handler.join().unwrap();
+    let served = handler.stop();
     result.unwrap();
     assert_eq!(ctx.stats().fault_batches - before.fault_batches, 1);
     assert_eq!(ctx.stats().pages_mapped - before.pages_mapped, 4);
@@ -1112,20 +1134,14 @@ pub fn userfaultfd_owned_range_refused_when_events_required(rt: Arc<Runtime>) {
         return;
     }
     let m = Mapping::anonymous(4 * PAGE, RW).unwrap();
-    let fd = match app_uffd(m.range()) {
-        Ok(fd) => fd,
-        Err(e) => {
-            eprintln!("SKIP: the application cannot register its own uffd: {e}");
-            return;
-        }
+    let Some(handler) =
+        AppHandler::register(&m, "userfaultfd_owned_range_refused_when_events_required")
+    else {
+        return;
     };
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    let handler = std::thread::spawn(move || serve_missing(fd, stop2));
     let before = ctx.stats();
     let result = device_checksum(&ctx, m.addr(), 4 * PAGE);
-    stop.store(true, Ordering::Release);
-    handler.join().unwrap();
+    handler.stop();
     assert!(
         matches!(&result, Err(e) if is_cancel(e, CancelReason::Untracked)),
         "{result:?}"
