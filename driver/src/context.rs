@@ -902,6 +902,12 @@ impl ContextCore {
         Ok(addr)
     }
 
+    /// Returns once no fault servicing of this context is under way. After [`Self::shut_down`],
+    /// servicing that starts later does nothing (it finds the context released first).
+    pub fn wait_for_service(&self) {
+        drop(self.service_lock.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
     /// Quiesce and tear down: every mapping unmapped after the device's view is fenced, then
     /// the view itself released. Faults fail afterwards. False if the device did not confirm a
     /// fence: the device address space must then never be reused.
@@ -918,6 +924,11 @@ impl ContextCore {
 impl FaultHandler for ContextCore {
     fn service(&self, faults: &[PageFault]) -> Vec<Result<(), CancelReason>> {
         let _serial = self.service_lock.lock().unwrap_or_else(|p| p.into_inner());
+        if self.sub.lock().released {
+            // Torn down while this batch waited for the lock: map nothing (no DMA mapping may
+            // outlive the tear-down, not even for the moment an install takes to fail).
+            return vec![Err(CancelReason::NoContext); faults.len()];
+        }
         self.counters
             .faults
             .fetch_add(faults.len() as u64, Ordering::Relaxed);

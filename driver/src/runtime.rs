@@ -602,6 +602,10 @@ impl Drop for Context {
         let asid = self.core.asid;
         self.runtime.service.unregister(asid);
         let confirmed = self.core.shut_down();
+        // A fault batch the service was already running for us may still hold a DMA mapping
+        // it made before the tear-down (dropped when its install finds the context released):
+        // wait for it, so every mapping is gone when the drop returns.
+        self.core.wait_for_service();
         let _ = self.runtime.device.replay();
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut spins = 0u32;
