@@ -44,8 +44,8 @@ pub struct ContextOptions {
     pub max_run: u64,
     /// How long a TLB fence may take before the invalidation reports an error.
     pub fence_timeout: Duration,
-    /// Test hook, called between the CPU walk and the install, with the run's range: a test
-    /// invalidates from here to force a sequence collision.
+    /// Test hook, called between the CPU walk (DMA mapping made) and the install, with the
+    /// run's range: a test invalidates from here to force a sequence collision.
     pub walk_hook: Option<Arc<dyn Fn(VaRange) + Send + Sync>>,
     /// How the device reaches the mirrored process's memory.
     pub reach: Reach,
@@ -537,10 +537,11 @@ impl ContextCore {
             if access == Access::Write && !arena.writable() {
                 return Err(WalkError::Cancel(CancelReason::Permission));
             }
+            let walked = self.map_dma(range, false, access, &Backing::Arena(arena));
             if let Some(hook) = &self.options.walk_hook {
                 hook(range);
             }
-            return self.map_dma(range, false, access, &Backing::Arena(arena));
+            return walked;
         }
         let mut attempts = 0;
         let (map_range, large) = loop {
@@ -555,10 +556,11 @@ impl ContextCore {
                 return Err(WalkError::Cancel(CancelReason::Other));
             }
         };
+        let walked = self.map_dma(map_range, large, access, backing);
         if let Some(hook) = &self.options.walk_hook {
             hook(range);
         }
-        self.map_dma(map_range, large, access, backing)
+        walked
     }
 
     /// The MAP_SHARED file VMA holding all of `range`, if one does.

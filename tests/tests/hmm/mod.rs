@@ -19,7 +19,8 @@
 use std::io::Write as _;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use driver::context::ContextOptions;
 use driver::fault::CancelReason;
@@ -1393,6 +1394,54 @@ pub fn release_while_busy(rt: Arc<Runtime>) {
     device_fill(&ctx, m.addr(), PAGE, 1).unwrap();
 }
 
+/// Release ordering, the fault service's side: the context is dropped while the service holds
+/// a run it walked and DMA-mapped but has not installed. The drop clears the root, so the
+/// replayed work fails at once (`BAD_ASID`) and the drop's wait for it ends early; the drop
+/// must still wait for the batch, so that no DMA mapping outlives it. (Seen as an IOVA
+/// footprint above baseline in `release_while_busy`, once, under load.)
+pub fn release_while_servicing(rt: Arc<Runtime>) {
+    drop(hmm_ctx(&rt)); // the device's page-table pool now exists (kept for its lifetime)
+    let baseline_iova = iova_footprint(&rt);
+    let m = buffer(RW);
+    let (walked_tx, walked_rx) = std::sync::mpsc::channel::<()>();
+    let walked_tx = Mutex::new(Some(walked_tx));
+    let hook: Arc<dyn Fn(VaRange) + Send + Sync> = Arc::new(move |_| {
+        if let Some(tx) = walked_tx.lock().unwrap().take() {
+            let _ = tx.send(());
+            // Hold the walked, DMA-mapped run while the test thread drops the context.
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    });
+    let ctx = rt
+        .create_context_with(ContextOptions {
+            fault_around: 0,
+            walk_hook: Some(hook),
+            ..Default::default()
+        })
+        .unwrap();
+    // SAFETY: the buffer is reached only through raw pointers.
+    let _busy = unsafe {
+        ctx.submit(Op::Fill {
+            dst: m.addr(),
+            len: PAGE as u64,
+            pattern: 0x6262_6262_6262_6262,
+        })
+        .unwrap()
+    };
+    walked_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the service walked the fault");
+    drop(ctx);
+    assert_eq!(
+        iova_footprint(&rt),
+        baseline_iova,
+        "a DMA mapping outlived the context's drop"
+    );
+    let ctx = hmm_ctx(&rt);
+    assert_eq!(ctx.stats().mapped_bytes, 0);
+    device_fill(&ctx, m.addr(), PAGE, 1).unwrap();
+}
+
 /// A device write into a MAP_PRIVATE file mapping (the structure of `migrate_file_private`,
 /// without migration): the driver breaks copy-on-write before mapping, so the CPU sees the device
 /// data in its private copy and the file itself stays unchanged.
@@ -1694,6 +1743,7 @@ macro_rules! hmm_suite {
             mremap_move_and_dontunmap,
             collision_with_dontneed_is_never_stale,
             release_while_busy,
+            release_while_servicing,
             file_private_write,
             thp_partial_changes,
             strict_mprotect_stops_device_writes,
