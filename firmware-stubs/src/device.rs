@@ -1195,39 +1195,41 @@ impl Inner {
             return Vec::new();
         };
         let end = start.saturating_add(cmd.len);
-        let mut out = Vec::new();
-        let mut va = (stalled_va & !(PAGE_SIZE - 1)) + PAGE_SIZE;
-        while va < end && (out.len() as u64) < depth {
-            match self.probe(dma, cmd.asid, va, access) {
-                Some(reason) => out.push((va, access, reason)),
-                None => break,
-            }
-            va += PAGE_SIZE;
-        }
-        out
-    }
-
-    /// Why `va` would stall `access`, or `None` if it translates (or the walk fails in a way
-    /// only the real access may report).
-    fn probe(&self, dma: &Dma<'_>, asid: u16, va: u64, access: AccessKind) -> Option<FaultReason> {
-        if let Some(e) = lock(&self.tlb).lookup(asid, va) {
-            if perms_allow(e.perms, access) {
-                return None;
-            }
-        }
+        let first = (stalled_va & !(PAGE_SIZE - 1)) + PAGE_SIZE;
+        // The pages ahead up to the first one the TLB already translates (one TLB lock for all
+        // of them: the other workers use it too), then a walk each, up to the first that
+        // translates.
+        let candidates: Vec<u64> = {
+            let tlb = lock(&self.tlb);
+            (0..depth)
+                .map(|k| first + k * PAGE_SIZE)
+                .take_while(|&va| va < end)
+                .take_while(|&va| {
+                    !tlb.lookup(cmd.asid, va)
+                        .is_some_and(|e| perms_allow(e.perms, access))
+                })
+                .collect()
+        };
         let root = self
             .roots
-            .get(usize::from(asid))
+            .get(usize::from(cmd.asid))
             .map_or(0, |r| r.load(Ordering::Acquire));
         if root & regs::ASID_ROOT_VALID == 0 {
-            return None;
+            return Vec::new();
         }
-        match walk(root & pt::ADDR_MASK, va, |iova| dma.read_u64(iova).ok()) {
-            Walk::Leaf(e) if perms_allow(e.perms, access) => None,
-            Walk::Leaf(_) => Some(FaultReason::Permission),
-            Walk::NotPresent => Some(FaultReason::NotPresent),
-            Walk::BadPte { .. } | Walk::ReadFailed { .. } | Walk::NonCanonical => None,
-        }
+        candidates
+            .into_iter()
+            .map_while(|va| {
+                let reason = match walk(root & pt::ADDR_MASK, va, |iova| dma.read_u64(iova).ok()) {
+                    Walk::Leaf(e) if perms_allow(e.perms, access) => None,
+                    Walk::Leaf(_) => Some(FaultReason::Permission),
+                    Walk::NotPresent => Some(FaultReason::NotPresent),
+                    // Only the access that reaches such a page may report it.
+                    Walk::BadPte { .. } | Walk::ReadFailed { .. } | Walk::NonCanonical => None,
+                };
+                reason.map(|r| (va, access, r))
+            })
+            .collect()
     }
 
     /// Post a fault record (and the lookahead records that fit) and park the item, or fail it
