@@ -152,6 +152,15 @@ impl Drop for TestDaemon {
     }
 }
 
+/// Waits (up to 20 s) until `what` has bound its socket at `path`.
+fn wait_for_socket(path: &Path, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{what} did not bind");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 fn spawn_client(socket: &Path, role: &str, arg: &str) -> Child {
     spawn_client_with(socket, role, arg, None)
 }
@@ -972,11 +981,7 @@ fn mirrorctl_serve_shuts_down_gracefully_on_sigterm() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
-        assert!(Instant::now() < deadline, "mirrorctl serve did not bind");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_socket(&socket, "mirrorctl serve");
     let (ok, lines) = finish(spawn_client(&socket, "work", "2"));
     assert!(ok, "{lines:?}");
     let mut holder = spawn_client(&socket, "hold", "");
@@ -1026,11 +1031,7 @@ fn clients_work_with_the_device_in_another_process() {
         .stdout(Stdio::null())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !device_socket.exists() {
-        assert!(Instant::now() < deadline, "mirrorctl emulate did not bind");
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_socket(&device_socket, "mirrorctl emulate");
     let d = TestDaemon::start_on(
         "over-vfio-user",
         DeviceSpec::VfioUser(device_socket),

@@ -1348,6 +1348,20 @@ pub fn collision_with_dontneed_is_never_stale(rt: Arc<Runtime>) {
     );
 }
 
+/// Submits a device fill of the first `len` bytes of `m` and does not wait for it (the context
+/// is about to be dropped under it).
+fn submit_and_forget_fill(ctx: &Context, m: &Mapping, len: usize, pattern: u64) {
+    // SAFETY: the buffer is reached only through raw pointers.
+    let _ticket = unsafe {
+        ctx.submit(Op::Fill {
+            dst: m.addr(),
+            len: len as u64,
+            pattern,
+        })
+        .unwrap()
+    };
+}
+
 /// Release ordering: the context is dropped while its work is stalled on faults. The drop
 /// quiesces (the work completes or is cancelled), then tears the device view down, then unmaps;
 /// the IOVA space and the device return to their baseline and the CPU memory stays usable.
@@ -1363,15 +1377,7 @@ pub fn release_while_busy(rt: Arc<Runtime>) {
                 ..Default::default()
             })
             .unwrap();
-        // SAFETY: the buffer is reached only through raw pointers.
-        let _busy = unsafe {
-            ctx.submit(Op::Fill {
-                dst: m.addr(),
-                len: BUF as u64,
-                pattern: 0x6161_6161_6161_6161,
-            })
-            .unwrap()
-        };
+        submit_and_forget_fill(&ctx, &m, BUF, 0x6161_6161_6161_6161);
         // Dropped here without waiting: the fill is still faulting page by page.
     }
     assert_eq!(rt.device().in_flight(), in_flight, "the work was collected");
@@ -1419,15 +1425,7 @@ pub fn release_while_servicing(rt: Arc<Runtime>) {
             ..Default::default()
         })
         .unwrap();
-    // SAFETY: the buffer is reached only through raw pointers.
-    let _busy = unsafe {
-        ctx.submit(Op::Fill {
-            dst: m.addr(),
-            len: PAGE as u64,
-            pattern: 0x6262_6262_6262_6262,
-        })
-        .unwrap()
-    };
+    submit_and_forget_fill(&ctx, &m, PAGE, 0x6262_6262_6262_6262);
     walked_rx
         .recv_timeout(Duration::from_secs(10))
         .expect("the service walked the fault");
