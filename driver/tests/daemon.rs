@@ -97,11 +97,7 @@ impl TestDaemon {
                 let _ = rx.await;
             }))
         });
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "daemon did not bind its socket");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for_socket(&socket, "the test daemon");
         TestDaemon {
             socket,
             stop: Some(tx),
