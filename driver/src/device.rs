@@ -76,6 +76,8 @@ struct CommandQueue {
     tail: u32,
     /// Per slot (work_id % entries): a submitted command whose result nobody has taken yet.
     busy: Vec<bool>,
+    /// Per slot: the command asked for a completion interrupt (CommandFlags::IRQ).
+    irq: Vec<bool>,
     in_flight: u32,
 }
 
@@ -221,9 +223,17 @@ impl Device {
             completion: eventfd()?,
             error: eventfd()?,
         };
-        b.set_irq(accel_abi::vector::FAULT, Some(dup(&irq.fault)?))?;
-        b.set_irq(accel_abi::vector::COMPLETION, Some(dup(&irq.completion)?))?;
-        b.set_irq(accel_abi::vector::ERROR, Some(dup(&irq.error)?))?;
+        // Every vector in one SET_IRQS: vfio-pci fixes the MSI vector count when it enables
+        // MSI, and refuses a later, larger one (EINVAL).
+        let mut fds: Vec<Option<OwnedFd>> = (0..accel_abi::vector::COUNT).map(|_| None).collect();
+        fds[accel_abi::vector::FAULT as usize] = Some(dup(&irq.fault)?);
+        fds[accel_abi::vector::COMPLETION as usize] = Some(dup(&irq.completion)?);
+        fds[accel_abi::vector::ERROR as usize] = Some(dup(&irq.error)?);
+        b.set_irqs(fds).map_err(|e| BackendError::Interrupts {
+            vectors: accel_abi::vector::COUNT,
+            names: "fault, completion, error",
+            source: Box::new(e),
+        })?;
 
         bar.write32(regs::INTR_MASK, 0)?;
         bar.write64(regs::FAULT_BUF_BASE, fb.iova)?;
@@ -256,6 +266,7 @@ impl Device {
                 entries: cmdq_entries,
                 tail: 0,
                 busy: vec![false; cmdq_entries as usize],
+                irq: vec![false; cmdq_entries as usize],
                 in_flight: 0,
             }),
             slot_freed: Condvar::new(),
@@ -318,6 +329,7 @@ impl Device {
         cmd.completion = q.completions.iova + (slot * Completion::SIZE) as u64;
         q.ring.buffer.write(slot * Command::SIZE, &cmd.encode());
         q.busy[slot] = true;
+        q.irq[slot] = cmd.flags.0 & accel_abi::CommandFlags::IRQ != 0;
         q.in_flight += 1;
         q.tail = q.tail.wrapping_add(1);
         // The doorbell write orders the ring stores before it (docs/device.md, ordering).
@@ -362,6 +374,13 @@ impl Device {
         drop(q);
         self.slot_freed.notify_all();
         Some(completion)
+    }
+
+    /// True if `ticket`'s command asked for a completion interrupt and is not collected yet.
+    pub fn completion_interrupt_requested(&self, ticket: Ticket) -> bool {
+        let q = lock(&self.cmdq);
+        let slot = (ticket.work_id % q.entries) as usize;
+        q.busy[slot] && q.irq[slot]
     }
 
     /// Commands submitted and not yet collected.
@@ -514,10 +533,7 @@ impl Device {
         let bar = self.bar();
         bar.write32(regs::CONTROL, 0)?;
         self.backend().reset()?;
-        for v in 0..accel_abi::vector::COUNT {
-            self.backend().set_irq(v, None)?;
-        }
-        Ok(())
+        self.backend().set_irqs(Vec::new())
     }
 }
 
@@ -554,5 +570,123 @@ pub(crate) fn backoff(spins: &mut u32) {
         0..=64 => std::hint::spin_loop(),
         65..=256 => std::thread::yield_now(),
         n => std::thread::sleep(Duration::from_micros(u64::from((n - 256).min(1000)))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::emulated::EmulatedBackend;
+    use crate::backend::DmaAccess;
+    use firmware_stubs::AcceleratorConfig;
+
+    /// Each `set_irqs` call as (vectors in the call, vectors with an eventfd).
+    type Calls = Arc<Mutex<Vec<(usize, usize)>>>;
+
+    /// The emulated backend (vfio-pci's MSI rule included), recording each `set_irqs`.
+    struct Recording {
+        inner: EmulatedBackend,
+        calls: Calls,
+        refuse_irqs: bool,
+    }
+
+    impl Backend for Recording {
+        fn kind(&self) -> crate::backend::BackendKind {
+            self.inner.kind()
+        }
+        fn config_read(&self, offset: u64, data: &mut [u8]) -> Result<(), BackendError> {
+            self.inner.config_read(offset, data)
+        }
+        fn config_write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+            self.inner.config_write(offset, data)
+        }
+        fn bar_read(&self, bar: u32, offset: u64, data: &mut [u8]) -> Result<(), BackendError> {
+            self.inner.bar_read(bar, offset, data)
+        }
+        fn bar_write(&self, bar: u32, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+            self.inner.bar_write(bar, offset, data)
+        }
+        fn iova_ranges(&self) -> Vec<std::ops::Range<u64>> {
+            self.inner.iova_ranges()
+        }
+        fn dma_map(
+            &self,
+            iova: u64,
+            len: u64,
+            source: DmaSource<'_>,
+            access: DmaAccess,
+        ) -> Result<(), BackendError> {
+            self.inner.dma_map(iova, len, source, access)
+        }
+        fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), BackendError> {
+            self.inner.dma_unmap(iova, len)
+        }
+        fn set_irqs(&self, eventfds: Vec<Option<OwnedFd>>) -> Result<(), BackendError> {
+            let set = eventfds.iter().flatten().count();
+            lock(&self.calls).push((eventfds.len(), set));
+            if self.refuse_irqs && set > 0 {
+                return Err(BackendError::Transport {
+                    backend: "test",
+                    op: "VFIO_DEVICE_SET_IRQS",
+                    detail: "the kernel could allocate only 1 of the 3 MSI vectors asked".into(),
+                });
+            }
+            self.inner.set_irqs(eventfds)
+        }
+        fn reset(&self) -> Result<(), BackendError> {
+            self.inner.reset()
+        }
+        fn pins_memory(&self) -> bool {
+            false
+        }
+    }
+
+    fn recording(refuse_irqs: bool) -> (Box<dyn Backend>, Calls) {
+        let inner = EmulatedBackend::new(AcceleratorConfig {
+            workers: 1,
+            ..Default::default()
+        })
+        .unwrap();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let b = Recording {
+            inner,
+            calls: calls.clone(),
+            refuse_irqs,
+        };
+        (Box::new(b), calls)
+    }
+
+    #[test]
+    fn bring_up_connects_every_vector_in_one_set_irqs_and_drop_disables_them() {
+        let (b, calls) = recording(false);
+        let device = Device::bring_up(b, DeviceOptions::default()).expect("bring-up");
+        assert_eq!(
+            *lock(&calls),
+            vec![(3, 3)],
+            "one SET_IRQS with all three vectors"
+        );
+        drop(device);
+        assert_eq!(*lock(&calls), vec![(3, 3), (0, 0)], "then one disable");
+    }
+
+    #[test]
+    fn an_interrupt_connection_failure_fails_bring_up_with_the_cause() {
+        let (b, _) = recording(true);
+        let e = Device::bring_up(b, DeviceOptions::default())
+            .err()
+            .expect("bring-up must fail when the interrupts cannot be connected");
+        assert!(
+            matches!(
+                &e,
+                Error::Backend(BackendError::Interrupts { vectors: 3, .. })
+            ),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains("connecting 3 MSI vectors (fault, completion, error)")
+                && text.contains("only 1 of the 3"),
+            "{text}"
+        );
     }
 }

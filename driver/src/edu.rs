@@ -99,7 +99,7 @@ impl Edu {
             what: "dup",
             source: e,
         })?;
-        backend.set_irq(0, Some(for_kernel))?;
+        backend.set_irqs(vec![Some(for_kernel)])?;
         let dma = Arc::new(DmaSpace::new(backend));
         let options = ContextOptions {
             fault_around: 0,
@@ -282,7 +282,7 @@ impl Edu {
 impl Drop for Edu {
     fn drop(&mut self) {
         self.core.shut_down();
-        if let Err(e) = self.dma.backend().set_irq(0, None) {
+        if let Err(e) = self.dma.backend().set_irqs(Vec::new()) {
             tracing::warn!(error = %e, "disconnecting the edu MSI failed");
         }
     }

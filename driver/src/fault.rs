@@ -136,6 +136,89 @@ pub struct ServiceStats {
 /// Fewest pages an address space may have serviced per batch when several share it.
 const MIN_FAIR_SHARE: usize = 16;
 
+/// The interrupt-mode service's poll timeout: faults are serviced at least this often even if
+/// no fault interrupt arrives.
+const POLL_TIMEOUT_MS: u16 = 100;
+/// The longest a completion wait blocks in interrupt mode before it looks at the record again.
+const COMPLETION_BOUND: Duration = Duration::from_millis(50);
+/// An event found without its interrupt counts as missed only if no interrupt of its vector
+/// arrives for this long after: an interrupt merely in flight when the timeout expired (the
+/// record lands before its MSI) is not a miss.
+pub const MISS_GRACE: Duration = Duration::from_millis(500);
+
+/// Interrupts one device's fault service received, per vector, and the events it found only
+/// through its timeouts because no interrupt came. Interrupt mode only: in polling mode the
+/// service uses no interrupts and every field stays 0.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InterruptStats {
+    /// Fault interrupts received (signals of the fault vector's eventfd).
+    pub fault: u64,
+    /// Completion interrupts received.
+    pub completion: u64,
+    /// Error interrupts received.
+    pub error: u64,
+    /// Poll timeouts (100 ms without any interrupt) after which fault records were found
+    /// pending, with no fault interrupt arriving for them within [`MISS_GRACE`]: faults
+    /// serviced by timeout polling.
+    pub missed_fault: u64,
+    /// Completion waits (`Context::wait`, [`FaultService::wait`]) for a command that asked for
+    /// a completion interrupt, that found the completion only after their 50 ms bound expired
+    /// with no completion interrupt, none arriving within [`MISS_GRACE`] either.
+    pub missed_completion: u64,
+}
+
+#[derive(Default)]
+struct IrqCounters {
+    fault: AtomicU64,
+    completion: AtomicU64,
+    error: AtomicU64,
+    missed_fault: AtomicU64,
+    missed_completion: AtomicU64,
+    warned_fault: AtomicBool,
+    warned_completion: AtomicBool,
+}
+
+/// Events found without their interrupt, not judged yet. An interrupt of the vector (the
+/// vector's count moving past `seen`) shows it was only late; none for [`MISS_GRACE`] makes
+/// them misses.
+#[derive(Default)]
+struct Suspects {
+    count: u64,
+    since: Option<Instant>,
+    seen: u64,
+}
+
+impl Suspects {
+    fn add(&mut self, seen: u64, now: Instant) {
+        if self.seen != seen {
+            // An interrupt came since the earlier ones: they were late, not missed.
+            self.count = 0;
+        }
+        if self.count == 0 {
+            self.since = Some(now);
+            self.seen = seen;
+        }
+        self.count += 1;
+    }
+
+    /// The misses confirmed now, given the vector's interrupt count `seen`.
+    fn judge(&mut self, seen: u64, now: Instant) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        if seen != self.seen {
+            self.count = 0;
+            return 0;
+        }
+        match self.since {
+            Some(since) if now.duration_since(since) >= MISS_GRACE => {
+                std::mem::take(&mut self.count)
+            }
+            _ => 0,
+        }
+    }
+}
+
 /// Shared between the service thread and the driver.
 struct Shared {
     device: Arc<Device>,
@@ -148,6 +231,13 @@ struct Shared {
     next_first_asid: AtomicU32,
     completed: Mutex<u64>,
     completion_cv: Condvar,
+    irq: IrqCounters,
+    fault_suspects: Mutex<Suspects>,
+    completion_suspects: Mutex<Suspects>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The fault-service thread of one device, and completion waiting.
@@ -186,6 +276,9 @@ impl FaultService {
             next_first_asid: AtomicU32::new(0),
             completed: Mutex::new(0),
             completion_cv: Condvar::new(),
+            irq: IrqCounters::default(),
+            fault_suspects: Mutex::new(Suspects::default()),
+            completion_suspects: Mutex::new(Suspects::default()),
         });
         let worker = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -230,6 +323,18 @@ impl FaultService {
         self.shared.mode
     }
 
+    /// Interrupts received per vector and events found without one (all 0 in polling mode).
+    pub fn interrupt_stats(&self) -> InterruptStats {
+        let c = &self.shared.irq;
+        InterruptStats {
+            fault: c.fault.load(Ordering::Relaxed),
+            completion: c.completion.load(Ordering::Relaxed),
+            error: c.error.load(Ordering::Relaxed),
+            missed_fault: c.missed_fault.load(Ordering::Relaxed),
+            missed_completion: c.missed_completion.load(Ordering::Relaxed),
+        }
+    }
+
     /// How many completion interrupts the service has seen (interrupt mode; it stays put in
     /// polling mode). Read it before looking for completions, then
     /// [`FaultService::wait_completion_interrupt`] cannot miss one posted after the look.
@@ -262,6 +367,11 @@ impl FaultService {
         let device = &self.shared.device;
         let deadline = Instant::now() + timeout;
         let mut spins = 0u32;
+        let wants_irq = self.shared.mode == ServiceMode::Interrupt
+            && device.completion_interrupt_requested(ticket);
+        // The interrupt generation at which the last bounded wait expired with no completion
+        // interrupt at all.
+        let mut quiet: Option<u64> = None;
         loop {
             // Read the interrupt generation before looking at the record: a completion
             // interrupt after the look bumps it, so the wait below cannot miss it.
@@ -271,6 +381,10 @@ impl FaultService {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner());
             if let Some(c) = device.try_complete(ticket) {
+                if wants_irq && quiet == Some(generation) {
+                    // Found by the timeout, and still no completion interrupt.
+                    lock(&self.shared.completion_suspects).add(generation, Instant::now());
+                }
                 return Ok(c);
             }
             let now = Instant::now();
@@ -287,10 +401,14 @@ impl FaultService {
                         .unwrap_or_else(|p| p.into_inner());
                     if *guard == generation {
                         // The bound is only a safety net; completions arrive by interrupt.
-                        let _ = self
+                        let (guard, waited) = self
                             .shared
                             .completion_cv
-                            .wait_timeout(guard, (deadline - now).min(Duration::from_millis(50)));
+                            .wait_timeout(guard, (deadline - now).min(COMPLETION_BOUND))
+                            .unwrap_or_else(|p| p.into_inner());
+                        quiet = (waited.timed_out() && *guard == generation).then_some(generation);
+                    } else {
+                        quiet = None;
                     }
                 }
             }
@@ -331,13 +449,17 @@ impl Shared {
                         PollFd::new(dev.irq.error.as_fd(), PollFlags::POLLIN),
                         PollFd::new(wake.as_fd(), PollFlags::POLLIN),
                     ];
-                    if let Err(e) = nix::poll::poll(&mut fds, PollTimeout::from(100u16)) {
-                        if e != nix::errno::Errno::EINTR {
-                            tracing::error!(error = %e, "poll on device interrupts failed");
-                            std::thread::sleep(Duration::from_millis(10));
+                    let woken = match nix::poll::poll(&mut fds, PollTimeout::from(POLL_TIMEOUT_MS))
+                    {
+                        Ok(n) => n,
+                        Err(e) => {
+                            if e != nix::errno::Errno::EINTR {
+                                tracing::error!(error = %e, "poll on device interrupts failed");
+                                std::thread::sleep(Duration::from_millis(10));
+                            }
+                            continue;
                         }
-                        continue;
-                    }
+                    };
                     let ready = |i: usize| {
                         fds[i]
                             .revents()
@@ -346,17 +468,23 @@ impl Shared {
                     let (fault, completion, error) = (ready(0), ready(1), ready(2));
                     // Drain the eventfd counters, then acknowledge the status bits *before*
                     // looking at the rings, so a new event after our look fires again.
+                    // Each eventfd's counter is the number of interrupts since the last read.
+                    let received = |fd: &nix::sys::eventfd::EventFd, count: &AtomicU64| {
+                        if let Ok(n) = fd.read() {
+                            count.fetch_add(n, Ordering::Relaxed);
+                        }
+                    };
                     let mut ack = 0;
                     if fault {
-                        let _ = dev.irq.fault.read();
+                        received(&dev.irq.fault, &self.irq.fault);
                         ack |= intr::FAULT;
                     }
                     if completion {
-                        let _ = dev.irq.completion.read();
+                        received(&dev.irq.completion, &self.irq.completion);
                         ack |= intr::COMPLETION;
                     }
                     if error {
-                        let _ = dev.irq.error.read();
+                        received(&dev.irq.error, &self.irq.error);
                         ack |= intr::ERROR;
                     }
                     if ack != 0 {
@@ -369,6 +497,13 @@ impl Shared {
                     }
                     if error {
                         self.check_device_error();
+                    }
+                    self.judge_misses();
+                    if woken == 0 && self.device.fault_pending() {
+                        // A whole poll period without an interrupt, and faults are waiting:
+                        // their interrupt is in flight, or it never comes.
+                        let seen = self.irq.fault.load(Ordering::Relaxed);
+                        lock(&self.fault_suspects).add(seen, Instant::now());
                     }
                     // Service whatever is posted, fault interrupt or not (coalescing).
                     while self.device.fault_pending() && !self.stop.load(Ordering::Acquire) {
@@ -386,6 +521,45 @@ impl Shared {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    /// Count the events found without an interrupt that no interrupt followed within
+    /// [`MISS_GRACE`]; warn the first time for each vector.
+    fn judge_misses(&self) {
+        let now = Instant::now();
+        let seen = self.irq.fault.load(Ordering::Relaxed);
+        let missed = lock(&self.fault_suspects).judge(seen, now);
+        if missed > 0 {
+            self.irq.missed_fault.fetch_add(missed, Ordering::Relaxed);
+            if !self.irq.warned_fault.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    backend = ?self.device.backend().kind(),
+                    missed,
+                    "no fault interrupt arrived: faults serviced by {POLL_TIMEOUT_MS} ms timeout \
+                     polling; check that MSI was enabled (the device's fault vector never \
+                     signalled its eventfd while fault records waited; in a guest, look for an \
+                     MSI error in the hypervisor's log). Counted in Runtime::interrupt_stats"
+                );
+            }
+        }
+        let generation = *lock(&self.completed);
+        let missed = lock(&self.completion_suspects).judge(generation, now);
+        if missed > 0 {
+            self.irq
+                .missed_completion
+                .fetch_add(missed, Ordering::Relaxed);
+            if !self.irq.warned_completion.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    backend = ?self.device.backend().kind(),
+                    missed,
+                    "no completion interrupt arrived: completions found by {} ms timeout \
+                     polling; check that MSI was enabled (the device's completion vector never \
+                     signalled its eventfd; in a guest, look for an MSI error in the \
+                     hypervisor's log). Counted in Runtime::interrupt_stats",
+                    COMPLETION_BOUND.as_millis()
+                );
             }
         }
     }
@@ -579,5 +753,42 @@ impl Shared {
             self.stats.replays.fetch_add(1, Ordering::Relaxed);
         }
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_late_interrupt_is_no_miss_and_no_interrupt_for_the_grace_period_is() {
+        let t0 = Instant::now();
+        let ms = Duration::from_millis;
+        let mut s = Suspects::default();
+        s.add(5, t0);
+        assert_eq!(
+            s.judge(5, t0 + MISS_GRACE / 2),
+            0,
+            "not judged before the grace period"
+        );
+        assert_eq!(
+            s.judge(6, t0 + MISS_GRACE),
+            0,
+            "an interrupt came: it was late"
+        );
+        assert_eq!(s.judge(6, t0 + MISS_GRACE * 2), 0, "and stays forgiven");
+        s.add(6, t0);
+        s.add(6, t0 + ms(100));
+        assert_eq!(
+            s.judge(6, t0 + MISS_GRACE),
+            2,
+            "no interrupt at all: both missed"
+        );
+        assert_eq!(s.judge(6, t0 + MISS_GRACE * 3), 0, "counted once");
+        // A suspect after an interrupt starts a new group: the old one was refuted.
+        s.add(6, t0);
+        s.add(7, t0 + ms(200));
+        assert_eq!(s.judge(7, t0 + MISS_GRACE), 0);
+        assert_eq!(s.judge(7, t0 + ms(200) + MISS_GRACE), 1);
     }
 }

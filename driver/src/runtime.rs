@@ -26,6 +26,7 @@ use crate::backend::vfio_user::VfioUserBackend;
 use crate::backend::Backend;
 use crate::context::{ContextCore, ContextOptions};
 use crate::device::{Device, DeviceOptions, Ticket};
+pub use crate::fault::InterruptStats;
 use crate::fault::{CancelReason, FaultHandler, FaultService, ServiceMode};
 use crate::pagetable::Translation;
 use crate::view::MxaView;
@@ -139,6 +140,14 @@ impl Runtime {
     /// The fault service (statistics, mode).
     pub fn service(&self) -> &FaultService {
         &self.service
+    }
+
+    /// Interrupts this device's service received per vector (fault, completion, error), and
+    /// the faults and completions it found only through its timeouts because no interrupt
+    /// came (MSI not working: the service then runs at timeout-polling speed). Interrupt mode;
+    /// every field stays 0 in polling mode. See [`InterruptStats`].
+    pub fn interrupt_stats(&self) -> InterruptStats {
+        self.service.interrupt_stats()
     }
 
     /// Create a context mirroring the current process into a fresh device address space.

@@ -61,6 +61,11 @@ pub struct AcceleratorConfig {
     /// CAP_FAULT_LOOKAHEAD: further pages of the stalled operand an engine checks and reports
     /// when the driver set FAULT_BUF_CTRL.LOOKAHEAD, `0..=512` (0 = no lookahead).
     pub fault_lookahead: u32,
+    /// The device's MSI writes reach their eventfds (default). `false` models a platform where
+    /// MSI was not really enabled (a guest whose hypervisor failed to enable the device's MSI):
+    /// INTR_STATUS latches as always, interrupt routing is accepted, and no eventfd is ever
+    /// signalled.
+    pub deliver_msi: bool,
 }
 
 /// Default [`AcceleratorConfig::fault_lookahead`]: a 64 KiB operand faults in one batch.
@@ -81,6 +86,7 @@ impl Default for AcceleratorConfig {
             max_transfer: 64 << 20,
             idle_spin_us: DEFAULT_IDLE_SPIN_US,
             fault_lookahead: DEFAULT_FAULT_LOOKAHEAD,
+            deliver_msi: true,
         }
     }
 }

@@ -39,6 +39,109 @@ pub enum BackendError {
         /// Operation.
         op: &'static str,
     },
+    /// The device has no reset method the kernel can use: vfio-pci reports no
+    /// `VFIO_DEVICE_FLAGS_RESET`, or `VFIO_DEVICE_RESET` failed EINVAL. Match it as
+    /// `driver::Error::Backend(BackendError::NoResetMethod { .. })`.
+    #[error(
+        "VFIO_DEVICE_RESET on {device}: the device has no reset method (no FLR, no PM reset, no \
+         bus reset: it is on a root bus, or shares its bus with another device; {detail}); put it \
+         alone behind a PCIe root port or bridge (QEMU: -device pcie-root-port,id=rp1 and bus=rp1 \
+         on the device) so that the kernel can reset its secondary bus"
+    )]
+    NoResetMethod {
+        /// PCI address.
+        device: String,
+        /// What showed it (the GET_INFO flags, or the ioctl's errno).
+        detail: String,
+    },
+    /// Connecting the device's MSI vectors to eventfds failed at bring-up: no interrupt could
+    /// arrive, so the device is not brought up (the fault service would otherwise degrade to
+    /// timeout polling without anyone noticing).
+    #[error("connecting {vectors} MSI vectors ({names}) to eventfds failed, so no interrupt could arrive: {source}")]
+    Interrupts {
+        /// Vectors asked for.
+        vectors: u32,
+        /// What they signal.
+        names: &'static str,
+        /// The backend's error.
+        source: Box<BackendError>,
+    },
+}
+
+/// What one [`Backend::set_irqs`] call does to vfio-pci's MSI state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MsiSet {
+    /// Every vector unset and MSI already off: nothing to send.
+    Nothing,
+    /// Disable MSI (DATA_NONE | ACTION_TRIGGER, count 0).
+    Disable,
+    /// Route vectors `0..count` (enabling MSI with `count` vectors if it is off).
+    Route {
+        /// Vectors in the call.
+        count: u32,
+    },
+}
+
+/// vfio-pci's MSI rule, shared by every backend so that they all behave alike: the kernel
+/// allocates the vectors when it enables MSI (the first SET_IRQS with eventfds), and while MSI
+/// is enabled with N vectors it refuses (EINVAL) a SET_IRQS reaching past vector N - 1; the
+/// count changes only through a disable (DATA_NONE | ACTION_TRIGGER, count 0) and a new enable.
+/// A call for N or fewer vectors routes those and leaves the others as they were.
+#[derive(Debug, Default)]
+pub(crate) struct MsiState {
+    /// Vectors MSI is enabled with (0: disabled).
+    enabled: u32,
+}
+
+impl MsiState {
+    /// Decide what `eventfds` asks for, given the `offered` vectors (IRQ info of the MSI
+    /// index). The error is the detail of the refusal.
+    pub(crate) fn plan(
+        &self,
+        offered: u32,
+        eventfds: &[Option<OwnedFd>],
+    ) -> Result<MsiSet, String> {
+        if eventfds.iter().all(Option::is_none) {
+            return Ok(if self.enabled == 0 {
+                MsiSet::Nothing
+            } else {
+                MsiSet::Disable
+            });
+        }
+        let count = u32::try_from(eventfds.len()).unwrap_or(u32::MAX);
+        if count > offered {
+            return Err(format!(
+                "{count} MSI vectors asked, the device offers {offered} (IRQ info of the MSI index)"
+            ));
+        }
+        if self.enabled != 0 && count > self.enabled {
+            return Err(format!(
+                "EINVAL: MSI is enabled with {} vector(s) and vfio-pci allocated exactly those; \
+                 a SET_IRQS for {count} vectors needs a disable (DATA_NONE|ACTION_TRIGGER, count \
+                 0) first: connect every vector in one call",
+                self.enabled
+            ));
+        }
+        Ok(MsiSet::Route { count })
+    }
+
+    /// Record that `set` was carried out.
+    pub(crate) fn done(&mut self, set: MsiSet) {
+        match set {
+            MsiSet::Nothing => {}
+            MsiSet::Disable => self.enabled = 0,
+            MsiSet::Route { count } => {
+                if self.enabled == 0 {
+                    self.enabled = count;
+                }
+            }
+        }
+    }
+
+    /// Vectors MSI is enabled with (0: disabled).
+    pub(crate) fn enabled(&self) -> u32 {
+        self.enabled
+    }
 }
 
 /// How the device reaches the memory behind a DMA mapping.
@@ -134,10 +237,16 @@ pub trait Backend: Send + Sync {
     /// Unmap the mappings exactly covering `[iova, iova + len)`.
     fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), BackendError>;
 
-    /// Route MSI `vector` to `eventfd` (or disconnect it).
-    fn set_irq(&self, vector: u32, eventfd: Option<OwnedFd>) -> Result<(), BackendError>;
+    /// Connect MSI vectors `0..eventfds.len()` in one VFIO_DEVICE_SET_IRQS (`None`: that
+    /// vector is not signalled, -1 in the ioctl). An empty vec, or all `None`, disables MSI
+    /// (nothing is sent if it is off). vfio-pci allocates the vectors when it enables MSI:
+    /// while MSI is enabled with N vectors, a call for more than N fails (EINVAL) until MSI is
+    /// disabled, so connect every vector a device uses in one call. A call for N or fewer
+    /// routes those vectors and leaves the rest as they were.
+    fn set_irqs(&self, eventfds: Vec<Option<OwnedFd>>) -> Result<(), BackendError>;
 
-    /// Function-level reset.
+    /// Reset the device (kernel VFIO: `VFIO_DEVICE_RESET`, whichever method the kernel has:
+    /// FLR, PM, bus reset). [`BackendError::NoResetMethod`] if it has none.
     fn reset(&self) -> Result<(), BackendError>;
 
     /// True if `dma_map` pins memory that counts against RLIMIT_MEMLOCK.

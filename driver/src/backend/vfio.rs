@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use vfio_bindings::bindings::vfio as b;
 use vfio_ioctls::{VfioContainer, VfioDevice};
 
-use super::{Backend, BackendError, BackendKind, DmaAccess, DmaSource};
+use super::{Backend, BackendError, BackendKind, DmaAccess, DmaSource, MsiSet, MsiState};
 use crate::memlock::PinAccount;
 use crate::sys::vfio as raw;
 
@@ -38,7 +38,10 @@ pub struct KernelVfioBackend {
     bar0: Option<raw::MappedBar>,
     iova_ranges: Vec<Range<u64>>,
     dma_avail: Option<u32>,
-    irq_fds: Mutex<Vec<Option<OwnedFd>>>,
+    /// `VFIO_DEVICE_GET_INFO` flags (`VFIO_DEVICE_FLAGS_RESET`: the kernel has a reset method).
+    device_flags: u32,
+    /// The eventfds routed, and vfio-pci's MSI state (the count MSI was enabled with).
+    irq: Mutex<(Vec<Option<OwnedFd>>, MsiState)>,
     irq_count: u32,
     pins: PinAccount,
     /// Sizes of live mappings by IOVA, so unmap un-charges exactly what map charged.
@@ -135,6 +138,8 @@ impl KernelVfioBackend {
         let irq_count = device
             .get_irq_info(b::VFIO_PCI_MSI_IRQ_INDEX)
             .map_or(0, |irq| irq.count);
+        let device_flags = raw::device_flags(raw::borrow_fd(&device))
+            .map_err(|e| err("VFIO_DEVICE_GET_INFO", format!("{address}: {e}")))?;
         Ok(KernelVfioBackend {
             address: address.to_owned(),
             container,
@@ -144,7 +149,8 @@ impl KernelVfioBackend {
             bar0,
             iova_ranges,
             dma_avail: info.dma_avail,
-            irq_fds: Mutex::new(Vec::new()),
+            device_flags,
+            irq: Mutex::new((Vec::new(), MsiState::default())),
             irq_count,
             pins: PinAccount::new(crate::memlock::effective_limit()),
             mappings: Mutex::new(Default::default()),
@@ -301,35 +307,108 @@ impl Backend for KernelVfioBackend {
         Ok(())
     }
 
-    fn set_irq(&self, vector: u32, eventfd: Option<OwnedFd>) -> Result<(), BackendError> {
-        if vector >= self.irq_count {
+    fn set_irqs(&self, eventfds: Vec<Option<OwnedFd>>) -> Result<(), BackendError> {
+        let mut irq = self.irq.lock().unwrap_or_else(|p| p.into_inner());
+        let (routed, msi) = &mut *irq;
+        let set = msi
+            .plan(self.irq_count, &eventfds)
+            .map_err(|d| err("VFIO_DEVICE_SET_IRQS", format!("{}: {d}", self.address)))?;
+        let raw_fds: Vec<RawFd> = match set {
+            MsiSet::Nothing => return Ok(()),
+            MsiSet::Disable => Vec::new(),
+            MsiSet::Route { .. } => eventfds
+                .iter()
+                .map(|f| f.as_ref().map_or(-1, |f| f.as_fd().as_raw_fd()))
+                .collect(),
+        };
+        let got = raw::set_irq_eventfds(self.device_fd(), b::VFIO_PCI_MSI_IRQ_INDEX, &raw_fds)
+            .map_err(|e| set_irqs_error(&self.address, raw_fds.len(), msi.enabled(), &e))?;
+        if got != 0 {
             return Err(err(
-                "set_irq",
-                format!("MSI vector {vector} of {}", self.irq_count),
+                "VFIO_DEVICE_SET_IRQS",
+                partial_msi(&self.address, raw_fds.len(), got),
             ));
         }
-        let mut fds = self.irq_fds.lock().unwrap_or_else(|p| p.into_inner());
-        if fds.len() <= vector as usize {
-            fds.resize_with(vector as usize + 1, || None);
+        msi.done(set);
+        match set {
+            MsiSet::Route { .. } => {
+                if routed.len() < eventfds.len() {
+                    routed.resize_with(eventfds.len(), || None);
+                }
+                for (slot, fd) in routed.iter_mut().zip(eventfds) {
+                    *slot = fd;
+                }
+            }
+            _ => routed.clear(),
         }
-        fds[vector as usize] = eventfd;
-        let raw_fds: Vec<RawFd> = fds
-            .iter()
-            .map(|f| f.as_ref().map_or(-1, |f| f.as_fd().as_raw_fd()))
-            .collect();
-        let all_off = raw_fds.iter().all(|fd| *fd < 0);
-        let set = if all_off { &[][..] } else { &raw_fds[..] };
-        raw::set_irq_eventfds(self.device_fd(), b::VFIO_PCI_MSI_IRQ_INDEX, set)
-            .map_err(|e| err("VFIO_DEVICE_SET_IRQS", e))
+        Ok(())
     }
 
     fn reset(&self) -> Result<(), BackendError> {
-        raw::reset_device(self.device_fd()).map_err(|e| err("VFIO_DEVICE_RESET", e))
+        check_reset_flag(&self.address, self.device_flags)?;
+        raw::reset_device(self.device_fd()).map_err(|e| reset_error(&self.address, &e))
     }
 
     fn pins_memory(&self) -> bool {
         true
     }
+}
+
+/// The reset `VFIO_DEVICE_RESET` would do is there only if vfio-pci found a reset method
+/// (FLR, PM reset, a slot or bus reset) and said so in `VFIO_DEVICE_GET_INFO`'s flags.
+fn check_reset_flag(address: &str, flags: u32) -> Result<(), BackendError> {
+    if flags & b::VFIO_DEVICE_FLAGS_RESET != 0 {
+        return Ok(());
+    }
+    Err(BackendError::NoResetMethod {
+        device: address.to_owned(),
+        detail: format!("VFIO_DEVICE_GET_INFO flags {flags:#x} lack VFIO_DEVICE_FLAGS_RESET"),
+    })
+}
+
+/// vfio-pci fails `VFIO_DEVICE_RESET` with EINVAL exactly when it has no reset method.
+fn reset_error(address: &str, e: &std::io::Error) -> BackendError {
+    if e.raw_os_error() == Some(libc::EINVAL) {
+        return BackendError::NoResetMethod {
+            device: address.to_owned(),
+            detail: format!("the ioctl failed: {e}"),
+        };
+    }
+    err("VFIO_DEVICE_RESET", format!("{address}: {e}"))
+}
+
+fn set_irqs_error(address: &str, count: usize, enabled: u32, e: &std::io::Error) -> BackendError {
+    let hint = match e.raw_os_error() {
+        Some(libc::EINVAL) if enabled != 0 => format!(
+            " (MSI is enabled with {enabled} vector(s): vfio-pci refuses a count above that \
+             without a disable in between)"
+        ),
+        Some(libc::EINVAL) => " (vfio-pci refused the vector range or an eventfd)".to_owned(),
+        Some(libc::ENOSPC) | Some(libc::ENOMEM) => {
+            " (the kernel could not allocate the MSI vectors)".to_owned()
+        }
+        _ => String::new(),
+    };
+    let what = if count == 0 {
+        "disabling MSI".to_owned()
+    } else {
+        format!("connecting {count} MSI vectors")
+    };
+    err(
+        "VFIO_DEVICE_SET_IRQS",
+        format!("{address}: {what}: {e}{hint}"),
+    )
+}
+
+/// vfio-pci answers a SET_IRQS whose MSI enable got fewer vectors than asked with that number
+/// (not an errno), and enables nothing.
+fn partial_msi(address: &str, asked: usize, got: u32) -> String {
+    format!(
+        "{address}: the kernel could allocate only {got} of the {asked} MSI vectors asked, so \
+         vfio-pci enabled none (on x86 a device gets more than one MSI vector only with \
+         interrupt remapping: in a QEMU guest, -device intel-iommu,intremap=on, with KVM also \
+         -machine kernel-irqchip=split)"
+    )
 }
 
 /// A device bound to vfio-pci, as `mirrorctl devices` lists it.
@@ -379,6 +458,51 @@ pub fn list_vfio_devices() -> std::io::Result<Vec<VfioPciDevice>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_reset_flag_is_a_matchable_error_naming_device_cause_and_fix() {
+        assert!(check_reset_flag("0000:00:04.0", b::VFIO_DEVICE_FLAGS_RESET).is_ok());
+        let e = check_reset_flag("0000:00:04.0", b::VFIO_DEVICE_FLAGS_PCI).unwrap_err();
+        assert!(
+            matches!(&e, BackendError::NoResetMethod { device, .. } if device == "0000:00:04.0"),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        for part in [
+            "VFIO_DEVICE_RESET on 0000:00:04.0",
+            "no reset method",
+            "root bus",
+            "flags 0x2 lack VFIO_DEVICE_FLAGS_RESET",
+            "behind a PCIe root port or bridge",
+        ] {
+            assert!(text.contains(part), "{part:?} missing: {text}");
+        }
+        // The same for an EINVAL from the ioctl itself; other errnos stay transport errors.
+        let einval = std::io::Error::from_raw_os_error(libc::EINVAL);
+        assert!(matches!(
+            reset_error("0000:00:04.0", &einval),
+            BackendError::NoResetMethod { .. }
+        ));
+        let eio = std::io::Error::from_raw_os_error(libc::EIO);
+        let e = reset_error("0000:00:04.0", &eio);
+        assert!(matches!(e, BackendError::Transport { .. }), "{e:?}");
+        // Through the driver's error type, as a caller of Runtime::open sees it.
+        let e = crate::Error::from(check_reset_flag("0000:00:04.0", 0).unwrap_err());
+        assert!(matches!(
+            e,
+            crate::Error::Backend(BackendError::NoResetMethod { .. })
+        ));
+    }
+
+    #[test]
+    fn a_partial_msi_allocation_is_an_error_naming_the_counts() {
+        let m = partial_msi("0000:00:04.0", 3, 1);
+        assert!(m.contains("only 1 of the 3 MSI vectors"), "{m}");
+        assert!(m.contains("enabled none"), "{m}");
+        let einval = std::io::Error::from_raw_os_error(libc::EINVAL);
+        let e = set_irqs_error("0000:00:04.0", 2, 1, &einval).to_string();
+        assert!(e.contains("enabled with 1 vector"), "{e}");
+    }
 
     #[test]
     fn missing_device_is_a_clear_error() {

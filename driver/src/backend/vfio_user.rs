@@ -29,7 +29,7 @@ use vfio_user_protocol::{
     command, CallError, Calls, Connection, Limits, Message, MessageType, RecvError,
 };
 
-use super::{Backend, BackendError, BackendKind, DmaAccess, DmaSource};
+use super::{Backend, BackendError, BackendKind, DmaAccess, DmaSource, MsiSet, MsiState};
 use crate::sys::vfio::MappedBar;
 
 const NAME: &str = "vfio-user";
@@ -175,6 +175,8 @@ pub struct VfioUserBackend {
     reader: Option<JoinHandle<()>>,
     layout: Layout,
     bar0_windows: Vec<BarWindow>,
+    /// The server's MSI state as vfio-pci's rule has it (the count MSI was enabled with).
+    msi: Mutex<MsiState>,
 }
 
 impl std::fmt::Debug for VfioUserBackend {
@@ -220,6 +222,7 @@ impl VfioUserBackend {
                 msi_vectors: 0,
             },
             bar0_windows: Vec::new(),
+            msi: Mutex::new(MsiState::default()),
         };
         backend.negotiate(limits)?;
         let (layout, windows) = backend.query_layout()?;
@@ -670,21 +673,42 @@ impl Backend for VfioUserBackend {
         Ok(())
     }
 
-    fn set_irq(&self, vector: u32, eventfd: Option<OwnedFd>) -> Result<(), BackendError> {
-        if vector >= self.layout.msi_vectors {
-            return Err(transport("set_irq", format!("no MSI vector {vector}")));
+    fn set_irqs(&self, mut eventfds: Vec<Option<OwnedFd>>) -> Result<(), BackendError> {
+        // Eventfds travel by SCM_RIGHTS, which has no -1: unset vectors at the end are left
+        // out of the count, and one between set vectors cannot be expressed.
+        while eventfds.last().is_some_and(Option::is_none) {
+            eventfds.pop();
         }
+        if let Some(v) = eventfds.iter().position(Option::is_none) {
+            return Err(transport(
+                "set_irqs",
+                format!(
+                    "MSI vector {v} is unset between set vectors: vfio-user passes eventfds by \
+                     SCM_RIGHTS, which cannot carry a -1; connect vectors 0..n without gaps"
+                ),
+            ));
+        }
+        let mut msi = lock(&self.msi);
+        let set = msi
+            .plan(self.layout.msi_vectors, &eventfds)
+            .map_err(|d| transport("set_irqs", d))?;
+        let (flags, count) = match set {
+            MsiSet::Nothing => return Ok(()),
+            MsiSet::Disable => (irq::DATA_NONE | irq::ACTION_TRIGGER, 0),
+            MsiSet::Route { count } => (irq::DATA_EVENTFD | irq::ACTION_TRIGGER, count),
+        };
         let req = payload::SetIrqs {
             argsz: payload::SetIrqs::SIZE as u32,
-            flags: irq::DATA_EVENTFD | irq::ACTION_TRIGGER,
+            flags,
             index: irq::MSI,
-            start: vector,
-            count: 1,
+            start: 0,
+            count,
         };
-        let fds: Vec<BorrowedFd<'_>> = eventfd.iter().map(|f| f.as_fd()).collect();
+        let fds: Vec<BorrowedFd<'_>> = eventfds.iter().flatten().map(|f| f.as_fd()).collect();
         self.shared
-            .request("set_irq", command::DEVICE_SET_IRQS, &req.encode(), &fds)
-            .map(|_| ())
+            .request("set_irqs", command::DEVICE_SET_IRQS, &req.encode(), &fds)?;
+        msi.done(set);
+        Ok(())
     }
 
     fn reset(&self) -> Result<(), BackendError> {
@@ -724,6 +748,11 @@ mod tests {
     /// As `handshake`; with `bar0`, BAR0 is offered mmap-able through that fd with one sparse
     /// area, `[0x1000, 0x2000)`.
     fn handshake_with(c: &Connection, bar0: Option<BorrowedFd<'_>>) {
+        handshake_full(c, bar0, 3)
+    }
+
+    /// As `handshake_with`, with IRQ_INFO offering `msi_vectors` MSI vectors.
+    fn handshake_full(c: &Connection, bar0: Option<BorrowedFd<'_>>, msi_vectors: u32) {
         loop {
             let m = c.recv().expect("bring-up request");
             let h = m.header;
@@ -773,7 +802,7 @@ mod tests {
                             argsz: 16,
                             flags: irq::INFO_EVENTFD,
                             index: irq::MSI,
-                            count: 3,
+                            count: msi_vectors,
                         }
                         .encode(),
                         &[],
@@ -853,6 +882,69 @@ mod tests {
         backend.bar_read(0, 0x2000, &mut r).unwrap();
         assert_eq!(r, [7, 0, 0, 0]);
         drop(t.join().unwrap());
+    }
+
+    fn eventfd() -> Option<OwnedFd> {
+        let e = nix::sys::eventfd::EventFd::from_flags(nix::sys::eventfd::EfdFlags::EFD_CLOEXEC)
+            .unwrap();
+        Some(e.as_fd().try_clone_to_owned().unwrap())
+    }
+
+    #[test]
+    fn msi_vectors_go_in_one_set_irqs_whether_irq_info_offers_3_or_4() {
+        for offered in [3, 4] {
+            let (a, b) = UnixStream::pair().unwrap();
+            let server = std::thread::spawn(move || {
+                let c = Connection::new(b, Limits::default());
+                handshake_full(&c, None, offered);
+                c
+            });
+            let backend = VfioUserBackend::from_stream(a).unwrap();
+            let server = server.join().unwrap();
+            let t = std::thread::spawn(move || {
+                let m = server.recv().unwrap();
+                assert_eq!(m.header.command, command::DEVICE_SET_IRQS);
+                let req = payload::SetIrqs::decode(&m.payload).unwrap();
+                let route = irq::DATA_EVENTFD | irq::ACTION_TRIGGER;
+                assert_eq!(
+                    (req.flags, req.index, req.start, req.count),
+                    (route, irq::MSI, 0, 3)
+                );
+                assert_eq!(m.fds.len(), 3);
+                server.reply(&m.header, &[], &[]).unwrap();
+                let m = server.recv().unwrap();
+                let req = payload::SetIrqs::decode(&m.payload).unwrap();
+                let disable = irq::DATA_NONE | irq::ACTION_TRIGGER;
+                assert_eq!((req.flags, req.start, req.count), (disable, 0, 0));
+                assert!(m.fds.is_empty());
+                server.reply(&m.header, &[], &[]).unwrap();
+                server
+            });
+            // The reserved fourth vector, unset, is left out of the count.
+            backend
+                .set_irqs(vec![eventfd(), eventfd(), eventfd(), None])
+                .unwrap();
+            // More vectors than MSI was enabled with: refused before anything is sent.
+            let e = backend
+                .set_irqs((0..4).map(|_| eventfd()).collect())
+                .unwrap_err()
+                .to_string();
+            let why = if offered == 4 {
+                "EINVAL: MSI is enabled with 3 vector"
+            } else {
+                "4 MSI vectors asked, the device offers 3"
+            };
+            assert!(e.contains(why), "{e}");
+            let e = backend
+                .set_irqs(vec![eventfd(), None, eventfd()])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("vector 1 is unset"), "{e}");
+            backend.set_irqs(Vec::new()).unwrap();
+            // Already disabled: nothing to send (the server thread has stopped reading).
+            backend.set_irqs(vec![None, None, None]).unwrap();
+            drop(t.join().unwrap());
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The raw VFIO ioctls that `vfio-ioctls` does not wrap, or wraps without reporting errors:
-//! IOMMU info (IOVA ranges), DMA map with explicit permissions, DMA unmap, device reset,
-//! per-index IRQ eventfds, and exact region reads/writes. Every call's error is returned.
+//! IOMMU info (IOVA ranges), device info (the reset flag), DMA map with explicit permissions,
+//! DMA unmap, device reset, per-index IRQ eventfds, and exact region reads/writes. Every call's
+//! error is returned.
 
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
@@ -11,6 +12,7 @@ use vfio_bindings::bindings::vfio as b;
 const fn vfio_io(n: u32) -> libc::c_ulong {
     (((b::VFIO_TYPE as u32) << 8) | (b::VFIO_BASE + n)) as libc::c_ulong
 }
+const VFIO_DEVICE_GET_INFO: libc::c_ulong = vfio_io(7);
 const VFIO_DEVICE_SET_IRQS: libc::c_ulong = vfio_io(10);
 const VFIO_DEVICE_RESET: libc::c_ulong = vfio_io(11);
 const VFIO_IOMMU_GET_INFO: libc::c_ulong = vfio_io(12);
@@ -173,9 +175,27 @@ pub fn reset_device(device: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
+/// `VFIO_DEVICE_GET_INFO`: the device's flags (`VFIO_DEVICE_FLAGS_RESET`, `_PCI`, ...).
+pub fn device_flags(device: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut info = b::vfio_device_info {
+        argsz: std::mem::size_of::<b::vfio_device_info>() as u32,
+        ..Default::default()
+    };
+    // SAFETY: `info` is a vfio_device_info of `argsz` bytes; the kernel writes only within.
+    let rc = unsafe { libc::ioctl(device.as_raw_fd(), VFIO_DEVICE_GET_INFO, &mut info) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info.flags)
+}
+
 /// `VFIO_DEVICE_SET_IRQS` routing vectors `0..fds.len()` of IRQ `index` to eventfds (`-1`
 /// disconnects a vector); an empty slice disables the index.
-pub fn set_irq_eventfds(device: BorrowedFd<'_>, index: u32, fds: &[RawFd]) -> io::Result<()> {
+///
+/// Returns the ioctl's value: 0 on success. vfio-pci returns a *positive* count when enabling
+/// MSI/MSI-X got fewer vectors from the kernel than asked (`pci_alloc_irq_vectors`): then
+/// nothing was enabled, and the value is how many vectors the kernel could give.
+pub fn set_irq_eventfds(device: BorrowedFd<'_>, index: u32, fds: &[RawFd]) -> io::Result<u32> {
     // struct vfio_irq_set { u32 argsz, flags, index, start, count; u8 data[]; }
     let header = 20usize;
     let mut buf = vec![0u32; (header + 4 * fds.len()).div_ceil(4)];
@@ -198,7 +218,7 @@ pub fn set_irq_eventfds(device: BorrowedFd<'_>, index: u32, fds: &[RawFd]) -> io
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(())
+    Ok(rc as u32)
 }
 
 /// Read exactly `data.len()` bytes of a device region at file offset `offset`.
