@@ -68,6 +68,15 @@ pub const MSI_CAP_ID: u8 = 0x05;
 /// 3..1 = 2), per-vector masking absent. Bit 0 (enable) and bits 6..4 (enabled vectors) are
 /// written by the host.
 pub const MSI_CONTROL_CAPS: u16 = (1 << 7) | (2 << 1);
+/// MSI vectors the capability advertises: `2^(multiple-message capable)` from
+/// [`MSI_CONTROL_CAPS`], i.e. 4. A host may enable any power of two up to it (1, 2 or 4); the
+/// device raises only [`crate::vector::COUNT`] (3) of them, vector 3 is reserved: never raised.
+pub const MSI_ADVERTISED_VECTORS: u32 = 1 << ((MSI_CONTROL_CAPS >> 1) & 0x7);
+// The capability covers the device's vectors with the smallest power of two.
+const _: () = assert!(
+    MSI_ADVERTISED_VECTORS >= crate::vector::COUNT
+        && MSI_ADVERTISED_VECTORS / 2 < crate::vector::COUNT
+);
 
 #[cfg(test)]
 mod tests {
@@ -76,5 +85,10 @@ mod tests {
     #[test]
     fn class_is_processing_accelerator() {
         assert_eq!(CLASS_CODE >> 16, 0x12);
+    }
+
+    #[test]
+    fn msi_advertises_four_vectors() {
+        assert_eq!(MSI_ADVERTISED_VECTORS, 4);
     }
 }

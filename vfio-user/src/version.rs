@@ -10,7 +10,8 @@ pub const MAJOR: u16 = 0;
 pub const MINOR: u16 = 2;
 /// Default `max_data_xfer_size` (spec).
 pub const DEFAULT_MAX_DATA_XFER: u32 = 1 << 20;
-/// Default `max_dma_maps` (spec).
+/// Default `max_dma_maps` (spec). Also the most QEMU's client accepts in a VERSION reply
+/// (`hw/vfio-user/proxy.c`, `check_max_dma`: "max_dma_maps too large"), and what it proposes.
 pub const DEFAULT_MAX_DMA_MAPS: u32 = 65535;
 /// Longest capabilities JSON we accept.
 pub const MAX_JSON: usize = 4096;
@@ -158,6 +159,10 @@ impl Version {
 
 /// Server side: the reply to a client's `proposed` version, given what we can receive
 /// (`ours`), or the errno to refuse with (then close the connection).
+///
+/// `max_dma_maps` is the smaller of ours (the server's map limit) and the proposal: a client's
+/// proposal is the most it accepts (QEMU proposes 65535 and closes the connection on a larger
+/// answer), so the answer never exceeds what the server enforces nor what the client takes.
 pub fn server_reply(ours: &Capabilities, proposed: &Version) -> Result<Version, i32> {
     if proposed.major != MAJOR {
         return Err(libc::ENOTSUP);
@@ -249,6 +254,30 @@ mod tests {
         assert_eq!(server_reply(&ours, &other_major), Err(libc::ENOTSUP));
         let too_new = Version { minor: 3, ..r };
         assert!(check_reply(&old, &too_new).is_err());
+    }
+
+    #[test]
+    fn max_dma_maps_answer_is_the_smaller_limit() {
+        let ours = Capabilities {
+            max_dma_maps: 1 << 20,
+            ..Default::default()
+        };
+        let propose = |max_dma_maps| {
+            Version::ours(Capabilities {
+                max_dma_maps,
+                ..Default::default()
+            })
+        };
+        // QEMU's proposal: it is told its own ceiling.
+        let qemu = server_reply(&ours, &propose(DEFAULT_MAX_DMA_MAPS)).unwrap();
+        assert_eq!(qemu.caps.max_dma_maps, DEFAULT_MAX_DMA_MAPS);
+        // A client that takes more is told the server's limit.
+        let big = server_reply(&ours, &propose(u32::MAX)).unwrap();
+        assert_eq!(big.caps.max_dma_maps, 1 << 20);
+        assert_eq!(
+            Version::decode(&big.encode()).unwrap().caps.max_dma_maps,
+            1 << 20
+        );
     }
 
     #[test]

@@ -60,6 +60,10 @@ enum Command {
         /// Exit when the first client disconnects.
         #[arg(long)]
         once: bool,
+        /// Most DMA maps a client may have at once (a DMA_MAP beyond it is refused, ENOSPC).
+        #[arg(long, default_value_t = firmware_stubs::vfio_user_server::DEFAULT_MAX_DMA_MAPS,
+              value_parser = clap::value_parser!(u32).range(1..))]
+        max_dma_maps: u32,
     },
     /// A benchmark client process (started by `mirrorctl bench` itself).
     #[command(hide = true)]
@@ -164,8 +168,12 @@ fn main() -> ExitCode {
             no_progress,
         } => bench(quick, out, !no_progress),
         Command::Devices => devices(),
-        Command::Emulate { socket, once } => {
-            return match emulate(&socket, once) {
+        Command::Emulate {
+            socket,
+            once,
+            max_dma_maps,
+        } => {
+            return match emulate(&socket, once, max_dma_maps) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("mirrorctl emulate: {e}");
@@ -231,7 +239,7 @@ fn bench(quick: bool, out: std::path::PathBuf, progress: bool) -> Result<(), Err
     Ok(())
 }
 
-fn emulate(socket: &std::path::Path, once: bool) -> std::io::Result<()> {
+fn emulate(socket: &std::path::Path, once: bool, max_dma_maps: u32) -> std::io::Result<()> {
     use nix::sys::signal::{SigSet, SigmaskHow, Signal};
     use nix::sys::signalfd::{SfdFlags, SignalFd};
     use std::os::fd::AsFd;
@@ -247,9 +255,10 @@ fn emulate(socket: &std::path::Path, once: bool) -> std::io::Result<()> {
         "mirrorctl emulate: serving the MXA-1 on {}",
         socket.display()
     );
-    let result = firmware_stubs::vfio_user_server::serve(
+    let result = firmware_stubs::vfio_user_server::serve_with(
         &listener,
         &firmware_stubs::AcceleratorConfig::default(),
+        &firmware_stubs::vfio_user_server::ServerOptions { max_dma_maps },
         sfd.as_fd(),
         once,
     );
