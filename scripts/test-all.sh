@@ -16,3 +16,6 @@ CARGO_TARGET_DIR=target/loom RUSTFLAGS="--cfg loom" cargo test -p mirror --relea
 
 echo "== kernel VFIO: QEMU's edu device in a guest with an emulated IOMMU (tests/qemu/run.sh) =="
 ./tests/qemu/run.sh
+
+echo "== kernel VFIO: MXA-1 in a QEMU 11 guest through vfio-user-pci, the whole faulting driver (tests/qemu/mxa-run.sh) =="
+./tests/qemu/mxa-run.sh

@@ -40,8 +40,7 @@ fn e<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
     move |err| format!("{what}: {err}")
 }
 
-/// The unsafe parts: volatile access to memory the device writes behind Rust's back, and
-/// capset(2).
+/// The unsafe part: volatile access to memory the device writes behind Rust's back.
 mod sys {
     /// Copy `len` bytes from `vec[offset..]` with volatile loads (the device wrote them by DMA).
     pub fn read_vec(vec: &[u8], offset: usize, len: usize) -> Vec<u8> {
@@ -53,46 +52,6 @@ mod sys {
                 unsafe { std::ptr::read_volatile(vec.as_ptr().add(offset + i)) }
             })
             .collect()
-    }
-
-    #[repr(C)]
-    struct CapHeader {
-        version: u32,
-        pid: libc::c_int,
-    }
-
-    #[repr(C)]
-    #[derive(Clone, Copy, Default)]
-    struct CapData {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-
-    /// Drop `cap` from this thread's effective and permitted sets (every thread of the test
-    /// that pins is this one).
-    pub fn drop_capability(cap: u32) -> Result<(), String> {
-        const VERSION_3: u32 = 0x2008_0522;
-        let mut header = CapHeader {
-            version: VERSION_3,
-            pid: 0,
-        };
-        let mut data = [CapData::default(); 2];
-        // SAFETY: header and a two-element data array, as version 3 requires; the kernel
-        // writes only within them.
-        let rc = unsafe { libc::syscall(libc::SYS_capget, &mut header, data.as_mut_ptr()) };
-        if rc != 0 {
-            return Err(format!("capget: {}", std::io::Error::last_os_error()));
-        }
-        let (word, bit) = ((cap / 32) as usize, 1u32 << (cap % 32));
-        data[word].effective &= !bit;
-        data[word].permitted &= !bit;
-        // SAFETY: as above; the kernel only reads.
-        let rc = unsafe { libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) };
-        if rc != 0 {
-            return Err(format!("capset: {}", std::io::Error::last_os_error()));
-        }
-        Ok(())
     }
 }
 
@@ -555,7 +514,7 @@ fn mremap(run: &mut Run, edu: &Edu, scratch: &Mapping) -> Res {
 fn memlock(run: &mut Run, address: &str, baseline: u64) -> Res {
     const CAP_IPC_LOCK: u32 = 14;
     const LIMIT: u64 = 256 << 10;
-    sys::drop_capability(CAP_IPC_LOCK)?;
+    integration_tests::guest::drop_capability(CAP_IPC_LOCK)?;
     ensure!(
         !driver::memlock::has_cap_ipc_lock(),
         "CAP_IPC_LOCK still effective"

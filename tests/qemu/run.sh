@@ -16,23 +16,11 @@ OUT=$ROOT/target/qemu-guest
 mkdir -p "$OUT"
 START=$SECONDS
 
-say() { echo "qemu-guest: $*"; }
-skip_or_fail() {
-    if [ "${CI:-}" = true ]; then
-        say "FAIL: $*"
-        exit 1
-    fi
-    say "SKIP: $*"
-    exit 0
-}
-
-as_root() {
-    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo -n "$@"; else return 1; fi
-}
+TAG=qemu-guest
+# shellcheck source=tests/qemu/lib.sh
+. "$ROOT/tests/qemu/lib.sh"
 
 # 1. Host packages.
-# A static busybox (busybox-static); Debian's plain busybox is dynamic and cannot run in the initramfs.
-have_busybox() { [ -x /bin/busybox ] && ! ldd /bin/busybox >/dev/null 2>&1; }
 if ! command -v qemu-system-x86_64 >/dev/null || ! have_busybox; then
     if command -v apt-get >/dev/null; then
         say "installing qemu-system-x86 busybox-static"
@@ -46,7 +34,6 @@ if ! command -v qemu-system-x86_64 >/dev/null || ! have_busybox; then
 linux-image-6.1.*-amd64 .deb in $OUT/"
     fi
 fi
-BUSYBOX=/bin/busybox
 have_busybox || skip_or_fail "no static busybox at $BUSYBOX: install busybox-static"
 
 # The static test binary, built while the kernel downloads. Its own target dir (RUSTFLAGS would
@@ -104,14 +91,8 @@ if [ ! -f "$KDIR/done" ]; then
     vmlinuz=$(ls "$OUT"/dl/root/boot/vmlinuz-* | head -1)
     # The bzImage's xz payload is an ELF vmlinux, which QEMU boots directly (PVH) and faster.
     python3 "$ROOT/tests/qemu/extract-vmlinux.py" "$vmlinuz" "$KDIR/vmlinux" || cp "$vmlinuz" "$KDIR/vmlinux"
-    for m in irqbypass vfio vfio_virqfd vfio_iommu_type1 vfio-pci-core vfio-pci; do
-        f=$(find "$OUT/dl/root/lib/modules" \( -name "$m.ko" -o -name "$m.ko.xz" \) | head -1)
-        case "$f" in
-        "") ;; # built in (vfio_virqfd in 6.2+)
-        *.xz) xz -dc "$f" >"$KDIR/modules/$m.ko" ;; # busybox insmod cannot read .ko.xz
-        *) cp "$f" "$KDIR/modules/$m.ko" ;;
-        esac
-    done
+    copy_modules "$OUT/dl/root/lib/modules" "$KDIR/modules" \
+        irqbypass vfio vfio_virqfd vfio_iommu_type1 vfio-pci-core vfio-pci # vfio_virqfd: built in from 6.2
     rm -rf "$OUT/dl"
     touch "$KDIR/done"
     # Older kernels the archive no longer has.

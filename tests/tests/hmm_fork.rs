@@ -22,7 +22,12 @@ static FORKS: Mutex<()> = Mutex::new(());
 const CHILD_FD: &str = "HMM_FORK_CHILD_FD";
 const CHILD_LEN: &str = "HMM_FORK_CHILD_LEN";
 
+/// The emulated device; in the MXA-1 guest (tests/qemu/mxa-run.sh) the kernel's VFIO, where the
+/// child's own mirror gets the second device (a VFIO group is opened by one process at a time).
 fn open() -> Arc<Runtime> {
+    if integration_tests::guest::in_guest() {
+        return integration_tests::guest::open(ServiceMode::Interrupt);
+    }
     let options = RuntimeOptions {
         mode: ServiceMode::Interrupt,
         ..Default::default()

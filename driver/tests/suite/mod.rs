@@ -494,7 +494,11 @@ pub fn dropping_a_context_releases_everything(rt: Arc<Runtime>) {
 #[macro_export]
 macro_rules! backend_suite {
     ($open:expr) => {
-        $crate::backend_suite!(@cases $open;
+        $crate::backend_suite!($open, after = |_rt| {});
+    };
+    // `after` gets the case's runtime once the case is done with it (the guest's pin check).
+    ($open:expr, after = $after:expr) => {
+        $crate::backend_suite!(@cases $open; $after;
             faults_on_fresh_memory,
             faults_on_populated_memory,
             copy_between_buffers,
@@ -512,11 +516,13 @@ macro_rules! backend_suite {
             dropping_a_context_releases_everything
         );
     };
-    (@cases $open:expr; $($case:ident),*) => {
+    (@cases $open:expr; $after:expr; $($case:ident),*) => {
         $(
             #[test]
             fn $case() {
-                suite::$case($open());
+                let rt = $open();
+                suite::$case(rt.clone());
+                ($after)(rt);
             }
         )*
     };

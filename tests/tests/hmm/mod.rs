@@ -427,7 +427,12 @@ fn memfd(name: &str, len: usize) -> OwnedFd {
 }
 
 /// An `O_TMPFILE` in the temporary directory (what hmm-tests uses), if the file system allows it.
-fn tmpfile(len: usize) -> Option<(OwnedFd, String)> {
+/// tmpfs's `f_type`: shmem, where the kernel grants writable long-term pins.
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// An O_TMPFILE file of `len` bytes in the temporary directory: its fd, a description of the
+/// file system, and whether that file system is shmem (tmpfs).
+fn tmpfile(len: usize) -> Option<(OwnedFd, String, bool)> {
     let dir = std::env::temp_dir();
     let cdir = std::ffi::CString::new(dir.to_str()?).ok()?;
     // SAFETY: a valid C string; the fd is owned below.
@@ -442,7 +447,8 @@ fn tmpfile(len: usize) -> Option<(OwnedFd, String)> {
     let mut sfs: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: fstatfs fills the struct.
     unsafe { libc::fstatfs(fd.as_raw_fd(), &mut sfs) };
-    Some((fd, format!("{} (f_type {:#x})", dir.display(), sfs.f_type)))
+    let fs = format!("{} (f_type {:#x})", dir.display(), sfs.f_type);
+    Some((fd, fs, sfs.f_type as i64 == TMPFS_MAGIC))
 }
 
 fn unmap_strict(ctx: &Context, addr: u64, len: usize) {
@@ -477,7 +483,7 @@ pub fn file_read(rt: Arc<Runtime>) {
     let ctx = hmm_ctx(&rt);
     file_read_on(&ctx, &memfd("hmm-file-read", BUF), "memfd");
     match tmpfile(BUF) {
-        Some((fd, fs)) => file_read_on(&ctx, &fd, &fs),
+        Some((fd, fs, _)) => file_read_on(&ctx, &fd, &fs),
         None => {
             eprintln!("SKIP file_read O_TMPFILE part: the temporary directory refuses O_TMPFILE")
         }
@@ -506,19 +512,29 @@ fn file_write_on(ctx: &Context, fd: &OwnedFd, what: &str) {
 }
 
 /// Port of `file_write` (adapted): device write into a shared memfd (shmem) mapping; the CPU and
-/// `pread` see the data. The O_TMPFILE part runs on whatever the temporary directory is: the
-/// in-process backend reaches memory with process_vm_writev and takes no long-term pin, so the
-/// kernel's refusal of writable FOLL_LONGTERM pins on dirty-tracked file systems (ext4, xfs:
-/// `CancelReason::DmaMap` on a pinning backend) cannot happen here and the write succeeds.
+/// `pread` see the data. The O_TMPFILE part runs on whatever the temporary directory is. The
+/// kernel refuses writable FOLL_LONGTERM pins of files on dirty-tracked file systems (ext4, xfs),
+/// so a backend that pins (kernel VFIO) gets the device write cancelled with
+/// `CancelReason::DmaMap` there, and nothing mapped; on tmpfs (shmem), or on a backend that takes
+/// no long-term pin (the in-process one reaches memory with process_vm_writev), it succeeds.
 pub fn file_write(rt: Arc<Runtime>) {
     let ctx = hmm_ctx(&rt);
-    assert!(
-        !rt.device().backend().pins_memory(),
-        "this case's O_TMPFILE expectation is for a backend without pins"
-    );
+    let pins = rt.device().backend().pins_memory();
     file_write_on(&ctx, &memfd("hmm-file-write", BUF), "memfd");
     match tmpfile(BUF) {
-        Some((fd, fs)) => file_write_on(&ctx, &fd, &fs),
+        Some((fd, fs, false)) if pins => {
+            let addr = map_shared_aligned(fd.as_raw_fd(), BUF, RW);
+            let mirror = bounce(&ctx, BUF);
+            let err = device_write(&ctx, addr, mirror.addr(), BUF)
+                .expect_err("a writable long-term pin of a dirty-tracked file was granted");
+            assert!(is_cancel(&err, CancelReason::DmaMap), "{fs}: {err:?}");
+            assert!(
+                ctx.device_translation(addr).is_none(),
+                "{fs}: a device entry stayed"
+            );
+            unmap_strict(&ctx, addr, BUF);
+        }
+        Some((fd, fs, _)) => file_write_on(&ctx, &fd, &fs),
         None => {
             eprintln!("SKIP file_write O_TMPFILE part: the temporary directory refuses O_TMPFILE")
         }
@@ -1717,7 +1733,11 @@ pub mod vfio_user {
 #[macro_export]
 macro_rules! hmm_suite {
     ($open:expr) => {
-        $crate::hmm_suite!(@cases $open;
+        $crate::hmm_suite!($open, after = |_rt| {});
+    };
+    // `after` gets the case's runtime once the case is done with it (the guest's pin check).
+    ($open:expr, after = $after:expr) => {
+        $crate::hmm_suite!(@cases $open; $after;
             open_close,
             anon_read,
             anon_read_prot,
@@ -1749,14 +1769,19 @@ macro_rules! hmm_suite {
         );
         #[test]
         fn double_map() {
-            hmm::double_map($open(), $open());
+            let (a, b) = ($open(), $open());
+            // `b` goes with the case; `after` sees every pin of both released once `a` goes.
+            hmm::double_map(a.clone(), b);
+            ($after)(a);
         }
     };
-    (@cases $open:expr; $($case:ident),*) => {
+    (@cases $open:expr; $after:expr; $($case:ident),*) => {
         $(
             #[test]
             fn $case() {
-                hmm::$case($open());
+                let rt = $open();
+                hmm::$case(rt.clone());
+                ($after)(rt);
             }
         )*
     };
