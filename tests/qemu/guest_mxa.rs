@@ -94,6 +94,22 @@ fn memory_kinds_polling_mode() {
     guest::pins_released(rt);
 }
 
+/// A process closes the device and opens it again (a runtime restarting its device): the
+/// second open gets the device, and each runtime's pins are gone with it.
+#[test]
+fn device_reopens_in_the_same_process() {
+    for round in 0..3 {
+        let rt = guest::open_nth(0, ServiceMode::Interrupt)
+            .unwrap_or_else(|e| panic!("open #{round} of the device: {e}"));
+        let ctx = rt.create_context().unwrap();
+        let mut buf = vec![0u8; 16 * PAGE];
+        ctx.fill(&mut buf, 0x6666_6666_6666_6666).unwrap();
+        assert!(buf.iter().all(|b| *b == 0x66), "round {round}");
+        drop(ctx);
+        guest::pins_released(rt);
+    }
+}
+
 /// In interrupt mode the fault and completion interrupts really arrive: the service counts
 /// them, and it never had to find work by its timeout instead (a silent fallback to timeout
 /// polling fails here, whatever the timing).
@@ -227,6 +243,8 @@ fn daemon_serves_four_client_processes() {
     let mut daemon = Command::new(guest::mirrorctl())
         .args(["serve", "--vfio", &guest::devices()[0], "--socket"])
         .arg(&socket)
+        .env("RUST_LOG", "driver::fault=debug,driver::context=debug,info")
+        .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .spawn()
         .expect("spawn mirrorctl serve");
