@@ -147,16 +147,26 @@ set -e
 tr -d '\r' <"$LOG" >"$RUN/serial.txt"
 passed=0
 failed=0
+skipped=0
 while read -r _ bin case; do
     line=$(grep -a -m1 "^MXA-CASE: $bin::$case " "$RUN/serial.txt" || true)
     set -- $line
     case "${3:-}" in
     ok) passed=$((passed + 1)); say "$bin::$case ok ($4)" ;;
+    skipped)
+        # A case that returned early for want of a kernel feature: a failure in CI.
+        why=$(grep -a -A1 "^MXA-CASE: $bin::$case " "$RUN/serial.txt" | tail -1 | sed 's/^ *//')
+        if [ "${CI:-}" = true ]; then
+            failed=$((failed + 1)); say "$bin::$case FAILED (skipped under CI=true: $why)"
+        else
+            skipped=$((skipped + 1)); say "$bin::$case skipped ($why)"
+        fi
+        ;;
     FAILED) failed=$((failed + 1)); say "$bin::$case FAILED ($4)" ;;
     *) failed=$((failed + 1)); say "$bin::$case FAILED (never reported: guest died or timed out)" ;;
     esac
 done < <(grep -a '^MXA-LIST: ' "$RUN/serial.txt")
-listed=$((passed + failed))
+listed=$((passed + failed + skipped))
 grep -a '^MXA-ERROR' "$RUN/serial.txt" | sed "s/^/$TAG: /" || true
 if [ "$listed" = 0 ] || [ "$failed" != 0 ] || ! grep -aq '^MXA-DONE 0' "$RUN/serial.txt"; then
     echo "----- guest serial log (failed cases' output indented) -----"
@@ -167,5 +177,9 @@ if [ "$listed" = 0 ] || [ "$failed" != 0 ] || ! grep -aq '^MXA-DONE 0' "$RUN/ser
     [ "$listed" = 0 ] && failed=$((failed + 1)) && say "no case ran (QEMU exit status $rc)"
 fi
 say "$((SECONDS - START)) s in all"
-echo "$TAG: $passed passed, $failed failed"
+if [ "$skipped" = 0 ]; then
+    echo "$TAG: $passed passed, $failed failed"
+else
+    echo "$TAG: $passed passed, $failed failed, $skipped skipped"
+fi
 [ "$failed" = 0 ]
