@@ -63,18 +63,20 @@ pub fn open_nth(index: usize, mode: ServiceMode) -> Result<Arc<Runtime>, driver:
     Runtime::open(DeviceSpec::KernelVfio(devices()[index].clone()), options)
 }
 
-/// Open a runtime on the first device this process does not hold open already (a case that
-/// needs two mirrors, like `double_map`, gets two devices; the kernel lets one process open a
-/// VFIO group once).
+/// Open a runtime on the first device not held open already (a case that needs two mirrors,
+/// like `double_map`, gets two devices, and so does a fork child beside its parent: a VFIO group
+/// is opened once at a time). A device that fails for any other reason than being busy fails
+/// the case.
 pub fn open(mode: ServiceMode) -> Arc<Runtime> {
-    let mut errors = Vec::new();
+    let mut busy = Vec::new();
     for (i, bdf) in devices().iter().enumerate() {
         match open_nth(i, mode) {
             Ok(rt) => return rt,
-            Err(e) => errors.push(format!("{bdf}: {e}")),
+            Err(e) if e.to_string().contains("busy") => busy.push(format!("{bdf}: {e}")),
+            Err(e) => panic!("opening the MXA-1 at {bdf}: {e}"),
         }
     }
-    panic!("no MXA-1 device could be opened: {}", errors.join("; "))
+    panic!("every MXA-1 is busy: {}", busy.join("; "))
 }
 
 /// Bytes this process has locked (VmLck: the kernel's type1 IOMMU driver accounts every pinned
