@@ -212,7 +212,9 @@ fn memlock_child() {
         other => panic!("over-limit prefault: {other:?}"),
     }
     match suite::device_fill(&ctx, big.addr(), big.len() as u64, 1) {
-        Err(Error::Cancelled { reason }) if reason == CancelReason::DmaMap => {}
+        Err(Error::Cancelled {
+            reason: CancelReason::DmaMap,
+        }) => {}
         other => panic!("over-limit device fill: {other:?}"),
     }
     let s = ctx.stats();
