@@ -119,7 +119,9 @@ pub struct ContextCounters {
     pub pages_mapped: AtomicU64,
     /// 2 MiB device leaves written.
     pub large_mappings: AtomicU64,
-    /// Faults that could not be serviced.
+    /// Pages a work item was stalled on that could not be serviced (the item is cancelled).
+    /// Hints that could not be serviced (lookahead pages, records a replay had already
+    /// overtaken: `PageFault::hint`) are not counted.
     pub failures: AtomicU64,
     /// Invalidation callbacks run.
     pub invalidations: AtomicU64,
@@ -986,7 +988,13 @@ impl FaultHandler for ContextCore {
             }
             i = j;
         }
-        let failures = out.iter().filter(|o| o.is_err()).count() as u64;
+        // Hints (lookahead pages, records a replay has overtaken) that fail cancel nothing and
+        // are no failure of the context: only pages a work item is stalled on count.
+        let failures = out
+            .iter()
+            .zip(faults)
+            .filter(|(o, f)| o.is_err() && !f.hint)
+            .count() as u64;
         self.counters
             .failures
             .fetch_add(failures, Ordering::Relaxed);

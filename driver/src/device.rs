@@ -106,12 +106,61 @@ pub struct Ticket {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DrainedFault {
     /// A well-formed record.
-    Fault(FaultRecord),
+    Fault {
+        /// The record.
+        record: FaultRecord,
+        /// Posted before the device's last replay: the replay has retried its work item since,
+        /// so the record may describe a stall that is over (the item ran on, or even
+        /// completed). If the item still cannot get past the page, it has faulted again and
+        /// posted a new record. Such a record proves nothing about the item's state now.
+        replayed: bool,
+    },
     /// A slot marked valid whose contents do not decode; the slot was consumed.
     Malformed {
         /// Slot index.
         slot: u32,
     },
+}
+
+/// What [`Device::drain_faults`] found besides the records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drain {
+    /// The fault buffer had overflowed (now cleared).
+    pub overflow: bool,
+    /// Replays issued before the drain: hand it to [`Device::cancel_stalled`], which cancels
+    /// only if no replay came since.
+    pub replays: u64,
+}
+
+/// What [`Device::cancel_stalled`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The item was cancelled.
+    Cancelled,
+    /// Not written: a replay since the drain retried the item.
+    Replayed,
+    /// Written, and refused by the device: the item was not stalled (it was running).
+    Refused,
+}
+
+/// The replays issued, and where the fault buffer's producer index stood when the last one
+/// was issued.
+#[derive(Debug, Clone, Copy)]
+struct Replays {
+    count: u64,
+    /// `FAULT_BUF_PUT` read just before the last replay: the items of records below it had
+    /// posted them, stalled, before that replay retried them. `None` if that read failed:
+    /// every record counts as replayed until the next replay.
+    put: Option<u32>,
+}
+
+impl Replays {
+    /// Whether the record at ring index `index` was posted before the last replay.
+    fn covers(&self, index: u32) -> bool {
+        // Free-running indices, at most a ring apart: compare by wrapping distance.
+        self.put
+            .is_none_or(|put| (put.wrapping_sub(index) as i32) > 0)
+    }
 }
 
 /// A device brought up and owned by the driver.
@@ -123,6 +172,9 @@ pub struct Device {
     cmdq: Mutex<CommandQueue>,
     slot_freed: Condvar,
     faults: Mutex<FaultBuffer>,
+    /// Serializes replays and cancels: a cancel is written only if no replay came since the
+    /// drain that showed its item stalled.
+    replays: Mutex<Replays>,
     tlbi: Mutex<u32>,
     pub(crate) irq: Interrupts,
 }
@@ -274,6 +326,11 @@ impl Device {
                 ring: fb,
                 entries: fault_entries,
                 get: 0,
+            }),
+            // After the reset: no replay yet, and every record from index 0 on is new.
+            replays: Mutex::new(Replays {
+                count: 0,
+                put: Some(0),
             }),
             tlbi: Mutex::new(0),
             irq,
@@ -438,9 +495,13 @@ impl Device {
 
     /// Move posted fault records out of the fault buffer, clearing each slot and publishing the
     /// new GET index: up to `max` stalls, each with the lookahead records that follow its own
-    /// record (a ring's worth at most). Also reports (and clears) an overflow.
-    pub fn drain_faults(&self, max: usize, out: &mut Vec<DrainedFault>) -> Result<bool, Error> {
+    /// record (a ring's worth at most). Each record says whether a replay has retried its item
+    /// since it was posted. Also reports (and clears) an overflow.
+    pub fn drain_faults(&self, max: usize, out: &mut Vec<DrainedFault>) -> Result<Drain, Error> {
         let mut fb = lock(&self.faults);
+        // Taken before the first record is read: a replay during the drain makes the cancel
+        // step refuse (`cancel_stalled`), whatever the records say.
+        let replays = *lock(&self.replays);
         let mut taken = 0;
         let mut stalls = 0;
         while taken < fb.entries as usize {
@@ -467,7 +528,10 @@ impl Device {
                 .buffer
                 .store_u32(base + FaultRecord::FLAGS_OFFSET, 0, Ordering::Relaxed);
             out.push(match FaultRecord::decode(&raw) {
-                Ok(Some(r)) => DrainedFault::Fault(r),
+                Ok(Some(record)) => DrainedFault::Fault {
+                    record,
+                    replayed: replays.covers(fb.get),
+                },
                 _ => DrainedFault::Malformed { slot },
             });
             fb.get = fb.get.wrapping_add(1);
@@ -482,7 +546,10 @@ impl Device {
             // Write the bits back: OVERFLOW is write-1-to-clear, ENABLE and LOOKAHEAD stay.
             self.bar().write32(regs::FAULT_BUF_CTRL, ctrl)?;
         }
-        Ok(overflow)
+        Ok(Drain {
+            overflow,
+            replays: replays.count,
+        })
     }
 
     /// True if a fault record is waiting (a memory read: cheap enough to busy-poll).
@@ -495,13 +562,70 @@ impl Device {
             != 0
     }
 
-    /// Retry every stalled work item.
+    /// Retry every stalled work item. Where the fault buffer stood just before is noted:
+    /// records posted before the replay are marked `replayed` when drained.
     pub fn replay(&self) -> Result<(), Error> {
-        self.bar().write32(regs::FAULT_REPLAY, 1)?;
+        let mut replays = lock(&self.replays);
+        // Read before the write, not after: the items this replay retries fault again at
+        // once, and a read after it finds many of their new records already posted and takes
+        // them for old ones (tried first: in a QEMU guest, where a register read is a round
+        // trip to the device process, 73% of all records came out replayed, so an item that
+        // cannot be serviced could go uncancelled round after round). What a read before it
+        // misses is a record posted between the read and the write, by an item that was
+        // running meanwhile: retried at once, it faults again on the same page (the service
+        // maps nothing in between), so it is normally stalled there again when the cancel
+        // comes; if not, `cancel_stalled` reads the refusal back.
+        let put = self.bar().read32(regs::FAULT_BUF_PUT);
+        let written = self.bar().write32(regs::FAULT_REPLAY, 1);
+        // Counted even if the write failed (it may have reached the device): a cancel decided
+        // on records drained before it is then not written.
+        replays.count += 1;
+        replays.put = put.as_ref().ok().copied();
+        written?;
+        put?;
         Ok(())
     }
 
-    /// Fail the stalled work item `work_id` with `code`.
+    /// Replays issued since bring-up (the count [`Drain::replays`] reports).
+    pub fn replays(&self) -> u64 {
+        lock(&self.replays).count
+    }
+
+    /// Fail work item `work_id` with `code`, if no replay has come since the drain that showed
+    /// it stalled (`replays`, from [`Drain::replays`]), with a record not marked `replayed`:
+    /// such an item is still stalled, so the device accepts the cancel. Writes nothing if a
+    /// replay came since: the item has been retried and, if it still cannot go on, has faulted
+    /// again with a new record.
+    ///
+    /// The device says a driver racing its own replays must expect a refusal anyway (§8): a
+    /// record posted in the moment between the replay's look at the ring and the replay itself
+    /// is not marked, and if its item is running at the cancel the device refuses it and
+    /// latches `BAD_REGISTER_VALUE` at `FAULT_CANCEL`. That refusal is read back here, cleared
+    /// and reported as [`CancelOutcome::Refused`] instead of surfacing as a device error (the
+    /// item faults again if it still cannot go on). Another error already latched is left.
+    pub fn cancel_stalled(
+        &self,
+        work_id: u32,
+        code: u32,
+        replays: u64,
+    ) -> Result<CancelOutcome, Error> {
+        let current = lock(&self.replays);
+        if current.count != replays {
+            return Ok(CancelOutcome::Replayed);
+        }
+        self.cancel(work_id, code)?;
+        let bar = self.bar();
+        if bar.read32(regs::ERROR_CODE)? == regs::ErrorCode::BadRegisterValue as u32
+            && bar.read64(regs::ERROR_INFO)? == regs::FAULT_CANCEL
+        {
+            bar.write32(regs::ERROR_CODE, 0)?;
+            return Ok(CancelOutcome::Refused);
+        }
+        Ok(CancelOutcome::Cancelled)
+    }
+
+    /// Fail the stalled work item `work_id` with `code`. The device refuses (and latches
+    /// `BAD_REGISTER_VALUE`) if the item is not stalled: prefer [`Device::cancel_stalled`].
     pub fn cancel(&self, work_id: u32, code: u32) -> Result<(), Error> {
         self.bar().write64(
             regs::FAULT_CANCEL,

@@ -16,7 +16,7 @@ use accel_abi::regs::intr;
 use accel_abi::{AccessKind, Completion, FaultRecord, PAGE_SIZE};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
-use crate::device::{backoff, Device, DrainedFault, Ticket};
+use crate::device::{backoff, CancelOutcome, Device, DrainedFault, Ticket};
 use crate::Error;
 
 /// How the service thread learns about faults and completions.
@@ -96,6 +96,12 @@ pub struct PageFault {
     pub page: u64,
     /// Strongest access (write or atomic beats read beats prefetch).
     pub access: AccessKind,
+    /// No record shows a work item stalled on this page now: each was a lookahead (the item
+    /// has not got there yet) or was posted before a replay that has retried its item since.
+    /// Mapping it is still worth it (the item is probably on its way there); failing to map it
+    /// cancels nothing and is no failure: an item that really cannot get past the page faults
+    /// on it again.
+    pub hint: bool,
 }
 
 /// Services the faults of one device address space.
@@ -131,7 +137,25 @@ pub struct ServiceStats {
     pub lookahead_records: AtomicU64,
     /// Lookahead pages that could not be serviced (their items were left to fault for real).
     pub lookahead_failed: AtomicU64,
+    /// Records drained after a replay had already retried their work item (posted before the
+    /// replay, drained after it): treated as hints.
+    pub replayed_records: AtomicU64,
+    /// Pages known only from replayed records that could not be serviced: nothing cancelled
+    /// (the item may have completed; if it is still stuck there it faults again).
+    pub replayed_failed: AtomicU64,
+    /// Cancels not written because another thread replayed between the drain and the cancel
+    /// (the items were retried; those still stuck fault again).
+    pub cancels_skipped: AtomicU64,
+    /// Cancels the device refused because the item was running, not stalled (its record was
+    /// posted in the moment between the last replay's look at the fault buffer and the replay
+    /// itself). Read back and cleared, not left as a device error; the item faults again if
+    /// it still cannot go on.
+    pub cancels_refused: AtomicU64,
 }
+
+/// A test hook the fault service calls on its own thread after each drain, before servicing,
+/// with the well-formed records drained ([`FaultService::set_drain_hook`]).
+pub type DrainHook = Arc<dyn Fn(&[FaultRecord]) + Send + Sync>;
 
 /// Fewest pages an address space may have serviced per batch when several share it.
 const MIN_FAIR_SHARE: usize = 16;
@@ -234,6 +258,7 @@ struct Shared {
     irq: IrqCounters,
     fault_suspects: Mutex<Suspects>,
     completion_suspects: Mutex<Suspects>,
+    drain_hook: RwLock<Option<DrainHook>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -279,6 +304,7 @@ impl FaultService {
             irq: IrqCounters::default(),
             fault_suspects: Mutex::new(Suspects::default()),
             completion_suspects: Mutex::new(Suspects::default()),
+            drain_hook: RwLock::new(None),
         });
         let worker = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -311,6 +337,18 @@ impl FaultService {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .remove(&asid);
+    }
+
+    /// Test hook: from now on, call `hook` on the service thread after each drain of the fault
+    /// buffer, before the records are serviced (`None` removes it). While it runs, no fault of
+    /// the device is serviced: a test holds a batch there to order events against it
+    /// deterministically (a replay, a completion, an unmap between the drain and the service).
+    pub fn set_drain_hook(&self, hook: Option<DrainHook>) {
+        *self
+            .shared
+            .drain_hook
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = hook;
     }
 
     /// Counters.
@@ -587,13 +625,14 @@ impl Shared {
 
     fn service_batch(&self, batch: &mut Vec<DrainedFault>) {
         batch.clear();
-        let overflow = match self.device.drain_faults(self.batch, batch) {
-            Ok(o) => o,
+        let drain = match self.device.drain_faults(self.batch, batch) {
+            Ok(d) => d,
             Err(e) => {
                 tracing::error!(error = %e, "draining the fault buffer failed");
                 return;
             }
         };
+        let overflow = drain.overflow;
         let span = tracing::debug_span!("fault_batch", records = batch.len(), overflow);
         let _enter = span.enter();
         self.stats
@@ -604,28 +643,47 @@ impl Shared {
         }
 
         // Sort by (asid, page, access) and group: one entry per (asid, page) with the
-        // strongest access, and every work id that faulted on it.
-        let mut records: Vec<FaultRecord> = Vec::with_capacity(batch.len());
+        // strongest access, and every work id that faulted on it. Each record says whether it
+        // proves its item stalled on the page now: it does unless it is a lookahead (the item
+        // has not got there yet) or was posted before the last replay (the item was retried
+        // since: it may have run past the page and completed; if it still cannot get past, it
+        // has posted a new record). Only items proven stalled are cancelled, and only their
+        // pages count as failures: a cancel of an item that is not stalled is refused by the
+        // device and latched as an error.
+        let mut records: Vec<(FaultRecord, bool)> = Vec::with_capacity(batch.len());
         let mut cancels: Vec<(u32, CancelReason)> = Vec::new();
         let va_limit = 1u64 << self.device.caps().va_bits.clamp(12, 63);
         for d in batch.iter() {
             match *d {
-                DrainedFault::Fault(r) if r.va >= va_limit => {
+                DrainedFault::Fault {
+                    record: r,
+                    replayed,
+                } if r.va >= va_limit => {
                     // An address the device cannot translate: a device (or emulator) bug, and
-                    // arithmetic on it further down could overflow. Fail the work item.
+                    // arithmetic on it further down could overflow. Fail the work item, if
+                    // this record shows it stalled.
                     self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(
                         va = r.va,
                         work_id = r.work_id,
+                        replayed,
                         "fault record beyond the VA width"
                     );
-                    cancels.push((r.work_id, CancelReason::Malformed));
+                    if !replayed && !r.lookahead {
+                        cancels.push((r.work_id, CancelReason::Malformed));
+                    }
                 }
-                DrainedFault::Fault(r) => {
+                DrainedFault::Fault {
+                    record: r,
+                    replayed,
+                } => {
                     if r.lookahead {
                         self.stats.lookahead_records.fetch_add(1, Ordering::Relaxed);
                     }
-                    records.push(r)
+                    if replayed {
+                        self.stats.replayed_records.fetch_add(1, Ordering::Relaxed);
+                    }
+                    records.push((r, replayed))
                 }
                 DrainedFault::Malformed { slot } => {
                     // Nothing in it can be trusted, not even the work id: the stalled item
@@ -635,7 +693,16 @@ impl Shared {
                 }
             }
         }
-        records.sort_by_key(|r| (r.asid, r.va / PAGE_SIZE, access_rank(r.access)));
+        let hook = self
+            .drain_hook
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(hook) = hook {
+            let plain: Vec<FaultRecord> = records.iter().map(|(r, _)| *r).collect();
+            hook(&plain);
+        }
+        records.sort_by_key(|(r, _)| (r.asid, r.va / PAGE_SIZE, access_rank(r.access)));
 
         // One group per address space. Fairness between address spaces (daemon clients): the
         // group served first rotates from batch to batch, and when several share a batch each
@@ -645,7 +712,7 @@ impl Shared {
         let mut i = 0;
         while i < records.len() {
             let mut j = i;
-            while j < records.len() && records[j].asid == records[i].asid {
+            while j < records.len() && records[j].0.asid == records[i].0.asid {
                 j += 1;
             }
             groups.push(i..j);
@@ -654,12 +721,12 @@ impl Shared {
         let first = self.next_first_asid.load(Ordering::Relaxed);
         let start = groups
             .iter()
-            .position(|g| u32::from(records[g.start].asid) >= first)
+            .position(|g| u32::from(records[g.start].0.asid) >= first)
             .unwrap_or(0);
         groups.rotate_left(start);
         if let Some(g) = groups.first() {
             self.next_first_asid
-                .store(u32::from(records[g.start].asid) + 1, Ordering::Relaxed);
+                .store(u32::from(records[g.start].0.asid) + 1, Ordering::Relaxed);
         }
         let share = if groups.len() > 1 {
             (self.batch / groups.len()).max(MIN_FAIR_SHARE)
@@ -670,24 +737,33 @@ impl Shared {
         let mut serviced_any = false;
         for range in groups {
             let group = &records[range];
-            let asid = group[0].asid;
+            let asid = group[0].0.asid;
             let mut pages: Vec<PageFault> = Vec::new();
-            // Per page: the work ids that faulted on it, and whether one of them had reached
-            // it (a record without LOOKAHEAD). Only those are cancelled if the page fails: an
-            // item that merely looked ahead faults on the page again after the replay.
-            let mut owners: Vec<Vec<(u32, bool)>> = Vec::new();
-            for r in group {
+            // Per page: the work items that faulted on it, and whether a record shows one
+            // stalled there. Only those are cancelled if the page fails; the others fault on
+            // the page again after the replay if it still does not translate.
+            let mut owners: Vec<Vec<Owner>> = Vec::new();
+            for &(r, replayed) in group {
                 let page = r.va & !(PAGE_SIZE - 1);
+                let stalled = !r.lookahead && !replayed;
                 let full = pages.len() == share;
                 match pages.last_mut() {
                     Some(last) if last.page == page => {
                         if access_rank(r.access) > access_rank(last.access) {
                             last.access = r.access;
                         }
+                        last.hint &= !stalled;
                         let o = owners.last_mut().expect("owners parallel to pages");
-                        match o.iter_mut().find(|(w, _)| *w == r.work_id) {
-                            Some((_, reached)) => *reached |= !r.lookahead,
-                            None => o.push((r.work_id, !r.lookahead)),
+                        match o.iter_mut().find(|o| o.work_id == r.work_id) {
+                            Some(owner) => {
+                                owner.stalled |= stalled;
+                                owner.replayed |= replayed;
+                            }
+                            None => o.push(Owner {
+                                work_id: r.work_id,
+                                stalled,
+                                replayed,
+                            }),
                         }
                     }
                     _ if full => {
@@ -699,8 +775,13 @@ impl Shared {
                         pages.push(PageFault {
                             page,
                             access: r.access,
+                            hint: !stalled,
                         });
-                        owners.push(vec![(r.work_id, !r.lookahead)]);
+                        owners.push(vec![Owner {
+                            work_id: r.work_id,
+                            stalled,
+                            replayed,
+                        }]);
                     }
                 }
             }
@@ -721,13 +802,18 @@ impl Shared {
                         self.stats.pages_serviced.fetch_add(1, Ordering::Relaxed);
                     }
                     Err(reason) => {
-                        for &(w, reached) in owners {
-                            if !reached {
-                                self.stats.lookahead_failed.fetch_add(1, Ordering::Relaxed);
+                        for owner in owners {
+                            if !owner.stalled {
+                                let counter = if owner.replayed {
+                                    &self.stats.replayed_failed
+                                } else {
+                                    &self.stats.lookahead_failed
+                                };
+                                counter.fetch_add(1, Ordering::Relaxed);
                                 continue;
                             }
-                            if !cancels.iter().any(|(id, _)| *id == w) {
-                                cancels.push((w, reason));
+                            if !cancels.iter().any(|(id, _)| *id == owner.work_id) {
+                                cancels.push((owner.work_id, reason));
                             }
                         }
                     }
@@ -735,18 +821,36 @@ impl Shared {
             }
         }
 
+        let mut cancelled = 0;
         for (work_id, reason) in &cancels {
-            tracing::debug!(work_id, %reason, "cancelling work item");
-            if let Err(e) = self.device.cancel(*work_id, *reason as u32) {
-                tracing::error!(error = %e, work_id, "cancel failed");
+            match self
+                .device
+                .cancel_stalled(*work_id, *reason as u32, drain.replays)
+            {
+                Ok(CancelOutcome::Cancelled) => {
+                    tracing::debug!(work_id, %reason, "cancelled work item");
+                    cancelled += 1;
+                }
+                Ok(CancelOutcome::Replayed) => {
+                    // Another thread replayed (a context being dropped) after the drain: the
+                    // item was retried and, if it still cannot go on, faults again.
+                    tracing::debug!(work_id, %reason, "not cancelled: replayed since the drain");
+                    self.stats.cancels_skipped.fetch_add(1, Ordering::Relaxed);
+                }
+                Ok(CancelOutcome::Refused) => {
+                    // Its record was posted in the moment before the last replay and the item
+                    // was running: it faults again if it still cannot go on.
+                    tracing::debug!(work_id, %reason, "cancel refused: the item was running");
+                    self.stats.cancels_refused.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => tracing::error!(error = %e, work_id, "cancel failed"),
             }
         }
-        self.stats
-            .cancels
-            .fetch_add(cancels.len() as u64, Ordering::Relaxed);
+        self.stats.cancels.fetch_add(cancelled, Ordering::Relaxed);
         if serviced_any || overflow || !batch.is_empty() {
             // One replay per batch. Items we cancelled are no longer stalled; everything else
-            // retries, and whatever is still missing faults again.
+            // retries, and whatever is still missing faults again. Any record left in the
+            // buffer is now marked replayed when drained.
             if let Err(e) = self.device.replay() {
                 tracing::error!(error = %e, "replay failed");
             }
@@ -754,6 +858,15 @@ impl Shared {
         }
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// A work item that faulted on a page of the batch.
+struct Owner {
+    work_id: u32,
+    /// A record shows it stalled on the page now (neither lookahead nor replayed).
+    stalled: bool,
+    /// One of its records for the page was posted before the last replay.
+    replayed: bool,
 }
 
 #[cfg(test)]

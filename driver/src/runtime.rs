@@ -318,7 +318,9 @@ pub struct ContextStats {
     pub pages_mapped: u64,
     /// 2 MiB device leaves written.
     pub large_mappings: u64,
-    /// Faults that could not be serviced (their work items were cancelled).
+    /// Faulting pages a work item was stalled on that could not be serviced (the items were
+    /// cancelled). Lookahead pages and records that a replay had already overtaken are hints:
+    /// failing to map them is not counted here.
     pub failures: u64,
     /// Invalidation callbacks run.
     pub invalidations: u64,

@@ -562,6 +562,31 @@ fn role_quota(client: &Arc<DaemonClient>) {
     report(format!("mapped {}", s.mapped_bytes));
 }
 
+/// Fills a fresh arena, then does what the test says, one stdin line at a time: `unregister`
+/// the arena (it stays mapped), or report its `stats` and end.
+fn role_stale(client: &Arc<DaemonClient>) {
+    let mut arena = client.alloc_arena(16 << 12).expect("arena");
+    client
+        .fill(&mut arena[..], 0x5d5d_5d5d_5d5d_5d5d)
+        .expect("fill");
+    assert!(arena.iter().all(|b| *b == 0x5d));
+    report("filled");
+    for line in std::io::stdin().lines() {
+        match line.unwrap().as_str() {
+            "unregister" => {
+                let r = client.raw_request(Request::UnregisterArena { va: arena.va() }, &[]);
+                report(format!("unregistered {}", r.is_ok()));
+            }
+            "stats" => {
+                let s = client.stats().expect("stats");
+                report(format!("failures {} faults {}", s.failures, s.faults));
+                break;
+            }
+            other => panic!("unknown step {other}"),
+        }
+    }
+}
+
 /// Some work on an arena, then what STATS tells this client.
 fn role_stats(client: &Arc<DaemonClient>) {
     let mut arena = client.alloc_arena(64 << 10).expect("arena");
@@ -617,6 +642,7 @@ fn client_role() {
         "hold" => role_hold(&client),
         "quota" => role_quota(&client),
         "stats" => role_stats(&client),
+        "stale" => role_stale(&client),
         other => panic!("unknown role {other}"),
     }
 }
@@ -698,6 +724,102 @@ fn clients_cannot_reach_memory_outside_their_arenas() {
     let s = d.settle();
     assert_eq!((s.clients, s.mapped_bytes_total), (0, 0));
     d.stop();
+}
+
+/// Reads the client's report lines until one starting with `want`; returns the rest of it.
+fn expect_report(out: &mut impl BufRead, want: &str) -> String {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the client exited before reporting {want}"
+        );
+        if let Some(at) = line.find(&format!("RESULT {want}")) {
+            return line[at + 7 + want.len()..].trim().to_string();
+        }
+    }
+}
+
+/// What the daemon saw on kernel VFIO in a slow guest (four clients allocating, filling and
+/// unregistering arenas): fault records drained after the replay that retried their work
+/// item, by then complete, and its arena unregistered. They were serviced as new faults, found
+/// outside every arena, counted as the client's failures (10 to 16 per client), and their items
+/// cancelled although they were not stalled (the device latched BAD_REGISTER_VALUE at
+/// FAULT_CANCEL). Here the same order of events is forced: the service holds the batch with
+/// the fill's records after its drain, a replay from another thread makes the item post them
+/// again, the held batch maps the arena and replays (the fill completes), and the second
+/// records are held until the client has unregistered the arena.
+#[test]
+fn records_drained_after_their_item_was_replayed_fail_nothing() {
+    for mode in [ServiceMode::Interrupt, ServiceMode::Polling] {
+        let d = TestDaemon::start("stale", mode, |_| {});
+        let rt = d.daemon.runtime().clone();
+        let (drained_tx, drained) = std::sync::mpsc::channel::<usize>();
+        let (go, go_rx) = std::sync::mpsc::channel::<()>();
+        let (drained_tx, go_rx) = (
+            std::sync::Mutex::new(drained_tx),
+            std::sync::Mutex::new(go_rx),
+        );
+        let wait = Duration::from_secs(20);
+        rt.service().set_drain_hook(Some(Arc::new(
+            move |records: &[accel_abi::FaultRecord]| {
+                if !records.is_empty() && drained_tx.lock().unwrap().send(records.len()).is_ok() {
+                    let _ = go_rx.lock().unwrap().recv_timeout(wait);
+                }
+            },
+        )));
+        let mut client = d.client("stale", "");
+        let mut to_client = client.stdin.take().unwrap();
+        let mut out = BufReader::new(client.stdout.take().unwrap());
+        drained.recv_timeout(wait).expect("the fill's first stall");
+        rt.device().replay().unwrap();
+        let deadline = Instant::now() + wait;
+        while !rt.device().fault_pending() {
+            assert!(Instant::now() < deadline, "the item did not fault again");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        go.send(()).unwrap();
+        drained.recv_timeout(wait).expect("the second records");
+        expect_report(&mut out, "filled");
+        writeln!(to_client, "unregister").unwrap();
+        assert_eq!(expect_report(&mut out, "unregistered"), "true");
+        let service = rt.service().stats();
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(std::sync::atomic::Ordering::Relaxed);
+        let batches = load(&service.batches);
+        go.send(()).unwrap();
+        while load(&service.batches) == batches {
+            assert!(Instant::now() < deadline, "the held batch was not serviced");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(drained);
+        let latched = rt.device().take_error().unwrap();
+        let cancels = [
+            &service.device_errors,
+            &service.cancels,
+            &service.cancels_refused,
+        ]
+        .map(load);
+        assert_eq!(
+            (latched, cancels),
+            (None, [0; 3]),
+            "a stale record cancelled a work item that was not stalled"
+        );
+        assert!(
+            load(&service.replayed_failed) > 0,
+            "the held records were not the stale ones: {service:?}"
+        );
+        writeln!(to_client, "stats").unwrap();
+        let stats = expect_report(&mut out, "failures");
+        assert!(stats.starts_with("0 "), "the client's failures: {stats}");
+        drop(to_client);
+        assert!(wait_timeout(&mut client, Duration::from_secs(30)));
+        rt.service().set_drain_hook(None);
+        drop(rt);
+        let s = d.settle();
+        assert_eq!((s.clients, s.mapped_bytes_total), (0, 0));
+        d.stop();
+    }
 }
 
 #[test]

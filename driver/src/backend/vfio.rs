@@ -27,15 +27,35 @@ fn err(op: &'static str, detail: impl std::fmt::Display) -> BackendError {
     }
 }
 
+/// The VFIO device and the mapping of its BAR0, torn down in the order the kernel needs.
+///
+/// An mmap of a BAR holds the device file open just as a descriptor does, and the kernel
+/// refuses `VFIO_GROUP_UNSET_CONTAINER` (EBUSY) while any device file of the group is open.
+/// `VfioDevice`'s drop closes its descriptor and then unsets the container, so the mapping must
+/// be gone before it runs. (It was not: the mapping was a later field of the backend, so every
+/// close of a device with a mapped BAR0 logged "VFIO_GROUP_UNSET_CONTAINER ioctl failed: Device
+/// or resource busy" and left the group attached until the container itself closed; `mirrorctl
+/// serve` on kernel VFIO showed it at each shutdown.)
+struct DeviceFile<D> {
+    device: D,
+    /// BAR0 mapped into the process when VFIO allows it (registers without a syscall each).
+    bar0: Option<raw::MappedBar>,
+}
+
+impl<D> Drop for DeviceFile<D> {
+    fn drop(&mut self) {
+        // Unmapped here; `device` is dropped after this body, as a field.
+        drop(self.bar0.take());
+    }
+}
+
 /// A PCI device bound to vfio-pci.
 pub struct KernelVfioBackend {
     address: String,
     container: Arc<VfioContainer>,
-    device: VfioDevice,
+    device: DeviceFile<VfioDevice>,
     config_offset: u64,
     bars: Vec<(u64, u64)>,
-    /// BAR0 mapped into the process when VFIO allows it (registers without a syscall each).
-    bar0: Option<raw::MappedBar>,
     iova_ranges: Vec<Range<u64>>,
     dma_avail: Option<u32>,
     /// `VFIO_DEVICE_GET_INFO` flags (`VFIO_DEVICE_FLAGS_RESET`: the kernel has a reset method).
@@ -143,10 +163,9 @@ impl KernelVfioBackend {
         Ok(KernelVfioBackend {
             address: address.to_owned(),
             container,
-            device,
+            device: DeviceFile { device, bar0 },
             config_offset,
             bars,
-            bar0,
             iova_ranges,
             dma_avail: info.dma_avail,
             device_flags,
@@ -173,7 +192,7 @@ impl KernelVfioBackend {
     }
 
     fn device_fd(&self) -> BorrowedFd<'_> {
-        raw::borrow_fd(&self.device)
+        raw::borrow_fd(&self.device.device)
     }
 
     fn bar_offset(&self, bar: u32, offset: u64, len: usize) -> Result<u64, BackendError> {
@@ -218,7 +237,7 @@ impl Backend for KernelVfioBackend {
     }
 
     fn bar_read(&self, bar: u32, offset: u64, data: &mut [u8]) -> Result<(), BackendError> {
-        if let (0, Some(m)) = (bar, &self.bar0) {
+        if let (0, Some(m)) = (bar, &self.device.bar0) {
             return m.read(offset, data).map_err(|e| err("BAR read", e));
         }
         let at = self.bar_offset(bar, offset, data.len())?;
@@ -226,7 +245,7 @@ impl Backend for KernelVfioBackend {
     }
 
     fn bar_write(&self, bar: u32, offset: u64, data: &[u8]) -> Result<(), BackendError> {
-        if let (0, Some(m)) = (bar, &self.bar0) {
+        if let (0, Some(m)) = (bar, &self.device.bar0) {
             return m.write(offset, data).map_err(|e| err("BAR write", e));
         }
         let at = self.bar_offset(bar, offset, data.len())?;
@@ -458,6 +477,51 @@ pub fn list_vfio_devices() -> std::io::Result<Vec<VfioPciDevice>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Stands in for the `VfioDevice`: when it is dropped (when the real one unsets the
+    /// container), it looks whether the BAR mapping is still in this process.
+    struct DeviceProbe {
+        name: &'static str,
+        mapped_at_drop: Arc<Mutex<Option<bool>>>,
+    }
+
+    impl Drop for DeviceProbe {
+        fn drop(&mut self) {
+            let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+            let mapped = maps.lines().any(|l| l.contains(self.name));
+            *self.mapped_at_drop.lock().unwrap() = Some(mapped);
+        }
+    }
+
+    #[test]
+    fn the_bar_mapping_is_gone_before_the_device_closes() {
+        let name = "mxa-bar0-teardown-order";
+        let fd = nix::sys::memfd::memfd_create(
+            c"mxa-bar0-teardown-order",
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+        )
+        .unwrap();
+        let file = std::fs::File::from(fd);
+        file.set_len(4096).unwrap();
+        let bar0 = raw::MappedBar::map(file.as_fd(), 0, 4096).unwrap();
+        drop(file);
+        let mapped_at_drop = Arc::new(Mutex::new(None));
+        let probe = DeviceProbe {
+            name,
+            mapped_at_drop: mapped_at_drop.clone(),
+        };
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        assert!(maps.contains(name), "the stand-in BAR is not mapped");
+        drop(DeviceFile {
+            device: probe,
+            bar0: Some(bar0),
+        });
+        assert_eq!(
+            *mapped_at_drop.lock().unwrap(),
+            Some(false),
+            "BAR0 was still mapped (holding the device file open) when the device closed"
+        );
+    }
 
     #[test]
     fn no_reset_flag_is_a_matchable_error_naming_device_cause_and_fix() {

@@ -303,6 +303,11 @@ impl Daemon {
         })
     }
 
+    /// The runtime (the device) the daemon serves.
+    pub fn runtime(&self) -> &Arc<Runtime> {
+        &self.shared.runtime
+    }
+
     /// Daemon-wide statistics (the daemon part of a STATS reply).
     pub fn stats(&self) -> StatsReply {
         self.shared.daemon_stats()
