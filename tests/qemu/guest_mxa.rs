@@ -248,8 +248,18 @@ fn daemon_serves_four_client_processes() {
         .env("RUST_LOG", "driver::fault=debug,driver::context=debug,info")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("spawn mirrorctl serve");
+    // The daemon's log, read to its end (it must not block on a full pipe).
+    let log = {
+        let mut stderr = daemon.stderr.take().expect("stderr piped");
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+            text
+        })
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
     while !socket.exists() {
         if let Some(status) = daemon.try_wait().unwrap() {
@@ -291,7 +301,14 @@ fn daemon_serves_four_client_processes() {
     )
     .unwrap();
     let status = daemon.wait().unwrap();
+    let log = log.join().unwrap();
+    eprintln!("{log}");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // Nothing went wrong behind the clients' backs: no error the device latched (a refused
+    // cancel), no failed tear-down of the VFIO group (a device file still open at close).
+    for bad in ["device latched an error", "ERROR"] {
+        assert!(!log.contains(bad), "the daemon logged {bad:?} (log above)");
+    }
     let stats = stats.unwrap();
     assert_eq!(
         stats.mapped_bytes_total, 0,
