@@ -22,9 +22,15 @@ use nix::sys::socket::{
 
 use crate::{Header, HEADER_SIZE};
 
-/// Most descriptors one message can carry on the receive side (the cmsg buffer is sized for
-/// it); [`Limits::max_fds`] may be lower.
+/// Most descriptors one message may carry ([`Limits::max_fds`] may be lower); a message with
+/// more is refused ([`RecvError::TooManyFds`]) and its descriptors closed.
 pub const FD_CAP: usize = 16;
+
+/// The kernel's cap on descriptors in one SCM_RIGHTS message (`SCM_MAX_FD`). The receive buffer
+/// is sized for it, not for [`FD_CAP`]: a buffer too small for what the peer sent makes the
+/// kernel install the descriptors that fit and truncate the control data, which the control
+/// message parser then refuses, so those installed descriptors could never be closed.
+const SCM_MAX_FD: usize = 253;
 
 /// What a receiver accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,7 +208,7 @@ impl Connection {
         truncated: &mut bool,
     ) -> Result<usize, Errno> {
         let mut got = 0;
-        let mut cmsg = nix::cmsg_space!([RawFd; FD_CAP]);
+        let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
         while got < buf.len() {
             let mut iov = [IoSliceMut::new(&mut buf[got..])];
             let msg = match recvmsg::<UnixAddr>(
@@ -358,6 +364,46 @@ mod tests {
             writer.join().unwrap();
             proptest::prop_assert!(matches!(b.recv(), Err(RecvError::Closed)));
         }
+    }
+
+    /// Descriptors of this process whose link names `name` (a memfd's is `/memfd:NAME`).
+    fn open_fds_named(name: &str) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|target| target.to_string_lossy().contains(name))
+            .count()
+    }
+
+    #[test]
+    fn descriptors_beyond_the_limit_are_all_closed() {
+        const NAME: &str = "framing-fd-flood";
+        let (a, b) = UnixStream::pair().unwrap();
+        let b = Connection::new(b, Limits::default());
+        let memfd = nix::sys::memfd::memfd_create(
+            &std::ffi::CString::new(NAME).unwrap(),
+            nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC,
+        )
+        .unwrap();
+        let before = open_fds_named(NAME);
+        // A peer's message with 20 descriptors (more than FD_CAP) and a valid header.
+        let raw = vec![memfd.as_raw_fd(); 20];
+        let head = Header::command(9, command::DMA_MAP, 0).encode();
+        let iov = [std::io::IoSlice::new(&head)];
+        sendmsg::<UnixAddr>(
+            a.as_raw_fd(),
+            &iov,
+            &[ControlMessage::ScmRights(&raw)],
+            MsgFlags::empty(),
+            None,
+        )
+        .unwrap();
+        assert!(matches!(b.recv(), Err(RecvError::TooManyFds(h)) if h.id == 9));
+        assert_eq!(
+            open_fds_named(NAME),
+            before,
+            "descriptors of the refused message are still open"
+        );
     }
 
     #[test]
