@@ -251,6 +251,41 @@ pub trait Backend: Send + Sync {
 
     /// True if `dma_map` pins memory that counts against RLIMIT_MEMLOCK.
     fn pins_memory(&self) -> bool;
+
+    /// Why the device is gone for good (its server process died, the connection to it broke),
+    /// or `None` while it is reachable. Once `Some`, it stays `Some`, and every later operation
+    /// fails; nothing the device was doing will complete.
+    fn lost(&self) -> Option<DeviceLost> {
+        None
+    }
+
+    /// A descriptor that becomes readable (`POLLIN`, and stays so) when the device is lost, so
+    /// that a thread blocked in `poll` on the interrupt eventfds learns it at once. `None` if
+    /// this backend cannot lose its device that way (then [`Backend::lost`] stays `None`).
+    fn lost_event(&self) -> Option<BorrowedFd<'_>> {
+        None
+    }
+}
+
+/// A device that went away for good, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceLost {
+    /// Which backend lost it.
+    pub backend: &'static str,
+    /// The device (a socket path, a PCI address).
+    pub device: String,
+    /// What happened (for example "server closed the connection").
+    pub reason: String,
+}
+
+impl std::fmt::Display for DeviceLost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} device {} lost: {}",
+            self.backend, self.device, self.reason
+        )
+    }
 }
 
 /// Typed register access over a backend's BAR0.

@@ -23,13 +23,16 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use firmware_stubs::{DmaMemory, ProcessMemory};
+use nix::sys::eventfd::{EfdFlags, EventFd};
 use vfio_user_protocol::payload::{self, irq, region};
 use vfio_user_protocol::version::{self, Capabilities, Version};
 use vfio_user_protocol::{
     command, CallError, Calls, Connection, Limits, Message, MessageType, RecvError,
 };
 
-use super::{Backend, BackendError, BackendKind, DmaAccess, DmaSource, MsiSet, MsiState};
+use super::{
+    Backend, BackendError, BackendKind, DeviceLost, DmaAccess, DmaSource, MsiSet, MsiState,
+};
 use crate::sys::vfio::MappedBar;
 
 const NAME: &str = "vfio-user";
@@ -60,7 +63,13 @@ struct LocalMap {
 struct Shared {
     conn: Connection,
     calls: Calls,
+    /// The socket path (or "a connected socket"), for errors and [`DeviceLost`].
+    device: String,
     close_reason: Mutex<Option<String>>,
+    /// Set when the connection ended by itself (not by our own close): the device is lost.
+    lost: Mutex<Option<DeviceLost>>,
+    /// Readable once `lost` is set ([`Backend::lost_event`]).
+    lost_event: EventFd,
     max_xfer: AtomicUsize,
     maps: RwLock<BTreeMap<u64, LocalMap>>,
 }
@@ -72,12 +81,27 @@ impl Shared {
             .unwrap_or_else(|| "server disconnected".into())
     }
 
-    /// Record why the connection ended (the first reason wins), fail every waiting call.
-    fn close(&self, reason: String) {
-        {
+    /// Record why the connection ended (the first reason wins), fail every waiting call. A
+    /// close we did not ask for (`deliberate` false: EOF, a broken stream) loses the device.
+    fn close(&self, reason: String, deliberate: bool) {
+        let first = {
             let mut r = lock(&self.close_reason);
-            if r.is_none() {
-                *r = Some(reason);
+            let first = r.is_none();
+            if first {
+                *r = Some(reason.clone());
+            }
+            first
+        };
+        if first && !deliberate {
+            tracing::error!(device = %self.device, "vfio-user device lost: {reason}");
+            *lock(&self.lost) = Some(DeviceLost {
+                backend: NAME,
+                device: self.device.clone(),
+                reason,
+            });
+            // The counter stays non-zero (nobody reads it): the descriptor stays readable.
+            if let Err(e) = self.lost_event.write(1) {
+                tracing::error!("signalling the device loss: {e}");
             }
         }
         self.calls.close();
@@ -193,16 +217,25 @@ impl VfioUserBackend {
     pub fn connect(path: &Path) -> Result<VfioUserBackend, BackendError> {
         let stream = UnixStream::connect(path)
             .map_err(|e| transport("connect", format!("{}: {e}", path.display())))?;
-        Self::from_stream(stream)
+        Self::with_name(stream, path.display().to_string())
     }
 
     /// Use an already connected socket.
     pub fn from_stream(stream: UnixStream) -> Result<VfioUserBackend, BackendError> {
+        Self::with_name(stream, "on a connected socket".into())
+    }
+
+    fn with_name(stream: UnixStream, device: String) -> Result<VfioUserBackend, BackendError> {
         let limits = Limits::default();
+        let lost_event = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)
+            .map_err(|e| transport("connect", format!("eventfd: {e}")))?;
         let shared = Arc::new(Shared {
             conn: Connection::new(stream, limits),
             calls: Calls::new(),
+            device,
             close_reason: Mutex::new(None),
+            lost: Mutex::new(None),
+            lost_event,
             max_xfer: AtomicUsize::new(version::DEFAULT_MAX_DATA_XFER as usize),
             maps: RwLock::new(BTreeMap::new()),
         });
@@ -419,7 +452,7 @@ fn check_range(op: &'static str, offset: u64, len: usize, size: u64) -> Result<(
 
 impl Drop for VfioUserBackend {
     fn drop(&mut self) {
-        self.shared.close("backend closed".into());
+        self.shared.close("backend closed".into(), true);
         if let Some(r) = self.reader.take() {
             if r.join().is_err() {
                 tracing::error!("the vfio-user reader thread panicked");
@@ -457,7 +490,7 @@ fn reader_loop(shared: &Shared) {
             Err(e) => break format!("connection to the server lost: {e}"),
         }
     };
-    shared.close(reason);
+    shared.close(reason, false);
 }
 
 /// Serve a server-to-client command (DMA_READ/DMA_WRITE; anything else is ENOSYS).
@@ -719,6 +752,14 @@ impl Backend for VfioUserBackend {
 
     fn pins_memory(&self) -> bool {
         false
+    }
+
+    fn lost(&self) -> Option<DeviceLost> {
+        lock(&self.shared.lost).clone()
+    }
+
+    fn lost_event(&self) -> Option<BorrowedFd<'_>> {
+        Some(self.shared.lost_event.as_fd())
     }
 }
 
@@ -1089,5 +1130,35 @@ mod tests {
         assert!(e.contains("mid-message") || e.contains("lost"), "{e}");
         t.join().unwrap();
         assert!(backend.reset().is_err());
+    }
+
+    /// POLLIN on `fd` within `ms` milliseconds.
+    fn readable(fd: BorrowedFd<'_>, ms: u16) -> bool {
+        use nix::poll::{poll, PollFd, PollFlags};
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        poll(&mut fds, ms).unwrap() == 1
+    }
+
+    #[test]
+    fn a_server_hanging_up_loses_the_device_and_signals_it() {
+        let (backend, server) = fake();
+        let event = backend.lost_event().expect("vfio-user can lose its device");
+        assert!(backend.lost().is_none());
+        assert!(!readable(event, 0), "signalled while the server is there");
+        drop(server);
+        assert!(readable(event, 5000), "no signal within 5 s of the hang-up");
+        let lost = backend.lost().expect("lost after the hang-up");
+        assert_eq!(lost.backend, "vfio-user");
+        assert!(lost.reason.contains("closed"), "{lost}");
+        // It stays readable for every later poller.
+        assert!(readable(event, 0));
+    }
+
+    #[test]
+    fn closing_the_backend_ourselves_is_no_device_loss() {
+        let (backend, _server) = fake();
+        backend.shared.close("backend closed".into(), true);
+        assert!(backend.lost().is_none());
+        assert!(!readable(backend.lost_event().unwrap(), 0));
     }
 }
