@@ -313,10 +313,13 @@ pub trait Backend: Send + Sync {
     /// Write PCI configuration space.
     fn config_write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError>;
 
-    /// Read a BAR register (`data.len()` is 4 or 8).
+    /// Read `data.len()` bytes of BAR `bar` (0-5) at `offset`. The widths a register takes
+    /// are the device's business (the MXA-1 takes 4 and 8): a backend passes the access on as
+    /// it is, one access, never widened or split into other widths (vfio-user: one REGION_READ
+    /// up to the negotiated transfer size, or one aligned 4/8-byte load from a mapped window).
     fn bar_read(&self, bar: u32, offset: u64, data: &mut [u8]) -> Result<(), BackendError>;
 
-    /// Write a BAR register (`data.len()` is 4 or 8).
+    /// Write `data` to BAR `bar` (0-5) at `offset`, as [`Backend::bar_read`] reads.
     fn bar_write(&self, bar: u32, offset: u64, data: &[u8]) -> Result<(), BackendError>;
 
     /// IOVA ranges the IOMMU accepts, `[start, end)`, sorted.

@@ -9,6 +9,11 @@
 //! reached through DMA_READ/DMA_WRITE, copied with process_vm_readv/writev on our own pid so an
 //! unmapped page becomes an error reply, never a SIGSEGV.
 //!
+//! The transport is generic: it reads every standard PCI region and IRQ index the device
+//! reports and insists on none of them (what the MXA-1 needs, its driver checks at bring-up).
+//! An access to a region the device lacks, or lacks the right for, fails naming the region and
+//! why; an access the server refuses fails naming region, offset, width and errno.
+//!
 //! When the server goes away (EOF, a broken or desynchronised stream) every waiting and later
 //! operation fails with a transport error naming the cause.
 
