@@ -257,7 +257,7 @@ impl Layout {
         }
     }
 
-    /// The IRQ info of `index`, if the device reports that index.
+    /// The IRQ info of `index` (no vectors if the device does not report that index).
     fn irq(&self, index: u32) -> IrqDesc {
         self.irqs.get(index as usize).copied().unwrap_or(IrqDesc {
             index,
