@@ -12,7 +12,10 @@ use accel_abi::regs;
 use accel_abi::{Command, Completion, FaultRecord, Status};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use crate::backend::{Backend, BackendError, Bar0, Config, DmaAccess, DmaSource};
+use crate::backend::{
+    irq_index, region_index, Backend, BackendError, Bar0, Config, DmaAccess, DmaSource, IrqDesc,
+    RegionDesc,
+};
 use crate::dma::DmaSpace;
 use crate::pagetable::TablePool;
 use crate::sys::dmabuf::DmaBuffer;
@@ -217,17 +220,92 @@ fn dup(fd: &EventFd) -> Result<OwnedFd, Error> {
     })
 }
 
+/// The MXA-1 needs region `index` of at least `size` bytes, readable and writable; checked
+/// when the backend describes the device's regions (a generic transport opens any device).
+fn need_region(regions: &[RegionDesc], index: u32, size: u64) -> Result<(), Error> {
+    let fits = |r: &&RegionDesc| r.index == index && r.present() && r.read && r.write;
+    if regions.iter().find(fits).is_some_and(|r| r.size >= size) {
+        return Ok(());
+    }
+    let has: Vec<String> = regions
+        .iter()
+        .filter(|r| r.present())
+        .map(|r| {
+            let access = match (r.read, r.write) {
+                (true, true) => "",
+                (true, false) => ", read-only",
+                _ => ", write-only",
+            };
+            format!(
+                "{} ({:#x} bytes{access})",
+                region_index::name(r.index),
+                r.size
+            )
+        })
+        .collect();
+    let name = region_index::name(index);
+    Err(Error::Unsupported(format!(
+        "the MXA-1 driver needs {name} of {size:#x} bytes, readable and writable; the device \
+         has {}",
+        if has.is_empty() {
+            "no accessible region".to_owned()
+        } else {
+            has.join(", ")
+        }
+    )))
+}
+
+/// The MXA-1 needs MSI with its vectors (fault, completion, error), signalled by eventfd.
+fn need_msi(irqs: &[IrqDesc]) -> Result<(), Error> {
+    let msi = irqs.iter().find(|i| i.index == irq_index::MSI);
+    if msi.is_some_and(|m| m.count >= accel_abi::vector::COUNT && m.eventfd) {
+        return Ok(());
+    }
+    let has: Vec<String> = irqs
+        .iter()
+        .filter(|i| i.count > 0)
+        .map(|i| {
+            format!(
+                "{} ({} vector(s){})",
+                irq_index::name(i.index),
+                i.count,
+                if i.eventfd { "" } else { ", no eventfd" }
+            )
+        })
+        .collect();
+    Err(Error::Unsupported(format!(
+        "the MXA-1 driver needs MSI with {} vectors signalled by eventfd (fault, completion, \
+         error); the device has {}",
+        accel_abi::vector::COUNT,
+        if has.is_empty() {
+            "no interrupts".to_owned()
+        } else {
+            has.join(", ")
+        }
+    )))
+}
+
 impl Device {
     /// Bring the device up: check identity, reset, enable memory decoding and bus mastering,
     /// allocate and program the command queue and fault buffer, route interrupts, enable.
     pub fn bring_up(backend: Box<dyn Backend>, options: DeviceOptions) -> Result<Device, Error> {
         let dma = Arc::new(DmaSpace::new(backend));
         let b: &dyn Backend = dma.backend();
+        let regions = b.regions();
+        if let Some(regions) = &regions {
+            need_region(regions, region_index::CONFIG, pci::CONFIG_SIZE as u64)?;
+        }
         let cfg = Config(b);
         let vendor = cfg.read16(pci::off::VENDOR_ID)?;
         let device = cfg.read16(pci::off::DEVICE_ID)?;
         if (vendor, device) != (pci::VENDOR_ID, pci::DEVICE_ID) {
             return Err(Error::WrongDevice { vendor, device });
+        }
+        if let Some(regions) = &regions {
+            need_region(regions, region_index::BAR0, regs::BAR0_SIZE)?;
+        }
+        if let Some(irqs) = b.irqs() {
+            need_msi(&irqs)?;
         }
         b.reset()?;
         let command = cfg.read16(pci::off::COMMAND)?;
@@ -712,6 +790,8 @@ mod tests {
         inner: EmulatedBackend,
         calls: Calls,
         refuse_irqs: bool,
+        /// Regions and IRQs to report instead of the emulator's.
+        layout: Option<(Vec<RegionDesc>, Vec<IrqDesc>)>,
     }
 
     impl Backend for Recording {
@@ -763,9 +843,28 @@ mod tests {
         fn pins_memory(&self) -> bool {
             false
         }
+        fn regions(&self) -> Option<Vec<RegionDesc>> {
+            match &self.layout {
+                Some((regions, _)) => Some(regions.clone()),
+                None => self.inner.regions(),
+            }
+        }
+        fn irqs(&self) -> Option<Vec<IrqDesc>> {
+            match &self.layout {
+                Some((_, irqs)) => Some(irqs.clone()),
+                None => self.inner.irqs(),
+            }
+        }
     }
 
     fn recording(refuse_irqs: bool) -> (Box<dyn Backend>, Calls) {
+        recording_with(refuse_irqs, None)
+    }
+
+    fn recording_with(
+        refuse_irqs: bool,
+        layout: Option<(Vec<RegionDesc>, Vec<IrqDesc>)>,
+    ) -> (Box<dyn Backend>, Calls) {
         let inner = EmulatedBackend::new(AcceleratorConfig {
             workers: 1,
             ..Default::default()
@@ -776,6 +875,7 @@ mod tests {
             inner,
             calls: calls.clone(),
             refuse_irqs,
+            layout,
         };
         (Box::new(b), calls)
     }
@@ -812,5 +912,76 @@ mod tests {
                 && text.contains("only 1 of the 3"),
             "{text}"
         );
+    }
+
+    fn region(index: u32, size: u64) -> RegionDesc {
+        RegionDesc {
+            index,
+            size,
+            read: true,
+            write: true,
+            mapped: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_device_without_bar0_or_msi_is_refused_by_the_driver_naming_what_it_lacks() {
+        let config = region(region_index::CONFIG, 0x100);
+        let bar0 = region(region_index::BAR0, regs::BAR0_SIZE);
+        let intx = IrqDesc {
+            index: irq_index::INTX,
+            count: 1,
+            eventfd: true,
+        };
+        let msi = IrqDesc {
+            index: irq_index::MSI,
+            count: 4,
+            eventfd: true,
+        };
+        // The MXA-1's IDs (the emulator's config space), but BAR2 where BAR0 should be.
+        let regions = vec![region(2, 0x100), config.clone()];
+        let (b, calls) = recording_with(false, Some((regions, vec![intx, msi])));
+        let e = Device::bring_up(b, DeviceOptions::default())
+            .err()
+            .expect("no BAR0");
+        assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "unsupported device: the MXA-1 driver needs BAR0 of 0x4000 bytes, readable and \
+             writable; the device has BAR2 (0x100 bytes), config space (0x100 bytes)"
+        );
+        // A read-only BAR0 is not enough either.
+        let read_only = RegionDesc {
+            write: false,
+            ..bar0.clone()
+        };
+        let (b, _) = recording_with(false, Some((vec![read_only, config.clone()], vec![msi])));
+        let e = Device::bring_up(b, DeviceOptions::default()).err().unwrap();
+        assert!(
+            e.to_string().contains("BAR0 (0x4000 bytes, read-only)"),
+            "{e}"
+        );
+        // INTx only.
+        let (b, _) = recording_with(false, Some((vec![bar0, config], vec![intx])));
+        let e = Device::bring_up(b, DeviceOptions::default())
+            .err()
+            .expect("no MSI");
+        assert!(matches!(e, Error::Unsupported(_)), "{e:?}");
+        assert!(
+            e.to_string()
+                .contains("needs MSI with 3 vectors signalled by eventfd")
+                && e.to_string().contains("the device has INTx (1 vector(s))"),
+            "{e}"
+        );
+        // Refused before anything was asked of the interrupts.
+        assert!(lock(&calls).is_empty());
+    }
+
+    #[test]
+    fn the_emulated_backend_describes_what_the_driver_needs() {
+        let (b, _) = recording(false);
+        let regions = b.regions().unwrap();
+        assert!(need_region(&regions, region_index::BAR0, regs::BAR0_SIZE).is_ok());
+        assert!(need_msi(&b.irqs().unwrap()).is_ok());
     }
 }

@@ -17,7 +17,10 @@ use firmware_stubs::{
     Accelerator, AcceleratorConfig, DmaMemory, DmaPerms, ProcessMemory, SharedRegion,
 };
 
-use super::{Backend, BackendError, BackendKind, DmaAccess, DmaSource, MsiSet, MsiState};
+use super::{
+    irq_index, region_index, Backend, BackendError, BackendKind, DmaAccess, DmaSource, IrqDesc,
+    MsiSet, MsiState, RegionDesc,
+};
 
 const NAME: &str = "emulated";
 
@@ -189,6 +192,44 @@ impl Backend for EmulatedBackend {
 
     fn pins_memory(&self) -> bool {
         false
+    }
+
+    fn regions(&self) -> Option<Vec<RegionDesc>> {
+        // What vfio-pci would report for the emulated function: BAR0 and config space.
+        let size = |index| match index {
+            region_index::BAR0 => accel_abi::regs::BAR0_SIZE,
+            region_index::CONFIG => accel_abi::config::CONFIG_SIZE as u64,
+            _ => 0,
+        };
+        Some(
+            (0..region_index::PCI_COUNT)
+                .map(|index| RegionDesc {
+                    index,
+                    size: size(index),
+                    read: size(index) > 0,
+                    write: size(index) > 0,
+                    mapped: Vec::new(),
+                })
+                .collect(),
+        )
+    }
+
+    fn irqs(&self) -> Option<Vec<IrqDesc>> {
+        // MSI only: the emulator has no INTx line.
+        Some(
+            [irq_index::INTX, irq_index::MSI]
+                .into_iter()
+                .map(|index| IrqDesc {
+                    index,
+                    count: if index == irq_index::MSI {
+                        self.msi_offered
+                    } else {
+                        0
+                    },
+                    eventfd: index == irq_index::MSI,
+                })
+                .collect(),
+        )
     }
 }
 

@@ -204,6 +204,104 @@ pub enum BackendKind {
     VfioUser,
 }
 
+impl BackendKind {
+    /// The name errors use for this backend.
+    pub fn name(self) -> &'static str {
+        match self {
+            BackendKind::Emulated => "emulated",
+            BackendKind::KernelVfio => "kernel-vfio",
+            BackendKind::VfioUser => "vfio-user",
+        }
+    }
+}
+
+/// VFIO's PCI region indices (the same in the kernel interface and in vfio-user).
+pub mod region_index {
+    /// BAR0; BAR1-5 follow (1-5).
+    pub const BAR0: u32 = 0;
+    /// The last BAR.
+    pub const BAR5: u32 = 5;
+    /// Expansion ROM.
+    pub const ROM: u32 = 6;
+    /// Configuration space.
+    pub const CONFIG: u32 = 7;
+    /// VGA.
+    pub const VGA: u32 = 8;
+    /// The standard PCI regions (BAR0-5, ROM, config, VGA); device-specific ones follow.
+    pub const PCI_COUNT: u32 = 9;
+
+    /// A name for messages: "BAR2", "config space".
+    pub fn name(index: u32) -> String {
+        match index {
+            BAR0..=BAR5 => format!("BAR{index}"),
+            ROM => "the expansion ROM".into(),
+            CONFIG => "config space".into(),
+            VGA => "the VGA region".into(),
+            n => format!("region {n}"),
+        }
+    }
+}
+
+/// VFIO's PCI interrupt indices.
+pub mod irq_index {
+    /// Legacy INTx (one line).
+    pub const INTX: u32 = 0;
+    /// MSI.
+    pub const MSI: u32 = 1;
+    /// MSI-X.
+    pub const MSIX: u32 = 2;
+    /// Error reporting.
+    pub const ERR: u32 = 3;
+    /// Device request.
+    pub const REQ: u32 = 4;
+
+    /// A name for messages.
+    pub fn name(index: u32) -> String {
+        match index {
+            INTX => "INTx".into(),
+            MSI => "MSI".into(),
+            MSIX => "MSI-X".into(),
+            ERR => "the error IRQ".into(),
+            REQ => "the request IRQ".into(),
+            n => format!("IRQ index {n}"),
+        }
+    }
+}
+
+/// A device region as the backend found it (VFIO's region info).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegionDesc {
+    /// VFIO region index ([`region_index`]).
+    pub index: u32,
+    /// Size in bytes (0: the device does not have it).
+    pub size: u64,
+    /// Readable.
+    pub read: bool,
+    /// Writable.
+    pub write: bool,
+    /// Parts `(offset, len)` mapped into this process: accesses of 4 or 8 bytes there are
+    /// single loads and stores, not messages or system calls.
+    pub mapped: Vec<(u64, u64)>,
+}
+
+impl RegionDesc {
+    /// Whether the device has this region and lets it be read or written at all.
+    pub fn present(&self) -> bool {
+        self.size > 0 && (self.read || self.write)
+    }
+}
+
+/// An interrupt index as the backend found it (VFIO's IRQ info).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IrqDesc {
+    /// VFIO interrupt index ([`irq_index`]).
+    pub index: u32,
+    /// Vectors (0: the device has no interrupt of this kind).
+    pub count: u32,
+    /// It can signal an eventfd.
+    pub eventfd: bool,
+}
+
 /// A PCI device reached somehow.
 pub trait Backend: Send + Sync {
     /// What this backend is (logs and statistics).
@@ -215,10 +313,13 @@ pub trait Backend: Send + Sync {
     /// Write PCI configuration space.
     fn config_write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError>;
 
-    /// Read a BAR register (`data.len()` is 4 or 8).
+    /// Read `data.len()` bytes of BAR `bar` (0-5) at `offset`. The widths a register takes
+    /// are the device's business (the MXA-1 takes 4 and 8): a backend passes the access on as
+    /// it is, one access, never widened or split into other widths (vfio-user: one REGION_READ
+    /// up to the negotiated transfer size, or one aligned 4/8-byte load from a mapped window).
     fn bar_read(&self, bar: u32, offset: u64, data: &mut [u8]) -> Result<(), BackendError>;
 
-    /// Write a BAR register (`data.len()` is 4 or 8).
+    /// Write `data` to BAR `bar` (0-5) at `offset`, as [`Backend::bar_read`] reads.
     fn bar_write(&self, bar: u32, offset: u64, data: &[u8]) -> Result<(), BackendError>;
 
     /// IOVA ranges the IOMMU accepts, `[start, end)`, sorted.
@@ -251,6 +352,30 @@ pub trait Backend: Send + Sync {
 
     /// True if `dma_map` pins memory that counts against RLIMIT_MEMLOCK.
     fn pins_memory(&self) -> bool;
+
+    /// The device's regions, by index (the standard PCI ones, BAR0-5, ROM, config, VGA, as far
+    /// as the device reports them), or `None` if this backend does not describe them (then an
+    /// access is the only way to find out).
+    fn regions(&self) -> Option<Vec<RegionDesc>> {
+        None
+    }
+
+    /// The device's interrupt indices ([`irq_index`]), as far as the device reports them, or
+    /// `None` if this backend does not describe them.
+    fn irqs(&self) -> Option<Vec<IrqDesc>> {
+        None
+    }
+
+    /// Connect the INTx line to `eventfd` (SET_IRQS, index INTx, `DATA_EVENTFD |
+    /// ACTION_TRIGGER`, one eventfd); `None` disconnects it. Backends without INTx support
+    /// answer [`BackendError::Unsupported`].
+    fn set_intx(&self, eventfd: Option<OwnedFd>) -> Result<(), BackendError> {
+        drop(eventfd);
+        Err(BackendError::Unsupported {
+            backend: self.kind().name(),
+            op: "set_intx",
+        })
+    }
 
     /// Why the device is gone for good (its server process died, the connection to it broke),
     /// or `None` while it is reachable. Once `Some`, it stays `Some`, and every later operation

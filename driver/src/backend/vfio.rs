@@ -13,7 +13,10 @@ use std::sync::{Arc, Mutex};
 use vfio_bindings::bindings::vfio as b;
 use vfio_ioctls::{VfioContainer, VfioDevice};
 
-use super::{Backend, BackendError, BackendKind, DmaAccess, DmaSource, MsiSet, MsiState};
+use super::{
+    region_index, Backend, BackendError, BackendKind, DmaAccess, DmaSource, IrqDesc, MsiSet,
+    MsiState, RegionDesc,
+};
 use crate::memlock::PinAccount;
 use crate::sys::vfio as raw;
 
@@ -63,6 +66,10 @@ pub struct KernelVfioBackend {
     /// The eventfds routed, and vfio-pci's MSI state (the count MSI was enabled with).
     irq: Mutex<(Vec<Option<OwnedFd>>, MsiState)>,
     irq_count: u32,
+    /// Region info of the standard PCI regions, as vfio-pci reported it at open.
+    regions: Vec<RegionDesc>,
+    /// IRQ info of each index vfio-pci reported at open.
+    irqs: Vec<IrqDesc>,
     pins: PinAccount,
     /// Sizes of live mappings by IOVA, so unmap un-charges exactly what map charged.
     mappings: Mutex<std::collections::HashMap<u64, u64>>,
@@ -160,6 +167,33 @@ impl KernelVfioBackend {
             .map_or(0, |irq| irq.count);
         let device_flags = raw::device_flags(raw::borrow_fd(&device))
             .map_err(|e| err("VFIO_DEVICE_GET_INFO", format!("{address}: {e}")))?;
+        let regions = (0..region_index::PCI_COUNT)
+            .map(|index| {
+                let flags = device.get_region_flags(index);
+                let size = device.get_region_size(index);
+                let mapped = match (&bar0, index) {
+                    (Some(_), region_index::BAR0) => vec![(0, size)],
+                    _ => Vec::new(),
+                };
+                RegionDesc {
+                    index,
+                    size,
+                    read: flags & b::VFIO_REGION_INFO_FLAG_READ != 0,
+                    write: flags & b::VFIO_REGION_INFO_FLAG_WRITE != 0,
+                    mapped,
+                }
+            })
+            .collect();
+        let irqs = (0..b::VFIO_PCI_NUM_IRQS)
+            .map(|index| {
+                let info = device.get_irq_info(index);
+                IrqDesc {
+                    index,
+                    count: info.map_or(0, |i| i.count),
+                    eventfd: info.is_some_and(|i| i.flags & b::VFIO_IRQ_INFO_EVENTFD != 0),
+                }
+            })
+            .collect();
         Ok(KernelVfioBackend {
             address: address.to_owned(),
             container,
@@ -171,6 +205,8 @@ impl KernelVfioBackend {
             device_flags,
             irq: Mutex::new((Vec::new(), MsiState::default())),
             irq_count,
+            regions,
+            irqs,
             pins: PinAccount::new(crate::memlock::effective_limit()),
             mappings: Mutex::new(Default::default()),
         })
@@ -371,6 +407,18 @@ impl Backend for KernelVfioBackend {
     fn pins_memory(&self) -> bool {
         true
     }
+
+    fn regions(&self) -> Option<Vec<RegionDesc>> {
+        Some(self.regions.clone())
+    }
+
+    fn irqs(&self) -> Option<Vec<IrqDesc>> {
+        Some(self.irqs.clone())
+    }
+
+    // `set_intx` stays unsupported here: vfio-pci masks INTx after each interrupt and the
+    // user must unmask it (ACTION_UNMASK) to get the next, which the trait does not offer yet;
+    // connecting the eventfd alone would deliver one interrupt and then silence.
 }
 
 /// The reset `VFIO_DEVICE_RESET` would do is there only if vfio-pci found a reset method

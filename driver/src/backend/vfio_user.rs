@@ -9,6 +9,11 @@
 //! reached through DMA_READ/DMA_WRITE, copied with process_vm_readv/writev on our own pid so an
 //! unmapped page becomes an error reply, never a SIGSEGV.
 //!
+//! The transport is generic: it reads every standard PCI region and IRQ index the device
+//! reports and insists on none of them (what the MXA-1 needs, its driver checks at bring-up).
+//! An access to a region the device lacks, or lacks the right for, fails naming the region and
+//! why; an access the server refuses fails naming region, offset, width and errno.
+//!
 //! When the server goes away (EOF, a broken or desynchronised stream) every waiting and later
 //! operation fails with a transport error naming the cause.
 
@@ -31,7 +36,8 @@ use vfio_user_protocol::{
 };
 
 use super::{
-    Backend, BackendError, BackendKind, DeviceLost, DmaAccess, DmaSource, MsiSet, MsiState,
+    irq_index, region_index, Backend, BackendError, BackendKind, DeviceLost, DmaAccess, DmaSource,
+    IrqDesc, MsiSet, MsiState, RegionDesc,
 };
 use crate::sys::vfio::MappedBar;
 
@@ -116,33 +122,152 @@ impl Shared {
         body: &[u8],
         fds: &[BorrowedFd<'_>],
     ) -> Result<Message, BackendError> {
+        self.exchange(op, cmd, body, fds)
+            .map_err(|e| e.into_error(op))
+    }
+
+    /// As [`Shared::request`], keeping the server's refusal (an error reply) apart from the
+    /// transport's own failures, for callers that explain a refusal.
+    fn exchange(
+        &self,
+        op: &'static str,
+        cmd: u16,
+        body: &[u8],
+        fds: &[BorrowedFd<'_>],
+    ) -> Result<Message, Refusal> {
         let reply = self
             .calls
             .call(&self.conn, cmd, body, fds, REPLY_TIMEOUT)
             .map_err(|e| match e {
-                CallError::Closed => transport(op, self.dead()),
-                other => transport(op, other),
+                CallError::Closed => Refusal::Failed(transport(op, self.dead())),
+                other => Refusal::Failed(transport(op, other)),
             })?;
         if reply.header.is_error() {
-            let errno = nix::errno::Errno::from_raw(reply.header.error as i32);
-            return Err(transport(op, format!("server answered error {errno}")));
+            return Err(Refusal::Errno(nix::errno::Errno::from_raw(
+                reply.header.error as i32,
+            )));
         }
         if reply.header.command != cmd {
-            return Err(transport(op, "reply for another command"));
+            return Err(Refusal::Failed(transport(op, "reply for another command")));
         }
         Ok(reply)
     }
 }
 
-/// What DEVICE_GET_INFO and the region/IRQ queries told us.
-#[derive(Debug, Clone, Copy)]
-struct Layout {
-    bar0_size: u64,
-    config_size: u64,
-    msi_vectors: u32,
+/// Why [`Shared::exchange`] got no good reply.
+#[derive(Debug)]
+enum Refusal {
+    /// The server answered with an error reply carrying this errno.
+    Errno(nix::errno::Errno),
+    /// No usable reply at all (the connection, a timeout, a reply out of step).
+    Failed(BackendError),
 }
 
-/// A part of BAR0 the server let us mmap (the whole region, or one sparse-mmap area):
+impl Refusal {
+    fn into_error(self, op: &'static str) -> BackendError {
+        match self {
+            Refusal::Errno(errno) => transport(op, format!("server answered error {errno}")),
+            Refusal::Failed(e) => e,
+        }
+    }
+}
+
+/// The largest reply `argsz` a DEVICE_GET_REGION_INFO reply may ask us to take (the region
+/// info and its capability chain). 64 KiB holds the most the sparse-mmap parser accepts (1024
+/// areas, 16 KiB) with room for other capabilities; it is a constant of this file.
+const MAX_REGION_INFO_ARGSZ: u32 = 64 * 1024;
+
+/// A region as DEVICE_GET_REGION_INFO described it, with the parts we mapped.
+#[derive(Debug)]
+struct Region {
+    desc: RegionDesc,
+    /// `region::FLAG_*` as the server sent them (for errors).
+    flags: u32,
+    /// Why the device does not have it when the server refused its region info.
+    refused: Option<String>,
+    windows: Vec<BarWindow>,
+}
+
+/// What DEVICE_GET_INFO and the region/IRQ queries told us.
+#[derive(Debug, Default)]
+struct Layout {
+    num_regions: u32,
+    num_irqs: u32,
+    /// The standard PCI regions the device reports, by index (`regions[i].desc.index == i`).
+    regions: Vec<Region>,
+    /// The interrupt indices the device reports, by index.
+    irqs: Vec<IrqDesc>,
+}
+
+impl Layout {
+    /// Region `index` if it can be read (`write` false) or written, else why not.
+    fn region(&self, index: u32, write: bool) -> Result<&Region, String> {
+        let name = region_index::name(index);
+        let Some(r) = self.regions.get(index as usize) else {
+            return Err(format!(
+                "the device has no {name}: it reports {} regions",
+                self.num_regions
+            ));
+        };
+        if let Some(why) = &r.refused {
+            return Err(format!("the device has no {name}: {why}"));
+        }
+        if r.desc.size == 0 {
+            return Err(format!(
+                "the device has no {name}: its region info gives size 0"
+            ));
+        }
+        let (allowed, what) = if write {
+            (r.desc.write, "writable")
+        } else {
+            (r.desc.read, "readable")
+        };
+        if !allowed {
+            return Err(format!(
+                "{name} is not {what} (region info flags {:#x})",
+                r.flags
+            ));
+        }
+        Ok(r)
+    }
+
+    /// Region `index` for an access of `len` bytes at `offset`, if it has the region, the
+    /// access right and the range; else the error naming which it lacks.
+    fn target(
+        &self,
+        op: &'static str,
+        index: u32,
+        offset: u64,
+        len: usize,
+        write: bool,
+    ) -> Result<&Region, BackendError> {
+        let region = self
+            .region(index, write)
+            .map_err(|why| transport(op, why))?;
+        let size = region.desc.size;
+        match offset.checked_add(len as u64) {
+            Some(end) if end <= size => Ok(region),
+            _ => Err(transport(
+                op,
+                format!(
+                    "access {offset:#x}+{len:#x} outside {} ({size:#x} bytes)",
+                    region_index::name(index)
+                ),
+            )),
+        }
+    }
+
+    /// The IRQ info of `index` (no vectors if the device does not report that index).
+    fn irq(&self, index: u32) -> IrqDesc {
+        self.irqs.get(index as usize).copied().unwrap_or(IrqDesc {
+            index,
+            count: 0,
+            eventfd: false,
+        })
+    }
+}
+
+/// A part of a region the server let us mmap (the whole region, or one sparse-mmap area):
 /// register accesses inside it are single loads and stores instead of messages.
 struct BarWindow {
     start: u64,
@@ -150,33 +275,51 @@ struct BarWindow {
     map: MappedBar,
 }
 
+impl std::fmt::Debug for BarWindow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#x}+{:#x}", self.start, self.len)
+    }
+}
+
 impl BarWindow {
+    /// The window an access of `len` bytes at `offset` can use: one naturally aligned load or
+    /// store of 4 or 8 bytes inside it. Any other access goes by message, where the server
+    /// decides what it takes.
     fn find(windows: &[BarWindow], offset: u64, len: usize) -> Option<(&MappedBar, u64)> {
+        if !(len == 4 || len == 8) || offset % len as u64 != 0 {
+            return None;
+        }
         let end = offset.checked_add(len as u64)?;
         windows
             .iter()
             .find(|w| offset >= w.start && end <= w.start.saturating_add(w.len))
+            .filter(|w| (offset - w.start) % len as u64 == 0)
             .map(|w| (&w.map, offset - w.start))
     }
 }
 
-/// The BAR0 windows a DEVICE_GET_REGION_INFO reply offers: with the mmap flag and a region fd,
+/// The windows a DEVICE_GET_REGION_INFO reply offers: with the mmap flag and a region fd,
 /// the sparse-mmap areas if the reply has that capability, else the whole region.
-fn bar_windows(reply: &Message, ri: &payload::RegionInfo) -> Result<Vec<BarWindow>, BackendError> {
+fn region_windows(
+    reply: &Message,
+    ri: &payload::RegionInfo,
+) -> Result<Vec<BarWindow>, BackendError> {
     const OP: &str = "region info (mmap)";
+    let name = region_index::name(ri.index);
     if ri.flags & region::FLAG_MMAP == 0 {
         return Ok(Vec::new());
     }
     let fd = match reply.fds.as_slice() {
         [] => {
-            tracing::warn!("BAR0 is mmap-able but the server sent no fd: using messages");
+            tracing::warn!("{name} is mmap-able but the server sent no fd: using messages");
             return Ok(Vec::new());
         }
         [fd] => fd,
-        _ => return Err(transport(OP, "more than one region fd")),
+        _ => return Err(transport(OP, format!("{name}: more than one region fd"))),
     };
     let areas = if ri.flags & region::FLAG_CAPS != 0 {
-        payload::sparse_mmap_areas(&reply.payload).map_err(|e| transport(OP, e))?
+        payload::sparse_mmap_areas(&reply.payload)
+            .map_err(|e| transport(OP, format!("{name}: {e}")))?
     } else {
         vec![(0, ri.size)]
     };
@@ -185,9 +328,9 @@ fn bar_windows(reply: &Message, ri: &payload::RegionInfo) -> Result<Vec<BarWindo
         let file_offset = ri
             .offset
             .checked_add(start)
-            .ok_or_else(|| transport(OP, "area offset overflows"))?;
+            .ok_or_else(|| transport(OP, format!("{name}: area offset overflows")))?;
         let map = MappedBar::map(fd.as_fd(), file_offset, len)
-            .map_err(|e| transport(OP, format!("mmap of {start:#x}+{len:#x}: {e}")))?;
+            .map_err(|e| transport(OP, format!("{name}: mmap of {start:#x}+{len:#x}: {e}")))?;
         windows.push(BarWindow { start, len, map });
     }
     Ok(windows)
@@ -198,7 +341,6 @@ pub struct VfioUserBackend {
     shared: Arc<Shared>,
     reader: Option<JoinHandle<()>>,
     layout: Layout,
-    bar0_windows: Vec<BarWindow>,
     /// The server's MSI state as vfio-pci's rule has it (the count MSI was enabled with).
     msi: Mutex<MsiState>,
 }
@@ -207,7 +349,6 @@ impl std::fmt::Debug for VfioUserBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("VfioUserBackend")
             .field("layout", &self.layout)
-            .field("bar0_windows", &self.bar0_windows.len())
             .finish_non_exhaustive()
     }
 }
@@ -249,18 +390,11 @@ impl VfioUserBackend {
         let mut backend = VfioUserBackend {
             shared,
             reader: Some(reader),
-            layout: Layout {
-                bar0_size: 0,
-                config_size: 0,
-                msi_vectors: 0,
-            },
-            bar0_windows: Vec::new(),
+            layout: Layout::default(),
             msi: Mutex::new(MsiState::default()),
         };
         backend.negotiate(limits)?;
-        let (layout, windows) = backend.query_layout()?;
-        backend.layout = layout;
-        backend.bar0_windows = windows;
+        backend.layout = backend.query_layout()?;
         Ok(backend)
     }
 
@@ -292,7 +426,10 @@ impl VfioUserBackend {
         Ok(())
     }
 
-    fn query_layout(&self) -> Result<(Layout, Vec<BarWindow>), BackendError> {
+    /// Read what the device has: DEVICE_GET_INFO, then the info of every standard PCI region
+    /// and every interrupt index it reports. Nothing here asks for a particular device: a
+    /// region or interrupt it lacks is simply not there (what a driver needs is its own check).
+    fn query_layout(&self) -> Result<Layout, BackendError> {
         let req = payload::DeviceInfo {
             argsz: payload::DeviceInfo::SIZE as u32,
             flags: 0,
@@ -304,60 +441,171 @@ impl VfioUserBackend {
             .request("device info", command::DEVICE_GET_INFO, &req.encode(), &[])?;
         let info =
             payload::DeviceInfo::decode(&r.payload).map_err(|e| transport("device info", e))?;
-        if info.flags & payload::DEVICE_FLAGS_PCI == 0
-            || info.num_regions <= region::CONFIG
-            || info.num_irqs <= irq::MSI
-        {
+        if info.flags & payload::DEVICE_FLAGS_PCI == 0 {
             return Err(transport(
                 "device info",
-                format!("not a PCI device: {info:?}"),
+                format!(
+                    "not a PCI device (flags {:#x} lack DEVICE_FLAGS_PCI): this backend reaches \
+                     PCI regions and interrupts only",
+                    info.flags
+                ),
             ));
         }
-        let region_info = |index: u32| -> Result<(payload::RegionInfo, Message), BackendError> {
+        // Device-specific regions (past VGA) are not reachable through `Backend`: not asked.
+        let regions = (0..info.num_regions.min(region_index::PCI_COUNT))
+            .map(|index| self.query_region(index))
+            .collect::<Result<Vec<_>, _>>()?;
+        let irqs = (0..info.num_irqs.min(irq::COUNT))
+            .map(|index| self.query_irq(index))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Layout {
+            num_regions: info.num_regions,
+            num_irqs: info.num_irqs,
+            regions,
+            irqs,
+        })
+    }
+
+    /// DEVICE_GET_REGION_INFO of `index`, asked first with room for the fixed part only and,
+    /// when the reply's `argsz` says the full reply (its capability chain) is larger, asked
+    /// again with that `argsz` (the spec's "Message sizes": a reply larger than the request's
+    /// `argsz` does not carry the full payload).
+    fn region_info(&self, index: u32) -> Result<(payload::RegionInfo, Message), Refusal> {
+        const OP: &str = "region info";
+        let name = region_index::name(index);
+        let mut argsz = payload::RegionInfo::SIZE as u32;
+        loop {
             let req = payload::RegionInfo {
-                argsz: payload::RegionInfo::SIZE as u32,
+                argsz,
                 flags: 0,
                 index,
                 cap_offset: 0,
                 size: 0,
                 offset: 0,
             };
-            let r = self.shared.request(
-                "region info",
-                command::DEVICE_GET_REGION_INFO,
-                &req.encode(),
-                &[],
-            )?;
-            let ri =
-                payload::RegionInfo::decode(&r.payload).map_err(|e| transport("region info", e))?;
-            let rw = region::FLAG_READ | region::FLAG_WRITE;
-            if ri.index != index || ri.flags & rw != rw {
-                return Err(transport("region info", format!("region {index}: {ri:?}")));
+            let r =
+                self.shared
+                    .exchange(OP, command::DEVICE_GET_REGION_INFO, &req.encode(), &[])?;
+            let ri = payload::RegionInfo::decode(&r.payload)
+                .map_err(|e| Refusal::Failed(transport(OP, format!("{name}: {e}"))))?;
+            if ri.index != index {
+                return Err(Refusal::Failed(transport(
+                    OP,
+                    format!("asked for {name}, the reply is for region {}", ri.index),
+                )));
             }
-            Ok((ri, r))
+            if ri.argsz <= argsz {
+                return Ok((ri, r));
+            }
+            if argsz > payload::RegionInfo::SIZE as u32 {
+                // We asked with the size the server named, and it wants more still.
+                return Err(Refusal::Failed(transport(
+                    OP,
+                    format!(
+                        "{name}: asked with the argsz {argsz} the server's reply named, the \
+                         reply now names {}",
+                        ri.argsz
+                    ),
+                )));
+            }
+            if ri.argsz > MAX_REGION_INFO_ARGSZ {
+                return Err(Refusal::Failed(transport(
+                    OP,
+                    format!(
+                        "{name}: the server needs argsz {} for the full reply, above the \
+                         client's limit MAX_REGION_INFO_ARGSZ ({MAX_REGION_INFO_ARGSZ} bytes, a \
+                         constant in driver/src/backend/vfio_user.rs)",
+                        ri.argsz
+                    ),
+                )));
+            }
+            argsz = ri.argsz;
+        }
+    }
+
+    fn query_region(&self, index: u32) -> Result<Region, BackendError> {
+        let absent = |refused: Option<String>, flags: u32| Region {
+            desc: RegionDesc {
+                index,
+                size: 0,
+                read: false,
+                write: false,
+                mapped: Vec::new(),
+            },
+            flags,
+            refused,
+            windows: Vec::new(),
         };
-        let (bar0, reply) = region_info(region::BAR0)?;
-        let windows = bar_windows(&reply, &bar0)?;
-        let (config, _) = region_info(region::CONFIG)?;
+        let (ri, reply) = match self.region_info(index) {
+            Ok(got) => got,
+            Err(Refusal::Errno(errno)) => {
+                // Not fatal: the device just lacks that region (a driver needing it says so).
+                let why = format!("the server refused its region info ({errno})");
+                tracing::info!("{}: {why}", region_index::name(index));
+                return Ok(absent(Some(why), 0));
+            }
+            Err(Refusal::Failed(e)) => return Err(e),
+        };
+        if ri.size == 0 {
+            return Ok(absent(None, ri.flags));
+        }
+        let windows = region_windows(&reply, &ri)?;
+        Ok(Region {
+            desc: RegionDesc {
+                index,
+                size: ri.size,
+                read: ri.flags & region::FLAG_READ != 0,
+                write: ri.flags & region::FLAG_WRITE != 0,
+                mapped: windows.iter().map(|w| (w.start, w.len)).collect(),
+            },
+            flags: ri.flags,
+            refused: None,
+            windows,
+        })
+    }
+
+    fn query_irq(&self, index: u32) -> Result<IrqDesc, BackendError> {
+        const OP: &str = "irq info";
         let req = payload::IrqInfo {
             argsz: payload::IrqInfo::SIZE as u32,
             flags: 0,
-            index: irq::MSI,
+            index,
             count: 0,
         };
-        let r =
-            self.shared
-                .request("irq info", command::DEVICE_GET_IRQ_INFO, &req.encode(), &[])?;
-        let ii = payload::IrqInfo::decode(&r.payload).map_err(|e| transport("irq info", e))?;
-        if ii.flags & irq::INFO_EVENTFD == 0 {
-            return Err(transport("irq info", "MSI cannot signal eventfds"));
-        }
-        let layout = Layout {
-            bar0_size: bar0.size,
-            config_size: config.size,
-            msi_vectors: ii.count,
+        let r = match self
+            .shared
+            .exchange(OP, command::DEVICE_GET_IRQ_INFO, &req.encode(), &[])
+        {
+            Ok(r) => r,
+            Err(Refusal::Errno(errno)) => {
+                tracing::info!(
+                    "{}: the server refused its IRQ info ({errno}): taken as absent",
+                    irq_index::name(index)
+                );
+                return Ok(IrqDesc {
+                    index,
+                    count: 0,
+                    eventfd: false,
+                });
+            }
+            Err(Refusal::Failed(e)) => return Err(e),
         };
-        Ok((layout, windows))
+        let ii = payload::IrqInfo::decode(&r.payload).map_err(|e| transport(OP, e))?;
+        if ii.index != index {
+            return Err(transport(
+                OP,
+                format!(
+                    "asked for {}, the reply is for index {}",
+                    irq_index::name(index),
+                    ii.index
+                ),
+            ));
+        }
+        Ok(IrqDesc {
+            index,
+            count: ii.count,
+            eventfd: ii.flags & irq::INFO_EVENTFD != 0,
+        })
     }
 
     /// Unmap every DMA mapping (DMA_UNMAP with the ALL flag).
@@ -378,15 +626,19 @@ impl VfioUserBackend {
         Ok(())
     }
 
+    /// Read `data.len()` bytes of region `index` at `offset`: one load from a mapped window
+    /// when the access fits one, else REGION_READ messages.
     fn region_read(
         &self,
         op: &'static str,
         index: u32,
-        size: u64,
         offset: u64,
         data: &mut [u8],
     ) -> Result<(), BackendError> {
-        check_range(op, offset, data.len(), size)?;
+        let region = self.layout.target(op, index, offset, data.len(), false)?;
+        if let Some((map, at)) = BarWindow::find(&region.windows, offset, data.len()) {
+            return map.read(at, data).map_err(|e| transport(op, e));
+        }
         let chunk = self.shared.max_xfer.load(Ordering::Relaxed).max(1);
         for (i, part) in data.chunks_mut(chunk).enumerate() {
             let at = offset + (i * chunk) as u64;
@@ -398,7 +650,8 @@ impl VfioUserBackend {
             };
             let r = self
                 .shared
-                .request(op, command::REGION_READ, &req.encode(), &[])?;
+                .exchange(op, command::REGION_READ, &req.encode(), &[])
+                .map_err(|e| access_error(op, e, index, "read", at, part.len()))?;
             let got =
                 payload::RegionAccess::decode(&r.payload, true).map_err(|e| transport(op, e))?;
             if got.offset != at || got.region != index || got.data.len() != part.len() {
@@ -409,15 +662,19 @@ impl VfioUserBackend {
         Ok(())
     }
 
+    /// Write `data` to region `index` at `offset`: one store to a mapped window when the
+    /// access fits one, else REGION_WRITE messages.
     fn region_write(
         &self,
         op: &'static str,
         index: u32,
-        size: u64,
         offset: u64,
         data: &[u8],
     ) -> Result<(), BackendError> {
-        check_range(op, offset, data.len(), size)?;
+        let region = self.layout.target(op, index, offset, data.len(), true)?;
+        if let Some((map, at)) = BarWindow::find(&region.windows, offset, data.len()) {
+            return map.write(at, data).map_err(|e| transport(op, e));
+        }
         let chunk = self.shared.max_xfer.load(Ordering::Relaxed).max(1);
         for (i, part) in data.chunks(chunk).enumerate() {
             let at = offset + (i * chunk) as u64;
@@ -429,7 +686,8 @@ impl VfioUserBackend {
             };
             let r = self
                 .shared
-                .request(op, command::REGION_WRITE, &req.encode(), &[])?;
+                .exchange(op, command::REGION_WRITE, &req.encode(), &[])
+                .map_err(|e| access_error(op, e, index, "write", at, part.len()))?;
             let got =
                 payload::RegionAccess::decode(&r.payload, false).map_err(|e| transport(op, e))?;
             if got.offset != at || got.region != index || got.count as usize != part.len() {
@@ -440,14 +698,35 @@ impl VfioUserBackend {
     }
 }
 
-fn check_range(op: &'static str, offset: u64, len: usize, size: u64) -> Result<(), BackendError> {
-    match offset.checked_add(len as u64) {
-        Some(end) if end <= size => Ok(()),
-        _ => Err(transport(
-            op,
-            format!("access {offset:#x}+{len:#x} outside the region of {size:#x} bytes"),
-        )),
-    }
+/// A region access the server refused, named: which region, where, how wide, the errno. The
+/// protocol leaves the access widths a region takes to the device, and a device that takes
+/// only some answers the others with an error (often EINVAL); the access is not retried with
+/// another width, which could have another effect on a register.
+fn access_error(
+    op: &'static str,
+    e: Refusal,
+    index: u32,
+    what: &str,
+    offset: u64,
+    len: usize,
+) -> BackendError {
+    let errno = match e {
+        Refusal::Errno(errno) => errno,
+        Refusal::Failed(e) => return e,
+    };
+    let hint = if errno == nix::errno::Errno::EINVAL {
+        "; the device may accept only other access widths or alignments there (the protocol \
+         leaves widths to the device; not retried with another width)"
+    } else {
+        ""
+    };
+    transport(
+        op,
+        format!(
+            "{} {what} of {len} bytes at {offset:#x}: server answered error {errno}{hint}",
+            region_index::name(index)
+        ),
+    )
 }
 
 impl Drop for VfioUserBackend {
@@ -562,55 +841,25 @@ impl Backend for VfioUserBackend {
     }
 
     fn config_read(&self, offset: u64, data: &mut [u8]) -> Result<(), BackendError> {
-        self.region_read(
-            "config_read",
-            region::CONFIG,
-            self.layout.config_size,
-            offset,
-            data,
-        )
+        self.region_read("config_read", region::CONFIG, offset, data)
     }
 
     fn config_write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
-        self.region_write(
-            "config_write",
-            region::CONFIG,
-            self.layout.config_size,
-            offset,
-            data,
-        )
+        self.region_write("config_write", region::CONFIG, offset, data)
     }
 
     fn bar_read(&self, bar: u32, offset: u64, data: &mut [u8]) -> Result<(), BackendError> {
-        if bar != 0 {
-            return Err(transport("bar_read", format!("no BAR{bar}")));
+        if bar > region_index::BAR5 {
+            return Err(transport("bar_read", format!("no BAR{bar}: BARs are 0-5")));
         }
-        if let Some((map, at)) = BarWindow::find(&self.bar0_windows, offset, data.len()) {
-            return map.read(at, data).map_err(|e| transport("bar_read", e));
-        }
-        self.region_read(
-            "bar_read",
-            region::BAR0,
-            self.layout.bar0_size,
-            offset,
-            data,
-        )
+        self.region_read("bar_read", bar, offset, data)
     }
 
     fn bar_write(&self, bar: u32, offset: u64, data: &[u8]) -> Result<(), BackendError> {
-        if bar != 0 {
-            return Err(transport("bar_write", format!("no BAR{bar}")));
+        if bar > region_index::BAR5 {
+            return Err(transport("bar_write", format!("no BAR{bar}: BARs are 0-5")));
         }
-        if let Some((map, at)) = BarWindow::find(&self.bar0_windows, offset, data.len()) {
-            return map.write(at, data).map_err(|e| transport("bar_write", e));
-        }
-        self.region_write(
-            "bar_write",
-            region::BAR0,
-            self.layout.bar0_size,
-            offset,
-            data,
-        )
+        self.region_write("bar_write", bar, offset, data)
     }
 
     fn iova_ranges(&self) -> Vec<Range<u64>> {
@@ -721,9 +970,35 @@ impl Backend for VfioUserBackend {
                 ),
             ));
         }
+        let msi_info = self.layout.irq(irq::MSI);
+        if msi_info.count > 0 && !msi_info.eventfd && eventfds.iter().any(Option::is_some) {
+            return Err(transport(
+                "set_irqs",
+                "the device's MSI cannot signal eventfds (IRQ info lacks the EVENTFD flag)",
+            ));
+        }
+        if msi_info.count == 0 && eventfds.iter().any(Option::is_some) {
+            let intx = self.layout.irq(irq::INTX).count;
+            return Err(transport(
+                "set_irqs",
+                format!(
+                    "the device has no MSI (IRQ info of MSI: 0 vectors{}){}",
+                    if self.layout.num_irqs <= irq::MSI {
+                        format!("; it reports {} IRQ indices", self.layout.num_irqs)
+                    } else {
+                        String::new()
+                    },
+                    if intx > 0 {
+                        "; it has INTx: connect that with set_intx"
+                    } else {
+                        ""
+                    }
+                ),
+            ));
+        }
         let mut msi = lock(&self.msi);
         let set = msi
-            .plan(self.layout.msi_vectors, &eventfds)
+            .plan(msi_info.count, &eventfds)
             .map_err(|d| transport("set_irqs", d))?;
         let (flags, count) = match set {
             MsiSet::Nothing => return Ok(()),
@@ -744,6 +1019,38 @@ impl Backend for VfioUserBackend {
         Ok(())
     }
 
+    fn set_intx(&self, eventfd: Option<OwnedFd>) -> Result<(), BackendError> {
+        const OP: &str = "set_intx";
+        let intx = self.layout.irq(irq::INTX);
+        if intx.count == 0 {
+            return Err(transport(
+                OP,
+                "the device has no INTx (IRQ info of INTx: 0 vectors)",
+            ));
+        }
+        if eventfd.is_some() && !intx.eventfd {
+            return Err(transport(
+                OP,
+                "the device's INTx cannot signal eventfds (IRQ info lacks the EVENTFD flag)",
+            ));
+        }
+        let (flags, count) = match eventfd {
+            Some(_) => (irq::DATA_EVENTFD | irq::ACTION_TRIGGER, 1),
+            None => (irq::DATA_NONE | irq::ACTION_TRIGGER, 0),
+        };
+        let req = payload::SetIrqs {
+            argsz: payload::SetIrqs::SIZE as u32,
+            flags,
+            index: irq::INTX,
+            start: 0,
+            count,
+        };
+        let fds: Vec<BorrowedFd<'_>> = eventfd.iter().map(|f| f.as_fd()).collect();
+        self.shared
+            .request(OP, command::DEVICE_SET_IRQS, &req.encode(), &fds)
+            .map(|_| ())
+    }
+
     fn reset(&self) -> Result<(), BackendError> {
         self.shared
             .request("reset", command::DEVICE_RESET, &[], &[])
@@ -752,6 +1059,14 @@ impl Backend for VfioUserBackend {
 
     fn pins_memory(&self) -> bool {
         false
+    }
+
+    fn regions(&self) -> Option<Vec<RegionDesc>> {
+        Some(self.layout.regions.iter().map(|r| r.desc.clone()).collect())
+    }
+
+    fn irqs(&self) -> Option<Vec<IrqDesc>> {
+        Some(self.layout.irqs.clone())
     }
 
     fn lost(&self) -> Option<DeviceLost> {
@@ -794,8 +1109,71 @@ mod tests {
 
     /// As `handshake_with`, with IRQ_INFO offering `msi_vectors` MSI vectors.
     fn handshake_full(c: &Connection, bar0: Option<BorrowedFd<'_>>, msi_vectors: u32) {
+        answer_bring_up(c, &FakeDevice::mxa(bar0, msi_vectors));
+    }
+
+    const RW: u32 = region::FLAG_READ | region::FLAG_WRITE;
+
+    /// What a scripted server says its device has.
+    struct FakeDevice<'a> {
+        /// `(flags, size)` by region index (DEVICE_GET_INFO's region count is the length).
+        regions: Vec<(u32, u64)>,
+        /// `(flags, count)` by IRQ index.
+        irqs: Vec<(u32, u32)>,
+        /// BAR0 is mmap-able through this fd, with one sparse area `[0x1000, 0x2000)`.
+        bar0_fd: Option<BorrowedFd<'a>>,
+        /// The `argsz` the full BAR0 region info reply needs instead of its real size.
+        bar0_argsz: Option<u32>,
+        /// A hostile server: BAR0's full reply always needs 8 bytes more than asked.
+        bar0_argsz_grows: bool,
+    }
+
+    impl<'a> FakeDevice<'a> {
+        /// Like the MXA-1 server: BAR0 (16 KiB) and config space, INTx and MSI.
+        fn mxa(bar0_fd: Option<BorrowedFd<'a>>, msi_vectors: u32) -> FakeDevice<'a> {
+            let mut regions = vec![(0, 0); region::COUNT as usize];
+            regions[0] = (RW, 0x4000);
+            regions[region::CONFIG as usize] = (RW, 0x100);
+            FakeDevice {
+                regions,
+                irqs: vec![
+                    (irq::INFO_EVENTFD, 1),
+                    (irq::INFO_EVENTFD | irq::INFO_NORESIZE, msi_vectors),
+                    (0, 0),
+                    (0, 0),
+                    (0, 0),
+                ],
+                bar0_fd,
+                bar0_argsz: None,
+                bar0_argsz_grows: false,
+            }
+        }
+
+        /// Like libvfio-user's gpio sample: no BAR0, a 256-byte BAR2, config space, INTx only.
+        fn gpio() -> FakeDevice<'a> {
+            let mut regions = vec![(0, 0); region::COUNT as usize];
+            regions[2] = (RW, 0x100);
+            regions[region::CONFIG as usize] = (RW, 0x100);
+            FakeDevice {
+                regions,
+                irqs: vec![(irq::INFO_EVENTFD, 1), (0, 0), (0, 0), (0, 0), (0, 0)],
+                bar0_fd: None,
+                bar0_argsz: None,
+                bar0_argsz_grows: false,
+            }
+        }
+    }
+
+    /// Answer the client's bring-up queries as a spec-conforming server would: a region info
+    /// reply carries its capability chain only if the request's `argsz` has room for it, and
+    /// otherwise names the `argsz` the full reply needs. Returns each region info request as
+    /// `(index, argsz)`, also when the client gives up half-way.
+    fn answer_bring_up(c: &Connection, dev: &FakeDevice<'_>) -> Vec<(u32, u32)> {
+        let mut asked = Vec::new();
         loop {
-            let m = c.recv().expect("bring-up request");
+            let Ok(m) = c.recv() else {
+                return asked;
+            };
             let h = m.header;
             let body = match h.command {
                 command::VERSION => Version::ours(Capabilities {
@@ -806,50 +1184,69 @@ mod tests {
                 command::DEVICE_GET_INFO => payload::DeviceInfo {
                     argsz: 16,
                     flags: payload::DEVICE_FLAGS_PCI | payload::DEVICE_FLAGS_RESET,
-                    num_regions: 9,
-                    num_irqs: 5,
+                    num_regions: dev.regions.len() as u32,
+                    num_irqs: dev.irqs.len() as u32,
                 }
                 .encode(),
                 command::DEVICE_GET_REGION_INFO => {
                     let r = payload::RegionInfo::decode(&m.payload).unwrap();
-                    if let (region::BAR0, Some(fd)) = (r.index, bar0) {
+                    asked.push((r.index, r.argsz));
+                    let (flags, size) = dev.regions[r.index as usize];
+                    let last = dev.irqs.is_empty() && r.index as usize + 1 == dev.regions.len();
+                    if let (region::BAR0, Some(fd)) = (r.index, dev.bar0_fd) {
+                        let cap = sparse_cap(0x1000, 0x1000);
+                        let full = if dev.bar0_argsz_grows {
+                            r.argsz + 8
+                        } else {
+                            dev.bar0_argsz.unwrap_or((32 + cap.len()) as u32)
+                        };
+                        let room = r.argsz >= full;
                         let mut body = payload::RegionInfo {
-                            argsz: 64,
-                            flags: region::FLAG_READ
-                                | region::FLAG_WRITE
-                                | region::FLAG_MMAP
-                                | region::FLAG_CAPS,
-                            cap_offset: 32,
-                            size: 0x4000,
+                            argsz: full,
+                            flags: flags | region::FLAG_MMAP | region::FLAG_CAPS,
+                            cap_offset: if room { 32 } else { 0 },
+                            size,
                             offset: 0,
                             ..r
                         }
                         .encode();
-                        body.extend_from_slice(&sparse_cap(0x1000, 0x1000));
+                        if room {
+                            body.extend_from_slice(&cap);
+                        }
                         c.reply(&h, &body, &[fd]).unwrap();
+                        if last {
+                            return asked;
+                        }
                         continue;
                     }
-                    payload::RegionInfo {
-                        flags: region::FLAG_READ | region::FLAG_WRITE,
-                        size: 0x1000,
+                    let body = payload::RegionInfo {
+                        argsz: 32,
+                        flags,
+                        size,
                         ..r
                     }
-                    .encode()
+                    .encode();
+                    if last {
+                        c.reply(&h, &body, &[]).unwrap();
+                        return asked;
+                    }
+                    body
                 }
                 command::DEVICE_GET_IRQ_INFO => {
-                    c.reply(
-                        &h,
-                        &payload::IrqInfo {
-                            argsz: 16,
-                            flags: irq::INFO_EVENTFD,
-                            index: irq::MSI,
-                            count: msi_vectors,
-                        }
-                        .encode(),
-                        &[],
-                    )
-                    .unwrap();
-                    return;
+                    let r = payload::IrqInfo::decode(&m.payload).unwrap();
+                    let (flags, count) = dev.irqs[r.index as usize];
+                    let body = payload::IrqInfo {
+                        argsz: 16,
+                        flags,
+                        index: r.index,
+                        count,
+                    }
+                    .encode();
+                    c.reply(&h, &body, &[]).unwrap();
+                    if r.index as usize + 1 == dev.irqs.len() {
+                        return asked;
+                    }
+                    continue;
                 }
                 other => panic!("unexpected command {other} during bring-up"),
             };
@@ -877,24 +1274,36 @@ mod tests {
         m
     }
 
-    #[test]
-    fn sparse_mmap_areas_of_bar0_are_mapped_the_rest_uses_messages() {
-        use std::os::unix::fs::FileExt;
+    /// A 16 KiB memfd standing in for the server's BAR0 memory.
+    fn memfd_bar0() -> std::fs::File {
         let fd =
             nix::sys::memfd::memfd_create(c"bar0", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
                 .unwrap();
         let file = std::fs::File::from(fd);
         file.set_len(0x4000).unwrap();
+        file
+    }
+
+    #[test]
+    fn sparse_mmap_areas_of_bar0_are_mapped_the_rest_uses_messages() {
+        use std::os::unix::fs::FileExt;
+        let file = memfd_bar0();
         let (a, b) = UnixStream::pair().unwrap();
         let bar_fd = file.try_clone().unwrap();
         let server = std::thread::spawn(move || {
             let c = Connection::new(b, Limits::default());
             c.set_peer_max_fds(8);
-            handshake_with(&c, Some(bar_fd.as_fd()));
-            c
+            let asked = answer_bring_up(&c, &FakeDevice::mxa(Some(bar_fd.as_fd()), 3));
+            (c, asked)
         });
         let backend = VfioUserBackend::from_stream(a).unwrap();
-        let server = server.join().unwrap();
+        let (server, asked) = server.join().unwrap();
+        // The server sends the capability chain only when asked with room for it: asked
+        // first with the fixed 32 bytes, then again with the 64 its reply named.
+        let bar0: Vec<u32> = asked.iter().filter(|a| a.0 == 0).map(|a| a.1).collect();
+        assert_eq!(bar0, [32, 64]);
+        let regions = backend.regions().unwrap();
+        assert_eq!(regions[0].mapped, [(0x1000, 0x1000)]);
         // Inside the area: straight to the mapping, no message.
         backend
             .bar_write(0, 0x1008, &0x1122_3344_5566_7788u64.to_le_bytes())
@@ -1160,5 +1569,264 @@ mod tests {
         backend.shared.close("backend closed".into(), true);
         assert!(backend.lost().is_none());
         assert!(!readable(backend.lost_event().unwrap(), 0));
+    }
+
+    #[test]
+    fn a_region_info_argsz_beyond_the_limit_or_growing_is_an_error_naming_it() {
+        let file = memfd_bar0();
+        for grows in [false, true] {
+            let (a, b) = UnixStream::pair().unwrap();
+            let bar_fd = file.try_clone().unwrap();
+            let server = std::thread::spawn(move || {
+                let c = Connection::new(b, Limits::default());
+                c.set_peer_max_fds(8);
+                let mut dev = FakeDevice::mxa(Some(bar_fd.as_fd()), 3);
+                dev.bar0_argsz = Some(1 << 20);
+                dev.bar0_argsz_grows = grows;
+                answer_bring_up(&c, &dev)
+            });
+            let e = VfioUserBackend::from_stream(a).unwrap_err().to_string();
+            let asked = server.join().unwrap();
+            let bar0: Vec<u32> = asked.iter().filter(|a| a.0 == 0).map(|a| a.1).collect();
+            if grows {
+                assert_eq!(bar0, [32, 40], "asked again once, then gave up");
+                assert!(e.contains("BAR0: asked with the argsz 40"), "{e}");
+            } else {
+                assert_eq!(bar0, [32], "not asked again beyond the limit");
+                assert!(
+                    e.contains("argsz 1048576") && e.contains("MAX_REGION_INFO_ARGSZ (65536"),
+                    "{e}"
+                );
+            }
+        }
+    }
+
+    /// What a scripted server saw after bring-up: `(command, region or IRQ index, offset,
+    /// count, fds)` per message.
+    type Seen = Vec<(u16, u32, u64, u32, usize)>;
+
+    /// Serve region accesses from `memory` (by region index), refusing with EINVAL any width
+    /// `takes(region, count)` refuses; SET_IRQS signals each eventfd it brings once; reset is
+    /// answered. Until the client hangs up.
+    fn serve(c: &Connection, mut memory: Vec<Vec<u8>>, takes: fn(u32, u32) -> bool) -> Seen {
+        let mut seen = Vec::new();
+        while let Ok(m) = c.recv() {
+            let h = m.header;
+            match h.command {
+                command::REGION_READ | command::REGION_WRITE => {
+                    let write = h.command == command::REGION_WRITE;
+                    let req = payload::RegionAccess::decode(&m.payload, write).unwrap();
+                    seen.push((h.command, req.region, req.offset, req.count, 0));
+                    let bytes = &mut memory[req.region as usize];
+                    let range = req.offset as usize..(req.offset + u64::from(req.count)) as usize;
+                    if range.end > bytes.len() || !takes(req.region, req.count) {
+                        c.reply_error(&h, libc::EINVAL).unwrap();
+                        continue;
+                    }
+                    let data = if write {
+                        bytes[range].copy_from_slice(&req.data);
+                        Vec::new()
+                    } else {
+                        bytes[range].to_vec()
+                    };
+                    c.reply(&h, &payload::RegionAccess { data, ..req }.encode(), &[])
+                        .unwrap();
+                }
+                command::DEVICE_SET_IRQS => {
+                    let req = payload::SetIrqs::decode(&m.payload).unwrap();
+                    seen.push((
+                        h.command,
+                        req.index,
+                        u64::from(req.flags),
+                        req.count,
+                        m.fds.len(),
+                    ));
+                    for fd in m.fds {
+                        use std::io::Write;
+                        std::fs::File::from(fd)
+                            .write_all(&1u64.to_ne_bytes())
+                            .unwrap();
+                    }
+                    c.reply(&h, &[], &[]).unwrap();
+                }
+                command::DEVICE_RESET => {
+                    seen.push((h.command, 0, 0, 0, 0));
+                    c.reply(&h, &[], &[]).unwrap();
+                }
+                other => {
+                    seen.push((other, 0, 0, 0, 0));
+                    c.reply_error(&h, libc::ENOSYS).unwrap();
+                }
+            }
+        }
+        seen
+    }
+
+    /// Open a scripted device, then serve it with `memory` (256 bytes per region the device
+    /// has, config space starting with `config`).
+    fn open_fake(
+        dev: fn() -> FakeDevice<'static>,
+        config: &[u8],
+        takes: fn(u32, u32) -> bool,
+    ) -> (VfioUserBackend, JoinHandle<Seen>) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut memory: Vec<Vec<u8>> = dev()
+            .regions
+            .iter()
+            .map(|&(_, size)| vec![0; size as usize])
+            .collect();
+        memory[region::CONFIG as usize][..config.len()].copy_from_slice(config);
+        let server = std::thread::spawn(move || {
+            let c = Connection::new(b, Limits::default());
+            answer_bring_up(&c, &dev());
+            serve(&c, memory, takes)
+        });
+        (VfioUserBackend::from_stream(a).unwrap(), server)
+    }
+
+    fn any_width(_: u32, _: u32) -> bool {
+        true
+    }
+
+    /// Vendor 0x4e58, device 0x0001: not an MXA-1.
+    const GPIO_IDS: [u8; 4] = [0x58, 0x4e, 0x01, 0x00];
+
+    #[test]
+    fn a_device_without_bar0_opens_and_its_config_and_bar2_work() {
+        let (backend, server) = open_fake(FakeDevice::gpio, &GPIO_IDS, any_width);
+        let regions = backend.regions().unwrap();
+        let present: Vec<u32> = regions
+            .iter()
+            .filter(|r| r.present())
+            .map(|r| r.index)
+            .collect();
+        assert_eq!(present, [2, region::CONFIG]);
+        let mut id = [0u8; 4];
+        backend.config_read(0, &mut id).unwrap();
+        assert_eq!(id, GPIO_IDS);
+        backend.bar_write(2, 0x10, &[0xa5]).unwrap();
+        backend
+            .bar_write(2, 0x20, &0x1234_5678u32.to_le_bytes())
+            .unwrap();
+        let mut b = [0u8; 1];
+        backend.bar_read(2, 0x10, &mut b).unwrap();
+        assert_eq!(b, [0xa5]);
+        let mut w = [0u8; 4];
+        backend.bar_read(2, 0x20, &mut w).unwrap();
+        assert_eq!(u32::from_le_bytes(w), 0x1234_5678);
+        // What the device lacks is named, without a message to the server.
+        let e = backend.bar_read(0, 0, &mut w).unwrap_err().to_string();
+        assert!(
+            e.contains("the device has no BAR0: its region info gives size 0"),
+            "{e}"
+        );
+        let e = backend.bar_read(6, 0, &mut w).unwrap_err().to_string();
+        assert!(e.contains("no BAR6: BARs are 0-5"), "{e}");
+        let e = backend.bar_read(2, 0xfe, &mut w).unwrap_err().to_string();
+        assert!(e.contains("outside BAR2 (0x100 bytes)"), "{e}");
+        drop(backend);
+        let seen = server.join().unwrap();
+        assert_eq!(seen.len(), 5, "{seen:?}");
+        assert!(seen.iter().all(|s| s.1 == 2 || s.1 == region::CONFIG));
+    }
+
+    #[test]
+    fn intx_is_connected_to_an_eventfd_and_the_server_signals_it() {
+        let (backend, server) = open_fake(FakeDevice::gpio, &GPIO_IDS, any_width);
+        let e = backend
+            .set_irqs(vec![eventfd(), eventfd(), eventfd()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("the device has no MSI") && e.contains("set_intx"),
+            "{e}"
+        );
+        let event = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK).unwrap();
+        backend
+            .set_intx(Some(event.as_fd().try_clone_to_owned().unwrap()))
+            .unwrap();
+        assert!(
+            readable(event.as_fd(), 5000),
+            "INTx not signalled within 5 s"
+        );
+        assert_eq!(event.read().unwrap(), 1);
+        backend.set_intx(None).unwrap();
+        drop(backend);
+        let seen = server.join().unwrap();
+        let trigger = u64::from(irq::DATA_EVENTFD | irq::ACTION_TRIGGER);
+        let disable = u64::from(irq::DATA_NONE | irq::ACTION_TRIGGER);
+        assert_eq!(
+            seen,
+            [
+                (command::DEVICE_SET_IRQS, irq::INTX, trigger, 1, 1),
+                (command::DEVICE_SET_IRQS, irq::INTX, disable, 0, 0),
+            ]
+        );
+        // A device without INTx says so.
+        let mut dev = FakeDevice::mxa(None, 3);
+        dev.irqs[0] = (0, 0);
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || {
+            let c = Connection::new(b, Limits::default());
+            answer_bring_up(&c, &dev);
+            c
+        });
+        let backend = VfioUserBackend::from_stream(a).unwrap();
+        let _c = t.join().unwrap();
+        let e = backend.set_intx(eventfd()).unwrap_err().to_string();
+        assert!(e.contains("the device has no INTx"), "{e}");
+    }
+
+    #[test]
+    fn a_width_the_device_refuses_is_an_error_naming_region_offset_width_and_errno() {
+        fn eight_byte_bar0(region: u32, count: u32) -> bool {
+            region != 0 || count == 8
+        }
+        let (backend, server) = open_fake(|| FakeDevice::mxa(None, 3), &[], eight_byte_bar0);
+        let mut w = [0u8; 4];
+        let e = backend.bar_read(0, 0x10, &mut w).unwrap_err().to_string();
+        for part in [
+            "BAR0 read of 4 bytes at 0x10",
+            "server answered error EINVAL",
+            "may accept only other access widths",
+        ] {
+            assert!(e.contains(part), "{part:?} missing: {e}");
+        }
+        let e = backend.bar_write(0, 0x18, &w).unwrap_err().to_string();
+        assert!(e.contains("BAR0 write of 4 bytes at 0x18"), "{e}");
+        let mut d = [0u8; 8];
+        backend.bar_read(0, 0x10, &mut d).unwrap();
+        drop(backend);
+        // One message per access: the refused width was not retried with another.
+        let seen = server.join().unwrap();
+        let widths: Vec<(u64, u32)> = seen.iter().map(|s| (s.2, s.3)).collect();
+        assert_eq!(widths, [(0x10, 4), (0x18, 4), (0x10, 8)]);
+    }
+
+    #[test]
+    fn the_mxa1_driver_refuses_a_device_that_is_not_one_with_a_driver_error() {
+        use crate::device::{Device, DeviceOptions};
+        // The gpio-like device: config space works, its IDs are not the MXA-1's.
+        let (backend, _server) = open_fake(FakeDevice::gpio, &GPIO_IDS, any_width);
+        let e = Device::bring_up(Box::new(backend), DeviceOptions::default())
+            .err()
+            .expect("not an MXA-1");
+        assert!(
+            matches!(e, crate::Error::WrongDevice { vendor: 0x4e58, .. }),
+            "{e:?}"
+        );
+        // MXA-1 IDs on a device without BAR0: the driver names what is missing.
+        let mut ids = accel_abi::config::VENDOR_ID.to_le_bytes().to_vec();
+        ids.extend_from_slice(&accel_abi::config::DEVICE_ID.to_le_bytes());
+        let (backend, _server) = open_fake(FakeDevice::gpio, &ids, any_width);
+        let e = Device::bring_up(Box::new(backend), DeviceOptions::default())
+            .err()
+            .expect("no BAR0");
+        assert!(matches!(e, crate::Error::Unsupported(_)), "{e:?}");
+        let text = e.to_string();
+        assert!(
+            text.contains("needs BAR0") && text.contains("BAR2 (0x100 bytes)"),
+            "{text}"
+        );
     }
 }
