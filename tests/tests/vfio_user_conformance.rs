@@ -2639,7 +2639,6 @@ mod client {
     /// size, allowing a client to allocate a larger buffer ... before trying again." A BAR0
     /// whose sparse-mmap capability comes only on the retry is mapped from its descriptor.
     #[test]
-    #[ignore = "issue 14: REGION_INFO argsz retry in the client"]
     fn client_retries_region_info_with_the_argsz_the_reply_asks_for() {
         use std::os::unix::fs::FileExt;
         let bar = std::fs::File::from(memfd(&unique("bar0"), 0x4000));
@@ -2709,7 +2708,6 @@ mod client {
     /// "Device Information" / "VFIO_USER_DEVICE_GET_INFO": the transport takes any PCI device;
     /// a device with no BAR0 (size 0, no flags) is opened and its config space reached.
     #[test]
-    #[ignore = "issue 14: generic regions in the client"]
     fn client_opens_a_device_without_bar0() {
         let hook: Hook = Box::new(|c, m| {
             if m.header.command != command::DEVICE_GET_REGION_INFO {
@@ -2740,9 +2738,8 @@ mod client {
     }
 
     /// "VFIO_USER_DEVICE_GET_IRQ_INFO" / "..._SET_IRQS": an INTx-only device (MSI count 0, INTx
-    /// one eventfd-capable vector) gets its interrupt routed on the INTx index.
+    /// one eventfd-capable vector) opens, and `set_intx` routes its line on the INTx index.
     #[test]
-    #[ignore = "issue 14: INTx in the client"]
     fn client_routes_an_intx_only_device() {
         let hook: Hook = Box::new(|c, m| {
             if m.header.command != command::DEVICE_GET_IRQ_INFO {
@@ -2769,14 +2766,17 @@ mod client {
         let backend = backend.expect("an INTx-only device opens");
         use nix::sys::eventfd::{EfdFlags, EventFd};
         let e = OwnedFd::from(EventFd::from_flags(EfdFlags::EFD_CLOEXEC).unwrap());
-        backend.set_irqs(vec![Some(e)]).expect("INTx routed");
+        backend.set_intx(Some(e)).expect("INTx routed");
         let set = peer
             .commands()
             .into_iter()
             .find(|m| m.header.command == command::DEVICE_SET_IRQS)
             .expect("a SET_IRQS");
         let r = payload::SetIrqs::decode(&set.payload).unwrap();
-        assert_eq!((r.index, r.start, r.count, set.fds), (irq::INTX, 0, 1, 1));
+        assert_eq!(
+            (r.flags, r.index, r.start, r.count, set.fds),
+            (irq::DATA_EVENTFD | irq::ACTION_TRIGGER, irq::INTX, 0, 1, 1)
+        );
         drop(backend);
         drop(peer);
     }
