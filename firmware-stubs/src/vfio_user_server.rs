@@ -2175,4 +2175,521 @@ mod tests {
             started.elapsed()
         );
     }
+
+    // ------------------------------------------------------------------ hostile and dying peers
+
+    /// A connection on a fresh device with `opts`, observed; the server end's send buffer is
+    /// shrunk to `sndbuf` bytes (if given) so that a client that does not read fills it at once.
+    fn start_observed(
+        opts: ServerOptions,
+        sndbuf: Option<usize>,
+    ) -> (
+        Connection,
+        std::thread::JoinHandle<Result<(), ServeError>>,
+        Arc<ServerStats>,
+    ) {
+        let (a, b) = UnixStream::pair().unwrap();
+        if let Some(n) = sndbuf {
+            nix::sys::socket::setsockopt(&b, nix::sys::socket::sockopt::SndBuf, &n).unwrap();
+        }
+        let stats = Arc::new(ServerStats::default());
+        let t = {
+            let stats = Arc::clone(&stats);
+            std::thread::spawn(move || {
+                let device = Arc::new(Accelerator::new(small()).unwrap());
+                serve_connection_on(b, &device, &opts, &stats)
+            })
+        };
+        (Connection::new(a, Limits::default()), t, stats)
+    }
+
+    /// Join `t`, failing the test if it takes longer than `limit` (a hang, not a slow run).
+    fn join_within<T: Send + 'static>(t: std::thread::JoinHandle<T>, limit: Duration) -> T {
+        let started = std::time::Instant::now();
+        while !t.is_finished() {
+            assert!(
+                started.elapsed() < limit,
+                "the server did not end within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        t.join().expect("no panic")
+    }
+
+    /// A client that sends many 1 MiB commands and never reads a reply: the server holds at
+    /// most the queue bound (its reader stops reading, so the client's sends block), and once
+    /// a reply cannot be sent within the send timeout the connection is dropped.
+    #[test]
+    fn a_client_that_never_reads_is_bounded_and_then_dropped() {
+        const SENT: usize = 200;
+        let opts = ServerOptions {
+            reply_send_timeout: Duration::from_millis(500),
+            ..ServerOptions::default()
+        };
+        let (c, t, stats) = start_observed(opts, Some(4096));
+        negotiate(&c);
+        let c = Arc::new(c);
+        let writer = {
+            let c = Arc::clone(&c);
+            std::thread::spawn(move || {
+                // Out of config space's bounds: each gets a small EINVAL reply.
+                let req = payload::RegionAccess {
+                    offset: 0,
+                    region: region::CONFIG,
+                    count: 1 << 20,
+                    data: vec![0x5a; 1 << 20],
+                };
+                let body = req.encode();
+                let mut sent = 0;
+                while sent < SENT {
+                    let id = sent as u16 + 1;
+                    if c.send(Header::command(id, command::REGION_WRITE, 0), &body, &[])
+                        .is_err()
+                    {
+                        break;
+                    }
+                    sent += 1;
+                }
+                sent
+            })
+        };
+        let result = join_within(t, Duration::from_secs(120));
+        assert!(result.is_ok(), "{result:?}");
+        let sent = join_within(writer, Duration::from_secs(120));
+        assert!(sent < SENT, "the client's sends were never held back");
+        let seen = stats.snapshot();
+        eprintln!("{sent} of {SENT} commands sent before the server dropped the client; {seen:?}");
+        assert!(
+            seen.queue_high_water_messages <= QUEUE_MAX_MESSAGES,
+            "{} commands queued, the bound is {QUEUE_MAX_MESSAGES}",
+            seen.queue_high_water_messages
+        );
+        assert!(
+            seen.queue_high_water_bytes <= QUEUE_MAX_BYTES,
+            "{} bytes queued, the bound is {QUEUE_MAX_BYTES}",
+            seen.queue_high_water_bytes
+        );
+    }
+
+    /// On a single socket, commands that arrive while the server waits for the client's reply
+    /// to its own DMA request are read past the normal bound (the reply is behind them), so a
+    /// pipelining client does not deadlock the server.
+    #[test]
+    fn commands_queued_behind_a_dma_reply_do_not_deadlock() {
+        let queue = CommandQueue::default();
+        let stats = ServerStats::default();
+        let msg = || Message {
+            header: Header::command(1, command::DEVICE_RESET, 0),
+            payload: Vec::new(),
+            fds: Vec::new(),
+        };
+        for _ in 0..QUEUE_MAX_MESSAGES {
+            assert!(matches!(queue.push(msg(), &stats), Push::Queued));
+        }
+        // Full, but the server waits on the client: taken at once.
+        queue.awaiting_client(true);
+        assert!(matches!(queue.push(msg(), &stats), Push::Queued));
+        for _ in QUEUE_MAX_MESSAGES + 1..QUEUE_MAX_MESSAGES_WAITING {
+            assert!(matches!(queue.push(msg(), &stats), Push::Queued));
+        }
+        // Up to the larger bound; past it, the connection goes.
+        assert!(matches!(
+            queue.push(msg(), &stats),
+            Push::Overflow {
+                messages: QUEUE_MAX_MESSAGES_WAITING,
+                ..
+            }
+        ));
+        queue.awaiting_client(false);
+        assert_eq!(
+            stats.snapshot().queue_high_water_messages,
+            QUEUE_MAX_MESSAGES_WAITING
+        );
+        queue.close();
+        assert!(matches!(queue.push(msg(), &stats), Push::Closed));
+        assert!(queue.pop().is_none());
+    }
+
+    /// A header announcing 100 bytes, 10 of them, then silence with the connection open: the
+    /// server gives up after the message timeout instead of stalling forever.
+    #[test]
+    fn a_half_sent_message_times_out() {
+        let opts = ServerOptions {
+            message_timeout: Duration::from_millis(300),
+            ..ServerOptions::default()
+        };
+        let (c, t, _) = start_observed(opts, None);
+        negotiate(&c);
+        let h = Header {
+            size: 100,
+            ..Header::command(1, command::REGION_WRITE, 0)
+        };
+        c.stream().write_all(&h.encode()).unwrap();
+        c.stream().write_all(&[0; 10]).unwrap();
+        let r = join_within(t, Duration::from_secs(60));
+        assert!(
+            matches!(
+                r,
+                Err(ServeError::Recv(RecvError::Stalled {
+                    got: 26,
+                    want: 100,
+                    ..
+                }))
+            ),
+            "{r:?}"
+        );
+        // The server hung up.
+        let mut rest = Vec::new();
+        c.stream().read_to_end(&mut rest).unwrap();
+        drop(c);
+    }
+
+    /// VERSION proposing twin-socket mode; the reply's capabilities and the twin socket.
+    fn negotiate_twin(c: &Connection) -> (Version, Connection) {
+        let v = Version::ours(Capabilities {
+            max_msg_fds: 8,
+            twin_socket: true,
+            ..Capabilities::default()
+        });
+        c.send(Header::command(0, command::VERSION, 0), &v.encode(), &[])
+            .unwrap();
+        let mut r = c.recv().unwrap();
+        assert!(!r.header.is_error());
+        let reply = Version::decode(&r.payload).unwrap();
+        assert_eq!(r.fds.len(), 1);
+        let twin = UnixStream::from(r.fds.remove(0));
+        (reply, Connection::new(twin, Limits::default()))
+    }
+
+    /// Start the device on the command ring at `ring`, with one command in it.
+    fn start_ring(c: &Connection, ring: u64) {
+        use accel_abi::regs;
+        enable_pci(c);
+        region_write(c, region::BAR0, regs::CMDQ_BASE, &ring.to_le_bytes());
+        region_write(c, region::BAR0, regs::CMDQ_ENTRIES, &64u32.to_le_bytes());
+        region_write(
+            c,
+            region::BAR0,
+            regs::CMDQ_CTRL,
+            &regs::cmdq_ctrl::ENABLE.to_le_bytes(),
+        );
+        region_write(
+            c,
+            region::BAR0,
+            regs::CONTROL,
+            &regs::control::ENABLE.to_le_bytes(),
+        );
+        region_write(c, region::BAR0, regs::CMDQ_TAIL, &1u32.to_le_bytes());
+    }
+
+    /// Serve DMA_READ/DMA_WRITE on `conn` from `backing` (mapped at `base`) until it closes.
+    fn serve_dma(conn: Connection, base: u64, backing: Arc<Mutex<Vec<u8>>>) -> usize {
+        let mut served = 0;
+        while let Ok(m) = conn.recv() {
+            assert_eq!(m.header.message_type(), MessageType::Command);
+            let write = m.header.command == command::DMA_WRITE;
+            let req = payload::DmaAccess::decode(&m.payload, write).unwrap();
+            let at = (req.address - base) as usize;
+            let n = req.count as usize;
+            let mut mem = lock(&backing);
+            let data = if write {
+                mem[at..at + n].copy_from_slice(&req.data);
+                Vec::new()
+            } else {
+                mem[at..at + n].to_vec()
+            };
+            drop(mem);
+            let reply = payload::DmaAccess { data, ..req };
+            if conn.reply(&m.header, &reply.encode(), &[]).is_err() {
+                break;
+            }
+            served += 1;
+        }
+        served
+    }
+
+    /// Twin-socket mode: the server passes a socket in its VERSION reply and sends its
+    /// DMA_READ/DMA_WRITE there; none comes on the main socket.
+    #[test]
+    fn twin_socket_carries_the_servers_dma_requests() {
+        use accel_abi::{regs, Command};
+        let (c, t, stats) = start_observed(ServerOptions::default(), None);
+        let (reply, twin) = negotiate_twin(&c);
+        assert!(reply.caps.twin_socket);
+        assert_eq!(reply.caps.twin_socket_fd_index, Some(0));
+        const BASE: u64 = 0x40_0000;
+        let value = 0x7a1e_0000_0000_0001u64;
+        let mut memory = vec![0u8; PAGE as usize];
+        memory[..64].copy_from_slice(&Command::fence(value).with_completion(BASE + 0x100).encode());
+        let backing = Arc::new(Mutex::new(memory));
+        let dma = {
+            let backing = Arc::clone(&backing);
+            std::thread::spawn(move || serve_dma(twin, BASE, backing))
+        };
+        assert_eq!(dma_map_msg(&c, BASE, 0, PAGE, RW, None), 0);
+        start_ring(&c, BASE);
+        let wait = std::time::Instant::now();
+        // Every message on the main socket must be a reply (`call` would answer a command
+        // EFAULT; here a command is a failure).
+        let read64 = |offset: u64| {
+            let req = payload::RegionAccess {
+                offset,
+                region: region::BAR0,
+                count: 8,
+                data: Vec::new(),
+            };
+            c.send(
+                Header::command(9, command::REGION_READ, 0),
+                &req.encode(),
+                &[],
+            )
+            .unwrap();
+            let m = c.recv().unwrap();
+            assert_eq!(
+                m.header.message_type(),
+                MessageType::Reply,
+                "a server command on the main socket in twin-socket mode"
+            );
+            let got = payload::RegionAccess::decode(&m.payload, true).unwrap();
+            u64::from_le_bytes(got.data.try_into().unwrap())
+        };
+        while read64(regs::FENCE_DONE) != value {
+            assert!(wait.elapsed() < Duration::from_secs(30), "no FENCE");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The completion record went through DMA_WRITE on the twin socket.
+        let rec: [u8; 16] = lock(&backing)[0x100..0x110].try_into().unwrap();
+        let done = accel_abi::Completion::decode(&rec).unwrap().expect("done");
+        assert_eq!(done.status, accel_abi::Status::Ok);
+        drop(c);
+        join_within(t, Duration::from_secs(60)).unwrap();
+        let served = dma.join().unwrap();
+        let seen = stats.snapshot();
+        assert!(served >= 2, "{served} requests served");
+        assert_eq!(seen.dma_requests_main, 0, "{seen:?}");
+        assert_eq!(seen.dma_requests_twin, served as u64, "{seen:?}");
+    }
+
+    /// Without a twin-socket proposal (QEMU's client), no socket is passed and DMA requests
+    /// use the main socket.
+    #[test]
+    fn without_a_twin_proposal_the_main_socket_carries_requests() {
+        let (c, t, stats) = start_observed(ServerOptions::default(), None);
+        let v = Version::ours(Capabilities::default());
+        c.send(Header::command(0, command::VERSION, 0), &v.encode(), &[])
+            .unwrap();
+        let r = c.recv().unwrap();
+        assert!(r.fds.is_empty());
+        let reply = Version::decode(&r.payload).unwrap();
+        assert!(!reply.caps.twin_socket);
+        assert!(!reply.named.contains(version::CapSet::TWIN_SOCKET));
+        assert_eq!(dma_map_msg(&c, 0x40_0000, 0, PAGE, RW, None), 0);
+        // The test's reply_to answers the device's DMA_READ of the ring with EFAULT.
+        start_ring(&c, 0x40_0000);
+        let wait = std::time::Instant::now();
+        while stats.snapshot().dma_requests_main == 0 {
+            assert!(wait.elapsed() < Duration::from_secs(30), "no DMA request");
+            let _ = bar_read32(&c, accel_abi::regs::STATUS);
+        }
+        assert_eq!(stats.snapshot().dma_requests_twin, 0);
+        drop(c);
+        join_within(t, Duration::from_secs(60)).unwrap();
+    }
+
+    /// The capabilities a VERSION reply's JSON names.
+    fn reply_json(c: &Connection, json: &str) -> String {
+        let mut body = vec![0, 0, 2, 0];
+        body.extend_from_slice(json.as_bytes());
+        body.push(0);
+        let r = call(c, 0, command::VERSION, &body, &[]);
+        assert!(!r.header.is_error());
+        String::from_utf8_lossy(&r.payload[4..]).into_owned()
+    }
+
+    #[test]
+    fn the_version_reply_names_only_what_was_proposed() {
+        let (c, t) = start();
+        let text = reply_json(&c, r#"{"capabilities":{"max_msg_fds":4}}"#);
+        assert!(text.contains("max_msg_fds"), "{text}");
+        for absent in [
+            "max_data_xfer_size",
+            "pgsizes",
+            "max_dma_maps",
+            "twin_socket",
+        ] {
+            assert!(!text.contains(absent), "{absent} in {text}");
+        }
+        drop(c);
+        t.join().unwrap().unwrap();
+        // QEMU's proposal (65535 maps) is answered 65535 though the server takes more.
+        let (c, t) = start();
+        let text = reply_json(
+            &c,
+            r#"{"capabilities":{"max_msg_fds":16,"max_data_xfer_size":1048576,"pgsizes":4096,"max_dma_maps":65535,"migration":{"pgsize":4096}}}"#,
+        );
+        assert!(text.contains("\"max_dma_maps\":65535"), "{text}");
+        assert!(!text.contains("migration"), "{text}");
+        drop(c);
+        t.join().unwrap().unwrap();
+    }
+
+    /// BAR0 accesses of a width other than 4 or 8 bytes are refused (EINVAL) and counted.
+    #[test]
+    fn bar0_width_refusals_are_counted() {
+        let (c, t, stats) = start_observed(ServerOptions::default(), None);
+        negotiate(&c);
+        for _ in 0..3 {
+            let req = payload::RegionAccess {
+                offset: 0,
+                region: region::BAR0,
+                count: 2,
+                data: Vec::new(),
+            };
+            let r = call(&c, 1, command::REGION_READ, &req.encode(), &[]);
+            assert_eq!(errno(&r), libc::EINVAL as u32);
+        }
+        assert_eq!(stats.snapshot().bar_width_refusals, 3);
+        drop(c);
+        join_within(t, Duration::from_secs(60)).unwrap();
+    }
+
+    /// A listener served by [`serve_observed`] on a fresh socket path; dropping it stops the
+    /// server.
+    struct Listening {
+        path: std::path::PathBuf,
+        stop: Option<OwnedFd>,
+        thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+        stats: Arc<ServerStats>,
+    }
+
+    impl Listening {
+        fn start(name: &str) -> Listening {
+            let path =
+                std::env::temp_dir().join(format!("vfu-server-{name}-{}.sock", std::process::id()));
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixListener::bind(&path).unwrap();
+            let (stop_r, stop_w) = nix::unistd::pipe().unwrap();
+            let stats = Arc::new(ServerStats::default());
+            let thread = {
+                let stats = Arc::clone(&stats);
+                std::thread::spawn(move || {
+                    serve_observed(
+                        &listener,
+                        &small(),
+                        &ServerOptions::default(),
+                        stop_r.as_fd(),
+                        false,
+                        &stats,
+                    )
+                })
+            };
+            Listening {
+                path,
+                stop: Some(stop_w),
+                thread: Some(thread),
+                stats,
+            }
+        }
+
+        fn connect(&self) -> Connection {
+            Connection::new(UnixStream::connect(&self.path).unwrap(), Limits::default())
+        }
+    }
+
+    impl Drop for Listening {
+        fn drop(&mut self) {
+            if let Some(w) = self.stop.take() {
+                let _ = nix::unistd::write(&w, &[1]);
+            }
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    /// A client connecting while another is served gets an EBUSY error reply to its VERSION,
+    /// then end of file; the first client is unaffected.
+    #[test]
+    fn a_second_client_gets_ebusy() {
+        let server = Listening::start("busy");
+        let first = server.connect();
+        negotiate(&first);
+        let second = server.connect();
+        let v = Version::ours(Capabilities::default());
+        second
+            .send(Header::command(7, command::VERSION, 0), &v.encode(), &[])
+            .unwrap();
+        let r = second.recv().expect("an answer, not a bare end of file");
+        assert_eq!(r.header.message_type(), MessageType::Reply);
+        assert!(r.header.is_error());
+        assert_eq!((r.header.id, r.header.error), (7, libc::EBUSY as u32));
+        assert_eq!(r.header.size as usize, HEADER_SIZE);
+        assert!(matches!(second.recv(), Err(RecvError::Closed)));
+        assert_eq!(server.stats.snapshot().refused_busy, 1);
+        assert_eq!(
+            vendor_id(&first),
+            accel_abi::config::VENDOR_ID.to_le_bytes()
+        );
+    }
+
+    /// A reconnecting client finds the device as the last one left it (config and BAR0
+    /// registers), while that client's DMA maps are gone and its interrupt descriptors closed.
+    #[test]
+    fn a_reconnect_keeps_the_device_state_but_not_maps_or_irqs() {
+        use accel_abi::config::{command as cmd, off};
+        use accel_abi::regs;
+        let server = Listening::start("reconnect");
+        let name = format!("mxa-reconnect-{}", std::process::id());
+        let fd = memfd(&name, 4 * PAGE);
+        let first = server.connect();
+        negotiate(&first);
+        first.set_peer_max_fds(Limits::default().max_fds);
+        enable_pci(&first);
+        region_write(
+            &first,
+            region::BAR0,
+            regs::CMDQ_BASE,
+            &0x7000_0000u64.to_le_bytes(),
+        );
+        assert_eq!(
+            dma_map_msg(&first, 0x10_0000, 0, PAGE, RW, Some(fd.as_fd())),
+            0
+        );
+        let pipes: Vec<(OwnedFd, OwnedFd)> = (0..4).map(|_| nix::unistd::pipe().unwrap()).collect();
+        let ends: Vec<BorrowedFd<'_>> = pipes.iter().map(|(_, w)| w.as_fd()).collect();
+        assert_eq!(set_irqs_msg(&first, EVENTFDS, 0, 4, &ends), 0);
+        drop(ends);
+        let readers: Vec<OwnedFd> = pipes.into_iter().map(|(r, _)| r).collect();
+        assert_eq!(memfd_uses(&name), (1, 1));
+        for r in &readers {
+            assert_eq!(
+                pipe_state(r),
+                (false, false),
+                "the server holds the vector's fd"
+            );
+        }
+        drop(first);
+
+        let second = server.connect();
+        negotiate(&second);
+        // The first client's interrupt descriptors and its maps' mapping are gone...
+        for r in &readers {
+            assert_eq!(pipe_state(r), (false, true), "a vector's fd is still held");
+        }
+        assert_eq!(memfd_uses(&name), (1, 0));
+        // ...its maps too: the same IOVA maps again.
+        assert_eq!(
+            dma_map_msg(&second, 0x10_0000, 0, PAGE, RW, Some(fd.as_fd())),
+            0
+        );
+        // The device state stayed.
+        let command = region_read(&second, region::CONFIG, off::COMMAND as u64, 2);
+        let bits = u16::from_le_bytes([command[0], command[1]]);
+        assert_eq!(
+            bits & (cmd::MEMORY | cmd::BUS_MASTER),
+            cmd::MEMORY | cmd::BUS_MASTER
+        );
+        assert_eq!(bar_read64(&second, regs::CMDQ_BASE), 0x7000_0000);
+    }
 }
