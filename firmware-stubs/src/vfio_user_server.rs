@@ -2276,6 +2276,14 @@ mod tests {
     /// pipelining client does not deadlock the server.
     #[test]
     fn commands_queued_behind_a_dma_reply_do_not_deadlock() {
+        // In a thread: a push that waits for room would block the test forever.
+        join_within(
+            std::thread::spawn(queue_past_the_bound_while_awaiting_the_client),
+            Duration::from_secs(60),
+        );
+    }
+
+    fn queue_past_the_bound_while_awaiting_the_client() {
         let queue = CommandQueue::default();
         let stats = ServerStats::default();
         let msg = || Message {
