@@ -1126,7 +1126,9 @@ fn check_region_access(
         if !session.width_logged {
             session.width_logged = true;
             tracing::warn!(
-                "{op} of BAR0 refused (EINVAL): {count} bytes at {offset:#x}; BAR0 takes                  4- or 8-byte accesses only (further width refusals on this connection are not                  logged)"
+                "{op} of BAR0 refused (EINVAL): {count} bytes at {offset:#x}; BAR0 takes \
+                 4- or 8-byte accesses only (further width refusals on this connection are not \
+                 logged)"
             );
         }
         return Err(libc::EINVAL);
