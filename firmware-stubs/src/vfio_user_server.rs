@@ -295,6 +295,24 @@ impl ServerOptions {
                  (ServerOptions::max_dma_maps, mirrorctl emulate --max-dma-maps)",
             ));
         }
+        for (name, value) in [
+            ("message_timeout", self.message_timeout),
+            ("reply_send_timeout", self.reply_send_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "vfio-user server: ServerOptions::{name} is 0; it must be positive \
+                         (the default is {:?})",
+                        match name {
+                            "message_timeout" => vfio_user_protocol::framing::MESSAGE_TIMEOUT,
+                            _ => REPLY_SEND_TIMEOUT,
+                        }
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 }
@@ -2023,6 +2041,14 @@ mod tests {
             }
         )
         .is_err());
+        let no_timeout = ServerOptions {
+            message_timeout: Duration::ZERO,
+            ..ServerOptions::default()
+        };
+        let err = serve_connection_with(UnixStream::pair().unwrap().0, &small(), &no_timeout)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("message_timeout is 0"), "{err}");
     }
 
     #[test]
@@ -2127,22 +2153,7 @@ mod tests {
         let value = 0x5eed_0000_0000_0001u64;
         let cmd = Command::fence(value).with_completion(iova(record) + 0x100);
         nix::sys::uio::pwrite(&fd, &cmd.encode(), (ring * PAGE) as libc::off_t).unwrap();
-        enable_pci(&c);
-        region_write(&c, region::BAR0, regs::CMDQ_BASE, &iova(ring).to_le_bytes());
-        region_write(&c, region::BAR0, regs::CMDQ_ENTRIES, &64u32.to_le_bytes());
-        region_write(
-            &c,
-            region::BAR0,
-            regs::CMDQ_CTRL,
-            &regs::cmdq_ctrl::ENABLE.to_le_bytes(),
-        );
-        region_write(
-            &c,
-            region::BAR0,
-            regs::CONTROL,
-            &regs::control::ENABLE.to_le_bytes(),
-        );
-        region_write(&c, region::BAR0, regs::CMDQ_TAIL, &1u32.to_le_bytes());
+        start_ring(&c, iova(ring));
         let wait = std::time::Instant::now();
         while bar_read64(&c, regs::FENCE_DONE) != value {
             assert!(
