@@ -1,12 +1,23 @@
 //! A vfio-user server for the emulated MXA-1: a thin layer over [`Accelerator`].
 //!
-//! One connection at a time, one fresh device per connection (a reconnecting client finds a
-//! device at power-on state). Per connection:
+//! One client at a time on one device that outlives its connections: when a client disconnects,
+//! its DMA maps are unmapped and its interrupt eventfds closed, and the rest of the device state
+//! is kept for the next client (the spec's "Client Disconnection"). A client connecting while
+//! another is served gets a header-only `EBUSY` reply to its VERSION and is closed. Per
+//! connection:
 //! - the calling thread reads every message: replies to our DMA_READ/DMA_WRITE requests go to
 //!   the device thread waiting for them (matched by message id), commands go to a command
-//!   thread; so a command that waits on device DMA (a TLB invalidation waiting for in-flight
-//!   work) never stops the replies that DMA needs;
-//! - the command thread runs the client's commands in order against the device.
+//!   thread through a bounded queue ([`QUEUE_MAX_MESSAGES`], [`QUEUE_MAX_BYTES`]): when it is
+//!   full the reader stops reading the socket, so a client that sends without reading replies
+//!   is held back instead of growing the server. A command that waits on device DMA (a TLB
+//!   invalidation waiting for in-flight work) never stops the replies that DMA needs: in
+//!   twin-socket mode they come on their own socket, read by their own thread; on a single
+//!   socket the reader keeps reading while the server waits for the client, up to the larger
+//!   [`QUEUE_MAX_MESSAGES_WAITING`] and [`QUEUE_MAX_BYTES_WAITING`];
+//! - the command thread runs the client's commands in order against the device; a reply that
+//!   cannot be sent within [`ServerOptions::reply_send_timeout`] drops the connection;
+//! - once a message's first byte has arrived, the rest must come within
+//!   [`ServerOptions::message_timeout`], else the connection is dropped.
 //!
 //! DMA_MAP with an fd reaches the file through one shared mapping of the whole file
 //! (`FileMaps`: a client such as QEMU sends one 4 KiB map per guest IOMMU leaf, all of the
@@ -15,25 +26,26 @@
 //! cleanly (an IOMMU-style device fault) once the client is gone. The map table itself is the
 //! device's IOMMU (a `BTreeMap` by IOVA: lookups and overlap checks are range queries), bounded by
 //! [`ServerOptions::max_dma_maps`]. When the client disconnects, pending requests fail, the
-//! command thread stops and the device is dropped.
+//! command thread stops, the maps are unmapped and the interrupts disconnected.
 //!
 //! MSI: the capability advertises [`accel_abi::config::MSI_ADVERTISED_VECTORS`] (4, a power of
 //! two) while the device has `accel_abi::vector::COUNT` (3); SET_IRQS accepts every range up to
 //! the advertised count. Vector 3 is reserved: its eventfd is held (and closed on disable or
 //! replace) but never signalled.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use vfio_user_protocol::payload::{self, irq, region, DecodeError};
 use vfio_user_protocol::version::{self, Capabilities, Version};
 use vfio_user_protocol::{
-    command, CallError, Calls, Connection, Limits, Message, MessageType, RecvError,
+    command, CallError, Calls, Connection, Header, Limits, Message, MessageType, RecvError,
+    HEADER_SIZE,
 };
 
 use crate::SharedRegion;
@@ -53,6 +65,29 @@ const DEVICE_VECTORS: u32 = accel_abi::vector::COUNT;
 /// file, no mmap of its own.
 pub const DEFAULT_MAX_DMA_MAPS: u32 = 1 << 20;
 
+/// Commands queued for the command thread before the reader stops reading the socket (the
+/// client's sends then block: backpressure). With [`QUEUE_MAX_BYTES`], what one connection can
+/// make the server hold.
+pub const QUEUE_MAX_MESSAGES: usize = 64;
+/// Bytes of queued commands (headers included) past which the reader stops reading; a single
+/// larger command is still taken when the queue is empty.
+pub const QUEUE_MAX_BYTES: usize = 8 << 20;
+/// On a single socket, while the server waits for the client's reply to a DMA request, the
+/// reader has to keep reading to find that reply: commands sent meanwhile are queued up to this
+/// many (and [`QUEUE_MAX_BYTES_WAITING`]); past it the connection is dropped. A client that
+/// sends one command at a time never comes near it; twin-socket mode does not need it.
+pub const QUEUE_MAX_MESSAGES_WAITING: usize = 1024;
+/// Bytes counterpart of [`QUEUE_MAX_MESSAGES_WAITING`].
+pub const QUEUE_MAX_BYTES_WAITING: usize = 64 << 20;
+/// Default [`ServerOptions::reply_send_timeout`].
+pub const REPLY_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client refused for being second may take to send its VERSION (which is answered
+/// `EBUSY`) before it is closed without an answer.
+const BUSY_VERSION_WAIT: Duration = Duration::from_secs(2);
+/// Refusals of second clients answered at once; more connections meanwhile are closed without
+/// an answer (and logged), so a connection flood cannot start unbounded threads.
+const MAX_REFUSALS_IN_PROGRESS: usize = 4;
+
 /// Options of the server (the device itself is configured by [`AcceleratorConfig`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerOptions {
@@ -61,13 +96,193 @@ pub struct ServerOptions {
     /// proposal (QEMU proposes 65535 and refuses a larger answer), so a client that keeps to
     /// what it was told is never refused. `mirrorctl emulate --max-dma-maps N`.
     pub max_dma_maps: u32,
+    /// How long the rest of a message may take once its first byte arrived; a client that
+    /// stops mid-message is dropped past it. Default
+    /// `vfio_user_protocol::framing::MESSAGE_TIMEOUT` (5 s).
+    pub message_timeout: Duration,
+    /// How long a reply (or a DMA request) may wait for room in the socket; a client that does
+    /// not read what the server sends is dropped past it. Default [`REPLY_SEND_TIMEOUT`].
+    pub reply_send_timeout: Duration,
 }
 
 impl Default for ServerOptions {
     fn default() -> Self {
         ServerOptions {
             max_dma_maps: DEFAULT_MAX_DMA_MAPS,
+            message_timeout: vfio_user_protocol::framing::MESSAGE_TIMEOUT,
+            reply_send_timeout: REPLY_SEND_TIMEOUT,
         }
+    }
+}
+
+/// What the server observed, for tests and diagnostics (all connections of one `serve`, or of
+/// one [`serve_connection_on`] call).
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    queue_high_water_messages: AtomicUsize,
+    queue_high_water_bytes: AtomicUsize,
+    refused_busy: AtomicUsize,
+    dma_requests_main: AtomicU64,
+    dma_requests_twin: AtomicU64,
+    bar_width_refusals: AtomicU64,
+}
+
+/// A copy of [`ServerStats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ServerStatsSnapshot {
+    /// Most commands ever queued for a command thread at once.
+    pub queue_high_water_messages: usize,
+    /// Most bytes of commands ever queued at once.
+    pub queue_high_water_bytes: usize,
+    /// Clients refused with `EBUSY` (or closed) because another was served.
+    pub refused_busy: usize,
+    /// DMA_READ/DMA_WRITE requests sent on the main socket.
+    pub dma_requests_main: u64,
+    /// DMA_READ/DMA_WRITE requests sent on the twin socket.
+    pub dma_requests_twin: u64,
+    /// BAR0 accesses refused for their width.
+    pub bar_width_refusals: u64,
+}
+
+impl ServerStats {
+    /// The counters now.
+    pub fn snapshot(&self) -> ServerStatsSnapshot {
+        ServerStatsSnapshot {
+            queue_high_water_messages: self.queue_high_water_messages.load(Ordering::Relaxed),
+            queue_high_water_bytes: self.queue_high_water_bytes.load(Ordering::Relaxed),
+            refused_busy: self.refused_busy.load(Ordering::Relaxed),
+            dma_requests_main: self.dma_requests_main.load(Ordering::Relaxed),
+            dma_requests_twin: self.dma_requests_twin.load(Ordering::Relaxed),
+            bar_width_refusals: self.bar_width_refusals.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Bytes a received message takes in the queue.
+fn queued_bytes(m: &Message) -> usize {
+    HEADER_SIZE + m.payload.len()
+}
+
+/// The commands between a connection's reader and its command thread, bounded.
+#[derive(Default)]
+struct CommandQueue {
+    state: Mutex<QueueState>,
+    changed: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    commands: VecDeque<Message>,
+    bytes: usize,
+    /// No more commands come: the command thread runs what is queued, then stops.
+    finished: bool,
+    /// The connection is over: queued commands are dropped.
+    closed: bool,
+    /// Server requests on the main socket waiting for the client's reply.
+    awaiting_client: usize,
+}
+
+/// What [`CommandQueue::push`] did.
+#[derive(Debug)]
+enum Push {
+    Queued,
+    Closed,
+    /// The bound for a server waiting on the client was reached.
+    Overflow {
+        messages: usize,
+        bytes: usize,
+    },
+}
+
+impl CommandQueue {
+    /// Queue `msg`, waiting for room, except while the server waits for the client on the main
+    /// socket (its reply can only be read past this command).
+    fn push(&self, msg: Message, stats: &ServerStats) -> Push {
+        let size = queued_bytes(&msg);
+        let mut s = lock(&self.state);
+        loop {
+            if s.closed || s.finished {
+                return Push::Closed;
+            }
+            let full = !s.commands.is_empty()
+                && (s.commands.len() >= QUEUE_MAX_MESSAGES || s.bytes + size > QUEUE_MAX_BYTES);
+            if !full {
+                break;
+            }
+            if s.awaiting_client > 0 {
+                if s.commands.len() >= QUEUE_MAX_MESSAGES_WAITING
+                    || s.bytes + size > QUEUE_MAX_BYTES_WAITING
+                {
+                    return Push::Overflow {
+                        messages: s.commands.len(),
+                        bytes: s.bytes,
+                    };
+                }
+                break;
+            }
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        s.bytes += size;
+        s.commands.push_back(msg);
+        stats
+            .queue_high_water_messages
+            .fetch_max(s.commands.len(), Ordering::Relaxed);
+        stats
+            .queue_high_water_bytes
+            .fetch_max(s.bytes, Ordering::Relaxed);
+        self.changed.notify_all();
+        Push::Queued
+    }
+
+    /// The next command; `None` once the queue is closed, or finished and empty.
+    fn pop(&self) -> Option<Message> {
+        let mut s = lock(&self.state);
+        loop {
+            if s.closed {
+                return None;
+            }
+            if let Some(m) = s.commands.pop_front() {
+                s.bytes -= queued_bytes(&m);
+                self.changed.notify_all();
+                return Some(m);
+            }
+            if s.finished {
+                return None;
+            }
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+
+    /// No more commands: what is queued still runs.
+    fn finish(&self) {
+        lock(&self.state).finished = true;
+        self.changed.notify_all();
+    }
+
+    /// The connection is over: drop what is queued, refuse more.
+    fn close(&self) {
+        let mut s = lock(&self.state);
+        s.closed = true;
+        s.commands.clear();
+        s.bytes = 0;
+        drop(s);
+        self.changed.notify_all();
+    }
+
+    /// A server request on the main socket starts (`true`) or ends.
+    fn awaiting_client(&self, starts: bool) {
+        let mut s = lock(&self.state);
+        if starts {
+            s.awaiting_client += 1;
+        } else {
+            s.awaiting_client = s.awaiting_client.saturating_sub(1);
+        }
+        drop(s);
+        self.changed.notify_all();
     }
 }
 
@@ -79,6 +294,24 @@ impl ServerOptions {
                 "vfio-user server: max_dma_maps is 0; it must be at least 1 \
                  (ServerOptions::max_dma_maps, mirrorctl emulate --max-dma-maps)",
             ));
+        }
+        for (name, value) in [
+            ("message_timeout", self.message_timeout),
+            ("reply_send_timeout", self.reply_send_timeout),
+        ] {
+            if value.is_zero() {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!(
+                        "vfio-user server: ServerOptions::{name} is 0; it must be positive \
+                         (the default is {:?})",
+                        match name {
+                            "message_timeout" => vfio_user_protocol::framing::MESSAGE_TIMEOUT,
+                            _ => REPLY_SEND_TIMEOUT,
+                        }
+                    ),
+                ));
+            }
         }
         Ok(())
     }
@@ -92,7 +325,8 @@ fn server_caps(opts: &ServerOptions) -> Capabilities {
         pgsizes: accel_abi::PAGE_SIZE,
         max_dma_maps: opts.max_dma_maps,
         write_multiple: false,
-        twin_socket: false,
+        twin_socket: true,
+        twin_socket_fd_index: None,
     }
 }
 
@@ -112,27 +346,71 @@ fn inside(base: u64, size: u64, offset: u64, len: usize) -> Result<u64, DmaAcces
 /// The connection as the device's DMA sees it.
 struct Link {
     conn: Connection,
+    /// Twin-socket mode: the socket for server-to-client commands and their replies.
+    twin: OnceLock<Arc<Connection>>,
+    /// The thread reading `twin`.
+    twin_reader: Mutex<Option<JoinHandle<()>>>,
     calls: Calls,
     max_xfer: AtomicUsize,
+    queue: CommandQueue,
+    stats: Arc<ServerStats>,
 }
 
 impl Link {
+    fn new(conn: Connection, stats: Arc<ServerStats>) -> Link {
+        Link {
+            conn,
+            twin: OnceLock::new(),
+            twin_reader: Mutex::new(None),
+            calls: Calls::new(),
+            max_xfer: AtomicUsize::new(version::DEFAULT_MAX_DATA_XFER as usize),
+            queue: CommandQueue::default(),
+            stats,
+        }
+    }
+
     /// Send a server-to-client command and wait for its reply (a dead client fails at once).
+    /// In twin-socket mode it goes on the twin socket; otherwise on the main one, and the
+    /// reader is told to keep reading meanwhile (the reply comes behind any queued commands).
     fn request(&self, cmd: u16, body: &[u8]) -> Result<Message, DmaAccessError> {
-        self.calls
-            .call(&self.conn, cmd, body, &[], DMA_REPLY_TIMEOUT)
-            .map_err(|e| {
-                tracing::debug!("DMA request to the client failed: {e}");
-                match e {
-                    CallError::OverLimit => DmaAccessError::Fault,
-                    _ => DmaAccessError::Os(nix::errno::Errno::ENOTCONN),
-                }
-            })
+        let result = match self.twin.get() {
+            Some(twin) => {
+                self.stats.dma_requests_twin.fetch_add(1, Ordering::Relaxed);
+                self.calls.call(twin, cmd, body, &[], DMA_REPLY_TIMEOUT)
+            }
+            None => {
+                self.stats.dma_requests_main.fetch_add(1, Ordering::Relaxed);
+                self.queue.awaiting_client(true);
+                let r = self
+                    .calls
+                    .call(&self.conn, cmd, body, &[], DMA_REPLY_TIMEOUT);
+                self.queue.awaiting_client(false);
+                r
+            }
+        };
+        result.map_err(|e| {
+            tracing::debug!("DMA request to the client failed: {e}");
+            match e {
+                CallError::OverLimit => DmaAccessError::Fault,
+                _ => DmaAccessError::Os(nix::errno::Errno::ENOTCONN),
+            }
+        })
     }
 
     /// Fail every waiting request and refuse new ones.
     fn close(&self) {
         self.calls.close();
+    }
+
+    /// End the connection: both sockets shut down, waiting requests failed, queued commands
+    /// dropped.
+    fn hang_up(&self) {
+        self.close();
+        self.queue.close();
+        self.conn.shutdown();
+        if let Some(twin) = self.twin.get() {
+            twin.shutdown();
+        }
     }
 }
 
@@ -353,6 +631,12 @@ struct Session {
     files: FileMaps,
     /// A DMA_MAP refused for a full table was logged (again after a map succeeds).
     full_logged: bool,
+    /// A BAR0 access of a refused width was logged (once per connection).
+    width_logged: bool,
+    /// The proposed version cannot be served: close once the error reply is sent (spec,
+    /// "Connection Initiation": the server "closes the connection if it cannot support the
+    /// advertised version").
+    refused_version: bool,
 }
 
 impl Session {
@@ -363,6 +647,8 @@ impl Session {
             reserved_irqs: (DEVICE_VECTORS..MSI_VECTORS).map(|_| None).collect(),
             files: FileMaps::default(),
             full_logged: false,
+            width_logged: false,
+            refused_version: false,
         }
     }
 }
@@ -379,6 +665,21 @@ pub enum ServeError {
     /// A socket or thread error.
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    /// The client kept sending commands while the server waited for its reply to a DMA
+    /// request on the same socket, past what the server holds.
+    #[error(
+        "the client sent {messages} commands ({bytes} bytes) while the server waited for its \
+         reply to a DMA request on the same socket; the server holds at most \
+         QUEUE_MAX_MESSAGES_WAITING = {QUEUE_MAX_MESSAGES_WAITING} commands and \
+         QUEUE_MAX_BYTES_WAITING = {QUEUE_MAX_BYTES_WAITING} bytes then (twin-socket mode, or \
+         waiting for replies, avoids this)"
+    )]
+    QueueOverflow {
+        /// Commands queued.
+        messages: usize,
+        /// Their bytes.
+        bytes: usize,
+    },
 }
 
 /// Serve one connected client until it disconnects. A fresh device is created for it.
@@ -393,42 +694,73 @@ pub fn serve_connection_with(
     opts: &ServerOptions,
 ) -> Result<(), ServeError> {
     opts.check()?;
-    let opts = *opts;
     let device = Arc::new(Accelerator::new(cfg.clone())?);
-    let link = Arc::new(Link {
-        conn: Connection::new(stream, Limits::default()),
-        calls: Calls::new(),
-        max_xfer: AtomicUsize::new(version::DEFAULT_MAX_DATA_XFER as usize),
-    });
-    let (tx, rx) = mpsc::channel::<Message>();
+    serve_connection_on(stream, &device, opts, &Arc::new(ServerStats::default()))
+}
+
+/// Serve one connected client on `device` until it disconnects. On return the client's DMA
+/// maps are unmapped and its interrupt eventfds closed; the rest of the device state is kept
+/// (the spec's "Client Disconnection"), for the next client.
+pub fn serve_connection_on(
+    stream: UnixStream,
+    device: &Arc<Accelerator>,
+    opts: &ServerOptions,
+    stats: &Arc<ServerStats>,
+) -> Result<(), ServeError> {
+    opts.check()?;
+    let opts = *opts;
+    let conn =
+        Connection::new(stream, Limits::default()).with_message_timeout(opts.message_timeout);
+    conn.set_send_timeout(Some(opts.reply_send_timeout))?;
+    let link = Arc::new(Link::new(conn, Arc::clone(stats)));
     let worker = {
         let link = Arc::clone(&link);
-        let device = Arc::clone(&device);
+        let device = Arc::clone(device);
         std::thread::Builder::new()
             .name("vfio-user-cmd".into())
-            .spawn(move || command_loop(&link, &device, rx, opts))?
+            .spawn(move || command_loop(&link, &device, opts))?
     };
-    let result = reader_loop(&link, &tx);
-    // Stop: refuse and fail DMA requests, let the command thread drain and end.
+    let result = reader_loop(&link);
+    // Stop: refuse and fail DMA requests; after a clean end of the stream the command thread
+    // still runs what was queued (no reply can be sent any more), else it drops it.
     link.close();
-    link.conn.shutdown();
-    drop(tx);
+    match result {
+        Ok(()) | Err(ServeError::Recv(RecvError::Closed)) => link.queue.finish(),
+        Err(_) => link.queue.close(),
+    }
     if worker.join().is_err() {
         tracing::error!("the vfio-user command thread panicked");
     }
-    // Unmap everything before the device goes (the RemoteMemory objects hold the link).
-    if let Err(e) = device.dma_unmap(0, 1 << 63) {
-        tracing::warn!("unmapping on disconnect: {e}");
+    link.hang_up();
+    let twin_reader = lock(&link.twin_reader).take();
+    if let Some(t) = twin_reader {
+        if t.join().is_err() {
+            tracing::error!("the vfio-user twin-socket reader panicked");
+        }
     }
-    drop(device);
+    release_client(device);
     match result {
-        Err(RecvError::Closed) => Ok(()),
-        Err(e) => Err(e.into()),
-        Ok(()) => Ok(()),
+        Err(ServeError::Recv(RecvError::Closed)) => Ok(()),
+        other => other,
     }
 }
 
-fn reader_loop(link: &Link, commands: &mpsc::Sender<Message>) -> Result<(), RecvError> {
+/// What a disconnected client leaves behind goes: its DMA maps (the RemoteMemory objects hold
+/// the link; fd maps hold their file's mapping) and its interrupt eventfds. The device state
+/// stays.
+fn release_client(device: &Accelerator) {
+    if let Err(e) = device.dma_unmap(0, 1 << 63) {
+        tracing::warn!("unmapping on disconnect: {e}");
+    }
+    for v in 0..DEVICE_VECTORS {
+        if let Err(e) = device.set_irq(v, None) {
+            tracing::warn!("disconnecting MSI vector {v} on disconnect: {e}");
+        }
+    }
+}
+
+/// Read the main socket: replies to our requests go to their waiters, commands to the queue.
+fn reader_loop(link: &Link) -> Result<(), ServeError> {
     loop {
         match link.conn.recv() {
             Ok(msg) => match msg.header.message_type() {
@@ -438,11 +770,15 @@ fn reader_loop(link: &Link, commands: &mpsc::Sender<Message>) -> Result<(), Recv
                         tracing::warn!(id, "reply to no outstanding request: dropped");
                     }
                 }
-                MessageType::Command => {
-                    if commands.send(msg).is_err() {
-                        return Ok(());
+                MessageType::Command => match link.queue.push(msg, &link.stats) {
+                    Push::Queued => {}
+                    Push::Closed => return Ok(()),
+                    Push::Overflow { messages, bytes } => {
+                        let e = ServeError::QueueOverflow { messages, bytes };
+                        tracing::warn!("vfio-user server: dropping the connection: {e}");
+                        return Err(e);
                     }
-                }
+                },
                 MessageType::Other(t) => {
                     tracing::warn!(kind = t, "message of unknown type");
                     if !msg.header.no_reply() {
@@ -454,23 +790,97 @@ fn reader_loop(link: &Link, commands: &mpsc::Sender<Message>) -> Result<(), Recv
                 MessageType::Reply => {
                     link.calls.complete(h.id, Err(CallError::OverLimit));
                 }
+                // Drained and dropped; a command that wants no reply gets none, even E2BIG
+                // (its id may be reused by a later command, whose reply this would impersonate).
+                _ if h.no_reply() => {
+                    tracing::warn!(
+                        id = h.id,
+                        command = h.command,
+                        "a no-reply command over the size or descriptor limit was dropped"
+                    );
+                }
                 _ => {
                     let _ = link.conn.reply_error(&h, libc::E2BIG);
                 }
             },
-            Err(e) => return Err(e),
+            Err(e @ RecvError::Stalled { .. }) => {
+                tracing::warn!(
+                    "vfio-user server: dropping the connection: {e}; the bound is \
+                     ServerOptions::message_timeout"
+                );
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
         }
     }
 }
 
-fn command_loop(
-    link: &Arc<Link>,
-    device: &Accelerator,
-    rx: Receiver<Message>,
-    opts: ServerOptions,
-) {
+/// Read the twin socket of twin-socket mode: the client's replies to our requests. The client
+/// sends no commands here; one that does is answered `EINVAL`. When it ends, the connection
+/// ends.
+fn twin_reader_loop(link: &Link, twin: &Connection) {
+    let reason = loop {
+        match twin.recv() {
+            Ok(msg) => match msg.header.message_type() {
+                MessageType::Reply => {
+                    let id = msg.header.id;
+                    if !link.calls.complete(id, Ok(msg)) {
+                        tracing::warn!(id, "reply on the twin socket to no request: dropped");
+                    }
+                }
+                _ => {
+                    tracing::warn!(
+                        command = msg.header.command,
+                        "a client command on the twin socket (it carries only the server's \
+                         commands): refused with EINVAL"
+                    );
+                    if !msg.header.no_reply() {
+                        let _ = twin.reply_error(&msg.header, libc::EINVAL);
+                    }
+                }
+            },
+            Err(RecvError::TooLarge(h)) | Err(RecvError::TooManyFds(h)) => {
+                if h.message_type() == MessageType::Reply {
+                    link.calls.complete(h.id, Err(CallError::OverLimit));
+                } else if !h.no_reply() {
+                    let _ = twin.reply_error(&h, libc::E2BIG);
+                }
+            }
+            Err(e) => break e,
+        }
+    };
+    if !matches!(reason, RecvError::Closed) {
+        tracing::warn!(
+            "vfio-user server: the twin socket failed ({reason}): dropping the connection"
+        );
+    }
+    link.hang_up();
+}
+
+/// Start twin-socket mode: `ours` is the server end of the new socket pair.
+fn start_twin(link: &Arc<Link>, ours: UnixStream, opts: &ServerOptions) -> std::io::Result<()> {
+    let twin = Arc::new(
+        Connection::new(ours, Limits::default()).with_message_timeout(opts.message_timeout),
+    );
+    twin.set_send_timeout(Some(opts.reply_send_timeout))?;
+    twin.set_peer_max_fds(1);
+    let reader = {
+        let (link, twin) = (Arc::clone(link), Arc::clone(&twin));
+        std::thread::Builder::new()
+            .name("vfio-user-twin".into())
+            .spawn(move || twin_reader_loop(&link, &twin))?
+    };
+    *lock(&link.twin_reader) = Some(reader);
+    if link.twin.set(twin).is_err() {
+        // Only one VERSION is accepted per connection, so this cannot happen.
+        tracing::error!("twin-socket mode started twice");
+    }
+    Ok(())
+}
+
+fn command_loop(link: &Arc<Link>, device: &Accelerator, opts: ServerOptions) {
     let mut session = Session::new(opts);
-    while let Ok(msg) = rx.recv() {
+    while let Some(msg) = link.queue.pop() {
         let h = msg.header;
         let outcome = if !session.negotiated && h.command != command::VERSION {
             Err(libc::EINVAL)
@@ -481,11 +891,12 @@ fn command_loop(
         // that got the reply finds none of them kept.
         drop(msg);
         let sent = match outcome {
-            Ok(Reply { body, close }) => {
+            Ok(Reply { body, close, fds }) => {
                 let r = if h.no_reply() {
                     Ok(())
                 } else {
-                    link.conn.reply(&h, &body, &[])
+                    let fds: Vec<BorrowedFd<'_>> = fds.iter().map(|f| f.as_fd()).collect();
+                    link.conn.reply(&h, &body, &fds)
                 };
                 if close {
                     link.conn.shutdown();
@@ -493,16 +904,32 @@ fn command_loop(
                 r
             }
             Err(errno) => {
-                if h.no_reply() {
+                let r = if h.no_reply() {
                     Ok(())
                 } else {
                     link.conn.reply_error(&h, errno)
+                };
+                if session.refused_version {
+                    link.conn.shutdown();
                 }
+                r
             }
         };
         if let Err(e) = sent {
-            tracing::debug!("reply failed (client gone): {e}");
-            link.conn.shutdown();
+            if e.kind() == std::io::ErrorKind::WouldBlock
+                || e.kind() == std::io::ErrorKind::TimedOut
+            {
+                tracing::warn!(
+                    "vfio-user server: dropping the connection: a reply could not be sent \
+                     within the reply send timeout of {:?} (ServerOptions::reply_send_timeout, \
+                     default REPLY_SEND_TIMEOUT): the client does not read its replies",
+                    session.opts.reply_send_timeout
+                );
+            } else {
+                tracing::debug!("reply failed (client gone): {e}");
+            }
+            link.hang_up();
+            return;
         }
     }
 }
@@ -510,11 +937,17 @@ fn command_loop(
 struct Reply {
     body: Vec<u8>,
     close: bool,
+    /// Descriptors sent with the reply (the twin socket's client end).
+    fds: Vec<OwnedFd>,
 }
 
 impl Reply {
     fn body(body: Vec<u8>) -> Result<Reply, i32> {
-        Ok(Reply { body, close: false })
+        Ok(Reply {
+            body,
+            close: false,
+            fds: Vec::new(),
+        })
     }
 }
 
@@ -544,19 +977,43 @@ fn handle(
                 return Err(libc::EINVAL);
             }
             let proposed = Version::decode(p).map_err(einval)?;
-            match version::server_reply(&server_caps(&session.opts), &proposed) {
-                Ok(reply) => {
-                    link.conn
-                        .set_peer_max_fds(proposed.caps.max_msg_fds as usize);
-                    link.max_xfer.store(
-                        reply.caps.max_data_xfer_size.max(8) as usize,
-                        Ordering::Relaxed,
+            let reply = version::server_reply(&server_caps(&session.opts), &proposed).inspect_err(
+                |errno| {
+                    tracing::warn!(
+                        "VERSION {}.{} refused ({}): we speak {}.0 to {}.{} with 4 KiB DMA \
+                         pages; closing the connection",
+                        proposed.major,
+                        proposed.minor,
+                        nix::errno::Errno::from_raw(*errno),
+                        version::MAJOR,
+                        version::MAJOR,
+                        version::MINOR
                     );
-                    session.negotiated = true;
-                    Reply::body(reply.encode())
-                }
-                Err(errno) => Err(errno),
+                    session.refused_version = true;
+                },
+            )?;
+            let mut fds = Vec::new();
+            if reply.caps.twin_socket {
+                // The client end goes as the reply's descriptor 0 (`fd_index` 0); DMA requests
+                // from now on travel on the server end.
+                let os = |e: std::io::Error| e.raw_os_error().unwrap_or(libc::EIO);
+                let (ours, theirs) = UnixStream::pair().map_err(os)?;
+                start_twin(link, ours, &session.opts).map_err(os)?;
+                fds.push(OwnedFd::from(theirs));
             }
+            link.conn
+                .set_peer_max_fds(proposed.caps.max_msg_fds as usize);
+            link.max_xfer.store(
+                // No minimum: a client taking 4-byte transfers gets 4-byte DMA requests.
+                reply.caps.max_data_xfer_size.max(1) as usize,
+                Ordering::Relaxed,
+            );
+            session.negotiated = true;
+            Ok(Reply {
+                body: reply.encode(),
+                close: false,
+                fds,
+            })
         }
         command::DEVICE_GET_INFO => {
             no_fds(msg)?;
@@ -619,15 +1076,12 @@ fn handle(
             )
         }
         command::DEVICE_SET_IRQS => {
-            set_irqs(device, msg, &mut session.reserved_irqs).map(|()| Reply {
-                body: Vec::new(),
-                close: false,
-            })
+            set_irqs(device, msg, &mut session.reserved_irqs).and_then(|()| Reply::body(Vec::new()))
         }
         command::REGION_READ => {
             no_fds(msg)?;
             let req = payload::RegionAccess::decode(p, false).map_err(einval)?;
-            check_region_access(req.region, req.offset, req.count)?;
+            check_region_access("REGION_READ", &req, link, session)?;
             let mut data = vec![0u8; req.count as usize];
             if req.region == region::CONFIG {
                 device.config_read(req.offset, &mut data);
@@ -639,7 +1093,7 @@ fn handle(
         command::REGION_WRITE => {
             no_fds(msg)?;
             let req = payload::RegionAccess::decode(p, true).map_err(einval)?;
-            check_region_access(req.region, req.offset, req.count)?;
+            check_region_access("REGION_WRITE", &req, link, session)?;
             if req.region == region::CONFIG {
                 device.config_write(req.offset, &req.data);
             } else {
@@ -653,10 +1107,9 @@ fn handle(
                 .encode(),
             )
         }
-        command::DMA_MAP => dma_map(link, device, msg, session).map(|()| Reply {
-            body: Vec::new(),
-            close: false,
-        }),
+        command::DMA_MAP => {
+            dma_map(link, device, msg, session).and_then(|()| Reply::body(Vec::new()))
+        }
         command::DMA_UNMAP => {
             no_fds(msg)?;
             let req = payload::DmaUnmap::decode(p).map_err(einval)?;
@@ -672,10 +1125,14 @@ fn handle(
                 (req.address, req.size)
             };
             let bytes = device.dma_unmap(iova, len).map_err(dma_errno)?;
+            if bytes == 0 && req.flags & payload::DMA_UNMAP_ALL == 0 {
+                // The spec wants the range to match a mapping; this one covers none.
+                return Err(libc::ENOENT);
+            }
+            // The spec: "The server responds with the original DMA entry in the request".
             Reply::body(
                 payload::DmaUnmap {
                     argsz: payload::DmaUnmap::SIZE as u32,
-                    size: bytes,
                     ..req
                 }
                 .encode(),
@@ -698,13 +1155,33 @@ fn region_size(index: u32) -> Option<u64> {
     }
 }
 
-fn check_region_access(index: u32, offset: u64, count: u32) -> Result<(), i32> {
+/// Bounds and widths of a REGION_READ/WRITE (`op`). A BAR0 access of another width than 4 or
+/// 8 bytes is logged once per connection with the widths allowed: the header-only error reply
+/// carries no text.
+fn check_region_access(
+    op: &str,
+    req: &payload::RegionAccess,
+    link: &Link,
+    session: &mut Session,
+) -> Result<(), i32> {
+    let (index, offset, count) = (req.region, req.offset, req.count);
     let size = region_size(index).ok_or(libc::EINVAL)?;
     let end = offset.checked_add(count.into()).ok_or(libc::EINVAL)?;
     if end > size || count == 0 {
         return Err(libc::EINVAL);
     }
     if index == region::BAR0 && count != 4 && count != 8 {
+        link.stats
+            .bar_width_refusals
+            .fetch_add(1, Ordering::Relaxed);
+        if !session.width_logged {
+            session.width_logged = true;
+            tracing::warn!(
+                "{op} of BAR0 refused (EINVAL): {count} bytes at {offset:#x}; BAR0 takes \
+                 4- or 8-byte accesses only (further width refusals on this connection are not \
+                 logged)"
+            );
+        }
         return Err(libc::EINVAL);
     }
     Ok(())
@@ -829,8 +1306,10 @@ fn dma_map(
 }
 
 /// Serve clients on `listener`, one at a time, until `stop` becomes readable (for example a
-/// signalfd for SIGTERM), or with `once` until the first client disconnects. A second client
-/// connecting while one is served is refused (closed).
+/// signalfd for SIGTERM), or with `once` until the first client disconnects. One device serves
+/// every connection: a reconnecting client finds it as the last one left it, less its DMA maps
+/// and interrupt eventfds. A second client connecting while one is served gets a header-only
+/// `EBUSY` reply to its VERSION and is closed.
 pub fn serve(
     listener: &UnixListener,
     cfg: &AcceleratorConfig,
@@ -848,16 +1327,40 @@ pub fn serve_with(
     stop: BorrowedFd<'_>,
     once: bool,
 ) -> std::io::Result<()> {
+    serve_observed(
+        listener,
+        cfg,
+        opts,
+        stop,
+        once,
+        &Arc::new(ServerStats::default()),
+    )
+}
+
+/// [`serve_with`], counting into `stats`.
+pub fn serve_observed(
+    listener: &UnixListener,
+    cfg: &AcceleratorConfig,
+    opts: &ServerOptions,
+    stop: BorrowedFd<'_>,
+    once: bool,
+    stats: &Arc<ServerStats>,
+) -> std::io::Result<()> {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     opts.check()?;
     let opts = *opts;
     use std::io::{Read, Write};
+    let device = Arc::new(
+        Accelerator::new(cfg.clone())
+            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?,
+    );
     listener.set_nonblocking(true)?;
     // A connection thread writes one byte here when it ends, waking the loop.
     let (mut done_rx, done_tx) = UnixStream::pair()?;
     // The connection served, its thread and its generation (the byte it writes when done).
-    let mut active: Option<(UnixStream, std::thread::JoinHandle<()>, u8)> = None;
+    let mut active: Option<(UnixStream, JoinHandle<()>, u8)> = None;
     let mut generation = 0u8;
+    let refusals = Arc::new(AtomicUsize::new(0));
     loop {
         let mut fds = [
             PollFd::new(listener.as_fd(), PollFlags::POLLIN),
@@ -909,21 +1412,25 @@ pub fn serve_with(
                 }
             }
             if active.is_some() {
-                tracing::warn!("a second client was refused: one device, one client");
-                drop(stream);
+                stats.refused_busy.fetch_add(1, Ordering::Relaxed);
+                refuse_busy(stream, &refusals);
                 continue;
             }
             stream.set_nonblocking(false)?;
             let handle = stream.try_clone()?;
-            let cfg = cfg.clone();
+            let device = Arc::clone(&device);
+            let stats = Arc::clone(stats);
             let mut done = done_tx.try_clone()?;
             generation = generation.wrapping_add(1);
             let me = generation;
             let t = std::thread::Builder::new()
                 .name("vfio-user-conn".into())
                 .spawn(move || {
-                    match serve_connection_with(stream, &cfg, &opts) {
-                        Ok(()) => tracing::info!("client disconnected"),
+                    match serve_connection_on(stream, &device, &opts, &stats) {
+                        Ok(()) => tracing::info!(
+                            "client disconnected: its DMA maps unmapped, its interrupts \
+                             disconnected, the device state kept for the next client"
+                        ),
                         Err(e) => tracing::warn!("client connection ended: {e}"),
                     }
                     if let Err(e) = done.write_all(&[me]) {
@@ -933,6 +1440,66 @@ pub fn serve_with(
             tracing::info!(fd = handle.as_raw_fd(), "client connected");
             active = Some((handle, t, me));
         }
+    }
+}
+
+/// Refuse a client that connected while another is served: answer its VERSION (or whatever
+/// command it sends first) with a header-only `EBUSY` error reply, then close. A client that
+/// sends nothing within [`BUSY_VERSION_WAIT`] is closed without an answer. At most
+/// [`MAX_REFUSALS_IN_PROGRESS`] refusals run at once; beyond that the connection is closed at
+/// once.
+fn refuse_busy(stream: UnixStream, in_progress: &Arc<AtomicUsize>) {
+    const WHY: &str = "the server serves one client at a time and one is connected; it may \
+                       connect again once that client has disconnected";
+    if in_progress.fetch_add(1, Ordering::AcqRel) >= MAX_REFUSALS_IN_PROGRESS {
+        in_progress.fetch_sub(1, Ordering::AcqRel);
+        tracing::warn!(
+            "a second client was closed without an answer: {WHY} ({MAX_REFUSALS_IN_PROGRESS} \
+             refusals already in progress)"
+        );
+        return;
+    }
+    tracing::warn!("a second client is refused with EBUSY: {WHY}");
+    let count = Arc::clone(in_progress);
+    let refusal = move || {
+        let answer = || -> std::io::Result<()> {
+            use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+            stream.set_nonblocking(false)?;
+            let limits = Limits {
+                max_msg_size: HEADER_SIZE + version::MAX_JSON + 4,
+                max_fds: 0,
+            };
+            let conn = Connection::new(stream, limits);
+            conn.set_send_timeout(Some(BUSY_VERSION_WAIT))?;
+            let mut fds = [PollFd::new(conn.stream().as_fd(), PollFlags::POLLIN)];
+            let wait = PollTimeout::from(BUSY_VERSION_WAIT.as_millis() as u16);
+            if poll(&mut fds, wait)? == 0 {
+                return Ok(());
+            }
+            let first: Option<Header> = match conn.recv() {
+                Ok(m) => Some(m.header),
+                Err(RecvError::TooLarge(h)) | Err(RecvError::TooManyFds(h)) => Some(h),
+                Err(_) => None,
+            };
+            if let Some(h) = first {
+                if h.message_type() == MessageType::Command && !h.no_reply() {
+                    conn.reply_error(&h, libc::EBUSY)?;
+                }
+            }
+            conn.shutdown();
+            Ok(())
+        };
+        if let Err(e) = answer() {
+            tracing::debug!("refusing a second client: {e}");
+        }
+        count.fetch_sub(1, Ordering::AcqRel);
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("vfio-user-busy".into())
+        .spawn(refusal)
+    {
+        in_progress.fetch_sub(1, Ordering::AcqRel);
+        tracing::warn!("a second client was closed without an answer: {WHY} (thread: {e})");
     }
 }
 
@@ -1129,11 +1696,11 @@ mod tests {
         // Device memory without an fd is reached by DMA_READ/DMA_WRITE to the client; once the
         // client is gone the access fails instead of hanging.
         let (a, b) = UnixStream::pair().unwrap();
-        let link = Arc::new(Link {
-            conn: Connection::new(b, Limits::default()),
-            calls: Calls::new(),
-            max_xfer: AtomicUsize::new(16),
-        });
+        let link = Arc::new(Link::new(
+            Connection::new(b, Limits::default()),
+            Arc::new(ServerStats::default()),
+        ));
+        link.max_xfer.store(16, Ordering::Relaxed);
         let mem = RemoteMemory {
             link: Arc::clone(&link),
             iova: 0x1000,
@@ -1144,8 +1711,7 @@ mod tests {
         let server_reader = {
             let link = Arc::clone(&link);
             std::thread::spawn(move || {
-                let (tx, _rx) = mpsc::channel();
-                let _ = reader_loop(&link, &tx);
+                let _ = reader_loop(&link);
                 link.close();
             })
         };
@@ -1412,7 +1978,8 @@ mod tests {
         ))
     }
 
-    /// DMA_UNMAP of a range (or all, with `size` 0 and the ALL flag); the bytes unmapped.
+    /// DMA_UNMAP of a range (or all, with `size` 0 and the ALL flag). A success reply must
+    /// echo the request (the spec: "the original DMA entry in the request"); its size.
     fn dma_unmap_msg(c: &Connection, iova: u64, size: u64, flags: u32) -> Result<u64, u32> {
         let req = payload::DmaUnmap {
             argsz: payload::DmaUnmap::SIZE as u32,
@@ -1422,14 +1989,21 @@ mod tests {
         };
         let r = call(c, 5, command::DMA_UNMAP, &req.encode(), &[]);
         match errno(&r) {
-            0 => Ok(payload::DmaUnmap::decode(&r.payload).unwrap().size),
+            0 => {
+                let echo = payload::DmaUnmap::decode(&r.payload).unwrap();
+                assert_eq!(echo, req, "the reply echoes the request");
+                Ok(echo.size)
+            }
             e => Err(e),
         }
     }
 
     #[test]
     fn the_announced_dma_map_limit_is_enforced() {
-        let opts = ServerOptions { max_dma_maps: 8 };
+        let opts = ServerOptions {
+            max_dma_maps: 8,
+            ..ServerOptions::default()
+        };
         let (c, t) = start_with(opts);
         // A client proposing no lower ceiling is told the limit.
         let caps = Capabilities {
@@ -1462,7 +2036,8 @@ mod tests {
             dma_map_msg(&c, ninth, 0, PAGE, RW, None),
             libc::ENOSPC as u32
         );
-        assert_eq!(dma_unmap_msg(&c, ninth, PAGE, 0), Ok(0));
+        // Nothing mapped there: refused (the spec wants an unmap to match a mapping).
+        assert_eq!(dma_unmap_msg(&c, ninth, PAGE, 0), Err(libc::ENOENT as u32));
         // One unmapped: one fits again.
         assert_eq!(dma_unmap_msg(&c, 0x10_0000, PAGE, 0), Ok(PAGE));
         assert_eq!(
@@ -1493,9 +2068,20 @@ mod tests {
         assert!(serve_connection_with(
             UnixStream::pair().unwrap().0,
             &small(),
-            &ServerOptions { max_dma_maps: 0 }
+            &ServerOptions {
+                max_dma_maps: 0,
+                ..ServerOptions::default()
+            }
         )
         .is_err());
+        let no_timeout = ServerOptions {
+            message_timeout: Duration::ZERO,
+            ..ServerOptions::default()
+        };
+        let err = serve_connection_with(UnixStream::pair().unwrap().0, &small(), &no_timeout)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("message_timeout is 0"), "{err}");
     }
 
     #[test]
@@ -1549,12 +2135,9 @@ mod tests {
         drop(ro);
         assert_eq!(memfd_uses(&name), (1, 3));
         // Unmapping the maps of the first mapping releases it.
-        assert_eq!(dma_unmap_msg(&c, 0x10_0000, 0x20_0000, 0), Ok(3 * PAGE));
+        assert_eq!(dma_unmap_msg(&c, 0x10_0000, 0x20_0000, 0), Ok(0x20_0000));
         assert_eq!(memfd_uses(&name), (1, 2));
-        assert_eq!(
-            dma_unmap_msg(&c, 0, 0, payload::DMA_UNMAP_ALL),
-            Ok(3 * PAGE)
-        );
+        assert_eq!(dma_unmap_msg(&c, 0, 0, payload::DMA_UNMAP_ALL), Ok(0));
         assert_eq!(memfd_uses(&name), (1, 0));
         drop(c);
         t.join().unwrap().unwrap();
@@ -1603,22 +2186,7 @@ mod tests {
         let value = 0x5eed_0000_0000_0001u64;
         let cmd = Command::fence(value).with_completion(iova(record) + 0x100);
         nix::sys::uio::pwrite(&fd, &cmd.encode(), (ring * PAGE) as libc::off_t).unwrap();
-        enable_pci(&c);
-        region_write(&c, region::BAR0, regs::CMDQ_BASE, &iova(ring).to_le_bytes());
-        region_write(&c, region::BAR0, regs::CMDQ_ENTRIES, &64u32.to_le_bytes());
-        region_write(
-            &c,
-            region::BAR0,
-            regs::CMDQ_CTRL,
-            &regs::cmdq_ctrl::ENABLE.to_le_bytes(),
-        );
-        region_write(
-            &c,
-            region::BAR0,
-            regs::CONTROL,
-            &regs::control::ENABLE.to_le_bytes(),
-        );
-        region_write(&c, region::BAR0, regs::CMDQ_TAIL, &1u32.to_le_bytes());
+        start_ring(&c, iova(ring));
         let wait = std::time::Instant::now();
         while bar_read64(&c, regs::FENCE_DONE) != value {
             assert!(
@@ -1643,10 +2211,7 @@ mod tests {
             dma_map_msg(&c, BASE + half, 0, PAGE, RW, Some(fd.as_fd())),
             libc::EEXIST as u32
         );
-        assert_eq!(
-            dma_unmap_msg(&c, 0, 0, payload::DMA_UNMAP_ALL),
-            Ok(half + PAGE)
-        );
+        assert_eq!(dma_unmap_msg(&c, 0, 0, payload::DMA_UNMAP_ALL), Ok(0));
         // Everything unmapped: the file's mapping is gone too.
         assert_eq!(memfd_uses(&name), (1, 0));
         drop(c);
@@ -1655,5 +2220,532 @@ mod tests {
             "{N} maps in {mapping:?}, whole test {:?}",
             started.elapsed()
         );
+    }
+
+    // ------------------------------------------------------------------ hostile and dying peers
+
+    /// A connection on a fresh device with `opts`, observed; the server end's send buffer is
+    /// shrunk to `sndbuf` bytes (if given) so that a client that does not read fills it at once.
+    fn start_observed(
+        opts: ServerOptions,
+        sndbuf: Option<usize>,
+    ) -> (
+        Connection,
+        std::thread::JoinHandle<Result<(), ServeError>>,
+        Arc<ServerStats>,
+    ) {
+        let (a, b) = UnixStream::pair().unwrap();
+        if let Some(n) = sndbuf {
+            nix::sys::socket::setsockopt(&b, nix::sys::socket::sockopt::SndBuf, &n).unwrap();
+        }
+        let stats = Arc::new(ServerStats::default());
+        let t = {
+            let stats = Arc::clone(&stats);
+            std::thread::spawn(move || {
+                let device = Arc::new(Accelerator::new(small()).unwrap());
+                serve_connection_on(b, &device, &opts, &stats)
+            })
+        };
+        (Connection::new(a, Limits::default()), t, stats)
+    }
+
+    /// Join `t`, failing the test if it takes longer than `limit` (a hang, not a slow run).
+    fn join_within<T: Send + 'static>(t: std::thread::JoinHandle<T>, limit: Duration) -> T {
+        let started = std::time::Instant::now();
+        while !t.is_finished() {
+            assert!(
+                started.elapsed() < limit,
+                "the server did not end within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        t.join().expect("no panic")
+    }
+
+    /// A client that sends many 1 MiB commands and never reads a reply: the server holds at
+    /// most the queue bound (its reader stops reading, so the client's sends block), and once
+    /// a reply cannot be sent within the send timeout the connection is dropped.
+    #[test]
+    fn a_client_that_never_reads_is_bounded_and_then_dropped() {
+        const SENT: usize = 200;
+        let opts = ServerOptions {
+            reply_send_timeout: Duration::from_millis(500),
+            ..ServerOptions::default()
+        };
+        let (c, t, stats) = start_observed(opts, Some(4096));
+        negotiate(&c);
+        let c = Arc::new(c);
+        let writer = {
+            let c = Arc::clone(&c);
+            std::thread::spawn(move || {
+                // Out of config space's bounds: each gets a small EINVAL reply.
+                let req = payload::RegionAccess {
+                    offset: 0,
+                    region: region::CONFIG,
+                    count: 1 << 20,
+                    data: vec![0x5a; 1 << 20],
+                };
+                let body = req.encode();
+                let mut sent = 0;
+                while sent < SENT {
+                    let id = sent as u16 + 1;
+                    if c.send(Header::command(id, command::REGION_WRITE, 0), &body, &[])
+                        .is_err()
+                    {
+                        break;
+                    }
+                    sent += 1;
+                }
+                sent
+            })
+        };
+        let result = join_within(t, Duration::from_secs(120));
+        assert!(result.is_ok(), "{result:?}");
+        let sent = join_within(writer, Duration::from_secs(120));
+        assert!(sent < SENT, "the client's sends were never held back");
+        let seen = stats.snapshot();
+        eprintln!("{sent} of {SENT} commands sent before the server dropped the client; {seen:?}");
+        assert!(
+            seen.queue_high_water_messages <= QUEUE_MAX_MESSAGES,
+            "{} commands queued, the bound is {QUEUE_MAX_MESSAGES}",
+            seen.queue_high_water_messages
+        );
+        assert!(
+            seen.queue_high_water_bytes <= QUEUE_MAX_BYTES,
+            "{} bytes queued, the bound is {QUEUE_MAX_BYTES}",
+            seen.queue_high_water_bytes
+        );
+    }
+
+    /// On a single socket, commands that arrive while the server waits for the client's reply
+    /// to its own DMA request are read past the normal bound (the reply is behind them), so a
+    /// pipelining client does not deadlock the server.
+    #[test]
+    fn commands_queued_behind_a_dma_reply_do_not_deadlock() {
+        // In a thread: a push that waits for room would block the test forever.
+        join_within(
+            std::thread::spawn(queue_past_the_bound_while_awaiting_the_client),
+            Duration::from_secs(60),
+        );
+    }
+
+    fn queue_past_the_bound_while_awaiting_the_client() {
+        let queue = CommandQueue::default();
+        let stats = ServerStats::default();
+        let msg = || Message {
+            header: Header::command(1, command::DEVICE_RESET, 0),
+            payload: Vec::new(),
+            fds: Vec::new(),
+        };
+        for _ in 0..QUEUE_MAX_MESSAGES {
+            assert!(matches!(queue.push(msg(), &stats), Push::Queued));
+        }
+        // Full, but the server waits on the client: taken at once.
+        queue.awaiting_client(true);
+        assert!(matches!(queue.push(msg(), &stats), Push::Queued));
+        for _ in QUEUE_MAX_MESSAGES + 1..QUEUE_MAX_MESSAGES_WAITING {
+            assert!(matches!(queue.push(msg(), &stats), Push::Queued));
+        }
+        // Up to the larger bound; past it, the connection goes.
+        assert!(matches!(
+            queue.push(msg(), &stats),
+            Push::Overflow {
+                messages: QUEUE_MAX_MESSAGES_WAITING,
+                ..
+            }
+        ));
+        queue.awaiting_client(false);
+        assert_eq!(
+            stats.snapshot().queue_high_water_messages,
+            QUEUE_MAX_MESSAGES_WAITING
+        );
+        queue.close();
+        assert!(matches!(queue.push(msg(), &stats), Push::Closed));
+        assert!(queue.pop().is_none());
+    }
+
+    /// A header announcing 100 bytes, 10 of them, then silence with the connection open: the
+    /// server gives up after the message timeout instead of stalling forever.
+    #[test]
+    fn a_half_sent_message_times_out() {
+        let opts = ServerOptions {
+            message_timeout: Duration::from_millis(300),
+            ..ServerOptions::default()
+        };
+        let (c, t, _) = start_observed(opts, None);
+        negotiate(&c);
+        let h = Header {
+            size: 100,
+            ..Header::command(1, command::REGION_WRITE, 0)
+        };
+        c.stream().write_all(&h.encode()).unwrap();
+        c.stream().write_all(&[0; 10]).unwrap();
+        let r = join_within(t, Duration::from_secs(60));
+        assert!(
+            matches!(
+                r,
+                Err(ServeError::Recv(RecvError::Stalled {
+                    got: 26,
+                    want: 100,
+                    ..
+                }))
+            ),
+            "{r:?}"
+        );
+        // The server hung up.
+        let mut rest = Vec::new();
+        c.stream().read_to_end(&mut rest).unwrap();
+        drop(c);
+    }
+
+    /// VERSION proposing twin-socket mode; the reply's capabilities and the twin socket.
+    fn negotiate_twin(c: &Connection) -> (Version, Connection) {
+        let v = Version::ours(Capabilities {
+            max_msg_fds: 8,
+            twin_socket: true,
+            ..Capabilities::default()
+        });
+        c.send(Header::command(0, command::VERSION, 0), &v.encode(), &[])
+            .unwrap();
+        let mut r = c.recv().unwrap();
+        assert!(!r.header.is_error());
+        let reply = Version::decode(&r.payload).unwrap();
+        assert_eq!(r.fds.len(), 1);
+        let twin = UnixStream::from(r.fds.remove(0));
+        (reply, Connection::new(twin, Limits::default()))
+    }
+
+    /// Start the device on the command ring at `ring`, with one command in it.
+    fn start_ring(c: &Connection, ring: u64) {
+        use accel_abi::regs;
+        enable_pci(c);
+        region_write(c, region::BAR0, regs::CMDQ_BASE, &ring.to_le_bytes());
+        region_write(c, region::BAR0, regs::CMDQ_ENTRIES, &64u32.to_le_bytes());
+        region_write(
+            c,
+            region::BAR0,
+            regs::CMDQ_CTRL,
+            &regs::cmdq_ctrl::ENABLE.to_le_bytes(),
+        );
+        region_write(
+            c,
+            region::BAR0,
+            regs::CONTROL,
+            &regs::control::ENABLE.to_le_bytes(),
+        );
+        region_write(c, region::BAR0, regs::CMDQ_TAIL, &1u32.to_le_bytes());
+    }
+
+    /// Serve DMA_READ/DMA_WRITE on `conn` from `backing` (mapped at `base`) until it closes.
+    fn serve_dma(conn: Connection, base: u64, backing: Arc<Mutex<Vec<u8>>>) -> usize {
+        let mut served = 0;
+        while let Ok(m) = conn.recv() {
+            assert_eq!(m.header.message_type(), MessageType::Command);
+            let write = m.header.command == command::DMA_WRITE;
+            let req = payload::DmaAccess::decode(&m.payload, write).unwrap();
+            let at = (req.address - base) as usize;
+            let n = req.count as usize;
+            let mut mem = lock(&backing);
+            let data = if write {
+                mem[at..at + n].copy_from_slice(&req.data);
+                Vec::new()
+            } else {
+                mem[at..at + n].to_vec()
+            };
+            drop(mem);
+            let reply = payload::DmaAccess { data, ..req };
+            if conn.reply(&m.header, &reply.encode(), &[]).is_err() {
+                break;
+            }
+            served += 1;
+        }
+        served
+    }
+
+    /// Twin-socket mode: the server passes a socket in its VERSION reply and sends its
+    /// DMA_READ/DMA_WRITE there; none comes on the main socket.
+    #[test]
+    fn twin_socket_carries_the_servers_dma_requests() {
+        use accel_abi::{regs, Command};
+        let (c, t, stats) = start_observed(ServerOptions::default(), None);
+        let (reply, twin) = negotiate_twin(&c);
+        assert!(reply.caps.twin_socket);
+        assert_eq!(reply.caps.twin_socket_fd_index, Some(0));
+        const BASE: u64 = 0x40_0000;
+        let value = 0x7a1e_0000_0000_0001u64;
+        let mut memory = vec![0u8; PAGE as usize];
+        memory[..64].copy_from_slice(&Command::fence(value).with_completion(BASE + 0x100).encode());
+        let backing = Arc::new(Mutex::new(memory));
+        let dma = {
+            let backing = Arc::clone(&backing);
+            std::thread::spawn(move || serve_dma(twin, BASE, backing))
+        };
+        assert_eq!(dma_map_msg(&c, BASE, 0, PAGE, RW, None), 0);
+        start_ring(&c, BASE);
+        let wait = std::time::Instant::now();
+        // Every message on the main socket must be a reply (`call` would answer a command
+        // EFAULT; here a command is a failure).
+        let read64 = |offset: u64| {
+            let req = payload::RegionAccess {
+                offset,
+                region: region::BAR0,
+                count: 8,
+                data: Vec::new(),
+            };
+            c.send(
+                Header::command(9, command::REGION_READ, 0),
+                &req.encode(),
+                &[],
+            )
+            .unwrap();
+            let m = c.recv().unwrap();
+            assert_eq!(
+                m.header.message_type(),
+                MessageType::Reply,
+                "a server command on the main socket in twin-socket mode"
+            );
+            let got = payload::RegionAccess::decode(&m.payload, true).unwrap();
+            u64::from_le_bytes(got.data.try_into().unwrap())
+        };
+        while read64(regs::FENCE_DONE) != value {
+            assert!(wait.elapsed() < Duration::from_secs(30), "no FENCE");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // The completion record went through DMA_WRITE on the twin socket.
+        let rec: [u8; 16] = lock(&backing)[0x100..0x110].try_into().unwrap();
+        let done = accel_abi::Completion::decode(&rec).unwrap().expect("done");
+        assert_eq!(done.status, accel_abi::Status::Ok);
+        drop(c);
+        join_within(t, Duration::from_secs(60)).unwrap();
+        let served = dma.join().unwrap();
+        let seen = stats.snapshot();
+        assert!(served >= 2, "{served} requests served");
+        assert_eq!(seen.dma_requests_main, 0, "{seen:?}");
+        assert_eq!(seen.dma_requests_twin, served as u64, "{seen:?}");
+    }
+
+    /// Without a twin-socket proposal (QEMU's client), no socket is passed and DMA requests
+    /// use the main socket.
+    #[test]
+    fn without_a_twin_proposal_the_main_socket_carries_requests() {
+        let (c, t, stats) = start_observed(ServerOptions::default(), None);
+        let v = Version::ours(Capabilities::default());
+        c.send(Header::command(0, command::VERSION, 0), &v.encode(), &[])
+            .unwrap();
+        let r = c.recv().unwrap();
+        assert!(r.fds.is_empty());
+        let reply = Version::decode(&r.payload).unwrap();
+        assert!(!reply.caps.twin_socket);
+        assert!(!reply.named.contains(version::CapSet::TWIN_SOCKET));
+        assert_eq!(dma_map_msg(&c, 0x40_0000, 0, PAGE, RW, None), 0);
+        // The test's reply_to answers the device's DMA_READ of the ring with EFAULT.
+        start_ring(&c, 0x40_0000);
+        let wait = std::time::Instant::now();
+        while stats.snapshot().dma_requests_main == 0 {
+            assert!(wait.elapsed() < Duration::from_secs(30), "no DMA request");
+            let _ = bar_read32(&c, accel_abi::regs::STATUS);
+        }
+        assert_eq!(stats.snapshot().dma_requests_twin, 0);
+        // A DMA request may still be unread here: closing then resets the connection, which
+        // the server reports as an error; either way it ends.
+        drop(c);
+        let _ = join_within(t, Duration::from_secs(60));
+    }
+
+    /// The capabilities a VERSION reply's JSON names.
+    fn reply_json(c: &Connection, json: &str) -> String {
+        let mut body = vec![0, 0, 2, 0];
+        body.extend_from_slice(json.as_bytes());
+        body.push(0);
+        let r = call(c, 0, command::VERSION, &body, &[]);
+        assert!(!r.header.is_error());
+        String::from_utf8_lossy(&r.payload[4..]).into_owned()
+    }
+
+    #[test]
+    fn the_version_reply_names_only_what_was_proposed() {
+        let (c, t) = start();
+        let text = reply_json(&c, r#"{"capabilities":{"max_msg_fds":4}}"#);
+        assert!(text.contains("max_msg_fds"), "{text}");
+        for absent in [
+            "max_data_xfer_size",
+            "pgsizes",
+            "max_dma_maps",
+            "twin_socket",
+        ] {
+            assert!(!text.contains(absent), "{absent} in {text}");
+        }
+        drop(c);
+        t.join().unwrap().unwrap();
+        // QEMU's proposal (65535 maps) is answered 65535 though the server takes more.
+        let (c, t) = start();
+        let text = reply_json(
+            &c,
+            r#"{"capabilities":{"max_msg_fds":16,"max_data_xfer_size":1048576,"pgsizes":4096,"max_dma_maps":65535,"migration":{"pgsize":4096}}}"#,
+        );
+        assert!(text.contains("\"max_dma_maps\":65535"), "{text}");
+        assert!(!text.contains("migration"), "{text}");
+        drop(c);
+        t.join().unwrap().unwrap();
+    }
+
+    /// BAR0 accesses of a width other than 4 or 8 bytes are refused (EINVAL) and counted.
+    #[test]
+    fn bar0_width_refusals_are_counted() {
+        let (c, t, stats) = start_observed(ServerOptions::default(), None);
+        negotiate(&c);
+        for _ in 0..3 {
+            let req = payload::RegionAccess {
+                offset: 0,
+                region: region::BAR0,
+                count: 2,
+                data: Vec::new(),
+            };
+            let r = call(&c, 1, command::REGION_READ, &req.encode(), &[]);
+            assert_eq!(errno(&r), libc::EINVAL as u32);
+        }
+        assert_eq!(stats.snapshot().bar_width_refusals, 3);
+        drop(c);
+        join_within(t, Duration::from_secs(60)).unwrap();
+    }
+
+    /// A listener served by [`serve_observed`] on a fresh socket path; dropping it stops the
+    /// server.
+    struct Listening {
+        path: std::path::PathBuf,
+        stop: Option<OwnedFd>,
+        thread: Option<std::thread::JoinHandle<std::io::Result<()>>>,
+        stats: Arc<ServerStats>,
+    }
+
+    impl Listening {
+        fn start(name: &str) -> Listening {
+            let path =
+                std::env::temp_dir().join(format!("vfu-server-{name}-{}.sock", std::process::id()));
+            let _ = std::fs::remove_file(&path);
+            let listener = UnixListener::bind(&path).unwrap();
+            let (stop_r, stop_w) = nix::unistd::pipe().unwrap();
+            let stats = Arc::new(ServerStats::default());
+            let thread = {
+                let stats = Arc::clone(&stats);
+                std::thread::spawn(move || {
+                    serve_observed(
+                        &listener,
+                        &small(),
+                        &ServerOptions::default(),
+                        stop_r.as_fd(),
+                        false,
+                        &stats,
+                    )
+                })
+            };
+            Listening {
+                path,
+                stop: Some(stop_w),
+                thread: Some(thread),
+                stats,
+            }
+        }
+
+        fn connect(&self) -> Connection {
+            Connection::new(UnixStream::connect(&self.path).unwrap(), Limits::default())
+        }
+    }
+
+    impl Drop for Listening {
+        fn drop(&mut self) {
+            if let Some(w) = self.stop.take() {
+                let _ = nix::unistd::write(&w, &[1]);
+            }
+            if let Some(t) = self.thread.take() {
+                let _ = t.join();
+            }
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    /// A client connecting while another is served gets an EBUSY error reply to its VERSION,
+    /// then end of file; the first client is unaffected.
+    #[test]
+    fn a_second_client_gets_ebusy() {
+        let server = Listening::start("busy");
+        let first = server.connect();
+        negotiate(&first);
+        let second = server.connect();
+        let v = Version::ours(Capabilities::default());
+        second
+            .send(Header::command(7, command::VERSION, 0), &v.encode(), &[])
+            .unwrap();
+        let r = second.recv().expect("an answer, not a bare end of file");
+        assert_eq!(r.header.message_type(), MessageType::Reply);
+        assert!(r.header.is_error());
+        assert_eq!((r.header.id, r.header.error), (7, libc::EBUSY as u32));
+        assert_eq!(r.header.size as usize, HEADER_SIZE);
+        assert!(matches!(second.recv(), Err(RecvError::Closed)));
+        assert_eq!(server.stats.snapshot().refused_busy, 1);
+        assert_eq!(
+            vendor_id(&first),
+            accel_abi::config::VENDOR_ID.to_le_bytes()
+        );
+    }
+
+    /// A reconnecting client finds the device as the last one left it (config and BAR0
+    /// registers), while that client's DMA maps are gone and its interrupt descriptors closed.
+    #[test]
+    fn a_reconnect_keeps_the_device_state_but_not_maps_or_irqs() {
+        use accel_abi::config::{command as cmd, off};
+        use accel_abi::regs;
+        let server = Listening::start("reconnect");
+        let name = format!("mxa-reconnect-{}", std::process::id());
+        let fd = memfd(&name, 4 * PAGE);
+        let first = server.connect();
+        negotiate(&first);
+        first.set_peer_max_fds(Limits::default().max_fds);
+        enable_pci(&first);
+        region_write(
+            &first,
+            region::BAR0,
+            regs::CMDQ_BASE,
+            &0x7000_0000u64.to_le_bytes(),
+        );
+        assert_eq!(
+            dma_map_msg(&first, 0x10_0000, 0, PAGE, RW, Some(fd.as_fd())),
+            0
+        );
+        let pipes: Vec<(OwnedFd, OwnedFd)> = (0..4).map(|_| nix::unistd::pipe().unwrap()).collect();
+        let ends: Vec<BorrowedFd<'_>> = pipes.iter().map(|(_, w)| w.as_fd()).collect();
+        assert_eq!(set_irqs_msg(&first, EVENTFDS, 0, 4, &ends), 0);
+        drop(ends);
+        let readers: Vec<OwnedFd> = pipes.into_iter().map(|(r, _)| r).collect();
+        assert_eq!(memfd_uses(&name), (1, 1));
+        for r in &readers {
+            assert_eq!(
+                pipe_state(r),
+                (false, false),
+                "the server holds the vector's fd"
+            );
+        }
+        drop(first);
+
+        let second = server.connect();
+        negotiate(&second);
+        // The first client's interrupt descriptors and its maps' mapping are gone...
+        for r in &readers {
+            assert_eq!(pipe_state(r), (false, true), "a vector's fd is still held");
+        }
+        assert_eq!(memfd_uses(&name), (1, 0));
+        // ...its maps too: the same IOVA maps again.
+        assert_eq!(
+            dma_map_msg(&second, 0x10_0000, 0, PAGE, RW, Some(fd.as_fd())),
+            0
+        );
+        // The device state stayed.
+        let command = region_read(&second, region::CONFIG, off::COMMAND as u64, 2);
+        let bits = u16::from_le_bytes([command[0], command[1]]);
+        assert_eq!(
+            bits & (cmd::MEMORY | cmd::BUS_MASTER),
+            cmd::MEMORY | cmd::BUS_MASTER
+        );
+        assert_eq!(bar_read64(&second, regs::CMDQ_BASE), 0x7000_0000);
     }
 }

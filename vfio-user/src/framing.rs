@@ -10,10 +10,11 @@
 //! This module holds the crate's only `unsafe`: adopting received descriptors.
 
 use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{
@@ -31,6 +32,12 @@ pub const FD_CAP: usize = 16;
 /// kernel install the descriptors that fit and truncate the control data, which the control
 /// message parser then refuses, so those installed descriptors could never be closed.
 const SCM_MAX_FD: usize = 253;
+
+/// How long the rest of a message may take once its first byte has arrived
+/// ([`Connection::with_message_timeout`] changes it). A peer that sends a header and then
+/// stops, keeping the connection open, would otherwise hold the receiving thread forever; past
+/// this bound the message is [`RecvError::Stalled`] and the connection must be dropped.
+pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a receiver accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,6 +95,20 @@ pub enum RecvError {
     /// The header declares a size smaller than a header: the stream cannot be followed.
     #[error("message size {} is smaller than the header", .0.size)]
     Desync(Header),
+    /// The peer started a message and did not finish it within the message timeout
+    /// ([`MESSAGE_TIMEOUT`] unless changed); the connection must be dropped.
+    #[error(
+        "message stalled: {got} of {want} bytes arrived within the message timeout of {timeout:?} \
+         (vfio_user_protocol::framing::MESSAGE_TIMEOUT)"
+    )]
+    Stalled {
+        /// Bytes received.
+        got: usize,
+        /// Bytes expected (the header's size; 16 while the header itself is incomplete).
+        want: usize,
+        /// The timeout.
+        timeout: Duration,
+    },
 }
 
 impl RecvError {
@@ -104,6 +125,51 @@ pub struct Connection {
     write: Mutex<()>,
     limits: Limits,
     peer_max_fds: AtomicUsize,
+    message_timeout: Duration,
+}
+
+/// State of one message being received: control data lost, and the deadline for its remaining
+/// bytes (set when its first byte arrives).
+struct Receiving {
+    ctrunc: bool,
+    stalled: bool,
+    deadline: Option<Instant>,
+    timeout: Duration,
+}
+
+impl Receiving {
+    fn new(timeout: Duration) -> Receiving {
+        Receiving {
+            ctrunc: false,
+            stalled: false,
+            deadline: None,
+            timeout,
+        }
+    }
+
+    /// Wait until the socket is readable or the deadline passes (false: it passed). Before the
+    /// message's first byte there is no deadline: an idle peer may stay idle.
+    fn wait_readable(&mut self, fd: BorrowedFd<'_>) -> Result<bool, Errno> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let Some(deadline) = self.deadline else {
+            return Ok(true);
+        };
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.stalled = true;
+                return Ok(false);
+            }
+            // Rounded up so that a wait never ends just before the deadline.
+            let ms = u16::try_from(left.as_millis() + 1).unwrap_or(u16::MAX);
+            let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+            match poll(&mut fds, PollTimeout::from(ms)) {
+                Err(Errno::EINTR) | Ok(0) => continue,
+                Err(e) => return Err(e),
+                Ok(_) => return Ok(true),
+            }
+        }
+    }
 }
 
 impl Connection {
@@ -118,7 +184,27 @@ impl Connection {
             write: Mutex::new(()),
             limits,
             peer_max_fds: AtomicUsize::new(1),
+            message_timeout: MESSAGE_TIMEOUT,
         }
+    }
+
+    /// How long the rest of a message may take once its first byte arrived (default
+    /// [`MESSAGE_TIMEOUT`]).
+    pub fn with_message_timeout(mut self, timeout: Duration) -> Connection {
+        self.message_timeout = timeout;
+        self
+    }
+
+    /// The message timeout.
+    pub fn message_timeout(&self) -> Duration {
+        self.message_timeout
+    }
+
+    /// Bound every send: a send that cannot go on within `timeout` (the peer does not read)
+    /// fails with `EAGAIN`, possibly after part of the message went, so the caller must drop
+    /// the connection. `None`: sends wait as long as it takes.
+    pub fn set_send_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        self.stream.set_write_timeout(timeout)
     }
 
     /// Our receive limits.
@@ -205,11 +291,14 @@ impl Connection {
         &self,
         buf: &mut [u8],
         fds: &mut Vec<OwnedFd>,
-        truncated: &mut bool,
+        rx: &mut Receiving,
     ) -> Result<usize, Errno> {
         let mut got = 0;
         let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
         while got < buf.len() {
+            if !rx.wait_readable(self.stream.as_fd())? {
+                break;
+            }
             let mut iov = [IoSliceMut::new(&mut buf[got..])];
             let msg = match recvmsg::<UnixAddr>(
                 self.stream.as_raw_fd(),
@@ -222,7 +311,7 @@ impl Connection {
                 Ok(m) => m,
             };
             if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-                *truncated = true;
+                rx.ctrunc = true;
             }
             let n = msg.bytes;
             if let Ok(cmsgs) = msg.cmsgs() {
@@ -240,18 +329,21 @@ impl Connection {
                 break;
             }
             got += n;
+            if rx.deadline.is_none() {
+                rx.deadline = Some(Instant::now() + rx.timeout);
+            }
         }
         Ok(got)
     }
 
     /// Read and discard `len` bytes (closing any descriptors). Returns bytes read before EOF.
-    fn drain(&self, len: usize, truncated: &mut bool) -> Result<usize, Errno> {
+    fn drain(&self, len: usize, rx: &mut Receiving) -> Result<usize, Errno> {
         let mut scratch = [0u8; 4096];
         let mut done = 0;
         while done < len {
             let want = (len - done).min(scratch.len());
             let mut fds = Vec::new();
-            let n = self.fill(&mut scratch[..want], &mut fds, truncated)?;
+            let n = self.fill(&mut scratch[..want], &mut fds, rx)?;
             done += n;
             if n < want {
                 break;
@@ -264,44 +356,46 @@ impl Connection {
     pub fn recv(&self) -> Result<Message, RecvError> {
         let mut head = [0u8; HEADER_SIZE];
         let mut fds = Vec::new();
-        let mut ctrunc = false;
+        let mut rx = Receiving::new(self.message_timeout);
         let got = self
-            .fill(&mut head, &mut fds, &mut ctrunc)
+            .fill(&mut head, &mut fds, &mut rx)
             .map_err(RecvError::Io)?;
         if got == 0 {
             return Err(RecvError::Closed);
         }
+        let short = |rx: &Receiving, got: usize, want: usize| {
+            if rx.stalled {
+                RecvError::Stalled {
+                    got,
+                    want,
+                    timeout: rx.timeout,
+                }
+            } else {
+                RecvError::Truncated { got, want }
+            }
+        };
         if got < HEADER_SIZE {
-            return Err(RecvError::Truncated {
-                got,
-                want: HEADER_SIZE,
-            });
+            return Err(short(&rx, got, HEADER_SIZE));
         }
         let header = Header::decode(&head);
         let Some(len) = header.payload_len() else {
             return Err(RecvError::Desync(header));
         };
         if header.size as usize > self.limits.max_msg_size {
-            let n = self.drain(len, &mut ctrunc).map_err(RecvError::Io)?;
+            let n = self.drain(len, &mut rx).map_err(RecvError::Io)?;
             if n < len {
-                return Err(RecvError::Truncated {
-                    got: HEADER_SIZE + n,
-                    want: header.size as usize,
-                });
+                return Err(short(&rx, HEADER_SIZE + n, header.size as usize));
             }
             return Err(RecvError::TooLarge(header));
         }
         let mut payload = vec![0u8; len];
         let n = self
-            .fill(&mut payload, &mut fds, &mut ctrunc)
+            .fill(&mut payload, &mut fds, &mut rx)
             .map_err(RecvError::Io)?;
         if n < len {
-            return Err(RecvError::Truncated {
-                got: HEADER_SIZE + n,
-                want: header.size as usize,
-            });
+            return Err(short(&rx, HEADER_SIZE + n, header.size as usize));
         }
-        if ctrunc || fds.len() > self.limits.max_fds {
+        if rx.ctrunc || fds.len() > self.limits.max_fds {
             return Err(RecvError::TooManyFds(header));
         }
         Ok(Message {
@@ -471,6 +565,60 @@ mod tests {
         let f = std::fs::File::open("/dev/null").unwrap();
         let fd = std::os::fd::AsFd::as_fd(&f);
         assert!(a.send(Header::command(1, 1, 0), &[], &[fd, fd]).is_err());
+    }
+
+    /// A header, part of its body, then nothing with the connection open: the receive gives up
+    /// after the message timeout instead of waiting forever. An idle connection (no byte of a
+    /// message yet) is not timed.
+    #[test]
+    fn a_stalled_message_times_out() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let timeout = Duration::from_millis(200);
+        let b = Connection::new(b, Limits::default()).with_message_timeout(timeout);
+        let idle = std::thread::spawn(move || {
+            let r = b.recv();
+            (b, r)
+        });
+        std::thread::sleep(2 * timeout);
+        assert!(!idle.is_finished(), "an idle connection timed out");
+        let h = Header {
+            size: 100,
+            ..Header::command(1, command::REGION_WRITE, 0)
+        };
+        a.write_all(&h.encode()).unwrap();
+        a.write_all(&[0; 10]).unwrap();
+        let started = Instant::now();
+        let (b, r) = idle.join().unwrap();
+        assert!(
+            matches!(r, Err(RecvError::Stalled { got: 26, want: 100, timeout: t }) if t == timeout),
+            "{r:?}"
+        );
+        // Generous: it is a timeout, not a hang (the message timeout is 200 ms).
+        assert!(started.elapsed() < Duration::from_secs(30));
+        assert!(!r.unwrap_err().recoverable());
+        // Half a header counts too.
+        a.write_all(&h.encode()[..5]).unwrap();
+        assert!(matches!(
+            b.recv(),
+            Err(RecvError::Stalled {
+                got: 5,
+                want: 16,
+                ..
+            })
+        ));
+        // The oversized path (drained) is bounded as well.
+        let (mut a, b) = UnixStream::pair().unwrap();
+        let b = Connection::new(
+            b,
+            Limits {
+                max_msg_size: 64,
+                ..Limits::default()
+            },
+        )
+        .with_message_timeout(timeout);
+        a.write_all(&Header { size: 1000, ..h }.encode()).unwrap();
+        a.write_all(&[0; 100]).unwrap();
+        assert!(matches!(b.recv(), Err(RecvError::Stalled { got: 116, .. })));
     }
 
     #[test]

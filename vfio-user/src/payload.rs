@@ -124,7 +124,7 @@ pub struct DmaUnmap {
     pub flags: u32,
     /// DMA address.
     pub address: u64,
-    /// Length (in the reply: bytes unmapped).
+    /// Length. The reply echoes the request (spec: "the original DMA entry in the request").
     pub size: u64,
 }
 

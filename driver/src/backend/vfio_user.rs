@@ -14,6 +14,11 @@
 //! An access to a region the device lacks, or lacks the right for, fails naming the region and
 //! why; an access the server refuses fails naming region, offset, width and errno.
 //!
+//! Twin-socket mode (spec, VERSION): we propose it; a server that enables it passes a second
+//! socket in its VERSION reply and sends its DMA_READ/DMA_WRITE requests there, served by a
+//! second reader thread, so its requests and our commands never share a stream. A server that
+//! does not keep sending them on the main socket, served by the main reader.
+//!
 //! When the server goes away (EOF, a broken or desynchronised stream) every waiting and later
 //! operation fails with a transport error naming the cause.
 
@@ -22,8 +27,8 @@ use std::ops::Range;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -58,6 +63,27 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What we propose as `max_dma_maps`: the client keeps no table of its own that would limit
+/// it, so the server's answer (the smaller of its limit and this) is the limit.
+const PROPOSED_MAX_DMA_MAPS: u32 = 1 << 20;
+
+/// The DMA windows the server holds for us, and how many it takes at once (`max_dma_maps` of
+/// its VERSION reply; the spec's default 65535 when it names none).
+struct DmaWindows {
+    live: BTreeMap<u64, u64>,
+    max: usize,
+}
+
+impl DmaWindows {
+    /// Forget the windows starting inside `[iova, end)`.
+    fn forget(&mut self, iova: u64, end: u64) {
+        let inside: Vec<u64> = self.live.range(iova..end).map(|(&s, _)| s).collect();
+        for s in inside {
+            self.live.remove(&s);
+        }
+    }
+}
+
 /// A mapping the server reaches through DMA_READ/DMA_WRITE.
 #[derive(Debug, Clone, Copy)]
 struct LocalMap {
@@ -78,6 +104,16 @@ struct Shared {
     lost_event: EventFd,
     max_xfer: AtomicUsize,
     maps: RwLock<BTreeMap<u64, LocalMap>>,
+    /// Every DMA window the server has (or is being sent), IOVA -> length, counted against
+    /// the server's `max_dma_maps`.
+    windows: Mutex<DmaWindows>,
+    /// Twin-socket mode: the socket the server sends its requests on.
+    twin: OnceLock<Arc<Connection>>,
+    /// The thread reading `twin` (joined by the main reader when it ends).
+    twin_reader: Mutex<Option<JoinHandle<()>>>,
+    /// Server requests served from the main socket and from the twin socket.
+    requests_main: AtomicU64,
+    requests_twin: AtomicU64,
 }
 
 impl Shared {
@@ -379,6 +415,14 @@ impl VfioUserBackend {
             lost_event,
             max_xfer: AtomicUsize::new(version::DEFAULT_MAX_DATA_XFER as usize),
             maps: RwLock::new(BTreeMap::new()),
+            windows: Mutex::new(DmaWindows {
+                live: BTreeMap::new(),
+                max: version::DEFAULT_MAX_DMA_MAPS as usize,
+            }),
+            twin: OnceLock::new(),
+            twin_reader: Mutex::new(None),
+            requests_main: AtomicU64::new(0),
+            requests_twin: AtomicU64::new(0),
         });
         let reader = {
             let shared = Arc::clone(&shared);
@@ -399,31 +443,111 @@ impl VfioUserBackend {
     }
 
     fn negotiate(&self, limits: Limits) -> Result<(), BackendError> {
+        const OP: &str = "version";
         let ours = Version::ours(Capabilities {
             max_msg_fds: limits.max_fds as u32,
             max_data_xfer_size: version::DEFAULT_MAX_DATA_XFER,
             pgsizes: accel_abi::PAGE_SIZE,
-            max_dma_maps: version::DEFAULT_MAX_DMA_MAPS,
-            write_multiple: false,
-            twin_socket: false,
+            max_dma_maps: PROPOSED_MAX_DMA_MAPS,
+            twin_socket: true,
+            ..Capabilities::default()
         });
-        let reply = self
-            .shared
-            .request("version", command::VERSION, &ours.encode(), &[])?;
-        let theirs = Version::decode(&reply.payload).map_err(|e| transport("version", e))?;
-        version::check_reply(&ours, &theirs).map_err(|e| transport("version", e))?;
-        if theirs.caps.pgsizes & accel_abi::PAGE_SIZE == 0 {
-            return Err(transport("version", "server does not take 4 KiB DMA pages"));
+        let shared = &self.shared;
+        let reply = shared
+            .calls
+            .call(
+                &shared.conn,
+                command::VERSION,
+                &ours.encode(),
+                &[],
+                REPLY_TIMEOUT,
+            )
+            .map_err(|e| match e {
+                CallError::Closed => transport(OP, shared.dead()),
+                other => transport(OP, other),
+            })?;
+        if reply.header.is_error() {
+            let errno = nix::errno::Errno::from_raw(reply.header.error as i32);
+            if errno == nix::errno::Errno::EBUSY {
+                return Err(transport(
+                    OP,
+                    format!(
+                        "the server at {} is serving another client (it answered EBUSY); \
+                         connect again once that client has disconnected",
+                        shared.device
+                    ),
+                ));
+            }
+            return Err(transport(OP, format!("server answered error {errno}")));
         }
-        self.shared
+        let theirs = Version::decode(&reply.payload).map_err(|e| transport(OP, e))?;
+        let twin_index =
+            version::check_reply(&ours, &theirs, reply.fds.len()).map_err(|e| transport(OP, e))?;
+        if theirs.caps.pgsizes & accel_abi::PAGE_SIZE == 0 {
+            return Err(transport(OP, "server does not take 4 KiB DMA pages"));
+        }
+        shared
             .conn
             .set_peer_max_fds(theirs.caps.max_msg_fds as usize);
         let xfer = theirs
             .caps
             .max_data_xfer_size
-            .clamp(8, version::DEFAULT_MAX_DATA_XFER);
-        self.shared.max_xfer.store(xfer as usize, Ordering::Relaxed);
+            .clamp(1, version::DEFAULT_MAX_DATA_XFER);
+        shared.max_xfer.store(xfer as usize, Ordering::Relaxed);
+        lock(&shared.windows).max = theirs.caps.max_dma_maps as usize;
+        if let Some(i) = twin_index {
+            let mut fds = reply.fds;
+            self.start_twin(fds.swap_remove(i), limits)?;
+        }
         Ok(())
+    }
+
+    /// Twin-socket mode: serve the server's requests arriving on `fd` from a second reader.
+    fn start_twin(&self, fd: OwnedFd, limits: Limits) -> Result<(), BackendError> {
+        const OP: &str = "version (twin socket)";
+        let st = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd))
+            .map_err(|e| transport(OP, format!("fstat of the descriptor: {e}")))?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+            return Err(transport(
+                OP,
+                "the server's twin-socket descriptor is not a socket",
+            ));
+        }
+        let twin = Arc::new(Connection::new(UnixStream::from(fd), limits));
+        if self.shared.twin.set(Arc::clone(&twin)).is_err() {
+            return Err(transport(OP, "twin socket set up twice"));
+        }
+        let reader = {
+            let shared = Arc::clone(&self.shared);
+            std::thread::Builder::new()
+                .name("vfio-user-twin".into())
+                .spawn(move || twin_reader_loop(&shared, &twin))
+                .map_err(|e| transport(OP, format!("reader thread: {e}")))?
+        };
+        *lock(&self.shared.twin_reader) = Some(reader);
+        // The main reader may have ended meanwhile (it joins the twin reader when it ends):
+        // then nobody would stop this one.
+        if lock(&self.shared.close_reason).is_some() {
+            if let Some(t) = self.shared.twin.get() {
+                t.shutdown();
+            }
+        }
+        Ok(())
+    }
+
+    /// True if twin-socket mode was negotiated (the server sends its requests on a second
+    /// socket).
+    pub fn twin_socket(&self) -> bool {
+        self.shared.twin.get().is_some()
+    }
+
+    /// Server requests (DMA_READ/DMA_WRITE and any other) served so far: (from the main
+    /// socket, from the twin socket).
+    pub fn server_requests_served(&self) -> (u64, u64) {
+        (
+            self.shared.requests_main.load(Ordering::Relaxed),
+            self.shared.requests_twin.load(Ordering::Relaxed),
+        )
     }
 
     /// Read what the device has: DEVICE_GET_INFO, then the info of every standard PCI region
@@ -623,7 +747,32 @@ impl VfioUserBackend {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .clear();
+        lock(&self.shared.windows).live.clear();
         Ok(())
+    }
+
+    /// The largest piece a region access of `len` bytes goes in (the negotiated
+    /// `max_data_xfer_size`). A BAR access of up to 8 bytes is a register access and is never
+    /// split (two halves are not what the device would see from one load or store): over the
+    /// limit, it is an error naming it.
+    fn unsplit_register(
+        &self,
+        op: &'static str,
+        index: u32,
+        len: usize,
+    ) -> Result<usize, BackendError> {
+        let chunk = self.shared.max_xfer.load(Ordering::Relaxed).max(1);
+        if index != region::CONFIG && len <= 8 && len > chunk {
+            return Err(transport(
+                op,
+                format!(
+                    "a {len}-byte access to region {index} does not fit one message: the \
+                     server's max_data_xfer_size (VERSION) is {chunk} bytes, and a register \
+                     access is not split"
+                ),
+            ));
+        }
+        Ok(chunk)
     }
 
     /// Read `data.len()` bytes of region `index` at `offset`: one load from a mapped window
@@ -639,7 +788,7 @@ impl VfioUserBackend {
         if let Some((map, at)) = BarWindow::find(&region.windows, offset, data.len()) {
             return map.read(at, data).map_err(|e| transport(op, e));
         }
-        let chunk = self.shared.max_xfer.load(Ordering::Relaxed).max(1);
+        let chunk = self.unsplit_register(op, index, data.len())?;
         for (i, part) in data.chunks_mut(chunk).enumerate() {
             let at = offset + (i * chunk) as u64;
             let req = payload::RegionAccess {
@@ -675,7 +824,7 @@ impl VfioUserBackend {
         if let Some((map, at)) = BarWindow::find(&region.windows, offset, data.len()) {
             return map.write(at, data).map_err(|e| transport(op, e));
         }
-        let chunk = self.shared.max_xfer.load(Ordering::Relaxed).max(1);
+        let chunk = self.unsplit_register(op, index, data.len())?;
         for (i, part) in data.chunks(chunk).enumerate() {
             let at = offset + (i * chunk) as u64;
             let req = payload::RegionAccess {
@@ -750,7 +899,10 @@ fn reader_loop(shared: &Shared) {
                         tracing::warn!(id, "unexpected reply dropped");
                     }
                 }
-                MessageType::Command => serve_request(shared, msg),
+                MessageType::Command => {
+                    shared.requests_main.fetch_add(1, Ordering::Relaxed);
+                    serve_request(shared, &shared.conn, msg)
+                }
                 MessageType::Other(t) => {
                     tracing::warn!(kind = t, "message of unknown type");
                     if !msg.header.no_reply() {
@@ -761,7 +913,7 @@ fn reader_loop(shared: &Shared) {
             Err(RecvError::TooLarge(h)) | Err(RecvError::TooManyFds(h)) => {
                 if h.message_type() == MessageType::Reply {
                     shared.calls.complete(h.id, Err(CallError::OverLimit));
-                } else {
+                } else if !h.no_reply() {
                     let _ = shared.conn.reply_error(&h, libc::E2BIG);
                 }
             }
@@ -770,10 +922,55 @@ fn reader_loop(shared: &Shared) {
         }
     };
     shared.close(reason, false);
+    // The twin reader (twin-socket mode) ends with the connection.
+    if let Some(twin) = shared.twin.get() {
+        twin.shutdown();
+    }
+    let twin_reader = lock(&shared.twin_reader).take();
+    if let Some(t) = twin_reader {
+        if t.join().is_err() {
+            tracing::error!("the vfio-user twin-socket reader panicked");
+        }
+    }
 }
 
-/// Serve a server-to-client command (DMA_READ/DMA_WRITE; anything else is ENOSYS).
-fn serve_request(shared: &Shared, msg: Message) {
+/// Twin-socket mode: serve the server's requests arriving on `twin`. When it ends by itself,
+/// the device is lost as when the main socket ends.
+fn twin_reader_loop(shared: &Shared, twin: &Connection) {
+    let reason = loop {
+        match twin.recv() {
+            Ok(msg) => match msg.header.message_type() {
+                MessageType::Command => {
+                    shared.requests_twin.fetch_add(1, Ordering::Relaxed);
+                    serve_request(shared, twin, msg)
+                }
+                MessageType::Reply => {
+                    // We send no commands on this socket.
+                    tracing::warn!(id = msg.header.id, "reply on the twin socket: dropped");
+                }
+                MessageType::Other(t) => {
+                    tracing::warn!(kind = t, "message of unknown type on the twin socket");
+                    if !msg.header.no_reply() {
+                        let _ = twin.reply_error(&msg.header, libc::EINVAL);
+                    }
+                }
+            },
+            Err(RecvError::TooLarge(h)) | Err(RecvError::TooManyFds(h)) => {
+                if h.message_type() != MessageType::Reply && !h.no_reply() {
+                    let _ = twin.reply_error(&h, libc::E2BIG);
+                }
+            }
+            Err(RecvError::Closed) => break "server closed the twin socket".to_string(),
+            Err(e) => break format!("twin socket to the server lost: {e}"),
+        }
+    };
+    // After our own close the close reason is already set and this changes nothing.
+    shared.close(reason, false);
+}
+
+/// Serve a server-to-client command (DMA_READ/DMA_WRITE; anything else is ENOSYS), replying
+/// on `conn`, the socket it came on.
+fn serve_request(shared: &Shared, conn: &Connection, msg: Message) {
     let h = msg.header;
     let result = match h.command {
         command::DMA_READ if msg.fds.is_empty() => dma_access(shared, &msg.payload, false),
@@ -785,8 +982,8 @@ fn serve_request(shared: &Shared, msg: Message) {
         return;
     }
     let sent = match result {
-        Ok(body) => shared.conn.reply(&h, &body, &[]),
-        Err(errno) => shared.conn.reply_error(&h, errno),
+        Ok(body) => conn.reply(&h, &body, &[]),
+        Err(errno) => conn.reply_error(&h, errno),
     };
     if let Err(e) = sent {
         tracing::debug!("DMA reply failed: {e}");
@@ -890,6 +1087,27 @@ impl Backend for VfioUserBackend {
             DmaSource::SharedFd { fd, offset, .. } => (offset, Some(fd), None),
             DmaSource::ProcessVa { va } => (0, None, Some(LocalMap { len, va, access })),
         };
+        {
+            // Counted before it is sent (and uncounted if refused), so that concurrent maps
+            // never take the server past the number of windows it announced.
+            let mut windows = lock(&self.shared.windows);
+            if windows.live.len() >= windows.max {
+                return Err(transport(
+                    "dma_map",
+                    format!(
+                        "{iova:#x}+{len:#x}: the server takes at most {} DMA maps at once \
+                         (max_dma_maps of its VERSION reply) and {} are live; unmap some, or \
+                         raise the server's limit (mirrorctl emulate --max-dma-maps N)",
+                        windows.max,
+                        windows.live.len()
+                    ),
+                ));
+            }
+            windows.live.insert(iova, len);
+        }
+        let uncount = || {
+            lock(&self.shared.windows).live.remove(&iova);
+        };
         if let Some(m) = local {
             // Registered before the server can use it (it may DMA as soon as it has the map).
             let mut maps = self.shared.maps.write().unwrap_or_else(|p| p.into_inner());
@@ -901,6 +1119,7 @@ impl Backend for VfioUserBackend {
                 .next_back()
                 .is_some_and(|(&s, o)| s.saturating_add(o.len) > iova);
             if overlaps {
+                uncount();
                 return Err(transport("dma_map", format!("{iova:#x}+{len:#x} overlaps")));
             }
             maps.insert(iova, m);
@@ -916,12 +1135,15 @@ impl Backend for VfioUserBackend {
         let r = self
             .shared
             .request("dma_map", command::DMA_MAP, &req.encode(), &fds);
-        if r.is_err() && local.is_some() {
-            self.shared
-                .maps
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&iova);
+        if r.is_err() {
+            uncount();
+            if local.is_some() {
+                self.shared
+                    .maps
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&iova);
+            }
         }
         r.map(|_| ())
     }
@@ -936,7 +1158,6 @@ impl Backend for VfioUserBackend {
         let r = self
             .shared
             .request("dma_unmap", command::DMA_UNMAP, &req.encode(), &[])?;
-        let got = payload::DmaUnmap::decode(&r.payload).map_err(|e| transport("dma_unmap", e))?;
         // The server no longer reaches the range: forget our side of it.
         {
             let mut maps = self.shared.maps.write().unwrap_or_else(|p| p.into_inner());
@@ -945,11 +1166,18 @@ impl Backend for VfioUserBackend {
             for s in inside {
                 maps.remove(&s);
             }
+            lock(&self.shared.windows).forget(iova, end);
         }
-        if got.size != len {
+        // The spec: the reply is "the original DMA entry in the request".
+        let got = payload::DmaUnmap::decode(&r.payload).map_err(|e| transport("dma_unmap", e))?;
+        if (got.address, got.size) != (iova, len) {
             return Err(transport(
                 "dma_unmap",
-                format!("unmapped {} of {len} bytes at {iova:#x}", got.size),
+                format!(
+                    "the reply does not echo the request: {:#x}+{:#x} for {iova:#x}+{len:#x} \
+                     (the server may not have unmapped it all)",
+                    got.address, got.size
+                ),
             ));
         }
         Ok(())

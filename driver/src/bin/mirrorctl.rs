@@ -51,8 +51,10 @@ enum Command {
     },
     /// List PCI devices bound to vfio-pci and their IOMMU groups.
     Devices,
-    /// Serve the emulated accelerator as a vfio-user device on a UNIX socket (one client at a
-    /// time, a fresh device per connection) until SIGTERM or SIGINT.
+    /// Serve the emulated accelerator as a vfio-user device on a UNIX socket until SIGTERM or
+    /// SIGINT: one client at a time (another gets EBUSY), one device for all of them (a client
+    /// that disconnects leaves its DMA maps unmapped and its interrupts disconnected, the rest
+    /// of the device state to the next client).
     Emulate {
         /// Path of the socket to create.
         #[arg(long)]
@@ -258,7 +260,10 @@ fn emulate(socket: &std::path::Path, once: bool, max_dma_maps: u32) -> std::io::
     let result = firmware_stubs::vfio_user_server::serve_with(
         &listener,
         &firmware_stubs::AcceleratorConfig::default(),
-        &firmware_stubs::vfio_user_server::ServerOptions { max_dma_maps },
+        &firmware_stubs::vfio_user_server::ServerOptions {
+            max_dma_maps,
+            ..Default::default()
+        },
         sfd.as_fd(),
         once,
     );
