@@ -603,6 +603,53 @@ fn role_stats(client: &Arc<DaemonClient>) {
     ));
 }
 
+/// Fills its arena over and over (its whole in-flight quota), says READY with the work in
+/// flight, then waits for every command and reports how each ended, and how a submit after
+/// them ends. The device is killed meanwhile.
+fn role_lose(client: &Arc<DaemonClient>) {
+    let arena = client.alloc_arena(32 << 20).expect("arena");
+    let tickets: Vec<_> = (0..client.limits().max_in_flight as u64)
+        .map(|i| {
+            let op = Op::Fill {
+                dst: arena.va(),
+                len: arena.len() as u64,
+                pattern: i,
+            };
+            // SAFETY: no reference into the arena is used while the commands run.
+            unsafe { client.submit(op) }.expect("submit")
+        })
+        .collect();
+    println!("READY");
+    std::io::stdout().flush().unwrap();
+    let (mut ok, mut lost, mut other) = (0, 0, Vec::new());
+    let mut text = String::new();
+    for t in tickets {
+        match client.wait(t) {
+            Ok(_) => ok += 1,
+            Err(e @ Error::DeviceLost(_)) => {
+                lost += 1;
+                text = e.to_string();
+            }
+            Err(e) => other.push(e.to_string()),
+        }
+    }
+    let op = Op::Fill {
+        dst: arena.va(),
+        len: 4096,
+        pattern: 0,
+    };
+    // SAFETY: as above.
+    let next = match unsafe { client.submit(op) } {
+        Ok(_) => "accepted".to_string(),
+        Err(Error::DeviceLost(_)) => "device-lost".to_string(),
+        Err(e) => format!("other: {e}"),
+    };
+    report(format!("ok {ok} lost {lost} other {other:?} next {next}"));
+    report(format!("text {text}"));
+    // The arena's unregister fails (the daemon is gone): leak it rather than wait.
+    std::mem::forget(arena);
+}
+
 #[test]
 #[ignore = "the client processes of the daemon tests run this"]
 fn client_role() {
@@ -643,6 +690,7 @@ fn client_role() {
         "quota" => role_quota(&client),
         "stats" => role_stats(&client),
         "stale" => role_stale(&client),
+        "lose" => role_lose(&client),
         other => panic!("unknown role {other}"),
     }
 }
@@ -1170,6 +1218,98 @@ fn clients_work_with_the_device_in_another_process() {
     )
     .unwrap();
     assert!(wait_timeout(&mut device, Duration::from_secs(30)));
+}
+
+#[test]
+fn a_lost_device_fails_every_clients_work_and_the_daemon_exits_saying_why() {
+    // The device (a vfio-user server), `mirrorctl serve` on it, two clients with their whole
+    // in-flight quota running; then the device process is SIGKILLed.
+    let dir = TempDir::new("lost");
+    let device_socket = dir.0.join("device.sock");
+    let socket = dir.0.join("mirrord.sock");
+    let mut device = Command::new(env!("CARGO_BIN_EXE_mirrorctl"))
+        .args(["emulate", "--socket"])
+        .arg(&device_socket)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_socket(&device_socket, "mirrorctl emulate");
+    let mut daemon = Command::new(env!("CARGO_BIN_EXE_mirrorctl"))
+        .args(["serve", "--socket"])
+        .arg(&socket)
+        .arg("--vfio-user")
+        .arg(&device_socket)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = daemon.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = log.read_to_string(&mut text);
+        text
+    });
+    wait_for_socket(&socket, "mirrorctl serve");
+    let device_name = device_socket.display().to_string();
+    let mut clients: Vec<Child> = (0..2)
+        .map(|_| spawn_client(&socket, "lose", &device_name))
+        .collect();
+    let outs: Vec<_> = clients.iter_mut().map(wait_ready).collect();
+    let killed = Instant::now();
+    device.kill().unwrap();
+    let _ = device.wait();
+    // Generous bounds that tell "noticed" from "timed out" (a client's reply timeout is 30 s).
+    let prompt = Duration::from_secs(10);
+    for (mut child, mut out) in clients.into_iter().zip(outs) {
+        let summary = expect_report(&mut out, "ok ");
+        let after = killed.elapsed();
+        let text = expect_report(&mut out, "text ");
+        assert!(
+            wait_timeout(&mut child, Duration::from_secs(30)),
+            "the client did not finish"
+        );
+        assert!(
+            after < prompt,
+            "a client's waits ended {after:?} after the kill"
+        );
+        assert!(
+            summary.contains("other []") && summary.contains("next device-lost"),
+            "every command not done before the kill fails with the loss, and so does the              next submit: {summary}"
+        );
+        assert!(
+            !summary.contains("lost 0 "),
+            "no command was in flight at the kill: {summary}"
+        );
+        assert!(
+            text.contains(&device_name) && text.contains("lost"),
+            "the error names the lost device: {text}"
+        );
+    }
+    // The daemon then exits, non-zero, saying why, with its socket removed.
+    let exited = Instant::now();
+    let status = loop {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            break Some(status);
+        }
+        if exited.elapsed() > Duration::from_secs(30) {
+            let _ = daemon.kill();
+            let _ = daemon.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let log = log.join().unwrap();
+    let status = status.unwrap_or_else(|| panic!("mirrorctl serve did not exit:\n{log}"));
+    assert!(!status.success(), "it exits non-zero: {status}\n{log}");
+    assert!(
+        log.lines().any(|l| l.starts_with("mirrorctl: ")
+            && l.contains(&device_name)
+            && l.contains("lost")),
+        "its last word names the lost device:\n{log}"
+    );
+    assert!(log.contains("every client told"), "{log}");
+    eprintln!("mirrorctl serve's log:\n{log}");
+    assert!(!socket.exists(), "the socket was not removed");
 }
 
 #[test]
