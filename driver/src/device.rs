@@ -363,7 +363,8 @@ impl Device {
 
     /// Fails with [`Error::DeviceLost`] once the device is lost.
     pub fn check_lost(&self) -> Result<(), Error> {
-        self.lost().map_or(Ok(()), |lost| Err(Error::DeviceLost(lost)))
+        self.lost()
+            .map_or(Ok(()), |lost| Err(Error::DeviceLost(lost)))
     }
 
     /// `e`, or [`Error::DeviceLost`] if the device is lost (then that is why `e` happened).
@@ -498,7 +499,11 @@ impl Device {
         let deadline = Instant::now() + timeout;
         let mut spins = 0u32;
         loop {
-            if bar.read32(regs::TLBI_DONE).map_err(|e| self.unless_lost(e))? == *seq {
+            if bar
+                .read32(regs::TLBI_DONE)
+                .map_err(|e| self.unless_lost(e))?
+                == *seq
+            {
                 return Ok(());
             }
             self.check_lost()?;

@@ -484,6 +484,7 @@ impl Context {
         if len == 0 {
             return Ok(());
         }
+        self.runtime.device.check_lost()?;
         self.core.prefault(addr, addr.saturating_add(len), write)
     }
 

@@ -630,7 +630,11 @@ fn role_lose(client: &Arc<DaemonClient>) {
                 lost += 1;
                 text = e.to_string();
             }
-            Err(e) => other.push(e.to_string()),
+            Err(e) => {
+                // Not the loss (a reply timeout): the rest would only time out too.
+                other.push(e.to_string());
+                break;
+            }
         }
     }
     let op = Op::Fill {
@@ -1220,6 +1224,16 @@ fn clients_work_with_the_device_in_another_process() {
     assert!(wait_timeout(&mut device, Duration::from_secs(30)));
 }
 
+/// A child process killed and reaped when the test ends, even by a failed assertion.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[test]
 fn a_lost_device_fails_every_clients_work_and_the_daemon_exits_saying_why() {
     // The device (a vfio-user server), `mirrorctl serve` on it, two clients with their whole
@@ -1227,23 +1241,28 @@ fn a_lost_device_fails_every_clients_work_and_the_daemon_exits_saying_why() {
     let dir = TempDir::new("lost");
     let device_socket = dir.0.join("device.sock");
     let socket = dir.0.join("mirrord.sock");
-    let mut device = Command::new(env!("CARGO_BIN_EXE_mirrorctl"))
-        .args(["emulate", "--socket"])
-        .arg(&device_socket)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut device = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_mirrorctl"))
+            .args(["emulate", "--socket"])
+            .arg(&device_socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     wait_for_socket(&device_socket, "mirrorctl emulate");
-    let mut daemon = Command::new(env!("CARGO_BIN_EXE_mirrorctl"))
-        .args(["serve", "--socket"])
-        .arg(&socket)
-        .arg("--vfio-user")
-        .arg(&device_socket)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut log = daemon.stderr.take().unwrap();
+    let mut daemon = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_mirrorctl"))
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .arg("--vfio-user")
+            .arg(&device_socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut log = daemon.0.stderr.take().unwrap();
     let log = std::thread::spawn(move || {
         let mut text = String::new();
         let _ = log.read_to_string(&mut text);
@@ -1256,8 +1275,8 @@ fn a_lost_device_fails_every_clients_work_and_the_daemon_exits_saying_why() {
         .collect();
     let outs: Vec<_> = clients.iter_mut().map(wait_ready).collect();
     let killed = Instant::now();
-    device.kill().unwrap();
-    let _ = device.wait();
+    device.0.kill().unwrap();
+    let _ = device.0.wait();
     // Generous bounds that tell "noticed" from "timed out" (a client's reply timeout is 30 s).
     let prompt = Duration::from_secs(10);
     for (mut child, mut out) in clients.into_iter().zip(outs) {
@@ -1288,12 +1307,12 @@ fn a_lost_device_fails_every_clients_work_and_the_daemon_exits_saying_why() {
     // The daemon then exits, non-zero, saying why, with its socket removed.
     let exited = Instant::now();
     let status = loop {
-        if let Some(status) = daemon.try_wait().unwrap() {
+        if let Some(status) = daemon.0.try_wait().unwrap() {
             break Some(status);
         }
         if exited.elapsed() > Duration::from_secs(30) {
-            let _ = daemon.kill();
-            let _ = daemon.wait();
+            let _ = daemon.0.kill();
+            let _ = daemon.0.wait();
             break None;
         }
         std::thread::sleep(Duration::from_millis(10));

@@ -177,7 +177,10 @@ fn kill_mid_fill(mode: ServiceMode) {
             "the next submit: {next:?}"
         );
         assert!(next_took < PROMPT, "the next submit took {next_took:?}");
-        assert!(drop_took < PROMPT, "dropping the context took {drop_took:?}");
+        assert!(
+            drop_took < PROMPT,
+            "dropping the context took {drop_took:?}"
+        );
         eprintln!(
             "{mode:?}: wait ended {after:?} after the kill, next submit failed in {next_took:?}, \
              drop took {drop_took:?}"
@@ -193,7 +196,11 @@ fn kill_mid_fill(mode: ServiceMode) {
     assert!(matches!(rt.create_context(), Err(Error::DeviceLost(_))));
     let t = Instant::now();
     drop(rt);
-    assert!(t.elapsed() < PROMPT, "closing the runtime took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < PROMPT,
+        "closing the runtime took {:?}",
+        t.elapsed()
+    );
 }
 
 #[test]

@@ -26,8 +26,8 @@ use std::time::Duration;
 use accel_abi::{Completion, Status};
 
 use super::protocol::{
-    self, kind, ClientLimits, CompletionEvent, DeviceLostNotice, ErrorCode, Header, Reply,
-    Request, StatsReply, HEADER_SIZE, MAX_PAYLOAD, REPLY, STATUS_DEVICE_LOST, VERSION,
+    self, kind, ClientLimits, CompletionEvent, DeviceLostNotice, ErrorCode, Header, Reply, Request,
+    StatsReply, HEADER_SIZE, MAX_PAYLOAD, REPLY, STATUS_DEVICE_LOST, VERSION,
 };
 use crate::backend::DeviceLost;
 use crate::runtime::{completion_result, DeviceOps, Op};

@@ -885,8 +885,7 @@ impl Session {
             return;
         };
         let deadline = tokio::time::Instant::now() + LOST_DRAIN;
-        loop {
-            let Some(rx) = events.as_mut() else { break };
+        while let Some(rx) = events.as_mut() {
             // Completions the pump posted, then any it posts until the count reaches zero.
             let e = match rx.try_recv() {
                 Ok(e) => e,
@@ -902,9 +901,16 @@ impl Session {
         }
         let left = client.in_flight.load(Ordering::Acquire);
         if left > 0 {
-            tracing::warn!(pid = self.peer_pid, left, "commands not failed within {LOST_DRAIN:?} of the device loss");
+            tracing::warn!(
+                pid = self.peer_pid,
+                left,
+                "commands not failed within {LOST_DRAIN:?} of the device loss"
+            );
         }
-        tracing::info!(pid = self.peer_pid, "client told of the device loss; session ended");
+        tracing::info!(
+            pid = self.peer_pid,
+            "client told of the device loss; session ended"
+        );
     }
 
     fn watch_exit(&mut self) -> Option<AsyncFd<OwnedFd>> {
