@@ -1332,6 +1332,53 @@ fn a_lost_device_fails_every_clients_work_and_the_daemon_exits_saying_why() {
 }
 
 #[test]
+fn the_daemon_counts_the_device_loss_and_serve_returns_it() {
+    // In process this time, to read the daemon's own figures after the loss.
+    let dir = TempDir::new("lost-stats");
+    let device_socket = dir.0.join("device.sock");
+    let mut device = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_mirrorctl"))
+            .args(["emulate", "--socket"])
+            .arg(&device_socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_socket(&device_socket, "mirrorctl emulate");
+    let mut d = TestDaemon::start_on(
+        "lost-stats",
+        DeviceSpec::VfioUser(device_socket.clone()),
+        ServiceMode::Polling,
+        |_| {},
+    );
+    let device_name = device_socket.display().to_string();
+    let mut child = d.client("lose", &device_name);
+    let mut out = wait_ready(&mut child);
+    assert_eq!(d.daemon.stats().device_lost, 0);
+    device.0.kill().unwrap();
+    let _ = device.0.wait();
+    let summary = expect_report(&mut out, "ok ");
+    assert!(
+        summary.contains("other []") && !summary.contains("lost 0 "),
+        "{summary}"
+    );
+    assert!(wait_timeout(&mut child, Duration::from_secs(30)));
+    let s = d.daemon.stats();
+    assert_eq!(s.device_lost, 1, "{s:?}");
+    assert!(s.lost_commands >= 1, "{s:?}");
+    assert_eq!(s.quarantined, 0, "{s:?}");
+    // serve() ends by itself, with the loss.
+    let served = d.thread.take().unwrap().join().expect("daemon thread");
+    match served {
+        Err(Error::DeviceLost(lost)) => assert_eq!(lost.device, device_name),
+        other => panic!("serve returned {other:?}"),
+    }
+    assert!(!d.socket.exists(), "the socket was not removed");
+    assert_eq!(d.daemon.runtime().contexts_released_on_lost_device(), 1);
+}
+
+#[test]
 fn the_daemon_benchmark_runs_its_client_processes() {
     use driver::bench::daemon::{measure, DaemonBenchSpec};
     let spec = DaemonBenchSpec {

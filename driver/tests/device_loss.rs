@@ -189,7 +189,17 @@ fn kill_mid_fill(mode: ServiceMode) {
     assert_eq!(rt.quarantined_address_spaces(), 0, "no quarantine");
     assert_eq!(rt.contexts_released_on_lost_device(), contexts as u64);
     let stats = rt.service().stats();
+    // Noted by the service thread, which may still be finishing the batch it was servicing
+    // (the waiters see the loss by themselves).
+    let noted = Instant::now();
+    while stats.device_lost.load(Ordering::Relaxed) == 0 && noted.elapsed() < PROMPT {
+        std::thread::sleep(Duration::from_millis(5));
+    }
     assert_eq!(stats.device_lost.load(Ordering::Relaxed), 1);
+    eprintln!(
+        "{mode:?}: the service noted the loss {:?} after the waits",
+        noted.elapsed()
+    );
     assert!(stats.lost_waits.load(Ordering::Relaxed) >= contexts as u64);
     assert!(rt.device_lost().is_some());
     // A new context is refused at once, naming the loss.
