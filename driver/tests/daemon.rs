@@ -1234,6 +1234,21 @@ impl Drop for Reaped {
     }
 }
 
+/// A device process (`mirrorctl emulate`) serving on `socket`, once it listens.
+fn spawn_device(socket: &Path) -> Reaped {
+    let device = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_mirrorctl"))
+            .args(["emulate", "--socket"])
+            .arg(socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_socket(socket, "mirrorctl emulate");
+    device
+}
+
 #[test]
 fn a_lost_device_fails_every_clients_work_and_the_daemon_exits_saying_why() {
     // The device (a vfio-user server), `mirrorctl serve` on it, two clients with their whole
@@ -1241,16 +1256,7 @@ fn a_lost_device_fails_every_clients_work_and_the_daemon_exits_saying_why() {
     let dir = TempDir::new("lost");
     let device_socket = dir.0.join("device.sock");
     let socket = dir.0.join("mirrord.sock");
-    let mut device = Reaped(
-        Command::new(env!("CARGO_BIN_EXE_mirrorctl"))
-            .args(["emulate", "--socket"])
-            .arg(&device_socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_socket(&device_socket, "mirrorctl emulate");
+    let mut device = spawn_device(&device_socket);
     let mut daemon = Reaped(
         Command::new(env!("CARGO_BIN_EXE_mirrorctl"))
             .args(["serve", "--socket"])
@@ -1336,16 +1342,7 @@ fn the_daemon_counts_the_device_loss_and_serve_returns_it() {
     // In process this time, to read the daemon's own figures after the loss.
     let dir = TempDir::new("lost-stats");
     let device_socket = dir.0.join("device.sock");
-    let mut device = Reaped(
-        Command::new(env!("CARGO_BIN_EXE_mirrorctl"))
-            .args(["emulate", "--socket"])
-            .arg(&device_socket)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_socket(&device_socket, "mirrorctl emulate");
+    let mut device = spawn_device(&device_socket);
     let mut d = TestDaemon::start_on(
         "lost-stats",
         DeviceSpec::VfioUser(device_socket.clone()),
