@@ -132,6 +132,9 @@ pub struct ContextCounters {
     pub fence_failures: AtomicU64,
     /// Bytes currently DMA-mapped for this context.
     pub mapped_bytes: AtomicU64,
+    /// DMA mappings dropped on the host side only, without a fence or an unmap, because the
+    /// device was lost (nothing on it can run, and every call to it would fail).
+    pub dropped_on_lost_device: AtomicU64,
 }
 
 /// One DMA mapping of process memory, and the device leaves pointing into it.
@@ -198,6 +201,9 @@ impl MirrorState {
     /// one fence, then the DMA mappings (unpin). Returns the mappings removed.
     fn tear_down(&mut self, range: Range<u64>) -> usize {
         let victims = self.overlapping(range.clone());
+        if let Some(lost) = self.dma.backend().lost() {
+            return self.forget(victims, &lost);
+        }
         let mut span = range.clone();
         for m in &victims {
             span.start = span.start.min(m.va);
@@ -230,6 +236,33 @@ impl MirrorState {
                 .mapped_bytes
                 .fetch_sub(m.len, Ordering::Relaxed);
         }
+        victims.len()
+    }
+
+    /// Tear-down on a lost device: drop `victims` (and the arenas and pages they hold) on the
+    /// host side at once. No fence, no unmap: the device cannot run anything any more, and a
+    /// call to it would only fail (or, for a server that is gone, wait for nobody).
+    fn forget(&mut self, victims: Vec<UserMapping>, lost: &crate::backend::DeviceLost) -> usize {
+        if victims.is_empty() {
+            return 0;
+        }
+        let bytes: u64 = victims.iter().map(|m| m.len).sum();
+        for m in &victims {
+            self.mappings.remove(&m.va);
+        }
+        self.counters
+            .mapped_bytes
+            .fetch_sub(bytes, Ordering::Relaxed);
+        self.counters
+            .dropped_on_lost_device
+            .fetch_add(victims.len() as u64, Ordering::Relaxed);
+        tracing::info!(
+            asid = self.label,
+            mappings = victims.len(),
+            bytes,
+            %lost,
+            "released DMA mappings on the host side only: the device is lost"
+        );
         victims.len()
     }
 
@@ -919,6 +952,13 @@ impl ContextCore {
         let mut state = self.sub.lock();
         let fences_before = self.counters.fence_failures.load(Ordering::Relaxed);
         state.tear_down(0..u64::MAX);
+        if self.dma.backend().lost().is_some() {
+            // Nothing to stop or fence on a device that is gone: the view's page-table pages
+            // go back with the device's memory when it is dropped. Not confirmed, and it
+            // never needs to be: the address space can never be used again.
+            state.released = true;
+            return false;
+        }
         let confirmed = state.view.shut_down();
         state.released = true;
         confirmed && self.counters.fence_failures.load(Ordering::Relaxed) == fences_before

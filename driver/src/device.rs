@@ -13,8 +13,8 @@ use accel_abi::{Command, Completion, FaultRecord, Status};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::backend::{
-    irq_index, region_index, Backend, BackendError, Bar0, Config, DmaAccess, DmaSource, IrqDesc,
-    RegionDesc,
+    irq_index, region_index, Backend, BackendError, Bar0, Config, DeviceLost, DmaAccess, DmaSource,
+    IrqDesc, RegionDesc,
 };
 use crate::dma::DmaSpace;
 use crate::pagetable::TablePool;
@@ -434,9 +434,26 @@ impl Device {
         Bar0(self.dma.backend())
     }
 
+    /// Why the device is gone for good, or `None` while it is reachable ([`Backend::lost`]).
+    pub fn lost(&self) -> Option<DeviceLost> {
+        self.backend().lost()
+    }
+
+    /// Fails with [`Error::DeviceLost`] once the device is lost.
+    pub fn check_lost(&self) -> Result<(), Error> {
+        self.lost()
+            .map_or(Ok(()), |lost| Err(Error::DeviceLost(lost)))
+    }
+
+    /// `e`, or [`Error::DeviceLost`] if the device is lost (then that is why `e` happened).
+    fn unless_lost(&self, e: impl Into<Error>) -> Error {
+        self.lost().map_or_else(|| e.into(), Error::DeviceLost)
+    }
+
     /// Submit `cmd` (its `completion` field is set by the driver). Waits up to `timeout` for a
     /// free queue slot (back-pressure), then fails with [`Error::QueueFull`].
     pub fn submit(&self, mut cmd: Command, timeout: Duration) -> Result<Ticket, Error> {
+        self.check_lost()?;
         let deadline = Instant::now() + timeout;
         let mut q = lock(&self.cmdq);
         loop {
@@ -448,9 +465,11 @@ impl Device {
             if now >= deadline {
                 return Err(Error::QueueFull { entries: q.entries });
             }
+            // Bounded: a lost device frees no slot, and nobody signals it here.
+            self.check_lost()?;
             q = self
                 .slot_freed
-                .wait_timeout(q, deadline - now)
+                .wait_timeout(q, (deadline - now).min(Duration::from_millis(100)))
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
@@ -474,7 +493,7 @@ impl Device {
             q.tail = q.tail.wrapping_sub(1);
             q.busy[slot] = false;
             q.in_flight -= 1;
-            return Err(e.into());
+            return Err(self.unless_lost(e));
         }
         Ok(Ticket { work_id })
     }
@@ -532,9 +551,13 @@ impl Device {
         range: Option<std::ops::Range<u64>>,
         timeout: Duration,
     ) -> Result<(), Error> {
+        // A lost device never confirms a fence (and a BAR mapped into this process would let
+        // the wait below spin for the whole timeout on a register nobody updates).
+        self.check_lost()?;
         let mut seq = lock(&self.tlbi);
         let bar = self.bar();
-        bar.write32(regs::TLBI_ASID, u32::from(asid))?;
+        bar.write32(regs::TLBI_ASID, u32::from(asid))
+            .map_err(|e| self.unless_lost(e))?;
         let limit = 1u64 << accel_abi::VA_BITS;
         // A range reaching past the translated VA bits is the whole address space.
         let range = range.filter(|r| r.end <= limit);
@@ -554,9 +577,14 @@ impl Device {
         let deadline = Instant::now() + timeout;
         let mut spins = 0u32;
         loop {
-            if bar.read32(regs::TLBI_DONE)? == *seq {
+            if bar
+                .read32(regs::TLBI_DONE)
+                .map_err(|e| self.unless_lost(e))?
+                == *seq
+            {
                 return Ok(());
             }
+            self.check_lost()?;
             if Instant::now() >= deadline {
                 return Err(Error::Timeout("TLB invalidation fence"));
             }
@@ -741,6 +769,12 @@ impl Device {
 
 impl Drop for Device {
     fn drop(&mut self) {
+        if let Some(lost) = self.lost() {
+            // Nothing to stop or unmap on a device that is gone (every call would fail): the
+            // rings and page-table memory are freed with this struct.
+            tracing::info!(%lost, "device lost: its rings and page-table memory freed on the host side only");
+            return;
+        }
         // Reset first so nothing the device does can touch the rings we are about to free.
         if let Err(e) = self.shut_down() {
             tracing::warn!(error = %e, "device shutdown failed");

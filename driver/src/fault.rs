@@ -151,6 +151,12 @@ pub struct ServiceStats {
     /// itself). Read back and cleared, not left as a device error; the item faults again if
     /// it still cannot go on.
     pub cancels_refused: AtomicU64,
+    /// 1 once the service saw the device lost ([`crate::backend::Backend::lost`]): it stopped
+    /// servicing, and every completion wait fails with [`Error::DeviceLost`] from then on.
+    pub device_lost: AtomicU64,
+    /// Completion waits that ended with [`Error::DeviceLost`] (commands in flight when the
+    /// device was lost, or waited for after).
+    pub lost_waits: AtomicU64,
 }
 
 /// A test hook the fault service calls on its own thread after each drain, before servicing,
@@ -425,6 +431,12 @@ impl FaultService {
                 }
                 return Ok(c);
             }
+            // Looked at after the record: a completion posted before the loss is still the
+            // command's result.
+            if let Some(lost) = device.lost() {
+                self.shared.stats.lost_waits.fetch_add(1, Ordering::Relaxed);
+                return Err(Error::DeviceLost(lost));
+            }
             let now = Instant::now();
             if now >= deadline {
                 return Err(Error::Timeout("command completion"));
@@ -478,15 +490,23 @@ impl Shared {
         let mut spins = 0u32;
         let mut batch = Vec::with_capacity(self.batch);
         while !self.stop.load(Ordering::Acquire) {
+            if self.device.lost().is_some() {
+                self.serve_lost_device(&wake);
+                return;
+            }
             match self.mode {
                 ServiceMode::Interrupt => {
                     let dev = &self.device;
-                    let mut fds = [
+                    let mut fds = vec![
                         PollFd::new(dev.irq.fault.as_fd(), PollFlags::POLLIN),
                         PollFd::new(dev.irq.completion.as_fd(), PollFlags::POLLIN),
                         PollFd::new(dev.irq.error.as_fd(), PollFlags::POLLIN),
                         PollFd::new(wake.as_fd(), PollFlags::POLLIN),
                     ];
+                    // Readable once the device is lost: the loop top then sees it at once.
+                    if let Some(lost) = dev.backend().lost_event() {
+                        fds.push(PollFd::new(lost, PollFlags::POLLIN));
+                    }
                     let woken = match nix::poll::poll(&mut fds, PollTimeout::from(POLL_TIMEOUT_MS))
                     {
                         Ok(n) => n,
@@ -544,7 +564,10 @@ impl Shared {
                         lock(&self.fault_suspects).add(seen, Instant::now());
                     }
                     // Service whatever is posted, fault interrupt or not (coalescing).
-                    while self.device.fault_pending() && !self.stop.load(Ordering::Acquire) {
+                    while self.device.fault_pending()
+                        && !self.stop.load(Ordering::Acquire)
+                        && self.device.lost().is_none()
+                    {
                         self.service_batch(&mut batch);
                     }
                 }
@@ -558,6 +581,27 @@ impl Shared {
                             self.check_device_error();
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// The device is gone: wake every completion waiter (each then fails with
+    /// [`Error::DeviceLost`] instead of waiting for its timeout), service nothing more (every
+    /// device access would fail), and wait for the service to be stopped.
+    fn serve_lost_device(&self, wake: &std::os::fd::OwnedFd) {
+        if self.stats.device_lost.swap(1, Ordering::Relaxed) == 0 {
+            if let Some(lost) = self.device.lost() {
+                tracing::error!(%lost, "device lost: failing every command waiting for it; fault service stopped");
+            }
+        }
+        self.notify_completions();
+        while !self.stop.load(Ordering::Acquire) {
+            let mut fds = [PollFd::new(wake.as_fd(), PollFlags::POLLIN)];
+            if let Err(e) = nix::poll::poll(&mut fds, PollTimeout::NONE) {
+                if e != nix::errno::Errno::EINTR {
+                    tracing::error!(error = %e, "poll on the stop event failed");
+                    std::thread::sleep(Duration::from_millis(10));
                 }
             }
         }

@@ -126,6 +126,11 @@ pub enum Error {
     /// The daemon connection broke or the daemon said something this client cannot read.
     #[error("daemon connection: {0}")]
     DaemonConnection(String),
+    /// The device is gone for good (its vfio-user server died, the connection to it broke):
+    /// the command failed, like every other in flight on it, and every later one fails too.
+    /// Nothing the device was doing will complete; open the device again once it is back.
+    #[error("{0} (no command in flight on it completes, and none runs any more: open the device again once it is back)")]
+    DeviceLost(backend::DeviceLost),
     /// The device failed the command.
     #[error("device failed the command: {status:?} (detail {detail:#x})")]
     CommandFailed {

@@ -23,7 +23,7 @@ use mirror::AddressSpace;
 use crate::backend::emulated::EmulatedBackend;
 use crate::backend::vfio::KernelVfioBackend;
 use crate::backend::vfio_user::VfioUserBackend;
-use crate::backend::Backend;
+use crate::backend::{Backend, DeviceLost};
 use crate::context::{ContextCore, ContextOptions};
 use crate::device::{Device, DeviceOptions, Ticket};
 pub use crate::fault::InterruptStats;
@@ -91,6 +91,7 @@ pub struct Runtime {
     options: RuntimeOptions,
     commands: AtomicU64,
     quarantined: AtomicU64,
+    released_on_lost_device: AtomicU64,
     /// Leftover work of dropped contexts, by address space.
     orphans: Mutex<Vec<(u16, Ticket)>>,
     has_orphans: std::sync::atomic::AtomicBool,
@@ -127,6 +128,7 @@ impl Runtime {
             options,
             commands: AtomicU64::new(0),
             quarantined: AtomicU64::new(0),
+            released_on_lost_device: AtomicU64::new(0),
             orphans: Mutex::new(Vec::new()),
             has_orphans: std::sync::atomic::AtomicBool::new(false),
         }))
@@ -148,6 +150,20 @@ impl Runtime {
     /// every field stays 0 in polling mode. See [`InterruptStats`].
     pub fn interrupt_stats(&self) -> InterruptStats {
         self.service.interrupt_stats()
+    }
+
+    /// Why the device is gone for good (its vfio-user server died, ...), or `None` while it is
+    /// reachable. Once lost, every wait and submit fails with [`Error::DeviceLost`] at once
+    /// (see [`crate::fault::ServiceStats::lost_waits`]); open the device again to go on.
+    pub fn device_lost(&self) -> Option<DeviceLost> {
+        self.device.lost()
+    }
+
+    /// Contexts dropped after the device was lost: released on the host side at once (DMA
+    /// mappings, arenas, the mirror subscription), with no fence, no wait for their work and
+    /// no quarantine, since nothing on a lost device can run.
+    pub fn contexts_released_on_lost_device(&self) -> u64 {
+        self.released_on_lost_device.load(Ordering::Relaxed)
     }
 
     /// Create a context mirroring the current process into a fresh device address space.
@@ -172,6 +188,7 @@ impl Runtime {
         mm: Arc<AddressSpace>,
         options: ContextOptions,
     ) -> Result<Context, Error> {
+        self.device.check_lost()?;
         self.reap_orphans();
         let asid = {
             let mut asids = self.asids.lock().unwrap_or_else(|p| p.into_inner());
@@ -342,6 +359,8 @@ pub struct ContextStats {
     pub table_pages: usize,
     /// Walks retried because an invalidation collided (whole address space).
     pub retries: u64,
+    /// DMA mappings released on the host side only because the device was lost.
+    pub dropped_on_lost_device: u64,
 }
 
 impl Context {
@@ -367,6 +386,7 @@ impl Context {
     /// this thread, until [`Context::wait`] returns for the ticket: no Rust reference to
     /// memory it writes may be used (or exist as `&`) in that time.
     pub unsafe fn submit(&self, op: Op) -> Result<Ticket, Error> {
+        self.runtime.device.check_lost()?;
         // Every CPU mapping change that returned before this call must be visible to the
         // device before the command runs: the kernel lets a munmap return once its userfaultfd
         // event is read, not handled.
@@ -420,10 +440,18 @@ impl Context {
 
     /// Wait for `ticket`; the command's result value (old value, checksum, or 0).
     pub fn wait(&self, ticket: Ticket) -> Result<u64, Error> {
-        let completion = self
+        let waited = self
             .runtime
             .service
-            .wait(ticket, self.runtime.options.timeout)?;
+            .wait(ticket, self.runtime.options.timeout);
+        if matches!(waited, Err(Error::DeviceLost(_))) {
+            // Over for good: the device will never post its completion.
+            self.outstanding
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&ticket.work_id);
+        }
+        let completion = waited?;
         self.outstanding
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -456,6 +484,7 @@ impl Context {
         if len == 0 {
             return Ok(());
         }
+        self.runtime.device.check_lost()?;
         self.core.prefault(addr, addr.saturating_add(len), write)
     }
 
@@ -488,6 +517,7 @@ impl Context {
             large_leaves,
             table_pages,
             retries: self.core.mm.stats().retries,
+            dropped_on_lost_device: c.dropped_on_lost_device.load(Ordering::Relaxed),
         }
     }
 }
@@ -612,6 +642,10 @@ impl Drop for Context {
         // running on for seconds against memory nobody is waiting for.
         let asid = self.core.asid;
         self.runtime.service.unregister(asid);
+        if self.runtime.device.lost().is_some() {
+            self.release_on_lost_device();
+            return;
+        }
         let confirmed = self.core.shut_down();
         // A fault batch the service was already running for us may still hold a DMA mapping
         // it made before the tear-down (dropped when its install finds the context released):
@@ -643,6 +677,12 @@ impl Drop for Context {
             if left.is_empty() {
                 break;
             }
+            if self.runtime.device.lost().is_some() {
+                // Lost while we waited: that work will never end, and quarantine protects
+                // nobody on a device that runs nothing more.
+                self.release_on_lost_device();
+                return;
+            }
             if Instant::now() >= deadline {
                 tracing::error!(
                     asid,
@@ -655,6 +695,10 @@ impl Drop for Context {
             }
             crate::device::backoff(&mut spins);
         }
+        if !confirmed && self.runtime.device.lost().is_some() {
+            self.release_on_lost_device();
+            return;
+        }
         if !confirmed {
             // The device may still cache this address space's translations: never reuse it.
             tracing::error!(
@@ -664,6 +708,36 @@ impl Drop for Context {
             self.runtime.quarantine(asid, Vec::new());
             return;
         }
+        self.runtime.asids.lock().unwrap_or_else(|p| p.into_inner())[asid as usize] = false;
+    }
+}
+
+impl Context {
+    /// Release on a lost device: the host side (DMA mappings, arenas, pins) goes at once, with
+    /// no fence, no wait for the work in flight and no quarantine: nothing on the device can
+    /// run any more, and a vfio-user server that died cannot answer. The mirror subscription
+    /// goes with the context.
+    fn release_on_lost_device(&self) {
+        let asid = self.core.asid;
+        // Idempotent: a tear-down already done finds nothing left to release.
+        self.core.shut_down();
+        self.core.wait_for_service();
+        let abandoned = {
+            let mut outstanding = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
+            let n = outstanding.len();
+            outstanding.clear();
+            n
+        };
+        self.runtime
+            .released_on_lost_device
+            .fetch_add(1, Ordering::Relaxed);
+        let lost = self.runtime.device.lost();
+        tracing::warn!(
+            asid,
+            abandoned,
+            lost = lost.as_ref().map(|l| l.to_string()).unwrap_or_default(),
+            "context released on a lost device: host side freed at once, no fence, no quarantine"
+        );
         self.runtime.asids.lock().unwrap_or_else(|p| p.into_inner())[asid as usize] = false;
     }
 }

@@ -603,6 +603,57 @@ fn role_stats(client: &Arc<DaemonClient>) {
     ));
 }
 
+/// Fills its arena over and over (its whole in-flight quota), says READY with the work in
+/// flight, then waits for every command and reports how each ended, and how a submit after
+/// them ends. The device is killed meanwhile.
+fn role_lose(client: &Arc<DaemonClient>) {
+    let arena = client.alloc_arena(32 << 20).expect("arena");
+    let tickets: Vec<_> = (0..client.limits().max_in_flight as u64)
+        .map(|i| {
+            let op = Op::Fill {
+                dst: arena.va(),
+                len: arena.len() as u64,
+                pattern: i,
+            };
+            // SAFETY: no reference into the arena is used while the commands run.
+            unsafe { client.submit(op) }.expect("submit")
+        })
+        .collect();
+    println!("READY");
+    std::io::stdout().flush().unwrap();
+    let (mut ok, mut lost, mut other) = (0, 0, Vec::new());
+    let mut text = String::new();
+    for t in tickets {
+        match client.wait(t) {
+            Ok(_) => ok += 1,
+            Err(e @ Error::DeviceLost(_)) => {
+                lost += 1;
+                text = e.to_string();
+            }
+            Err(e) => {
+                // Not the loss (a reply timeout): the rest would only time out too.
+                other.push(e.to_string());
+                break;
+            }
+        }
+    }
+    let op = Op::Fill {
+        dst: arena.va(),
+        len: 4096,
+        pattern: 0,
+    };
+    // SAFETY: as above.
+    let next = match unsafe { client.submit(op) } {
+        Ok(_) => "accepted".to_string(),
+        Err(Error::DeviceLost(_)) => "device-lost".to_string(),
+        Err(e) => format!("other: {e}"),
+    };
+    report(format!("ok {ok} lost {lost} other {other:?} next {next}"));
+    report(format!("text {text}"));
+    // The arena's unregister fails (the daemon is gone): leak it rather than wait.
+    std::mem::forget(arena);
+}
+
 #[test]
 #[ignore = "the client processes of the daemon tests run this"]
 fn client_role() {
@@ -643,6 +694,7 @@ fn client_role() {
         "quota" => role_quota(&client),
         "stats" => role_stats(&client),
         "stale" => role_stale(&client),
+        "lose" => role_lose(&client),
         other => panic!("unknown role {other}"),
     }
 }
@@ -1170,6 +1222,157 @@ fn clients_work_with_the_device_in_another_process() {
     )
     .unwrap();
     assert!(wait_timeout(&mut device, Duration::from_secs(30)));
+}
+
+/// A child process killed and reaped when the test ends, even by a failed assertion.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A device process (`mirrorctl emulate`) serving on `socket`, once it listens.
+fn spawn_device(socket: &Path) -> Reaped {
+    let device = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_mirrorctl"))
+            .args(["emulate", "--socket"])
+            .arg(socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_socket(socket, "mirrorctl emulate");
+    device
+}
+
+#[test]
+fn a_lost_device_fails_every_clients_work_and_the_daemon_exits_saying_why() {
+    // The device (a vfio-user server), `mirrorctl serve` on it, two clients with their whole
+    // in-flight quota running; then the device process is SIGKILLed.
+    let dir = TempDir::new("lost");
+    let device_socket = dir.0.join("device.sock");
+    let socket = dir.0.join("mirrord.sock");
+    let mut device = spawn_device(&device_socket);
+    let mut daemon = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_mirrorctl"))
+            .args(["serve", "--socket"])
+            .arg(&socket)
+            .arg("--vfio-user")
+            .arg(&device_socket)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut log = daemon.0.stderr.take().unwrap();
+    let log = std::thread::spawn(move || {
+        let mut text = String::new();
+        let _ = log.read_to_string(&mut text);
+        text
+    });
+    wait_for_socket(&socket, "mirrorctl serve");
+    let device_name = device_socket.display().to_string();
+    let mut clients: Vec<Child> = (0..2)
+        .map(|_| spawn_client(&socket, "lose", &device_name))
+        .collect();
+    let outs: Vec<_> = clients.iter_mut().map(wait_ready).collect();
+    let killed = Instant::now();
+    device.0.kill().unwrap();
+    let _ = device.0.wait();
+    // Generous bounds that tell "noticed" from "timed out" (a client's reply timeout is 30 s).
+    let prompt = Duration::from_secs(10);
+    for (mut child, mut out) in clients.into_iter().zip(outs) {
+        let summary = expect_report(&mut out, "ok ");
+        let after = killed.elapsed();
+        let text = expect_report(&mut out, "text ");
+        assert!(
+            wait_timeout(&mut child, Duration::from_secs(30)),
+            "the client did not finish"
+        );
+        assert!(
+            after < prompt,
+            "a client's waits ended {after:?} after the kill"
+        );
+        assert!(
+            summary.contains("other []") && summary.contains("next device-lost"),
+            "every command not done before the kill fails with the loss, and so does the              next submit: {summary}"
+        );
+        assert!(
+            !summary.contains("lost 0 "),
+            "no command was in flight at the kill: {summary}"
+        );
+        assert!(
+            text.contains(&device_name) && text.contains("lost"),
+            "the error names the lost device: {text}"
+        );
+    }
+    // The daemon then exits, non-zero, saying why, with its socket removed.
+    let exited = Instant::now();
+    let status = loop {
+        if let Some(status) = daemon.0.try_wait().unwrap() {
+            break Some(status);
+        }
+        if exited.elapsed() > Duration::from_secs(30) {
+            let _ = daemon.0.kill();
+            let _ = daemon.0.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let log = log.join().unwrap();
+    let status = status.unwrap_or_else(|| panic!("mirrorctl serve did not exit:\n{log}"));
+    assert!(!status.success(), "it exits non-zero: {status}\n{log}");
+    assert!(
+        log.lines().any(|l| l.starts_with("mirrorctl: ")
+            && l.contains(&device_name)
+            && l.contains("lost")),
+        "its last word names the lost device:\n{log}"
+    );
+    assert!(log.contains("every client told"), "{log}");
+    eprintln!("mirrorctl serve's log:\n{log}");
+    assert!(!socket.exists(), "the socket was not removed");
+}
+
+#[test]
+fn the_daemon_counts_the_device_loss_and_serve_returns_it() {
+    // In process this time, to read the daemon's own figures after the loss.
+    let dir = TempDir::new("lost-stats");
+    let device_socket = dir.0.join("device.sock");
+    let mut device = spawn_device(&device_socket);
+    let mut d = TestDaemon::start_on(
+        "lost-stats",
+        DeviceSpec::VfioUser(device_socket.clone()),
+        ServiceMode::Polling,
+        |_| {},
+    );
+    let device_name = device_socket.display().to_string();
+    let mut child = d.client("lose", &device_name);
+    let mut out = wait_ready(&mut child);
+    assert_eq!(d.daemon.stats().device_lost, 0);
+    device.0.kill().unwrap();
+    let _ = device.0.wait();
+    let summary = expect_report(&mut out, "ok ");
+    assert!(
+        summary.contains("other []") && !summary.contains("lost 0 "),
+        "{summary}"
+    );
+    assert!(wait_timeout(&mut child, Duration::from_secs(30)));
+    let s = d.daemon.stats();
+    assert_eq!(s.device_lost, 1, "{s:?}");
+    assert!(s.lost_commands >= 1, "{s:?}");
+    assert_eq!(s.quarantined, 0, "{s:?}");
+    // serve() ends by itself, with the loss.
+    let served = d.thread.take().unwrap().join().expect("daemon thread");
+    match served {
+        Err(Error::DeviceLost(lost)) => assert_eq!(lost.device, device_name),
+        other => panic!("serve returned {other:?}"),
+    }
+    assert!(!d.socket.exists(), "the socket was not removed");
+    assert_eq!(d.daemon.runtime().contexts_released_on_lost_device(), 1);
 }
 
 #[test]

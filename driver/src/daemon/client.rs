@@ -26,9 +26,10 @@ use std::time::Duration;
 use accel_abi::{Completion, Status};
 
 use super::protocol::{
-    self, kind, ClientLimits, CompletionEvent, ErrorCode, Header, Reply, Request, StatsReply,
-    HEADER_SIZE, MAX_PAYLOAD, REPLY, VERSION,
+    self, kind, ClientLimits, CompletionEvent, DeviceLostNotice, ErrorCode, Header, Reply, Request,
+    StatsReply, HEADER_SIZE, MAX_PAYLOAD, REPLY, STATUS_DEVICE_LOST, VERSION,
 };
+use crate::backend::DeviceLost;
 use crate::runtime::{completion_result, DeviceOps, Op};
 use crate::sys::shared_mem::SharedMemory;
 use crate::sys::unix_msg;
@@ -48,6 +49,9 @@ struct Conn {
     completions: HashMap<u64, CompletionEvent>,
     /// Set once the session is unusable (the daemon said so, or the stream broke).
     broken: Option<String>,
+    /// Set when the daemon said its device is lost ([`kind::DEVICE_LOST`]): every command
+    /// not completed yet, and every later request, fails with [`Error::DeviceLost`].
+    lost: Option<DeviceLost>,
 }
 
 /// A session with the daemon: one device address space mirroring this process.
@@ -139,6 +143,17 @@ impl Conn {
             })?;
             let mut payload = vec![0u8; header.len.min(MAX_PAYLOAD) as usize];
             self.read_exact(&mut payload)?;
+            if header.kind == kind::DEVICE_LOST {
+                let notice = DeviceLostNotice::decode(&payload)
+                    .map_err(|e| Error::DaemonConnection(e.to_string()))?;
+                let lost = notice.to_lost();
+                tracing::error!(%lost, "the daemon's device is lost");
+                self.lost = Some(lost);
+                if id == 0 {
+                    return Ok(Reply::Done);
+                }
+                continue;
+            }
             if header.kind == kind::COMPLETION {
                 let e = CompletionEvent::decode(&payload)
                     .map_err(|e| Error::DaemonConnection(e.to_string()))?;
@@ -175,12 +190,49 @@ impl Conn {
         let (k, payload) = req.encode();
         let id = match self.send(k, &payload, fds) {
             Ok(id) => id,
-            Err(e) => return Err(self.refusal_behind(e)),
+            Err(e) => {
+                let e = self.refusal_behind(e);
+                return Err(self.unless_lost(e));
+            }
         };
-        match self.reply_to(k, id)? {
-            Reply::Error { code, message } => Err(Error::Daemon { code, message }),
+        match self.reply_to(k, id).map_err(|e| self.unless_lost(e))? {
+            Reply::Error { code, message } => {
+                Err(self.unless_lost(Error::Daemon { code, message }))
+            }
             r => Ok(r),
         }
+    }
+
+    /// The device-loss error if the daemon said (or `e` says) the device is lost: then that
+    /// is why the session ended or the request failed; else `e`.
+    fn unless_lost(&self, e: Error) -> Error {
+        match (&self.lost, e) {
+            (_, e @ Error::DeviceLost(_)) => e,
+            (Some(lost), Error::DaemonConnection(_) | Error::Timeout(_)) => {
+                Error::DeviceLost(lost.clone())
+            }
+            (
+                lost,
+                Error::Daemon {
+                    code: ErrorCode::DeviceLost,
+                    message,
+                },
+            ) => Error::DeviceLost(lost.clone().unwrap_or(DeviceLost {
+                backend: "unknown backend",
+                device: "the daemon's device".into(),
+                reason: message,
+            })),
+            (_, e) => e,
+        }
+    }
+
+    /// The error of a command the daemon completed with [`STATUS_DEVICE_LOST`].
+    fn lost_command(&self) -> Error {
+        Error::DeviceLost(self.lost.clone().unwrap_or(DeviceLost {
+            backend: "unknown backend",
+            device: "the daemon's device".into(),
+            reason: "the daemon reported the device lost".into(),
+        }))
     }
 }
 
@@ -210,6 +262,7 @@ impl DaemonClient {
             next_id: 1,
             completions: HashMap::new(),
             broken: None,
+            lost: None,
         };
         let hello = Request::Hello {
             min_version: VERSION,
@@ -323,12 +376,17 @@ impl DaemonClient {
             sent.push((tag, conn.send(k, &payload, &[])));
         }
         sent.into_iter()
-            .map(|(tag, id)| match conn.reply_to(kind::SUBMIT, id?)? {
-                Reply::Submitted => Ok(DaemonTicket { tag }),
-                Reply::Error { code, message } => Err(Error::Daemon { code, message }),
-                other => Err(Error::DaemonConnection(format!(
-                    "unexpected answer to SUBMIT: {other:?}"
-                ))),
+            .map(|(tag, id)| {
+                let reply = id.and_then(|id| conn.reply_to(kind::SUBMIT, id));
+                match reply.map_err(|e| conn.unless_lost(e))? {
+                    Reply::Submitted => Ok(DaemonTicket { tag }),
+                    Reply::Error { code, message } => {
+                        Err(conn.unless_lost(Error::Daemon { code, message }))
+                    }
+                    other => Err(Error::DaemonConnection(format!(
+                        "unexpected answer to SUBMIT: {other:?}"
+                    ))),
+                }
             })
             .collect()
     }
@@ -338,6 +396,9 @@ impl DaemonClient {
         let mut conn = self.conn();
         loop {
             if let Some(e) = conn.completions.remove(&ticket.tag) {
+                if e.status == STATUS_DEVICE_LOST {
+                    return Err(conn.lost_command());
+                }
                 let status = Status::from_u32(e.status).unwrap_or(Status::BadCommand);
                 return completion_result(Completion {
                     status,
@@ -345,10 +406,19 @@ impl DaemonClient {
                 });
             }
             if let Some(why) = &conn.broken {
-                return Err(Error::DaemonConnection(why.clone()));
+                let e = Error::DaemonConnection(why.clone());
+                return Err(conn.unless_lost(e));
             }
-            conn.reply_to(0, 0)?;
+            if let Err(e) = conn.reply_to(0, 0) {
+                return Err(conn.unless_lost(e));
+            }
         }
+    }
+
+    /// Why the daemon's device is lost, once the daemon said so (every command not completed
+    /// by then fails with [`Error::DeviceLost`], and so does every later request).
+    pub fn device_lost(&self) -> Option<DeviceLost> {
+        self.conn().lost.clone()
     }
 
     /// This session's and the daemon's statistics.

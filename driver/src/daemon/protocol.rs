@@ -7,6 +7,7 @@
 //! bytes. A reply has the request's kind with [`REPLY`] set and the request's id; a completion
 //! event has kind [`kind::COMPLETION`] and id 0.
 
+use crate::backend::DeviceLost;
 use crate::runtime::Op;
 
 /// First four bytes of every frame.
@@ -38,7 +39,15 @@ pub mod kind {
     pub const GOODBYE: u16 = 6;
     /// Daemon -> client: a command completed (id 0).
     pub const COMPLETION: u16 = 0x4001;
+    /// Daemon -> client: the device is lost for good (id 0; payload [`super::DeviceLostNotice`]).
+    /// Sent once, before the completions of the commands it fails; the daemon then ends the
+    /// session and exits.
+    pub const DEVICE_LOST: u16 = 0x4002;
 }
+
+/// The status of a completion event for a command that never completed because the device
+/// was lost (outside `accel_abi::Status`'s range).
+pub const STATUS_DEVICE_LOST: u32 = 0xdead_0001;
 
 /// Why a frame or payload was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -375,6 +384,9 @@ pub enum ErrorCode {
     Device = 10,
     /// Anything else.
     Internal = 11,
+    /// The device is lost for good (its server process died, its connection broke); the
+    /// message names it and says why. The daemon exits once every client is told.
+    DeviceLost = 12,
 }
 
 impl ErrorCode {
@@ -391,6 +403,7 @@ impl ErrorCode {
             8 => Self::NotFound,
             9 => Self::ShuttingDown,
             10 => Self::Device,
+            12 => Self::DeviceLost,
             _ => Self::Internal,
         }
     }
@@ -460,10 +473,16 @@ pub struct StatsReply {
     pub table_pool_bytes: u64,
     /// Daemon: device page-table pages in use by live address spaces.
     pub table_pages_in_use: u64,
+    /// Daemon: 1 once the device is lost (the daemon is then failing its clients' work and
+    /// about to exit).
+    pub device_lost: u64,
+    /// Daemon: commands failed because the device was lost (in flight at the loss, or
+    /// submitted after it).
+    pub lost_commands: u64,
 }
 
 impl StatsReply {
-    fn fields(&self) -> [u64; 18] {
+    fn fields(&self) -> [u64; 20] {
         [
             self.faults,
             self.pages_mapped,
@@ -483,6 +502,8 @@ impl StatsReply {
             self.released,
             self.table_pool_bytes,
             self.table_pages_in_use,
+            self.device_lost,
+            self.lost_commands,
         ]
     }
 
@@ -507,6 +528,8 @@ impl StatsReply {
             released: g(15),
             table_pool_bytes: g(16),
             table_pages_in_use: g(17),
+            device_lost: g(18),
+            lost_commands: g(19),
         }
     }
 }
@@ -717,6 +740,96 @@ impl CompletionEvent {
     }
 }
 
+/// The [`kind::DEVICE_LOST`] notice: which device was lost and why. Payload: the backend's
+/// name length (u32), the device's name length (u32), the backend name, the device name,
+/// then the reason to the end, all UTF-8; at most [`MAX_MESSAGE`] bytes of text in all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceLostNotice {
+    /// The backend ("vfio-user", "kernel-vfio", "emulated").
+    pub backend: String,
+    /// The device (a socket path, a PCI address).
+    pub device: String,
+    /// What happened.
+    pub reason: String,
+}
+
+fn cut(text: &str, max: usize) -> &str {
+    let mut at = text.len().min(max);
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    &text[..at]
+}
+
+impl DeviceLostNotice {
+    /// From the driver's loss report.
+    pub fn new(lost: &DeviceLost) -> DeviceLostNotice {
+        DeviceLostNotice {
+            backend: lost.backend.to_string(),
+            device: lost.device.clone(),
+            reason: lost.reason.clone(),
+        }
+    }
+
+    /// The loss as the driver reports it; a backend name this build does not know reads as
+    /// "unknown backend".
+    pub fn to_lost(&self) -> DeviceLost {
+        let backend = match self.backend.as_str() {
+            "vfio-user" => "vfio-user",
+            "kernel-vfio" => "kernel-vfio",
+            "emulated" => "emulated",
+            _ => "unknown backend",
+        };
+        DeviceLost {
+            backend,
+            device: self.device.clone(),
+            reason: self.reason.clone(),
+        }
+    }
+
+    /// Encode, cutting the names and the reason to fit [`MAX_MESSAGE`].
+    pub fn encode(&self) -> Vec<u8> {
+        let backend = cut(&self.backend, 64);
+        let device = cut(&self.device, MAX_MESSAGE / 2);
+        let reason = cut(&self.reason, MAX_MESSAGE - backend.len() - device.len());
+        let mut p = Vec::with_capacity(8 + MAX_MESSAGE);
+        p.extend_from_slice(&(backend.len() as u32).to_le_bytes());
+        p.extend_from_slice(&(device.len() as u32).to_le_bytes());
+        p.extend_from_slice(backend.as_bytes());
+        p.extend_from_slice(device.as_bytes());
+        p.extend_from_slice(reason.as_bytes());
+        p
+    }
+
+    /// Decode.
+    pub fn decode(payload: &[u8]) -> Result<DeviceLostNotice, DecodeError> {
+        let bad = |got| DecodeError::BadLength {
+            kind: kind::DEVICE_LOST,
+            expected: 8,
+            got,
+        };
+        if payload.len() < 8 || payload.len() > 8 + MAX_MESSAGE {
+            return Err(bad(payload.len()));
+        }
+        let mut r = Reader { b: payload, at: 0 };
+        let (b, d) = (r.u32() as usize, r.u32() as usize);
+        let text = &payload[8..];
+        if b.saturating_add(d) > text.len() {
+            return Err(bad(payload.len()));
+        }
+        let utf8 = |bytes: &[u8]| {
+            std::str::from_utf8(bytes)
+                .map(str::to_string)
+                .map_err(|_| DecodeError::BadText)
+        };
+        Ok(DeviceLostNotice {
+            backend: utf8(&text[..b])?,
+            device: utf8(&text[b..b + d])?,
+            reason: utf8(&text[b + d..])?,
+        })
+    }
+}
+
 /// A whole frame: header then payload.
 pub fn frame(kind: u16, id: u32, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(HEADER_SIZE + payload.len());
@@ -783,11 +896,42 @@ mod tests {
         }
 
         #[test]
-        fn stats_round_trip(f in proptest::collection::vec(any::<u64>(), 18)) {
+        fn stats_round_trip(f in proptest::collection::vec(any::<u64>(), 20)) {
             let s = StatsReply::from_fields(&f);
             let r = Reply::Stats(s);
             prop_assert_eq!(Reply::decode(kind::STATS, &r.encode()), Ok(r));
         }
+    }
+
+    #[test]
+    fn device_lost_notices_round_trip_and_fit_the_message_limit() {
+        let lost = DeviceLost {
+            backend: "vfio-user",
+            device: "/run/mxa.sock".into(),
+            reason: "connection to the server lost: ECONNRESET".into(),
+        };
+        let n = DeviceLostNotice::new(&lost);
+        let back = DeviceLostNotice::decode(&n.encode()).unwrap();
+        assert_eq!(back, n);
+        assert_eq!(back.to_lost(), lost);
+        let long = DeviceLostNotice {
+            backend: "b".repeat(100),
+            device: "d".repeat(5000),
+            reason: "é".repeat(5000),
+        };
+        let p = long.encode();
+        assert!(p.len() <= 8 + MAX_MESSAGE);
+        let back = DeviceLostNotice::decode(&p).unwrap();
+        assert_eq!(back.to_lost().backend, "unknown backend");
+        assert!(!back.reason.is_empty() && !back.device.is_empty());
+        // Lengths past the payload, bad UTF-8, too short: refused.
+        let mut bad = n.encode();
+        bad[0] = 0xff;
+        assert!(DeviceLostNotice::decode(&bad).is_err());
+        let mut bad = n.encode();
+        bad[8] = 0xff;
+        assert_eq!(DeviceLostNotice::decode(&bad), Err(DecodeError::BadText));
+        assert!(DeviceLostNotice::decode(&[0; 7]).is_err());
     }
 
     #[test]

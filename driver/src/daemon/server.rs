@@ -25,10 +25,11 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 use super::protocol::{
-    self, kind, ClientLimits, CompletionEvent, DecodeError, ErrorCode, Header, Reply, Request,
-    StatsReply, HEADER_SIZE, MAX_PAYLOAD, REPLY, VERSION,
+    self, kind, ClientLimits, CompletionEvent, DecodeError, DeviceLostNotice, ErrorCode, Header,
+    Reply, Request, StatsReply, HEADER_SIZE, MAX_PAYLOAD, REPLY, STATUS_DEVICE_LOST, VERSION,
 };
 use crate::arena::{ArenaError, ArenaLimits, ArenaTable};
+use crate::backend::DeviceLost;
 use crate::context::{ContextOptions, Reach};
 use crate::device::{backoff, Ticket};
 use crate::fault::ServiceMode;
@@ -118,7 +119,16 @@ struct Pump {
     pending: Mutex<Vec<Pending>>,
     added: Condvar,
     stop: AtomicBool,
+    /// Set (once) when the pump finds the device lost: every session and the accept loop
+    /// watch it.
+    lost: watch::Sender<Option<DeviceLost>>,
+    /// Commands failed because the device was lost.
+    lost_commands: AtomicU64,
 }
+
+/// How long a session, told of the device loss, forwards the failed completions of its
+/// client's commands before it ends (the pump fails them at once: this is only a bound).
+const LOST_DRAIN: Duration = Duration::from_secs(5);
 
 impl Pump {
     fn add(&self, p: Pending) {
@@ -134,6 +144,15 @@ impl Pump {
         let mut spins = 0u32;
         while !self.stop.load(Ordering::Acquire) {
             let seen = service.completion_generation();
+            let lost = runtime.device_lost();
+            if let Some(lost) = &lost {
+                if self.lost.borrow().is_none() {
+                    // Announced before any command is failed: a session then tells its client
+                    // why before it forwards the failed completions.
+                    tracing::error!(%lost, "device lost: failing every client's commands in flight and telling every client");
+                    self.lost.send_replace(Some(lost.clone()));
+                }
+            }
             let mut keep_alive = Vec::new();
             let mut progressed = false;
             {
@@ -154,19 +173,27 @@ impl Pump {
                     let done = ctx.try_complete(p.ticket);
                     // Dropped outside the lock: the last reference runs the context's release.
                     keep_alive.push(ctx);
-                    match done {
-                        Some(c) => {
-                            progressed = true;
-                            p.in_flight.fetch_sub(1, Ordering::AcqRel);
-                            let _ = p.events.send(CompletionEvent {
+                    let event = match (done, &lost) {
+                        (Some(c), _) => CompletionEvent {
+                            tag: p.tag,
+                            status: c.status as u32,
+                            result: c.result,
+                        },
+                        (None, Some(_)) => {
+                            // It will never complete: fail it now.
+                            self.lost_commands.fetch_add(1, Ordering::Relaxed);
+                            CompletionEvent {
                                 tag: p.tag,
-                                status: c.status as u32,
-                                result: c.result,
-                            });
-                            false
+                                status: STATUS_DEVICE_LOST,
+                                result: 0,
+                            }
                         }
-                        None => true,
-                    }
+                        (None, None) => return true,
+                    };
+                    progressed = true;
+                    p.in_flight.fetch_sub(1, Ordering::AcqRel);
+                    let _ = p.events.send(event);
+                    false
                 });
             }
             for ctx in keep_alive {
@@ -251,6 +278,8 @@ impl Shared {
                 .deferred
                 .load(Ordering::Relaxed),
             released: self.released.load(Ordering::Relaxed),
+            device_lost: u64::from(self.pump.lost.borrow().is_some()),
+            lost_commands: self.pump.lost_commands.load(Ordering::Relaxed),
             ..StatsReply::default()
         }
     }
@@ -277,6 +306,8 @@ impl Daemon {
             pending: Mutex::new(Vec::new()),
             added: Condvar::new(),
             stop: AtomicBool::new(false),
+            lost: watch::Sender::new(None),
+            lost_commands: AtomicU64::new(0),
         });
         let (worker, rt) = (pump.clone(), runtime.clone());
         let pump_thread = std::thread::Builder::new()
@@ -315,16 +346,27 @@ impl Daemon {
 
     /// Bind the socket and serve until `shutdown` resolves; then stop accepting, let in-flight
     /// commands finish (up to the drain timeout), release every client and remove the socket.
+    ///
+    /// If the device is lost, every session fails its client's commands in flight with the
+    /// loss, tells the client ([`kind::DEVICE_LOST`]) and ends; then this stops accepting,
+    /// removes the socket and returns [`Error::DeviceLost`]: a daemon without its device has
+    /// nothing to serve (restart it once the device is back).
     pub async fn serve(&self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
         let listener = bind(&self.shared.config)?;
         let path = self.shared.config.socket.clone();
         tracing::info!(socket = %path.display(), "mirrord serving");
         let (stop_tx, stop_rx) = watch::channel(false);
         let mut sessions = tokio::task::JoinSet::new();
+        let mut lost_rx = self.shared.pump.lost.subscribe();
+        let mut lost = None;
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                seen = lost_rx.wait_for(Option::is_some) => {
+                    lost = seen.ok().and_then(|l| l.clone());
+                    break;
+                }
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         sessions.spawn(session(self.shared.clone(), stream, stop_rx.clone()));
@@ -339,6 +381,24 @@ impl Daemon {
         }
         drop(listener);
         let _ = std::fs::remove_file(&path);
+        if let Some(lost) = lost {
+            // Each session ends by itself once its client is told; the bound only guards
+            // against one stuck writing to a client that does not read.
+            let bound = LOST_DRAIN + self.shared.config.write_timeout;
+            let ended = tokio::time::timeout(bound, async {
+                while sessions.join_next().await.is_some() {}
+            })
+            .await;
+            if ended.is_err() {
+                tracing::warn!(
+                    sessions = sessions.len(),
+                    "sessions still ending {bound:?} after the device loss: abandoned"
+                );
+                sessions.abort_all();
+            }
+            tracing::error!(%lost, "device lost: every client's work failed and every client told; mirrord exiting");
+            return Err(Error::DeviceLost(lost));
+        }
         tracing::info!(sessions = sessions.len(), "shutting down: draining clients");
         let _ = stop_tx.send(true);
         while sessions.join_next().await.is_some() {}
@@ -522,6 +582,8 @@ struct Session {
     exit_watch: Option<OwnedFd>,
     strikes: u32,
     closing: bool,
+    /// The client has been sent the [`kind::DEVICE_LOST`] notice.
+    told_lost: bool,
 }
 
 async fn write_all(stream: &UnixStream, bytes: &[u8], timeout: Duration) -> io::Result<()> {
@@ -561,6 +623,7 @@ async fn next_event(rx: &mut Option<mpsc::UnboundedReceiver<CompletionEvent>>) -
 }
 
 enum Next {
+    DeviceLost(Option<DeviceLost>),
     Message(Option<Incoming>),
     Event(CompletionEvent),
     Exited,
@@ -650,13 +713,20 @@ async fn session(shared: Arc<Shared>, stream: UnixStream, mut shutdown: watch::R
         exit_watch: None,
         strikes: 0,
         closing: false,
+        told_lost: false,
     };
+    let mut lost_rx = shared.pump.lost.subscribe();
     let mut events_rx: Option<mpsc::UnboundedReceiver<CompletionEvent>> = None;
     let mut pidfd: Option<AsyncFd<OwnedFd>> = None;
     let hello_deadline = tokio::time::sleep(shared.config.hello_timeout);
     tokio::pin!(hello_deadline);
     loop {
         let next = tokio::select! {
+            // First: a session of a lost device does nothing else.
+            biased;
+            seen = lost_rx.wait_for(Option::is_some) => {
+                Next::DeviceLost(seen.ok().and_then(|l| l.clone()))
+            }
             _ = &mut hello_deadline, if s.client.is_none() => Next::HelloTimeout,
             m = rx.recv() => Next::Message(m),
             e = next_event(&mut events_rx) => Next::Event(e),
@@ -664,6 +734,10 @@ async fn session(shared: Arc<Shared>, stream: UnixStream, mut shutdown: watch::R
             _ = shutdown.changed() => Next::Shutdown,
         };
         let flow = match next {
+            Next::DeviceLost(lost) => {
+                s.device_lost(lost, &mut events_rx).await;
+                Flow::Close
+            }
             Next::Message(None) => {
                 tracing::info!(pid, "client closed the connection");
                 Flow::Close
@@ -763,11 +837,80 @@ impl Session {
     }
 
     async fn send_event(&mut self, e: CompletionEvent) -> Flow {
+        if e.status == STATUS_DEVICE_LOST {
+            // The pump announced the loss before it failed any command: say why first.
+            let lost = self.shared.pump.lost.borrow().clone();
+            if let Flow::Close = self.tell_lost(lost.as_ref()).await {
+                return Flow::Close;
+            }
+        }
         let frame = protocol::frame(kind::COMPLETION, 0, &e.encode());
         match write_all(&self.stream, &frame, self.shared.config.write_timeout).await {
             Ok(()) => Flow::Continue,
             Err(_) => Flow::Close,
         }
+    }
+
+    /// Send the [`kind::DEVICE_LOST`] notice, once.
+    async fn tell_lost(&mut self, lost: Option<&DeviceLost>) -> Flow {
+        let Some(lost) = lost else {
+            return Flow::Continue;
+        };
+        if std::mem::replace(&mut self.told_lost, true) {
+            return Flow::Continue;
+        }
+        let notice = DeviceLostNotice::new(lost).encode();
+        let frame = protocol::frame(kind::DEVICE_LOST, 0, &notice);
+        match write_all(&self.stream, &frame, self.shared.config.write_timeout).await {
+            Ok(()) => Flow::Continue,
+            Err(e) => {
+                tracing::info!(pid = self.peer_pid, error = %e, "telling the client of the device loss failed");
+                Flow::Close
+            }
+        }
+    }
+
+    /// The device is lost: tell the client, forward the completions of its commands (the
+    /// pump fails those still in flight with [`STATUS_DEVICE_LOST`]), then end the session.
+    async fn device_lost(
+        &mut self,
+        lost: Option<DeviceLost>,
+        events: &mut Option<mpsc::UnboundedReceiver<CompletionEvent>>,
+    ) {
+        self.closing = true;
+        if let Flow::Close = self.tell_lost(lost.as_ref()).await {
+            return;
+        }
+        let Some(client) = self.client.clone() else {
+            return;
+        };
+        let deadline = tokio::time::Instant::now() + LOST_DRAIN;
+        while let Some(rx) = events.as_mut() {
+            // Completions the pump posted, then any it posts until the count reaches zero.
+            let e = match rx.try_recv() {
+                Ok(e) => e,
+                Err(_) if client.in_flight.load(Ordering::Acquire) == 0 => break,
+                Err(_) => match tokio::time::timeout_at(deadline, rx.recv()).await {
+                    Ok(Some(e)) => e,
+                    Ok(None) | Err(_) => break,
+                },
+            };
+            if let Flow::Close = self.send_event(e).await {
+                return;
+            }
+        }
+        let left = client.in_flight.load(Ordering::Acquire);
+        if left > 0 {
+            tracing::warn!(
+                pid = self.peer_pid,
+                left,
+                "commands not failed within {LOST_DRAIN:?} of the device loss"
+            );
+        }
+        tracing::info!(
+            pid = self.peer_pid,
+            "client told of the device loss; session ended"
+        );
     }
 
     fn watch_exit(&mut self) -> Option<AsyncFd<OwnedFd>> {
@@ -1041,6 +1184,14 @@ impl Session {
         .await;
         let client = match built {
             Ok(Ok(c)) => c,
+            Ok(Err(Error::DeviceLost(lost))) => {
+                // Not the client's fault: no strike.
+                let message = Error::DeviceLost(lost.clone()).to_string();
+                self.tell_lost(Some(&lost)).await;
+                self.reply(header, Reply::error(ErrorCode::DeviceLost, message))
+                    .await;
+                return Flow::Close;
+            }
             Ok(Err(e)) => {
                 let code = match e {
                     Error::NoFreeAddressSpace { .. } => ErrorCode::Limit,
@@ -1145,6 +1296,19 @@ impl Session {
                     _slot: slot,
                 });
                 self.reply(header, Reply::Submitted).await
+            }
+            Err(Error::DeviceLost(lost)) => {
+                client.in_flight.fetch_sub(1, Ordering::AcqRel);
+                self.shared
+                    .pump
+                    .lost_commands
+                    .fetch_add(1, Ordering::Relaxed);
+                let message = Error::DeviceLost(lost.clone()).to_string();
+                if let Flow::Close = self.tell_lost(Some(&lost)).await {
+                    return Flow::Close;
+                }
+                self.reply(header, Reply::error(ErrorCode::DeviceLost, message))
+                    .await
             }
             Err(e) => {
                 client.in_flight.fetch_sub(1, Ordering::AcqRel);
