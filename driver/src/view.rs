@@ -73,7 +73,11 @@ impl MxaView {
                 dma: device.dma(),
             })?
         };
-        device.set_asid_root(asid, Some(pt.root_iova()))?;
+        if let Err(e) = device.set_asid_root(asid, Some(pt.root_iova())) {
+            // The device never saw this table: its pages go straight back to the pool.
+            pt.destroy(&mut device.tables.lock().unwrap_or_else(|p| p.into_inner()));
+            return Err(e);
+        }
         Ok(MxaView {
             device,
             asid,
@@ -164,6 +168,17 @@ impl DeviceView for MxaView {
     }
 }
 
+impl Drop for MxaView {
+    /// A view dropped without [`DeviceView::shut_down`] (its context failed to come up, e.g.
+    /// the client died before the context subscribed to its mirror) still owns its table pages
+    /// and the device's root register: shut down now, or the pages never return to the pool.
+    fn drop(&mut self) {
+        if self.pt.is_some() {
+            self.shut_down();
+        }
+    }
+}
+
 /// A device that addresses memory by IOVA through the IOMMU alone (no page faults, no page
 /// table of its own). Ranges are mapped on submit at IOVA == VA, so the device is handed plain
 /// CPU pointers; the view only remembers what is installed.
@@ -238,5 +253,35 @@ impl DeviceView for IommuView {
     fn shut_down(&mut self) -> bool {
         self.installed.clear();
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::{DeviceSpec, Runtime, RuntimeOptions};
+
+    fn pages_in_use(device: &Device) -> usize {
+        device
+            .tables
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .in_use()
+    }
+
+    #[test]
+    fn a_view_dropped_without_shut_down_returns_its_table_pages() {
+        let runtime =
+            Runtime::open(DeviceSpec::emulated(), RuntimeOptions::default()).expect("emulator");
+        let device = runtime.device().clone();
+        let before = pages_in_use(&device);
+        let asid = 7;
+        let mut view = MxaView::new(device.clone(), asid, Duration::from_secs(5)).expect("view");
+        view.install(0x4000_0000, PAGE_SIZE, 0x10_0000, true, false)
+            .expect("install");
+        assert!(pages_in_use(&device) > before, "the view holds table pages");
+        // As when a context fails to come up after its view was made.
+        drop(view);
+        assert_eq!(pages_in_use(&device), before, "table pages leaked");
     }
 }
