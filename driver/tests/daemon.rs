@@ -1463,16 +1463,16 @@ fn extra_file_descriptors_are_refused_and_closed() {
 fn a_connection_that_never_says_hello_is_closed() {
     let d = TestDaemon::start("hello-timeout", ServiceMode::Interrupt, |c| {
         c.hello_timeout = Duration::from_secs(2);
-        c.max_clients = 1;
+        c.max_handshakes = 1;
     });
     let mut s = raw_connect(&d);
     s.write_all(b"MXD1").unwrap(); // half a header, then nothing
-                                   // Meanwhile it holds the only slot: the daemon-wide limit refuses anybody else.
+                                   // Meanwhile it holds the only handshake slot: anybody else is refused at the door.
     let (_, lines) = finish(d.client("hold", ""));
     assert!(
         lines
             .iter()
-            .any(|l| l.starts_with("connect-error") && l.contains("clients is 1")),
+            .any(|l| l.starts_with("connect-error") && l.contains("connections before HELLO")),
         "{lines:?}"
     );
     let f = read_frame(&mut s).expect("an answer");

@@ -112,7 +112,44 @@ enum Command {
         /// Most MiB mapped (pinned) per client.
         #[arg(long, default_value_t = 256)]
         max_mapped_mib: u64,
+        #[command(flatten)]
+        resources: ResourceFlags,
     },
+}
+
+/// `mirrorctl serve`'s daemon-wide resource limits (docs/daemon.md, "Quotas and
+/// back-pressure").
+#[derive(clap::Args, Debug)]
+struct ResourceFlags {
+    /// Most connections before HELLO (handshakes) at once; they hold no client slot.
+    #[arg(long, default_value_t = 64)]
+    max_handshakes: usize,
+    /// Most connections before HELLO of one uid at once.
+    #[arg(long, default_value_t = 16)]
+    max_handshakes_per_uid: usize,
+    /// Seconds a connection may take to complete HELLO.
+    #[arg(long, default_value_t = 10)]
+    hello_timeout_secs: u64,
+    /// Seconds a frame may take to arrive once its first byte has.
+    #[arg(long, default_value_t = 10)]
+    frame_timeout_secs: u64,
+    /// Most MiB of arenas all clients of one uid may hold at once.
+    #[arg(long, default_value_t = 8192)]
+    max_arena_mib_per_uid: u64,
+    /// Most MiB of arenas all clients together may hold at once.
+    #[arg(long, default_value_t = 16384)]
+    max_arena_mib_total: u64,
+}
+
+impl ResourceFlags {
+    fn apply(&self, config: &mut driver::daemon::DaemonConfig) {
+        config.max_handshakes = self.max_handshakes;
+        config.max_handshakes_per_uid = self.max_handshakes_per_uid;
+        config.hello_timeout = std::time::Duration::from_secs(self.hello_timeout_secs);
+        config.frame_timeout = std::time::Duration::from_secs(self.frame_timeout_secs);
+        config.max_arena_bytes_per_uid = self.max_arena_mib_per_uid << 20;
+        config.max_arena_bytes_total = self.max_arena_mib_total << 20;
+    }
 }
 
 fn main() -> ExitCode {
@@ -146,6 +183,7 @@ fn main() -> ExitCode {
             max_clients_per_uid,
             max_in_flight,
             max_mapped_mib,
+            resources,
         } => {
             let spec = match (vfio_user, vfio) {
                 (Some(path), _) => DeviceSpec::VfioUser(path),
@@ -160,6 +198,7 @@ fn main() -> ExitCode {
             config.max_clients_per_uid = max_clients_per_uid.unwrap_or(max_clients);
             config.limits.max_in_flight = max_in_flight;
             config.limits.max_mapped_bytes = max_mapped_mib << 20;
+            resources.apply(&mut config);
             serve(spec, polling, config)
         }
         Command::Demo { polling, mib } => demo(polling, mib),

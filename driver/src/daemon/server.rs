@@ -44,7 +44,8 @@ pub struct DaemonConfig {
     pub socket: PathBuf,
     /// Uids allowed to connect (SO_PEERCRED). Empty: only the daemon's own uid.
     pub allowed_uids: Vec<u32>,
-    /// Most clients served at once (sessions, including ones still before HELLO).
+    /// Most clients served at once (sessions past HELLO; connections still before HELLO are
+    /// handshakes, limited by `max_handshakes`).
     pub max_clients: usize,
     /// Most clients of one uid at once (with several allowed uids, so one user cannot take
     /// every slot). Default: `max_clients`.
@@ -61,6 +62,19 @@ pub struct DaemonConfig {
     /// How long a connection may take to complete HELLO (an idle or half-sent connection
     /// would otherwise hold a client slot forever).
     pub hello_timeout: Duration,
+    /// Most connections before HELLO (handshakes in progress) at once; they hold no client slot.
+    pub max_handshakes: usize,
+    /// Most handshakes in progress of one uid at once, so idle connections of one user cannot
+    /// keep everybody's new clients out.
+    pub max_handshakes_per_uid: usize,
+    /// How long a frame may take to arrive once its first byte has (a session stalled
+    /// mid-frame would otherwise hold its client slot forever).
+    pub frame_timeout: Duration,
+    /// Most arena bytes (mapped into the daemon: device-written pages stay in its memory) all
+    /// clients of one uid may hold at once.
+    pub max_arena_bytes_per_uid: u64,
+    /// Most arena bytes all clients together may hold at once.
+    pub max_arena_bytes_total: u64,
 }
 
 impl DaemonConfig {
@@ -81,6 +95,11 @@ impl DaemonConfig {
             drain_timeout: Duration::from_secs(10),
             write_timeout: Duration::from_secs(10),
             hello_timeout: Duration::from_secs(10),
+            max_handshakes: 64,
+            max_handshakes_per_uid: 16,
+            frame_timeout: Duration::from_secs(10),
+            max_arena_bytes_per_uid: 8 << 30,
+            max_arena_bytes_total: 16 << 30,
         }
     }
 
@@ -97,6 +116,7 @@ impl DaemonConfig {
 struct ClientState {
     id: u32,
     pid: libc::pid_t,
+    uid: u32,
     ctx: Arc<Context>,
     mm: Arc<AddressSpace>,
     arenas: Arc<ArenaTable>,
@@ -227,9 +247,16 @@ struct Shared {
     runtime: Arc<Runtime>,
     config: DaemonConfig,
     clients: Mutex<HashMap<u32, Arc<ClientState>>>,
-    sessions: AtomicUsize,
-    /// Sessions per peer uid.
-    uid_sessions: Mutex<HashMap<u32, usize>>,
+    /// Sessions past HELLO (client slots taken), in all and per uid.
+    client_slots: Tally,
+    /// Connections before HELLO, in all and per uid.
+    handshakes: Tally,
+    /// Arena bytes registered, in all and per uid.
+    arena_use: Mutex<ArenaUse>,
+    /// RLIMIT_NOFILE's soft limit once raised (what the daemon's limits were sized from).
+    fd_limit: u64,
+    /// Times a descriptor could not be had (accept or receive hit the open-files limit).
+    fd_exhaustions: AtomicU64,
     /// Clients removed from `clients` whose release has not finished yet.
     releasing: AtomicUsize,
     next_id: AtomicU32,
@@ -243,8 +270,47 @@ impl Shared {
         self.clients.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn sessions_by_uid(&self) -> std::sync::MutexGuard<'_, HashMap<u32, usize>> {
-        self.uid_sessions.lock().unwrap_or_else(|p| p.into_inner())
+    fn arena_use(&self) -> std::sync::MutexGuard<'_, ArenaUse> {
+        self.arena_use.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Count `len` arena bytes against the daemon-wide bounds (per uid and in all), or say
+    /// which bound they would cross.
+    fn reserve_arena_bytes(&self, uid: u32, len: u64) -> Result<(), String> {
+        let config = &self.config;
+        let mut usage = self.arena_use();
+        let of_uid = usage.by_uid.get(&uid).copied().unwrap_or(0);
+        if of_uid.saturating_add(len) > config.max_arena_bytes_per_uid {
+            return Err(format!(
+                "arena limit reached: arena bytes per uid is {} MiB (--max-arena-mib-per-uid); \
+                 uid {uid}'s clients hold {} MiB and this arena is {} MiB",
+                config.max_arena_bytes_per_uid >> 20,
+                of_uid >> 20,
+                len >> 20
+            ));
+        }
+        if usage.total.saturating_add(len) > config.max_arena_bytes_total {
+            return Err(format!(
+                "arena limit reached: arena bytes of all clients is {} MiB \
+                 (--max-arena-mib-total); this arena is {} MiB",
+                config.max_arena_bytes_total >> 20,
+                len >> 20
+            ));
+        }
+        usage.total += len;
+        *usage.by_uid.entry(uid).or_insert(0) += len;
+        Ok(())
+    }
+
+    fn release_arena_bytes(&self, uid: u32, len: u64) {
+        let mut usage = self.arena_use();
+        usage.total = usage.total.saturating_sub(len);
+        if let Some(held) = usage.by_uid.get_mut(&uid) {
+            *held = held.saturating_sub(len);
+            if *held == 0 {
+                usage.by_uid.remove(&uid);
+            }
+        }
     }
 
     fn daemon_stats(&self) -> StatsReply {
@@ -293,7 +359,12 @@ pub struct Daemon {
 
 impl Daemon {
     /// A daemon over `runtime`'s device.
-    pub fn new(runtime: Arc<Runtime>, config: DaemonConfig) -> Result<Daemon, Error> {
+    ///
+    /// Raises the process's open-files soft limit to its hard limit and lowers the client and
+    /// handshake limits (logged) if even that cannot hold what they need.
+    pub fn new(runtime: Arc<Runtime>, mut config: DaemonConfig) -> Result<Daemon, Error> {
+        let fd_limit = raise_fd_limit();
+        size_for_fd_limit(&mut config, fd_limit, open_fds());
         let slots = runtime.device().caps().cmdq_entries.min(
             runtime
                 .options()
@@ -322,8 +393,11 @@ impl Daemon {
                 runtime,
                 config,
                 clients: Mutex::new(HashMap::new()),
-                sessions: AtomicUsize::new(0),
-                uid_sessions: Mutex::new(HashMap::new()),
+                client_slots: Tally::default(),
+                handshakes: Tally::default(),
+                arena_use: Mutex::new(ArenaUse::default()),
+                fd_limit,
+                fd_exhaustions: AtomicU64::new(0),
                 releasing: AtomicUsize::new(0),
                 next_id: AtomicU32::new(1),
                 released: AtomicU64::new(0),
@@ -344,6 +418,22 @@ impl Daemon {
         self.shared.daemon_stats()
     }
 
+    /// The limits in force: the configuration as sized for the open-files limit.
+    pub fn config(&self) -> &DaemonConfig {
+        &self.shared.config
+    }
+
+    /// The open-files limit (RLIMIT_NOFILE, soft, once raised) the daemon was sized for.
+    pub fn fd_limit(&self) -> u64 {
+        self.shared.fd_limit
+    }
+
+    /// Times the daemon could not have a descriptor (the open-files limit was reached while
+    /// accepting a connection or receiving a client's descriptors).
+    pub fn fd_exhaustions(&self) -> u64 {
+        self.shared.fd_exhaustions.load(Ordering::Relaxed)
+    }
+
     /// Bind the socket and serve until `shutdown` resolves; then stop accepting, let in-flight
     /// commands finish (up to the drain timeout), release every client and remove the socket.
     ///
@@ -359,6 +449,7 @@ impl Daemon {
         let mut sessions = tokio::task::JoinSet::new();
         let mut lost_rx = self.shared.pump.lost.subscribe();
         let mut lost = None;
+        let mut exhaustion = FdExhaustion::new(self.shared.clone());
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
@@ -369,7 +460,13 @@ impl Daemon {
                 }
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
+                        exhaustion.ended();
                         sessions.spawn(session(self.shared.clone(), stream, stop_rx.clone()));
+                    }
+                    Err(e) if is_fd_exhaustion(&e) => {
+                        if let Some(stream) = exhaustion.accept_failed(&listener, e).await {
+                            sessions.spawn(session(self.shared.clone(), stream, stop_rx.clone()));
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed");
@@ -447,6 +544,290 @@ fn bind(config: &DaemonConfig) -> Result<UnixListener, Error> {
     Ok(listener)
 }
 
+/// Sessions of one kind (client slots, handshakes), in all and per uid.
+#[derive(Default)]
+struct Tally {
+    total: AtomicUsize,
+    by_uid: Mutex<HashMap<u32, usize>>,
+}
+
+/// Which [`Tally`] a [`Slot`] counts in.
+#[derive(Clone, Copy)]
+enum SlotKind {
+    Handshake,
+    Client,
+}
+
+/// One session counted in a [`Tally`] (in all and for its uid) while this lives.
+struct Slot {
+    shared: Arc<Shared>,
+    uid: u32,
+    kind: SlotKind,
+}
+
+impl Slot {
+    /// Count one more session of `uid`; returns the counts with it: (in all, of the uid).
+    fn take(shared: &Arc<Shared>, uid: u32, kind: SlotKind) -> (Slot, usize, usize) {
+        let tally = Slot::tally_of(shared, kind);
+        let total = tally.total.fetch_add(1, Ordering::AcqRel) + 1;
+        let of_uid = {
+            let mut by_uid = tally.by_uid.lock().unwrap_or_else(|p| p.into_inner());
+            let n = by_uid.entry(uid).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let slot = Slot {
+            shared: shared.clone(),
+            uid,
+            kind,
+        };
+        (slot, total, of_uid)
+    }
+
+    fn tally_of(shared: &Shared, kind: SlotKind) -> &Tally {
+        match kind {
+            SlotKind::Handshake => &shared.handshakes,
+            SlotKind::Client => &shared.client_slots,
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let tally = Slot::tally_of(&self.shared, self.kind);
+        tally.total.fetch_sub(1, Ordering::AcqRel);
+        let mut by_uid = tally.by_uid.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = by_uid.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                by_uid.remove(&self.uid);
+            }
+        }
+    }
+}
+
+/// Arena bytes registered, in all and per uid (each arena is mapped into the daemon, and the
+/// pages the device writes stay in the daemon's memory until the arena goes).
+#[derive(Default)]
+struct ArenaUse {
+    total: u64,
+    by_uid: HashMap<u32, u64>,
+}
+
+/// Descriptors a client past HELLO may hold besides its arenas' memfds: the socket, the
+/// userfaultfd, the pidfd and its watched duplicate, the mirror's `/proc` files, and slack.
+const FDS_PER_CLIENT: u64 = 8;
+/// Descriptors a connection before HELLO may hold: the socket and what one message carries.
+const FDS_PER_HANDSHAKE: u64 = 1 + MAX_FDS_PER_MESSAGE as u64;
+/// Descriptors kept free for everything else (the device, the runtime's threads, logging).
+const FDS_SPARE: u64 = 64;
+
+/// Raise RLIMIT_NOFILE's soft limit to its hard limit (capped by `fs.nr_open`); returns the
+/// soft limit in force. Every client costs several descriptors and every arena one, so the
+/// 1024 a service usually inherits is far too few.
+fn raise_fd_limit() -> u64 {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!(error = %e, "getrlimit(RLIMIT_NOFILE) failed; assuming 1024 open files");
+            return 1024;
+        }
+    };
+    let ceiling = std::fs::read_to_string("/proc/sys/fs/nr_open")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(1 << 20);
+    let target = hard.min(ceiling);
+    if soft >= target {
+        return soft;
+    }
+    match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+        Ok(()) => {
+            tracing::info!(
+                from = soft,
+                to = target,
+                "raised the open-files limit (RLIMIT_NOFILE) to its hard limit"
+            );
+            target
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, soft, hard, "could not raise the open-files limit");
+            soft
+        }
+    }
+}
+
+/// Descriptors this process has open now.
+fn open_fds() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64)
+}
+
+/// Lower the client and handshake limits if the open-files limit cannot hold what they need
+/// (each client up to [`FDS_PER_CLIENT`] plus one per arena), saying so; log the budget.
+fn size_for_fd_limit(config: &mut DaemonConfig, fd_limit: u64, open_now: u64) {
+    let per_client = FDS_PER_CLIENT + u64::from(config.limits.max_arenas);
+    let need = |clients: usize, handshakes: usize| {
+        clients as u64 * per_client + handshakes as u64 * FDS_PER_HANDSHAKE + open_now + FDS_SPARE
+    };
+    let wanted = (config.max_clients, config.max_handshakes);
+    if need(config.max_clients, config.max_handshakes) > fd_limit {
+        let budget = fd_limit.saturating_sub(open_now + FDS_SPARE);
+        // A quarter of the budget at most for handshakes, the rest for clients.
+        let handshakes = (budget / 4 / FDS_PER_HANDSHAKE).max(1) as usize;
+        config.max_handshakes = config.max_handshakes.min(handshakes);
+        let left = budget.saturating_sub(config.max_handshakes as u64 * FDS_PER_HANDSHAKE);
+        config.max_clients = config.max_clients.min((left / per_client).max(1) as usize);
+        tracing::warn!(
+            fd_limit,
+            fds_per_client = per_client,
+            "the open-files limit (RLIMIT_NOFILE, hard limit {fd_limit}) cannot hold {} clients \
+             and {} handshakes: --max-clients lowered to {}, --max-handshakes to {}; raise the \
+             hard limit (ulimit -Hn, systemd LimitNOFILE=) or lower --max-arenas",
+            wanted.0,
+            wanted.1,
+            config.max_clients,
+            config.max_handshakes
+        );
+    }
+    config.max_clients_per_uid = config.max_clients_per_uid.min(config.max_clients);
+    config.max_handshakes_per_uid = config.max_handshakes_per_uid.min(config.max_handshakes);
+    tracing::info!(
+        fd_limit,
+        fds_needed = need(config.max_clients, config.max_handshakes),
+        max_clients = config.max_clients,
+        max_handshakes = config.max_handshakes,
+        fds_per_client = per_client,
+        "open-files budget"
+    );
+}
+
+/// Whether an error means no descriptor could be had (the process's or the system's limit).
+fn is_fd_exhaustion(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE))
+}
+
+/// The text a client refused for want of descriptors gets.
+fn out_of_fds_message(shared: &Shared) -> String {
+    format!(
+        "the daemon is out of file descriptors: its open-files limit (RLIMIT_NOFILE) is {}; \
+         try again later, or raise the daemon's hard limit (ulimit -Hn, systemd LimitNOFILE=)",
+        shared.fd_limit
+    )
+}
+
+/// Whether an error's text says a descriptor could not be had (the driver's and the mirror's
+/// errors carry the OS error only as text).
+fn says_fd_exhaustion(text: &str) -> bool {
+    // The OS's description ("Too many open files"), without io::Error's " (os error N)":
+    // nix's errors print it after the errno's name instead.
+    [libc::EMFILE, libc::ENFILE].iter().any(|&errno| {
+        let full = io::Error::from_raw_os_error(errno).to_string();
+        let description = full.split(" (os error").next().unwrap_or(&full);
+        text.contains(description)
+    })
+}
+
+/// The accept loop's answer to running out of descriptors: tell the waiting client why (a
+/// descriptor kept in reserve is freed for the moment it takes), back off if even that fails,
+/// and log once per episode and then every [`FdExhaustion::LOG_EVERY`] rather than per try.
+struct FdExhaustion {
+    shared: Arc<Shared>,
+    reserve: Option<std::fs::File>,
+    backoff: Duration,
+    in_episode: u64,
+    last_log: Option<std::time::Instant>,
+}
+
+impl FdExhaustion {
+    const LOG_EVERY: Duration = Duration::from_secs(10);
+    const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+    fn new(shared: Arc<Shared>) -> FdExhaustion {
+        FdExhaustion {
+            shared,
+            reserve: std::fs::File::open("/dev/null").ok(),
+            backoff: Duration::from_millis(10),
+            in_episode: 0,
+            last_log: None,
+        }
+    }
+
+    /// A connection was accepted: any shortage is over.
+    fn ended(&mut self) {
+        if self.in_episode > 0 {
+            tracing::info!(
+                refused = self.in_episode,
+                "descriptors available again; accepting connections"
+            );
+            self.in_episode = 0;
+            self.last_log = None;
+            self.backoff = Duration::from_millis(10);
+        }
+        if self.reserve.is_none() {
+            self.reserve = std::fs::File::open("/dev/null").ok();
+        }
+    }
+
+    /// `accept` failed for want of a descriptor (Linux checks for a free one before it looks
+    /// for a waiting connection, so this also happens with none waiting). Returns a connection
+    /// to serve if descriptors turned out to be free again.
+    async fn accept_failed(&mut self, listener: &UnixListener, e: io::Error) -> Option<UnixStream> {
+        let Some(spare) = self.reserve.take() else {
+            // Not even the reserve: nothing can be answered; wait instead of spinning.
+            self.note(&e);
+            tokio::time::sleep(self.backoff).await;
+            self.backoff = (self.backoff * 2).min(Self::MAX_BACKOFF);
+            self.reserve = std::fs::File::open("/dev/null").ok();
+            return None;
+        };
+        drop(spare);
+        let waiting = tokio::time::timeout(Duration::from_millis(100), listener.accept()).await;
+        self.reserve = std::fs::File::open("/dev/null").ok();
+        let Ok(Ok((stream, _))) = waiting else {
+            return None;
+        };
+        if self.reserve.is_some() {
+            // A descriptor besides the connection's: the shortage is over.
+            self.ended();
+            return Some(stream);
+        }
+        self.note(&e);
+        let message = out_of_fds_message(&self.shared);
+        let frame = protocol::frame(
+            kind::HELLO | REPLY,
+            0,
+            &Reply::error(ErrorCode::Limit, message).encode(),
+        );
+        let _ = write_all(&stream, &frame, Duration::from_secs(1)).await;
+        drop(stream);
+        self.reserve = std::fs::File::open("/dev/null").ok();
+        None
+    }
+
+    /// Count a connection refused (or an accept put off) for want of descriptors; log the
+    /// first of an episode, then one line per [`FdExhaustion::LOG_EVERY`].
+    fn note(&mut self, e: &io::Error) {
+        let total = self.shared.fd_exhaustions.fetch_add(1, Ordering::Relaxed) + 1;
+        self.in_episode += 1;
+        let due = self
+            .last_log
+            .is_none_or(|at| at.elapsed() >= Self::LOG_EVERY);
+        if due {
+            self.last_log = Some(std::time::Instant::now());
+            tracing::warn!(
+                error = %e,
+                fd_limit = self.shared.fd_limit,
+                in_this_episode = self.in_episode,
+                since_start = total,
+                "out of file descriptors: refusing new connections with a reply naming the \
+                 limit (logged every {:?} while it lasts)",
+                Self::LOG_EVERY
+            );
+        }
+    }
+}
+
 /// What the reader task hands the session.
 enum Incoming {
     Frame {
@@ -463,6 +844,11 @@ enum Incoming {
     },
     /// More descriptors than any message carries; the frame was consumed and its fds closed.
     TooManyFds { header: Header },
+    /// The kernel could not install every descriptor sent (the open-files limit); the frame
+    /// was consumed and the descriptors that did arrive closed.
+    FdsLost { header: Header },
+    /// A frame begun was not finished within the frame timeout.
+    Stalled,
 }
 
 /// Read exactly `buf.len()` bytes (and whatever descriptors come along). `Ok(false)` at a clean
@@ -495,12 +881,24 @@ async fn read_exact(
 /// Most descriptors one message carries (HELLO: the uffd and a pidfd).
 const MAX_FDS_PER_MESSAGE: usize = 2;
 
-async fn read_loop(stream: Arc<UnixStream>, tx: mpsc::Sender<Incoming>) {
+/// What reading one frame came to.
+enum Step {
+    /// Hand this to the session and read on.
+    Next(Incoming),
+    /// Hand this to the session, then stop reading (the stream cannot be resynchronised).
+    Last(Incoming),
+    /// The stream ended or failed.
+    End,
+}
+
+async fn read_loop(stream: Arc<UnixStream>, tx: mpsc::Sender<Incoming>, frame_timeout: Duration) {
     loop {
         let mut fds = Vec::new();
         let mut truncated = false;
         let mut head = [0u8; HEADER_SIZE];
-        match read_exact(&stream, &mut head, &mut fds, &mut truncated).await {
+        // A client may sit idle between frames as long as it likes; once a frame has begun,
+        // the rest must come within the frame timeout.
+        match read_exact(&stream, &mut head[..1], &mut fds, &mut truncated).await {
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
@@ -508,60 +906,89 @@ async fn read_loop(stream: Arc<UnixStream>, tx: mpsc::Sender<Incoming>) {
                 return;
             }
         }
-        let header = match Header::decode_lenient(&head) {
-            Ok(h) => h,
-            Err(error) => {
-                let _ = tx
-                    .send(Incoming::Bad {
-                        header: None,
-                        error,
-                        fatal: true,
-                    })
-                    .await;
-                return;
-            }
+        let rest = read_frame_rest(&stream, &mut head, fds, truncated);
+        let step = match tokio::time::timeout(frame_timeout, rest).await {
+            Ok(step) => step,
+            Err(_) => Step::Last(Incoming::Stalled),
         };
-        if header.len > MAX_PAYLOAD {
-            // Skip it without keeping it: the stream stays in step.
-            let mut left = u64::from(header.len);
-            let mut sink = vec![0u8; 4096];
-            while left > 0 {
-                let n = left.min(sink.len() as u64) as usize;
-                match read_exact(&stream, &mut sink[..n], &mut fds, &mut truncated).await {
-                    Ok(true) => left -= n as u64,
-                    _ => return,
+        match step {
+            Step::Next(incoming) => {
+                if tx.send(incoming).await.is_err() {
+                    return;
                 }
-                fds.clear();
             }
-            let error = DecodeError::TooLarge { len: header.len };
-            let bad = Incoming::Bad {
-                header: Some(header),
-                error,
-                fatal: false,
-            };
-            if tx.send(bad).await.is_err() {
+            Step::Last(incoming) => {
+                let _ = tx.send(incoming).await;
                 return;
             }
-            continue;
-        }
-        let mut payload = vec![0u8; header.len as usize];
-        match read_exact(&stream, &mut payload, &mut fds, &mut truncated).await {
-            Ok(true) => {}
-            _ => return,
-        }
-        let incoming = if truncated || fds.len() > MAX_FDS_PER_MESSAGE {
-            Incoming::TooManyFds { header }
-        } else {
-            Incoming::Frame {
-                header,
-                payload,
-                fds,
-            }
-        };
-        if tx.send(incoming).await.is_err() {
-            return;
+            Step::End => return,
         }
     }
+}
+
+/// Read the rest of a frame whose first byte is in `head`.
+async fn read_frame_rest(
+    stream: &UnixStream,
+    head: &mut [u8; HEADER_SIZE],
+    mut fds: Vec<OwnedFd>,
+    mut truncated: bool,
+) -> Step {
+    match read_exact(stream, &mut head[1..], &mut fds, &mut truncated).await {
+        Ok(true) => {}
+        Ok(false) => return Step::End,
+        Err(e) => {
+            tracing::debug!(error = %e, "client read failed");
+            return Step::End;
+        }
+    }
+    let header = match Header::decode_lenient(head) {
+        Ok(h) => h,
+        Err(error) => {
+            return Step::Last(Incoming::Bad {
+                header: None,
+                error,
+                fatal: true,
+            })
+        }
+    };
+    if header.len > MAX_PAYLOAD {
+        // Skip it without keeping it: the stream stays in step.
+        let mut left = u64::from(header.len);
+        let mut sink = vec![0u8; 4096];
+        while left > 0 {
+            let n = left.min(sink.len() as u64) as usize;
+            match read_exact(stream, &mut sink[..n], &mut fds, &mut truncated).await {
+                Ok(true) => left -= n as u64,
+                _ => return Step::End,
+            }
+            fds.clear();
+        }
+        let error = DecodeError::TooLarge { len: header.len };
+        return Step::Next(Incoming::Bad {
+            header: Some(header),
+            error,
+            fatal: false,
+        });
+    }
+    let mut payload = vec![0u8; header.len as usize];
+    match read_exact(stream, &mut payload, &mut fds, &mut truncated).await {
+        Ok(true) => {}
+        _ => return Step::End,
+    }
+    // The control buffer holds MAX_FDS_PER_READ descriptors: truncated with fewer than that
+    // means the kernel could not install them all here (the open-files limit).
+    let lost = truncated && fds.len() < unix_msg::MAX_FDS_PER_READ;
+    Step::Next(if lost {
+        Incoming::FdsLost { header }
+    } else if truncated || fds.len() > MAX_FDS_PER_MESSAGE {
+        Incoming::TooManyFds { header }
+    } else {
+        Incoming::Frame {
+            header,
+            payload,
+            fds,
+        }
+    })
 }
 
 enum Flow {
@@ -574,6 +1001,11 @@ struct Session {
     shared: Arc<Shared>,
     stream: Arc<UnixStream>,
     peer_pid: libc::pid_t,
+    peer_uid: u32,
+    /// Counts this connection as a handshake until HELLO succeeds.
+    handshake: Option<Slot>,
+    /// Counts this session as a client from HELLO on.
+    client_slot: Option<Slot>,
     /// Whether the peer runs as the daemon's own uid: only it sees daemon-wide statistics.
     peer_is_operator: bool,
     client: Option<Arc<ClientState>>,
@@ -666,31 +1098,27 @@ async fn session(shared: Arc<Shared>, stream: UnixStream, mut shutdown: watch::R
         refuse_at_door(ErrorCode::NotAllowed, "the peer's pid is unknown".into()).await;
         return;
     }
-    let sessions = shared.sessions.fetch_add(1, Ordering::AcqRel) + 1;
-    let per_uid = {
-        let mut by_uid = shared.sessions_by_uid();
-        let n = by_uid.entry(uid).or_insert(0);
-        *n += 1;
-        *n
-    };
-    let _session_count = SessionCount(shared.clone(), uid);
-    if per_uid > shared.config.max_clients_per_uid {
+    // Until HELLO the connection is a handshake, counted apart from clients: connections that
+    // never say HELLO cannot take the client slots of their uid.
+    let (handshake, handshakes, of_uid) = Slot::take(&shared, uid, SlotKind::Handshake);
+    if of_uid > shared.config.max_handshakes_per_uid {
         refuse_at_door(
             ErrorCode::Limit,
             format!(
-                "client limit reached: clients per uid is {}",
-                shared.config.max_clients_per_uid
+                "handshake limit reached: connections before HELLO per uid is {} \
+                 (--max-handshakes-per-uid)",
+                shared.config.max_handshakes_per_uid
             ),
         )
         .await;
         return;
     }
-    if sessions > shared.config.max_clients {
+    if handshakes > shared.config.max_handshakes {
         refuse_at_door(
             ErrorCode::Limit,
             format!(
-                "client limit reached: clients is {}",
-                shared.config.max_clients
+                "handshake limit reached: connections before HELLO is {} (--max-handshakes)",
+                shared.config.max_handshakes
             ),
         )
         .await;
@@ -702,11 +1130,14 @@ async fn session(shared: Arc<Shared>, stream: UnixStream, mut shutdown: watch::R
     drop(_enter);
 
     let (tx, mut rx) = mpsc::channel(4);
-    let reader = tokio::spawn(read_loop(stream.clone(), tx));
+    let reader = tokio::spawn(read_loop(stream.clone(), tx, shared.config.frame_timeout));
     let mut s = Session {
         shared: shared.clone(),
         stream,
         peer_pid: pid,
+        peer_uid: uid,
+        handshake: Some(handshake),
+        client_slot: None,
         peer_is_operator: uid == nix::unistd::getuid().as_raw(),
         client: None,
         events: None,
@@ -780,22 +1211,6 @@ async fn session(shared: Arc<Shared>, stream: UnixStream, mut shutdown: watch::R
     }
     reader.abort();
     s.release().await;
-}
-
-/// Decrements the session counts (all, and the uid's) when a session ends, however it ends.
-struct SessionCount(Arc<Shared>, u32);
-
-impl Drop for SessionCount {
-    fn drop(&mut self) {
-        self.0.sessions.fetch_sub(1, Ordering::AcqRel);
-        let mut by_uid = self.0.sessions_by_uid();
-        if let Some(n) = by_uid.get_mut(&self.1) {
-            *n -= 1;
-            if *n == 0 {
-                by_uid.remove(&self.1);
-            }
-        }
-    }
 }
 
 fn arena_error_code(e: &ArenaError) -> ErrorCode {
@@ -953,6 +1368,36 @@ impl Session {
                     )
                     .await
             }
+            Incoming::FdsLost { header } => {
+                // Not the client's doing: no strike. The request cannot be served without
+                // its descriptors; those that did arrive are closed already.
+                self.shared.fd_exhaustions.fetch_add(1, Ordering::Relaxed);
+                let message = format!(
+                    "the descriptors sent could not be received: {}",
+                    out_of_fds_message(&self.shared)
+                );
+                tracing::warn!(pid = self.peer_pid, %message, "request refused");
+                return self
+                    .reply(header, Reply::error(ErrorCode::Limit, message))
+                    .await;
+            }
+            Incoming::Stalled => {
+                let limit = self.shared.config.frame_timeout;
+                let message = format!(
+                    "a frame was not completed within {limit:?} of its first byte (frame \
+                     timeout, --frame-timeout-secs); disconnecting"
+                );
+                tracing::warn!(pid = self.peer_pid, %message, "stalled client");
+                let header = Header {
+                    kind: 0,
+                    id: 0,
+                    len: 0,
+                };
+                let _ = self
+                    .reply(header, Reply::error(ErrorCode::Limit, message))
+                    .await;
+                return Flow::Close;
+            }
         };
         let request = match Request::decode(header.kind, &payload) {
             Ok(r) => r,
@@ -1018,11 +1463,22 @@ impl Session {
                             .await
                     }
                 };
+                // Counted daemon-wide first (per uid and in all): the arena's pages live in
+                // this process once the device writes them.
+                if let Err(message) = self.shared.reserve_arena_bytes(client.uid, len) {
+                    drop(fd);
+                    return self
+                        .reply(header, Reply::error(ErrorCode::Limit, message))
+                        .await;
+                }
                 let c = client.clone();
                 let done = tokio::task::spawn_blocking(move || {
                     c.arenas.register(&c.mm, va, len, offset, fd)
                 })
                 .await;
+                if !matches!(done, Ok(Ok(_))) {
+                    self.shared.release_arena_bytes(client.uid, len);
+                }
                 let reply = match done {
                     Ok(Ok(arena)) => {
                         tracing::debug!(pid = self.peer_pid, ?arena, "arena registered");
@@ -1037,11 +1493,13 @@ impl Session {
             }
             Request::UnregisterArena { va } => {
                 let c = client.clone();
+                let shared = self.shared.clone();
                 let done = tokio::task::spawn_blocking(move || -> Result<(), ArenaError> {
                     let arena = c.arenas.unregister(va)?;
+                    let r = arena.range();
+                    shared.release_arena_bytes(c.uid, r.end - r.start);
                     // The device's entries and DMA mappings into it go (fenced) before it is
                     // unmapped here; mappings still holding it keep it mapped until then.
-                    let r = arena.range();
                     if let Ok(range) = VaRange::from_bounds(r.start, r.end) {
                         let _ = c.mm.invalidate(range);
                     }
@@ -1113,6 +1571,29 @@ impl Session {
                 .await;
             return Flow::Close;
         }
+        // A client slot, taken at HELLO (a connection before it holds a handshake slot only).
+        let (client_slot, clients, of_uid) =
+            Slot::take(&self.shared, self.peer_uid, SlotKind::Client);
+        let config = &self.shared.config;
+        let over = if of_uid > config.max_clients_per_uid {
+            Some(format!(
+                "client limit reached: clients per uid is {} (--max-clients-per-uid)",
+                config.max_clients_per_uid
+            ))
+        } else if clients > config.max_clients {
+            Some(format!(
+                "client limit reached: clients is {} (--max-clients)",
+                config.max_clients
+            ))
+        } else {
+            None
+        };
+        if let Some(message) = over {
+            tracing::warn!(pid = self.peer_pid, uid = self.peer_uid, %message, "refusing a client");
+            self.reply(header, Reply::error(ErrorCode::Limit, message))
+                .await;
+            return Flow::Close;
+        }
         // Both descriptors are required: the pidfd proves which process the client is (a pid
         // from SO_PEERCRED alone could be reused by another process before we open it).
         let [uffd, pidfd]: [OwnedFd; 2] = match fds.try_into() {
@@ -1140,12 +1621,13 @@ impl Session {
             Err(e) => {
                 let message = format!("cannot duplicate the pidfd: {e}");
                 return self
-                    .reply(header, Reply::error(ErrorCode::Internal, message))
+                    .refuse_hello(header, ErrorCode::Internal, message)
                     .await;
             }
         }
         let pidfd = Some(pidfd);
         let shared = self.shared.clone();
+        let uid = self.peer_uid;
         let built = tokio::task::spawn_blocking(move || -> Result<Arc<ClientState>, Error> {
             let limits = shared.config.limits;
             let mm = Arc::new(
@@ -1174,6 +1656,7 @@ impl Session {
             Ok(Arc::new(ClientState {
                 id: shared.next_id.fetch_add(1, Ordering::Relaxed),
                 pid,
+                uid,
                 ctx: Arc::new(ctx),
                 mm,
                 arenas,
@@ -1191,6 +1674,12 @@ impl Session {
                 self.reply(header, Reply::error(ErrorCode::DeviceLost, message))
                     .await;
                 return Flow::Close;
+            }
+            Ok(Err(e)) if says_fd_exhaustion(&e.to_string()) => {
+                // Not the client's doing: no strike.
+                return self
+                    .refuse_hello(header, ErrorCode::Device, e.to_string())
+                    .await;
             }
             Ok(Err(e)) => {
                 let code = match e {
@@ -1221,7 +1710,23 @@ impl Session {
         );
         self.shared.clients().insert(client.id, client.clone());
         self.client = Some(client);
+        self.client_slot = Some(client_slot);
+        self.handshake = None;
         self.reply(header, reply).await
+    }
+
+    /// Answer a HELLO that failed on the daemon's side; one that failed for want of
+    /// descriptors says so and names the open-files limit (answered `Limit`).
+    async fn refuse_hello(&mut self, header: Header, code: ErrorCode, message: String) -> Flow {
+        let (code, message) = if says_fd_exhaustion(&message) {
+            self.shared.fd_exhaustions.fetch_add(1, Ordering::Relaxed);
+            let message = format!("{message}: {}", out_of_fds_message(&self.shared));
+            (ErrorCode::Limit, message)
+        } else {
+            (code, message)
+        };
+        tracing::warn!(pid = self.peer_pid, %message, "HELLO failed");
+        self.reply(header, Reply::error(code, message)).await
     }
 
     async fn submit(
@@ -1359,9 +1864,14 @@ impl Session {
         let _ = tokio::task::spawn_blocking(move || {
             // The last reference to the context runs its release: stop servicing, let its work
             // finish (or quarantine the ASID), fence, unmap, unpin. The pump holds it weakly.
-            let arenas = client.arenas.clone();
+            let (arenas, uid) = (client.arenas.clone(), client.uid);
             drop(client);
-            arenas.clear();
+            let held: u64 = arenas
+                .clear()
+                .iter()
+                .map(|a| a.range().end - a.range().start)
+                .sum();
+            shared.release_arena_bytes(uid, held);
             shared.released.fetch_add(1, Ordering::Relaxed);
             shared.releasing.fetch_sub(1, Ordering::AcqRel);
         })
