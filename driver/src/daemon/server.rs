@@ -1613,6 +1613,13 @@ impl Session {
         }
         let pid = self.peer_pid;
         if unix_msg::pidfd_pid(pidfd.as_fd()) != Some(pid) {
+            if let Err(e) = std::fs::File::open("/dev/null") {
+                // The pidfd could not be checked (its fdinfo not opened), not found wrong.
+                let message = format!("cannot check the pidfd: {e}");
+                return self
+                    .refuse_hello(header, ErrorCode::Internal, message)
+                    .await;
+            }
             let message = format!("the pidfd sent does not refer to the connecting process {pid}");
             return self.strike(header, ErrorCode::NotAllowed, message).await;
         }
