@@ -845,8 +845,9 @@ enum Incoming {
     /// More descriptors than any message carries; the frame was consumed and its fds closed.
     TooManyFds { header: Header },
     /// The kernel could not install every descriptor sent (the open-files limit); the frame
-    /// was consumed and the descriptors that did arrive closed.
-    FdsLost { header: Header },
+    /// was consumed and the descriptors that did arrive closed. No header when the read that
+    /// brought them failed (the stream is then out of step and ends).
+    FdsLost { header: Option<Header> },
     /// A frame begun was not finished within the frame timeout.
     Stalled,
 }
@@ -902,7 +903,9 @@ async fn read_loop(stream: Arc<UnixStream>, tx: mpsc::Sender<Incoming>, frame_ti
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
-                tracing::debug!(error = %e, "client read failed");
+                if let Step::Last(incoming) = read_failed(e) {
+                    let _ = tx.send(incoming).await;
+                }
                 return;
             }
         }
@@ -926,6 +929,17 @@ async fn read_loop(stream: Arc<UnixStream>, tx: mpsc::Sender<Incoming>, frame_ti
     }
 }
 
+/// A read failed. `ENOBUFS` is a message whose descriptors the kernel could install only in
+/// part (`unix_msg::recv` cannot list them then): the client is told the limit before the
+/// connection ends. Anything else just ends it.
+fn read_failed(e: io::Error) -> Step {
+    if e.raw_os_error() == Some(libc::ENOBUFS) {
+        return Step::Last(Incoming::FdsLost { header: None });
+    }
+    tracing::debug!(error = %e, "client read failed");
+    Step::End
+}
+
 /// Read the rest of a frame whose first byte is in `head`.
 async fn read_frame_rest(
     stream: &UnixStream,
@@ -936,10 +950,7 @@ async fn read_frame_rest(
     match read_exact(stream, &mut head[1..], &mut fds, &mut truncated).await {
         Ok(true) => {}
         Ok(false) => return Step::End,
-        Err(e) => {
-            tracing::debug!(error = %e, "client read failed");
-            return Step::End;
-        }
+        Err(e) => return read_failed(e),
     }
     let header = match Header::decode_lenient(head) {
         Ok(h) => h,
@@ -973,13 +984,16 @@ async fn read_frame_rest(
     let mut payload = vec![0u8; header.len as usize];
     match read_exact(stream, &mut payload, &mut fds, &mut truncated).await {
         Ok(true) => {}
-        _ => return Step::End,
+        Ok(false) => return Step::End,
+        Err(e) => return read_failed(e),
     }
     // The control buffer holds MAX_FDS_PER_READ descriptors: truncated with fewer than that
     // means the kernel could not install them all here (the open-files limit).
     let lost = truncated && fds.len() < unix_msg::MAX_FDS_PER_READ;
     Step::Next(if lost {
-        Incoming::FdsLost { header }
+        Incoming::FdsLost {
+            header: Some(header),
+        }
     } else if truncated || fds.len() > MAX_FDS_PER_MESSAGE {
         Incoming::TooManyFds { header }
     } else {
@@ -1377,6 +1391,18 @@ impl Session {
                     out_of_fds_message(&self.shared)
                 );
                 tracing::warn!(pid = self.peer_pid, %message, "request refused");
+                let Some(header) = header else {
+                    // The stream is out of step: answer (id 0) and close.
+                    let unknown = Header {
+                        kind: 0,
+                        id: 0,
+                        len: 0,
+                    };
+                    let _ = self
+                        .reply(unknown, Reply::error(ErrorCode::Limit, message))
+                        .await;
+                    return Flow::Close;
+                };
                 return self
                     .reply(header, Reply::error(ErrorCode::Limit, message))
                     .await;
