@@ -1392,16 +1392,8 @@ impl Session {
                 );
                 tracing::warn!(pid = self.peer_pid, %message, "request refused");
                 let Some(header) = header else {
-                    // The stream is out of step: answer (id 0) and close.
-                    let unknown = Header {
-                        kind: 0,
-                        id: 0,
-                        len: 0,
-                    };
-                    let _ = self
-                        .reply(unknown, Reply::error(ErrorCode::Limit, message))
-                        .await;
-                    return Flow::Close;
+                    // The stream is out of step: answer and close.
+                    return self.limit_and_close(message).await;
                 };
                 return self
                     .reply(header, Reply::error(ErrorCode::Limit, message))
@@ -1414,15 +1406,7 @@ impl Session {
                      timeout, --frame-timeout-secs); disconnecting"
                 );
                 tracing::warn!(pid = self.peer_pid, %message, "stalled client");
-                let header = Header {
-                    kind: 0,
-                    id: 0,
-                    len: 0,
-                };
-                let _ = self
-                    .reply(header, Reply::error(ErrorCode::Limit, message))
-                    .await;
-                return Flow::Close;
+                return self.limit_and_close(message).await;
             }
         };
         let request = match Request::decode(header.kind, &payload) {
@@ -1746,6 +1730,19 @@ impl Session {
         self.client_slot = Some(client_slot);
         self.handshake = None;
         self.reply(header, reply).await
+    }
+
+    /// Answer `Limit` with `message` outside any request (id 0), then close.
+    async fn limit_and_close(&mut self, message: String) -> Flow {
+        let unknown = Header {
+            kind: 0,
+            id: 0,
+            len: 0,
+        };
+        let _ = self
+            .reply(unknown, Reply::error(ErrorCode::Limit, message))
+            .await;
+        Flow::Close
     }
 
     /// Answer a HELLO that failed on the daemon's side; one that failed for want of
