@@ -548,8 +548,6 @@ fn out_of_descriptors_clients_are_told_and_failed_hellos_leak_nothing() {
 
 /// A HELLO arriving when the kernel can install none or only one of its two descriptors.
 #[test]
-#[ignore = "needs driver/src/sys/unix_msg.rs's recv to return the descriptors of a truncated \
-            message (nix refuses to list them): see the i15-resources report"]
 fn a_hello_whose_descriptors_cannot_all_be_installed_is_answered_and_leaks_nothing() {
     let (mut d, _) = FdLimitedDaemon::start(1024, 1024);
     hellos_with_few_descriptors_free(&mut d, 1..4, true);
