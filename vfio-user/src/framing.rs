@@ -7,9 +7,10 @@
 //! before any allocation. Only a header whose size is smaller than a header leaves the stream
 //! position undefined; that is [`RecvError::Desync`] and the connection must be dropped.
 //!
-//! This module holds the crate's only `unsafe`: adopting received descriptors.
+//! This module holds the crate's only `unsafe`: `recvmsg` and the walk of its control messages,
+//! adopting received descriptors. [`recv_with_fds`] is also the daemon's receive path.
 
-use std::io::{IoSlice, IoSliceMut};
+use std::io::{self as io, IoSlice};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,9 +18,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::sys::socket::{
-    recvmsg, send, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags, UnixAddr,
-};
+use nix::sys::socket::{send, sendmsg, ControlMessage, MsgFlags, UnixAddr};
 
 use crate::{Header, HEADER_SIZE};
 
@@ -28,16 +27,78 @@ use crate::{Header, HEADER_SIZE};
 pub const FD_CAP: usize = 16;
 
 /// The kernel's cap on descriptors in one SCM_RIGHTS message (`SCM_MAX_FD`). The receive buffer
-/// is sized for it, not for [`FD_CAP`]: a buffer too small for what the peer sent makes the
-/// kernel install the descriptors that fit and truncate the control data, which the control
-/// message parser then refuses, so those installed descriptors could never be closed.
-const SCM_MAX_FD: usize = 253;
+/// is sized for it, not for [`FD_CAP`]: with less room the kernel installs the descriptors that
+/// fit and truncates the control data, and every descriptor it installed must still be found
+/// and closed ([`recv_with_fds`] does).
+pub const SCM_MAX_FD: usize = 253;
 
 /// How long the rest of a message may take once its first byte has arrived
 /// ([`Connection::with_message_timeout`] changes it). A peer that sends a header and then
 /// stops, keeping the connection open, would otherwise hold the receiving thread forever; past
 /// this bound the message is [`RecvError::Stalled`] and the connection must be dropped.
 pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Receive into `buf`; descriptors that came along are appended to `fds`. Returns the byte
+/// count (0 at end of stream) and whether control data was cut short: the kernel could not
+/// install every descriptor sent (the open-files limit; those it did install are still
+/// returned in `fds`, so they are closed like any other), or the sender sent more than
+/// `SCM_MAX_FD` (253) or other control messages.
+pub fn recv_with_fds(
+    socket: BorrowedFd<'_>,
+    buf: &mut [u8],
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<(usize, bool)> {
+    // Read with libc, not nix: on a truncated message nix refuses to list the control
+    // messages, and descriptors the kernel did install would stay open here for good.
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((SCM_MAX_FD * size_of::<RawFd>()) as u32) };
+    // u64s: aligned for cmsghdr.
+    let mut control = vec![0u64; (space as usize).div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: an all-zero msghdr is valid (no name, no iovecs, no control).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control.as_mut_ptr().cast();
+    msg.msg_controllen = control.len() * 8;
+    let n = loop {
+        // SAFETY: `msg` points at `iov` (into `buf`) and `control`, both alive and writable
+        // for the lengths given, for the duration of the call.
+        let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        if n >= 0 {
+            break n;
+        }
+        let e = io::Error::last_os_error();
+        // A signal before any data: nothing was received, try again (a socket with a receive
+        // timeout is never restarted by the kernel, SA_RESTART or not).
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
+    let truncated = msg.msg_flags & libc::MSG_CTRUNC != 0;
+    // SAFETY: the kernel wrote `msg_controllen` bytes of well-formed control messages into
+    // `control` (each header's length within it, truncated or not); CMSG_FIRSTHDR/NXTHDR
+    // stay within `msg_control + msg_controllen`.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let data = libc::CMSG_DATA(c).cast::<RawFd>();
+                let header = libc::CMSG_LEN(0) as usize;
+                let count = ((*c).cmsg_len as usize).saturating_sub(header) / size_of::<RawFd>();
+                for i in 0..count {
+                    // SCM_RIGHTS installed this fd in our table just now; nothing else owns it.
+                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
+                }
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    Ok((n as usize, truncated))
+}
 
 /// What a receiver accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,36 +355,14 @@ impl Connection {
         rx: &mut Receiving,
     ) -> Result<usize, Errno> {
         let mut got = 0;
-        let mut cmsg = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
         while got < buf.len() {
             if !rx.wait_readable(self.stream.as_fd())? {
                 break;
             }
-            let mut iov = [IoSliceMut::new(&mut buf[got..])];
-            let msg = match recvmsg::<UnixAddr>(
-                self.stream.as_raw_fd(),
-                &mut iov,
-                Some(&mut cmsg),
-                MsgFlags::MSG_CMSG_CLOEXEC,
-            ) {
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(e),
-                Ok(m) => m,
-            };
-            if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+            let (n, ctrunc) = recv_with_fds(self.stream.as_fd(), &mut buf[got..], fds)
+                .map_err(|e| Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)))?;
+            if ctrunc {
                 rx.ctrunc = true;
-            }
-            let n = msg.bytes;
-            if let Ok(cmsgs) = msg.cmsgs() {
-                for c in cmsgs {
-                    if let ControlMessageOwned::ScmRights(raw) = c {
-                        for r in raw {
-                            // SAFETY: the kernel just installed `r` in our table for this
-                            // message (SCM_RIGHTS); nothing else owns it, we adopt it once.
-                            fds.push(unsafe { OwnedFd::from_raw_fd(r) });
-                        }
-                    }
-                }
             }
             if n == 0 {
                 break;

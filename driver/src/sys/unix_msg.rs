@@ -8,10 +8,8 @@ use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
 /// Room for descriptors in one read: the kernel's SCM_MAX_FD, the most one message can carry
-/// however many SCM_RIGHTS blocks the sender used. With less room the kernel would install the
-/// descriptors that fit and flag the truncation, and nix then refuses to list them: they would
-/// stay open in this process forever (a review found exactly that leak with 4).
-pub const MAX_FDS_PER_READ: usize = 253;
+/// however many SCM_RIGHTS blocks the sender used.
+pub const MAX_FDS_PER_READ: usize = vfio_user_protocol::framing::SCM_MAX_FD;
 
 fn errno(e: nix::errno::Errno) -> io::Error {
     io::Error::from_raw_os_error(e as i32)
@@ -34,65 +32,15 @@ pub fn send(socket: BorrowedFd<'_>, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> io:
 }
 
 /// Receive into `buf`; descriptors that came along are appended to `fds`. Returns the byte
-/// count (0 at end of stream) and whether control data was cut short: the kernel could not
-/// install every descriptor sent (the open-files limit; those it did install are still
-/// returned in `fds`, so they are closed like any other), or the sender sent more than
-/// [`MAX_FDS_PER_READ`] or other control messages.
+/// count (0 at end of stream) and whether control data was cut short. One implementation with
+/// the vfio-user framing ([`vfio_user_protocol::framing::recv_with_fds`]): descriptors the kernel
+/// installed from a message it could not deliver whole are returned too, so they get closed.
 pub fn recv(
     socket: BorrowedFd<'_>,
     buf: &mut [u8],
     fds: &mut Vec<OwnedFd>,
 ) -> io::Result<(usize, bool)> {
-    // Read with libc, not nix: on a truncated message nix refuses to list the control
-    // messages, and descriptors the kernel did install would stay open here for good.
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE((MAX_FDS_PER_READ * size_of::<RawFd>()) as u32) };
-    // u64s: aligned for cmsghdr.
-    let mut control = vec![0u64; (space as usize).div_ceil(8)];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: an all-zero msghdr is valid (no name, no iovecs, no control).
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = control.len() * 8;
-    let n = loop {
-        // SAFETY: `msg` points at `iov` (into `buf`) and `control`, both alive and writable
-        // for the lengths given, for the duration of the call.
-        let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n >= 0 {
-            break n;
-        }
-        let e = io::Error::last_os_error();
-        // A signal before any data: nothing was received, try again (a socket with a receive
-        // timeout is never restarted by the kernel, SA_RESTART or not).
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    };
-    let truncated = msg.msg_flags & libc::MSG_CTRUNC != 0;
-    // SAFETY: the kernel wrote `msg_controllen` bytes of well-formed control messages into
-    // `control` (each header's length within it, truncated or not); CMSG_FIRSTHDR/NXTHDR
-    // stay within `msg_control + msg_controllen`.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c).cast::<RawFd>();
-                let header = libc::CMSG_LEN(0) as usize;
-                let count = ((*c).cmsg_len as usize).saturating_sub(header) / size_of::<RawFd>();
-                for i in 0..count {
-                    // SCM_RIGHTS installed this fd in our table just now; nothing else owns it.
-                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
-    Ok((n as usize, truncated))
+    vfio_user_protocol::framing::recv_with_fds(socket, buf, fds)
 }
 
 /// `pidfd_open(pid, 0)`.
