@@ -1629,12 +1629,13 @@ fn is_root() -> bool {
 
 /// For a test that runs processes as [`OTHER_UID`]: a socket path in a directory that uid may
 /// write, or `None` (the test is skipped) without root.
-fn socket_for_other_uid(test: &str, tag: &str) -> Option<(TempDir, PathBuf)> {
+fn socket_for_other_uid(test: &str) -> Option<(TempDir, PathBuf)> {
     if !is_root() {
         eprintln!("SKIP {test}: needs root to run processes as uid {OTHER_UID}");
         return None;
     }
-    let dir = TempDir::for_uid(tag, OTHER_UID);
+    // A short tag: a socket path has at most 107 bytes.
+    let dir = TempDir::for_uid(&test[..test.len().min(4)], OTHER_UID);
     let socket = dir.0.join("mirrord.sock");
     Some((dir, socket))
 }
@@ -1789,9 +1790,8 @@ fn role_listen(socket: &Path) {
 /// nothing, not its userfaultfd, not its pidfd, not a byte.
 #[test]
 fn a_listener_of_another_uid_receives_nothing() {
-    let Some((_dir, socket)) =
-        socket_for_other_uid("a_listener_of_another_uid_receives_nothing", "impostor")
-    else {
+    let test = "a_listener_of_another_uid_receives_nothing";
+    let Some((_dir, socket)) = socket_for_other_uid(test) else {
         return;
     };
     let (mut impostor, mut out) = impostor_on(&socket);
@@ -1877,6 +1877,63 @@ fn the_private_socket_directory_is_checked() {
     }
 }
 
+/// `mirrorctl serve` as an ordinary user without `XDG_RUNTIME_DIR` (its temporary directory
+/// moved by `TMPDIR`): it refuses a squatted socket directory, naming `XDG_RUNTIME_DIR`, and
+/// otherwise serves from a private directory of its own.
+#[test]
+fn mirrorctl_serve_defaults_to_a_private_socket_directory() {
+    let test = "mirrorctl_serve_defaults_to_a_private_socket_directory";
+    let Some((tmp, _)) = socket_for_other_uid(test) else {
+        return;
+    };
+    let private = tmp.0.join(format!("mirrord-{OTHER_UID}"));
+    let serve_default = || {
+        Command::new(env!("CARGO_BIN_EXE_mirrorctl"))
+            .arg("serve")
+            .env_remove("XDG_RUNTIME_DIR")
+            .env("TMPDIR", &tmp.0)
+            .uid(OTHER_UID)
+            .gid(OTHER_UID)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mirrorctl serve")
+    };
+    // Somebody else (root here) made the directory first.
+    std::fs::create_dir(&private).unwrap();
+    let mut squatted = Reaped(serve_default());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = squatted.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mirrorctl serve started in a directory somebody else made"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut text = String::new();
+    let mut stderr = squatted.0.stderr.take().unwrap();
+    stderr.read_to_string(&mut text).unwrap();
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains("XDG_RUNTIME_DIR") && text.contains("owned by uid 0"),
+        "{text}"
+    );
+    std::fs::remove_dir(&private).unwrap();
+
+    let daemon = Reaped(serve_default());
+    wait_for_socket(&private.join("mirrord.sock"), "mirrorctl serve");
+    let meta = std::fs::symlink_metadata(&private).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o7777),
+        (OTHER_UID, 0o700),
+        "the socket directory is the daemon user's and private"
+    );
+    drop(daemon);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Item 5: the daemon is not dumpable.
 
@@ -1918,10 +1975,8 @@ fn opened_as(uid: u32, path: &str) -> bool {
 /// works.
 #[test]
 fn the_daemons_queue_memfds_cannot_be_opened_by_a_same_uid_process() {
-    let Some((dir, socket)) = socket_for_other_uid(
-        "the_daemons_queue_memfds_cannot_be_opened_by_a_same_uid_process",
-        "dumpable",
-    ) else {
+    let test = "the_daemons_queue_memfds_cannot_be_opened_by_a_same_uid_process";
+    let Some((dir, socket)) = socket_for_other_uid(test) else {
         return;
     };
     let daemon = serve(&socket, &[], Some(OTHER_UID));
