@@ -2,16 +2,19 @@
 //! ignored `client_role` test, told its role through the environment), so each client is a
 //! separate process with its own address space, userfaultfd and pidfd, as in production. The
 //! daemon runs in the test process on the emulated device, or as `mirrorctl serve` for the
-//! shutdown test.
+//! shutdown test and the isolation tests at the end.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use driver::daemon::client::{checked_private_dir, ConnectOptions};
 use driver::daemon::protocol::{self, kind, ErrorCode, Header, Reply, Request, HEADER_SIZE};
 use driver::daemon::{Daemon, DaemonClient, DaemonConfig, StatsReply};
 use driver::fault::{CancelReason, ServiceMode};
@@ -162,10 +165,16 @@ fn spawn_client(socket: &Path, role: &str, arg: &str) -> Child {
 }
 
 fn spawn_client_with(socket: &Path, role: &str, arg: &str, uid: Option<u32>) -> Child {
-    let mut cmd = Command::new(std::env::current_exe().unwrap());
+    let mut cmd = client_command(socket, role, arg);
     if let Some(uid) = uid {
         cmd.env(UID_ENV, uid.to_string());
     }
+    cmd.spawn().expect("spawn a client process")
+}
+
+/// This test binary, to run as a client process in `role`.
+fn client_command(socket: &Path, role: &str, arg: &str) -> Command {
+    let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([
         "--exact",
         "client_role",
@@ -178,9 +187,8 @@ fn spawn_client_with(socket: &Path, role: &str, arg: &str, uid: Option<u32>) -> 
     .env(ARG_ENV, arg)
     .stdin(Stdio::piped())
     .stdout(Stdio::piped())
-    .stderr(Stdio::inherit())
-    .spawn()
-    .expect("spawn a client process")
+    .stderr(Stdio::inherit());
+    cmd
 }
 
 /// The client's report lines (`RESULT ...`), and whether it exited successfully.
@@ -537,27 +545,35 @@ fn role_hold(_client: &Arc<DaemonClient>) {
 fn role_quota(client: &Arc<DaemonClient>) {
     let limits = client.limits();
     let mut arena = client.alloc_arena(8 << 20).expect("arena");
-    // Fills of fresh pages (each faults them in first, milliseconds), all sent before any reply
-    // is read: the daemon sees more than the limit in flight at once.
-    let ops: Vec<Op> = (0..limits.max_in_flight as u64 + 6)
-        .map(|i| Op::Fill {
-            dst: arena.va(),
-            len: 512 << 10,
-            pattern: i,
-        })
-        .collect();
-    // SAFETY: no reference into the arena is used until every ticket is waited for.
-    let results = unsafe { client.submit_batch(&ops) };
-    let refused = results
-        .iter()
-        .find_map(|r| r.as_ref().err().map(|e| e.to_string()));
-    let tickets: Vec<_> = results.into_iter().filter_map(Result::ok).collect();
+    // Checksums of the arena's first MiB (inside the mapped quota), one SUBMIT at a time: each
+    // keeps the device busy far longer than a round trip, so the daemon sees more than the
+    // limit in flight. (`submit_batch` would not show it: it waits for completions rather than
+    // ask past the quota.)
+    let mut refused = None;
+    let mut tickets = Vec::new();
+    for _ in 0..limits.max_in_flight + 6 {
+        let op = Op::Checksum {
+            src: arena.va(),
+            len: 1 << 20,
+        };
+        // SAFETY: the device only reads the arena, and every ticket is waited for below.
+        match unsafe { client.submit(op) } {
+            Ok(t) => tickets.push(t),
+            Err(e) => {
+                refused.get_or_insert(e.to_string());
+            }
+        }
+    }
     report(format!("in-flight-refused {}", refused.unwrap_or_default()));
     for t in tickets {
         client.wait(t).expect("wait");
     }
     let r = client.fill(&mut arena[..], 7);
-    report(format!("pinned {:?}", cancelled(r)));
+    let pinned = match r {
+        Err(Error::QuotaExceeded { limit, .. }) => format!("limit {limit}"),
+        other => format!("{other:?}"),
+    };
+    report(format!("pinned {pinned}"));
     let s = client.stats().unwrap();
     report(format!("mapped {}", s.mapped_bytes));
 }
@@ -662,6 +678,10 @@ fn client_role() {
     };
     let socket = PathBuf::from(std::env::var(SOCKET_ENV).unwrap());
     let arg = std::env::var(ARG_ENV).unwrap_or_default();
+    if role == "listen" {
+        role_listen(&socket);
+        return;
+    }
     if let Some(uid) = std::env::var(UID_ENV)
         .ok()
         .and_then(|u| u.parse::<u32>().ok())
@@ -695,6 +715,11 @@ fn client_role() {
         "stats" => role_stats(&client),
         "stale" => role_stale(&client),
         "lose" => role_lose(&client),
+        "batch" => role_batch(&client, arg.parse().unwrap()),
+        "dead" => role_dead(&client),
+        "mapped" => role_mapped(&client),
+        "transfer" => role_transfer(&client),
+        "arenas" => role_arenas(&client),
         other => panic!("unknown role {other}"),
     }
 }
@@ -929,7 +954,7 @@ fn quotas_and_limits_are_named() {
         get("in-flight-refused").contains("in-flight commands per client is 4"),
         "{lines:?}"
     );
-    assert_eq!(get("pinned"), "Some(Quota)");
+    assert_eq!(get("pinned"), format!("limit {}", 1 << 20), "{lines:?}");
     assert!(get("mapped").parse::<u64>().unwrap() <= 1 << 20);
 
     let mut a = d.client("hold", "");
@@ -1534,4 +1559,557 @@ fn other_uids_see_only_their_own_statistics() {
     );
     d.settle();
     d.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Isolation and error promises against a hostile local user (issue 15, items 4, 5, 11, 12). The
+// daemon runs as `mirrorctl serve`. Processes that must run as another uid are dropped to it by
+// `Command::uid` at exec, so they stay dumpable like any process a user starts (a setuid inside
+// a running process, as `client_as` does, makes it non-dumpable and would hide exactly what
+// these tests look for).
+
+impl TempDir {
+    /// A directory another uid may create its socket in.
+    fn for_uid(tag: &str, uid: u32) -> TempDir {
+        let dir = TempDir::new(tag);
+        nix::unistd::chown(
+            &dir.0,
+            Some(nix::unistd::Uid::from_raw(uid)),
+            Some(nix::unistd::Gid::from_raw(uid)),
+        )
+        .unwrap();
+        dir
+    }
+}
+
+/// `mirrorctl serve` on `socket` with `flags`, as `uid` if given.
+fn serve(socket: &Path, flags: &[&str], uid: Option<u32>) -> Reaped {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_mirrorctl"));
+    cmd.args(["serve", "--socket"]).arg(socket).args(flags);
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
+    let child = cmd
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn mirrorctl serve");
+    let daemon = Reaped(child);
+    wait_for_socket(socket, "mirrorctl serve");
+    daemon
+}
+
+/// `mirrorctl serve` with `flags` as this test's uid, on a socket of its own.
+fn serve_here(tag: &str, flags: &[&str]) -> (TempDir, PathBuf, Reaped) {
+    let dir = TempDir::new(tag);
+    let socket = dir.0.join("mirrord.sock");
+    let daemon = serve(&socket, flags, None);
+    (dir, socket, daemon)
+}
+
+/// A client process in `role`, run as `uid` from its start if given.
+fn spawn_role(socket: &Path, role: &str, arg: &str, uid: Option<u32>) -> Child {
+    let mut cmd = client_command(socket, role, arg);
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
+    cmd.spawn().expect("spawn a client process")
+}
+
+/// The value after `key ` in the client's report lines.
+fn reported(lines: &[String], key: &str) -> String {
+    lines
+        .iter()
+        .find_map(|l| l.strip_prefix(&format!("{key} ")).map(str::to_string))
+        .unwrap_or_else(|| panic!("no {key} in {lines:?}"))
+}
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// For a test that runs processes as [`OTHER_UID`]: a socket path in a directory that uid may
+/// write, or `None` (the test is skipped) without root.
+fn socket_for_other_uid(test: &str) -> Option<(TempDir, PathBuf)> {
+    if !is_root() {
+        eprintln!("SKIP {test}: needs root to run processes as uid {OTHER_UID}");
+        return None;
+    }
+    // A short tag: a socket path has at most 107 bytes.
+    let dir = TempDir::for_uid(&test[..test.len().min(4)], OTHER_UID);
+    let socket = dir.0.join("mirrord.sock");
+    Some((dir, socket))
+}
+
+/// A process of [`OTHER_UID`] listening on `socket` ([`role_listen`]), once it listens.
+fn impostor_on(socket: &Path) -> (Child, BufReader<std::process::ChildStdout>) {
+    let mut impostor = spawn_role(socket, "listen", "", Some(OTHER_UID));
+    let out = wait_ready(&mut impostor);
+    (impostor, out)
+}
+
+/// `arg` fills of 4 KiB each, one per page of an arena, in one `submit_batch`; every one must
+/// be accepted and complete, and the CPU must see each page's own pattern.
+fn role_batch(client: &Arc<DaemonClient>, count: usize) {
+    let mut arena = client.alloc_arena(count * 4096).expect("arena");
+    let ops: Vec<Op> = (0..count)
+        .map(|i| Op::Fill {
+            dst: arena.va() + (i * 4096) as u64,
+            len: 4096,
+            pattern: 0x0101_0101_0101_0101 * (i as u64 % 255 + 1),
+        })
+        .collect();
+    let started = Instant::now();
+    // SAFETY: no reference into the arena is used until every ticket is waited for.
+    let results = unsafe { client.submit_batch(&ops) };
+    let submit_time = started.elapsed();
+    let mut refused = Vec::new();
+    let mut tickets = Vec::new();
+    for r in results {
+        match r {
+            Ok(t) => tickets.push(t),
+            Err(e) => refused.push(e.to_string()),
+        }
+    }
+    let refused_count = refused.len();
+    let mut failed = 0;
+    for t in tickets {
+        if client.wait(t).is_err() {
+            failed += 1;
+        }
+    }
+    let wrong = (0..count)
+        .filter(|i| {
+            let want = (*i as u64 % 255 + 1) as u8;
+            arena[i * 4096..(i + 1) * 4096].iter().any(|b| *b != want)
+        })
+        .count();
+    eprintln!(
+        "[client] {count} ops submitted in {submit_time:?}, in flight at most {}",
+        client.limits().max_in_flight
+    );
+    refused.truncate(3);
+    report(format!(
+        "batch refused {refused_count} failed {failed} wrong-pages {wrong} first-refusals {refused:?}"
+    ));
+    let _ = &mut arena;
+}
+
+/// Ends its session, then asks again and again: the error must not grow.
+fn role_dead(client: &Arc<DaemonClient>) {
+    client.goodbye().expect("goodbye");
+    let mut lengths = Vec::new();
+    let mut last = String::new();
+    for _ in 0..1000 {
+        let e = client.stats().expect_err("a dead session answers nothing");
+        last = e.to_string();
+        lengths.push(last.len());
+    }
+    report(format!(
+        "dead first {} last {} max {}",
+        lengths[0],
+        lengths[999],
+        lengths.iter().max().unwrap()
+    ));
+    report(format!("dead-text {last}"));
+}
+
+/// Maps past the mapped-bytes quota; reports the error.
+fn role_mapped(client: &Arc<DaemonClient>) {
+    let mut arena = client.alloc_arena(8 << 20).expect("arena");
+    let e = client
+        .fill(&mut arena[..], 7)
+        .expect_err("8 MiB cannot be mapped under a 1 MiB quota");
+    report(format!("mapped-text {e}"));
+}
+
+/// One command longer than the device's maximum transfer (the emulator's: 64 MiB).
+fn role_transfer(client: &Arc<DaemonClient>) {
+    let len = (64 << 20) + 4096;
+    let mut arena = client.alloc_arena(len).expect("arena");
+    let e = client
+        .fill(&mut arena[..], 9)
+        .expect_err("longer than the maximum transfer");
+    report(format!("transfer-text {e}"));
+}
+
+/// Registers arenas until the count limit, and one past the byte limit.
+fn role_arenas(client: &Arc<DaemonClient>) {
+    let limits = client.limits();
+    report(format!(
+        "limits arenas {} bytes {}",
+        limits.max_arenas, limits.max_arena_bytes
+    ));
+    let too_big = client
+        .alloc_arena(limits.max_arena_bytes as usize + 4096)
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    report(format!("bytes-text {too_big}"));
+    let mut held = Vec::new();
+    let refused = loop {
+        match client.alloc_arena(4096) {
+            Ok(a) => held.push(a),
+            Err(e) => break e.to_string(),
+        }
+        assert!(held.len() <= 1000, "no arena limit");
+    };
+    report(format!("count-text {refused}"));
+    report(format!("held {}", held.len()));
+}
+
+/// Binds `socket` and reports what the first connection sent: its bytes and descriptors.
+fn role_listen(socket: &Path) {
+    let listener = std::os::unix::net::UnixListener::bind(socket).expect("bind");
+    report(format!("listening uid {}", nix::unistd::geteuid()));
+    println!("READY");
+    std::io::stdout().flush().unwrap();
+    let (stream, _) = listener.accept().expect("accept");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let (mut bytes, mut fds) = (0, 0);
+    let mut buf = [0u8; 4096];
+    loop {
+        let mut got = Vec::new();
+        match driver::sys::unix_msg::recv(std::os::fd::AsFd::as_fd(&stream), &mut buf, &mut got) {
+            Ok((0, _)) | Err(_) => break,
+            Ok((n, _)) => {
+                bytes += n;
+                fds += got.len();
+            }
+        }
+    }
+    report(format!("received bytes {bytes} fds {fds}"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 4: the client authenticates the daemon before it hands over any descriptor.
+
+/// Another local user binds the socket a client is about to use (as it could in /tmp): the
+/// client sees from SO_PEERCRED that the listener is neither root nor its own uid and sends it
+/// nothing, not its userfaultfd, not its pidfd, not a byte.
+#[test]
+fn a_listener_of_another_uid_receives_nothing() {
+    let test = "a_listener_of_another_uid_receives_nothing";
+    let Some((_dir, socket)) = socket_for_other_uid(test) else {
+        return;
+    };
+    let (mut impostor, mut out) = impostor_on(&socket);
+    let r = DaemonClient::connect_with(&socket, Duration::from_secs(3));
+    let Err(e) = r else {
+        panic!("connected to a daemon of uid {OTHER_UID}");
+    };
+    let text = e.to_string();
+    assert!(
+        text.contains(&format!("uid {OTHER_UID}")) && text.contains("trust_uid"),
+        "the error names the listener's uid and how to trust it: {text}"
+    );
+    drop(impostor.stdin.take());
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    assert!(wait_timeout(&mut impostor, Duration::from_secs(30)));
+    assert!(
+        rest.contains("RESULT received bytes 0 fds 0"),
+        "the impostor got something: {rest}"
+    );
+
+    // Told to trust that uid, the same client does talk to it (the check is what stopped it).
+    std::fs::remove_file(&socket).unwrap();
+    let (mut impostor, mut out) = impostor_on(&socket);
+    let options = ConnectOptions::default()
+        .timeout(Duration::from_secs(1))
+        .trust_uid(OTHER_UID);
+    let r = DaemonClient::connect_with_options(&socket, &options);
+    assert!(r.is_err(), "the impostor never answers HELLO");
+    let mut rest = String::new();
+    out.read_to_string(&mut rest).unwrap();
+    let _ = wait_timeout(&mut impostor, Duration::from_secs(30));
+    assert!(
+        rest.contains("RESULT received bytes 24 fds 2"),
+        "a trusted listener gets HELLO with its two descriptors: {rest}"
+    );
+}
+
+/// The other side of the check: a real daemon of the client's own uid is trusted and used.
+#[test]
+fn a_daemon_of_the_clients_own_uid_is_trusted() {
+    let (_dir, socket, _daemon) = serve_here("own-uid", &[]);
+    let (ok, lines) = finish(spawn_role(&socket, "work", "1", None));
+    assert!(ok, "{lines:?}");
+    assert!(reported(&lines, "work").starts_with("ok"), "{lines:?}");
+}
+
+/// The default socket needs no world-writable directory: without `XDG_RUNTIME_DIR` it lives in
+/// a private directory that is created 0700, and refused, with a message that names
+/// `XDG_RUNTIME_DIR`, when somebody else made it first, or made it a symlink, or opened it up.
+#[test]
+fn the_private_socket_directory_is_checked() {
+    let base = TempDir::new("private");
+    let mine = base.0.join("fresh");
+    checked_private_dir(&mine).expect("a fresh directory is created");
+    let meta = std::fs::symlink_metadata(&mine).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o700);
+    checked_private_dir(&mine).expect("and accepted again");
+
+    let open = base.0.join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let e = checked_private_dir(&open).expect_err("a world-writable directory");
+    assert!(e.to_string().contains("XDG_RUNTIME_DIR"), "{e}");
+    assert!(e.to_string().contains("0777"), "{e}");
+
+    let link = base.0.join("link");
+    std::os::unix::fs::symlink(&mine, &link).unwrap();
+    let e = checked_private_dir(&link).expect_err("a symlink");
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+
+    if is_root() {
+        let theirs = base.0.join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::fs::set_permissions(&theirs, std::fs::Permissions::from_mode(0o700)).unwrap();
+        nix::unistd::chown(&theirs, Some(nix::unistd::Uid::from_raw(OTHER_UID)), None).unwrap();
+        let e = checked_private_dir(&theirs).expect_err("another uid's directory");
+        let text = e.to_string();
+        assert!(
+            text.contains(&format!("owned by uid {OTHER_UID}")) && text.contains("XDG_RUNTIME_DIR"),
+            "{text}"
+        );
+    }
+}
+
+/// `mirrorctl serve` as an ordinary user without `XDG_RUNTIME_DIR` (its temporary directory
+/// moved by `TMPDIR`): it refuses a squatted socket directory, naming `XDG_RUNTIME_DIR`, and
+/// otherwise serves from a private directory of its own.
+#[test]
+fn mirrorctl_serve_defaults_to_a_private_socket_directory() {
+    let test = "mirrorctl_serve_defaults_to_a_private_socket_directory";
+    let Some((tmp, _)) = socket_for_other_uid(test) else {
+        return;
+    };
+    let private = tmp.0.join(format!("mirrord-{OTHER_UID}"));
+    let serve_default = || {
+        Command::new(env!("CARGO_BIN_EXE_mirrorctl"))
+            .arg("serve")
+            .env_remove("XDG_RUNTIME_DIR")
+            .env("TMPDIR", &tmp.0)
+            .uid(OTHER_UID)
+            .gid(OTHER_UID)
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn mirrorctl serve")
+    };
+    // Somebody else (root here) made the directory first.
+    std::fs::create_dir(&private).unwrap();
+    let mut squatted = Reaped(serve_default());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = squatted.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "mirrorctl serve started in a directory somebody else made"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let mut text = String::new();
+    let mut stderr = squatted.0.stderr.take().unwrap();
+    stderr.read_to_string(&mut text).unwrap();
+    assert!(!status.success(), "{text}");
+    assert!(
+        text.contains("XDG_RUNTIME_DIR") && text.contains("owned by uid 0"),
+        "{text}"
+    );
+    std::fs::remove_dir(&private).unwrap();
+
+    let daemon = Reaped(serve_default());
+    wait_for_socket(&private.join("mirrord.sock"), "mirrorctl serve");
+    let meta = std::fs::symlink_metadata(&private).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        (meta.uid(), meta.mode() & 0o7777),
+        (OTHER_UID, 0o700),
+        "the socket directory is the daemon user's and private"
+    );
+    drop(daemon);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 5: the daemon is not dumpable.
+
+/// Memfds of `pid` whose names start with one of `names`, as (fd number, name).
+fn memfds_of(pid: u32, names: &[&str]) -> Vec<(String, String)> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            let target = target.to_string_lossy().to_string();
+            let name = target.strip_prefix("/memfd:")?;
+            names.iter().any(|n| name.starts_with(n)).then(|| {
+                (
+                    e.file_name().to_string_lossy().to_string(),
+                    name.to_string(),
+                )
+            })
+        })
+        .collect()
+}
+
+/// A same-uid process (not root) tries to open one of the daemon's descriptors read-write
+/// through /proc; `true` if it could.
+fn opened_as(uid: u32, path: &str) -> bool {
+    let out = Command::new("/bin/sh")
+        .args(["-c", "exec 3<>\"$1\" && echo OPENED", "sh", path])
+        .uid(uid)
+        .gid(uid)
+        .stderr(Stdio::null())
+        .output()
+        .expect("run sh");
+    String::from_utf8_lossy(&out.stdout).contains("OPENED")
+}
+
+/// The daemon and a hostile client run as the same ordinary uid; the client cannot open the
+/// daemon's command queue, completion queue or fault buffer memfds through
+/// `/proc/DAEMON/fd/N` (nor list that directory), while a normal client of that uid still
+/// works.
+#[test]
+fn the_daemons_queue_memfds_cannot_be_opened_by_a_same_uid_process() {
+    let test = "the_daemons_queue_memfds_cannot_be_opened_by_a_same_uid_process";
+    let Some((dir, socket)) = socket_for_other_uid(test) else {
+        return;
+    };
+    let daemon = serve(&socket, &[], Some(OTHER_UID));
+    let pid = daemon.0.id();
+    let (ok, lines) = finish(spawn_role(&socket, "work", "1", Some(OTHER_UID)));
+    assert!(ok, "a client of the daemon's uid works: {lines:?}");
+    assert!(reported(&lines, "work").starts_with("ok"), "{lines:?}");
+
+    let queues = memfds_of(pid, &["mxa-cmdq", "mxa-completions", "mxa-faults"]);
+    assert_eq!(queues.len(), 3, "the daemon's queue memfds: {queues:?}");
+    // The control: a file of that uid's own opens, so a refusal below is the daemon's doing.
+    let probe = dir.0.join("probe");
+    std::fs::write(&probe, b"").unwrap();
+    nix::unistd::chown(&probe, Some(nix::unistd::Uid::from_raw(OTHER_UID)), None).unwrap();
+    assert!(
+        opened_as(OTHER_UID, &probe.to_string_lossy()),
+        "the control"
+    );
+    for (fd, name) in &queues {
+        let path = format!("/proc/{pid}/fd/{fd}");
+        assert!(
+            !opened_as(OTHER_UID, &path),
+            "uid {OTHER_UID} opened the daemon's {name} read-write through {path}"
+        );
+    }
+    let listed = Command::new("/bin/ls")
+        .arg(format!("/proc/{pid}/fd"))
+        .uid(OTHER_UID)
+        .gid(OTHER_UID)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(
+        !listed.success(),
+        "uid {OTHER_UID} listed the daemon's descriptors"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 11: submit_batch pipelines within the in-flight quota.
+
+#[test]
+fn submit_batch_pipelines_within_the_in_flight_quota_whatever_its_size() {
+    let (_dir, socket, _daemon) = serve_here("batch", &["--max-in-flight", "32"]);
+    for count in [1000, 2500] {
+        let started = Instant::now();
+        let (ok, lines) = finish(spawn_role(&socket, "batch", &count.to_string(), None));
+        assert!(ok, "{lines:?}");
+        assert_eq!(
+            reported(&lines, "batch"),
+            "refused 0 failed 0 wrong-pages 0 first-refusals []",
+            "{count} ops"
+        );
+        // Not a timing assertion: the bug this guards against was a 10 s stall ending in a
+        // disconnect; a generous bound tells the two apart.
+        eprintln!("{count} ops: {:?}", started.elapsed());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Item 12: errors that name the limit, its value and what changes it.
+
+#[test]
+fn a_dead_sessions_error_does_not_grow() {
+    let (_dir, socket, _daemon) = serve_here("dead", &[]);
+    let (ok, lines) = finish(spawn_role(&socket, "dead", "", None));
+    assert!(ok, "{lines:?}");
+    let line = reported(&lines, "dead");
+    let n: Vec<usize> = line
+        .split_whitespace()
+        .skip(1)
+        .step_by(2)
+        .map(|v| v.parse().unwrap())
+        .collect();
+    assert!(
+        n[2] <= n[0].max(200),
+        "the error grew from {} to {} bytes: {lines:?}",
+        n[0],
+        n[2]
+    );
+    assert_eq!(n[1], n[2], "{lines:?}");
+}
+
+#[test]
+fn limit_errors_name_the_limit_its_value_and_the_flag() {
+    let (_dir, socket, _daemon) = serve_here(
+        "limits",
+        &[
+            "--max-mapped-mib",
+            "1",
+            "--max-arenas-per-client",
+            "3",
+            "--max-arena-mib-per-client",
+            "80",
+        ],
+    );
+    let (ok, lines) = finish(spawn_role(&socket, "mapped", "", None));
+    assert!(ok, "{lines:?}");
+    let text = reported(&lines, "mapped-text");
+    for want in [
+        "mapped (pinned) bytes per client",
+        "1048576",
+        "--max-mapped-mib",
+    ] {
+        assert!(text.contains(want), "no {want:?} in {text:?}");
+    }
+
+    let (ok, lines) = finish(spawn_role(&socket, "transfer", "", None));
+    assert!(ok, "{lines:?}");
+    let text = reported(&lines, "transfer-text");
+    for want in ["maximum transfer", &(64u64 << 20).to_string(), "split"] {
+        assert!(text.contains(want), "no {want:?} in {text:?}");
+    }
+    assert!(!text.contains("BadCommand"), "{text}");
+
+    let (ok, lines) = finish(spawn_role(&socket, "arenas", "", None));
+    assert!(ok, "{lines:?}");
+    assert_eq!(
+        reported(&lines, "limits"),
+        format!("arenas 3 bytes {}", 80u64 << 20)
+    );
+    let text = reported(&lines, "bytes-text");
+    for want in [
+        "arena bytes per client",
+        &(80u64 << 20).to_string(),
+        "--max-arena-mib-per-client",
+    ] {
+        assert!(text.contains(want), "no {want:?} in {text:?}");
+    }
+    let text = reported(&lines, "count-text");
+    for want in ["arenas per client is 3", "--max-arenas-per-client"] {
+        assert!(text.contains(want), "no {want:?} in {text:?}");
+    }
+    assert_eq!(reported(&lines, "held"), "3");
 }

@@ -84,7 +84,7 @@ enum Command {
     /// mirrored into its own device address space (docs/daemon.md), until SIGTERM or SIGINT.
     Serve {
         /// Socket path [default: $XDG_RUNTIME_DIR/mirrord.sock, /run/mirrord.sock for root,
-        /// else /tmp/mirrord-UID.sock].
+        /// else /tmp/mirrord-UID/mirrord.sock in a private directory (0700, checked)].
         #[arg(long)]
         socket: Option<std::path::PathBuf>,
         /// Allow this uid to connect (repeatable) [default: the daemon's own uid only].
@@ -112,6 +112,12 @@ enum Command {
         /// Most MiB mapped (pinned) per client.
         #[arg(long, default_value_t = 256)]
         max_mapped_mib: u64,
+        /// Most arenas registered at once per client.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+        max_arenas_per_client: u32,
+        /// Most MiB of arenas registered at once per client.
+        #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..))]
+        max_arena_mib_per_client: u64,
         #[command(flatten)]
         resources: ResourceFlags,
     },
@@ -183,21 +189,39 @@ fn main() -> ExitCode {
             max_clients_per_uid,
             max_in_flight,
             max_mapped_mib,
+            max_arenas_per_client,
+            max_arena_mib_per_client,
             resources,
         } => {
+            // Before the device (and its queue memfds) exists: no other process of this uid
+            // may open them through /proc/PID/fd.
+            if let Err(e) = driver::daemon::server::forbid_dumping() {
+                eprintln!("mirrorctl: {e}");
+                return ExitCode::FAILURE;
+            }
             let spec = match (vfio_user, vfio) {
                 (Some(path), _) => DeviceSpec::VfioUser(path),
                 (None, Some(address)) => DeviceSpec::KernelVfio(address),
                 (None, None) => DeviceSpec::emulated(),
             };
-            let mut config = driver::daemon::DaemonConfig::new(
-                socket.unwrap_or_else(driver::daemon::default_socket_path),
-            );
+            let socket = match socket
+                .map(Ok)
+                .unwrap_or_else(driver::daemon::client::checked_default_socket_path)
+            {
+                Ok(path) => path,
+                Err(e) => {
+                    eprintln!("mirrorctl: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let mut config = driver::daemon::DaemonConfig::new(socket);
             config.allowed_uids = allow_uid;
             config.max_clients = max_clients;
             config.max_clients_per_uid = max_clients_per_uid.unwrap_or(max_clients);
             config.limits.max_in_flight = max_in_flight;
             config.limits.max_mapped_bytes = max_mapped_mib << 20;
+            config.limits.max_arenas = max_arenas_per_client;
+            config.limits.max_arena_bytes = max_arena_mib_per_client << 20;
             resources.apply(&mut config);
             serve(spec, polling, config)
         }

@@ -3,7 +3,7 @@
 //! ```no_run
 //! use driver::daemon::DaemonClient;
 //! use driver::DeviceOps;
-//! let client = DaemonClient::connect(&driver::daemon::default_socket_path())?;
+//! let client = DaemonClient::connect(&driver::daemon::client::checked_default_socket_path()?)?;
 //! let mut arena = client.alloc_arena(1 << 20)?; // memory the device can reach
 //! client.fill(&mut arena[..], 0x5a5a_5a5a_5a5a_5a5a)?;
 //! assert!(arena.iter().all(|b| *b == 0x5a));
@@ -14,11 +14,12 @@
 //! reach this process's private memory, so a command naming any other address fails with
 //! [`crate::fault::CancelReason::Unreachable`].
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -47,7 +48,12 @@ struct Conn {
     sock: UnixStream,
     next_id: u32,
     completions: HashMap<u64, CompletionEvent>,
-    /// Set once the session is unusable (the daemon said so, or the stream broke).
+    /// Tags the daemon accepted whose completion has not arrived yet: the daemon counts the
+    /// same commands against the in-flight quota (it forgets one before it sends its
+    /// completion), so [`DaemonClient::submit_batch`] keeps this under the quota.
+    in_flight: HashSet<u64>,
+    /// Set once the session is unusable (the daemon said so, or the stream broke): why, without
+    /// the "daemon connection: " that [`Error::DaemonConnection`] puts in front when shown.
     broken: Option<String>,
     /// Set when the daemon said its device is lost ([`kind::DEVICE_LOST`]): every command
     /// not completed yet, and every later request, fails with [`Error::DeviceLost`].
@@ -71,6 +77,28 @@ fn io_err(what: &str, e: io::Error) -> Error {
         return Error::Timeout("a daemon reply");
     }
     Error::DaemonConnection(format!("{what}: {e}"))
+}
+
+/// What [`Conn::broken`] keeps of `e`: a [`Error::DaemonConnection`]'s own text (kept whole, it
+/// would gain one "daemon connection: " each time a later call returned it).
+fn why_broken(e: &Error) -> String {
+    match e {
+        Error::DaemonConnection(why) => why.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// The same failure again, for each op of a batch that `e` stopped ([`Error`] is not `Clone`).
+fn same_failure(e: &Error) -> Error {
+    match e {
+        Error::Timeout(what) => Error::Timeout(what),
+        Error::DeviceLost(lost) => Error::DeviceLost(lost.clone()),
+        Error::Daemon { code, message } => Error::Daemon {
+            code: *code,
+            message: message.clone(),
+        },
+        other => Error::DaemonConnection(why_broken(other)),
+    }
 }
 
 impl Conn {
@@ -100,7 +128,7 @@ impl Conn {
         match self.reply_to(kind::HELLO, u32::MAX) {
             Err(refusal @ Error::Daemon { .. }) => refusal,
             _ => {
-                self.broken = Some(send_error.to_string());
+                self.broken = Some(why_broken(&send_error));
                 send_error
             }
         }
@@ -109,7 +137,7 @@ impl Conn {
     fn break_with(&mut self, what: &str, e: io::Error) -> Error {
         let err = io_err(what, e);
         if !matches!(err, Error::Timeout(_)) {
-            self.broken = Some(err.to_string());
+            self.broken = Some(why_broken(&err));
         }
         err
     }
@@ -157,6 +185,7 @@ impl Conn {
             if header.kind == kind::COMPLETION {
                 let e = CompletionEvent::decode(&payload)
                     .map_err(|e| Error::DaemonConnection(e.to_string()))?;
+                self.in_flight.remove(&e.tag);
                 self.completions.insert(e.tag, e);
                 if id == 0 {
                     return Ok(Reply::Done);
@@ -203,6 +232,25 @@ impl Conn {
         }
     }
 
+    /// What the daemon's answer to the SUBMIT of `tag` means for the caller.
+    fn submitted(&mut self, tag: u64, answer: Result<Reply, Error>) -> Result<DaemonTicket, Error> {
+        match answer.map_err(|e| self.unless_lost(e))? {
+            Reply::Submitted => {
+                // A completion that overtook its answer has nothing in flight any more.
+                if !self.completions.contains_key(&tag) {
+                    self.in_flight.insert(tag);
+                }
+                Ok(DaemonTicket { tag })
+            }
+            Reply::Error { code, message } => {
+                Err(self.unless_lost(Error::Daemon { code, message }))
+            }
+            other => Err(Error::DaemonConnection(format!(
+                "unexpected answer to SUBMIT: {other:?}"
+            ))),
+        }
+    }
+
     /// The device-loss error if the daemon said (or `e` says) the device is lost: then that
     /// is why the session ended or the request failed; else `e`.
     fn unless_lost(&self, e: Error) -> Error {
@@ -236,18 +284,94 @@ impl Conn {
     }
 }
 
+/// How [`DaemonClient::connect_with_options`] connects.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// The longest wait for any one reply (30 s).
+    pub reply_timeout: Duration,
+    /// Uids besides root and this process's own whose daemon this client trusts with its
+    /// userfaultfd and pidfd (none).
+    pub trusted_uids: Vec<u32>,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            reply_timeout: Duration::from_secs(30),
+            trusted_uids: Vec::new(),
+        }
+    }
+}
+
+impl ConnectOptions {
+    /// With `timeout` as the longest wait for any one reply.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.reply_timeout = timeout;
+        self
+    }
+
+    /// Also trust a daemon running as `uid` (a daemon of a service account, say).
+    pub fn trust_uid(mut self, uid: u32) -> Self {
+        self.trusted_uids.push(uid);
+        self
+    }
+}
+
+/// Refuses a daemon this process does not trust, before it is sent anything: whoever listens
+/// on the socket receives this process's userfaultfd (with it, it could write into this
+/// process's memory) and pidfd. The listener's credentials come from the kernel
+/// (SO_PEERCRED: who called listen()), so they cannot be forged by the listener.
+fn check_daemon_identity(
+    sock: &UnixStream,
+    path: &Path,
+    options: &ConnectOptions,
+) -> Result<(), Error> {
+    let cred = nix::sys::socket::getsockopt(sock, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| Error::Os {
+            what: "SO_PEERCRED on the daemon socket",
+            source: e.into(),
+        })?;
+    let (uid, own) = (cred.uid(), nix::unistd::geteuid().as_raw());
+    if uid == 0 || uid == own || options.trusted_uids.contains(&uid) {
+        return Ok(());
+    }
+    Err(Error::DaemonConnection(format!(
+        "refusing the daemon at {}: it runs as uid {uid} (pid {}), which is neither root nor \
+         this process's uid {own} nor a trusted uid {:?}, so it was sent nothing (not this \
+         process's userfaultfd, not its pidfd); another local user may have bound the socket \
+         first. If that uid's daemon is meant to serve you, trust it: \
+         ConnectOptions::trust_uid({uid}) with DaemonClient::connect_with_options",
+        path.display(),
+        cred.pid(),
+        options.trusted_uids,
+    )))
+}
+
 impl DaemonClient {
     /// Connect to the daemon at `path` and start a session: this process's userfaultfd (made
     /// here, closed here once sent, so this process never waits on a dead daemon) and pidfd go
     /// to the daemon, which builds a mirror of this process and a device address space for it.
+    ///
+    /// The daemon must run as root or as this process's uid (SO_PEERCRED, checked before
+    /// anything is sent); [`DaemonClient::connect_with_options`] trusts others.
     pub fn connect(path: &Path) -> Result<Arc<DaemonClient>, Error> {
-        Self::connect_with(path, Duration::from_secs(30))
+        Self::connect_with_options(path, &ConnectOptions::default())
     }
 
     /// Like [`DaemonClient::connect`], with the longest wait for any one reply.
     pub fn connect_with(path: &Path, timeout: Duration) -> Result<Arc<DaemonClient>, Error> {
+        Self::connect_with_options(path, &ConnectOptions::default().timeout(timeout))
+    }
+
+    /// Like [`DaemonClient::connect`], with `options`.
+    pub fn connect_with_options(
+        path: &Path,
+        options: &ConnectOptions,
+    ) -> Result<Arc<DaemonClient>, Error> {
+        let timeout = options.reply_timeout;
         let sock = UnixStream::connect(path)
             .map_err(|e| Error::DaemonConnection(format!("connect to {}: {e}", path.display())))?;
+        check_daemon_identity(&sock, path, options)?;
         sock.set_read_timeout(Some(timeout))
             .and_then(|_| sock.set_write_timeout(Some(timeout)))
             .map_err(|e| io_err("set socket timeouts", e))?;
@@ -261,6 +385,7 @@ impl DaemonClient {
             sock,
             next_id: 1,
             completions: HashMap::new(),
+            in_flight: HashSet::new(),
             broken: None,
             lost: None,
         };
@@ -288,6 +413,23 @@ impl DaemonClient {
             other => Err(Error::DaemonConnection(format!(
                 "unexpected answer to HELLO: {other:?}"
             ))),
+        }
+    }
+
+    /// A command's failure as the caller should read it: a fault cancelled for the
+    /// mapped-bytes quota says which quota, its value and how to raise it (the daemon's
+    /// completion carries only the cancel code).
+    fn explained(&self, e: Error) -> Error {
+        match e {
+            Error::Cancelled {
+                reason: crate::fault::CancelReason::Quota,
+            } => Error::QuotaExceeded {
+                quota: "mapped (pinned) bytes per client (the command was cancelled, its \
+                        pages would not fit; raise it with mirrorctl serve --max-mapped-mib or \
+                        DaemonConfig::limits.max_mapped_bytes)",
+                limit: self.limits.max_mapped_bytes,
+            },
+            e => e,
         }
     }
 
@@ -353,40 +495,71 @@ impl DaemonClient {
     /// until [`DaemonClient::wait`] returns for the ticket.
     pub unsafe fn submit(&self, op: Op) -> Result<DaemonTicket, Error> {
         let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
-        match self.conn().request(Request::Submit { tag, op }, &[])? {
-            Reply::Submitted => Ok(DaemonTicket { tag }),
-            other => Err(Error::DaemonConnection(format!(
-                "unexpected answer to SUBMIT: {other:?}"
-            ))),
-        }
+        let mut conn = self.conn();
+        let answer = conn.request(Request::Submit { tag, op }, &[]);
+        conn.submitted(tag, answer)
     }
 
-    /// Submit several commands with one round trip: every SUBMIT is sent before any reply is
-    /// read. One result per op, in order (a refused op, e.g. past the in-flight quota, does not
-    /// stop the ones after it from being tried).
+    /// Submit several commands, pipelined: SUBMITs go out without waiting for each answer,
+    /// but never more than the in-flight quota ([`ClientLimits::max_in_flight`]) counting
+    /// both the commands not answered yet and those accepted and not completed; when the
+    /// quota is full this waits for completions (kept for [`DaemonClient::wait`]) before it
+    /// sends more. So a batch of any size is submitted whole, and the daemon is never asked
+    /// for more than it takes, nor left writing answers nobody reads. One result per op, in
+    /// order (a refused op does not stop the ones after it from being tried; a broken session
+    /// or a reply timeout fails every op not answered yet).
     ///
     /// # Safety
     /// As [`DaemonClient::submit`], for every op.
     pub unsafe fn submit_batch(&self, ops: &[Op]) -> Vec<Result<DaemonTicket, Error>> {
         let mut conn = self.conn();
-        let mut sent = Vec::with_capacity(ops.len());
-        for op in ops {
-            let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
-            let (k, payload) = Request::Submit { tag, op: *op }.encode();
-            sent.push((tag, conn.send(k, &payload, &[])));
-        }
-        sent.into_iter()
-            .map(|(tag, id)| {
-                let reply = id.and_then(|id| conn.reply_to(kind::SUBMIT, id));
-                match reply.map_err(|e| conn.unless_lost(e))? {
-                    Reply::Submitted => Ok(DaemonTicket { tag }),
-                    Reply::Error { code, message } => {
-                        Err(conn.unless_lost(Error::Daemon { code, message }))
+        let quota = self.limits.max_in_flight.max(1) as usize;
+        let mut results: Vec<Option<Result<DaemonTicket, Error>>> =
+            ops.iter().map(|_| None).collect();
+        // Sent and not answered yet, oldest first (the daemon answers in order): op index,
+        // tag, request id.
+        let mut unanswered: VecDeque<(usize, u64, u32)> = VecDeque::new();
+        let mut next = 0;
+        let stopped = loop {
+            if next < ops.len() && conn.in_flight.len() + unanswered.len() < quota {
+                let tag = self.next_tag.fetch_add(1, Ordering::Relaxed);
+                let (k, payload) = Request::Submit { tag, op: ops[next] }.encode();
+                match conn.send(k, &payload, &[]) {
+                    Ok(id) => unanswered.push_back((next, tag, id)),
+                    Err(e) => {
+                        // The session is over: this op and every one not answered yet fail.
+                        let e = conn.refusal_behind(e);
+                        break Some(conn.unless_lost(e));
                     }
-                    other => Err(Error::DaemonConnection(format!(
-                        "unexpected answer to SUBMIT: {other:?}"
-                    ))),
                 }
+                next += 1;
+                continue;
+            }
+            if let Some((at, tag, id)) = unanswered.pop_front() {
+                let answer = conn.reply_to(kind::SUBMIT, id);
+                let failed_reading = answer.as_ref().err().map(same_failure);
+                results[at] = Some(conn.submitted(tag, answer));
+                match failed_reading {
+                    Some(e) => break Some(e),
+                    None => continue,
+                }
+            }
+            if next == ops.len() {
+                break None;
+            }
+            // The quota is full of commands running: a completion frees a slot.
+            if let Err(e) = conn.reply_to(0, 0) {
+                break Some(conn.unless_lost(e));
+            }
+        };
+        results
+            .into_iter()
+            .map(|r| match (r, &stopped) {
+                (Some(r), _) => r,
+                (None, Some(e)) => Err(same_failure(e)),
+                (None, None) => Err(Error::DaemonConnection(
+                    "internal: a batched op was never sent".into(),
+                )),
             })
             .collect()
     }
@@ -403,7 +576,8 @@ impl DaemonClient {
                 return completion_result(Completion {
                     status,
                     result: e.result,
-                });
+                })
+                .map_err(|e| self.explained(e));
             }
             if let Some(why) = &conn.broken {
                 let e = Error::DaemonConnection(why.clone());
@@ -509,4 +683,81 @@ pub fn refusal(e: &Error) -> Option<(ErrorCode, &str)> {
         Error::Daemon { code, message } => Some((*code, message.as_str())),
         _ => None,
     }
+}
+
+/// Where the daemon listens unless told otherwise, in a directory no other user can write:
+/// `$XDG_RUNTIME_DIR/mirrord.sock` (the directory checked as below), else
+/// `/run/mirrord.sock` for root, else `/tmp/mirrord-UID/mirrord.sock`, its directory made
+/// private by [`checked_private_dir`]. A socket straight in `/tmp` (as `/tmp/mirrord-UID.sock`
+/// was) could be bound first by any local user; the client's SO_PEERCRED check would then
+/// refuse to talk, but the daemon could not serve.
+pub fn checked_default_socket_path() -> Result<PathBuf, Error> {
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+        let dir = PathBuf::from(dir);
+        check_private(
+            &dir,
+            &std::fs::metadata(&dir).map_err(|e| dir_error(&dir, e))?,
+        )?;
+        return Ok(dir.join("mirrord.sock"));
+    }
+    let uid = nix::unistd::geteuid();
+    if uid.is_root() {
+        return Ok(PathBuf::from("/run/mirrord.sock"));
+    }
+    let dir = std::env::temp_dir().join(format!("mirrord-{uid}"));
+    checked_private_dir(&dir)?;
+    Ok(dir.join("mirrord.sock"))
+}
+
+/// Make `dir` (mode 0700) unless it exists, then check that it is a directory (not a symbolic
+/// link), owned by this process's uid, that no other user can write or search: somebody else
+/// who made it first could otherwise take or replace the socket inside. An error names what
+/// is wrong and the ways out (`XDG_RUNTIME_DIR`, `--socket`).
+pub fn checked_private_dir(dir: &Path) -> Result<(), Error> {
+    match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(dir_error(dir, e)),
+    }
+    let meta = std::fs::symlink_metadata(dir).map_err(|e| dir_error(dir, e))?;
+    if meta.file_type().is_symlink() {
+        return Err(unsafe_dir(dir, "is a symbolic link".into()));
+    }
+    check_private(dir, &meta)
+}
+
+fn check_private(dir: &Path, meta: &std::fs::Metadata) -> Result<(), Error> {
+    let own = nix::unistd::geteuid().as_raw();
+    if !meta.is_dir() {
+        return Err(unsafe_dir(dir, "is not a directory".into()));
+    }
+    if meta.uid() != own {
+        return Err(unsafe_dir(
+            dir,
+            format!(
+                "is owned by uid {}, not by this process's uid {own}",
+                meta.uid()
+            ),
+        ));
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o077 != 0 {
+        return Err(unsafe_dir(
+            dir,
+            format!("has mode {mode:04o}: other users may use it (it must be 0700)"),
+        ));
+    }
+    Ok(())
+}
+
+fn dir_error(dir: &Path, e: io::Error) -> Error {
+    unsafe_dir(dir, format!("cannot be made or read: {e}"))
+}
+
+fn unsafe_dir(dir: &Path, why: String) -> Error {
+    Error::DaemonConnection(format!(
+        "the daemon socket directory {} {why}; set XDG_RUNTIME_DIR to a private directory \
+         of your own (mode 0700), or name a socket with --socket (DaemonConfig::new)",
+        dir.display()
+    ))
 }

@@ -14,22 +14,8 @@ pub mod client;
 pub mod protocol;
 pub mod server;
 
-use std::path::PathBuf;
-
-pub use client::{ClientArena, DaemonClient, DaemonTicket};
+pub use client::{
+    checked_default_socket_path, ClientArena, ConnectOptions, DaemonClient, DaemonTicket,
+};
 pub use protocol::{ClientLimits, ErrorCode, StatsReply};
 pub use server::{Daemon, DaemonConfig};
-
-/// Where the daemon listens unless told otherwise: `$XDG_RUNTIME_DIR/mirrord.sock`, else
-/// `/run/mirrord.sock` for root, else `/tmp/mirrord-<uid>.sock`.
-pub fn default_socket_path() -> PathBuf {
-    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
-        return PathBuf::from(dir).join("mirrord.sock");
-    }
-    let uid = nix::unistd::getuid();
-    if uid.is_root() {
-        PathBuf::from("/run/mirrord.sock")
-    } else {
-        PathBuf::from(format!("/tmp/mirrord-{uid}.sock"))
-    }
-}

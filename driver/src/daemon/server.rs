@@ -360,9 +360,11 @@ pub struct Daemon {
 impl Daemon {
     /// A daemon over `runtime`'s device.
     ///
-    /// Raises the process's open-files soft limit to its hard limit and lowers the client and
-    /// handshake limits (logged) if even that cannot hold what they need.
+    /// Makes this process non-dumpable first ([`forbid_dumping`]), raises the process's
+    /// open-files soft limit to its hard limit and lowers the client and handshake limits
+    /// (logged) if even that cannot hold what they need.
     pub fn new(runtime: Arc<Runtime>, mut config: DaemonConfig) -> Result<Daemon, Error> {
+        forbid_dumping()?;
         let fd_limit = raise_fd_limit();
         size_for_fd_limit(&mut config, fd_limit, open_fds());
         let slots = runtime.device().caps().cmdq_entries.min(
@@ -512,6 +514,19 @@ impl Drop for Daemon {
             let _ = t.join();
         }
     }
+}
+
+/// Make this process non-dumpable (PR_SET_DUMPABLE 0): then only root may open its
+/// `/proc/PID/fd/N`, ptrace it or read its memory. A process is dumpable by default, and
+/// another process of the same uid could open the daemon's command queue, completion queue
+/// and fault buffer memfds read-write through `/proc/PID/fd`, and forge or read every client's
+/// commands: the isolation between clients would not hold against a client of the daemon's
+/// own uid. `mirrorctl serve` calls this before it opens the device; [`Daemon::new`] again.
+pub fn forbid_dumping() -> Result<(), Error> {
+    nix::sys::prctl::set_dumpable(false).map_err(|e| Error::Os {
+        what: "prctl(PR_SET_DUMPABLE, 0)",
+        source: e.into(),
+    })
 }
 
 fn bind(config: &DaemonConfig) -> Result<UnixListener, Error> {
@@ -1227,6 +1242,29 @@ async fn session(shared: Arc<Shared>, stream: UnixStream, mut shutdown: watch::R
     s.release().await;
 }
 
+/// The daemon's answer to a refused REGISTER_ARENA: a limit says, besides its name and value,
+/// what raises it.
+fn arena_refusal(e: &ArenaError) -> Reply {
+    let raise = match e {
+        ArenaError::Limit {
+            limit: "arenas per client",
+            ..
+        } => Some("mirrorctl serve --max-arenas-per-client or DaemonConfig::limits.max_arenas"),
+        ArenaError::Limit {
+            limit: "arena bytes per client",
+            ..
+        } => Some(
+            "mirrorctl serve --max-arena-mib-per-client or DaemonConfig::limits.max_arena_bytes",
+        ),
+        _ => None,
+    };
+    let message = match raise {
+        Some(raise) => format!("{e}; raise it with {raise}"),
+        None => e.to_string(),
+    };
+    Reply::error(arena_error_code(e), message)
+}
+
 fn arena_error_code(e: &ArenaError) -> ErrorCode {
     match e {
         ArenaError::Limit { .. } => ErrorCode::Limit,
@@ -1496,7 +1534,7 @@ impl Session {
                             writable: arena.writable(),
                         }
                     }
-                    Ok(Err(e)) => Reply::error(arena_error_code(&e), e.to_string()),
+                    Ok(Err(e)) => arena_refusal(&e),
                     Err(e) => Reply::error(ErrorCode::Internal, e.to_string()),
                 };
                 self.reply(header, reply).await
@@ -1776,7 +1814,16 @@ impl Session {
         }
         let max = self.shared.config.limits.max_in_flight;
         if client.in_flight.load(Ordering::Acquire) >= max {
-            let message = format!("quota exceeded: in-flight commands per client is {max}");
+            let message = format!(
+                "quota exceeded: in-flight commands per client is {max}; wait for a completion \
+                 first (DaemonClient::submit_batch does), or raise it with mirrorctl serve \
+                 --max-in-flight or DaemonConfig::limits.max_in_flight"
+            );
+            return self
+                .reply(header, Reply::error(ErrorCode::Limit, message))
+                .await;
+        }
+        if let Some(message) = self.too_long(&op) {
             return self
                 .reply(header, Reply::error(ErrorCode::Limit, message))
                 .await;
@@ -1851,6 +1898,26 @@ impl Session {
                     .await
             }
         }
+    }
+
+    /// Why the device would refuse `op` for its length (it completes such a command with a
+    /// bare `BadCommand`, detail 0): the refusal names the device's limit instead.
+    fn too_long(&self, op: &crate::Op) -> Option<String> {
+        let len = match *op {
+            crate::Op::Copy { len, .. }
+            | crate::Op::Fill { len, .. }
+            | crate::Op::Checksum { len, .. }
+            | crate::Op::Prefetch { len, .. } => len,
+            crate::Op::AtomicAdd { .. } => return None,
+        };
+        let max = u64::from(self.shared.runtime.device().caps().max_transfer);
+        (len > max).then(|| {
+            format!(
+                "command too long: its length is {len} bytes and the device's maximum transfer \
+                 (CAP_MAX_TRANSFER, fixed by the device) is {max} bytes; split it into \
+                 commands of at most {max} bytes"
+            )
+        })
     }
 
     /// Shutdown: take no new commands, forward the completions of those in flight (up to the
