@@ -1360,7 +1360,12 @@ impl Session {
             // The last reference to the context runs its release: stop servicing, let its work
             // finish (or quarantine the ASID), fence, unmap, unpin. The pump holds it weakly.
             let arenas = client.arenas.clone();
+            let released = client.ctx.release_watch();
             drop(client);
+            // The pump may hold the last reference for a moment and run the release on a
+            // thread of its own: the session closes only once it is done, so a client that
+            // sees its session close knows the device can no longer reach its memory.
+            released.wait();
             arenas.clear();
             shared.released.fetch_add(1, Ordering::Relaxed);
             shared.releasing.fetch_sub(1, Ordering::AcqRel);
