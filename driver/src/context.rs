@@ -761,9 +761,14 @@ impl ContextCore {
                 (source, None)
             }
         };
-        let iova = self
-            .dma
-            .map(
+        // SAFETY: the device reaches this memory only for commands submitted through the
+        // unsafe `Context::submit` (or a daemon's SUBMIT on a client's arenas), whose contract
+        // lends it to the device until the command's wait returns (and a wait that returns
+        // early revokes it, fenced, first); every CPU change of the mapping tears this DMA
+        // mapping down (fenced) before the hold on the pages is released (section 1 of
+        // docs/semantics.md), and so does the context's release.
+        let iova = unsafe {
+            self.dma.map(
                 Some(map_range.start()),
                 self.needs_identity,
                 len,
@@ -771,10 +776,11 @@ impl ContextCore {
                 source,
                 dma_access,
             )
-            .map_err(|e| {
-                tracing::warn!(error = %e, range = ?map_range, "DMA map failed");
-                WalkError::Dma(e)
-            })?;
+        }
+        .map_err(|e| {
+            tracing::warn!(error = %e, range = ?map_range, "DMA map failed");
+            WalkError::Dma(e)
+        })?;
         Ok(Walked {
             dma: self.dma.clone(),
             mapping: Some(UserMapping {

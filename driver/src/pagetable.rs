@@ -134,7 +134,7 @@ impl TablePool {
         let len = CHUNK_PAGES * PAGE_SIZE as usize;
         let buffer = DmaBuffer::new(len, "page-tables")?;
         let base = dma
-            .map(
+            .map_buffer(
                 Some(buffer.va()),
                 false,
                 len as u64,
