@@ -404,10 +404,18 @@ impl DaemonClient {
         let mut conn = self.conn();
         let failed = |conn: &mut Conn, e: Error| {
             let e = conn.unless_lost(e);
-            if !matches!(e, Error::DeviceLost(_)) {
-                end_session_and_await_release(conn, &e);
+            if matches!(e, Error::DeviceLost(_)) {
+                return e;
             }
-            e
+            end_session_and_await_release(conn, &e);
+            match e {
+                Error::Timeout(_) => Error::Timeout(
+                    "the command's completion from the daemon; the session was ended, and the \
+                     daemon released it (device view torn down and fenced) before this returned: \
+                     connect again to go on",
+                ),
+                e => e,
+            }
         };
         loop {
             if let Some(e) = conn.completions.remove(&ticket.tag) {
