@@ -226,6 +226,7 @@ impl Runtime {
             runtime: self.clone(),
             outstanding: Mutex::new(HashMap::new()),
             revocations: AtomicU64::new(0),
+            revoked_pending: AtomicU64::new(0),
             alive: Arc::new(()),
         })
     }
@@ -329,6 +330,8 @@ pub struct Context {
     /// Commands submitted and not yet collected, by work id.
     outstanding: Mutex<HashMap<u32, Outstanding>>,
     revocations: AtomicU64,
+    /// Revoked commands not collected yet (lets a submit skip looking for them when none).
+    revoked_pending: AtomicU64,
     /// Dropped only after the release in `Drop` has finished (fields drop after `drop` runs):
     /// what [`ReleaseWatch`] watches.
     alive: Arc<()>,
@@ -502,13 +505,22 @@ impl Context {
         outstanding.remove(&ticket.work_id);
         drop(outstanding);
         if pending.revoked {
-            self.core.lift_revoked(ticket.work_id);
+            self.lift_revoked(ticket.work_id);
         }
         Some(completion)
     }
 
+    /// A revoked command was collected: its pages may be mapped again.
+    fn lift_revoked(&self, work_id: u32) {
+        self.core.lift_revoked(work_id);
+        self.revoked_pending.fetch_sub(1, Ordering::AcqRel);
+    }
+
     /// Collect the revoked commands that have ended, and give their pages back to the device.
     fn reap_revoked(&self) {
+        if self.revoked_pending.load(Ordering::Acquire) == 0 {
+            return;
+        }
         let revoked: Vec<u32> = self
             .outstanding()
             .iter()
@@ -536,37 +548,40 @@ impl Context {
     /// command is then cancelled when it next touches them. A ticket not in flight (collected
     /// already) is an `InvalidArgument` error.
     pub fn wait(&self, ticket: Ticket) -> Result<u64, Error> {
-        let Some(pending) = self.outstanding().get(&ticket.work_id).copied() else {
+        if !self.outstanding().contains_key(&ticket.work_id) {
             return Err(Error::InvalidArgument(
                 "wait: the ticket is not in flight on this context (collected already?)",
             ));
-        };
+        }
         let waited = self
             .runtime
             .service
             .wait(ticket, self.runtime.options.timeout);
         match waited {
             Ok(completion) => {
-                self.outstanding().remove(&ticket.work_id);
-                if pending.revoked {
-                    self.core.lift_revoked(ticket.work_id);
-                }
+                self.collected(ticket);
                 completion_result(completion)
             }
             Err(e @ Error::DeviceLost(_)) => {
                 // Over for good: the device will never post its completion, nor run anything.
-                self.outstanding().remove(&ticket.work_id);
-                if pending.revoked {
-                    self.core.lift_revoked(ticket.work_id);
-                }
+                self.collected(ticket);
                 Err(e)
             }
             Err(e) => {
                 // The command may still run: the caller gets its memory back, so the device
                 // must lose it before we return.
-                self.revoke(ticket, pending);
+                self.revoke(ticket);
                 Err(e)
             }
+        }
+    }
+
+    /// `ticket`'s command is over (completion collected, or the device lost): forget it, and
+    /// give its pages back to the device if they were revoked.
+    fn collected(&self, ticket: Ticket) {
+        let removed = self.outstanding().remove(&ticket.work_id);
+        if removed.is_some_and(|o| o.revoked) {
+            self.lift_revoked(ticket.work_id);
         }
     }
 
@@ -575,44 +590,60 @@ impl Context {
     /// cannot be confirmed (a DMA unmap failed), it waits for the command to end instead, for
     /// as long as that takes, since returning earlier could let the device write memory the
     /// caller has reused.
-    fn revoke(&self, ticket: Ticket, pending: Outstanding) {
+    fn revoke(&self, ticket: Ticket) {
         let asid = self.core.asid;
-        if !pending.revoked {
-            self.outstanding()
-                .entry(ticket.work_id)
-                .and_modify(|o| o.revoked = true);
-            self.revocations.fetch_add(1, Ordering::Relaxed);
-            let ranges = pending.op.ranges();
-            if self.core.revoke(ticket.work_id, &ranges) {
-                tracing::warn!(
-                    asid,
-                    work_id = ticket.work_id,
-                    ?ranges,
-                    timeout = ?self.runtime.options.timeout,
-                    "a command outlived its wait (RuntimeOptions::timeout): its memory was taken away from the device, fenced; those pages stay unreachable for this context until it ends"
-                );
-            } else {
-                tracing::error!(
-                    asid,
-                    work_id = ticket.work_id,
-                    "a command outlived its wait and its memory could not be taken away from the device (DMA unmap failed): waiting for it to end"
-                );
-                loop {
-                    match self
-                        .runtime
-                        .service
-                        .wait(ticket, self.runtime.options.timeout)
-                    {
-                        Ok(_) | Err(Error::DeviceLost(_)) => break,
-                        Err(e) => {
-                            tracing::error!(asid, work_id = ticket.work_id, error = %e, "still waiting for a command whose memory the device may reach")
-                        }
-                    }
-                }
-                self.outstanding().remove(&ticket.work_id);
-                self.core.lift_revoked(ticket.work_id);
+        let work_id = ticket.work_id;
+        let unreachable = {
+            // Held across the revocation, so a collection of the command on another thread
+            // either comes first (nothing to revoke) or sees it revoked and lifts it after.
+            let mut outstanding = self.outstanding();
+            let Some(pending) = outstanding.get_mut(&work_id) else {
                 return;
+            };
+            if pending.revoked {
+                true
+            } else {
+                pending.revoked = true;
+                self.revocations.fetch_add(1, Ordering::Relaxed);
+                self.revoked_pending.fetch_add(1, Ordering::AcqRel);
+                let ranges = pending.op.ranges();
+                let unreachable = self.core.revoke(work_id, &ranges);
+                if unreachable {
+                    tracing::warn!(
+                        asid,
+                        work_id,
+                        ?ranges,
+                        timeout = ?self.runtime.options.timeout,
+                        "a command outlived its wait (RuntimeOptions::timeout): its memory was taken away from the device, fenced; those pages stay unreachable for this context until it ends"
+                    );
+                }
+                unreachable
             }
+        };
+        if !unreachable {
+            tracing::error!(
+                asid,
+                work_id,
+                "a command outlived its wait and its memory could not be taken away from the device (DMA unmap failed): waiting for it to end"
+            );
+            let mut spins = 0u32;
+            let mut next_report = Instant::now() + self.runtime.options.timeout;
+            while self.outstanding().contains_key(&work_id) && self.try_complete(ticket).is_none() {
+                if self.runtime.device.lost().is_some() {
+                    self.collected(ticket);
+                    break;
+                }
+                if Instant::now() >= next_report {
+                    tracing::error!(
+                        asid,
+                        work_id,
+                        "still waiting for a command whose memory the device may reach"
+                    );
+                    next_report = Instant::now() + self.runtime.options.timeout;
+                }
+                crate::device::backoff(&mut spins);
+            }
+            return;
         }
         // A command stalled on a page it can no longer get faults again on the replay and is
         // cancelled at once; collect it if it ended already.
