@@ -363,6 +363,8 @@ pub struct ContextCore {
     /// Serializes fault servicing of this context (the service thread is single, but
     /// explicit prefaults from API threads may run at the same time).
     service_lock: Mutex<()>,
+    /// Revoked ranges (`MirrorState::revoked.len()`): the fault path skips looking when 0.
+    revoked: AtomicU64,
 }
 
 fn cancel_reason(e: &mirror::Error) -> CancelReason {
@@ -457,6 +459,7 @@ impl ContextCore {
             options,
             needs_identity,
             service_lock: Mutex::new(()),
+            revoked: AtomicU64::new(0),
         })
     }
 
@@ -488,7 +491,7 @@ impl ContextCore {
         let range =
             VaRange::from_bounds(start, end).map_err(|_| Failure::from(CancelReason::NoMapping))?;
         // Checked again, authoritatively, at the install; here it saves the walk and the map.
-        if self.sub.lock().is_revoked(start..end) {
+        if self.revoked.load(Ordering::Acquire) > 0 && self.sub.lock().is_revoked(start..end) {
             return Err(CancelReason::Revoked.into());
         }
         let vmas = self
@@ -991,6 +994,7 @@ impl ContextCore {
         for range in ranges {
             let pages = range.start & !(PAGE_SIZE - 1)..range.end.div_ceil(PAGE_SIZE) * PAGE_SIZE;
             state.revoked.push((work_id, pages.clone()));
+            self.revoked.fetch_add(1, Ordering::AcqRel);
             unreachable &= state.tear_down(pages);
         }
         unreachable
@@ -998,7 +1002,11 @@ impl ContextCore {
 
     /// Work item `work_id` has completed: its revoked ranges may be mapped again.
     pub fn lift_revoked(&self, work_id: u32) {
-        self.sub.lock().revoked.retain(|(id, _)| *id != work_id);
+        let mut state = self.sub.lock();
+        let before = state.revoked.len();
+        state.revoked.retain(|(id, _)| *id != work_id);
+        self.revoked
+            .fetch_sub((before - state.revoked.len()) as u64, Ordering::AcqRel);
     }
 
     /// Page ranges currently revoked (see [`Self::revoke`]).
