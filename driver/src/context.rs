@@ -157,9 +157,20 @@ pub(crate) struct MirrorState {
     mappings: BTreeMap<u64, UserMapping>,
     counters: Arc<ContextCounters>,
     released: bool,
+    /// Page ranges taken away from the device, with the work item whose submitter stopped
+    /// waiting for it: that caller got its memory back, so no fault may map it again while the
+    /// item can still run (see [`ContextCore::revoke`]).
+    revoked: Vec<(u32, Range<u64>)>,
 }
 
 impl MirrorState {
+    /// Whether any page of `range` is revoked.
+    fn is_revoked(&self, range: Range<u64>) -> bool {
+        self.revoked
+            .iter()
+            .any(|(_, r)| r.start < range.end && range.start < r.end)
+    }
+
     /// Mappings touching `range`.
     fn overlapping(&self, range: Range<u64>) -> Vec<UserMapping> {
         let mut out: Vec<UserMapping> = self
@@ -198,11 +209,14 @@ impl MirrorState {
     }
 
     /// Tear down the device's view of `range`: the translations of every mapping touching it,
-    /// one fence, then the DMA mappings (unpin). Returns the mappings removed.
-    fn tear_down(&mut self, range: Range<u64>) -> usize {
+    /// one fence, then the DMA mappings (unpin). Returns whether the device can no longer reach
+    /// any page of `range`: false only if a DMA unmap failed (a failed fence alone still ends
+    /// with the IOMMU blocking the unmapped IOVAs, which stay reserved).
+    fn tear_down(&mut self, range: Range<u64>) -> bool {
         let victims = self.overlapping(range.clone());
         if let Some(lost) = self.dma.backend().lost() {
-            return self.forget(victims, &lost);
+            self.forget(victims, &lost);
+            return true;
         }
         let mut span = range.clone();
         for m in &victims {
@@ -222,6 +236,7 @@ impl MirrorState {
                 fenced = false;
             }
         }
+        let mut unreachable = true;
         for m in &victims {
             self.mappings.remove(&m.va);
             let unmapped = if fenced {
@@ -231,12 +246,13 @@ impl MirrorState {
             };
             if let Err(e) = unmapped {
                 tracing::error!(error = %e, iova = m.iova, len = m.len, "DMA unmap failed");
+                unreachable = false;
             }
             self.counters
                 .mapped_bytes
                 .fetch_sub(m.len, Ordering::Relaxed);
         }
-        victims.len()
+        unreachable
     }
 
     /// Tear-down on a lost device: drop `victims` (and the arenas and pages they hold) on the
@@ -347,6 +363,8 @@ pub struct ContextCore {
     /// Serializes fault servicing of this context (the service thread is single, but
     /// explicit prefaults from API threads may run at the same time).
     service_lock: Mutex<()>,
+    /// Revoked ranges (`MirrorState::revoked.len()`): the fault path skips looking when 0.
+    revoked: AtomicU64,
 }
 
 fn cancel_reason(e: &mirror::Error) -> CancelReason {
@@ -423,6 +441,7 @@ impl ContextCore {
             mappings: BTreeMap::new(),
             counters: counters.clone(),
             released: false,
+            revoked: Vec::new(),
         };
         let sub = mm
             .subscribe(
@@ -440,6 +459,7 @@ impl ContextCore {
             options,
             needs_identity,
             service_lock: Mutex::new(()),
+            revoked: AtomicU64::new(0),
         })
     }
 
@@ -470,6 +490,10 @@ impl ContextCore {
     fn service_run(&self, start: u64, end: u64, write: bool) -> Result<(), Failure> {
         let range =
             VaRange::from_bounds(start, end).map_err(|_| Failure::from(CancelReason::NoMapping))?;
+        // Checked again, authoritatively, at the install; here it saves the walk and the map.
+        if self.revoked.load(Ordering::Acquire) > 0 && self.sub.lock().is_revoked(start..end) {
+            return Err(CancelReason::Revoked.into());
+        }
         let vmas = self
             .mm
             .walker()
@@ -740,9 +764,14 @@ impl ContextCore {
                 (source, None)
             }
         };
-        let iova = self
-            .dma
-            .map(
+        // SAFETY: the device reaches this memory only for commands submitted through the
+        // unsafe `Context::submit` (or a daemon's SUBMIT on a client's arenas), whose contract
+        // lends it to the device until the command's wait returns (and a wait that returns
+        // early revokes it, fenced, first); every CPU change of the mapping tears this DMA
+        // mapping down (fenced) before the hold on the pages is released (section 1 of
+        // docs/semantics.md), and so does the context's release.
+        let iova = unsafe {
+            self.dma.map(
                 Some(map_range.start()),
                 self.needs_identity,
                 len,
@@ -750,10 +779,11 @@ impl ContextCore {
                 source,
                 dma_access,
             )
-            .map_err(|e| {
-                tracing::warn!(error = %e, range = ?map_range, "DMA map failed");
-                WalkError::Dma(e)
-            })?;
+        }
+        .map_err(|e| {
+            tracing::warn!(error = %e, range = ?map_range, "DMA map failed");
+            WalkError::Dma(e)
+        })?;
         Ok(Walked {
             dma: self.dma.clone(),
             mapping: Some(UserMapping {
@@ -795,6 +825,12 @@ impl ContextCore {
         };
         if state.released {
             return Err(CancelReason::NoContext.into());
+        }
+        if let Some(m) = &walked.mapping {
+            if state.is_revoked(m.va..m.va + m.len) {
+                // Dropping `walked` undoes its DMA mapping.
+                return Err(CancelReason::Revoked.into());
+            }
         }
         let m = walked
             .mapping
@@ -943,6 +979,39 @@ impl ContextCore {
     /// servicing that starts later does nothing (it finds the context released first).
     pub fn wait_for_service(&self) {
         drop(self.service_lock.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// Take `ranges` away from the device for as long as work item `work_id` may run: under
+    /// the subscriber lock, mark them revoked (no fault, prefault or walk in progress can map
+    /// them again: the install refuses, [`CancelReason::Revoked`]), then tear their device
+    /// entries down and fence. When this returns true, no access of the device to those pages
+    /// can happen until [`Self::lift_revoked`]: translations dropped and fenced, DMA unmapped,
+    /// and the item, when it next touches them, faults and is cancelled. False if a DMA unmap
+    /// failed: the device may still reach them.
+    pub fn revoke(&self, work_id: u32, ranges: &[Range<u64>]) -> bool {
+        let mut state = self.sub.lock();
+        let mut unreachable = true;
+        for range in ranges {
+            let pages = range.start & !(PAGE_SIZE - 1)..range.end.div_ceil(PAGE_SIZE) * PAGE_SIZE;
+            state.revoked.push((work_id, pages.clone()));
+            self.revoked.fetch_add(1, Ordering::AcqRel);
+            unreachable &= state.tear_down(pages);
+        }
+        unreachable
+    }
+
+    /// Work item `work_id` has completed: its revoked ranges may be mapped again.
+    pub fn lift_revoked(&self, work_id: u32) {
+        let mut state = self.sub.lock();
+        let before = state.revoked.len();
+        state.revoked.retain(|(id, _)| *id != work_id);
+        self.revoked
+            .fetch_sub((before - state.revoked.len()) as u64, Ordering::AcqRel);
+    }
+
+    /// Page ranges currently revoked (see [`Self::revoke`]).
+    pub fn revoked_ranges(&self) -> usize {
+        self.sub.lock().revoked.len()
     }
 
     /// Quiesce and tear down: every mapping unmapped after the device's view is fenced, then

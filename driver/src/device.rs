@@ -193,7 +193,7 @@ fn ring(dma: &DmaSpace, bytes: usize, name: &str) -> Result<Ring, Error> {
         buffer: &buffer,
         offset: 0,
     };
-    let iova = dma.map(
+    let iova = dma.map_buffer(
         Some(buffer.va()),
         false,
         len as u64,
@@ -847,14 +847,15 @@ mod tests {
         fn iova_ranges(&self) -> Vec<std::ops::Range<u64>> {
             self.inner.iova_ranges()
         }
-        fn dma_map(
+        unsafe fn dma_map(
             &self,
             iova: u64,
             len: u64,
             source: DmaSource<'_>,
             access: DmaAccess,
         ) -> Result<(), BackendError> {
-            self.inner.dma_map(iova, len, source, access)
+            // SAFETY: forwarded to our caller.
+            unsafe { self.inner.dma_map(iova, len, source, access) }
         }
         fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), BackendError> {
             self.inner.dma_unmap(iova, len)

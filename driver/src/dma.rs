@@ -38,9 +38,34 @@ impl DmaSpace {
         self.iova.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// [`DmaSpace::map`] of a driver-owned buffer ([`DmaSource::Buffer`]): safe, because the
+    /// device reaches a buffer through its file, never through memory a Rust object owns.
+    /// Any other source is refused with `InvalidArgument`.
+    pub fn map_buffer(
+        &self,
+        preferred: Option<u64>,
+        exact: bool,
+        len: u64,
+        align: u64,
+        source: DmaSource<'_>,
+        access: DmaAccess,
+    ) -> Result<u64, Error> {
+        if !matches!(source, DmaSource::Buffer { .. }) {
+            return Err(Error::InvalidArgument(
+                "DmaSpace::map_buffer maps driver-owned buffers only; process memory needs the unsafe DmaSpace::map",
+            ));
+        }
+        // SAFETY: a `Buffer` source asks nothing of the caller (`Backend::dma_map`).
+        unsafe { self.map(preferred, exact, len, align, source, access) }
+    }
+
     /// Map `len` bytes of `source` at an IOVA aligned to `align`: `preferred` (identity) if free,
     /// else anywhere; with `exact`, only at `preferred`. Returns the IOVA.
-    pub fn map(
+    ///
+    /// # Safety
+    /// As [`Backend::dma_map`]: the device may reach process memory named by `source` until
+    /// [`DmaSpace::unmap`] (or [`DmaSpace::unmap_keep_iova`]) of the mapping has returned.
+    pub unsafe fn map(
         &self,
         preferred: Option<u64>,
         exact: bool,
@@ -57,7 +82,8 @@ impl DmaSpace {
                 len,
             });
         }
-        if let Err(e) = self.backend.dma_map(iova, len, source, access) {
+        // SAFETY: forwarded to our caller.
+        if let Err(e) = unsafe { self.backend.dma_map(iova, len, source, access) } {
             self.iova().free(iova);
             return Err(e.into());
         }

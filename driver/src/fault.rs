@@ -69,6 +69,11 @@ pub enum CancelReason {
     /// (`ContextOptions::require_events`).
     #[error("the memory cannot be registered for CPU change events (another userfaultfd owns it, or the kernel refuses the mapping)")]
     Untracked = 10,
+    /// The memory was taken away from the device: a command on it outlived its submitter's
+    /// wait (a timeout), so the submitter has its memory back and the device may not touch it
+    /// until that command has ended (`Context::wait`, docs/semantics.md section 1).
+    #[error("the memory was revoked from the device: a command on it outlived its submitter's wait, and its pages stay unreachable until that command ends")]
+    Revoked = 11,
 }
 
 impl CancelReason {
@@ -84,6 +89,7 @@ impl CancelReason {
             8 => Self::Unreachable,
             9 => Self::Quota,
             10 => Self::Untracked,
+            11 => Self::Revoked,
             _ => Self::Other,
         }
     }

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::ops::Range;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use accel_abi::pt::{self, Perms, Pte};
 use accel_abi::{LARGE_PAGE_SIZE, PAGE_SIZE, PT_LEVELS};
@@ -44,6 +44,36 @@ pub enum PageTableError {
         /// Virtual address.
         va: u64,
     },
+    /// A table entry points at a table page the driver has no record of (a driver bug, or
+    /// table memory overwritten): that one mapping fails; the table is left as it is.
+    /// Counted in [`inconsistent_entries`].
+    #[error("device page table inconsistent: level-{level} table entry for VA {va:#x} points at a table page without bookkeeping")]
+    Inconsistent {
+        /// Virtual address being mapped.
+        va: u64,
+        /// Level of the table the entry points at.
+        level: u32,
+    },
+}
+
+/// Table entries found without bookkeeping since start, in every page table of the process
+/// ([`PageTableError::Inconsistent`]: each failed the one fault that met it, logged).
+static INCONSISTENT_ENTRIES: AtomicU64 = AtomicU64::new(0);
+
+/// How many times a mapping met a table entry without bookkeeping (see
+/// [`PageTableError::Inconsistent`]). 0 in a healthy driver.
+pub fn inconsistent_entries() -> u64 {
+    INCONSISTENT_ENTRIES.load(Ordering::Relaxed)
+}
+
+/// The error for a table entry without bookkeeping, logged and counted. It fails only the
+/// mapping that met it: a panic here would stop the single fault-service thread, and with it
+/// fault servicing for every context of the device.
+fn inconsistent(va: u64, level: u32) -> PageTableError {
+    INCONSISTENT_ENTRIES.fetch_add(1, Ordering::Relaxed);
+    let e = PageTableError::Inconsistent { va, level };
+    tracing::error!(error = %e, "failing this mapping");
+    e
 }
 
 /// A table page: where it lives in the pool and its IOVA.
@@ -104,7 +134,7 @@ impl TablePool {
         let len = CHUNK_PAGES * PAGE_SIZE as usize;
         let buffer = DmaBuffer::new(len, "page-tables")?;
         let base = dma
-            .map(
+            .map_buffer(
                 Some(buffer.va()),
                 false,
                 len as u64,
@@ -285,7 +315,7 @@ impl PageTable {
                     table = *self
                         .tables
                         .get(&key)
-                        .expect("table entry without bookkeeping");
+                        .ok_or_else(|| inconsistent(va, key.0))?;
                 }
                 Ok(Pte::NotPresent) => {
                     let child = mem.pool.alloc(mem.dma)?;
@@ -326,10 +356,7 @@ impl PageTable {
             Ok(Pte::Table { .. }) => {
                 // A large leaf over a level-1 table: allowed only if that table is empty.
                 let key = (1, va);
-                let child = *self
-                    .tables
-                    .get(&key)
-                    .expect("table entry without bookkeeping");
+                let child = *self.tables.get(&key).ok_or_else(|| inconsistent(va, 1))?;
                 if (0..pt::ENTRIES).any(|s| pool.read(child, s) & pt::VALID != 0) {
                     return Err(PageTableError::Conflict { va });
                 }
@@ -533,6 +560,41 @@ mod tests {
         t.map(&mut f.mem(), va, PageSize::Large, 0x20_0000, Perms::R)
             .unwrap();
         assert_eq!(t.leaf_counts(), (0, 1));
+    }
+
+    /// A table entry with no bookkeeping behind it fails that one mapping with an error (and is
+    /// counted); it used to panic, on the fault-service thread that serves every context.
+    #[test]
+    fn a_table_entry_without_bookkeeping_fails_the_mapping_not_the_thread() {
+        let mut f = Fixture::new();
+        let mut t = PageTable::new(&mut f.mem()).unwrap();
+        let va = 0x7f00_0040_0000;
+        t.map(&mut f.mem(), va, PageSize::Small, 0x5000, Perms::RW)
+            .unwrap();
+        let before = inconsistent_entries();
+        // Lose the bookkeeping of the level-1 table under `va`, keep the table entries.
+        let key = (1, va & !(pt::span(2) - 1));
+        assert!(t.tables.remove(&key).is_some());
+        let small = t.map(
+            &mut f.mem(),
+            va + PAGE_SIZE,
+            PageSize::Small,
+            0x6000,
+            Perms::RW,
+        );
+        assert!(
+            matches!(small, Err(PageTableError::Inconsistent { level: 1, .. })),
+            "{small:?}"
+        );
+        let large = t.map(&mut f.mem(), va, PageSize::Large, 0x20_0000, Perms::RW);
+        assert!(
+            matches!(large, Err(PageTableError::Inconsistent { level: 1, .. })),
+            "{large:?}"
+        );
+        assert_eq!(inconsistent_entries() - before, 2);
+        // The rest of the table still works.
+        t.map(&mut f.mem(), 0x1000_0000, PageSize::Small, 0x7000, Perms::R)
+            .unwrap();
     }
 
     #[test]

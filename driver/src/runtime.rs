@@ -12,7 +12,7 @@
 //! # Ok::<(), driver::Error>(())
 //! ```
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -118,6 +118,15 @@ impl Runtime {
             DeviceSpec::KernelVfio(address) => Box::new(KernelVfioBackend::open(address)?),
             DeviceSpec::VfioUser(path) => Box::new(VfioUserBackend::connect(path)?),
         };
+        Self::open_backend(backend, options)
+    }
+
+    /// Bring up the MXA-1 behind `backend` (one the caller built, e.g. an emulator it also
+    /// holds to drive its test knobs) and start its fault service.
+    pub fn open_backend(
+        backend: Box<dyn Backend>,
+        options: RuntimeOptions,
+    ) -> Result<Arc<Runtime>, Error> {
         let device = Arc::new(Device::bring_up(backend, options.device)?);
         let service = FaultService::start(device.clone(), options.mode, options.batch)?;
         let asids = vec![false; device.caps().asids as usize];
@@ -215,7 +224,10 @@ impl Runtime {
         Ok(Context {
             core,
             runtime: self.clone(),
-            outstanding: Mutex::new(HashSet::new()),
+            outstanding: Mutex::new(HashMap::new()),
+            revocations: AtomicU64::new(0),
+            revoked_pending: AtomicU64::new(0),
+            alive: Arc::new(()),
         })
     }
 
@@ -315,7 +327,49 @@ pub enum Op {
 pub struct Context {
     core: Arc<ContextCore>,
     runtime: Arc<Runtime>,
-    outstanding: Mutex<HashSet<u32>>,
+    /// Commands submitted and not yet collected, by work id.
+    outstanding: Mutex<HashMap<u32, Outstanding>>,
+    revocations: AtomicU64,
+    /// Revoked commands not collected yet (lets a submit skip looking for them when none).
+    revoked_pending: AtomicU64,
+    /// Dropped only after the release in `Drop` has finished (fields drop after `drop` runs):
+    /// what [`ReleaseWatch`] watches.
+    alive: Arc<()>,
+}
+
+/// Watches a [`Context`]'s release (see [`Context::release_watch`]).
+pub struct ReleaseWatch(Weak<()>);
+
+impl ReleaseWatch {
+    /// Returns once the context has been dropped and its release has finished (device view
+    /// torn down and fenced, DMA unmapped, work ended or the address space quarantined),
+    /// whichever thread ran it.
+    pub fn wait(self) {
+        let mut spins = 0u32;
+        while self.0.strong_count() > 0 {
+            crate::device::backoff(&mut spins);
+        }
+    }
+}
+
+/// A command in flight: what it may touch, and whether that was revoked from the device.
+#[derive(Debug, Clone, Copy)]
+struct Outstanding {
+    op: Op,
+    revoked: bool,
+}
+
+impl Op {
+    /// The memory the command reads or writes.
+    fn ranges(&self) -> Vec<std::ops::Range<u64>> {
+        let span = |va: u64, len: u64| va..va.saturating_add(len);
+        match *self {
+            Op::Copy { dst, src, len } => vec![span(dst, len), span(src, len)],
+            Op::Fill { dst, len, .. } => vec![span(dst, len)],
+            Op::AtomicAdd { dst, .. } => vec![span(dst, 8)],
+            Op::Checksum { src, len } | Op::Prefetch { src, len } => vec![span(src, len)],
+        }
+    }
 }
 
 /// Statistics of a context.
@@ -361,6 +415,14 @@ pub struct ContextStats {
     pub retries: u64,
     /// DMA mappings released on the host side only because the device was lost.
     pub dropped_on_lost_device: u64,
+    /// Waits that ended without the command's completion (a timeout): each took the command's
+    /// memory away from the device (entries torn down and fenced, faults there refused with
+    /// `CancelReason::Revoked`) before it returned, so the caller could reuse that memory.
+    pub revocations: u64,
+    /// Of those, commands not collected yet: their pages stay unreachable for the device (the
+    /// context's later commands on them are cancelled `Revoked`) until they end. Collected on
+    /// later submits, waits and `stats()`.
+    pub revoked_in_flight: usize,
 }
 
 impl Context {
@@ -379,7 +441,18 @@ impl Context {
         &self.runtime
     }
 
+    /// A handle that waits for this context's release once it is dropped, by whichever thread
+    /// drops the last reference (a daemon closes a client's session only after it).
+    pub fn release_watch(&self) -> ReleaseWatch {
+        ReleaseWatch(Arc::downgrade(&self.alive))
+    }
+
     /// Submit `op` for the device to run on this address space.
+    ///
+    /// Fails with the mirror's error (`SettleTimeout`) and submits nothing if the CPU mapping
+    /// changes the monitor has read are not all handled within the mirror's settle timeout
+    /// (`mirror::Config::settle_timeout`, 10 s by default): a command must never see a mapping
+    /// changed before this call (docs/semantics.md section 5).
     ///
     /// # Safety
     /// The device reads and writes the addresses in `op` like a DMA engine, concurrently with
@@ -389,11 +462,14 @@ impl Context {
         self.runtime.device.check_lost()?;
         // Every CPU mapping change that returned before this call must be visible to the
         // device before the command runs: the kernel lets a munmap return once its userfaultfd
-        // event is read, not handled.
+        // event is read, not handled. Submitting anyway would let the command use a
+        // translation of memory that is gone or belongs to someone else now.
         if let Err(e) = self.core.mm.catch_up() {
-            tracing::warn!(error = %e, "CPU events not caught up before a submit");
+            tracing::error!(error = %e, asid = self.core.asid, "CPU events not caught up: command refused");
+            return Err(Error::Mirror(e));
         }
         self.runtime.reap_orphans();
+        self.reap_revoked();
         let asid = self.core.asid;
         let cmd = match op {
             Op::Copy { dst, src, len } => Command::copy(asid, dst, src, len),
@@ -411,52 +487,168 @@ impl Context {
             .device
             .submit(cmd, self.runtime.options.timeout)?;
         self.runtime.commands.fetch_add(1, Ordering::Relaxed);
-        self.outstanding
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(ticket.work_id);
+        self.outstanding()
+            .insert(ticket.work_id, Outstanding { op, revoked: false });
         Ok(ticket)
+    }
+
+    fn outstanding(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Outstanding>> {
+        self.outstanding.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The completion of `ticket` if the device has posted it (it is then collected: do not
     /// wait for the ticket again).
     pub fn try_complete(&self, ticket: Ticket) -> Option<Completion> {
-        let mut outstanding = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
-        if !outstanding.contains(&ticket.work_id) {
-            return None;
-        }
+        let mut outstanding = self.outstanding();
+        let pending = *outstanding.get(&ticket.work_id)?;
         let completion = self.runtime.device.try_complete(ticket)?;
         outstanding.remove(&ticket.work_id);
+        drop(outstanding);
+        if pending.revoked {
+            self.lift_revoked(ticket.work_id);
+        }
         Some(completion)
+    }
+
+    /// A revoked command was collected: its pages may be mapped again.
+    fn lift_revoked(&self, work_id: u32) {
+        self.core.lift_revoked(work_id);
+        self.revoked_pending.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Collect the revoked commands that have ended, and give their pages back to the device.
+    fn reap_revoked(&self) {
+        if self.revoked_pending.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let revoked: Vec<u32> = self
+            .outstanding()
+            .iter()
+            .filter(|(_, o)| o.revoked)
+            .map(|(id, _)| *id)
+            .collect();
+        for work_id in revoked {
+            if let Some(c) = self.try_complete(Ticket { work_id }) {
+                tracing::info!(asid = self.core.asid, work_id, status = ?c.status, "a revoked command ended: its pages are mappable again");
+            }
+        }
     }
 
     /// Commands submitted and not yet collected.
     pub fn in_flight(&self) -> usize {
-        self.outstanding
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .len()
+        self.outstanding().len()
     }
 
-    /// Wait for `ticket`; the command's result value (old value, checksum, or 0).
+    /// Wait for `ticket`; the command's result value.
+    ///
+    /// When this returns, with a result or an error, the device can no longer touch the
+    /// memory the command names: if the completion did not come (the runtime's timeout), the
+    /// command's pages are taken away from the device first ([`ContextStats::revocations`]:
+    /// entries torn down and fenced, faults there refused) and stay so until it ends; the
+    /// command is then cancelled when it next touches them. A ticket not in flight (collected
+    /// already) is an `InvalidArgument` error.
     pub fn wait(&self, ticket: Ticket) -> Result<u64, Error> {
+        if !self.outstanding().contains_key(&ticket.work_id) {
+            return Err(Error::InvalidArgument(
+                "wait: the ticket is not in flight on this context (collected already?)",
+            ));
+        }
         let waited = self
             .runtime
             .service
             .wait(ticket, self.runtime.options.timeout);
-        if matches!(waited, Err(Error::DeviceLost(_))) {
-            // Over for good: the device will never post its completion.
-            self.outstanding
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&ticket.work_id);
+        match waited {
+            Ok(completion) => {
+                self.collected(ticket);
+                completion_result(completion)
+            }
+            Err(e @ Error::DeviceLost(_)) => {
+                // Over for good: the device will never post its completion, nor run anything.
+                self.collected(ticket);
+                Err(e)
+            }
+            Err(e) => {
+                // The command may still run: the caller gets its memory back, so the device
+                // must lose it before we return.
+                self.revoke(ticket);
+                Err(e)
+            }
         }
-        let completion = waited?;
-        self.outstanding
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&ticket.work_id);
-        completion_result(completion)
+    }
+
+    /// `ticket`'s command is over (completion collected, or the device lost): forget it, and
+    /// give its pages back to the device if they were revoked.
+    fn collected(&self, ticket: Ticket) {
+        let removed = self.outstanding().remove(&ticket.work_id);
+        if removed.is_some_and(|o| o.revoked) {
+            self.lift_revoked(ticket.work_id);
+        }
+    }
+
+    /// Take the memory of a command still in flight away from the device (see
+    /// [`ContextCore::revoke`]). Returns only once the device cannot reach it: if the tear-down
+    /// cannot be confirmed (a DMA unmap failed), it waits for the command to end instead, for
+    /// as long as that takes, since returning earlier could let the device write memory the
+    /// caller has reused.
+    fn revoke(&self, ticket: Ticket) {
+        let asid = self.core.asid;
+        let work_id = ticket.work_id;
+        let unreachable = {
+            // Held across the revocation, so a collection of the command on another thread
+            // either comes first (nothing to revoke) or sees it revoked and lifts it after.
+            let mut outstanding = self.outstanding();
+            let Some(pending) = outstanding.get_mut(&work_id) else {
+                return;
+            };
+            if pending.revoked {
+                true
+            } else {
+                pending.revoked = true;
+                self.revocations.fetch_add(1, Ordering::Relaxed);
+                self.revoked_pending.fetch_add(1, Ordering::AcqRel);
+                let ranges = pending.op.ranges();
+                let unreachable = self.core.revoke(work_id, &ranges);
+                if unreachable {
+                    tracing::warn!(
+                        asid,
+                        work_id,
+                        ?ranges,
+                        timeout = ?self.runtime.options.timeout,
+                        "a command outlived its wait (RuntimeOptions::timeout): its memory was taken away from the device, fenced; those pages stay unreachable for this context until it ends"
+                    );
+                }
+                unreachable
+            }
+        };
+        if !unreachable {
+            tracing::error!(
+                asid,
+                work_id,
+                "a command outlived its wait and its memory could not be taken away from the device (DMA unmap failed): waiting for it to end"
+            );
+            let mut spins = 0u32;
+            let mut next_report = Instant::now() + self.runtime.options.timeout;
+            while self.outstanding().contains_key(&work_id) && self.try_complete(ticket).is_none() {
+                if self.runtime.device.lost().is_some() {
+                    self.collected(ticket);
+                    break;
+                }
+                if Instant::now() >= next_report {
+                    tracing::error!(
+                        asid,
+                        work_id,
+                        "still waiting for a command whose memory the device may reach"
+                    );
+                    next_report = Instant::now() + self.runtime.options.timeout;
+                }
+                crate::device::backoff(&mut spins);
+            }
+            return;
+        }
+        // A command stalled on a page it can no longer get faults again on the replay and is
+        // cancelled at once; collect it if it ended already.
+        let _ = self.runtime.device.replay();
+        self.reap_revoked();
     }
 
     /// Fill `dst` with the 8-byte `pattern` on the device.
@@ -495,6 +687,8 @@ impl Context {
 
     /// Counters and footprint.
     pub fn stats(&self) -> ContextStats {
+        self.reap_revoked();
+        let revoked_in_flight = self.outstanding().values().filter(|o| o.revoked).count();
         let c = self.core.counters();
         let (mappings, mapped_bytes, small_leaves, large_leaves, table_pages) =
             self.core.footprint();
@@ -518,14 +712,23 @@ impl Context {
             table_pages,
             retries: self.core.mm.stats().retries,
             dropped_on_lost_device: c.dropped_on_lost_device.load(Ordering::Relaxed),
+            revocations: self.revocations.load(Ordering::Relaxed),
+            revoked_in_flight,
         }
     }
 }
 
 /// Device operations on ordinary memory for anything that submits and waits: a [`Context`]
 /// in-process, a [`crate::daemon::DaemonClient`] through the daemon. The provided methods hold
-/// the borrows of every byte they name from submit to completion.
-pub trait DeviceOps {
+/// the borrows of every byte they name from submit until [`DeviceOps::wait_op`] returns.
+///
+/// # Safety
+/// An implementation's [`DeviceOps::wait_op`] must return, whatever it returns (a result, a
+/// timeout, a broken connection), only once the device can no longer access the memory the
+/// ticket's command names: the command completed, or was cancelled, or its memory was taken
+/// away from the device (translations torn down and fenced) for as long as it may run. The
+/// safe methods rest on that: the caller's borrow ends when they return.
+pub unsafe trait DeviceOps {
     /// What a submit returns and a wait takes.
     type Ticket;
 
@@ -537,10 +740,12 @@ pub trait DeviceOps {
     /// be used (or exist as `&`) in that time.
     unsafe fn submit_op(&self, op: Op) -> Result<Self::Ticket, Error>;
 
-    /// Wait for a ticket; the command's result value.
+    /// Wait for a ticket; the command's result value. Returns only once the device can no
+    /// longer access the command's memory (see the trait's safety section).
     fn wait_op(&self, ticket: Self::Ticket) -> Result<u64, Error>;
 
-    /// Submit and wait.
+    /// Submit and wait. When it returns, with a result or an error, the device can no longer
+    /// access the memory `op` names (see [`DeviceOps::wait_op`]).
     ///
     /// # Safety
     /// As [`DeviceOps::submit_op`], for the whole call.
@@ -607,7 +812,10 @@ pub trait DeviceOps {
     }
 }
 
-impl DeviceOps for Context {
+// SAFETY: `Context::wait` returns with the completion, on a lost device (nothing runs any
+// more), or after `Context::revoke` took the command's pages away from the device (fenced), or
+// waited for the command to end where that could not be confirmed.
+unsafe impl DeviceOps for Context {
     type Ticket = Ticket;
 
     unsafe fn submit_op(&self, op: Op) -> Result<Ticket, Error> {
@@ -655,13 +863,7 @@ impl Drop for Context {
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut spins = 0u32;
         loop {
-            let pending: Vec<u32> = self
-                .outstanding
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .iter()
-                .copied()
-                .collect();
+            let pending: Vec<u32> = self.outstanding().keys().copied().collect();
             let mut left = Vec::new();
             for work_id in pending {
                 let ticket = Ticket { work_id };

@@ -261,21 +261,18 @@ fn unmap_all_and_error_replies() {
         mirror::Mapping::anonymous(2 * suite::PAGE, libc::PROT_READ | libc::PROT_WRITE).unwrap();
     let src = driver::backend::DmaSource::ProcessVa { va: m.addr() };
     let rw = driver::backend::DmaAccess::READ_WRITE;
-    backend
-        .dma_map(0x10_0000, suite::PAGE as u64, src, rw)
-        .unwrap();
+    // SAFETY: the test's memory stays mapped for as long as the backend may reach it, and the test holds no Rust reference into it.
+    unsafe { backend.dma_map(0x10_0000, suite::PAGE as u64, src, rw) }.unwrap();
     // Overlap: the server answers with a (header-only) error reply, the stream stays usable.
-    let err = backend
-        .dma_map(0x10_0000, suite::PAGE as u64, src, rw)
-        .unwrap_err();
+    // SAFETY: the test's memory stays mapped for as long as the backend may reach it, and the test holds no Rust reference into it.
+    let err = unsafe { backend.dma_map(0x10_0000, suite::PAGE as u64, src, rw) }.unwrap_err();
     assert!(err.to_string().contains("dma_map"), "{err}");
     // Unmapping something never mapped.
     assert!(backend.dma_unmap(0x80_0000, suite::PAGE as u64).is_err());
     backend.dma_unmap_all().unwrap();
     // The range is free again.
-    backend
-        .dma_map(0x10_0000, suite::PAGE as u64, src, rw)
-        .unwrap();
+    // SAFETY: the test's memory stays mapped for as long as the backend may reach it, and the test holds no Rust reference into it.
+    unsafe { backend.dma_map(0x10_0000, suite::PAGE as u64, src, rw) }.unwrap();
     backend.dma_unmap(0x10_0000, suite::PAGE as u64).unwrap();
     // A register outside BAR0 is refused before anything is sent; the connection still works.
     let mut b = [0u8; 4];
@@ -474,14 +471,16 @@ fn twin_socket_carries_the_devices_dma_requests() {
         m.write_byte(i, *byte);
     }
     let src = driver::backend::DmaSource::ProcessVa { va: m.addr() };
-    backend
-        .dma_map(
+    // SAFETY: the test's memory stays mapped for as long as the backend may reach it, and the test holds no Rust reference into it.
+    unsafe {
+        backend.dma_map(
             RING,
             suite::PAGE as u64,
             src,
             driver::backend::DmaAccess::READ_WRITE,
         )
-        .unwrap();
+    }
+    .unwrap();
     start_ring(&backend, RING);
     let started = std::time::Instant::now();
     while bar_read64(&backend, regs::FENCE_DONE) != value {
@@ -529,9 +528,8 @@ fn a_reconnect_keeps_the_device_state_but_not_maps_or_interrupts() {
     first
         .bar_write(0, regs::CMDQ_BASE, &0x7000_0000u64.to_le_bytes())
         .unwrap();
-    first
-        .dma_map(0x10_0000, suite::PAGE as u64, src, rw)
-        .unwrap();
+    // SAFETY: the test's memory stays mapped for as long as the backend may reach it, and the test holds no Rust reference into it.
+    unsafe { first.dma_map(0x10_0000, suite::PAGE as u64, src, rw) }.unwrap();
     let eventfd =
         nix::sys::eventfd::EventFd::from_flags(nix::sys::eventfd::EfdFlags::EFD_CLOEXEC).unwrap();
     first
@@ -553,9 +551,8 @@ fn a_reconnect_keeps_the_device_state_but_not_maps_or_interrupts() {
     assert_eq!(u16::from_le_bytes(command) & bits, bits);
     assert_eq!(bar_read64(&second, regs::CMDQ_BASE), 0x7000_0000);
     // The old map is gone: the same IOVA maps again.
-    second
-        .dma_map(0x10_0000, suite::PAGE as u64, src, rw)
-        .unwrap();
+    // SAFETY: the test's memory stays mapped for as long as the backend may reach it, and the test holds no Rust reference into it.
+    unsafe { second.dma_map(0x10_0000, suite::PAGE as u64, src, rw) }.unwrap();
     drop(second);
 
     // The driver brings the retained device up (bring-up resets it) and works.
@@ -737,7 +734,8 @@ fn dma_unmap_accepts_the_echo_and_refuses_another_answer() {
     let src = driver::backend::DmaSource::ProcessVa { va: 0x1000_0000 };
     let rw = driver::backend::DmaAccess::READ_WRITE;
     let page = suite::PAGE as u64;
-    backend.dma_map(0x10_0000, page, src, rw).unwrap();
+    // SAFETY: the test's memory stays mapped for as long as the backend may reach it, and the test holds no Rust reference into it.
+    unsafe { backend.dma_map(0x10_0000, page, src, rw) }.unwrap();
     backend.dma_unmap(0x10_0000, page).unwrap();
     backend.dma_unmap_all().unwrap();
 
@@ -750,7 +748,8 @@ fn dma_unmap_accepts_the_echo_and_refuses_another_answer() {
     };
     let backend =
         VfioUserBackend::from_stream(scripted_server(plain_version, other_address)).unwrap();
-    backend.dma_map(0x10_0000, page, src, rw).unwrap();
+    // SAFETY: the test's memory stays mapped for as long as the backend may reach it, and the test holds no Rust reference into it.
+    unsafe { backend.dma_map(0x10_0000, page, src, rw) }.unwrap();
     let err = backend.dma_unmap(0x10_0000, page).unwrap_err().to_string();
     assert!(err.contains("does not echo the request"), "{err}");
 }

@@ -208,6 +208,9 @@ pub(crate) struct Inner {
     generation: AtomicU64,
     shutdown: AtomicBool,
     irqs: Mutex<Vec<Option<OwnedFd>>>,
+    /// Test knob ([`crate::Accelerator::hold_work`]): while set, every work item pauses before
+    /// its next step, as a device whose engine is stuck would.
+    held: AtomicBool,
 }
 
 /// Device-side view of the IOMMU for one access: holds the read guard.
@@ -332,6 +335,7 @@ impl Inner {
             generation: AtomicU64::new(0),
             shutdown: AtomicBool::new(false),
             irqs: Mutex::new((0..accel_abi::vector::COUNT).map(|_| None).collect()),
+            held: AtomicBool::new(false),
         }
     }
 
@@ -984,8 +988,22 @@ impl Inner {
         Ok(())
     }
 
+    /// Hold (or let go of) every work item before its next step (the test knob).
+    pub(crate) fn set_held(&self, held: bool) {
+        self.held.store(held, Ordering::Release);
+    }
+
+    /// Waits while work is held. Called between steps with no lock or IOMMU guard held, so TLB
+    /// invalidations, DMA unmaps and cancels go on meanwhile, as they do beside a slow engine.
+    fn pause_while_held(&self) {
+        while self.held.load(Ordering::Acquire) && !self.shutdown.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     fn run_item(&self, mut item: WorkItem, buf: &mut [u8]) {
         loop {
+            self.pause_while_held();
             let dma = self.dma();
             if self.generation.load(Ordering::Acquire) != item.generation
                 || self.shutdown.load(Ordering::Acquire)

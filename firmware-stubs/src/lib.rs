@@ -201,6 +201,14 @@ impl Accelerator {
         Ok(Accelerator { inner, workers })
     }
 
+    /// Test knob: while `hold` is true, every work item (fetched, replayed or newly fetched)
+    /// pauses before its next step and makes no memory access, like an engine that is stuck;
+    /// register writes, TLB invalidations and DMA unmaps still complete. Lets a test make a
+    /// command outlast its submitter's timeout deterministically.
+    pub fn hold_work(&self, hold: bool) {
+        self.inner.set_held(hold);
+    }
+
     /// Read PCI configuration space. Bytes beyond the 256-byte space read 0xff.
     pub fn config_read(&self, offset: u64, data: &mut [u8]) {
         self.inner.config_read(offset, data);

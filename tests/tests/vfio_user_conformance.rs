@@ -1871,7 +1871,8 @@ mod client {
         /// Map it at `iova` without a descriptor.
         fn map(&self, backend: &VfioUserBackend, iova: u64, len: u64, access: DmaAccess) {
             let source = DmaSource::ProcessVa { va: self.va() };
-            backend.dma_map(iova, len, source, access).unwrap();
+            // SAFETY: the test's memory stays mapped for as long as the backend may reach it, and the test holds no Rust reference into it.
+            unsafe { backend.dma_map(iova, len, source, access) }.unwrap();
         }
         fn write(&self, offset: usize, data: &[u8]) {
             for (i, b) in data.iter().enumerate() {
@@ -2261,8 +2262,9 @@ mod client {
         let name = unique("client-map");
         let fd = memfd(&name, PAGE);
         let addr = local.va(); // any page-aligned address: the client only passes it on
-        backend
-            .dma_map(
+                               // SAFETY: the test's memory stays mapped for as long as the backend may reach it, and the test holds no Rust reference into it.
+        unsafe {
+            backend.dma_map(
                 0x20000,
                 PAGE,
                 DmaSource::SharedFd {
@@ -2272,7 +2274,8 @@ mod client {
                 },
                 DmaAccess::READ_WRITE,
             )
-            .unwrap();
+        }
+        .unwrap();
         backend.dma_unmap(0x20000, PAGE).unwrap();
         use nix::sys::eventfd::{EfdFlags, EventFd};
         let events: Vec<Option<OwnedFd>> = (0..3)
@@ -2363,8 +2366,8 @@ mod client {
             fd: fd.as_fd(),
             offset: 0,
         };
-        backend
-            .dma_map(0x10000, PAGE, source, DmaAccess::READ_WRITE)
+        // SAFETY: the test's memory stays mapped for as long as the backend may reach it, and the test holds no Rust reference into it.
+        unsafe { backend.dma_map(0x10000, PAGE, source, DmaAccess::READ_WRITE) }
             .expect("one descriptor is allowed");
         let log = peer.commands();
         assert!(log.iter().any(|m| m.header.command == command::DMA_MAP));
@@ -2421,7 +2424,8 @@ mod client {
             let source = DmaSource::ProcessVa {
                 va: local.va() + i * PAGE,
             };
-            let r = backend.dma_map(iova, PAGE, source, DmaAccess::READ_WRITE);
+            // SAFETY: the test's memory stays mapped for as long as the backend may reach it, and the test holds no Rust reference into it.
+            let r = unsafe { backend.dma_map(iova, PAGE, source, DmaAccess::READ_WRITE) };
             assert_eq!(r.is_ok(), i < 2, "map {i}: {r:?}");
         }
         let maps = peer

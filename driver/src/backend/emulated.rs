@@ -112,7 +112,7 @@ impl Backend for EmulatedBackend {
         }]
     }
 
-    fn dma_map(
+    unsafe fn dma_map(
         &self,
         iova: u64,
         len: u64,

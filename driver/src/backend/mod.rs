@@ -327,7 +327,30 @@ pub trait Backend: Send + Sync {
 
     /// Map `len` bytes at `iova` to `source`. Page aligned. A later unmap must cover whole
     /// mappings (kernel VFIO TYPE1 cannot split one).
-    fn dma_map(
+    ///
+    /// The driver's safe API for this is [`crate::dma::DmaSpace`] (`map_buffer` for
+    /// driver-owned buffers) and, for process memory, the runtime's fault path.
+    ///
+    /// ```compile_fail,E0133
+    /// use driver::backend::{emulated::EmulatedBackend, Backend, DmaAccess, DmaSource};
+    /// let backend = EmulatedBackend::new(Default::default()).unwrap();
+    /// let page = vec![0u8; 8192];
+    /// let va = (page.as_ptr() as u64 + 4095) & !4095;
+    /// // Refused without `unsafe`: the device could write `page` after it is freed.
+    /// backend.dma_map(0x10_0000, 4096, DmaSource::ProcessVa { va }, DmaAccess::READ_WRITE);
+    /// ```
+    ///
+    /// # Safety
+    /// For [`DmaSource::ProcessVa`] and [`DmaSource::SharedFd`], the device may read (and, with
+    /// `access.write`, write) the process memory at `[va, va + len)` from this call until
+    /// [`Backend::dma_unmap`] of the mapping has returned, and whatever the backend reaches there
+    /// (the pinned pages on kernel VFIO, the pages at that address *now* on the emulator and
+    /// for a vfio-user device's DMA_READ/DMA_WRITE): the caller must keep that memory mapped and
+    /// hold no Rust reference to bytes the device may write, or unmap first (after fencing any
+    /// device translation to the IOVA) before the memory is freed or reused. A
+    /// [`DmaSource::Buffer`] is reached through its file, never through memory another Rust
+    /// object owns, so it asks nothing more of the caller.
+    unsafe fn dma_map(
         &self,
         iova: u64,
         len: u64,

@@ -292,7 +292,7 @@ impl Backend for KernelVfioBackend {
         self.iova_ranges.clone()
     }
 
-    fn dma_map(
+    unsafe fn dma_map(
         &self,
         iova: u64,
         len: u64,
@@ -304,8 +304,8 @@ impl Backend for KernelVfioBackend {
             DmaSource::ProcessVa { va } | DmaSource::SharedFd { va, .. } => va,
         };
         self.pins.charge(len).map_err(|e| err("dma_map", e))?;
-        // SAFETY: the driver maps process memory only on behalf of a runtime call whose
-        // contract gives the device access to it until the mapping is torn down.
+        // SAFETY: our caller keeps `[vaddr, vaddr + len)` available to the device until the
+        // mapping is unmapped (this function's safety section); the kernel pins it.
         let mapped = unsafe {
             raw::map_dma(
                 self.container.as_fd_compat(),

@@ -1068,7 +1068,7 @@ impl Backend for VfioUserBackend {
         }]
     }
 
-    fn dma_map(
+    unsafe fn dma_map(
         &self,
         iova: u64,
         len: u64,
@@ -1709,14 +1709,16 @@ mod tests {
             server.reply(&reset.header, &[], &[]).unwrap();
             server
         });
-        backend
-            .dma_map(
+        // SAFETY: `local` stays mapped, and is read only after the server thread is joined.
+        unsafe {
+            backend.dma_map(
                 0x10000,
                 8192,
                 DmaSource::ProcessVa { va },
                 DmaAccess::READ_WRITE,
             )
-            .unwrap();
+        }
+        .unwrap();
         backend.reset().unwrap();
         let server = t.join().unwrap();
         assert_eq!(&local[..8], b"XYZdefgh");
@@ -1740,14 +1742,16 @@ mod tests {
             assert_eq!(r.header.error, libc::EFAULT as u32);
             server
         });
-        backend
-            .dma_map(
+        // SAFETY: a PROT_NONE page nothing can read or write, kept mapped for the test.
+        unsafe {
+            backend.dma_map(
                 0x20000,
                 4096,
                 DmaSource::ProcessVa { va },
                 DmaAccess::READ_WRITE,
             )
-            .unwrap();
+        }
+        .unwrap();
         drop(t.join().unwrap());
     }
 

@@ -565,8 +565,31 @@ impl DaemonClient {
     }
 
     /// Wait for `ticket`'s completion; the command's result value.
+    ///
+    /// When this returns, with a result or an error, the device can no longer touch the
+    /// memory the command names. If no completion comes within the session's reply timeout, or
+    /// the session breaks while the daemon may still be running the command, this ends the
+    /// session and returns only once the daemon has closed it: the daemon closes a session
+    /// after releasing its client (device view torn down and fenced, DMA unmapped, leftover
+    /// work cancelled or its address space quarantined), so the command can no longer reach
+    /// this process's arenas. Every later request on this client then fails.
     pub fn wait(&self, ticket: DaemonTicket) -> Result<u64, Error> {
         let mut conn = self.conn();
+        let failed = |conn: &mut Conn, e: Error| {
+            let e = conn.unless_lost(e);
+            if matches!(e, Error::DeviceLost(_)) {
+                return e;
+            }
+            end_session_and_await_release(conn, &e);
+            match e {
+                Error::Timeout(_) => Error::Timeout(
+                    "the command's completion from the daemon; the session was ended, and the \
+                     daemon released it (device view torn down and fenced) before this returned: \
+                     connect again to go on",
+                ),
+                e => e,
+            }
+        };
         loop {
             if let Some(e) = conn.completions.remove(&ticket.tag) {
                 if e.status == STATUS_DEVICE_LOST {
@@ -581,10 +604,10 @@ impl DaemonClient {
             }
             if let Some(why) = &conn.broken {
                 let e = Error::DaemonConnection(why.clone());
-                return Err(conn.unless_lost(e));
+                return Err(failed(&mut conn, e));
             }
             if let Err(e) = conn.reply_to(0, 0) {
-                return Err(conn.unless_lost(e));
+                return Err(failed(&mut conn, e));
             }
         }
     }
@@ -612,7 +635,47 @@ impl DaemonClient {
     }
 }
 
-impl DeviceOps for DaemonClient {
+/// A wait is ending without its command's completion while the daemon may still run the
+/// command: end the session (our write side, so the daemon reads end-of-stream and releases us)
+/// and read until the daemon closes its side, which it does only after the release. No bound:
+/// returning sooner could let the device write an arena the caller has reused. A stream that
+/// breaks (reset) means the daemon is gone, and with it its device's access to our memfds.
+fn end_session_and_await_release(conn: &mut Conn, why: &Error) {
+    if conn.broken.is_none() {
+        conn.broken = Some(format!("session ended after a failed wait: {why}"));
+    }
+    if let Err(e) = conn.sock.shutdown(std::net::Shutdown::Write) {
+        if e.kind() != io::ErrorKind::NotConnected {
+            tracing::debug!(error = %e, "shutting our side of the daemon session down");
+        }
+    }
+    let mut buf = vec![0u8; 64 << 10];
+    let mut fds = Vec::new();
+    let started = std::time::Instant::now();
+    loop {
+        match unix_msg::recv(conn.sock.as_fd(), &mut buf, &mut fds) {
+            Ok((0, _)) => break,
+            Ok(_) => fds.clear(),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock
+                        | io::ErrorKind::TimedOut
+                        | io::ErrorKind::Interrupted
+                ) =>
+            {
+                tracing::warn!(waited = ?started.elapsed(), "waiting for the daemon to release this session before a failed wait returns (its device may still reach our arenas)");
+            }
+            Err(_) => break,
+        }
+    }
+    tracing::warn!(error = %why, waited = ?started.elapsed(), "daemon session ended after a failed wait; the daemon released it");
+}
+
+// SAFETY: `wait_op` (DaemonClient::wait) returns only with the command's completion, on a lost
+// device, or once the daemon has released the session (see `end_session_and_await_release`):
+// in each case the device can no longer reach the memory the command names.
+unsafe impl DeviceOps for DaemonClient {
     type Ticket = DaemonTicket;
 
     unsafe fn submit_op(&self, op: Op) -> Result<DaemonTicket, Error> {

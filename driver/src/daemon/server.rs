@@ -1962,7 +1962,12 @@ impl Session {
             // The last reference to the context runs its release: stop servicing, let its work
             // finish (or quarantine the ASID), fence, unmap, unpin. The pump holds it weakly.
             let (arenas, uid) = (client.arenas.clone(), client.uid);
+            let released = client.ctx.release_watch();
             drop(client);
+            // The pump may hold the last reference for a moment and run the release on a
+            // thread of its own: the session closes only once it is done, so a client that
+            // sees its session close knows the device can no longer reach its memory.
+            released.wait();
             let held: u64 = arenas
                 .clear()
                 .iter()
