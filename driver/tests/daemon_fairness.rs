@@ -470,3 +470,13 @@ impl Drop for KilledOnDrop {
         let _ = self.0.wait();
     }
 }
+
+/// The fairness benchmark's client roles run (small sizes; no figure is checked).
+#[test]
+fn the_fairness_benchmark_clients_run() {
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_mirrorctl"));
+    let (unloaded, loaded) =
+        driver::bench::daemon::measure_fairness(exe, 5, 4, 1 << 20, ServiceMode::Interrupt)
+            .expect("the fairness benchmark");
+    assert!(unloaded.p50_us > 0.0 && loaded.max_us >= loaded.p50_us);
+}
