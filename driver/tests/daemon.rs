@@ -1288,6 +1288,9 @@ fn a_lost_device_fails_every_clients_work_and_the_daemon_exits_saying_why() {
             .arg(&socket)
             .arg("--vfio-user")
             .arg(&device_socket)
+            // No device share: each client's whole quota is on the device when it is killed
+            // (with the share, the submits would wait for one another's 32 MiB fills).
+            .args(["--device-mib-per-client", "0"])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -1372,7 +1375,8 @@ fn the_daemon_counts_the_device_loss_and_serve_returns_it() {
         "lost-stats",
         DeviceSpec::VfioUser(device_socket.clone()),
         ServiceMode::Polling,
-        |_| {},
+        // As above: the whole quota on the device at the kill.
+        |c| c.device_bytes_per_client = 0,
     );
     let device_name = device_socket.display().to_string();
     let mut child = d.client("lose", &device_name);

@@ -66,7 +66,8 @@ impl AddressSpace {
     }
 
     /// mremap with strict coherence for the old range; returns the new start. `new_addr` implies
-    /// MREMAP_FIXED (and MREMAP_MAYMOVE).
+    /// MREMAP_FIXED (and MREMAP_MAYMOVE). For MREMAP_DONTUNMAP (or any flags given as the
+    /// syscall takes them) use [`AddressSpace::mremap_with_flags`].
     ///
     /// # Safety
     /// As for `mremap(2)`: nothing may use the old range afterwards (nor the target range with a
@@ -78,33 +79,57 @@ impl AddressSpace {
         may_move: bool,
         new_addr: Option<u64>,
     ) -> Result<u64> {
-        self.require_current("mremap wrapper")?;
-        VaRange::new(old.start(), new_len)?;
         let mut flags = 0;
         if may_move || new_addr.is_some() {
             flags |= libc::MREMAP_MAYMOVE;
         }
-        let target = match new_addr {
-            Some(a) => {
-                let t = VaRange::new(a, new_len)?;
-                flags |= libc::MREMAP_FIXED;
-                Some(t)
-            }
-            None => None,
+        if new_addr.is_some() {
+            flags |= libc::MREMAP_FIXED;
+        }
+        // SAFETY: the caller's guarantee is the one this call needs.
+        unsafe { self.mremap_with_flags(old, new_len, flags, new_addr.unwrap_or(0)) }
+    }
+
+    /// mremap with strict coherence in every form the syscall has: `flags` and `new_addr` are
+    /// passed as `mremap(2)` takes them (MREMAP_MAYMOVE, MREMAP_FIXED, MREMAP_DONTUNMAP; with
+    /// DONTUNMAP and no FIXED, `new_addr` is only a hint, 0 for none). Returns the new start.
+    ///
+    /// Every overlapping subscriber drops its entries for the old range before the syscall (with
+    /// DONTUNMAP too: the old range stays mapped but its pages have moved away, so an entry
+    /// there would point at memory the old addresses no longer refer to), and for a FIXED target
+    /// (whatever was mapped there is replaced). A flag this wrapper does not know is refused
+    /// with [`Error::Unsupported`] and a combination the kernel rejects with
+    /// [`Error::InvalidArgument`], both before anything is invalidated or changed.
+    ///
+    /// # Safety
+    /// As for `mremap(2)`: nothing may use the old range afterwards (its contents move away even
+    /// with DONTUNMAP), nor the target range with MREMAP_FIXED.
+    pub unsafe fn mremap_with_flags(
+        &self,
+        old: VaRange,
+        new_len: u64,
+        flags: libc::c_int,
+        new_addr: u64,
+    ) -> Result<u64> {
+        self.require_current("mremap wrapper")?;
+        check_mremap_form(old, new_len, flags)?;
+        VaRange::new(old.start(), new_len)?;
+        let fixed = flags & libc::MREMAP_FIXED != 0;
+        let target = if fixed {
+            Some(VaRange::new(new_addr, new_len)?)
+        } else {
+            None
         };
-        let bracket = self.bracket(old, EventKind::Remap { to: new_addr });
+        let bracket = self.bracket(
+            old,
+            EventKind::Remap {
+                to: fixed.then_some(new_addr),
+            },
+        );
         // MREMAP_FIXED replaces whatever was mapped at the target.
         let target_bracket = target.map(|t| self.bracket(t, EventKind::Unmap));
         // SAFETY: the caller guarantees nothing uses the old (or target) range.
-        let r = unsafe {
-            mm::mremap(
-                old.start(),
-                old.len(),
-                new_len,
-                flags,
-                new_addr.unwrap_or(0),
-            )
-        };
+        let r = unsafe { mm::mremap(old.start(), old.len(), new_len, flags, new_addr) };
         drop(target_bracket);
         drop(bracket);
         r.map_err(|e| Error::sys_range("mremap", old.start(), old.end(), e))
@@ -138,4 +163,43 @@ impl AddressSpace {
         drop(bracket);
         r.map_err(|e| Error::sys_range("mprotect", range.start(), range.end(), e))
     }
+}
+
+/// The mremap flags the strict wrapper knows how to bracket.
+const KNOWN_MREMAP_FLAGS: libc::c_int =
+    libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED | libc::MREMAP_DONTUNMAP;
+
+/// Refuses, before anything changes, a form of mremap the wrapper cannot bracket (an unknown
+/// flag) or that the kernel would reject anyway (so a refused call invalidates nothing).
+fn check_mremap_form(old: VaRange, new_len: u64, flags: libc::c_int) -> Result<()> {
+    let unknown = flags & !KNOWN_MREMAP_FLAGS;
+    if unknown != 0 {
+        return Err(Error::Unsupported {
+            what: "mremap wrapper flags",
+            why: format!(
+                "flag bits {unknown:#x} are none of MREMAP_MAYMOVE, MREMAP_FIXED, \
+                 MREMAP_DONTUNMAP; the wrapper does not know what they change, so it cannot \
+                 bracket them (call invalidate() around a plain mremap instead)"
+            ),
+        });
+    }
+    let may_move = flags & libc::MREMAP_MAYMOVE != 0;
+    if flags & libc::MREMAP_FIXED != 0 && !may_move {
+        return Err(Error::InvalidArgument {
+            what: "mremap: MREMAP_FIXED needs MREMAP_MAYMOVE",
+        });
+    }
+    if flags & libc::MREMAP_DONTUNMAP != 0 {
+        if !may_move {
+            return Err(Error::InvalidArgument {
+                what: "mremap: MREMAP_DONTUNMAP needs MREMAP_MAYMOVE",
+            });
+        }
+        if new_len != old.len() {
+            return Err(Error::InvalidArgument {
+                what: "mremap: MREMAP_DONTUNMAP needs the new length equal to the old one",
+            });
+        }
+    }
+    Ok(())
 }

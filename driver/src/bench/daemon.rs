@@ -54,6 +54,11 @@ fn os(what: &'static str) -> impl Fn(std::io::Error) -> Error {
 /// The client process: connect, allocate, wait for GO, run the rounds, print one `ROUND <ns>`
 /// line per round and `DONE`.
 pub fn client_main(socket: &Path, rounds: usize, pages: usize) -> Result<(), Error> {
+    match std::env::var(ROLE_ENV).as_deref() {
+        Ok(HEAVY) => return heavy_client(socket, rounds, pages),
+        Ok(LIGHT) => return light_client(socket, rounds),
+        _ => {}
+    }
     let client = DaemonClient::connect(socket)?;
     let mut arena = client.alloc_arena(pages * 4096)?;
     // Warm: the first touch of fresh memory on this VM is far slower than the rest.
@@ -120,6 +125,74 @@ fn point(clients: usize, pages: usize, wall: Duration, mut times: Vec<u128>) -> 
     }
 }
 
+/// How `measure_fairness` tells a `bench-client` process its part (the command line stays
+/// that of the throughput clients): [`HEAVY`] or [`LIGHT`].
+const ROLE_ENV: &str = "MIRRORD_BENCH_ROLE";
+/// Keeps `rounds` checksums of its whole `pages`-page arena in flight until STOP on stdin.
+const HEAVY: &str = "heavy";
+/// `rounds` 4 KiB fills of a page already mapped on the device, one at a time, timed.
+const LIGHT: &str = "light";
+
+fn ready_then_go() -> Result<(), Error> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "READY").map_err(os("stdout"))?;
+    out.flush().map_err(os("stdout"))?;
+    let mut go = String::new();
+    std::io::stdin().read_line(&mut go).map_err(os("read GO"))?;
+    Ok(())
+}
+
+fn heavy_client(socket: &Path, in_flight: usize, pages: usize) -> Result<(), Error> {
+    let client = DaemonClient::connect(socket)?;
+    let mut arena = client.alloc_arena(pages * 4096)?;
+    client.fill(&mut arena[..], 1)?;
+    ready_then_go()?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let told = stop.clone();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::stdin().read_line(&mut line);
+        told.store(true, std::sync::atomic::Ordering::Release);
+    });
+    let op = crate::runtime::Op::Checksum {
+        src: arena.va(),
+        len: arena.len() as u64,
+    };
+    let mut queue = std::collections::VecDeque::new();
+    // SAFETY (both submits): checksums only read the arena, which outlives every ticket: the
+    // queue is drained before the function returns.
+    for _ in 0..in_flight {
+        queue.push_back(unsafe { client.submit(op) }?);
+    }
+    while let Some(t) = queue.pop_front() {
+        client.wait(t)?;
+        if !stop.load(std::sync::atomic::Ordering::Acquire) {
+            queue.push_back(unsafe { client.submit(op) }?);
+        }
+    }
+    println!("DONE");
+    Ok(())
+}
+
+fn light_client(socket: &Path, rounds: usize) -> Result<(), Error> {
+    let client = DaemonClient::connect(socket)?;
+    let mut arena = client.alloc_arena(4096)?;
+    client.fill(&mut arena[..], 1)?;
+    ready_then_go()?;
+    let mut times = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let t = Instant::now();
+        client.fill(&mut arena[..], round as u64)?;
+        times.push(t.elapsed().as_nanos());
+    }
+    let mut out = std::io::stdout().lock();
+    for ns in times {
+        writeln!(out, "ROUND {ns}").map_err(os("stdout"))?;
+    }
+    writeln!(out, "DONE").map_err(os("stdout"))?;
+    Ok(())
+}
+
 struct Spawned {
     child: Child,
     lines: BufReader<std::process::ChildStdout>,
@@ -144,13 +217,58 @@ fn read_until(s: &mut Spawned, word: &str) -> Result<Vec<String>, Error> {
 
 /// Runs every client count against one daemon (serving on a fresh socket in this process).
 pub fn measure(spec: &DaemonBenchSpec) -> Result<Vec<DaemonPoint>, Error> {
+    with_daemon(spec.mode, |socket| {
+        let mut points = Vec::new();
+        for &n in &spec.clients {
+            points.push(run_clients(spec, socket, n)?);
+        }
+        Ok(points)
+    })
+}
+
+/// Latency figures over many operations, in µs.
+#[derive(Debug, Clone, Copy)]
+pub struct Latency {
+    /// Median.
+    pub p50_us: f64,
+    /// 99th percentile.
+    pub p99_us: f64,
+    /// Worst.
+    pub max_us: f64,
+}
+
+/// Light 4 KiB op latency of 3 clients (`rounds` ops each), unloaded and then beside one
+/// client that keeps `heavy_in_flight` checksums of `heavy_bytes` in flight (the report's
+/// row uses 32 of 64 MiB, the shape of issue 15: 4.14 s at worst before the per-client
+/// device share).
+pub fn measure_fairness(
+    exe: &Path,
+    rounds: usize,
+    heavy_in_flight: usize,
+    heavy_bytes: usize,
+    mode: ServiceMode,
+) -> Result<(Latency, Latency), Error> {
+    with_daemon(mode, |socket| {
+        let unloaded = light_latency(exe, socket, 3, rounds, None)?;
+        let heavy = Some((heavy_in_flight, heavy_bytes.div_ceil(4096)));
+        let loaded = light_latency(exe, socket, 3, rounds, heavy)?;
+        Ok((unloaded, loaded))
+    })
+}
+
+/// Serves a daemon on the emulated device on a fresh socket in this process while `run`
+/// runs with that socket.
+fn with_daemon<T: Send>(
+    mode: ServiceMode,
+    run: impl FnOnce(&Path) -> Result<T, Error> + Send,
+) -> Result<T, Error> {
     let dir = std::env::temp_dir().join(format!("mirrord-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(os("create the bench socket directory"))?;
     let socket = dir.join("mirrord.sock");
     let runtime = Runtime::open(
         DeviceSpec::emulated(),
         RuntimeOptions {
-            mode: spec.mode,
+            mode,
             ..RuntimeOptions::default()
         },
     )?;
@@ -180,11 +298,7 @@ pub fn measure(spec: &DaemonBenchSpec) -> Result<Vec<DaemonPoint>, Error> {
                 }
                 std::thread::sleep(Duration::from_millis(5));
             }
-            let mut points = Vec::new();
-            for &n in &spec.clients {
-                points.push(run_clients(spec, &socket, n)?);
-            }
-            Ok(points)
+            run(&socket)
         });
         let served = tokio.block_on(async {
             let run = async {
@@ -196,38 +310,123 @@ pub fn measure(spec: &DaemonBenchSpec) -> Result<Vec<DaemonPoint>, Error> {
             let (served, ()) = tokio::join!(server, run);
             served
         });
-        let points = runner
+        let outcome = runner
             .join()
             .map_err(|_| Error::DaemonConnection("the benchmark runner panicked".into()))?;
-        served.and(points)
+        served.and(outcome)
     });
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
+fn spawn(
+    exe: &Path,
+    socket: &Path,
+    rounds: usize,
+    pages: usize,
+    role: Option<&str>,
+) -> Result<Spawned, Error> {
+    let mut cmd = Command::new(exe);
+    cmd.arg("bench-client")
+        .arg("--socket")
+        .arg(socket)
+        .arg("--rounds")
+        .arg(rounds.to_string())
+        .arg("--pages")
+        .arg(pages.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped());
+    if let Some(role) = role {
+        cmd.env(ROLE_ENV, role);
+    }
+    let mut child = cmd.spawn().map_err(os("spawn a benchmark client"))?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or(Error::InvalidArgument("no stdout"))?;
+    Ok(Spawned {
+        child,
+        lines: BufReader::new(stdout),
+    })
+}
+
+fn tell(s: &mut Spawned, line: &str) -> Result<(), Error> {
+    let stdin = s
+        .child
+        .stdin
+        .as_mut()
+        .ok_or(Error::InvalidArgument("no stdin"))?;
+    writeln!(stdin, "{line}").map_err(os("tell a client"))?;
+    stdin.flush().map_err(os("tell a client"))
+}
+
+/// 4 KiB op latency of `light` clients (`rounds` fills each), with or without one client
+/// keeping checksums on the device meanwhile (`heavy`: how many in flight, of how many pages each), over every
+/// light client's rounds.
+fn light_latency(
+    exe: &Path,
+    socket: &Path,
+    light: usize,
+    rounds: usize,
+    heavy: Option<(usize, usize)>,
+) -> Result<Latency, Error> {
+    let mut heavy = match heavy {
+        Some((in_flight, pages)) => {
+            let mut h = spawn(exe, socket, in_flight, pages, Some(HEAVY))?;
+            read_until(&mut h, "READY")?;
+            tell(&mut h, "GO")?;
+            // Let its work fill the device before the light clients start.
+            std::thread::sleep(Duration::from_millis(500));
+            Some(h)
+        }
+        None => None,
+    };
+    let mut clients = Vec::new();
+    let outcome = (|| {
+        for _ in 0..light {
+            clients.push(spawn(exe, socket, rounds, 1, Some(LIGHT))?);
+        }
+        for c in &mut clients {
+            read_until(c, "READY")?;
+        }
+        for c in &mut clients {
+            tell(c, "GO")?;
+        }
+        let mut times = Vec::new();
+        for c in &mut clients {
+            for line in read_until(c, "DONE")? {
+                if let Some(ns) = line.strip_prefix("ROUND ").and_then(|v| v.parse().ok()) {
+                    times.push(ns);
+                }
+            }
+        }
+        let p = point(light, 0, Duration::from_secs(1), times.clone());
+        let max = times.iter().max().copied().unwrap_or(0) as f64 / 1e3;
+        Ok(Latency {
+            p50_us: p.p50_us,
+            p99_us: p.p99_us,
+            max_us: max,
+        })
+    })();
+    if let Some(h) = heavy.as_mut() {
+        let _ = tell(h, "STOP");
+        if outcome.is_ok() {
+            read_until(h, "DONE")?;
+        }
+    }
+    for mut c in clients.into_iter().chain(heavy) {
+        if outcome.is_err() {
+            let _ = c.child.kill();
+        }
+        let _ = c.child.wait();
+    }
+    outcome
+}
+
 fn run_clients(spec: &DaemonBenchSpec, socket: &Path, n: usize) -> Result<DaemonPoint, Error> {
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n {
-        let mut child = Command::new(&spec.exe)
-            .arg("bench-client")
-            .arg("--socket")
-            .arg(socket)
-            .arg("--rounds")
-            .arg(spec.rounds.to_string())
-            .arg("--pages")
-            .arg(spec.pages.to_string())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .map_err(os("spawn a benchmark client"))?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or(Error::InvalidArgument("no stdout"))?;
-        clients.push(Spawned {
-            child,
-            lines: BufReader::new(stdout),
-        });
+        clients.push(spawn(&spec.exe, socket, spec.rounds, spec.pages, None)?);
     }
     let outcome = (|| {
         for c in &mut clients {
@@ -324,6 +523,34 @@ pub(super) fn figures(
             ..Default::default()
         });
     }
+    let fairness_rounds = if quick { 50 } else { 300 };
+    let (unloaded, loaded) = measure_fairness(exe, fairness_rounds, 32, 64 << 20, mode)?;
+    figures.push(Figure {
+        group: "daemon".into(),
+        name: "4 KiB op latency, 3 clients beside one with 32 x 64 MiB checksums in flight".into(),
+        mode: "interrupt".into(),
+        placement: "-".into(),
+        value: loaded.p50_us,
+        p99: Some(loaded.p99_us),
+        unit: "µs".into(),
+        baseline_name: "the same ops with the device otherwise idle (p50)".into(),
+        baseline: Some(unloaded.p50_us),
+        ratio: (unloaded.p50_us > 0.0).then(|| loaded.p50_us / unloaded.p50_us),
+        target: Some(Target {
+            text: "p99 <= 50 ms".into(),
+            met: loaded.p99_us <= 50_000.0,
+        }),
+        note: format!(
+            "{fairness_rounds} device fills of one mapped page per light client, one at a time; \
+             unloaded p99 {:.0} µs max {:.0} µs, loaded max {:.0} µs; the daemon's per-client \
+             device share ({} MiB) keeps the heavy client's commands out of the device queue \
+             ahead of them",
+            unloaded.p99_us,
+            unloaded.max_us,
+            loaded.max_us,
+            crate::daemon::server::DEFAULT_DEVICE_BYTES_PER_CLIENT >> 20
+        ),
+    });
     let plot = Plot {
         file: "daemon_clients".into(),
         title: "Daemon: aggregate device-fault throughput vs client processes".into(),

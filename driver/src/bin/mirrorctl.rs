@@ -145,6 +145,10 @@ struct ResourceFlags {
     /// Most MiB of arenas all clients together may hold at once.
     #[arg(long, default_value_t = 16384)]
     max_arena_mib_total: u64,
+    /// MiB of one client's commands on the device at once (a larger command runs alone), so
+    /// that a heavy client's queue does not delay everybody's small commands; 0: no bound.
+    #[arg(long, default_value_t = driver::daemon::server::DEFAULT_DEVICE_BYTES_PER_CLIENT >> 20)]
+    device_mib_per_client: u64,
 }
 
 impl ResourceFlags {
@@ -155,6 +159,7 @@ impl ResourceFlags {
         config.frame_timeout = std::time::Duration::from_secs(self.frame_timeout_secs);
         config.max_arena_bytes_per_uid = self.max_arena_mib_per_uid << 20;
         config.max_arena_bytes_total = self.max_arena_mib_total << 20;
+        config.device_bytes_per_client = self.device_mib_per_client << 20;
     }
 }
 

@@ -633,6 +633,22 @@ impl DaemonClient {
     pub fn goodbye(&self) -> Result<(), Error> {
         self.conn().request(Request::Goodbye, &[]).map(drop)
     }
+
+    /// Tear the device's view of `[va, va + len)` down (4 KiB aligned): this session's, and
+    /// that of every client of the daemon that maps the same file pages as an arena. Bracket
+    /// with it what no userfaultfd event reports, `fallocate(PUNCH_HOLE)` or `ftruncate` of an
+    /// arena's memfd: call it after the change (and before it too, if device work must not
+    /// use the old pages while it runs). When it returns, no client's device entry for those
+    /// pages is left (each was cleared, the device TLB invalidated and fenced); the next
+    /// device access faults them in again.
+    pub fn invalidate(&self, va: u64, len: u64) -> Result<(), Error> {
+        match self.conn().request(Request::Invalidate { va, len }, &[])? {
+            Reply::Done => Ok(()),
+            other => Err(Error::DaemonConnection(format!(
+                "unexpected answer to INVALIDATE: {other:?}"
+            ))),
+        }
+    }
 }
 
 /// A wait is ending without its command's completion while the daemon may still run the

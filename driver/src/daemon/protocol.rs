@@ -37,6 +37,10 @@ pub mod kind {
     pub const STATS: u16 = 5;
     /// End the session.
     pub const GOODBYE: u16 = 6;
+    /// Tear down the device's view of a range the client changed in a way no userfaultfd
+    /// event reports (`fallocate(PUNCH_HOLE)`, `ftruncate` of an arena's file): this client's,
+    /// and every other client's that maps the same file pages as an arena.
+    pub const INVALIDATE: u16 = 7;
     /// Daemon -> client: a command completed (id 0).
     pub const COMPLETION: u16 = 0x4001;
     /// Daemon -> client: the device is lost for good (id 0; payload [`super::DeviceLostNotice`]).
@@ -177,6 +181,14 @@ pub enum Request {
     Stats,
     /// End the session.
     Goodbye,
+    /// Invalidate `[va, va + len)` of the client's device address space, and the same file
+    /// pages in every client that maps them as an arena (both 4 KiB aligned, `len` non-zero).
+    Invalidate {
+        /// Client VA.
+        va: u64,
+        /// Bytes.
+        len: u64,
+    },
 }
 
 struct Reader<'a> {
@@ -307,6 +319,11 @@ impl Request {
             }
             Request::Stats => kind::STATS,
             Request::Goodbye => kind::GOODBYE,
+            Request::Invalidate { va, len } => {
+                p.extend_from_slice(&va.to_le_bytes());
+                p.extend_from_slice(&len.to_le_bytes());
+                kind::INVALIDATE
+            }
         };
         (k, p)
     }
@@ -352,6 +369,13 @@ impl Request {
             kind::GOODBYE => {
                 expect_len(k, payload, 0)?;
                 Request::Goodbye
+            }
+            kind::INVALIDATE => {
+                let mut r = expect_len(k, payload, 16)?;
+                Request::Invalidate {
+                    va: r.u64(),
+                    len: r.u64(),
+                }
             }
             other => return Err(DecodeError::UnknownKind(other)),
         })
@@ -694,6 +718,10 @@ impl Reply {
                 expect_len(k, body, 0)?;
                 Reply::Done
             }
+            kind::INVALIDATE => {
+                expect_len(k, body, 0)?;
+                Reply::Done
+            }
             other => return Err(DecodeError::UnknownKind(other | REPLY)),
         })
     }
@@ -873,6 +901,7 @@ mod tests {
             (any::<u64>(), op_strategy()).prop_map(|(tag, op)| Request::Submit { tag, op }),
             Just(Request::Stats),
             Just(Request::Goodbye),
+            (any::<u64>(), any::<u64>()).prop_map(|(va, len)| Request::Invalidate { va, len }),
         ]
     }
 
@@ -985,6 +1014,7 @@ mod tests {
             (kind::REGISTER_ARENA, Reply::Arena { writable: true }),
             (kind::SUBMIT, Reply::Submitted),
             (kind::GOODBYE, Reply::Done),
+            (kind::INVALIDATE, Reply::Done),
             (
                 kind::SUBMIT,
                 Reply::error(ErrorCode::Limit, "in-flight commands per client is 32"),

@@ -75,6 +75,12 @@ pub struct DaemonConfig {
     pub max_arena_bytes_per_uid: u64,
     /// Most arena bytes all clients together may hold at once.
     pub max_arena_bytes_total: u64,
+    /// Bytes of one client's commands on the device at once (the sum of their lengths; a
+    /// command larger than this still runs, alone). The device fetches its queue in order, so
+    /// whatever one client has queued there runs before a command submitted after it: this
+    /// bound is what keeps another client's small command from waiting behind a heavy client's
+    /// whole in-flight quota. 0: no bound.
+    pub device_bytes_per_client: u64,
 }
 
 impl DaemonConfig {
@@ -100,6 +106,7 @@ impl DaemonConfig {
             frame_timeout: Duration::from_secs(10),
             max_arena_bytes_per_uid: 8 << 30,
             max_arena_bytes_total: 16 << 30,
+            device_bytes_per_client: DEFAULT_DEVICE_BYTES_PER_CLIENT,
         }
     }
 
@@ -112,6 +119,28 @@ impl DaemonConfig {
     }
 }
 
+/// Default [`DaemonConfig::device_bytes_per_client`]: 8 MiB, a few milliseconds of device time
+/// on the emulator, so a small command waits at most about that long per heavy client.
+pub const DEFAULT_DEVICE_BYTES_PER_CLIENT: u64 = 8 << 20;
+
+/// One client's commands as [`Daemon::schedule`] reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClientSchedule {
+    /// The daemon's name for the client.
+    pub client_id: u32,
+    /// Its process.
+    pub pid: libc::pid_t,
+    /// Commands submitted to the device so far.
+    pub submitted: u64,
+    /// Commands waiting for the client's device share (not yet on the device).
+    pub waiting_for_device: u32,
+    /// Commands accepted and not completed (waiting ones included).
+    pub in_flight: u32,
+}
+
+/// The unit of the per-client device budget (a semaphore permit).
+const BUDGET_UNIT: u64 = 4096;
+
 /// One client past HELLO.
 struct ClientState {
     id: u32,
@@ -122,6 +151,11 @@ struct ClientState {
     arenas: Arc<ArenaTable>,
     in_flight: Arc<AtomicU32>,
     commands: AtomicU64,
+    /// This client's share of the device queue ([`DaemonConfig::device_bytes_per_client`], in
+    /// [`BUDGET_UNIT`]s); `None` without a bound.
+    device_share: Option<DeviceShare>,
+    /// Commands of this client waiting for its device share.
+    waiting_for_device: AtomicU32,
 }
 
 /// A submitted command the pump waits for.
@@ -132,6 +166,8 @@ struct Pending {
     events: mpsc::UnboundedSender<CompletionEvent>,
     in_flight: Arc<AtomicU32>,
     _slot: OwnedSemaphorePermit,
+    /// The command's part of its client's device share, given back when it completes.
+    _device_share: Option<OwnedSemaphorePermit>,
 }
 
 /// Collects completions for every client on one thread.
@@ -434,6 +470,25 @@ impl Daemon {
     /// accepting a connection or receiving a client's descriptors).
     pub fn fd_exhaustions(&self) -> u64 {
         self.shared.fd_exhaustions.load(Ordering::Relaxed)
+    }
+
+    /// Where each client's commands are: submitted to the device so far, waiting for the
+    /// client's device share, in flight (tools and tests; by client id).
+    pub fn schedule(&self) -> Vec<ClientSchedule> {
+        let mut all: Vec<ClientSchedule> = self
+            .shared
+            .clients()
+            .values()
+            .map(|c| ClientSchedule {
+                client_id: c.id,
+                pid: c.pid,
+                submitted: c.commands.load(Ordering::Relaxed),
+                waiting_for_device: c.waiting_for_device.load(Ordering::Acquire),
+                in_flight: c.in_flight.load(Ordering::Acquire),
+            })
+            .collect();
+        all.sort_by_key(|c| c.client_id);
+        all
     }
 
     /// Bind the socket and serve until `shutdown` resolves; then stop accepting, let in-flight
@@ -1600,6 +1655,19 @@ impl Session {
                 self.reply(header, Reply::Done).await;
                 Flow::Close
             }
+            Request::Invalidate { va, len } => {
+                let (shared, c) = (self.shared.clone(), client.clone());
+                let done = tokio::task::spawn_blocking(move || {
+                    invalidate_everywhere(&shared, &c, va, len)
+                })
+                .await;
+                let reply = match done {
+                    Ok(Ok(())) => Reply::Done,
+                    Ok(Err((code, message))) => Reply::error(code, message),
+                    Err(e) => Reply::error(ErrorCode::Internal, e.to_string()),
+                };
+                self.reply(header, reply).await
+            }
         }
     }
 
@@ -1717,6 +1785,8 @@ impl Session {
                 arenas,
                 in_flight: Arc::new(AtomicU32::new(0)),
                 commands: AtomicU64::new(0),
+                device_share: device_share_for(&shared.config),
+                waiting_for_device: AtomicU32::new(0),
             }))
         })
         .await;
@@ -1828,7 +1898,44 @@ impl Session {
                 .reply(header, Reply::error(ErrorCode::Limit, message))
                 .await;
         }
-        // A device queue slot first (FIFO across clients), so the submit below never waits for
+        // This client's device share first: while it has its budget's worth of commands on the
+        // device, its next one waits here, not in the device queue ahead of other clients'.
+        // A lost device fails the commands it held without releasing their shares through
+        // this session (it is here, waiting), so the loss ends the wait too.
+        let mut lost_rx = self.shared.pump.lost.subscribe();
+        let shared_share = tokio::select! {
+            biased;
+            r = take_device_share(client, &op) => r,
+            () = async {
+                // The guard `wait_for` returns is not Send: dropped at once.
+                drop(lost_rx.wait_for(Option::is_some).await);
+            } => {
+                let lost = self.shared.pump.lost.borrow().clone();
+                self.shared
+                    .pump
+                    .lost_commands
+                    .fetch_add(1, Ordering::Relaxed);
+                if let Flow::Close = self.tell_lost(lost.as_ref()).await {
+                    return Flow::Close;
+                }
+                let message = match lost {
+                    Some(lost) => Error::DeviceLost(lost).to_string(),
+                    None => "the device is lost".to_owned(),
+                };
+                return self
+                    .reply(header, Reply::error(ErrorCode::DeviceLost, message))
+                    .await;
+            }
+        };
+        let Ok(device_share) = shared_share else {
+            return self
+                .reply(
+                    header,
+                    Reply::error(ErrorCode::ShuttingDown, "the daemon is shutting down"),
+                )
+                .await;
+        };
+        // A device queue slot next (FIFO across clients), so the submit below never waits for
         // one while holding the queue.
         let Ok(slot) = self.shared.slots.clone().acquire_owned().await else {
             return self
@@ -1876,6 +1983,7 @@ impl Session {
                     events,
                     in_flight: client.in_flight.clone(),
                     _slot: slot,
+                    _device_share: device_share,
                 });
                 self.reply(header, Reply::Submitted).await
             }
@@ -1979,5 +2087,161 @@ impl Session {
         })
         .await;
         tracing::info!(client = id, pid, "client released");
+    }
+}
+
+/// One client's share of the device queue: [`DaemonConfig::device_bytes_per_client`] in
+/// [`BUDGET_UNIT`]s, taken by each command for as long as it is on the device.
+struct DeviceShare {
+    units: u64,
+    permits: Arc<Semaphore>,
+}
+
+/// A client's device share per the configuration (`None`: no bound).
+fn device_share_for(config: &DaemonConfig) -> Option<DeviceShare> {
+    let units = config
+        .device_bytes_per_client
+        .div_ceil(BUDGET_UNIT)
+        .min(u64::from(u32::MAX));
+    (units > 0).then(|| DeviceShare {
+        units,
+        permits: Arc::new(Semaphore::new(units as usize)),
+    })
+}
+
+/// Bytes of device work `op` names.
+fn op_bytes(op: &crate::Op) -> u64 {
+    match *op {
+        crate::Op::Copy { len, .. }
+        | crate::Op::Fill { len, .. }
+        | crate::Op::Checksum { len, .. }
+        | crate::Op::Prefetch { len, .. } => len,
+        crate::Op::AtomicAdd { .. } => 8,
+    }
+}
+
+/// Waits until `op` fits in its client's device share and takes its part: its length in
+/// [`BUDGET_UNIT`]s, at most the whole share (a command larger than the share runs alone).
+/// The semaphore is FIFO, so a client's commands keep their order. `Err` only if the share
+/// was closed (never, today).
+async fn take_device_share(
+    client: &ClientState,
+    op: &crate::Op,
+) -> Result<Option<OwnedSemaphorePermit>, tokio::sync::AcquireError> {
+    let Some(share) = &client.device_share else {
+        return Ok(None);
+    };
+    // `units` is at most u32::MAX (see `device_share_for`).
+    let units = op_bytes(op).div_ceil(BUDGET_UNIT).clamp(1, share.units) as u32;
+    if let Ok(permit) = share.permits.clone().try_acquire_many_owned(units) {
+        return Ok(Some(permit));
+    }
+    client.waiting_for_device.fetch_add(1, Ordering::AcqRel);
+    let permit = share.permits.clone().acquire_many_owned(units).await;
+    client.waiting_for_device.fetch_sub(1, Ordering::AcqRel);
+    permit.map(Some)
+}
+
+/// INVALIDATE: tear down `[va, va + len)` of `client`'s device address space, then, in every
+/// client (this one included: it may map the file twice), each range that maps the same file
+/// pages. The other clients are found by their current mappings (PROCMAP_QUERY), not by their
+/// arena tables: a device entry exists only where a client maps an arena's file as registered,
+/// and a mapping that went away has its own userfaultfd event.
+fn invalidate_everywhere(
+    shared: &Shared,
+    client: &ClientState,
+    va: u64,
+    len: u64,
+) -> Result<(), (ErrorCode, String)> {
+    let bad = |why: String| {
+        (
+            ErrorCode::InvalidArgument,
+            format!("INVALIDATE of {len:#x} bytes at {va:#x}: {why}"),
+        )
+    };
+    if va % BUDGET_UNIT != 0 || len % BUDGET_UNIT != 0 || len == 0 {
+        return Err(bad(
+            "the address and the length must be 4 KiB aligned and the length non-zero".into(),
+        ));
+    }
+    let range = VaRange::new(va, len).map_err(|e| bad(e.to_string()))?;
+    // Which file pages the range maps now (before the caller's change or after it: a punched
+    // hole or a grown file leaves the mapping in place).
+    let files: Vec<FilePages> = match client.mm.walker().vmas(range) {
+        Ok(vmas) => vmas
+            .iter()
+            .filter_map(|v| FilePages::of(v, range))
+            .collect(),
+        Err(e) => {
+            tracing::debug!(client = client.id, error = %e, "INVALIDATE: the client's mappings");
+            Vec::new()
+        }
+    };
+    client.mm.invalidate(range).map_err(|e| {
+        (
+            ErrorCode::NotFound,
+            format!("INVALIDATE: the client's mirror: {e}"),
+        )
+    })?;
+    if files.is_empty() {
+        return Ok(());
+    }
+    let clients: Vec<Arc<ClientState>> = shared.clients().values().cloned().collect();
+    for other in clients {
+        let vmas = match other.mm.walker().vmas(VaRange::whole()) {
+            Ok(v) => v,
+            // Gone (exited): its release tears its view down anyway.
+            Err(_) => continue,
+        };
+        for v in &vmas {
+            for f in &files {
+                let Some(hit) = f.mapped_by(v) else { continue };
+                if let Err(e) = other.mm.invalidate(hit) {
+                    tracing::debug!(client = other.id, error = %e, "INVALIDATE of a sharer");
+                } else if other.id != client.id {
+                    tracing::debug!(from = client.id, to = other.id, range = ?hit, "invalidated a sharer");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A run of one file's pages: (inode, device) and the byte offsets `[start, end)`.
+struct FilePages {
+    inode: u64,
+    dev: (u32, u32),
+    start: u64,
+    end: u64,
+}
+
+impl FilePages {
+    /// The file pages a shared file mapping `v` maps inside `range`.
+    fn of(v: &mirror::Vma, range: VaRange) -> Option<FilePages> {
+        if v.inode == 0 || !v.shared {
+            return None;
+        }
+        let from = range.start().max(v.range.start());
+        let to = range.end().min(v.range.end());
+        (from < to).then(|| FilePages {
+            inode: v.inode,
+            dev: v.dev,
+            start: v.offset + (from - v.range.start()),
+            end: v.offset + (to - v.range.start()),
+        })
+    }
+
+    /// The addresses at which mapping `v` maps some of these pages.
+    fn mapped_by(&self, v: &mirror::Vma) -> Option<VaRange> {
+        if (v.inode, v.dev) != (self.inode, self.dev) || !v.shared {
+            return None;
+        }
+        let from = self.start.max(v.offset);
+        let to = self.end.min(v.offset + v.range.len());
+        if from >= to {
+            return None;
+        }
+        let start = v.range.start() + (from - v.offset);
+        VaRange::new(start, to - from).ok()
     }
 }

@@ -62,6 +62,7 @@ pub(crate) unsafe fn mprotect(addr: u64, len: u64, prot: libc::c_int) -> Result<
 ///
 /// # Safety
 /// The caller guarantees nothing still uses the old range (and, with MREMAP_FIXED, the target).
+/// `flags` and `new_addr` go to the kernel as given (MREMAP_DONTUNMAP included).
 pub(crate) unsafe fn mremap(
     old: u64,
     old_len: u64,
@@ -69,7 +70,9 @@ pub(crate) unsafe fn mremap(
     flags: libc::c_int,
     new_addr: u64,
 ) -> Result<u64, Errno> {
-    // SAFETY: guaranteed by the caller; the fifth argument is only read with MREMAP_FIXED.
+    // SAFETY: guaranteed by the caller; the fifth argument is an address the kernel takes as
+    // a number (the MREMAP_FIXED target, or a placement hint with MREMAP_DONTUNMAP), never a
+    // pointer it reads through.
     let ret = unsafe {
         libc::mremap(
             old as *mut libc::c_void,
