@@ -358,7 +358,7 @@ pub struct ContextCore {
     pub(crate) mm: Arc<AddressSpace>,
     pub(crate) sub: Subscription<MirrorState>,
     pub(crate) counters: Arc<ContextCounters>,
-    options: ContextOptions,
+    pub(crate) options: ContextOptions,
     needs_identity: bool,
     /// Serializes fault servicing of this context (the service thread is single, but
     /// explicit prefaults from API threads may run at the same time).

@@ -104,6 +104,19 @@ pub enum Error {
         /// Why.
         reason: fault::CancelReason,
     },
+    /// A command longer than the device's maximum transfer (`CAP_MAX_TRANSFER`), refused before
+    /// it reaches the device (which would only complete it `BadCommand`).
+    #[error(
+        "command too long: its length is {len} bytes and the device's maximum transfer \
+         (CAP_MAX_TRANSFER, fixed by the device) is {max} bytes; split it into commands of at \
+         most {max} bytes"
+    )]
+    CommandTooLong {
+        /// The command's length.
+        len: u64,
+        /// The device's maximum transfer.
+        max: u64,
+    },
     /// A quota would be exceeded.
     #[error("quota exceeded: {quota} is {limit}")]
     QuotaExceeded {

@@ -468,6 +468,17 @@ impl Context {
             tracing::error!(error = %e, asid = self.core.asid, "CPU events not caught up: command refused");
             return Err(Error::Mirror(e));
         }
+        let len = match op {
+            Op::Copy { len, .. }
+            | Op::Fill { len, .. }
+            | Op::Checksum { len, .. }
+            | Op::Prefetch { len, .. } => len,
+            Op::AtomicAdd { .. } => 8,
+        };
+        let max = u64::from(self.runtime.device.caps().max_transfer);
+        if len > max {
+            return Err(Error::CommandTooLong { len, max });
+        }
         self.runtime.reap_orphans();
         self.reap_revoked();
         let asid = self.core.asid;
@@ -560,7 +571,7 @@ impl Context {
         match waited {
             Ok(completion) => {
                 self.collected(ticket);
-                completion_result(completion)
+                completion_result(completion).map_err(|e| self.explained(e))
             }
             Err(e @ Error::DeviceLost(_)) => {
                 // Over for good: the device will never post its completion, nor run anything.
@@ -573,6 +584,24 @@ impl Context {
                 self.revoke(ticket);
                 Err(e)
             }
+        }
+    }
+
+    /// A command's failure as the caller should read it: a fault cancelled for the context's
+    /// mapped-bytes quota names the quota, its value and what raises it.
+    fn explained(&self, e: Error) -> Error {
+        match (e, self.core.options.max_mapped_bytes) {
+            (
+                Error::Cancelled {
+                    reason: CancelReason::Quota,
+                },
+                Some(limit),
+            ) => Error::QuotaExceeded {
+                quota: "mapped (pinned) bytes of this context (the command was cancelled, its \
+                        pages would not fit; raise it with ContextOptions::max_mapped_bytes)",
+                limit,
+            },
+            (e, _) => e,
         }
     }
 

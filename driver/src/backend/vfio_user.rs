@@ -176,6 +176,14 @@ impl Shared {
             .call(&self.conn, cmd, body, fds, REPLY_TIMEOUT)
             .map_err(|e| match e {
                 CallError::Closed => Refusal::Failed(transport(op, self.dead())),
+                CallError::Send(e) if peer_gone(&e) => {
+                    // The server is gone though the reader may not have seen the EOF yet:
+                    // the device is lost now, not at the reader's next wake-up, so that a
+                    // caller that saw this error also sees `lost()`.
+                    let reason = format!("connection to the server lost: send: {e}");
+                    self.close(reason, false);
+                    Refusal::Failed(transport(op, self.dead()))
+                }
                 other => Refusal::Failed(transport(op, other)),
             })?;
         if reply.header.is_error() {
@@ -188,6 +196,14 @@ impl Shared {
         }
         Ok(reply)
     }
+}
+
+/// True if a send failed because the peer is gone (not for a full buffer or a bad message).
+fn peer_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN | libc::ECONNREFUSED)
+    )
 }
 
 /// Why [`Shared::exchange`] got no good reply.
