@@ -241,36 +241,7 @@ fn memlock_child() {
 #[test]
 fn daemon_serves_four_client_processes() {
     let socket = std::env::temp_dir().join("mirrord-guest.sock");
-    let _ = std::fs::remove_file(&socket);
-    let mut daemon = Command::new(guest::mirrorctl())
-        .args(["serve", "--vfio", &guest::devices()[0], "--socket"])
-        .arg(&socket)
-        .env("RUST_LOG", "driver::fault=debug,driver::context=debug,info")
-        .env("NO_COLOR", "1")
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn mirrorctl serve");
-    // The daemon's log, read to its end (it must not block on a full pipe).
-    let log = {
-        let mut stderr = daemon.stderr.take().expect("stderr piped");
-        std::thread::spawn(move || {
-            let mut text = String::new();
-            let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
-            text
-        })
-    };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !socket.exists() {
-        if let Some(status) = daemon.try_wait().unwrap() {
-            panic!("mirrorctl serve exited before listening: {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the daemon did not listen in 60 s"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (daemon, log) = start_daemon(&socket);
     let clients: Vec<_> = (0..4)
         .map(|i| {
             spawn_child(
@@ -295,13 +266,7 @@ fn daemon_serves_four_client_processes() {
         }
     }
     let stats = DaemonClient::connect(&socket).and_then(|c| c.stats());
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(daemon.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    let status = daemon.wait().unwrap();
-    let log = log.join().unwrap();
+    let (status, log) = stop_daemon(daemon, log);
     eprintln!("{log}");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
     // Nothing went wrong behind the clients' backs: no error the device latched (a refused
@@ -342,6 +307,245 @@ fn client_child() {
     assert!(s.clients >= 1, "{s:?}");
 }
 
+/// `mirrorctl serve --vfio` on the first guest device, listening on `socket`; its log is read
+/// to the end by a thread (the daemon must never block on a full pipe).
+fn start_daemon(
+    socket: &std::path::Path,
+) -> (std::process::Child, std::thread::JoinHandle<String>) {
+    let _ = std::fs::remove_file(socket);
+    let mut daemon = Command::new(guest::mirrorctl())
+        .args(["serve", "--vfio", &guest::devices()[0], "--socket"])
+        .arg(socket)
+        .env("RUST_LOG", "driver::fault=debug,driver::context=debug,info")
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn mirrorctl serve");
+    let log = {
+        let mut stderr = daemon.stderr.take().expect("stderr piped");
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut text);
+            text
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !socket.exists() {
+        if let Some(status) = daemon.try_wait().unwrap() {
+            panic!("mirrorctl serve exited before listening: {status}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the daemon did not listen in 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (daemon, log)
+}
+
+/// SIGTERM to the daemon; its exit status and log.
+fn stop_daemon(
+    mut daemon: std::process::Child,
+    log: std::thread::JoinHandle<String>,
+) -> (std::process::ExitStatus, String) {
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemon.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = daemon.wait().unwrap();
+    (status, log.join().unwrap())
+}
+
+/// A memfd of one shared file, registered as an arena of this process's daemon session:
+/// mapped here, its fd handed to the daemon, which maps (and on kernel VFIO pins) its pages.
+struct SharedArena {
+    file: std::fs::File,
+    va: u64,
+    len: usize,
+}
+
+impl SharedArena {
+    fn register(client: &DaemonClient, path: &str, len: usize) -> SharedArena {
+        use driver::daemon::protocol::{Reply, Request};
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .expect("open the shared memfd");
+        // SAFETY: a fresh shared mapping of the file; no Rust reference into it is made
+        // (the device and the CPU reach it by address only), unmapped in Drop.
+        let va = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                std::num::NonZeroUsize::new(len).unwrap(),
+                nix::sys::mman::ProtFlags::PROT_READ | nix::sys::mman::ProtFlags::PROT_WRITE,
+                nix::sys::mman::MapFlags::MAP_SHARED,
+                &file,
+                0,
+            )
+        }
+        .expect("map the shared memfd")
+        .as_ptr() as u64;
+        let req = Request::RegisterArena {
+            va,
+            len: len as u64,
+            offset: 0,
+        };
+        match client.raw_request(req, &[std::os::fd::AsFd::as_fd(&file)]) {
+            Ok(Reply::Arena { .. }) => {}
+            other => panic!("register the shared arena: {other:?}"),
+        }
+        SharedArena { file, va, len }
+    }
+
+    /// The device's checksum of the whole arena.
+    fn device_checksum(&self, client: &DaemonClient) -> u64 {
+        let op = driver::Op::Checksum {
+            src: self.va,
+            len: self.len as u64,
+        };
+        // SAFETY: a checksum only reads the mapping, which outlives the wait.
+        let t = unsafe { client.submit(op) }.expect("submit the checksum");
+        client.wait(t).expect("the checksum")
+    }
+}
+
+impl Drop for SharedArena {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `register`, used by nothing any more.
+        let _ = unsafe {
+            nix::sys::mman::munmap(
+                std::ptr::NonNull::new(self.va as *mut libc::c_void).unwrap(),
+                self.len,
+            )
+        };
+    }
+}
+
+/// Two daemon clients (this process and a child) register arenas of one memfd; the daemon maps
+/// and, on kernel VFIO, pins its pages. This process punches a hole in the first half and sends
+/// INVALIDATE: the other client's device view of the hole must go too (its pins released), so
+/// its device reads zeroes there, not the old pages a stale pin would still hold.
+#[test]
+fn a_punched_hole_invalidates_every_sharers_pinned_view() {
+    const LEN: usize = 64 * PAGE;
+    let socket = std::env::temp_dir().join("mirrord-guest-punch.sock");
+    let (daemon, log) = start_daemon(&socket);
+    let memfd = nix::sys::memfd::memfd_create(
+        c"guest-shared",
+        nix::sys::memfd::MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )
+    .unwrap();
+    std::io::Write::write_all(
+        &mut std::fs::File::from(memfd.try_clone().unwrap()),
+        &[0x5a; LEN],
+    )
+    .unwrap();
+    let path = format!(
+        "/proc/{}/fd/{}",
+        std::process::id(),
+        std::os::fd::AsRawFd::as_raw_fd(&memfd)
+    );
+    let marks = std::env::temp_dir().join(format!("mxa-punch-{}", std::process::id()));
+    std::fs::create_dir_all(&marks).unwrap();
+    let client = DaemonClient::connect(&socket).expect("connect");
+    let mine = SharedArena::register(&client, &path, LEN);
+    let whole = accel_abi::fnv1a_update(accel_abi::FNV_OFFSET, &[0x5a; LEN]);
+    assert_eq!(mine.device_checksum(&client), whole);
+    let other = spawn_child(
+        "sharer",
+        &[
+            ("MXA_GUEST_SOCKET", socket.to_str().unwrap()),
+            ("MXA_GUEST_SHARED", &path),
+            ("MXA_GUEST_MARKS", marks.to_str().unwrap()),
+        ],
+    );
+    wait_for_mark(&marks.join("ready"));
+    let before = client.stats().unwrap();
+    nix::fcntl::fallocate(
+        std::os::fd::AsRawFd::as_raw_fd(&mine.file),
+        nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        0,
+        (LEN / 2) as i64,
+    )
+    .expect("punch a hole");
+    client
+        .invalidate(mine.va, (LEN / 2) as u64)
+        .expect("INVALIDATE");
+    let after = client.stats().unwrap();
+    std::fs::write(marks.join("punched"), b"").unwrap();
+    let out = other.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("test result: ok. 1 passed"),
+        "sharer child: {}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Both clients mapped (pinned) the whole file before; the daemon holds less after.
+    assert!(
+        after.mapped_bytes_total < before.mapped_bytes_total,
+        "the daemon's pins did not shrink: {before:?} -> {after:?}"
+    );
+    let mut expected = vec![0u8; LEN / 2];
+    expected.extend(std::iter::repeat_n(0x5a, LEN / 2));
+    assert_eq!(
+        mine.device_checksum(&client),
+        accel_abi::fnv1a_update(accel_abi::FNV_OFFSET, &expected)
+    );
+    drop(mine);
+    drop(client);
+    let (status, log) = stop_daemon(daemon, log);
+    let _ = std::fs::remove_dir_all(&marks);
+    assert!(!log.contains("ERROR"), "the daemon logged an ERROR:\n{log}");
+    assert!(status.success(), "mirrorctl serve exited with {status}");
+}
+
+fn wait_for_mark(mark: &std::path::Path) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !mark.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            mark.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The other sharer: registers the same memfd, has its device read it all, says so, waits for
+/// the hole, then checks its own device view lost the hole (invalidated, pins gone) and reads
+/// zeroes there.
+fn sharer_child() {
+    const LEN: usize = 64 * PAGE;
+    let socket = PathBuf::from(std::env::var("MXA_GUEST_SOCKET").unwrap());
+    let path = std::env::var("MXA_GUEST_SHARED").unwrap();
+    let marks = PathBuf::from(std::env::var("MXA_GUEST_MARKS").unwrap());
+    let client = DaemonClient::connect(&socket).expect("connect");
+    let arena = SharedArena::register(&client, &path, LEN);
+    let whole = accel_abi::fnv1a_update(accel_abi::FNV_OFFSET, &[0x5a; LEN]);
+    assert_eq!(arena.device_checksum(&client), whole);
+    let before = client.stats().unwrap();
+    assert_eq!(before.mapped_bytes, LEN as u64, "{before:?}");
+    std::fs::write(marks.join("ready"), b"").unwrap();
+    wait_for_mark(&marks.join("punched"));
+    let after = client.stats().unwrap();
+    assert!(
+        after.invalidations > before.invalidations && after.mapped_bytes < before.mapped_bytes,
+        "the other client's INVALIDATE did not reach this view: {before:?} -> {after:?}"
+    );
+    let mut expected = vec![0u8; LEN / 2];
+    expected.extend(std::iter::repeat_n(0x5a, LEN / 2));
+    assert_eq!(
+        arena.device_checksum(&client),
+        accel_abi::fnv1a_update(accel_abi::FNV_OFFSET, &expected),
+        "this client's device still read the old pages of the hole"
+    );
+}
+
 fn spawn_child(role: &str, env: &[(&str, &str)]) -> std::process::Child {
     let mut cmd = Command::new(std::env::current_exe().unwrap());
     cmd.args([
@@ -377,6 +581,7 @@ fn child_role_entry() {
     match std::env::var(ROLE_ENV).as_deref() {
         Ok("memlock") => memlock_child(),
         Ok("client") => client_child(),
+        Ok("sharer") => sharer_child(),
         Ok(other) => panic!("unknown role {other}"),
         Err(_) => {}
     }
