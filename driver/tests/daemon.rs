@@ -4,6 +4,8 @@
 //! daemon runs in the test process on the emulated device, or as `mirrorctl serve` for the
 //! shutdown test and the isolation tests at the end.
 
+mod daemon_support;
+use daemon_support::{serve_on_a_thread, wait_for_socket, TempDir};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
@@ -40,26 +42,6 @@ struct TestDaemon {
     _dir: TempDir,
 }
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!(
-            "mirrord-test-{tag}-{}-{:?}",
-            std::process::id(),
-            Instant::now()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 impl TestDaemon {
     fn start(tag: &str, mode: ServiceMode, adjust: impl FnOnce(&mut DaemonConfig)) -> TestDaemon {
         Self::start_on(tag, DeviceSpec::emulated(), mode, adjust)
@@ -88,18 +70,7 @@ impl TestDaemon {
         let mut config = DaemonConfig::new(&socket);
         adjust(&mut config);
         let daemon = Arc::new(Daemon::new(runtime, config).expect("daemon"));
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let served = daemon.clone();
-        let thread = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-                .expect("tokio");
-            rt.block_on(served.serve(async {
-                let _ = rx.await;
-            }))
-        });
+        let (tx, thread) = serve_on_a_thread(daemon.clone());
         wait_for_socket(&socket, "the test daemon");
         TestDaemon {
             socket,
@@ -152,14 +123,6 @@ impl Drop for TestDaemon {
 }
 
 /// Waits (up to 20 s) until `what` has bound its socket at `path`.
-fn wait_for_socket(path: &Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "{what} did not bind");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
 fn spawn_client(socket: &Path, role: &str, arg: &str) -> Child {
     spawn_client_with(socket, role, arg, None)
 }

@@ -7,6 +7,8 @@
 //! - INVALIDATE: a change no event reports (a punched hole in a memfd several clients map as
 //!   arenas) tears down every sharer's device view, not only the caller's.
 
+mod daemon_support;
+use daemon_support::{serve_on_a_thread, ServeThread};
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
@@ -20,7 +22,7 @@ use driver::daemon::server::ClientSchedule;
 use driver::daemon::{Daemon, DaemonClient, DaemonConfig};
 use driver::fault::ServiceMode;
 use driver::runtime::{DeviceSpec, Op, Runtime, RuntimeOptions};
-use driver::{DeviceOps, Error};
+use driver::DeviceOps;
 
 const ROLE: &str = "MIRROR_FAIRNESS_ROLE";
 const SOCKET: &str = "MIRROR_FAIRNESS_SOCKET";
@@ -55,7 +57,7 @@ impl Served {
         };
         let runtime = Runtime::open(spec, options).expect("open the device");
         let daemon = Arc::new(Daemon::new(runtime, DaemonConfig::new(&socket)).unwrap());
-        let (stop, thread) = serve_in_background(daemon.clone());
+        let (stop, thread) = serve_on_a_thread(daemon.clone());
         wait_until("the daemon's socket", || socket.exists());
         Served {
             daemon,
@@ -107,19 +109,6 @@ impl Drop for Served {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-type ServeThread = std::thread::JoinHandle<Result<(), Error>>;
-
-/// `daemon.serve` on a thread of its own with its own tokio runtime, until the sender is
-/// used or dropped.
-fn serve_in_background(daemon: Arc<Daemon>) -> (tokio::sync::oneshot::Sender<()>, ServeThread) {
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let tokio = tokio::runtime::Runtime::new().expect("a tokio runtime");
-        tokio.block_on(daemon.serve(async move { stopped.await.unwrap_or(()) }))
-    });
-    (stop, thread)
 }
 
 /// A client process: lines to its stdin, `RESULT` lines from its stdout.

@@ -7,6 +7,8 @@
 //! ignored `child_role` test): a daemon under a low RLIMIT_NOFILE, and clients that register
 //! arenas.
 
+mod daemon_support;
+use daemon_support::{serve_on_a_thread, wait_for_socket, TempDir};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
@@ -27,26 +29,6 @@ const ARG_ENV: &str = "MIRROR_RESOURCES_TEST_ARG";
 
 // ---------------------------------------------------------------------------------------------
 // An in-process daemon.
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!(
-            "mirrord-res-{tag}-{}-{:?}",
-            std::process::id(),
-            Instant::now()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 struct TestDaemon {
     socket: PathBuf,
@@ -76,7 +58,7 @@ impl TestDaemon {
         adjust(&mut config);
         let daemon = Arc::new(Daemon::new(runtime, config).expect("daemon"));
         let (stop, thread) = serve_on_a_thread(daemon.clone());
-        wait_for_socket(&socket);
+        wait_for_socket(&socket, "the test daemon");
         TestDaemon {
             socket,
             stop: Some(stop),
@@ -119,31 +101,6 @@ impl Drop for TestDaemon {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
-    }
-}
-
-type Served = std::thread::JoinHandle<Result<(), Error>>;
-
-fn serve_on_a_thread(daemon: Arc<Daemon>) -> (tokio::sync::oneshot::Sender<()>, Served) {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio");
-        rt.block_on(daemon.serve(async {
-            let _ = rx.await;
-        }))
-    });
-    (tx, thread)
-}
-
-fn wait_for_socket(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "the daemon did not bind");
-        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -290,7 +247,7 @@ fn role_fd_limited_daemon(socket: &Path, arg: &str) {
     let runtime = Runtime::open(DeviceSpec::emulated(), RuntimeOptions::default()).unwrap();
     let daemon = Arc::new(Daemon::new(runtime, DaemonConfig::new(socket)).unwrap());
     let (stop, thread) = serve_on_a_thread(daemon.clone());
-    wait_for_socket(socket);
+    wait_for_socket(socket, "the daemon");
     let (now_soft, _) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
     let c = daemon.config();
     say(format!(
