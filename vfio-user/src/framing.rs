@@ -38,6 +38,79 @@ pub const SCM_MAX_FD: usize = 253;
 /// this bound the message is [`RecvError::Stalled`] and the connection must be dropped.
 pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Bind a listening Unix socket at `path` so that the path appears only once connections are
+/// accepted, already with permission bits `mode`.
+///
+/// A plain `bind` creates the path before `listen`, and a peer that waits for the path and
+/// connects in between gets `ECONNREFUSED` (a test runner on a loaded 2-core machine hit it).
+/// Here the socket is bound and put to listen under a temporary name in the same directory and
+/// then renamed over `path`, which also replaces a stale socket atomically. The temporary name
+/// (a dot, the pid and a per-process count in base 36) is padded to the length of the file
+/// name, so any path that fits the 108 bytes of `sun_path` binds (a file name under 8 bytes
+/// makes the temporary path longer by the difference); one that does not fit is refused with
+/// that limit named.
+pub fn listen_at(
+    path: &std::path::Path,
+    mode: u32,
+) -> io::Result<std::os::unix::net::UnixListener> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::PermissionsExt;
+    /// `sizeof(sockaddr_un.sun_path)` on Linux, the terminating NUL included.
+    const SUN_PATH: usize = 108;
+    static BINDS: AtomicUsize = AtomicUsize::new(0);
+    let Some(name) = path.file_name() else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("socket path {} has no file name", path.display()),
+        ));
+    };
+    let mut temporary_name = format!(
+        ".{}-{}",
+        base36(std::process::id() as usize),
+        base36(BINDS.fetch_add(1, Ordering::Relaxed))
+    );
+    while temporary_name.len() < name.len() {
+        temporary_name.push('~');
+    }
+    let temporary = path.with_file_name(temporary_name);
+    if temporary.as_os_str().as_bytes().len() >= SUN_PATH {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "socket path {} is too long: while it is bound it is named {} ({} bytes), and \
+                 a Unix socket path holds at most {} bytes; choose a shorter path",
+                path.display(),
+                temporary.display(),
+                temporary.as_os_str().as_bytes().len(),
+                SUN_PATH - 1
+            ),
+        ));
+    }
+    // A temporary left by a process of ours that died with the same pid is ours to replace.
+    let _ = std::fs::remove_file(&temporary);
+    let listener = std::os::unix::net::UnixListener::bind(&temporary)?;
+    let placed = std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| std::fs::rename(&temporary, path));
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&temporary);
+        return Err(e);
+    }
+    Ok(listener)
+}
+
+fn base36(mut n: usize) -> String {
+    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[n % 36]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.iter().rev().map(|&d| char::from(d)).collect()
+}
+
 /// Receive into `buf`; descriptors that came along are appended to `fds`. Returns the byte
 /// count (0 at end of stream) and whether control data was cut short: the kernel could not
 /// install every descriptor sent (the open-files limit; those it did install are still
@@ -454,6 +527,75 @@ mod tests {
     fn pair(limits: Limits) -> (Connection, Connection) {
         let (a, b) = UnixStream::pair().unwrap();
         (Connection::new(a, limits), Connection::new(b, limits))
+    }
+
+    fn scratch_dir(tag: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!("vfu-listen-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_listening_socket_appears_with_its_mode_and_no_temporary_left() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = scratch_dir("mode");
+        let path = dir.join("s.sock");
+        // A stale file where the socket goes is replaced.
+        std::fs::write(&path, b"stale").unwrap();
+        let listener = listen_at(&path, 0o600).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let names: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, vec![std::ffi::OsString::from("s.sock")]);
+        UnixStream::connect(&path).unwrap();
+        listener.accept().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The path is watched by a thread that connects the moment it appears: with a plain
+    /// `bind` (path first, `listen` after) that connect can be refused.
+    #[test]
+    fn a_peer_that_connects_as_soon_as_the_path_appears_is_never_refused() {
+        let dir = scratch_dir("race");
+        let path = dir.join("s.sock");
+        for round in 0..2000 {
+            let watcher = std::thread::spawn({
+                let path = path.clone();
+                move || loop {
+                    if path.exists() {
+                        return UnixStream::connect(&path).map(drop);
+                    }
+                    std::thread::yield_now();
+                }
+            });
+            let listener = listen_at(&path, 0o600).unwrap();
+            let connected = watcher.join().unwrap();
+            assert!(connected.is_ok(), "round {round}: {connected:?}");
+            drop(listener);
+            std::fs::remove_file(&path).unwrap();
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn any_path_that_fits_binds_and_a_longer_one_names_the_limit() {
+        let dir = scratch_dir("long");
+        let name_len = |total: usize| total - dir.as_os_str().len() - 1;
+        let longest = dir.join("x".repeat(name_len(107)));
+        assert_eq!(longest.as_os_str().len(), 107);
+        let listener = listen_at(&longest, 0o600).unwrap();
+        UnixStream::connect(&longest).unwrap();
+        drop(listener);
+        let path = dir.join("y".repeat(name_len(108)));
+        let err = listen_at(&path, 0o600).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        assert!(err.to_string().contains("at most 107 bytes"), "{err}");
+        assert!(!path.exists());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     proptest::proptest! {

@@ -11,7 +11,6 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, Weak};
@@ -602,15 +601,19 @@ fn bind(config: &DaemonConfig) -> Result<UnixListener, Error> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir).map_err(os("create the socket directory"))?;
     }
-    let listener = UnixListener::bind(path).map_err(os("bind the daemon socket"))?;
     // Only our own uid may connect unless others are allowed; SO_PEERCRED is the real check.
     let mode = if config.allowed_uids.is_empty() {
         0o600
     } else {
         0o666
     };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
-        .map_err(os("chmod the daemon socket"))?;
+    // The path appears only once the socket listens, with its mode already set.
+    let listener =
+        vfio_user_protocol::framing::listen_at(path, mode).map_err(os("bind the daemon socket"))?;
+    listener
+        .set_nonblocking(true)
+        .map_err(os("make the daemon socket non-blocking"))?;
+    let listener = UnixListener::from_std(listener).map_err(os("register the daemon socket"))?;
     Ok(listener)
 }
 
