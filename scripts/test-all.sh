@@ -4,6 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+echo "== format and lints (cargo fmt --check, clippy with warnings as errors) =="
+# rustup's default profile has both; a minimal one gets them here.
+for tool in rustfmt clippy; do
+    if ! cargo "${tool/rustfmt/fmt}" --version > /dev/null 2>&1; then
+        rustup component add "$tool"
+    fi
+done
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
+
 echo "== unit, integration and doc tests (all crates) =="
 cargo test --workspace --all-targets
 cargo test --workspace --doc
