@@ -374,7 +374,6 @@ impl Connection {
 mod tests {
     use super::*;
     use crate::command;
-    use nix::sys::socket::{sendmsg, ControlMessage, UnixAddr};
     use std::io::Write;
 
     fn pair(limits: Limits) -> (Connection, Connection) {
@@ -446,17 +445,9 @@ mod tests {
         .unwrap();
         let before = open_fds_named(NAME);
         // A peer's message with 20 descriptors (more than FD_CAP) and a valid header.
-        let raw = vec![memfd.as_raw_fd(); 20];
         let head = Header::command(9, command::DMA_MAP, 0).encode();
-        let iov = [std::io::IoSlice::new(&head)];
-        sendmsg::<UnixAddr>(
-            a.as_raw_fd(),
-            &iov,
-            &[ControlMessage::ScmRights(&raw)],
-            MsgFlags::empty(),
-            None,
-        )
-        .unwrap();
+        let iov = [IoSlice::new(&head)];
+        sys_util::socket::send_with_fds(a.as_fd(), &iov, &[memfd.as_fd(); 20]).unwrap();
         assert!(matches!(b.recv(), Err(RecvError::TooManyFds(h)) if h.id == 9));
         assert_eq!(
             open_fds_named(NAME),
