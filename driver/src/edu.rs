@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
+#[cfg(feature = "vfio")]
 use crate::backend::vfio::KernelVfioBackend;
 use crate::backend::{Backend, Bar0, Config};
 use crate::context::{ContextCore, ContextOptions};
@@ -72,6 +73,7 @@ pub struct Edu {
 
 impl Edu {
     /// Open edu at PCI `address` (bound to vfio-pci) through kernel VFIO, mirroring this process.
+    #[cfg(feature = "vfio")]
     pub fn open(address: &str) -> Result<Edu, Error> {
         let backend = KernelVfioBackend::open(address)?;
         let mm = mirror::AddressSpace::current(mirror::Config::default()).map_err(Error::Mirror)?;
@@ -330,6 +332,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "vfio")]
     fn open_of_a_missing_device_is_a_clear_error() {
         let e = Edu::open("0000:ff:1f.7").err().expect("no such device");
         assert!(e.to_string().contains("no PCI device"), "{e}");

@@ -470,7 +470,7 @@ impl PageTable {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "emulator"))]
 mod tests {
     use super::*;
     use crate::backend::emulated::EmulatedBackend;

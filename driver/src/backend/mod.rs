@@ -14,7 +14,9 @@ use std::os::fd::{BorrowedFd, OwnedFd};
 
 use crate::sys::dmabuf::DmaBuffer;
 
+#[cfg(feature = "emulator")]
 pub mod emulated;
+#[cfg(feature = "vfio")]
 pub mod vfio;
 pub mod vfio_user;
 
@@ -139,6 +141,7 @@ impl MsiState {
     }
 
     /// Vectors MSI is enabled with (0: disabled).
+    #[cfg(feature = "vfio")]
     pub(crate) fn enabled(&self) -> u32 {
         self.enabled
     }
