@@ -877,6 +877,7 @@ mod tests {
                     backend: "test",
                     op: "VFIO_DEVICE_SET_IRQS",
                     detail: "the kernel could allocate only 1 of the 3 MSI vectors asked".into(),
+                    errno: None,
                 });
             }
             self.inner.set_irqs(eventfds)

@@ -51,11 +51,15 @@ const NAME: &str = "vfio-user";
 /// How long a request waits for its reply from a live server (a dead one fails at once).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn transport(op: &'static str, detail: impl std::fmt::Display) -> BackendError {
-    BackendError::Transport {
-        backend: NAME,
-        op,
-        detail: detail.to_string(),
+fn transport(op: &'static str, detail: impl std::fmt::Display + 'static) -> BackendError {
+    BackendError::transport(NAME, op, detail)
+}
+
+/// The OS error of a failed call: the errno of the send that failed.
+fn call_errno(e: &CallError) -> Option<i32> {
+    match e {
+        CallError::Send(e) => e.raw_os_error(),
+        CallError::Closed | CallError::Timeout(_) | CallError::OverLimit => None,
     }
 }
 
@@ -182,9 +186,12 @@ impl Shared {
                     // caller that saw this error also sees `lost()`.
                     let reason = format!("connection to the server lost: send: {e}");
                     self.close(reason, false);
-                    Refusal::Failed(transport(op, self.dead()))
+                    Refusal::Failed(transport(op, self.dead()).with_errno(e.raw_os_error()))
                 }
-                other => Refusal::Failed(transport(op, other)),
+                other => {
+                    let errno = call_errno(&other);
+                    Refusal::Failed(transport(op, other).with_errno(errno))
+                }
             })?;
         if reply.header.is_error() {
             return Err(Refusal::Errno(nix::errno::Errno::from_raw(
@@ -218,7 +225,8 @@ enum Refusal {
 impl Refusal {
     fn into_error(self, op: &'static str) -> BackendError {
         match self {
-            Refusal::Errno(errno) => transport(op, format!("server answered error {errno}")),
+            Refusal::Errno(errno) => transport(op, format!("server answered error {errno}"))
+                .with_errno(Some(errno as i32)),
             Refusal::Failed(e) => e,
         }
     }
@@ -381,8 +389,10 @@ fn region_windows(
             .offset
             .checked_add(start)
             .ok_or_else(|| transport(OP, format!("{name}: area offset overflows")))?;
-        let map = MappedBar::map(fd.as_fd(), file_offset, len)
-            .map_err(|e| transport(OP, format!("{name}: mmap of {start:#x}+{len:#x}: {e}")))?;
+        let map = MappedBar::map(fd.as_fd(), file_offset, len).map_err(|e| {
+            transport(OP, format!("{name}: mmap of {start:#x}+{len:#x}: {e}"))
+                .with_errno(e.raw_os_error())
+        })?;
         windows.push(BarWindow { start, len, map });
     }
     Ok(windows)
@@ -408,8 +418,9 @@ impl std::fmt::Debug for VfioUserBackend {
 impl VfioUserBackend {
     /// Connect to the server at `path`, negotiate the version and read the device layout.
     pub fn connect(path: &Path) -> Result<VfioUserBackend, BackendError> {
-        let stream = UnixStream::connect(path)
-            .map_err(|e| transport("connect", format!("{}: {e}", path.display())))?;
+        let stream = UnixStream::connect(path).map_err(|e| {
+            transport("connect", format!("{}: {e}", path.display())).with_errno(e.raw_os_error())
+        })?;
         Self::with_name(stream, path.display().to_string())
     }
 
@@ -420,8 +431,9 @@ impl VfioUserBackend {
 
     fn with_name(stream: UnixStream, device: String) -> Result<VfioUserBackend, BackendError> {
         let limits = Limits::default();
-        let lost_event = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)
-            .map_err(|e| transport("connect", format!("eventfd: {e}")))?;
+        let lost_event = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).map_err(|e| {
+            transport("connect", format!("eventfd: {e}")).with_errno(Some(e as i32))
+        })?;
         let shared = Arc::new(Shared {
             conn: Connection::new(stream, limits),
             calls: Calls::new(),
@@ -445,7 +457,9 @@ impl VfioUserBackend {
             std::thread::Builder::new()
                 .name("vfio-user-client".into())
                 .spawn(move || reader_loop(&shared))
-                .map_err(|e| transport("connect", format!("reader thread: {e}")))?
+                .map_err(|e| {
+                    transport("connect", format!("reader thread: {e}")).with_errno(e.raw_os_error())
+                })?
         };
         let mut backend = VfioUserBackend {
             shared,
@@ -480,7 +494,10 @@ impl VfioUserBackend {
             )
             .map_err(|e| match e {
                 CallError::Closed => transport(OP, shared.dead()),
-                other => transport(OP, other),
+                other => {
+                    let errno = call_errno(&other);
+                    transport(OP, other).with_errno(errno)
+                }
             })?;
         if reply.header.is_error() {
             let errno = nix::errno::Errno::from_raw(reply.header.error as i32);
@@ -492,9 +509,11 @@ impl VfioUserBackend {
                          connect again once that client has disconnected",
                         shared.device
                     ),
-                ));
+                )
+                .with_errno(Some(errno as i32)));
             }
-            return Err(transport(OP, format!("server answered error {errno}")));
+            return Err(transport(OP, format!("server answered error {errno}"))
+                .with_errno(Some(errno as i32)));
         }
         let theirs = Version::decode(&reply.payload).map_err(|e| transport(OP, e))?;
         let twin_index =
@@ -521,8 +540,9 @@ impl VfioUserBackend {
     /// Twin-socket mode: serve the server's requests arriving on `fd` from a second reader.
     fn start_twin(&self, fd: OwnedFd, limits: Limits) -> Result<(), BackendError> {
         const OP: &str = "version (twin socket)";
-        let st = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd))
-            .map_err(|e| transport(OP, format!("fstat of the descriptor: {e}")))?;
+        let st = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd)).map_err(|e| {
+            transport(OP, format!("fstat of the descriptor: {e}")).with_errno(Some(e as i32))
+        })?;
         if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
             return Err(transport(
                 OP,
@@ -538,7 +558,9 @@ impl VfioUserBackend {
             std::thread::Builder::new()
                 .name("vfio-user-twin".into())
                 .spawn(move || twin_reader_loop(&shared, &twin))
-                .map_err(|e| transport(OP, format!("reader thread: {e}")))?
+                .map_err(|e| {
+                    transport(OP, format!("reader thread: {e}")).with_errno(e.raw_os_error())
+                })?
         };
         *lock(&self.shared.twin_reader) = Some(reader);
         // The main reader may have ended meanwhile (it joins the twin reader when it ends):
@@ -892,6 +914,7 @@ fn access_error(
             region_index::name(index)
         ),
     )
+    .with_errno(Some(errno as i32))
 }
 
 impl Drop for VfioUserBackend {
@@ -1075,12 +1098,8 @@ impl Backend for VfioUserBackend {
     }
 
     fn iova_ranges(&self) -> Vec<Range<u64>> {
-        // vfio-user has no IOVA-range query; the server maps any page-aligned range. Page 0
-        // stays unmapped so a zero IOVA is always a fault.
-        vec![Range {
-            start: accel_abi::PAGE_SIZE,
-            end: 1u64 << accel_abi::VA_BITS,
-        }]
+        // vfio-user has no IOVA-range query; the server maps any page-aligned range.
+        super::device_iova_ranges()
     }
 
     unsafe fn dma_map(
@@ -2022,6 +2041,72 @@ mod tests {
         let _c = t.join().unwrap();
         let e = backend.set_intx(eventfd()).unwrap_err().to_string();
         assert!(e.contains("the device has no INTx"), "{e}");
+    }
+
+    /// The OS error behind a failure is a value a caller can match, not only words in the
+    /// message: the errno of a server's error reply (EBUSY: it serves another client; EINVAL: a
+    /// refused access width), of a send to a server that stopped reading (EPIPE) and of a
+    /// connect to a path that does not exist (ENOENT). The messages stay as they were.
+    #[test]
+    fn os_errors_are_matchable_values() {
+        // A server busy with another client answers VERSION with EBUSY.
+        let (a, b) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            let c = Connection::new(b, Limits::default());
+            let m = c.recv().unwrap();
+            assert_eq!(m.header.command, command::VERSION);
+            c.reply_error(&m.header, libc::EBUSY).unwrap();
+            c
+        });
+        let e = VfioUserBackend::from_stream(a).expect_err("EBUSY");
+        let _c = server.join().unwrap();
+        assert!(
+            matches!(
+                e,
+                BackendError::Transport {
+                    errno: Some(libc::EBUSY),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("is serving another client"), "{e}");
+
+        // An access the device refuses carries the errno of the error reply.
+        fn eight_byte_bar0(region: u32, count: u32) -> bool {
+            region != 0 || count == 8
+        }
+        let (backend, server) = open_fake(|| FakeDevice::mxa(None, 3), &[], eight_byte_bar0);
+        let e = backend.bar_read(0, 0x10, &mut [0u8; 4]).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e:?}");
+        assert!(
+            e.to_string().contains("server answered error EINVAL"),
+            "{e}"
+        );
+        drop(backend);
+        server.join().unwrap();
+
+        // A server that stops reading: the next request's send fails EPIPE.
+        let (backend, c) = fake();
+        c.stream().shutdown(std::net::Shutdown::Read).unwrap();
+        let e = backend.config_read(0, &mut [0u8; 4]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BackendError::Transport {
+                    errno: Some(libc::EPIPE),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        drop(c);
+
+        // No socket at the path.
+        let e = VfioUserBackend::connect(Path::new("/nonexistent/vfio-user.sock"))
+            .expect_err("no socket");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e:?}");
+        assert!(e.to_string().contains("/nonexistent/vfio-user.sock"), "{e}");
     }
 
     #[test]
