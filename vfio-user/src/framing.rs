@@ -7,9 +7,10 @@
 //! before any allocation. Only a header whose size is smaller than a header leaves the stream
 //! position undefined; that is [`RecvError::Desync`] and the connection must be dropped.
 //!
-//! Descriptors are sent and received with `sys_util::socket` (re-exported here: [`recv_with_fds`],
-//! [`listen_at`], [`SCM_MAX_FD`]), which sizes every receive for the kernel's `SCM_MAX_FD` and
-//! closes whatever a refused message brought; this crate has no `unsafe` of its own.
+//! Descriptors are sent and received with `sys_util::socket` (`send_with_fds`, `recv_with_fds`),
+//! which sizes every receive for the kernel's `SCM_MAX_FD` and returns every descriptor the kernel
+//! installed, so that those of a refused message are closed; this crate has no `unsafe` of its
+//! own.
 
 use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{send, MsgFlags};
-pub use sys_util::socket::{listen_at, recv_with_fds, SCM_MAX_FD};
+use sys_util::socket::recv_with_fds;
 
 use crate::{Header, HEADER_SIZE};
 
