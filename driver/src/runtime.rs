@@ -33,6 +33,7 @@ use crate::fault::{CancelReason, FaultHandler, FaultService, ServiceMode};
 use crate::pagetable::Translation;
 use crate::view::MxaView;
 use crate::Error;
+use sys_util::sync::lock;
 
 #[cfg(feature = "emulator")]
 pub use firmware_stubs::AcceleratorConfig;
@@ -108,7 +109,7 @@ pub struct Runtime {
 /// userfaultfd could not register the same ranges (EBUSY).
 fn current_address_space(config: &mirror::Config) -> Result<Arc<AddressSpace>, Error> {
     static CURRENT: Mutex<Weak<AddressSpace>> = Mutex::new(Weak::new());
-    let mut slot = CURRENT.lock().unwrap_or_else(|p| p.into_inner());
+    let mut slot = lock(&CURRENT);
     if let Some(mm) = slot.upgrade() {
         return Ok(mm);
     }
@@ -209,7 +210,7 @@ impl Runtime {
         self.device.check_lost()?;
         self.reap_orphans();
         let asid = {
-            let mut asids = self.asids.lock().unwrap_or_else(|p| p.into_inner());
+            let mut asids = lock(&self.asids);
             let free = asids
                 .iter()
                 .position(|used| !used)
@@ -224,7 +225,7 @@ impl Runtime {
         let core = match made {
             Ok(c) => Arc::new(c),
             Err(e) => {
-                self.asids.lock().unwrap_or_else(|p| p.into_inner())[asid as usize] = false;
+                lock(&self.asids)[asid as usize] = false;
                 return Err(e);
             }
         };
@@ -253,7 +254,7 @@ impl Runtime {
     }
 
     fn quarantine(&self, asid: u16, tickets: Vec<Ticket>) {
-        let mut orphans = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+        let mut orphans = lock(&self.orphans);
         orphans.extend(tickets.into_iter().map(|t| (asid, t)));
         self.quarantined.fetch_add(1, Ordering::Relaxed);
         self.has_orphans.store(true, Ordering::Release);
@@ -265,11 +266,11 @@ impl Runtime {
         if !self.has_orphans.load(Ordering::Acquire) {
             return;
         }
-        let mut orphans = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+        let mut orphans = lock(&self.orphans);
         let before: HashSet<u16> = orphans.iter().map(|(asid, _)| *asid).collect();
         orphans.retain(|(_, t)| self.device.try_complete(*t).is_none());
         let after: HashSet<u16> = orphans.iter().map(|(asid, _)| *asid).collect();
-        let mut asids = self.asids.lock().unwrap_or_else(|p| p.into_inner());
+        let mut asids = lock(&self.asids);
         for &asid in before.difference(&after) {
             asids[asid as usize] = false;
             self.quarantined.fetch_sub(1, Ordering::Relaxed);
@@ -513,7 +514,7 @@ impl Context {
     }
 
     fn outstanding(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Outstanding>> {
-        self.outstanding.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.outstanding)
     }
 
     /// The completion of `ticket` if the device has posted it (it is then collected: do not
@@ -906,10 +907,7 @@ impl Drop for Context {
             for work_id in pending {
                 let ticket = Ticket { work_id };
                 if self.runtime.device.try_complete(ticket).is_some() {
-                    self.outstanding
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&work_id);
+                    lock(&self.outstanding).remove(&work_id);
                 } else {
                     left.push(ticket);
                 }
@@ -948,7 +946,7 @@ impl Drop for Context {
             self.runtime.quarantine(asid, Vec::new());
             return;
         }
-        self.runtime.asids.lock().unwrap_or_else(|p| p.into_inner())[asid as usize] = false;
+        lock(&self.runtime.asids)[asid as usize] = false;
     }
 }
 
@@ -963,7 +961,7 @@ impl Context {
         self.core.shut_down();
         self.core.wait_for_service();
         let abandoned = {
-            let mut outstanding = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
+            let mut outstanding = lock(&self.outstanding);
             let n = outstanding.len();
             outstanding.clear();
             n
@@ -978,6 +976,6 @@ impl Context {
             lost = lost.as_ref().map(|l| l.to_string()).unwrap_or_default(),
             "context released on a lost device: host side freed at once, no fence, no quarantine"
         );
-        self.runtime.asids.lock().unwrap_or_else(|p| p.into_inner())[asid as usize] = false;
+        lock(&self.runtime.asids)[asid as usize] = false;
     }
 }

@@ -21,6 +21,7 @@ use super::{
     irq_index, region_index, Backend, BackendError, BackendKind, DmaAccess, DmaSource, IrqDesc,
     MsiSet, MsiState, RegionDesc,
 };
+use sys_util::sync::lock;
 
 const NAME: &str = "emulated";
 
@@ -141,7 +142,7 @@ impl Backend for EmulatedBackend {
     }
 
     fn set_irqs(&self, mut eventfds: Vec<Option<OwnedFd>>) -> Result<(), BackendError> {
-        let mut msi = self.msi.lock().unwrap_or_else(|p| p.into_inner());
+        let mut msi = lock(&self.msi);
         let set = msi
             .plan(self.msi_offered, &eventfds)
             .map_err(|detail| transport("set_irqs (VFIO_DEVICE_SET_IRQS)", detail))?;

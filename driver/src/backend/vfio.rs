@@ -20,6 +20,7 @@ use super::{
 use crate::memlock::PinAccount;
 use crate::sys::mapped_bar::MappedBar;
 use crate::sys::vfio as raw;
+use sys_util::sync::lock;
 
 const NAME: &str = "kernel-vfio";
 
@@ -334,10 +335,7 @@ impl Backend for KernelVfioBackend {
         };
         match mapped {
             Ok(()) => {
-                self.mappings
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(iova, len);
+                lock(&self.mappings).insert(iova, len);
                 Ok(())
             }
             Err(e) => {
@@ -359,7 +357,7 @@ impl Backend for KernelVfioBackend {
     fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), BackendError> {
         let unmapped = raw::unmap_dma(self.container.as_fd_compat(), iova, len)
             .map_err(|e| err("VFIO_IOMMU_UNMAP_DMA", e))?;
-        let mut mappings = self.mappings.lock().unwrap_or_else(|p| p.into_inner());
+        let mut mappings = lock(&self.mappings);
         let charged: u64 = {
             let starts: Vec<u64> = mappings
                 .keys()
@@ -373,7 +371,7 @@ impl Backend for KernelVfioBackend {
     }
 
     fn set_irqs(&self, eventfds: Vec<Option<OwnedFd>>) -> Result<(), BackendError> {
-        let mut irq = self.irq.lock().unwrap_or_else(|p| p.into_inner());
+        let mut irq = lock(&self.irq);
         let (routed, msi) = &mut *irq;
         let set = msi
             .plan(self.irq_count, &eventfds)

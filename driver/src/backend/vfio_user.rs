@@ -45,6 +45,7 @@ use super::{
 };
 use crate::sys::mapped_bar::MappedBar;
 use crate::sys::own_memory;
+use sys_util::sync::{lock, read, write};
 
 const NAME: &str = "vfio-user";
 
@@ -61,10 +62,6 @@ fn call_errno(e: &CallError) -> Option<i32> {
         CallError::Send(e) => e.raw_os_error(),
         CallError::Closed | CallError::Timeout(_) | CallError::OverLimit => None,
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// What we propose as `max_dma_maps`: the client keeps no table of its own that would limit
@@ -780,11 +777,7 @@ impl VfioUserBackend {
         };
         self.shared
             .request("dma_unmap (all)", command::DMA_UNMAP, &req.encode(), &[])?;
-        self.shared
-            .maps
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        write(&self.shared.maps).clear();
         lock(&self.shared.windows).live.clear();
         Ok(())
     }
@@ -1037,7 +1030,7 @@ fn dma_access(shared: &Shared, body: &[u8], write: bool) -> Result<Vec<u8>, i32>
     }
     let end = req.address.checked_add(req.count).ok_or(libc::EFAULT)?;
     let (va, access) = {
-        let maps = shared.maps.read().unwrap_or_else(|p| p.into_inner());
+        let maps = read(&shared.maps);
         let (&start, m) = maps.range(..=req.address).next_back().ok_or(libc::EFAULT)?;
         if end > start.saturating_add(m.len) {
             return Err(libc::EFAULT);
@@ -1144,7 +1137,7 @@ impl Backend for VfioUserBackend {
         };
         if let Some(m) = local {
             // Registered before the server can use it (it may DMA as soon as it has the map).
-            let mut maps = self.shared.maps.write().unwrap_or_else(|p| p.into_inner());
+            let mut maps = write(&self.shared.maps);
             let end = iova
                 .checked_add(len)
                 .ok_or_else(|| transport("dma_map", "range wraps"))?;
@@ -1172,11 +1165,7 @@ impl Backend for VfioUserBackend {
         if r.is_err() {
             uncount();
             if local.is_some() {
-                self.shared
-                    .maps
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&iova);
+                write(&self.shared.maps).remove(&iova);
             }
         }
         r.map(|_| ())
@@ -1194,7 +1183,7 @@ impl Backend for VfioUserBackend {
             .request("dma_unmap", command::DMA_UNMAP, &req.encode(), &[])?;
         // The server no longer reaches the range: forget our side of it.
         {
-            let mut maps = self.shared.maps.write().unwrap_or_else(|p| p.into_inner());
+            let mut maps = write(&self.shared.maps);
             let end = iova.saturating_add(len);
             let inside: Vec<u64> = maps.range(iova..end).map(|(&s, _)| s).collect();
             for s in inside {
