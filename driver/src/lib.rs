@@ -3,7 +3,8 @@
 //! Layers, bottom up:
 //! - [`backend`]: how the device is reached (in-process emulator, kernel VFIO, vfio-user);
 //! - [`device`]: the MXA-1 programming model over any backend (rings, TLB fences, faults);
-//! - [`pagetable`], [`iova`]: device page tables and IOVA allocation;
+//! - device page tables ([`Translation`], [`PageSize`]) and IOVA allocation, inside [`device`]
+//!   and [`dma`];
 //! - the mirror of a process address space into a device address space (fault service and
 //!   invalidation), and the runtime API on top.
 #![deny(missing_docs)]
@@ -15,14 +16,20 @@ pub mod device;
 pub mod dma;
 pub mod edu;
 pub mod fault;
-pub mod iova;
-pub mod memlock;
-pub mod pagetable;
+mod iova;
+mod memlock;
+mod pagetable;
 pub mod runtime;
-pub mod sys;
+mod sys;
 pub mod view;
 
+pub use iova::IovaError;
+pub use memlock::{effective_limit as effective_memlock_limit, has_cap_ipc_lock, MemlockExceeded};
+pub use pagetable::{
+    inconsistent_entries as inconsistent_page_table_entries, PageSize, PageTableError, Translation,
+};
 pub use runtime::{Context, DeviceOps, DeviceSpec, Op, Runtime, RuntimeOptions};
+pub use sys::dmabuf::{DmaBuffer, DmaBufferError};
 
 /// Driver errors.
 #[derive(Debug, thiserror::Error)]

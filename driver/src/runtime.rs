@@ -757,7 +757,7 @@ impl Context {
 }
 
 /// Device operations on ordinary memory for anything that submits and waits: a [`Context`]
-/// in-process, a [`crate::daemon::DaemonClient`] through the daemon. The provided methods hold
+/// in-process, a `mirrord_client::DaemonClient` through the daemon. The provided methods hold
 /// the borrows of every byte they name from submit until [`DeviceOps::wait_op`] returns.
 ///
 /// # Safety
