@@ -17,9 +17,10 @@ use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use driver::daemon::{Daemon, DaemonClient, DaemonConfig};
 use driver::runtime::{DeviceSpec, Runtime, RuntimeOptions};
 use driver::{DeviceOps, Error};
+use mirrord::{Daemon, DaemonConfig};
+use mirrord_client::DaemonClient;
 
 fn fnv(bytes: &[u8]) -> u64 {
     bytes.iter().fold(accel_abi::FNV_OFFSET, |h, b| {

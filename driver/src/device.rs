@@ -97,7 +97,7 @@ pub(crate) struct Interrupts {
     pub(crate) error: EventFd,
 }
 
-/// A command that was submitted: wait for it with [`Device::wait`].
+/// A command that was submitted: wait for it with [`crate::Context::wait`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[must_use = "a submitted command must be waited for, or its queue slot is never reused"]
 pub struct Ticket {
@@ -428,6 +428,13 @@ impl Device {
     /// The DMA space (backend and IOVA allocation) shared with the contexts.
     pub fn dma(&self) -> &Arc<DmaSpace> {
         &self.dma
+    }
+
+    /// Page-table memory: (bytes the table pool holds, table pages in use by some address
+    /// space's page table).
+    pub fn table_pool_usage(&self) -> (u64, u64) {
+        let pool = lock(&self.tables);
+        (pool.bytes(), pool.in_use() as u64)
     }
 
     pub(crate) fn bar(&self) -> Bar0<'_> {
@@ -799,8 +806,10 @@ impl Drop for Device {
     }
 }
 
-/// Busy-poll backoff: spin briefly, then yield, then sleep in growing steps up to 1 ms.
-pub(crate) fn backoff(spins: &mut u32) {
+/// Busy-poll backoff, for a caller polling device state (a completion, a fence) as the driver
+/// itself does: spin briefly, then yield, then sleep in growing steps up to 1 ms. `spins` counts
+/// the calls of one wait; start it at 0.
+pub fn backoff(spins: &mut u32) {
     *spins = spins.saturating_add(1);
     match *spins {
         0..=64 => std::hint::spin_loop(),
@@ -809,7 +818,7 @@ pub(crate) fn backoff(spins: &mut u32) {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "emulator"))]
 mod tests {
     use super::*;
     use crate::backend::emulated::EmulatedBackend;

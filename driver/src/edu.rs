@@ -369,7 +369,6 @@ pub fn locked_bytes() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::{DeviceSpec, Runtime};
 
     #[test]
     fn lengths_outside_one_to_4095_are_clear_errors() {
@@ -387,7 +386,9 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "vfio")]
     fn open_of_a_missing_device_is_a_clear_error() {
+        use crate::runtime::{DeviceSpec, Runtime};
         let spec = DeviceSpec::KernelVfio("0000:ff:1f.7".into());
         let e = Runtime::<Edu>::open_with(spec, RuntimeOptions::default())
             .err()

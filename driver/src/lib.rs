@@ -3,28 +3,33 @@
 //! Layers, bottom up:
 //! - [`backend`]: how the device is reached (in-process emulator, kernel VFIO, vfio-user);
 //! - [`device`]: the MXA-1 programming model over any backend (rings, TLB fences, faults);
-//! - [`pagetable`], [`iova`]: device page tables and IOVA allocation;
+//! - device page tables ([`Translation`], [`PageSize`]) and IOVA allocation, inside [`device`]
+//!   and [`dma`];
 //! - the mirror of a process address space into a device address space (fault service and
 //!   invalidation), and the runtime API on top.
 #![deny(missing_docs)]
 
 pub mod arena;
 pub mod backend;
-pub mod bench;
 pub mod context;
-pub mod daemon;
 pub mod device;
 pub mod dma;
 pub mod edu;
 pub mod fault;
-pub mod iova;
-pub mod memlock;
-pub mod pagetable;
+mod iova;
+mod memlock;
+mod pagetable;
 pub mod runtime;
-pub mod sys;
+mod sys;
 pub mod view;
 
+pub use iova::IovaError;
+pub use memlock::{effective_limit as effective_memlock_limit, has_cap_ipc_lock, MemlockExceeded};
+pub use pagetable::{
+    inconsistent_entries as inconsistent_page_table_entries, PageSize, PageTableError, Translation,
+};
 pub use runtime::{Context, DeviceOps, DeviceSpec, Op, Runtime, RuntimeOptions};
+pub use sys::dmabuf::{DmaBuffer, DmaBufferError};
 
 /// Driver errors.
 #[derive(Debug, thiserror::Error)]
@@ -132,7 +137,7 @@ pub enum Error {
     #[error("daemon: {message} ({code:?})")]
     Daemon {
         /// Its error code.
-        code: daemon::ErrorCode,
+        code: DaemonErrorCode,
         /// Its explanation.
         message: String,
     },
@@ -152,4 +157,56 @@ pub enum Error {
         /// Status-specific detail (the VA or IOVA involved).
         detail: u64,
     },
+}
+
+/// Error codes of a failed daemon request, as the daemon's wire protocol carries them
+/// (`mirrord_client::protocol::ErrorCode`, docs/daemon.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum DaemonErrorCode {
+    /// The frame or payload was malformed.
+    BadMessage = 1,
+    /// No common protocol version.
+    Version = 2,
+    /// The peer is not allowed (uid not on the allow-list, foreign pidfd, ...).
+    NotAllowed = 3,
+    /// The request is not valid now (before HELLO, a second HELLO, ...).
+    OutOfOrder = 4,
+    /// The payload exceeded the protocol's payload limit.
+    TooLarge = 5,
+    /// A limit or quota would be exceeded; the message names it.
+    Limit = 6,
+    /// An argument was unusable (address, length, fd).
+    InvalidArgument = 7,
+    /// The named object does not exist.
+    NotFound = 8,
+    /// The daemon is shutting down.
+    ShuttingDown = 9,
+    /// The device or driver failed.
+    Device = 10,
+    /// Anything else.
+    Internal = 11,
+    /// The device is lost for good (its server process died, its connection broke); the
+    /// message names it and says why. The daemon exits once every client is told.
+    DeviceLost = 12,
+}
+
+impl DaemonErrorCode {
+    /// From the wire (unknown codes read as `Internal`).
+    pub fn from_u32(v: u32) -> DaemonErrorCode {
+        match v {
+            1 => Self::BadMessage,
+            2 => Self::Version,
+            3 => Self::NotAllowed,
+            4 => Self::OutOfOrder,
+            5 => Self::TooLarge,
+            6 => Self::Limit,
+            7 => Self::InvalidArgument,
+            8 => Self::NotFound,
+            9 => Self::ShuttingDown,
+            10 => Self::Device,
+            12 => Self::DeviceLost,
+            _ => Self::Internal,
+        }
+    }
 }

@@ -62,11 +62,6 @@ impl PinAccount {
         }
     }
 
-    /// The limit in force.
-    pub fn limit(&self) -> Option<u64> {
-        self.limit
-    }
-
     /// Bytes currently charged.
     pub fn pinned(&self) -> u64 {
         self.pinned.load(Ordering::Relaxed)

@@ -235,6 +235,7 @@ impl Cleared {
     }
 
     /// True if the TLB must be invalidated before what the old leaves pointed to is released.
+    #[cfg(test)]
     pub fn needs_fence(&self) -> bool {
         self.leaves > 0
     }
@@ -470,7 +471,7 @@ impl PageTable {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "emulator"))]
 mod tests {
     use super::*;
     use crate::backend::emulated::EmulatedBackend;

@@ -25,7 +25,9 @@ use std::time::{Duration, Instant};
 use accel_abi::{Command, Completion, Status};
 use mirror::AddressSpace;
 
+#[cfg(feature = "emulator")]
 use crate::backend::emulated::EmulatedBackend;
+#[cfg(feature = "vfio")]
 use crate::backend::vfio::KernelVfioBackend;
 use crate::backend::vfio_user::VfioUserBackend;
 use crate::backend::{Backend, DeviceLost};
@@ -38,14 +40,18 @@ use crate::pagetable::Translation;
 use crate::view::{DeviceView, MxaView};
 use crate::Error;
 
+#[cfg(feature = "emulator")]
 pub use firmware_stubs::AcceleratorConfig;
 
 /// Which device to open.
 #[derive(Debug, Clone)]
 pub enum DeviceSpec {
-    /// The MXA-1 emulator, in this process.
+    /// The MXA-1 emulator, in this process (feature `emulator`, on by default).
+    #[cfg(feature = "emulator")]
     Emulated(AcceleratorConfig),
-    /// A device bound to vfio-pci, by PCI address (`0000:00:03.0`).
+    /// A device bound to vfio-pci, by PCI address (`0000:00:03.0`; feature `vfio`, on by
+    /// default).
+    #[cfg(feature = "vfio")]
     KernelVfio(String),
     /// A vfio-user server's socket (for example `mirrorctl emulate --socket PATH`).
     VfioUser(std::path::PathBuf),
@@ -53,6 +59,7 @@ pub enum DeviceSpec {
 
 impl DeviceSpec {
     /// The embedded emulator with its default configuration.
+    #[cfg(feature = "emulator")]
     pub fn emulated() -> DeviceSpec {
         DeviceSpec::Emulated(AcceleratorConfig::default())
     }
@@ -291,7 +298,9 @@ impl<P: Personality> Runtime<P> {
     /// Open the device `spec` names as personality `P`, and start its fault source.
     pub fn open_with(spec: DeviceSpec, options: RuntimeOptions) -> Result<Arc<Runtime<P>>, Error> {
         let backend: Box<dyn Backend> = match &spec {
+            #[cfg(feature = "emulator")]
             DeviceSpec::Emulated(cfg) => Box::new(EmulatedBackend::new(cfg.clone())?),
+            #[cfg(feature = "vfio")]
             DeviceSpec::KernelVfio(address) => Box::new(KernelVfioBackend::open(address)?),
             DeviceSpec::VfioUser(path) => Box::new(VfioUserBackend::connect(path)?),
         };
@@ -944,7 +953,7 @@ impl<P: Personality> Context<P> {
 }
 
 /// Device operations on ordinary memory for anything that submits and waits: a [`Context`]
-/// in-process, a [`crate::daemon::DaemonClient`] through the daemon. The provided methods hold
+/// in-process, a `mirrord_client::DaemonClient` through the daemon. The provided methods hold
 /// the borrows of every byte they name from submit until [`DeviceOps::wait_op`] returns.
 ///
 /// # Safety

@@ -257,7 +257,7 @@ impl DeviceView for IommuView {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "emulator"))]
 mod tests {
     use super::*;
     use crate::runtime::{DeviceSpec, Runtime, RuntimeOptions};

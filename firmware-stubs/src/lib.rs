@@ -209,6 +209,25 @@ impl Accelerator {
         self.inner.set_held(hold);
     }
 
+    /// Test companion of [`Accelerator::hold_work`]: wait until the device has no fetched work
+    /// left, neither running nor stalled (STATUS has neither BUSY nor STALLED), polling every
+    /// 5 ms for at most `patience`. Returns whether it went idle.
+    pub fn wait_idle(&self, patience: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + patience;
+        loop {
+            let mut raw = [0u8; 4];
+            self.bar_read(0, accel_abi::regs::STATUS, &mut raw);
+            let status = u32::from_le_bytes(raw);
+            if status & (accel_abi::regs::status::BUSY | accel_abi::regs::status::STALLED) == 0 {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     /// Read PCI configuration space. Bytes beyond the 256-byte space read 0xff.
     pub fn config_read(&self, offset: u64, data: &mut [u8]) {
         self.inner.config_read(offset, data);

@@ -518,10 +518,7 @@ fn memlock(run: &mut Run, address: &str, baseline: u64) -> Res {
     const CAP_IPC_LOCK: u32 = 14;
     const LIMIT: u64 = 256 << 10;
     integration_tests::guest::drop_capability(CAP_IPC_LOCK)?;
-    ensure!(
-        !driver::memlock::has_cap_ipc_lock(),
-        "CAP_IPC_LOCK still effective"
-    );
+    ensure!(!driver::has_cap_ipc_lock(), "CAP_IPC_LOCK still effective");
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK, LIMIT, LIMIT)
         .map_err(e("setrlimit(RLIMIT_MEMLOCK)"))?;
     let edu = open(address).map_err(e("reopen edu"))?;

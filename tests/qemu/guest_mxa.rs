@@ -18,12 +18,12 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use driver::daemon::DaemonClient;
 use driver::fault::{CancelReason, ServiceMode};
 use driver::runtime::Runtime;
 use driver::{DeviceOps, Error};
 use integration_tests::guest;
 use mirror::Mapping;
+use mirrord_client::DaemonClient;
 
 const PAGE: usize = 4096;
 const RW: libc::c_int = libc::PROT_READ | libc::PROT_WRITE;
@@ -195,10 +195,7 @@ fn memlock_limit_without_cap_ipc_lock() {
 }
 
 fn memlock_child() {
-    assert!(
-        !driver::memlock::has_cap_ipc_lock(),
-        "CAP_IPC_LOCK still effective"
-    );
+    assert!(!driver::has_cap_ipc_lock(), "CAP_IPC_LOCK still effective");
     let rt = guest::open(ServiceMode::Interrupt);
     let ctx = rt.create_context().unwrap();
     // The runtime's own pins (rings, page-table pages) plus 256 KiB.
@@ -368,7 +365,7 @@ struct SharedArena {
 
 impl SharedArena {
     fn register(client: &DaemonClient, path: &str, len: usize) -> SharedArena {
-        use driver::daemon::protocol::{Reply, Request};
+        use mirrord_client::protocol::{Reply, Request};
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)

@@ -40,7 +40,7 @@ have_busybox || skip_or_fail "no static busybox at $BUSYBOX: install busybox-sta
 BUILD_LOG=$OUT/build.log
 GUEST_BUILD=(env CARGO_TARGET_DIR="$OUT/cargo" CARGO_PROFILE_DEV_OPT_LEVEL=1 CARGO_PROFILE_DEV_DEBUG=0)
 (
-    "${GUEST_BUILD[@]}" cargo build -q -p driver --bin mirrorctl &&
+    "${GUEST_BUILD[@]}" cargo build -q -p mirrorctl &&
         "${GUEST_BUILD[@]}" cargo test -q -p integration-tests --test guest_suites --test guest_mxa \
             --test hmm_fork --test shadow_oracle --no-run --message-format=json |
         sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' >"$OUT/binaries"

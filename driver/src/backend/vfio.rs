@@ -1,5 +1,5 @@
 //! Kernel VFIO backend: a PCI device bound to vfio-pci, reached through `vfio-ioctls`
-//! (container + TYPE1v2, the group viability check) and the raw ioctls in [`crate::sys::vfio`]
+//! (container + TYPE1v2, the group viability check) and the raw ioctls in the driver's private `sys::vfio` module
 //! for everything the crate does not report errors for.
 //!
 //! DMA mappings are real long-term pins (`VFIO_IOMMU_MAP_DMA`), charged against
@@ -18,6 +18,7 @@ use super::{
     MsiState, RegionDesc,
 };
 use crate::memlock::PinAccount;
+use crate::sys::mapped_bar::MappedBar;
 use crate::sys::vfio as raw;
 
 const NAME: &str = "kernel-vfio";
@@ -42,7 +43,7 @@ fn err(op: &'static str, detail: impl std::fmt::Display) -> BackendError {
 struct DeviceFile<D> {
     device: D,
     /// BAR0 mapped into the process when VFIO allows it (registers without a syscall each).
-    bar0: Option<raw::MappedBar>,
+    bar0: Option<MappedBar>,
 }
 
 impl<D> Drop for DeviceFile<D> {
@@ -152,7 +153,7 @@ impl KernelVfioBackend {
         {
             let (offset, size) = bars[0];
             let fd = raw::borrow_fd(&device);
-            match raw::MappedBar::map(fd, offset, size) {
+            match MappedBar::map(fd, offset, size) {
                 Ok(m) => Some(m),
                 Err(e) => {
                     tracing::info!(error = %e, "BAR0 mmap refused; using pread/pwrite");
@@ -551,7 +552,7 @@ mod tests {
         .unwrap();
         let file = std::fs::File::from(fd);
         file.set_len(4096).unwrap();
-        let bar0 = raw::MappedBar::map(file.as_fd(), 0, 4096).unwrap();
+        let bar0 = MappedBar::map(file.as_fd(), 0, 4096).unwrap();
         drop(file);
         let mapped_at_drop = Arc::new(Mutex::new(None));
         let probe = DeviceProbe {

@@ -32,7 +32,6 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use firmware_stubs::{DmaMemory, ProcessMemory};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use vfio_user_protocol::payload::{self, irq, region};
 use vfio_user_protocol::version::{self, Capabilities, Version};
@@ -44,7 +43,8 @@ use super::{
     irq_index, region_index, Backend, BackendError, BackendKind, DeviceLost, DmaAccess, DmaSource,
     IrqDesc, MsiSet, MsiState, RegionDesc,
 };
-use crate::sys::vfio::MappedBar;
+use crate::sys::mapped_bar::MappedBar;
+use crate::sys::own_memory;
 
 const NAME: &str = "vfio-user";
 
@@ -1021,12 +1021,11 @@ fn dma_access(shared: &Shared, body: &[u8], write: bool) -> Result<Vec<u8>, i32>
         }
         (m.va + (req.address - start), m.access)
     };
-    let memory = ProcessMemory::current(va, req.count);
     if write {
         if !access.write {
             return Err(libc::EPERM);
         }
-        memory.write(0, &req.data).map_err(|_| libc::EFAULT)?;
+        own_memory::write(va, &req.data).map_err(|e| e as i32)?;
         Ok(payload::DmaAccess {
             address: req.address,
             count: req.count,
@@ -1038,7 +1037,7 @@ fn dma_access(shared: &Shared, body: &[u8], write: bool) -> Result<Vec<u8>, i32>
             return Err(libc::EPERM);
         }
         let mut data = vec![0u8; count];
-        memory.read(0, &mut data).map_err(|_| libc::EFAULT)?;
+        own_memory::read(va, &mut data).map_err(|e| e as i32)?;
         Ok(payload::DmaAccess {
             address: req.address,
             count: req.count,

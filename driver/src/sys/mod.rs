@@ -1,5 +1,6 @@
 //! The driver's unsafe edge: memory the device shares with us, and raw OS interfaces.
 pub mod dmabuf;
-pub mod shared_mem;
-pub mod unix_msg;
+pub mod mapped_bar;
+pub mod own_memory;
+#[cfg(feature = "vfio")]
 pub mod vfio;

@@ -13,11 +13,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::daemon::{Daemon, DaemonClient, DaemonConfig};
-use crate::fault::ServiceMode;
-use crate::runtime::{DeviceSpec, Runtime, RuntimeOptions};
-use crate::sys::shared_mem::SharedMemory;
-use crate::{DeviceOps, Error};
+use driver::fault::ServiceMode;
+use driver::runtime::{DeviceSpec, Runtime, RuntimeOptions};
+use driver::{DeviceOps, Error};
+use mirrord::{Daemon, DaemonConfig};
+use mirrord_client::shared_mem::SharedMemory;
+use mirrord_client::DaemonClient;
 
 /// One measured configuration.
 #[derive(Debug, Clone)]
@@ -154,7 +155,7 @@ fn heavy_client(socket: &Path, in_flight: usize, pages: usize) -> Result<(), Err
         let _ = std::io::stdin().read_line(&mut line);
         told.store(true, std::sync::atomic::Ordering::Release);
     });
-    let op = crate::runtime::Op::Checksum {
+    let op = driver::runtime::Op::Checksum {
         src: arena.va(),
         len: arena.len() as u64,
     };
@@ -548,7 +549,7 @@ pub(super) fn figures(
             unloaded.p99_us,
             unloaded.max_us,
             loaded.max_us,
-            crate::daemon::server::DEFAULT_DEVICE_BYTES_PER_CLIENT >> 20
+            mirrord::DEFAULT_DEVICE_BYTES_PER_CLIENT >> 20
         ),
     });
     let plot = Plot {

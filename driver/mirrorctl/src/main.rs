@@ -147,12 +147,12 @@ struct ResourceFlags {
     max_arena_mib_total: u64,
     /// MiB of one client's commands on the device at once (a larger command runs alone), so
     /// that a heavy client's queue does not delay everybody's small commands; 0: no bound.
-    #[arg(long, default_value_t = driver::daemon::server::DEFAULT_DEVICE_BYTES_PER_CLIENT >> 20)]
+    #[arg(long, default_value_t = mirrord::DEFAULT_DEVICE_BYTES_PER_CLIENT >> 20)]
     device_mib_per_client: u64,
 }
 
 impl ResourceFlags {
-    fn apply(&self, config: &mut driver::daemon::DaemonConfig) {
+    fn apply(&self, config: &mut mirrord::DaemonConfig) {
         config.max_handshakes = self.max_handshakes;
         config.max_handshakes_per_uid = self.max_handshakes_per_uid;
         config.hello_timeout = std::time::Duration::from_secs(self.hello_timeout_secs);
@@ -183,7 +183,7 @@ fn main() -> ExitCode {
             socket,
             rounds,
             pages,
-        } => driver::bench::daemon::client_main(&socket, rounds, pages),
+        } => driver_bench::daemon::client_main(&socket, rounds, pages),
         Command::Serve {
             socket,
             allow_uid,
@@ -200,7 +200,7 @@ fn main() -> ExitCode {
         } => {
             // Before the device (and its queue memfds) exists: no other process of this uid
             // may open them through /proc/PID/fd.
-            if let Err(e) = driver::daemon::server::forbid_dumping() {
+            if let Err(e) = mirrord::forbid_dumping() {
                 eprintln!("mirrorctl: {e}");
                 return ExitCode::FAILURE;
             }
@@ -211,7 +211,7 @@ fn main() -> ExitCode {
             };
             let socket = match socket
                 .map(Ok)
-                .unwrap_or_else(driver::daemon::client::checked_default_socket_path)
+                .unwrap_or_else(mirrord_client::checked_default_socket_path)
             {
                 Ok(path) => path,
                 Err(e) => {
@@ -219,7 +219,7 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let mut config = driver::daemon::DaemonConfig::new(socket);
+            let mut config = mirrord::DaemonConfig::new(socket);
             config.allowed_uids = allow_uid;
             config.max_clients = max_clients;
             config.max_clients_per_uid = max_clients_per_uid.unwrap_or(max_clients);
@@ -261,11 +261,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn serve(
-    spec: DeviceSpec,
-    polling: bool,
-    config: driver::daemon::DaemonConfig,
-) -> Result<(), Error> {
+fn serve(spec: DeviceSpec, polling: bool, config: mirrord::DaemonConfig) -> Result<(), Error> {
     let options = RuntimeOptions {
         mode: if polling {
             ServiceMode::Polling
@@ -275,7 +271,7 @@ fn serve(
         ..RuntimeOptions::default()
     };
     let runtime = Runtime::open(spec, options)?;
-    let daemon = driver::daemon::Daemon::new(runtime, config)?;
+    let daemon = mirrord::Daemon::new(runtime, config)?;
     let os = |what| move |source| Error::Os { what, source };
     let tokio = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -297,13 +293,13 @@ fn serve(
 }
 
 fn bench(quick: bool, out: std::path::PathBuf, progress: bool) -> Result<(), Error> {
-    let options = driver::bench::BenchOptions {
+    let options = driver_bench::BenchOptions {
         quick,
         out: out.clone(),
         progress,
         client_exe: std::env::current_exe().ok(),
     };
-    let report = driver::bench::Bench::run(&options)?;
+    let report = driver_bench::Bench::run(&options)?;
     print!("{}", report.to_markdown());
     println!("\nwritten to {}", out.display());
     Ok(())

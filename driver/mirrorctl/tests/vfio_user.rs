@@ -4,6 +4,10 @@
 //! (the server's requests on their own socket). Plus the server's life cycle: a killed server,
 //! SIGTERM, reconnection to a device that keeps its state, a second client told the server is
 //! busy, hostile clients (a stalled half message, refused BAR0 widths) and scripted servers.
+//!
+//! It lives beside the `mirrorctl` binary it runs; the suite is the driver's own, shared with
+//! driver/tests/emulated.rs.
+#[path = "../../tests/suite/mod.rs"]
 mod suite;
 
 use std::io::{BufRead, BufReader, Read};

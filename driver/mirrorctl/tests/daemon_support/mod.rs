@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use driver::daemon::Daemon;
 use driver::Error;
+use mirrord::Daemon;
 
 /// A directory under the temp dir, removed when dropped.
 pub struct TempDir(pub PathBuf);

@@ -1,9 +1,9 @@
 //! The client library: what a compute runtime uses instead of opening the device itself.
 //!
 //! ```no_run
-//! use driver::daemon::DaemonClient;
 //! use driver::DeviceOps;
-//! let client = DaemonClient::connect(&driver::daemon::client::checked_default_socket_path()?)?;
+//! use mirrord_client::DaemonClient;
+//! let client = DaemonClient::connect(&mirrord_client::checked_default_socket_path()?)?;
 //! let mut arena = client.alloc_arena(1 << 20)?; // memory the device can reach
 //! client.fill(&mut arena[..], 0x5a5a_5a5a_5a5a_5a5a)?;
 //! assert!(arena.iter().all(|b| *b == 0x5a));
@@ -12,7 +12,7 @@
 //!
 //! Device-visible memory lives in arenas ([`DaemonClient::alloc_arena`]): the daemon cannot
 //! reach this process's private memory, so a command naming any other address fails with
-//! [`crate::fault::CancelReason::Unreachable`].
+//! [`driver::fault::CancelReason::Unreachable`].
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io;
@@ -26,15 +26,15 @@ use std::time::Duration;
 
 use accel_abi::{Completion, Status};
 
-use super::protocol::{
+use crate::protocol::{
     self, kind, ClientLimits, CompletionEvent, DeviceLostNotice, ErrorCode, Header, Reply, Request,
     StatsReply, HEADER_SIZE, MAX_PAYLOAD, REPLY, STATUS_DEVICE_LOST, VERSION,
 };
-use crate::backend::DeviceLost;
-use crate::runtime::{completion_result, DeviceOps, Op};
-use crate::sys::shared_mem::SharedMemory;
-use crate::sys::unix_msg;
-use crate::Error;
+use crate::shared_mem::SharedMemory;
+use crate::unix_msg;
+use driver::backend::DeviceLost;
+use driver::runtime::{completion_result, DeviceOps, Op};
+use driver::Error;
 
 /// A command submitted through the daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -422,7 +422,7 @@ impl DaemonClient {
     fn explained(&self, e: Error) -> Error {
         match e {
             Error::Cancelled {
-                reason: crate::fault::CancelReason::Quota,
+                reason: driver::fault::CancelReason::Quota,
             } => Error::QuotaExceeded {
                 quota: "mapped (pinned) bytes per client (the command was cancelled, its \
                         pages would not fit; raise it with mirrorctl serve --max-mapped-mib or \

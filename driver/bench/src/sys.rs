@@ -1,13 +1,13 @@
 //! The benchmarks' raw kernel calls: CPU pinning, madvise/munmap baselines, a minimal
 //! MISSING-mode userfaultfd handler (the UFFDIO_COPY round-trip baseline), and device command
-//! submission on bench-owned memory. The only `unsafe` of `driver::bench`.
+//! submission on bench-owned memory. The only `unsafe` of `driver-bench`.
 
 use std::io;
 use std::time::{Duration, Instant};
 
-use crate::device::Ticket;
-use crate::runtime::{Context, Op};
-use crate::Error;
+use driver::device::Ticket;
+use driver::runtime::{Context, Op};
+use driver::Error;
 
 /// Page size the benchmarks use.
 pub const PAGE: usize = 4096;
@@ -76,11 +76,6 @@ impl Region {
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len
-    }
-
-    /// Always false (a region has at least one page).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     /// Address of page `i`.

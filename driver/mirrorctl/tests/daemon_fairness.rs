@@ -17,12 +17,13 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use driver::daemon::protocol::{Reply, Request};
-use driver::daemon::server::ClientSchedule;
-use driver::daemon::{Daemon, DaemonClient, DaemonConfig};
 use driver::fault::ServiceMode;
 use driver::runtime::{DeviceSpec, Op, Runtime, RuntimeOptions};
 use driver::DeviceOps;
+use mirrord::ClientSchedule;
+use mirrord::{Daemon, DaemonConfig};
+use mirrord_client::protocol::{Reply, Request};
+use mirrord_client::DaemonClient;
 
 const ROLE: &str = "MIRROR_FAIRNESS_ROLE";
 const SOCKET: &str = "MIRROR_FAIRNESS_SOCKET";
@@ -465,7 +466,7 @@ impl Drop for KilledOnDrop {
 fn the_fairness_benchmark_clients_run() {
     let exe = std::path::Path::new(env!("CARGO_BIN_EXE_mirrorctl"));
     let (unloaded, loaded) =
-        driver::bench::daemon::measure_fairness(exe, 5, 4, 1 << 20, ServiceMode::Interrupt)
+        driver_bench::daemon::measure_fairness(exe, 5, 4, 1 << 20, ServiceMode::Interrupt)
             .expect("the fairness benchmark");
     assert!(unloaded.p50_us > 0.0 && loaded.max_us >= loaded.p50_us);
 }

@@ -9,7 +9,7 @@
 
 pub mod daemon;
 pub mod report;
-pub mod sys;
+mod sys;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -18,11 +18,11 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::context::ContextOptions;
-use crate::device::{DeviceOptions, Ticket};
-use crate::fault::ServiceMode;
-use crate::runtime::{AcceleratorConfig, Context, DeviceSpec, Runtime, RuntimeOptions};
-use crate::Error;
+use driver::context::ContextOptions;
+use driver::device::{DeviceOptions, Ticket};
+use driver::fault::ServiceMode;
+use driver::runtime::{AcceleratorConfig, Context, DeviceSpec, Runtime, RuntimeOptions};
+use driver::Error;
 pub use report::{Figure, Plot, Report, Target};
 use sys::{Region, PAGE};
 

@@ -7,8 +7,8 @@
 //! bytes. A reply has the request's kind with [`REPLY`] set and the request's id; a completion
 //! event has kind [`kind::COMPLETION`] and id 0.
 
-use crate::backend::DeviceLost;
-use crate::runtime::Op;
+use driver::backend::DeviceLost;
+use driver::runtime::Op;
 
 /// First four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"MXD1";
@@ -382,56 +382,8 @@ impl Request {
     }
 }
 
-/// Error codes of a failed request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u32)]
-pub enum ErrorCode {
-    /// The frame or payload was malformed.
-    BadMessage = 1,
-    /// No common protocol version.
-    Version = 2,
-    /// The peer is not allowed (uid not on the allow-list, foreign pidfd, ...).
-    NotAllowed = 3,
-    /// The request is not valid now (before HELLO, a second HELLO, ...).
-    OutOfOrder = 4,
-    /// The payload exceeded [`MAX_PAYLOAD`].
-    TooLarge = 5,
-    /// A limit or quota would be exceeded; the message names it.
-    Limit = 6,
-    /// An argument was unusable (address, length, fd).
-    InvalidArgument = 7,
-    /// The named object does not exist.
-    NotFound = 8,
-    /// The daemon is shutting down.
-    ShuttingDown = 9,
-    /// The device or driver failed.
-    Device = 10,
-    /// Anything else.
-    Internal = 11,
-    /// The device is lost for good (its server process died, its connection broke); the
-    /// message names it and says why. The daemon exits once every client is told.
-    DeviceLost = 12,
-}
-
-impl ErrorCode {
-    /// From the wire (unknown codes read as `Internal`).
-    pub fn from_u32(v: u32) -> ErrorCode {
-        match v {
-            1 => Self::BadMessage,
-            2 => Self::Version,
-            3 => Self::NotAllowed,
-            4 => Self::OutOfOrder,
-            5 => Self::TooLarge,
-            6 => Self::Limit,
-            7 => Self::InvalidArgument,
-            8 => Self::NotFound,
-            9 => Self::ShuttingDown,
-            10 => Self::Device,
-            12 => Self::DeviceLost,
-            _ => Self::Internal,
-        }
-    }
-}
+/// Error codes of a failed request: defined with the driver's error type, which carries them.
+pub use driver::DaemonErrorCode as ErrorCode;
 
 impl From<&DecodeError> for ErrorCode {
     fn from(e: &DecodeError) -> Self {

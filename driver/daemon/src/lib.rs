@@ -1,4 +1,14 @@
-//! The daemon's server: accept clients on a Unix socket, give each its own device address space
+//! The daemon server behind `mirrorctl serve` (docs/daemon.md): one device serving many client
+//! processes, each mirrored into its own device address space.
+//!
+//! A client is authenticated by SO_PEERCRED (uid allow-list), hands over its userfaultfd and a
+//! pidfd, and registers memfd arenas: the device reaches that client's memory through those
+//! arenas only ([`driver::context::Reach::Arenas`]), so no client can make it touch another's
+//! memory or the daemon's. Faults are serviced against the client's own mirror, with a fair
+//! share of each fault batch per client; quotas bound pins, in-flight commands, arenas and
+//! clients. The client side and the wire format are the `mirrord-client` package.
+//!
+//! The server: accept clients on a Unix socket, give each its own device address space
 //! mirroring its process, run its commands, release it when it leaves or dies.
 //!
 //! Threads: tokio tasks own the sockets (one reader and one session task per client); blocking
@@ -6,6 +16,8 @@
 //! blocking pool; one completion pump thread collects finished commands for every client and
 //! hands them to the sessions; the runtime's fault-service thread services every client's faults
 //! against that client's own mirror.
+
+#![deny(missing_docs)]
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -23,18 +35,18 @@ use tokio::io::Interest;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
-use super::protocol::{
+use driver::arena::{ArenaError, ArenaLimits, ArenaTable};
+use driver::backend::DeviceLost;
+use driver::context::{ContextOptions, Reach};
+use driver::device::{backoff, Ticket};
+use driver::fault::ServiceMode;
+use driver::runtime::{Context, Runtime};
+use driver::Error;
+use mirrord_client::protocol::{
     self, kind, ClientLimits, CompletionEvent, DecodeError, DeviceLostNotice, ErrorCode, Header,
     Reply, Request, StatsReply, HEADER_SIZE, MAX_PAYLOAD, REPLY, STATUS_DEVICE_LOST, VERSION,
 };
-use crate::arena::{ArenaError, ArenaLimits, ArenaTable};
-use crate::backend::DeviceLost;
-use crate::context::{ContextOptions, Reach};
-use crate::device::{backoff, Ticket};
-use crate::fault::ServiceMode;
-use crate::runtime::{Context, Runtime};
-use crate::sys::unix_msg;
-use crate::Error;
+use mirrord_client::unix_msg;
 
 /// How the daemon is set up.
 #[derive(Debug, Clone)]
@@ -355,15 +367,7 @@ impl Shared {
             let iova = dma.iova();
             (iova.used_bytes(), iova.allocations() as u64)
         };
-        let (table_pool_bytes, table_pages_in_use) = {
-            let pool = self
-                .runtime
-                .device()
-                .tables
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            (pool.bytes(), pool.in_use() as u64)
-        };
+        let (table_pool_bytes, table_pages_in_use) = self.runtime.device().table_pool_usage();
         StatsReply {
             table_pool_bytes,
             table_pages_in_use,
@@ -756,7 +760,7 @@ fn size_for_fd_limit(config: &mut DaemonConfig, fd_limit: u64, open_now: u64) {
             fds_per_client = per_client,
             "the open-files limit (RLIMIT_NOFILE, hard limit {fd_limit}) cannot hold {} clients \
              and {} handshakes: --max-clients lowered to {}, --max-handshakes to {}; raise the \
-             hard limit (ulimit -Hn, systemd LimitNOFILE=) or lower --max-arenas",
+             hard limit (ulimit -Hn, systemd LimitNOFILE=) or lower --max-arenas-per-client",
             wanted.0,
             wanted.1,
             config.max_clients,
@@ -1440,7 +1444,7 @@ impl Session {
 
     fn watch_exit(&mut self) -> Option<AsyncFd<OwnedFd>> {
         let pidfd = self.exit_watch.take()?;
-        unix_msg::async_readable(pidfd).ok()
+        async_readable(pidfd).ok()
     }
 
     async fn handle(&mut self, incoming: Incoming) -> Flow {
@@ -1875,7 +1879,7 @@ impl Session {
         header: Header,
         client: &Arc<ClientState>,
         tag: u64,
-        op: crate::Op,
+        op: driver::Op,
     ) -> Flow {
         if self.closing {
             return self
@@ -2013,13 +2017,13 @@ impl Session {
 
     /// Why the device would refuse `op` for its length (it completes such a command with a
     /// bare `BadCommand`, detail 0): the refusal names the device's limit instead.
-    fn too_long(&self, op: &crate::Op) -> Option<String> {
+    fn too_long(&self, op: &driver::Op) -> Option<String> {
         let len = match *op {
-            crate::Op::Copy { len, .. }
-            | crate::Op::Fill { len, .. }
-            | crate::Op::Checksum { len, .. }
-            | crate::Op::Prefetch { len, .. } => len,
-            crate::Op::AtomicAdd { .. } => return None,
+            driver::Op::Copy { len, .. }
+            | driver::Op::Fill { len, .. }
+            | driver::Op::Checksum { len, .. }
+            | driver::Op::Prefetch { len, .. } => len,
+            driver::Op::AtomicAdd { .. } => return None,
         };
         let max = u64::from(self.shared.runtime.device().caps().max_transfer);
         (len > max).then(|| {
@@ -2113,13 +2117,13 @@ fn device_share_for(config: &DaemonConfig) -> Option<DeviceShare> {
 }
 
 /// Bytes of device work `op` names.
-fn op_bytes(op: &crate::Op) -> u64 {
+fn op_bytes(op: &driver::Op) -> u64 {
     match *op {
-        crate::Op::Copy { len, .. }
-        | crate::Op::Fill { len, .. }
-        | crate::Op::Checksum { len, .. }
-        | crate::Op::Prefetch { len, .. } => len,
-        crate::Op::AtomicAdd { .. } => 8,
+        driver::Op::Copy { len, .. }
+        | driver::Op::Fill { len, .. }
+        | driver::Op::Checksum { len, .. }
+        | driver::Op::Prefetch { len, .. } => len,
+        driver::Op::AtomicAdd { .. } => 8,
     }
 }
 
@@ -2129,7 +2133,7 @@ fn op_bytes(op: &crate::Op) -> u64 {
 /// was closed (never, today).
 async fn take_device_share(
     client: &ClientState,
-    op: &crate::Op,
+    op: &driver::Op,
 ) -> Result<Option<OwnedSemaphorePermit>, tokio::sync::AcquireError> {
     let Some(share) = &client.device_share else {
         return Ok(None);
@@ -2247,4 +2251,13 @@ impl FilePages {
         let start = v.range.start() + (from - v.offset);
         VaRange::new(start, to - from).ok()
     }
+}
+
+/// Register `fd` with tokio for readability (a pidfd turns readable when its process exits).
+/// Must be called inside a tokio runtime.
+pub fn async_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open (and is not reused
+    // for something else) until the registration is dropped with it.
+    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        .map_err(|e| e.into())
 }

@@ -72,12 +72,3 @@ pub fn anon_inode_kind(fd: BorrowedFd<'_>) -> Option<String> {
         .strip_prefix("anon_inode:")
         .map(str::to_string)
 }
-
-/// Register `fd` with tokio for readability (a pidfd turns readable when its process exits).
-/// Must be called inside a tokio runtime.
-pub fn async_readable(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
-    // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open (and is not reused
-    // for something else) until the registration is dropped with it.
-    unsafe { tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-        .map_err(|e| e.into())
-}

@@ -17,11 +17,12 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use driver::daemon::protocol::{self, ErrorCode, Header, Reply, Request, HEADER_SIZE};
-use driver::daemon::{Daemon, DaemonClient, DaemonConfig};
 use driver::fault::ServiceMode;
 use driver::runtime::{DeviceSpec, Runtime, RuntimeOptions};
 use driver::Error;
+use mirrord::{Daemon, DaemonConfig};
+use mirrord_client::protocol::{self, ErrorCode, Header, Reply, Request, HEADER_SIZE};
+use mirrord_client::DaemonClient;
 
 const ROLE_ENV: &str = "MIRROR_RESOURCES_TEST_ROLE";
 const SOCKET_ENV: &str = "MIRROR_RESOURCES_TEST_SOCKET";
@@ -128,14 +129,14 @@ fn decoded(frame: &(Header, Vec<u8>)) -> Reply {
 fn send_hello(socket: &Path) -> UnixStream {
     let s = raw_connect(socket);
     let uffd = mirror::uffd::create_uninitialised().expect("userfaultfd");
-    let pidfd = driver::sys::unix_msg::pidfd_open(std::process::id() as i32).expect("pidfd");
+    let pidfd = mirrord_client::unix_msg::pidfd_open(std::process::id() as i32).expect("pidfd");
     let (k, p) = Request::Hello {
         min_version: 1,
         max_version: 1,
     }
     .encode();
     let frame = protocol::frame(k, 1, &p);
-    driver::sys::unix_msg::send(s.as_fd(), &frame, &[uffd.as_fd(), pidfd.as_fd()]).unwrap();
+    mirrord_client::unix_msg::send(s.as_fd(), &frame, &[uffd.as_fd(), pidfd.as_fd()]).unwrap();
     s
 }
 
