@@ -13,6 +13,8 @@ for tool in rustfmt clippy; do
 done
 cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
+# The public API's documentation: no broken link, no link to a private item.
+RUSTDOCFLAGS="-D warnings" cargo doc -q --no-deps --workspace
 
 echo "== packages by who links them (docs/architecture.md): forbidden dependency arrows =="
 # Each line: package, cargo tree flags, crates its normal dependency tree must not contain.

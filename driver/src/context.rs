@@ -350,9 +350,10 @@ impl Drop for Walked {
 }
 
 /// A process address space mirrored into one device view: the subscription, the DMA
-/// mappings and the fault path. The runtime's [`crate::Context`] wraps one for MXA-1; a device
-/// without page faults uses one directly with an [`crate::view::IommuView`] and
-/// [`ContextCore::map_for_device`] on submit.
+/// mappings and the fault path. The runtime's [`crate::Context`] wraps one, with the view its
+/// [`crate::runtime::Personality`] gives it: faults reach it through the personality's fault
+/// source (MXA-1), or a device without page faults (edu, with an [`crate::view::IommuView`])
+/// maps through [`ContextCore::map_for_device`] on submit.
 pub struct ContextCore {
     pub(crate) dma: Arc<DmaSpace>,
     pub(crate) asid: u16,

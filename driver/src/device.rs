@@ -98,7 +98,7 @@ pub(crate) struct Interrupts {
     pub(crate) error: EventFd,
 }
 
-/// A command that was submitted: wait for it with [`Device::wait`].
+/// A command that was submitted: wait for it with [`crate::Context::wait`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[must_use = "a submitted command must be waited for, or its queue slot is never reused"]
 pub struct Ticket {

@@ -3,9 +3,12 @@
 //! Layers, bottom up:
 //! - [`backend`]: how the device is reached (in-process emulator, kernel VFIO, vfio-user);
 //! - [`device`]: the MXA-1 programming model over any backend (rings, TLB fences, faults);
-//! - [`pagetable`], [`iova`]: device page tables and IOVA allocation;
+//! - device page tables ([`Translation`], [`PageSize`]) and IOVA allocation, inside [`device`]
+//!   and [`dma`];
 //! - the mirror of a process address space into a device address space (fault service and
-//!   invalidation), and the runtime API on top.
+//!   invalidation), and the runtime API on top ([`Runtime`], [`Context`], [`Op`]);
+//! - personalities ([`Personality`]): what kind of device a runtime drives, MXA-1 ([`Mxa`], the
+//!   default) or QEMU's edu ([`edu::Edu`]), both opened through [`Runtime::open_with`].
 #![deny(missing_docs)]
 
 pub mod arena;
@@ -15,14 +18,23 @@ pub mod device;
 pub mod dma;
 pub mod edu;
 pub mod fault;
-pub mod iova;
-pub mod memlock;
-pub mod pagetable;
+mod iova;
+mod memlock;
+mod pagetable;
 pub mod runtime;
-pub mod sys;
+mod sys;
 pub mod view;
 
-pub use runtime::{Context, DeviceOps, DeviceSpec, Op, Runtime, RuntimeOptions};
+pub use iova::IovaError;
+pub use memlock::{effective_limit as effective_memlock_limit, has_cap_ipc_lock, MemlockExceeded};
+pub use pagetable::{
+    inconsistent_entries as inconsistent_page_table_entries, PageSize, PageTableError, Translation,
+};
+pub use runtime::{
+    Context, DeviceOps, DeviceSpec, FaultSource, Mxa, NoFaults, Op, Personality, Runtime,
+    RuntimeOptions,
+};
+pub use sys::dmabuf::{DmaBuffer, DmaBufferError};
 
 /// Driver errors.
 #[derive(Debug, thiserror::Error)]

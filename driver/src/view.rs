@@ -1,7 +1,8 @@
 //! Device views: how a context's DMA-mapped ranges become visible to its device.
 //!
-//! This is the personality seam. The mirror, the DMA mapper and the invalidation ordering are
-//! shared; what differs between devices is only this:
+//! A view is one of the three parts of a [`crate::runtime::Personality`] (with the bring-up and
+//! the fault source): the mirror, the DMA mapper and the invalidation ordering are shared; what
+//! a device makes of a DMA-mapped range is this:
 //! - [`MxaView`]: a device with its own page table and TLB (MXA-1): install writes PTEs, removal
 //!   clears them, the fence is a TLB invalidation;
 //! - [`IommuView`]: a device without page faults or page tables (QEMU's edu): it addresses memory

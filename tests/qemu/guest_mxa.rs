@@ -195,10 +195,7 @@ fn memlock_limit_without_cap_ipc_lock() {
 }
 
 fn memlock_child() {
-    assert!(
-        !driver::memlock::has_cap_ipc_lock(),
-        "CAP_IPC_LOCK still effective"
-    );
+    assert!(!driver::has_cap_ipc_lock(), "CAP_IPC_LOCK still effective");
     let rt = guest::open(ServiceMode::Interrupt);
     let ctx = rt.create_context().unwrap();
     // The runtime's own pins (rings, page-table pages) plus 256 KiB.

@@ -9,7 +9,7 @@
 
 pub mod daemon;
 pub mod report;
-pub mod sys;
+mod sys;
 
 use std::collections::VecDeque;
 use std::path::PathBuf;

@@ -79,11 +79,6 @@ impl Region {
         self.len
     }
 
-    /// Always false (a region has at least one page).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// Address of page `i`.
     pub fn page(&self, i: usize) -> u64 {
         (self.addr + i * PAGE) as u64

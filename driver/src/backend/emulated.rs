@@ -4,7 +4,7 @@
 //! memfd itself); ordinary process memory is reached with process_vm_readv/writev, so a page the
 //! CPU unmapped becomes a recorded IOMMU-style device fault, never a SIGSEGV.
 //!
-//! Interrupts follow vfio-pci's rules ([`super::MsiState`]): the MSI vector count is the one
+//! Interrupts follow vfio-pci's rules (`MsiState` in the backend module): the MSI vector count is the one
 //! the device's MSI capability offers (as vfio-pci's IRQ info reports it), MSI is enabled with
 //! the count of the first [`Backend::set_irqs`], and a later call for more vectors fails EINVAL
 //! until MSI is disabled, so driver code that would fail on the kernel's vfio-pci fails here.

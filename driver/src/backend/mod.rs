@@ -2,8 +2,11 @@
 //!
 //! Everything above this trait (device bring-up, page tables, fault service, invalidation) is
 //! written once and runs unchanged on every implementation:
-//! - [`emulated::EmulatedBackend`]: the MXA-1 emulator from `firmware-stubs`, in this process;
-//! - kernel VFIO and vfio-user clients (their own modules, later issues).
+//! - `emulated::EmulatedBackend`: the MXA-1 emulator from `firmware-stubs`, in this process
+//!   (feature `emulator`);
+//! - `vfio::KernelVfioBackend`: a device bound to the kernel's vfio-pci, through `vfio-ioctls`
+//!   (feature `vfio`);
+//! - [`vfio_user::VfioUserBackend`]: a vfio-user server over a Unix socket (always built).
 //!
 //! DMA goes through the backend, never around it: memory that is not shared by fd (ordinary
 //! process memory) is handed over as [`DmaSource::ProcessVa`], and each backend decides how the

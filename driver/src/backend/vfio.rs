@@ -1,5 +1,5 @@
 //! Kernel VFIO backend: a PCI device bound to vfio-pci, reached through `vfio-ioctls`
-//! (container + TYPE1v2, the group viability check) and the raw ioctls in [`crate::sys::vfio`]
+//! (container + TYPE1v2, the group viability check) and the raw ioctls in the driver's private `sys::vfio` module
 //! for everything the crate does not report errors for.
 //!
 //! DMA mappings are real long-term pins (`VFIO_IOMMU_MAP_DMA`), charged against

@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use driver::fault::CancelReason;
-use driver::pagetable::PageSize;
 use driver::runtime::{Op, Runtime};
+use driver::PageSize;
 use driver::{Context, Error};
 use mirror::{Mapping, PageSize as CpuPageSize, VaRange};
 

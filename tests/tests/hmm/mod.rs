@@ -741,7 +741,7 @@ pub fn anon_write_huge(rt: Arc<Runtime>) {
     write_ints_once(&ctx, m.addr(), &mirror, TWOMEG);
     assert_eq!(ctx.stats().large_mappings - large, 1, "one 2 MiB mapping");
     let t = ctx.device_translation(m.addr() + 4321).unwrap();
-    assert_eq!(t.size, driver::pagetable::PageSize::Large);
+    assert_eq!(t.size, driver::PageSize::Large);
 }
 
 fn hugetlb_pages() -> u64 {
@@ -1453,7 +1453,7 @@ pub fn thp_partial_changes(rt: Arc<Runtime>) {
     assert_eq!(sum, cpu_checksum(m.addr(), TWOMEG));
     assert_eq!(
         ctx.device_translation(m.addr()).unwrap().size,
-        driver::pagetable::PageSize::Large
+        driver::PageSize::Large
     );
     let range = m.forget();
     let hole = range.start() + 100 * PAGE as u64;
@@ -1468,7 +1468,7 @@ pub fn thp_partial_changes(rt: Arc<Runtime>) {
     quiesce(&ctx);
     assert!(
         ctx.device_translation(discarded)
-            .is_none_or(|t| t.size == driver::pagetable::PageSize::Small),
+            .is_none_or(|t| t.size == driver::PageSize::Small),
         "no 2 MiB leaf may still cover the discarded page"
     );
     let err = device_checksum(&ctx, hole, 8).unwrap_err();
