@@ -146,6 +146,11 @@ fn c_bad_arguments_return_their_codes() {
 }
 
 #[test]
+fn c_quota_and_a_timed_out_wait() {
+    run_case(&["limits"]);
+}
+
+#[test]
 fn c_threads_submit_at_once_on_one_context() {
     run_case(&["threads"]);
 }

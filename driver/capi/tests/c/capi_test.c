@@ -6,6 +6,7 @@
  *   capi_test strict                   strict munmap/madvise/mprotect/mremap, then device access
  *   capi_test args                     NULL, unaligned, out-of-range, wrong-handle, stale-ticket
  *                                      and use-after-destroy arguments: each its documented code
+ *   capi_test limits                   the mapped-bytes quota; a wait that times out
  *   capi_test threads                  several pthreads submitting on one context at once
  *   capi_test daemon SOCKET            a daemon client: arenas, data, the daemon's refusals
  *
@@ -346,6 +347,56 @@ static void case_args(void) {
     free(buf);
 }
 
+/* ---- limits: the mapped-bytes quota, and a wait that times out ---- */
+static void case_limits(void) {
+    mdrv_open_options o;
+    must(mdrv_open_options_init(&o), "init");
+    o.max_mapped_bytes = 256 << 10;
+    mdrv_device *dev;
+    must(mdrv_device_open(&o, &dev), "open with max_mapped_bytes 256 KiB");
+    mdrv_context *ctx;
+    must(mdrv_context_create(dev, &ctx), "create");
+    size_t len = 4 << 20;
+    unsigned char *m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    expect_status(fill(ctx, m, len, 1), MDRV_ERR_LIMIT, "a 4 MiB fill past a 256 KiB quota");
+    expect(strstr(mdrv_last_error(), "max_mapped_bytes") != NULL,
+           "... the message names the quota and what raises it");
+    must(mdrv_context_destroy(ctx), "destroy");
+    must(mdrv_device_close(dev), "close");
+    munmap(m, len);
+
+    /* timeout_ms 1: a 4 MiB fill of fresh memory (1024 device faults) cannot complete in time.
+     * The wait must return MDRV_ERR_TIMEOUT only once the device can no longer write the
+     * buffer: bytes written on the CPU after it returned stay as written. */
+    must(mdrv_open_options_init(&o), "init");
+    o.timeout_ms = 1;
+    must(mdrv_device_open(&o, &dev), "open with timeout_ms 1");
+    must(mdrv_context_create(dev, &ctx), "create");
+    int timed_out = 0, intact = 1;
+    for (int attempt = 0; attempt < 5 && !timed_out; attempt++) {
+        m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+        int st = fill(ctx, m, len, 0x0f0f0f0f0f0f0f0full);
+        if (st == MDRV_ERR_TIMEOUT) {
+            timed_out = 1;
+            memset(m, 0xee, len); /* the memory is the caller's again */
+            usleep(200 * 1000);
+            intact = all_bytes(m, len, 0xee);
+        } else if (st != MDRV_OK) {
+            printf("   attempt %d: %s: %s\n", attempt, mdrv_status_name(st), mdrv_last_error());
+        }
+        munmap(m, len);
+    }
+    expect(timed_out, "a wait past timeout_ms returns MDRV_ERR_TIMEOUT");
+    expect(intact, "nothing the device does after that wait returned reaches the memory");
+    mdrv_stats s;
+    memset(&s, 0, sizeof s);
+    s.size = sizeof s;
+    must(mdrv_context_stats(ctx, &s), "stats");
+    expect(s.revocations >= 1, "the timed-out wait revoked the command's memory (stats.revocations)");
+    must(mdrv_context_destroy(ctx), "destroy");
+    must(mdrv_device_close(dev), "close");
+}
+
 /* ---- several threads submitting at once on one context ---- */
 enum { THREADS = 8, ROUNDS = 40 };
 struct worker {
@@ -454,7 +505,7 @@ static void case_daemon(const char *socket) {
 
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: capi_test data|strict|args|threads|daemon [ARGS]\n");
+        fprintf(stderr, "usage: capi_test data|strict|args|limits|threads|daemon [ARGS]\n");
         return 2;
     }
     case_name = argv[1];
@@ -467,6 +518,8 @@ int main(int argc, char **argv) {
         case_strict();
     } else if (strcmp(argv[1], "args") == 0) {
         case_args();
+    } else if (strcmp(argv[1], "limits") == 0) {
+        case_limits();
     } else if (strcmp(argv[1], "threads") == 0) {
         case_threads();
     } else if (strcmp(argv[1], "daemon") == 0 && argc >= 3) {
