@@ -264,8 +264,9 @@ const char *mdrv_status_name(int status);
 // `opts` is NULL (`MDRV_ERR_NULL_POINTER`) or points to a writable `mdrv_open_options`.
 int mdrv_open_options_init(struct mdrv_open_options *opts);
 
-// Open a device and start its fault service (in-process kinds), or check the daemon's
-// socket path (daemon: sessions are made per context). On success `*out` is the device.
+// Open a device and start its fault service (in-process kinds), or record the daemon's
+// socket path (daemon: each context is a session of its own, so a daemon that is not there is
+// reported by `mdrv_context_create`). On success `*out` is the device.
 //
 // Errors: `MDRV_ERR_NULL_POINTER` (`opts` or `out` NULL, or a kind that needs a path without
 // one), `MDRV_ERR_INVALID_ARGUMENT` (`size` too small, unknown `kind`, `reserved` not 0),
@@ -304,8 +305,10 @@ int mdrv_context_create(struct mdrv_device *dev, struct mdrv_context **out);
 // cleared, TLB fenced, DMA unmapped and unpinned), so commands still in flight fault on the
 // empty table and are cancelled; the call then waits up to 5 s for them to end. If some have
 // not, the device address space is quarantined (never reused until they end) rather than
-// waited for. Either way, when this returns the device can no longer reach the process's
-// memory through this context, and the context's arenas are unmapped. If another thread is
+// waited for; a device that does not confirm the tear-down's fence gets it retired. When this
+// returns the device has no translation of the process's memory left through this context and
+// the context's arenas are unmapped; destroy is not a wait, though: the memory of commands
+// still in flight stays the caller's to keep (see `mdrv_wait`). If another thread is
 // inside a call on this context (a wait), the release happens when that call returns, and
 // this call returns after it.
 //
@@ -316,8 +319,8 @@ int mdrv_context_create(struct mdrv_device *dev, struct mdrv_context **out);
 // None beyond passing any pointer value: a wrong one is `MDRV_ERR_BAD_HANDLE`.
 int mdrv_context_destroy(struct mdrv_context *ctx);
 
-// Submit: the device fills `len` bytes at `dst` with the 8-byte `pattern` (little-endian,
-// repeated; `len` need not be a multiple of 8). `*ticket` identifies the command for
+// Submit: the device fills `len` bytes at `dst` with the 8-byte `pattern` (its little-endian
+// bytes repeated from `dst` on; `len` need not be a multiple of 8). `*ticket` identifies the command for
 // `mdrv_wait`/`mdrv_wait_for`/`mdrv_poll`.
 //
 // Errors: `MDRV_ERR_NULL_POINTER` (`dst` or `ticket`), `MDRV_ERR_INVALID_ARGUMENT` (`len`
