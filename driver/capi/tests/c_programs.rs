@@ -43,13 +43,16 @@ fn build(compiler: &str, std_flags: &[&str], source: &Path, name: &str, shared: 
     let out_dir = lib.join("..").join("capi-c");
     std::fs::create_dir_all(&out_dir).unwrap();
     let out = out_dir.join(name);
+    // Built under a name of this process's, then renamed: another test process running the
+    // previous build keeps its file.
+    let building = out_dir.join(format!("{name}.{}", std::process::id()));
     let mut cmd = Command::new(compiler);
     cmd.args(std_flags)
         .args(["-Wall", "-Werror", "-g", "-I"])
         .arg(crate_dir().join("include"))
         .arg(source)
         .arg("-o")
-        .arg(&out);
+        .arg(&building);
     if shared {
         cmd.arg(format!("-L{}", lib.display()))
             .arg("-lmirrordrv")
@@ -67,6 +70,7 @@ fn build(compiler: &str, std_flags: &[&str], source: &Path, name: &str, shared: 
         "{cmd:?} failed:\n{}",
         String::from_utf8_lossy(&result.stderr)
     );
+    std::fs::rename(&building, &out).unwrap();
     out
 }
 
