@@ -25,7 +25,7 @@ static void check(int status, const char *what) {
 
 int main(void) {
     mdrv_open_options opts;
-    check(mdrv_open_options_init(&opts), "mdrv_open_options_init"); /* the embedded emulator */
+    check(mdrv_open_options_init(&opts, sizeof opts), "mdrv_open_options_init"); /* the emulator */
     mdrv_device *dev;
     check(mdrv_device_open(&opts, &dev), "mdrv_device_open");
     mdrv_context *ctx;

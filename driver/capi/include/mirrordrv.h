@@ -42,7 +42,7 @@
  *  6. Strings passed in (paths) are read during the call only. Strings returned
  *     (mdrv_last_error, mdrv_status_name) belong to the library.
  *  7. Struct arguments carry their size first (sizeof as the caller was compiled), so later ABI
- *     versions can add fields: set it (mdrv_open_options_init does for the options).
+ *     versions can add fields: set it (mdrv_open_options_init(&o, sizeof o) does for the options).
  */
 
 #ifndef MIRRORDRV_H
@@ -150,7 +150,8 @@ typedef struct mdrv_context mdrv_context;
 // refused with `MDRV_ERR_BAD_HANDLE`.
 typedef struct mdrv_device mdrv_device;
 
-// Options of `mdrv_device_open`. Fill it with `mdrv_open_options_init`, then change fields.
+// Options of `mdrv_device_open`. Fill it with `mdrv_open_options_init(&o, sizeof o)`, then
+// change fields.
 // `size` (first) is `sizeof(mdrv_open_options)` as the caller was compiled: a larger struct
 // from a newer header is accepted as long as the fields this library does not know are zero.
 typedef struct mdrv_open_options {
@@ -258,11 +259,14 @@ const char *mdrv_last_error(void);
 const char *mdrv_status_name(int status);
 
 // Fill `*opts` with the defaults: the embedded emulator, interrupt-driven fault service, a
-// 30 s timeout, no mapped-bytes limit; `size` set to this library's struct size.
+// 30 s timeout, no mapped-bytes limit. `size` is `sizeof(mdrv_open_options)` as the caller was
+// compiled: the library writes that many bytes (fields it does not know, from a newer header,
+// are zeroed) and stores it in `opts->size`. `MDRV_ERR_INVALID_ARGUMENT` if it is smaller than
+// this library's struct.
 //
 // # Safety
-// `opts` is NULL (`MDRV_ERR_NULL_POINTER`) or points to a writable `mdrv_open_options`.
-int mdrv_open_options_init(struct mdrv_open_options *opts);
+// `opts` is NULL (`MDRV_ERR_NULL_POINTER`) or points to `size` writable bytes.
+int mdrv_open_options_init(struct mdrv_open_options *opts, size_t size);
 
 // Open a device and start its fault service (in-process kinds), or record the daemon's
 // socket path (daemon: each context is a session of its own, so a daemon that is not there is

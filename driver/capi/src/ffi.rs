@@ -62,7 +62,8 @@ pub enum mdrv_device_kind {
     MDRV_DEVICE_DAEMON = 4,
 }
 
-/// Options of `mdrv_device_open`. Fill it with `mdrv_open_options_init`, then change fields.
+/// Options of `mdrv_device_open`. Fill it with `mdrv_open_options_init(&o, sizeof o)`, then
+/// change fields.
 /// `size` (first) is `sizeof(mdrv_open_options)` as the caller was compiled: a larger struct
 /// from a newer header is accepted as long as the fields this library does not know are zero.
 #[repr(C)]
@@ -209,7 +210,7 @@ unsafe fn read_sized<T: Copy>(p: *const T, what: &str) -> Outcome<T> {
             mdrv_status::MDRV_ERR_INVALID_ARGUMENT,
             format!(
                 "{what}->size is {size}, smaller than this library's struct ({ours} bytes): set \
-                 it to sizeof (mdrv_open_options_init does)"
+                 it to sizeof (mdrv_open_options_init(&o, sizeof o) does)"
             ),
         ));
     }
@@ -339,14 +340,40 @@ pub extern "C" fn mdrv_status_name(status: c_int) -> *const c_char {
 }
 
 /// Fill `*opts` with the defaults: the embedded emulator, interrupt-driven fault service, a
-/// 30 s timeout, no mapped-bytes limit; `size` set to this library's struct size.
+/// 30 s timeout, no mapped-bytes limit. `size` is `sizeof(mdrv_open_options)` as the caller was
+/// compiled: the library writes that many bytes (fields it does not know, from a newer header,
+/// are zeroed) and stores it in `opts->size`. `MDRV_ERR_INVALID_ARGUMENT` if it is smaller than
+/// this library's struct.
 ///
 /// # Safety
-/// `opts` is NULL (`MDRV_ERR_NULL_POINTER`) or points to a writable `mdrv_open_options`.
+/// `opts` is NULL (`MDRV_ERR_NULL_POINTER`) or points to `size` writable bytes.
 #[no_mangle]
-pub unsafe extern "C" fn mdrv_open_options_init(opts: *mut mdrv_open_options) -> c_int {
-    // SAFETY: the caller's promise.
-    guard(|| unsafe { put(opts, defaults(), "opts") }.map(ok))
+pub unsafe extern "C" fn mdrv_open_options_init(
+    opts: *mut mdrv_open_options,
+    size: usize,
+) -> c_int {
+    guard(|| {
+        check_out("opts", opts.is_null())?;
+        let ours = size_of::<mdrv_open_options>();
+        if size < ours || size > u32::MAX as usize {
+            return Err(Failure::new(
+                mdrv_status::MDRV_ERR_INVALID_ARGUMENT,
+                format!(
+                    "size {size}: pass sizeof(mdrv_open_options), at least this library's {ours}"
+                ),
+            ));
+        }
+        let value = mdrv_open_options {
+            size: size as u32,
+            ..defaults()
+        };
+        // SAFETY: the caller promised `size` writable bytes at `opts`, at least `ours`.
+        unsafe {
+            std::ptr::write_bytes(opts.cast::<u8>().add(ours), 0, size - ours);
+            opts.write_unaligned(value);
+        }
+        Ok(mdrv_status::MDRV_OK)
+    })
 }
 
 /// Open a device and start its fault service (in-process kinds), or record the daemon's

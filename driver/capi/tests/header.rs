@@ -59,7 +59,7 @@ int main(void) {
     mdrv_open_options o;
     mdrv_stats s;
     mdrv_device_entry e;
-    (void)mdrv_open_options_init(&o);
+    (void)mdrv_open_options_init(&o, sizeof o);
     s.size = sizeof s;
     e.size = sizeof e;
     (void)s; (void)e;

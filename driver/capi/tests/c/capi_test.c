@@ -92,7 +92,7 @@ static int fill(mdrv_context *ctx, void *dst, size_t len, uint64_t pattern) {
 
 static mdrv_device *open_device(uint32_t kind, const char *path) {
     mdrv_open_options o;
-    must(mdrv_open_options_init(&o), "mdrv_open_options_init");
+    must(mdrv_open_options_init(&o, sizeof o), "mdrv_open_options_init");
     o.kind = kind;
     o.path = path;
     mdrv_device *dev = NULL;
@@ -244,16 +244,17 @@ static void case_strict(void) {
 static void case_args(void) {
     mdrv_open_options o;
     mdrv_device *dev = NULL;
-    expect_status(mdrv_open_options_init(NULL), MDRV_ERR_NULL_POINTER, "options init on NULL");
+    expect_status(mdrv_open_options_init(NULL, sizeof o), MDRV_ERR_NULL_POINTER, "options init on NULL");
     expect_status(mdrv_device_open(NULL, &dev), MDRV_ERR_NULL_POINTER, "open with NULL options");
-    must(mdrv_open_options_init(&o), "init");
+    must(mdrv_open_options_init(&o, sizeof o), "init");
     expect_status(mdrv_device_open(&o, NULL), MDRV_ERR_NULL_POINTER, "open with NULL out");
+    expect_status(mdrv_open_options_init(&o, 4), MDRV_ERR_INVALID_ARGUMENT, "options init, size 4");
     o.size = 4;
     expect_status(mdrv_device_open(&o, &dev), MDRV_ERR_INVALID_ARGUMENT, "options size 4");
-    must(mdrv_open_options_init(&o), "init");
+    must(mdrv_open_options_init(&o, sizeof o), "init");
     o.kind = 99;
     expect_status(mdrv_device_open(&o, &dev), MDRV_ERR_INVALID_ARGUMENT, "unknown device kind");
-    must(mdrv_open_options_init(&o), "init");
+    must(mdrv_open_options_init(&o, sizeof o), "init");
     o.kind = MDRV_DEVICE_VFIO_USER;
     expect_status(mdrv_device_open(&o, &dev), MDRV_ERR_NULL_POINTER, "vfio-user with no path");
     o.path = "/nonexistent/mxa.sock";
@@ -265,12 +266,16 @@ static void case_args(void) {
     {
         /* A struct from a "newer header": larger, with a field this library does not know. */
         struct { mdrv_open_options o; uint64_t newer; } big;
-        memset(&big, 0, sizeof big);
-        must(mdrv_open_options_init(&big.o), "init");
-        big.o.size = sizeof big;
+        memset(&big, 0xff, sizeof big);
+        must(mdrv_open_options_init(&big.o, sizeof big), "init a larger struct");
+        expect(big.o.size == sizeof big && big.newer == 0, "... its size stored, the unknown field zeroed");
         big.newer = 1;
         expect_status(mdrv_device_open(&big.o, &dev), MDRV_ERR_UNSUPPORTED,
                       "a larger options struct setting an unknown field");
+        big.newer = 0;
+        expect_status(mdrv_device_open(&big.o, &dev), MDRV_OK,
+                      "a larger options struct whose unknown field is 0");
+        expect_status(mdrv_device_close(dev), MDRV_OK, "close it");
     }
 
     dev = open_device(MDRV_DEVICE_EMULATED, NULL);
@@ -350,7 +355,7 @@ static void case_args(void) {
 /* ---- limits: the mapped-bytes quota, and a wait that times out ---- */
 static void case_limits(void) {
     mdrv_open_options o;
-    must(mdrv_open_options_init(&o), "init");
+    must(mdrv_open_options_init(&o, sizeof o), "init");
     o.max_mapped_bytes = 256 << 10;
     mdrv_device *dev;
     must(mdrv_device_open(&o, &dev), "open with max_mapped_bytes 256 KiB");
@@ -368,7 +373,7 @@ static void case_limits(void) {
     /* timeout_ms 1: a 4 MiB fill of fresh memory (1024 device faults) cannot complete in time.
      * The wait must return MDRV_ERR_TIMEOUT only once the device can no longer write the
      * buffer: bytes written on the CPU after it returned stay as written. */
-    must(mdrv_open_options_init(&o), "init");
+    must(mdrv_open_options_init(&o, sizeof o), "init");
     o.timeout_ms = 1;
     must(mdrv_device_open(&o, &dev), "open with timeout_ms 1");
     must(mdrv_context_create(dev, &ctx), "create");

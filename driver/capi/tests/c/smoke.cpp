@@ -9,7 +9,7 @@ int main() {
     mdrv_open_options opts{};
     mdrv_device *dev = nullptr;
     mdrv_context *ctx = nullptr;
-    if (mdrv_open_options_init(&opts) != MDRV_OK || mdrv_device_open(&opts, &dev) != MDRV_OK ||
+    if (mdrv_open_options_init(&opts, sizeof opts) != MDRV_OK || mdrv_device_open(&opts, &dev) != MDRV_OK ||
         mdrv_context_create(dev, &ctx) != MDRV_OK) {
         std::fprintf(stderr, "open: %s\n", mdrv_last_error());
         return 1;
