@@ -33,6 +33,7 @@ forbidden driver "--no-default-features" "tokio|clap|indicatif|tracing-subscribe
 forbidden mirrord-client "" "tokio|vfio-ioctls|firmware-stubs|clap|indicatif|tracing-subscriber"
 forbidden mirror "" "driver|firmware-stubs|accel-abi|vfio-user-protocol|vfio-ioctls|tokio"
 forbidden firmware-stubs "" "driver|mirror|tokio|vfio-ioctls"
+forbidden sys-util "" "driver|mirror|firmware-stubs|accel-abi|vfio-user-protocol|tokio"
 # The library without the emulator and without kernel VFIO builds and passes its lints.
 cargo clippy -q -p driver --no-default-features --all-targets -- -D warnings
 

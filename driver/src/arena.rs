@@ -18,6 +18,7 @@ use accel_abi::PAGE_SIZE;
 use memmap2::{MmapOptions, MmapRaw};
 use mirror::{AddressSpace, VaRange, Vma, VmaKind};
 use nix::fcntl::{fcntl, FcntlArg, OFlag, SealFlag};
+use sys_util::sync::{read, write};
 
 /// Why an arena was refused.
 #[derive(Debug, thiserror::Error)]
@@ -251,7 +252,7 @@ impl ArenaTable {
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<u64, Arc<Arena>>> {
-        self.arenas.read().unwrap_or_else(|p| p.into_inner())
+        read(&self.arenas)
     }
 
     /// Register `len` bytes of `fd` at `file_offset`, which the process mirrored by `mm` maps at
@@ -329,7 +330,7 @@ impl ArenaTable {
                 why: "nothing is mapped there".into(),
             });
         }
-        let mut arenas = self.arenas.write().unwrap_or_else(|p| p.into_inner());
+        let mut arenas = write(&self.arenas);
         if arenas.len() >= self.limits.max_arenas {
             return Err(ArenaError::Limit {
                 limit: "arenas per client",
@@ -362,16 +363,14 @@ impl ArenaTable {
     /// Remove the arena starting at `va`. The caller invalidates its range (so the device's
     /// entries and DMA mappings into our mapping go) before dropping the returned arena.
     pub fn unregister(&self, va: u64) -> Result<Arc<Arena>, ArenaError> {
-        self.arenas
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
+        write(&self.arenas)
             .remove(&va)
             .ok_or(ArenaError::NotFound(va))
     }
 
     /// Remove every arena (client released).
     pub fn clear(&self) -> Vec<Arc<Arena>> {
-        let mut arenas = self.arenas.write().unwrap_or_else(|p| p.into_inner());
+        let mut arenas = write(&self.arenas);
         std::mem::take(&mut *arenas).into_values().collect()
     }
 

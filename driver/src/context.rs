@@ -29,6 +29,7 @@ use crate::fault::{CancelReason, FaultHandler, PageFault};
 use crate::pagetable::Translation;
 use crate::view::DeviceView;
 use crate::Error;
+use sys_util::sync::lock;
 
 /// Tunables of a context.
 #[derive(Clone)]
@@ -349,9 +350,10 @@ impl Drop for Walked {
 }
 
 /// A process address space mirrored into one device view: the subscription, the DMA
-/// mappings and the fault path. The runtime's [`crate::Context`] wraps one for MXA-1; a device
-/// without page faults uses one directly with an [`crate::view::IommuView`] and
-/// [`ContextCore::map_for_device`] on submit.
+/// mappings and the fault path. The runtime's [`crate::Context`] wraps one, with the view its
+/// [`crate::runtime::Personality`] gives it: faults reach it through the personality's fault
+/// source (MXA-1), or a device without page faults (edu, with an [`crate::view::IommuView`])
+/// maps through [`ContextCore::map_for_device`] on submit.
 pub struct ContextCore {
     pub(crate) dma: Arc<DmaSpace>,
     pub(crate) asid: u16,
@@ -928,7 +930,7 @@ impl ContextCore {
 
     /// Make `[start, end)` accessible to the device now (prefault), as if it had faulted.
     pub fn prefault(&self, start: u64, end: u64, write: bool) -> Result<(), Error> {
-        let _serial = self.service_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _serial = lock(&self.service_lock);
         self.prefault_serialized(start, end, write)
     }
 
@@ -957,7 +959,7 @@ impl ContextCore {
             .checked_add(len)
             .ok_or(Error::InvalidArgument("map_for_device: range wraps"))?;
         let (start, end) = (addr & !(PAGE_SIZE - 1), end.div_ceil(PAGE_SIZE) * PAGE_SIZE);
-        let _serial = self.service_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _serial = lock(&self.service_lock);
         let gaps = {
             let mut state = self.sub.lock();
             if write {
@@ -978,7 +980,7 @@ impl ContextCore {
     /// Returns once no fault servicing of this context is under way. After [`Self::shut_down`],
     /// servicing that starts later does nothing (it finds the context released first).
     pub fn wait_for_service(&self) {
-        drop(self.service_lock.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(lock(&self.service_lock));
     }
 
     /// Take `ranges` away from the device for as long as work item `work_id` may run: under
@@ -1036,7 +1038,7 @@ impl ContextCore {
 
 impl FaultHandler for ContextCore {
     fn service(&self, faults: &[PageFault]) -> Vec<Result<(), CancelReason>> {
-        let _serial = self.service_lock.lock().unwrap_or_else(|p| p.into_inner());
+        let _serial = lock(&self.service_lock);
         if self.sub.lock().released {
             // Torn down while this batch waited for the lock: map nothing (no DMA mapping may
             // outlive the tear-down, not even for the moment an install takes to fail).

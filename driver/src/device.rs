@@ -4,7 +4,7 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::Ordering;
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use accel_abi::config as pci;
@@ -21,6 +21,7 @@ use crate::pagetable::TablePool;
 use crate::sys::dmabuf::DmaBuffer;
 use crate::Error;
 use std::sync::Arc;
+use sys_util::sync::{ignore_poison, lock};
 
 /// Capabilities read from the device at bring-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -180,10 +181,6 @@ pub struct Device {
     replays: Mutex<Replays>,
     tlbi: Mutex<u32>,
     pub(crate) irq: Interrupts,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn ring(dma: &DmaSpace, bytes: usize, name: &str) -> Result<Ring, Error> {
@@ -474,11 +471,11 @@ impl Device {
             }
             // Bounded: a lost device frees no slot, and nobody signals it here.
             self.check_lost()?;
-            q = self
-                .slot_freed
-                .wait_timeout(q, (deadline - now).min(Duration::from_millis(100)))
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+            q = ignore_poison(
+                self.slot_freed
+                    .wait_timeout(q, (deadline - now).min(Duration::from_millis(100))),
+            )
+            .0;
         }
         let work_id = q.tail;
         let slot = (work_id % q.entries) as usize;
@@ -877,6 +874,7 @@ mod tests {
                     backend: "test",
                     op: "VFIO_DEVICE_SET_IRQS",
                     detail: "the kernel could allocate only 1 of the 3 MSI vectors asked".into(),
+                    errno: None,
                 });
             }
             self.inner.set_irqs(eventfds)

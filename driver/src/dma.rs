@@ -9,6 +9,7 @@ use std::sync::{Mutex, MutexGuard};
 use crate::backend::{Backend, DmaAccess, DmaSource};
 use crate::iova::IovaSpace;
 use crate::Error;
+use sys_util::sync::lock;
 
 /// A backend and its IOVA space.
 pub struct DmaSpace {
@@ -35,7 +36,7 @@ impl DmaSpace {
 
     /// The IOVA space (bytes and allocations in use).
     pub fn iova(&self) -> MutexGuard<'_, IovaSpace> {
-        self.iova.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.iova)
     }
 
     /// [`DmaSpace::map`] of a driver-owned buffer ([`DmaSource::Buffer`]): safe, because the

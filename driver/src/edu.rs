@@ -1,8 +1,25 @@
 //! QEMU's `edu` device (PCI 1234:11e8) as a device without page faults: identity and liveness
 //! registers, MSI through an eventfd, and the DMA engine over ordinary process memory.
 //!
-//! edu addresses memory by IOVA only, so it uses the mirror through an [`IommuView`]: each
-//! transfer maps the user range on submit at IOVA == VA ([`ContextCore::map_for_device`]) and
+//! It opens through the runtime like an MXA-1, as the [`Edu`] personality:
+//!
+//! ```no_run
+//! use driver::edu::Edu;
+//! use driver::runtime::{DeviceSpec, Runtime, RuntimeOptions};
+//! let rt = Runtime::<Edu>::open_with(
+//!     DeviceSpec::KernelVfio("0000:00:04.0".into()),
+//!     RuntimeOptions::default(),
+//! )?;
+//! rt.device().liveness_check()?;
+//! let ctx = rt.create_context()?;
+//! let buf = vec![7u8; 4095];
+//! ctx.dma_to_device(buf.as_ptr() as u64, buf.len() as u64)?;
+//! # Ok::<(), driver::Error>(())
+//! ```
+//!
+//! edu addresses memory by IOVA only, so a context mirrors through an [`IommuView`]: each
+//! transfer maps the user range on submit at IOVA == VA
+//! ([`ContextCore::map_for_device`](crate::context::ContextCore::map_for_device)) and
 //! the mirror tears the IOMMU mapping down (unpins) when the CPU mapping changes (munmap,
 //! MADV_DONTNEED, mremap). IOVA == VA needs an IOMMU with a 48-bit address width
 //! (`-device intel-iommu,aw-bits=48` on QEMU 7.2) and edu's DMA mask set to all ones
@@ -10,9 +27,10 @@
 //!
 //! CPU changes made through the mirror's wrappers (`AddressSpace::munmap`/`madvise`/`mremap`)
 //! are seen at once. Plain syscalls (or `free`) are seen only through userfaultfd events, which
-//! the mirror gets from kernels with UFFD_FEATURE_WP_ASYNC (6.7+); [`Edu::map`] settles them
-//! before each submit. On older kernels (the 6.1 guest) a plain munmap leaves the device mapping
-//! (and its pin) in place until the wrappers or [`ContextCore::shut_down`] remove it.
+//! the mirror gets from kernels with UFFD_FEATURE_WP_ASYNC (6.7+); [`Context::map`] (on an edu
+//! context) settles them before each submit. On older kernels (the 6.1 guest) a plain munmap
+//! leaves the device mapping (and its pin) in place until the wrappers or the context's drop
+//! remove it.
 //!
 //! Register map (QEMU `docs/specs/edu.rst`): ID at 0x00, liveness at 0x04 (reads back the
 //! complement of what was written), interrupt status 0x24, raise 0x60, ack 0x64, DMA source
@@ -21,18 +39,18 @@
 //! its end, so a transfer is at most [`MAX_DMA`] bytes.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-#[cfg(feature = "vfio")]
-use crate::backend::vfio::KernelVfioBackend;
 use crate::backend::{Backend, Bar0, Config};
-use crate::context::{ContextCore, ContextOptions};
+use crate::context::ContextOptions;
 use crate::dma::DmaSpace;
-use crate::view::IommuView;
+use crate::runtime::{Context, NoFaults, Personality, RuntimeOptions};
+use crate::view::{DeviceView, IommuView};
 use crate::Error;
 
 /// PCI vendor ID of edu.
@@ -63,26 +81,64 @@ const PCI_COMMAND: usize = 0x04;
 const PCI_COMMAND_MEMORY: u16 = 0x2;
 const PCI_COMMAND_MASTER: u16 = 0x4;
 
-/// An edu device, its MSI eventfd and the mirror of this process into its IOMMU domain.
-pub struct Edu {
-    dma: Arc<DmaSpace>,
-    core: ContextCore,
-    irq: EventFd,
-    timeout: Duration,
-}
+/// The edu personality: `Runtime::<Edu>::open_with(spec, options)`.
+///
+/// - Bring-up ([`EduDevice`]): the PCI ID must be 1234:11e8; memory decoding and bus mastering
+///   on, MSI vector 0 to an eventfd, stale interrupt status cleared.
+/// - Faults: none ([`NoFaults`]). edu stalls on nothing: it reaches only what a transfer mapped
+///   for it on submit, so no service thread runs.
+/// - View: [`IommuView`], identity mappings (IOVA == VA) in the IOMMU alone; no page table.
+#[derive(Debug, Clone, Copy)]
+pub struct Edu;
 
-impl Edu {
-    /// Open edu at PCI `address` (bound to vfio-pci) through kernel VFIO, mirroring this process.
-    #[cfg(feature = "vfio")]
-    pub fn open(address: &str) -> Result<Edu, Error> {
-        let backend = KernelVfioBackend::open(address)?;
-        let mm = mirror::AddressSpace::current(mirror::Config::default()).map_err(Error::Mirror)?;
-        Edu::new(Box::new(backend), Arc::new(mm))
+impl Personality for Edu {
+    type Device = EduDevice;
+    type Faults = NoFaults;
+
+    fn bring_up(backend: Box<dyn Backend>, _options: &RuntimeOptions) -> Result<EduDevice, Error> {
+        EduDevice::bring_up(backend)
     }
 
-    /// Bring up edu over any backend, mirroring `mm`: checks the PCI ID, enables memory decoding
-    /// and bus mastering, routes MSI vector 0 to an eventfd and clears stale interrupt status.
-    pub fn new(backend: Box<dyn Backend>, mm: Arc<mirror::AddressSpace>) -> Result<Edu, Error> {
+    fn dma(device: &EduDevice) -> &Arc<DmaSpace> {
+        &device.dma
+    }
+
+    /// One: edu has no address-space IDs, only the one IOMMU domain, and its mappings are
+    /// identity ones, so a second mirror of this process would collide with the first on every
+    /// page ([`Error::IdentityUnavailable`]). One context at a time, as one edu was one mirror.
+    fn address_spaces(_device: &EduDevice) -> usize {
+        1
+    }
+
+    fn fault_source(
+        _device: &Arc<EduDevice>,
+        _options: &RuntimeOptions,
+    ) -> Result<NoFaults, Error> {
+        Ok(NoFaults)
+    }
+
+    fn view(
+        _device: &Arc<EduDevice>,
+        _space: u16,
+        _options: &ContextOptions,
+    ) -> Result<Box<dyn DeviceView>, Error> {
+        Ok(Box::new(IommuView::new()))
+    }
+}
+
+/// An edu device brought up, with its MSI eventfd.
+pub struct EduDevice {
+    dma: Arc<DmaSpace>,
+    irq: EventFd,
+    /// How long a wait for the MSI may take, in nanoseconds (settable through a shared
+    /// reference: the runtime and its contexts share the device).
+    timeout_ns: AtomicU64,
+}
+
+impl EduDevice {
+    /// Bring up edu over any backend: checks the PCI ID, enables memory decoding and bus
+    /// mastering, routes MSI vector 0 to an eventfd and clears stale interrupt status.
+    fn bring_up(backend: Box<dyn Backend>) -> Result<EduDevice, Error> {
         let config = Config(&*backend);
         let (vendor, device) = (config.read16(0)?, config.read16(2)?);
         if (vendor, device) != (VENDOR, DEVICE) {
@@ -102,17 +158,10 @@ impl Edu {
             source: e,
         })?;
         backend.set_irqs(vec![Some(for_kernel)])?;
-        let dma = Arc::new(DmaSpace::new(backend));
-        let options = ContextOptions {
-            fault_around: 0,
-            ..Default::default()
-        };
-        let core = ContextCore::new(dma.clone(), 0, mm, Box::new(IommuView::new()), options)?;
-        let edu = Edu {
-            dma,
-            core,
+        let edu = EduDevice {
+            dma: Arc::new(DmaSpace::new(backend)),
             irq,
-            timeout: Duration::from_secs(5),
+            timeout_ns: AtomicU64::new(Duration::from_secs(5).as_nanos() as u64),
         };
         let stale = edu.bar().read32(REG_IRQ_STATUS)?;
         if stale != 0 {
@@ -126,9 +175,15 @@ impl Edu {
         Bar0(self.dma.backend())
     }
 
-    /// How long [`Edu::wait_irq`] waits for an MSI (default 5 s; a DMA takes ~100 ms of guest time).
-    pub fn set_timeout(&mut self, timeout: Duration) {
-        self.timeout = timeout;
+    /// How long [`EduDevice::wait_irq`] waits for an MSI (default 5 s; a DMA takes ~100 ms of
+    /// guest time).
+    pub fn set_timeout(&self, timeout: Duration) {
+        let ns = u64::try_from(timeout.as_nanos()).unwrap_or(u64::MAX);
+        self.timeout_ns.store(ns, Ordering::Relaxed);
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_nanos(self.timeout_ns.load(Ordering::Relaxed))
     }
 
     /// The ID register (`0x010000ed` for edu 1.0).
@@ -178,7 +233,7 @@ impl Edu {
     /// Wait for an MSI whose interrupt status includes `bits`, then ack the whole status (edu
     /// keeps its status latched until acked, even with MSI). Returns the status.
     pub fn wait_irq(&self, bits: u32) -> Result<u32, Error> {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = Instant::now() + self.timeout();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -203,33 +258,6 @@ impl Edu {
         }
     }
 
-    fn check_len(len: u64) -> Result<(), Error> {
-        if len == 0 {
-            return Err(Error::InvalidArgument("edu DMA of 0 bytes"));
-        }
-        if len > MAX_DMA {
-            return Err(Error::InvalidArgument(
-                "edu DMA longer than 4095 bytes (QEMU 7.2's edu aborts the VM on a full 4096-byte transfer)",
-            ));
-        }
-        Ok(())
-    }
-
-    /// Mirror `[va, va + len)` for edu (IOVA == VA) unless it is mapped already with the access
-    /// needed; every transfer does this on submit, after settling the CPU events queued so far
-    /// (munmap, MADV_DONTNEED, mremap done without the mirror's wrappers). Returns the IOVA. Past
-    /// RLIMIT_MEMLOCK this fails with the memlock error that names the limit and the fix.
-    pub fn map(&self, va: u64, len: u64, write: bool) -> Result<u64, Error> {
-        if len == 0 {
-            return Err(Error::InvalidArgument("edu map of 0 bytes"));
-        }
-        // Changes the CPU made behind our back (a plain munmap, a free()) arrive as userfaultfd
-        // events: handle every one queued so far, so no stale mapping of a reused VA is taken
-        // for a live one.
-        self.core.address_space().settle().map_err(Error::Mirror)?;
-        self.core.map_for_device(va, len, write)
-    }
-
     fn run_dma(&self, src: u64, dst: u64, len: u64, to_ram: bool) -> Result<(), Error> {
         let bar = self.bar();
         bar.write64(REG_DMA_SRC, src)?;
@@ -246,47 +274,73 @@ impl Edu {
         Ok(())
     }
 
-    /// Copy `len` bytes of this process's memory at `src_va` into edu's buffer (at offset 0),
-    /// mapping the range on submit. Waits for the completion MSI.
-    pub fn dma_to_device(&self, src_va: u64, len: u64) -> Result<(), Error> {
-        Self::check_len(len)?;
-        let iova = self.map(src_va, len, false)?;
-        self.run_dma(iova, BUFFER, len, false)
-    }
-
-    /// Copy `len` bytes of edu's buffer into this process's memory at `dst_va`, mapping the
-    /// range (writable) on submit. Waits for the completion MSI.
-    pub fn dma_from_device(&self, dst_va: u64, len: u64) -> Result<(), Error> {
-        Self::check_len(len)?;
-        let iova = self.map(dst_va, len, true)?;
-        self.run_dma(BUFFER, iova, len, true)
-    }
-
-    /// Make edu write `len` bytes of its buffer to `iova` **without** mapping anything: the
-    /// IOMMU alone decides. For tests of the IOMMU's protection (edu still raises its
-    /// completion interrupt when the IOMMU blocked the write; the kernel logs a DMAR fault).
-    pub fn dma_from_device_unmapped(&self, iova: u64, len: u64) -> Result<(), Error> {
-        Self::check_len(len)?;
-        self.run_dma(BUFFER, iova, len, true)
-    }
-
-    /// The mirror (translations, footprint, counters).
-    pub fn core(&self) -> &ContextCore {
-        &self.core
-    }
-
     /// The DMA space (backend and IOVA allocations).
     pub fn dma(&self) -> &DmaSpace {
         &self.dma
     }
 }
 
-impl Drop for Edu {
+impl Drop for EduDevice {
+    /// Runs after every context is gone (each holds the runtime, which holds the device), so
+    /// every mapping is unmapped by then.
     fn drop(&mut self) {
-        self.core.shut_down();
         if let Err(e) = self.dma.backend().set_irqs(Vec::new()) {
             tracing::warn!(error = %e, "disconnecting the edu MSI failed");
         }
+    }
+}
+
+fn check_len(len: u64) -> Result<(), Error> {
+    if len == 0 {
+        return Err(Error::InvalidArgument("edu DMA of 0 bytes"));
+    }
+    if len > MAX_DMA {
+        return Err(Error::InvalidArgument(
+            "edu DMA longer than 4095 bytes (QEMU 7.2's edu aborts the VM on a full 4096-byte transfer)",
+        ));
+    }
+    Ok(())
+}
+
+/// Transfers: edu's DMA engine between this process's memory and its buffer.
+impl Context<Edu> {
+    /// Mirror `[va, va + len)` for edu (IOVA == VA) unless it is mapped already with the access
+    /// needed; every transfer does this on submit, after settling the CPU events queued so far
+    /// (munmap, MADV_DONTNEED, mremap done without the mirror's wrappers). Returns the IOVA. Past
+    /// RLIMIT_MEMLOCK this fails with the memlock error that names the limit and the fix.
+    pub fn map(&self, va: u64, len: u64, write: bool) -> Result<u64, Error> {
+        if len == 0 {
+            return Err(Error::InvalidArgument("edu map of 0 bytes"));
+        }
+        // Changes the CPU made behind our back (a plain munmap, a free()) arrive as userfaultfd
+        // events: handle every one queued so far, so no stale mapping of a reused VA is taken
+        // for a live one.
+        self.address_space().settle().map_err(Error::Mirror)?;
+        self.core().map_for_device(va, len, write)
+    }
+
+    /// Copy `len` bytes of this process's memory at `src_va` into edu's buffer (at offset 0),
+    /// mapping the range on submit. Waits for the completion MSI.
+    pub fn dma_to_device(&self, src_va: u64, len: u64) -> Result<(), Error> {
+        check_len(len)?;
+        let iova = self.map(src_va, len, false)?;
+        self.runtime().device().run_dma(iova, BUFFER, len, false)
+    }
+
+    /// Copy `len` bytes of edu's buffer into this process's memory at `dst_va`, mapping the
+    /// range (writable) on submit. Waits for the completion MSI.
+    pub fn dma_from_device(&self, dst_va: u64, len: u64) -> Result<(), Error> {
+        check_len(len)?;
+        let iova = self.map(dst_va, len, true)?;
+        self.runtime().device().run_dma(BUFFER, iova, len, true)
+    }
+
+    /// Make edu write `len` bytes of its buffer to `iova` **without** mapping anything: the
+    /// IOMMU alone decides. For tests of the IOMMU's protection (edu still raises its
+    /// completion interrupt when the IOMMU blocked the write; the kernel logs a DMAR fault).
+    pub fn dma_from_device_unmapped(&self, iova: u64, len: u64) -> Result<(), Error> {
+        check_len(len)?;
+        self.runtime().device().run_dma(BUFFER, iova, len, true)
     }
 }
 
@@ -318,12 +372,12 @@ mod tests {
 
     #[test]
     fn lengths_outside_one_to_4095_are_clear_errors() {
-        let e = Edu::check_len(0).unwrap_err();
+        let e = check_len(0).unwrap_err();
         assert!(e.to_string().contains("0 bytes"), "{e}");
-        let e = Edu::check_len(4096).unwrap_err();
+        let e = check_len(4096).unwrap_err();
         assert!(e.to_string().contains("4095"), "{e}");
-        Edu::check_len(1).unwrap();
-        Edu::check_len(4095).unwrap();
+        check_len(1).unwrap();
+        check_len(4095).unwrap();
     }
 
     #[test]
@@ -334,7 +388,11 @@ mod tests {
     #[test]
     #[cfg(feature = "vfio")]
     fn open_of_a_missing_device_is_a_clear_error() {
-        let e = Edu::open("0000:ff:1f.7").err().expect("no such device");
+        use crate::runtime::{DeviceSpec, Runtime};
+        let spec = DeviceSpec::KernelVfio("0000:ff:1f.7".into());
+        let e = Runtime::<Edu>::open_with(spec, RuntimeOptions::default())
+            .err()
+            .expect("no such device");
         assert!(e.to_string().contains("no PCI device"), "{e}");
     }
 }

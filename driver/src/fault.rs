@@ -18,6 +18,7 @@ use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use crate::device::{backoff, CancelOutcome, Device, DrainedFault, Ticket};
 use crate::Error;
+use sys_util::sync::{ignore_poison, lock, read, write};
 
 /// How the service thread learns about faults and completions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -273,10 +274,6 @@ struct Shared {
     drain_hook: RwLock<Option<DrainHook>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// The fault-service thread of one device, and completion waiting.
 pub struct FaultService {
     shared: Arc<Shared>,
@@ -335,20 +332,12 @@ impl FaultService {
 
     /// Route faults of `asid` to `handler` (held weakly: a dropped context stops receiving).
     pub fn register(&self, asid: u16, handler: Weak<dyn FaultHandler>) {
-        self.shared
-            .handlers
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(asid, handler);
+        write(&self.shared.handlers).insert(asid, handler);
     }
 
     /// Stop routing faults of `asid`; its stalled items are cancelled with `NoContext`.
     pub fn unregister(&self, asid: u16) {
-        self.shared
-            .handlers
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&asid);
+        write(&self.shared.handlers).remove(&asid);
     }
 
     /// Test hook: from now on, call `hook` on the service thread after each drain of the fault
@@ -356,11 +345,7 @@ impl FaultService {
     /// the device is serviced: a test holds a batch there to order events against it
     /// deterministically (a replay, a completion, an unmap between the drain and the service).
     pub fn set_drain_hook(&self, hook: Option<DrainHook>) {
-        *self
-            .shared
-            .drain_hook
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = hook;
+        *write(&self.shared.drain_hook) = hook;
     }
 
     /// Counters.
@@ -389,26 +374,18 @@ impl FaultService {
     /// polling mode). Read it before looking for completions, then
     /// [`FaultService::wait_completion_interrupt`] cannot miss one posted after the look.
     pub fn completion_generation(&self) -> u64 {
-        *self
-            .shared
-            .completed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        *lock(&self.shared.completed)
     }
 
     /// Block until the completion-interrupt count differs from `seen` or `timeout` passes;
     /// returns the count.
     pub fn wait_completion_interrupt(&self, seen: u64, timeout: Duration) -> u64 {
-        let guard = self
-            .shared
-            .completed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let (guard, _) = self
-            .shared
-            .completion_cv
-            .wait_timeout_while(guard, timeout, |now| *now == seen)
-            .unwrap_or_else(|p| p.into_inner());
+        let guard = lock(&self.shared.completed);
+        let (guard, _) = ignore_poison(self.shared.completion_cv.wait_timeout_while(
+            guard,
+            timeout,
+            |now| *now == seen,
+        ));
         *guard
     }
 
@@ -425,11 +402,7 @@ impl FaultService {
         loop {
             // Read the interrupt generation before looking at the record: a completion
             // interrupt after the look bumps it, so the wait below cannot miss it.
-            let generation = *self
-                .shared
-                .completed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
+            let generation = *lock(&self.shared.completed);
             if let Some(c) = device.try_complete(ticket) {
                 if wants_irq && quiet == Some(generation) {
                     // Found by the timeout, and still no completion interrupt.
@@ -450,18 +423,14 @@ impl FaultService {
             match self.shared.mode {
                 ServiceMode::Polling => backoff(&mut spins),
                 ServiceMode::Interrupt => {
-                    let guard = self
-                        .shared
-                        .completed
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner());
+                    let guard = lock(&self.shared.completed);
                     if *guard == generation {
                         // The bound is only a safety net; completions arrive by interrupt.
-                        let (guard, waited) = self
-                            .shared
-                            .completion_cv
-                            .wait_timeout(guard, (deadline - now).min(COMPLETION_BOUND))
-                            .unwrap_or_else(|p| p.into_inner());
+                        let (guard, waited) = ignore_poison(
+                            self.shared
+                                .completion_cv
+                                .wait_timeout(guard, (deadline - now).min(COMPLETION_BOUND)),
+                        );
                         quiet = (waited.timed_out() && *guard == generation).then_some(generation);
                     } else {
                         quiet = None;
@@ -653,7 +622,7 @@ impl Shared {
     }
 
     fn notify_completions(&self) {
-        let mut n = self.completed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut n = lock(&self.completed);
         *n += 1;
         self.completion_cv.notify_all();
     }
@@ -743,11 +712,7 @@ impl Shared {
                 }
             }
         }
-        let hook = self
-            .drain_hook
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let hook = read(&self.drain_hook).clone();
         if let Some(hook) = hook {
             let plain: Vec<FaultRecord> = records.iter().map(|(r, _)| *r).collect();
             hook(&plain);
@@ -835,12 +800,7 @@ impl Shared {
                     }
                 }
             }
-            let handler = self
-                .handlers
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&asid)
-                .and_then(Weak::upgrade);
+            let handler = read(&self.handlers).get(&asid).and_then(Weak::upgrade);
             let outcomes = match handler {
                 Some(h) => h.service(&pages),
                 None => vec![Err(CancelReason::NoContext); pages.len()],

@@ -6,7 +6,9 @@
 //! - device page tables ([`Translation`], [`PageSize`]) and IOVA allocation, inside [`device`]
 //!   and [`dma`];
 //! - the mirror of a process address space into a device address space (fault service and
-//!   invalidation), and the runtime API on top.
+//!   invalidation), and the runtime API on top ([`Runtime`], [`Context`], [`Op`]);
+//! - personalities ([`Personality`]): what kind of device a runtime drives, MXA-1 ([`Mxa`], the
+//!   default) or QEMU's edu ([`edu::Edu`]), both opened through [`Runtime::open_with`].
 #![deny(missing_docs)]
 
 pub mod arena;
@@ -28,7 +30,10 @@ pub use memlock::{effective_limit as effective_memlock_limit, has_cap_ipc_lock, 
 pub use pagetable::{
     inconsistent_entries as inconsistent_page_table_entries, PageSize, PageTableError, Translation,
 };
-pub use runtime::{Context, DeviceOps, DeviceSpec, Op, Runtime, RuntimeOptions};
+pub use runtime::{
+    Context, DeviceOps, DeviceSpec, FaultSource, Mxa, NoFaults, Op, Personality, Runtime,
+    RuntimeOptions,
+};
 pub use sys::dmabuf::{DmaBuffer, DmaBufferError};
 
 /// Driver errors.

@@ -4,6 +4,7 @@
 //! CAP_IPC_LOCK) and fails the map with a bare ENOMEM past the limit. We count what we pin and
 //! refuse before the kernel does, with an error that names the limit and the fix.
 
+#[cfg(feature = "vfio")]
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Pinning would exceed the locked-memory limit.
@@ -46,13 +47,15 @@ pub fn has_cap_ipc_lock() -> bool {
         .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
 }
 
-/// Bytes this driver has pinned, checked against a limit.
+/// Bytes this driver has pinned, checked against a limit (kernel VFIO is the backend that pins).
+#[cfg(feature = "vfio")]
 #[derive(Debug)]
 pub struct PinAccount {
     pinned: AtomicU64,
     limit: Option<u64>,
 }
 
+#[cfg(feature = "vfio")]
 impl PinAccount {
     /// An account with `limit` (`None` = unlimited).
     pub fn new(limit: Option<u64>) -> PinAccount {
@@ -100,7 +103,7 @@ impl PinAccount {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "vfio"))]
 mod tests {
     use super::*;
 

@@ -235,7 +235,7 @@ impl Cleared {
     }
 
     /// True if the TLB must be invalidated before what the old leaves pointed to is released.
-    #[cfg(test)]
+    #[cfg(all(test, feature = "emulator"))]
     pub fn needs_fence(&self) -> bool {
         self.leaves > 0
     }

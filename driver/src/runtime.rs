@@ -11,8 +11,13 @@
 //! assert!(buf.iter().all(|b| *b == 0x5a));
 //! # Ok::<(), driver::Error>(())
 //! ```
+//!
+//! [`Runtime::open`] opens an MXA-1. Other devices open through the same path with a
+//! [`Personality`]: `Runtime::<Edu>::open_with(spec, options)` for QEMU's edu
+//! ([`crate::edu::Edu`]).
 
 use std::collections::{HashMap, HashSet};
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -28,11 +33,13 @@ use crate::backend::vfio_user::VfioUserBackend;
 use crate::backend::{Backend, DeviceLost};
 use crate::context::{ContextCore, ContextOptions};
 use crate::device::{Device, DeviceOptions, Ticket};
+use crate::dma::DmaSpace;
 pub use crate::fault::InterruptStats;
 use crate::fault::{CancelReason, FaultHandler, FaultService, ServiceMode};
 use crate::pagetable::Translation;
-use crate::view::MxaView;
+use crate::view::{DeviceView, MxaView};
 use crate::Error;
+use sys_util::sync::lock;
 
 #[cfg(feature = "emulator")]
 pub use firmware_stubs::AcceleratorConfig;
@@ -90,10 +97,156 @@ impl Default for RuntimeOptions {
     }
 }
 
-/// An open device with its fault service.
-pub struct Runtime {
-    device: Arc<Device>,
-    service: FaultService,
+/// What differs between the devices a [`Runtime`] opens: how the device is identified and
+/// brought up, where its page faults come from, and what view of a mirrored address space a
+/// context gets. Everything else is shared by every personality and lives in the runtime: the
+/// backend a [`DeviceSpec`] names, the one mirror of the current process, the bookkeeping of
+/// device address spaces (free, in use, quarantined), a context's DMA mappings with their
+/// invalidation ordering, and the order of a context's release (stop its faults, tear its view
+/// down and fence, unmap, free its address space).
+///
+/// Why a trait with associated types rather than an enum of devices: each personality's
+/// device has an API of its own that `Runtime::<P>::device()` hands out typed (MXA-1's command
+/// queue and TLB fences in [`Device`], edu's registers in [`crate::edu::EduDevice`]), and so do
+/// its contexts (`Context<Mxa>` submits commands, `Context<Edu>` runs edu transfers); an enum
+/// would make every caller match on a device it already knows.
+///
+/// Implemented by [`Mxa`] (the default: `Runtime` is `Runtime<Mxa>`) and [`crate::edu::Edu`].
+/// A device outside this crate can implement it too: the two command-queue hooks have defaults
+/// for a device without one.
+pub trait Personality: Sized + Send + Sync + 'static {
+    /// The device once brought up, shared by the runtime and its contexts.
+    type Device: Send + Sync + 'static;
+    /// Where the device's page faults come from: a fault-service thread for a device that
+    /// stalls on a missing translation, [`NoFaults`] for one that only reaches what was mapped
+    /// for it beforehand.
+    type Faults: FaultSource;
+
+    /// Check that `backend` reaches this kind of device and bring it up. Errors name what was
+    /// found instead (the PCI ID, a missing region or interrupt).
+    fn bring_up(backend: Box<dyn Backend>, options: &RuntimeOptions)
+        -> Result<Self::Device, Error>;
+
+    /// The device's DMA space: contexts map the mirrored memory there.
+    fn dma(device: &Self::Device) -> &Arc<DmaSpace>;
+
+    /// How many contexts may exist at once (the device's address spaces; each context owns
+    /// one, numbered from 0).
+    fn address_spaces(device: &Self::Device) -> usize;
+
+    /// Start the fault source, once per runtime, after the bring-up.
+    fn fault_source(
+        device: &Arc<Self::Device>,
+        options: &RuntimeOptions,
+    ) -> Result<Self::Faults, Error>;
+
+    /// The device's view of address space `space` for a new context: what an installed DMA
+    /// mapping becomes on the device (page-table entries, or nothing but the IOMMU mapping).
+    fn view(
+        device: &Arc<Self::Device>,
+        space: u16,
+        options: &ContextOptions,
+    ) -> Result<Box<dyn DeviceView>, Error>;
+
+    /// The completion of `ticket` if the device has posted it. Only a device with a command
+    /// queue hands out tickets; the default (no queue) never sees one.
+    fn try_complete(device: &Self::Device, ticket: Ticket) -> Option<Completion> {
+        let _ = (device, ticket);
+        None
+    }
+
+    /// After a context's view was torn down: let work stalled on it fault again, so that it
+    /// ends now (cancelled, no handler) instead of waiting for a fault nobody will service.
+    /// Nothing to do for a device that never stalls (the default).
+    fn replay(device: &Self::Device) -> Result<(), Error> {
+        let _ = device;
+        Ok(())
+    }
+}
+
+/// Where a device's page faults come from: faults of address space `space` go to the handler
+/// registered for it.
+pub trait FaultSource: Send + Sync + 'static {
+    /// Route the faults of `space` to `handler` (held weakly: a dropped context stops
+    /// receiving).
+    fn register(&self, space: u16, handler: Weak<dyn FaultHandler>);
+    /// Stop routing the faults of `space` (the first step of a context's release).
+    fn unregister(&self, space: u16);
+}
+
+/// MXA-1 faults come from its fault buffer, drained and serviced by the fault-service thread.
+impl FaultSource for FaultService {
+    fn register(&self, space: u16, handler: Weak<dyn FaultHandler>) {
+        FaultService::register(self, space, handler)
+    }
+
+    fn unregister(&self, space: u16) {
+        FaultService::unregister(self, space)
+    }
+}
+
+/// The fault source of a device without page faults (edu): it reaches only what a submit
+/// mapped for it beforehand, so nothing ever needs servicing and no thread runs.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoFaults;
+
+impl FaultSource for NoFaults {
+    fn register(&self, _space: u16, _handler: Weak<dyn FaultHandler>) {}
+
+    fn unregister(&self, _space: u16) {}
+}
+
+/// The MXA-1: its bring-up checks the PCI ID and version, programs the rings and routes MSI
+/// ([`Device::bring_up`]); its faults come from a [`FaultService`] thread; a context gets its
+/// own device page table and ASID ([`MxaView`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Mxa;
+
+impl Personality for Mxa {
+    type Device = Device;
+    type Faults = FaultService;
+
+    fn bring_up(backend: Box<dyn Backend>, options: &RuntimeOptions) -> Result<Device, Error> {
+        Device::bring_up(backend, options.device)
+    }
+
+    fn dma(device: &Device) -> &Arc<DmaSpace> {
+        device.dma()
+    }
+
+    fn address_spaces(device: &Device) -> usize {
+        device.caps().asids as usize
+    }
+
+    fn fault_source(device: &Arc<Device>, options: &RuntimeOptions) -> Result<FaultService, Error> {
+        FaultService::start(device.clone(), options.mode, options.batch)
+    }
+
+    fn view(
+        device: &Arc<Device>,
+        space: u16,
+        options: &ContextOptions,
+    ) -> Result<Box<dyn DeviceView>, Error> {
+        Ok(Box::new(MxaView::new(
+            device.clone(),
+            space,
+            options.fence_timeout,
+        )?))
+    }
+
+    fn try_complete(device: &Device, ticket: Ticket) -> Option<Completion> {
+        device.try_complete(ticket)
+    }
+
+    fn replay(device: &Device) -> Result<(), Error> {
+        device.replay()
+    }
+}
+
+/// An open device with its fault source; an MXA-1 unless another [`Personality`] is named.
+pub struct Runtime<P: Personality = Mxa> {
+    device: Arc<P::Device>,
+    service: P::Faults,
     asids: Mutex<Vec<bool>>,
     options: RuntimeOptions,
     commands: AtomicU64,
@@ -102,13 +255,14 @@ pub struct Runtime {
     /// Leftover work of dropped contexts, by address space.
     orphans: Mutex<Vec<(u16, Ticket)>>,
     has_orphans: std::sync::atomic::AtomicBool,
+    personality: PhantomData<fn() -> P>,
 }
 
 /// The current process's address space, shared by every context of every runtime: a second
 /// userfaultfd could not register the same ranges (EBUSY).
 fn current_address_space(config: &mirror::Config) -> Result<Arc<AddressSpace>, Error> {
     static CURRENT: Mutex<Weak<AddressSpace>> = Mutex::new(Weak::new());
-    let mut slot = CURRENT.lock().unwrap_or_else(|p| p.into_inner());
+    let mut slot = lock(&CURRENT);
     if let Some(mm) = slot.upgrade() {
         return Ok(mm);
     }
@@ -118,16 +272,9 @@ fn current_address_space(config: &mirror::Config) -> Result<Arc<AddressSpace>, E
 }
 
 impl Runtime {
-    /// Open a device and start its fault service.
+    /// Open an MXA-1 and start its fault service.
     pub fn open(spec: DeviceSpec, options: RuntimeOptions) -> Result<Arc<Runtime>, Error> {
-        let backend: Box<dyn Backend> = match &spec {
-            #[cfg(feature = "emulator")]
-            DeviceSpec::Emulated(cfg) => Box::new(EmulatedBackend::new(cfg.clone())?),
-            #[cfg(feature = "vfio")]
-            DeviceSpec::KernelVfio(address) => Box::new(KernelVfioBackend::open(address)?),
-            DeviceSpec::VfioUser(path) => Box::new(VfioUserBackend::connect(path)?),
-        };
-        Self::open_backend(backend, options)
+        Self::open_with(spec, options)
     }
 
     /// Bring up the MXA-1 behind `backend` (one the caller built, e.g. an emulator it also
@@ -136,9 +283,39 @@ impl Runtime {
         backend: Box<dyn Backend>,
         options: RuntimeOptions,
     ) -> Result<Arc<Runtime>, Error> {
-        let device = Arc::new(Device::bring_up(backend, options.device)?);
-        let service = FaultService::start(device.clone(), options.mode, options.batch)?;
-        let asids = vec![false; device.caps().asids as usize];
+        Self::open_backend_with(backend, options)
+    }
+
+    /// Interrupts this device's service received per vector (fault, completion, error), and
+    /// the faults and completions it found only through its timeouts because no interrupt
+    /// came (MSI not working: the service then runs at timeout-polling speed). Interrupt mode;
+    /// every field stays 0 in polling mode. See [`InterruptStats`].
+    pub fn interrupt_stats(&self) -> InterruptStats {
+        self.service.interrupt_stats()
+    }
+}
+
+impl<P: Personality> Runtime<P> {
+    /// Open the device `spec` names as personality `P`, and start its fault source.
+    pub fn open_with(spec: DeviceSpec, options: RuntimeOptions) -> Result<Arc<Runtime<P>>, Error> {
+        let backend: Box<dyn Backend> = match &spec {
+            #[cfg(feature = "emulator")]
+            DeviceSpec::Emulated(cfg) => Box::new(EmulatedBackend::new(cfg.clone())?),
+            #[cfg(feature = "vfio")]
+            DeviceSpec::KernelVfio(address) => Box::new(KernelVfioBackend::open(address)?),
+            DeviceSpec::VfioUser(path) => Box::new(VfioUserBackend::connect(path)?),
+        };
+        Self::open_backend_with(backend, options)
+    }
+
+    /// Bring up the device behind `backend` as personality `P` and start its fault source.
+    pub fn open_backend_with(
+        backend: Box<dyn Backend>,
+        options: RuntimeOptions,
+    ) -> Result<Arc<Runtime<P>>, Error> {
+        let device = Arc::new(P::bring_up(backend, &options)?);
+        let service = P::fault_source(&device, &options)?;
+        let asids = vec![false; P::address_spaces(&device)];
         Ok(Arc::new(Runtime {
             device,
             service,
@@ -149,32 +326,36 @@ impl Runtime {
             released_on_lost_device: AtomicU64::new(0),
             orphans: Mutex::new(Vec::new()),
             has_orphans: std::sync::atomic::AtomicBool::new(false),
+            personality: PhantomData,
         }))
     }
 
     /// The device.
-    pub fn device(&self) -> &Arc<Device> {
+    pub fn device(&self) -> &Arc<P::Device> {
         &self.device
     }
 
-    /// The fault service (statistics, mode).
-    pub fn service(&self) -> &FaultService {
+    /// The fault source (for MXA-1 the fault service: statistics, mode).
+    pub fn service(&self) -> &P::Faults {
         &self.service
     }
 
-    /// Interrupts this device's service received per vector (fault, completion, error), and
-    /// the faults and completions it found only through its timeouts because no interrupt
-    /// came (MSI not working: the service then runs at timeout-polling speed). Interrupt mode;
-    /// every field stays 0 in polling mode. See [`InterruptStats`].
-    pub fn interrupt_stats(&self) -> InterruptStats {
-        self.service.interrupt_stats()
+    /// The backend the device is reached through.
+    fn backend(&self) -> &dyn Backend {
+        P::dma(&self.device).backend()
+    }
+
+    /// Fails with [`Error::DeviceLost`] once the device is lost.
+    fn check_lost(&self) -> Result<(), Error> {
+        self.device_lost()
+            .map_or(Ok(()), |lost| Err(Error::DeviceLost(lost)))
     }
 
     /// Why the device is gone for good (its vfio-user server died, ...), or `None` while it is
     /// reachable. Once lost, every wait and submit fails with [`Error::DeviceLost`] at once
     /// (see [`crate::fault::ServiceStats::lost_waits`]); open the device again to go on.
     pub fn device_lost(&self) -> Option<DeviceLost> {
-        self.device.lost()
+        self.backend().lost()
     }
 
     /// Contexts dropped after the device was lost: released on the host side at once (DMA
@@ -185,7 +366,7 @@ impl Runtime {
     }
 
     /// Create a context mirroring the current process into a fresh device address space.
-    pub fn create_context(self: &Arc<Self>) -> Result<Context, Error> {
+    pub fn create_context(self: &Arc<Self>) -> Result<Context<P>, Error> {
         self.create_context_with(self.options.context.clone())
     }
 
@@ -193,7 +374,7 @@ impl Runtime {
     pub fn create_context_with(
         self: &Arc<Self>,
         options: ContextOptions,
-    ) -> Result<Context, Error> {
+    ) -> Result<Context<P>, Error> {
         let mm = current_address_space(&self.options.mirror)?;
         self.create_context_in(mm, options)
     }
@@ -205,11 +386,11 @@ impl Runtime {
         self: &Arc<Self>,
         mm: Arc<AddressSpace>,
         options: ContextOptions,
-    ) -> Result<Context, Error> {
-        self.device.check_lost()?;
+    ) -> Result<Context<P>, Error> {
+        self.check_lost()?;
         self.reap_orphans();
         let asid = {
-            let mut asids = self.asids.lock().unwrap_or_else(|p| p.into_inner());
+            let mut asids = lock(&self.asids);
             let free = asids
                 .iter()
                 .position(|used| !used)
@@ -217,14 +398,13 @@ impl Runtime {
             asids[free] = true;
             free as u16
         };
-        let made =
-            MxaView::new(self.device.clone(), asid, options.fence_timeout).and_then(|view| {
-                ContextCore::new(self.device.dma().clone(), asid, mm, Box::new(view), options)
-            });
+        let made = P::view(&self.device, asid, &options).and_then(|view| {
+            ContextCore::new(P::dma(&self.device).clone(), asid, mm, view, options)
+        });
         let core = match made {
             Ok(c) => Arc::new(c),
             Err(e) => {
-                self.asids.lock().unwrap_or_else(|p| p.into_inner())[asid as usize] = false;
+                lock(&self.asids)[asid as usize] = false;
                 return Err(e);
             }
         };
@@ -253,7 +433,7 @@ impl Runtime {
     }
 
     fn quarantine(&self, asid: u16, tickets: Vec<Ticket>) {
-        let mut orphans = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+        let mut orphans = lock(&self.orphans);
         orphans.extend(tickets.into_iter().map(|t| (asid, t)));
         self.quarantined.fetch_add(1, Ordering::Relaxed);
         self.has_orphans.store(true, Ordering::Release);
@@ -265,11 +445,11 @@ impl Runtime {
         if !self.has_orphans.load(Ordering::Acquire) {
             return;
         }
-        let mut orphans = self.orphans.lock().unwrap_or_else(|p| p.into_inner());
+        let mut orphans = lock(&self.orphans);
         let before: HashSet<u16> = orphans.iter().map(|(asid, _)| *asid).collect();
-        orphans.retain(|(_, t)| self.device.try_complete(*t).is_none());
+        orphans.retain(|(_, t)| P::try_complete(&self.device, *t).is_none());
         let after: HashSet<u16> = orphans.iter().map(|(asid, _)| *asid).collect();
-        let mut asids = self.asids.lock().unwrap_or_else(|p| p.into_inner());
+        let mut asids = lock(&self.asids);
         for &asid in before.difference(&after) {
             asids[asid as usize] = false;
             self.quarantined.fetch_sub(1, Ordering::Relaxed);
@@ -332,10 +512,12 @@ pub enum Op {
     },
 }
 
-/// A process address space mirrored into one device address space.
-pub struct Context {
+/// A process address space mirrored into one device address space of a [`Runtime`]'s device.
+/// What it can run is its personality's: a `Context` (of an MXA-1) submits [`Op`]s; see
+/// [`Personality`] for the others.
+pub struct Context<P: Personality = Mxa> {
     core: Arc<ContextCore>,
-    runtime: Arc<Runtime>,
+    runtime: Arc<Runtime<P>>,
     /// Commands submitted and not yet collected, by work id.
     outstanding: Mutex<HashMap<u32, Outstanding>>,
     revocations: AtomicU64,
@@ -434,7 +616,7 @@ pub struct ContextStats {
     pub revoked_in_flight: usize,
 }
 
-impl Context {
+impl<P: Personality> Context<P> {
     /// The device address space (ASID) this context owns.
     pub fn asid(&self) -> u16 {
         self.core.asid
@@ -446,8 +628,14 @@ impl Context {
     }
 
     /// The runtime.
-    pub fn runtime(&self) -> &Arc<Runtime> {
+    pub fn runtime(&self) -> &Arc<Runtime<P>> {
         &self.runtime
+    }
+
+    /// The mirror underneath: translations, footprint, counters, and
+    /// [`ContextCore::map_for_device`] for a device that maps on submit.
+    pub fn core(&self) -> &ContextCore {
+        &self.core
     }
 
     /// A handle that waits for this context's release once it is dropped, by whichever thread
@@ -455,7 +643,10 @@ impl Context {
     pub fn release_watch(&self) -> ReleaseWatch {
         ReleaseWatch(Arc::downgrade(&self.alive))
     }
+}
 
+/// Commands: the MXA-1's command queue.
+impl Context {
     /// Submit `op` for the device to run on this address space.
     ///
     /// Fails with the mirror's error (`SettleTimeout`) and submits nothing if the CPU mapping
@@ -511,9 +702,11 @@ impl Context {
             .insert(ticket.work_id, Outstanding { op, revoked: false });
         Ok(ticket)
     }
+}
 
+impl<P: Personality> Context<P> {
     fn outstanding(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Outstanding>> {
-        self.outstanding.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.outstanding)
     }
 
     /// The completion of `ticket` if the device has posted it (it is then collected: do not
@@ -521,7 +714,7 @@ impl Context {
     pub fn try_complete(&self, ticket: Ticket) -> Option<Completion> {
         let mut outstanding = self.outstanding();
         let pending = *outstanding.get(&ticket.work_id)?;
-        let completion = self.runtime.device.try_complete(ticket)?;
+        let completion = P::try_complete(&self.runtime.device, ticket)?;
         outstanding.remove(&ticket.work_id);
         drop(outstanding);
         if pending.revoked {
@@ -558,7 +751,9 @@ impl Context {
     pub fn in_flight(&self) -> usize {
         self.outstanding().len()
     }
+}
 
+impl Context {
     /// Wait for `ticket`; the command's result value.
     ///
     /// When this returns, with a result or an error, the device can no longer touch the
@@ -708,13 +903,15 @@ impl Context {
     pub fn atomic_add(&self, target: &AtomicU64, value: u64) -> Result<u64, Error> {
         DeviceOps::atomic_add(self, target, value)
     }
+}
 
+impl<P: Personality> Context<P> {
     /// Make `[addr, addr + len)` device-accessible now instead of on first device access.
     pub fn prefault(&self, addr: u64, len: u64, write: bool) -> Result<(), Error> {
         if len == 0 {
             return Ok(());
         }
-        self.runtime.device.check_lost()?;
+        self.runtime.check_lost()?;
         self.core.prefault(addr, addr.saturating_add(len), write)
     }
 
@@ -730,7 +927,7 @@ impl Context {
         let c = self.core.counters();
         let (mappings, mapped_bytes, small_leaves, large_leaves, table_pages) =
             self.core.footprint();
-        let pins = self.runtime.device.backend().pins_memory();
+        let pins = self.runtime.backend().pins_memory();
         ContextStats {
             faults: c.faults.load(Ordering::Relaxed),
             fault_batches: c.fault_batches.load(Ordering::Relaxed),
@@ -880,7 +1077,7 @@ pub fn completion_result(c: Completion) -> Result<u64, Error> {
     }
 }
 
-impl Drop for Context {
+impl<P: Personality> Drop for Context<P> {
     fn drop(&mut self) {
         // Release ordering: stop servicing this ASID, take the device's view away (clear the
         // page table, fence, unmap, unpin), then replay: work still running faults on the empty
@@ -888,7 +1085,7 @@ impl Drop for Context {
         // running on for seconds against memory nobody is waiting for.
         let asid = self.core.asid;
         self.runtime.service.unregister(asid);
-        if self.runtime.device.lost().is_some() {
+        if self.runtime.device_lost().is_some() {
             self.release_on_lost_device();
             return;
         }
@@ -897,7 +1094,7 @@ impl Drop for Context {
         // it made before the tear-down (dropped when its install finds the context released):
         // wait for it, so every mapping is gone when the drop returns.
         self.core.wait_for_service();
-        let _ = self.runtime.device.replay();
+        let _ = P::replay(&self.runtime.device);
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut spins = 0u32;
         loop {
@@ -905,11 +1102,8 @@ impl Drop for Context {
             let mut left = Vec::new();
             for work_id in pending {
                 let ticket = Ticket { work_id };
-                if self.runtime.device.try_complete(ticket).is_some() {
-                    self.outstanding
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .remove(&work_id);
+                if P::try_complete(&self.runtime.device, ticket).is_some() {
+                    lock(&self.outstanding).remove(&work_id);
                 } else {
                     left.push(ticket);
                 }
@@ -917,7 +1111,7 @@ impl Drop for Context {
             if left.is_empty() {
                 break;
             }
-            if self.runtime.device.lost().is_some() {
+            if self.runtime.device_lost().is_some() {
                 // Lost while we waited: that work will never end, and quarantine protects
                 // nobody on a device that runs nothing more.
                 self.release_on_lost_device();
@@ -935,7 +1129,7 @@ impl Drop for Context {
             }
             crate::device::backoff(&mut spins);
         }
-        if !confirmed && self.runtime.device.lost().is_some() {
+        if !confirmed && self.runtime.device_lost().is_some() {
             self.release_on_lost_device();
             return;
         }
@@ -948,11 +1142,11 @@ impl Drop for Context {
             self.runtime.quarantine(asid, Vec::new());
             return;
         }
-        self.runtime.asids.lock().unwrap_or_else(|p| p.into_inner())[asid as usize] = false;
+        lock(&self.runtime.asids)[asid as usize] = false;
     }
 }
 
-impl Context {
+impl<P: Personality> Context<P> {
     /// Release on a lost device: the host side (DMA mappings, arenas, pins) goes at once, with
     /// no fence, no wait for the work in flight and no quarantine: nothing on the device can
     /// run any more, and a vfio-user server that died cannot answer. The mirror subscription
@@ -963,7 +1157,7 @@ impl Context {
         self.core.shut_down();
         self.core.wait_for_service();
         let abandoned = {
-            let mut outstanding = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
+            let mut outstanding = lock(&self.outstanding);
             let n = outstanding.len();
             outstanding.clear();
             n
@@ -971,13 +1165,13 @@ impl Context {
         self.runtime
             .released_on_lost_device
             .fetch_add(1, Ordering::Relaxed);
-        let lost = self.runtime.device.lost();
+        let lost = self.runtime.device_lost();
         tracing::warn!(
             asid,
             abandoned,
             lost = lost.as_ref().map(|l| l.to_string()).unwrap_or_default(),
             "context released on a lost device: host side freed at once, no fence, no quarantine"
         );
-        self.runtime.asids.lock().unwrap_or_else(|p| p.into_inner())[asid as usize] = false;
+        lock(&self.runtime.asids)[asid as usize] = false;
     }
 }

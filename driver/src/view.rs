@@ -1,7 +1,8 @@
 //! Device views: how a context's DMA-mapped ranges become visible to its device.
 //!
-//! This is the personality seam. The mirror, the DMA mapper and the invalidation ordering are
-//! shared; what differs between devices is only this:
+//! A view is one of the three parts of a [`crate::runtime::Personality`] (with the bring-up and
+//! the fault source): the mirror, the DMA mapper and the invalidation ordering are shared; what
+//! a device makes of a DMA-mapped range is this:
 //! - [`MxaView`]: a device with its own page table and TLB (MXA-1): install writes PTEs, removal
 //!   clears them, the fence is a TLB invalidation;
 //! - [`IommuView`]: a device without page faults or page tables (QEMU's edu): it addresses memory
@@ -19,6 +20,7 @@ use accel_abi::PAGE_SIZE;
 use crate::device::Device;
 use crate::pagetable::{PageSize, PageTable, TableMemory, Translation};
 use crate::Error;
+use sys_util::sync::lock;
 
 /// A device's view of one mirrored address space.
 pub trait DeviceView: Send {
@@ -67,7 +69,7 @@ impl MxaView {
     /// Create the page table of `asid` and point the device's root register at it.
     pub fn new(device: Arc<Device>, asid: u16, fence_timeout: Duration) -> Result<MxaView, Error> {
         let pt = {
-            let mut tables = device.tables.lock().unwrap_or_else(|p| p.into_inner());
+            let mut tables = lock(&device.tables);
             PageTable::new(&mut TableMemory {
                 pool: &mut tables,
                 dma: device.dma(),
@@ -75,7 +77,7 @@ impl MxaView {
         };
         if let Err(e) = device.set_asid_root(asid, Some(pt.root_iova())) {
             // The device never saw this table: its pages go straight back to the pool.
-            pt.destroy(&mut device.tables.lock().unwrap_or_else(|p| p.into_inner()));
+            pt.destroy(&mut lock(&device.tables));
             return Err(e);
         }
         Ok(MxaView {
@@ -101,7 +103,7 @@ impl DeviceView for MxaView {
             .pt
             .as_mut()
             .ok_or(Error::InvalidArgument("address space shut down"))?;
-        let mut tables = self.device.tables.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tables = lock(&self.device.tables);
         let mut mem = TableMemory {
             pool: &mut tables,
             dma: self.device.dma(),
@@ -118,7 +120,7 @@ impl DeviceView for MxaView {
 
     fn remove(&mut self, range: Range<u64>) -> Option<Range<u64>> {
         let pt = self.pt.as_mut()?;
-        let tables = self.device.tables.lock().unwrap_or_else(|p| p.into_inner());
+        let tables = lock(&self.device.tables);
         pt.unmap(&tables, range).span
     }
 
@@ -128,7 +130,7 @@ impl DeviceView for MxaView {
     }
 
     fn lookup(&self, va: u64) -> Option<Translation> {
-        let tables = self.device.tables.lock().unwrap_or_else(|p| p.into_inner());
+        let tables = lock(&self.device.tables);
         self.pt.as_ref()?.translate(&tables, va)
     }
 
@@ -158,7 +160,7 @@ impl DeviceView for MxaView {
         }
         if let Some(pt) = self.pt.take() {
             if confirmed {
-                pt.destroy(&mut self.device.tables.lock().unwrap_or_else(|p| p.into_inner()));
+                pt.destroy(&mut lock(&self.device.tables));
             } else {
                 // The device may still walk these pages: they never go back to the pool.
                 tracing::error!(asid = self.asid, "keeping the page-table pages out of use");
@@ -262,11 +264,7 @@ mod tests {
     use crate::runtime::{DeviceSpec, Runtime, RuntimeOptions};
 
     fn pages_in_use(device: &Device) -> usize {
-        device
-            .tables
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .in_use()
+        lock(&device.tables).in_use()
     }
 
     #[test]

@@ -13,12 +13,13 @@ use driver::backend::emulated::EmulatedBackend;
 use driver::fault::CancelReason;
 use driver::{Error, Runtime, RuntimeOptions};
 use firmware_stubs::{Accelerator, AcceleratorConfig};
+use sys_util::sync::lock;
 
 /// The tests share the process's address space (one userfaultfd registers each range): one at
 /// a time.
 fn serial() -> MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+    lock(&SERIAL)
 }
 
 /// A runtime on an emulator the test holds, with a short wait timeout.
@@ -162,7 +163,7 @@ impl Gate {
         }
     }
     fn open(&self) {
-        *self.closed.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        *lock(&self.closed) = false;
         self.opened.notify_all();
     }
 }

@@ -30,9 +30,9 @@ use accel_abi::{
 use crate::config_space::ConfigSpace;
 use crate::iommu::{FaultLog, Iommu, IommuFaultEntry, IommuFaultReason};
 use crate::mmu::{walk, Walk};
-use crate::sync::{lock, read, wait_timeout, write};
 use crate::tlb::{Tlb, TlbiTarget};
 use crate::AcceleratorConfig;
+use sys_util::sync::{ignore_poison, lock, read, write};
 
 /// Host-side IOMMU log capacity.
 pub(crate) const IOMMU_LOG_CAP: usize = 256;
@@ -847,7 +847,7 @@ impl Inner {
                 continue;
             }
             st.parked += 1;
-            st = wait_timeout(&self.work_cv, st, IDLE_POLL);
+            st = ignore_poison(self.work_cv.wait_timeout(st, IDLE_POLL)).0;
             st.parked -= 1;
         }
     }

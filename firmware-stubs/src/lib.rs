@@ -23,7 +23,6 @@ mod iommu;
 mod irq;
 mod memory;
 mod mmu;
-mod sync;
 mod tlb;
 pub mod vfio_user_server;
 
@@ -35,7 +34,7 @@ pub use iommu::{DmaError, DmaPerms, DmaStats, IommuFaultEntry, IommuFaultReason}
 pub use memory::{DmaAccessError, DmaMemory, ProcessMemory, SharedRegion};
 
 use device::Inner;
-use sync::{lock, read, write};
+use sys_util::sync::{lock, read, write};
 
 /// Device parameters (what the capability registers report).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -24,7 +24,7 @@ use nix::sys::mman::{MapFlags, ProtFlags};
 use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
 use nix::unistd::Pid;
 
-use crate::sync::lock;
+use sys_util::sync::lock;
 
 /// Why the memory behind a mapping could not be accessed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -41,6 +41,8 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use sys_util::sync::{ignore_poison, lock};
+
 use vfio_user_protocol::payload::{self, irq, region, DecodeError};
 use vfio_user_protocol::version::{self, Capabilities, Version};
 use vfio_user_protocol::{
@@ -158,10 +160,6 @@ impl ServerStats {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Bytes a received message takes in the queue.
 fn queued_bytes(m: &Message) -> usize {
     HEADER_SIZE + m.payload.len()
@@ -224,7 +222,7 @@ impl CommandQueue {
                 }
                 break;
             }
-            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+            s = ignore_poison(self.changed.wait(s));
         }
         s.bytes += size;
         s.commands.push_back(msg);
@@ -253,7 +251,7 @@ impl CommandQueue {
             if s.finished {
                 return None;
             }
-            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+            s = ignore_poison(self.changed.wait(s));
         }
     }
 
@@ -1519,7 +1517,6 @@ fn peer_gone(s: &UnixStream) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync::lock;
     use proptest::prelude::*;
     use std::io::{Read, Write};
     use vfio_user_protocol::Header;

@@ -106,7 +106,7 @@ impl AddressSpace {
         }
         let pidfd = match pidfd {
             Some(fd) => fd,
-            None => raw::pidfd_open(pid).map_err(|e| match e {
+            None => sys_util::pidfd::open(pid).map_err(|e| match e {
                 Errno::ESRCH => Error::Released,
                 e => Error::sys("pidfd_open", e),
             })?,

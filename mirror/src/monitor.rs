@@ -22,12 +22,13 @@
 use std::collections::VecDeque;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use sys_util::sync::{ignore_poison, lock};
 
 use crate::registry::{in_callback, EventKind, EventSource, Registry};
 use crate::sys::uffd as raw;
@@ -56,10 +57,6 @@ struct Queue {
     not_full: Condvar,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Waits until the counter reaches `target`; `Err` at the deadline.
 fn wait_for_count(
     count: &Mutex<u64>,
@@ -73,10 +70,7 @@ fn wait_for_count(
         if left.is_zero() {
             return Err(());
         }
-        now = cv
-            .wait_timeout(now, left)
-            .unwrap_or_else(|p| p.into_inner())
-            .0;
+        now = ignore_poison(cv.wait_timeout(now, left)).0;
     }
     Ok(())
 }
@@ -86,7 +80,7 @@ impl Queue {
     fn push(&self, item: Item) {
         let mut q = lock(&self.items);
         while q.len() >= QUEUE_CAPACITY {
-            q = self.not_full.wait(q).unwrap_or_else(|p| p.into_inner());
+            q = ignore_poison(self.not_full.wait(q));
         }
         q.push_back(item);
         drop(q);
@@ -101,7 +95,7 @@ impl Queue {
                 self.not_full.notify_one();
                 return item;
             }
-            q = self.not_empty.wait(q).unwrap_or_else(|p| p.into_inner());
+            q = ignore_poison(self.not_empty.wait(q));
         }
     }
 }
@@ -194,10 +188,7 @@ impl Monitor {
         // creating an address space.
         let mut ready = lock(&shared.reader_ready);
         while !*ready {
-            ready = shared
-                .reader_ready_cv
-                .wait(ready)
-                .unwrap_or_else(|p| p.into_inner());
+            ready = ignore_poison(shared.reader_ready_cv.wait(ready));
         }
         drop(ready);
         Ok(Monitor {

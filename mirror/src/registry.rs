@@ -4,7 +4,9 @@ use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
 use std::time::{Duration, Instant};
+use sys_util::sync::{lock, read, write};
 
 use crate::seq::{BeginError, Interval, IntervalSeq, Notifier, Ticket};
 use crate::stats::StatsInner;
@@ -117,7 +119,7 @@ impl Registry {
     }
 
     pub(crate) fn set_observer(&self, observer: Option<Observer>) {
-        *self.observer.write().unwrap_or_else(|p| p.into_inner()) = observer;
+        *write(&self.observer) = observer;
     }
 
     pub(crate) fn subscribe<T, F>(
@@ -231,11 +233,7 @@ impl Bracket<'_> {
         if let Some(l) = latency {
             self.registry.stats.latency(l);
         }
-        let observer = self
-            .registry
-            .observer
-            .read()
-            .unwrap_or_else(|p| p.into_inner());
+        let observer = read(&self.registry.observer);
         if let Some(obs) = observer.as_ref() {
             obs(&EventRecord {
                 range: self.inv.range,
@@ -279,7 +277,7 @@ impl<T: Send> Interval<Invalidation> for SubNode<T> {
             kind: event.kind,
             source: event.source,
         };
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = lock(&self.state);
         self.seq.set_seq(cur_seq);
         CALLBACK_DEPTH.with(|d| d.set(d.get() + 1));
         let outcome = catch_unwind(AssertUnwindSafe(|| (self.callback)(&mut state, &clipped)));
@@ -388,7 +386,7 @@ impl<T: Send + 'static> Subscription<T> {
     /// needs this lock to finish the event the syscall waits for.
     pub fn lock(&self) -> SubscriberGuard<'_, T> {
         SubscriberGuard {
-            guard: self.node.state.lock().unwrap_or_else(|p| p.into_inner()),
+            guard: lock(&self.node.state),
             seq: &self.node.seq,
         }
     }

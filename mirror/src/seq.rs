@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::sync::{lock, AtomicU64, Condvar, Mutex, Ordering};
+use sys_util::sync::ignore_poison;
 
 /// The per-interval part of the protocol.
 pub(crate) struct IntervalSeq {
@@ -162,7 +163,7 @@ impl<E> Notifier<E> {
             if wait {
                 let seq = st.invalidate_seq;
                 while st.invalidate_seq == seq {
-                    st = self.wq.wait(st).unwrap_or_else(|p| p.into_inner());
+                    st = ignore_poison(self.wq.wait(st));
                 }
             }
         } else {
@@ -186,10 +187,7 @@ impl<E> Notifier<E> {
                     _ => return Err(BeginError::Timeout),
                 },
             };
-            st = match self.wq.wait_timeout(st, timeout) {
-                Ok((g, _)) => g,
-                Err(p) => p.into_inner().0,
-            };
+            st = ignore_poison(self.wq.wait_timeout(st, timeout)).0;
         }
         if st.released {
             return Err(BeginError::Released);

@@ -9,6 +9,7 @@ use std::os::unix::fs::FileTypeExt;
 use std::sync::Mutex;
 
 use nix::errno::Errno;
+use sys_util::sync::lock;
 
 use crate::sys::procfs;
 use crate::{Error, Perms, Result, VaRange, PAGE_SIZE};
@@ -194,12 +195,7 @@ impl VmaSource {
     /// fd) pay for an smaps read.
     fn file_vma_facts(&self, raw: &RawVma) -> Result<(bool, u64)> {
         let key = (raw.start, raw.end, raw.inode);
-        if let Some(v) = self
-            .special_cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-        {
+        if let Some(v) = lock(&self.special_cache).get(&key) {
             return Ok(*v);
         }
         let link = format!("{}/map_files/{:x}-{:x}", self.pid_dir, raw.start, raw.end);
@@ -211,7 +207,7 @@ impl VmaSource {
         } else {
             self.smaps_facts(raw.start)?
         };
-        let mut cache = self.special_cache.lock().unwrap_or_else(|p| p.into_inner());
+        let mut cache = lock(&self.special_cache);
         if cache.len() > 4096 {
             cache.clear();
         }

@@ -1,6 +1,7 @@
 //! The edu guest test: runs as root inside the QEMU guest booted by `tests/qemu/run.sh`, with
 //! QEMU's edu device bound to vfio-pci behind an emulated Intel IOMMU. It drives edu through
-//! the driver's kernel VFIO backend and the mirror ([`driver::edu::Edu`]) and checks, on the
+//! the driver's kernel VFIO backend and the mirror (the runtime with the [`driver::edu::Edu`]
+//! personality: `Runtime::<Edu>::open_with`, the path an MXA-1 opens through) and checks, on the
 //! real kernel:
 //! 1. identity, liveness and MSI through an eventfd;
 //! 2. DMA from and to malloc'd and mmap'd memory, mapped on submit at IOVA == VA, data checked
@@ -20,6 +21,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::time::{Duration, Instant};
 
 use driver::edu::{self, Edu};
+use driver::runtime::{Context, DeviceSpec, Runtime, RuntimeOptions};
 use mirror::Mapping;
 
 const PAGE: u64 = 4096;
@@ -85,7 +87,7 @@ fn check_eq(what: &str, got: &[u8], want: &[u8]) -> Res {
 /// Unmap a mirrored buffer through the mirror's strict wrapper (the device's mapping is gone
 /// when it returns). A plain munmap (dropping the [`Mapping`]) is only seen through userfaultfd
 /// events, which the mirror cannot register for on kernels without UFFD_FEATURE_WP_ASYNC (6.1).
-fn release(edu: &Edu, m: Mapping) -> Res {
+fn release(edu: &Context<Edu>, m: Mapping) -> Res {
     let range = m.forget();
     // SAFETY: the owner is forgotten and only raw byte accesses referred into the range.
     unsafe { edu.core().address_space().munmap(range) }.map_err(e("munmap"))
@@ -185,21 +187,21 @@ impl Run {
 }
 
 /// Load `data` into edu's buffer from a scratch mapping.
-fn load_device(edu: &Edu, scratch: &Mapping, data: &[u8]) -> Res {
+fn load_device(edu: &Context<Edu>, scratch: &Mapping, data: &[u8]) -> Res {
     fill(scratch, 0, data);
     edu.dma_to_device(scratch.addr(), data.len() as u64)
         .map_err(e("load the device buffer"))
 }
 
 /// Read edu's buffer into a scratch mapping.
-fn device_contents(edu: &Edu, scratch: &Mapping) -> Res<Vec<u8>> {
+fn device_contents(edu: &Context<Edu>, scratch: &Mapping) -> Res<Vec<u8>> {
     edu.dma_from_device(scratch.addr(), LEN)
         .map_err(e("read the device buffer"))?;
     Ok(read(scratch, 0, LEN))
 }
 
 /// DMA `LEN` bytes at `va` (holding pattern `seed`) to edu and check edu's buffer holds them.
-fn to_device(edu: &Edu, scratch: &Mapping, va: u64, seed: u8, what: &str) -> Res {
+fn to_device(edu: &Context<Edu>, scratch: &Mapping, va: u64, seed: u8, what: &str) -> Res {
     edu.dma_to_device(va, LEN).map_err(e(what))?;
     check_eq(what, &device_contents(edu, scratch)?, &pattern(seed, LEN))
 }
@@ -207,7 +209,7 @@ fn to_device(edu: &Edu, scratch: &Mapping, va: u64, seed: u8, what: &str) -> Res
 /// Load pattern `seed` into edu, DMA it to `va` and check it arrived, reading through `view`
 /// at `offset` (the same memory, possibly through another mapping).
 fn from_device(
-    edu: &Edu,
+    edu: &Context<Edu>,
     scratch: &Mapping,
     va: u64,
     (view, offset): (&Mapping, usize),
@@ -219,16 +221,17 @@ fn from_device(
     check_eq(what, &read(view, offset, LEN), &pattern(seed, LEN))
 }
 
-fn basics(run: &mut Run, edu: &Edu) -> Res {
-    let id = edu.id().map_err(e("read ID"))?;
+fn basics(run: &mut Run, edu: &Context<Edu>) -> Res {
+    let device = edu.runtime().device();
+    let id = device.id().map_err(e("read ID"))?;
     ensure!(
         id == 0x0100_00ed,
         "ID register {id:#010x}, expected 0x010000ed"
     );
     run.ok(&format!("identity: ID register {id:#010x}"));
-    edu.liveness_check().map_err(e("liveness"))?;
+    device.liveness_check().map_err(e("liveness"))?;
     run.ok("liveness register returns the complement");
-    let status = edu.raise_irq(0x1).map_err(e("MSI"))?;
+    let status = device.raise_irq(0x1).map_err(e("MSI"))?;
     ensure!(status & 1 == 1, "MSI status {status:#x}");
     run.ok(&format!(
         "MSI through the eventfd (status {status:#x}, acked)"
@@ -243,7 +246,7 @@ fn basics(run: &mut Run, edu: &Edu) -> Res {
     Ok(())
 }
 
-fn malloc_and_mmap(run: &mut Run, edu: &Edu, scratch: &Mapping) -> Res {
+fn malloc_and_mmap(run: &mut Run, edu: &Context<Edu>, scratch: &Mapping) -> Res {
     let base = locked()?;
     // malloc'd (heap) memory, at odd offsets.
     let mut src = vec![0u8; LEN as usize + 77];
@@ -299,7 +302,7 @@ fn malloc_and_mmap(run: &mut Run, edu: &Edu, scratch: &Mapping) -> Res {
     Ok(())
 }
 
-fn munmap(run: &mut Run, edu: &Edu, scratch: &Mapping, kmsg: &mut Kmsg) -> Res {
+fn munmap(run: &mut Run, edu: &Context<Edu>, scratch: &Mapping, kmsg: &mut Kmsg) -> Res {
     let mm = edu.core().address_space().clone();
     let m = Mapping::anonymous(4 * PAGE as usize, RW).map_err(e("mmap"))?;
     fill(&m, 0, &pattern(3, LEN));
@@ -372,7 +375,7 @@ fn munmap(run: &mut Run, edu: &Edu, scratch: &Mapping, kmsg: &mut Kmsg) -> Res {
 
 /// munmap of a page whose memory lives on (a memfd mapped twice): after the unmap, an edu DMA to
 /// the old address is blocked and the page, read through the other mapping, is unchanged.
-fn munmap_shared(run: &mut Run, edu: &Edu, scratch: &Mapping, kmsg: &mut Kmsg) -> Res {
+fn munmap_shared(run: &mut Run, edu: &Context<Edu>, scratch: &Mapping, kmsg: &mut Kmsg) -> Res {
     let mm = edu.core().address_space().clone();
     let fd =
         nix::sys::memfd::memfd_create(c"edu-alias", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
@@ -423,7 +426,7 @@ fn munmap_shared(run: &mut Run, edu: &Edu, scratch: &Mapping, kmsg: &mut Kmsg) -
     release(edu, alias)
 }
 
-fn dontneed(run: &mut Run, edu: &Edu, scratch: &Mapping) -> Res {
+fn dontneed(run: &mut Run, edu: &Context<Edu>, scratch: &Mapping) -> Res {
     let mm = edu.core().address_space().clone();
     let n = Mapping::anonymous(2 * PAGE as usize, RW).map_err(e("mmap"))?;
     fill(&n, 0, &pattern(6, LEN));
@@ -447,7 +450,7 @@ fn dontneed(run: &mut Run, edu: &Edu, scratch: &Mapping) -> Res {
 
 /// A change made behind the mirror's back (a plain madvise, as an allocator does) is seen
 /// through the userfaultfd REMOVE event: after settling, the mapping and its pin are gone.
-fn observed_by_userfaultfd(run: &mut Run, edu: &Edu, scratch: &Mapping) -> Res {
+fn observed_by_userfaultfd(run: &mut Run, edu: &Context<Edu>, scratch: &Mapping) -> Res {
     let mm = edu.core().address_space().clone();
     let n = Mapping::anonymous(2 * PAGE as usize, RW).map_err(e("mmap"))?;
     fill(&n, 0, &pattern(9, LEN));
@@ -473,7 +476,7 @@ fn observed_by_userfaultfd(run: &mut Run, edu: &Edu, scratch: &Mapping) -> Res {
     release(edu, n)
 }
 
-fn mremap(run: &mut Run, edu: &Edu, scratch: &Mapping) -> Res {
+fn mremap(run: &mut Run, edu: &Context<Edu>, scratch: &Mapping) -> Res {
     let mm = edu.core().address_space().clone();
     let r = Mapping::anonymous(2 * PAGE as usize, RW).map_err(e("mmap"))?;
     fill(&r, 0, &pattern(9, LEN));
@@ -518,7 +521,7 @@ fn memlock(run: &mut Run, address: &str, baseline: u64) -> Res {
     ensure!(!driver::has_cap_ipc_lock(), "CAP_IPC_LOCK still effective");
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_MEMLOCK, LIMIT, LIMIT)
         .map_err(e("setrlimit(RLIMIT_MEMLOCK)"))?;
-    let edu = Edu::open(address).map_err(e("reopen edu"))?;
+    let edu = open(address).map_err(e("reopen edu"))?;
     let big = Mapping::anonymous(1 << 20, RW).map_err(e("mmap"))?;
     let before = locked()?;
     match edu.map(big.addr(), 1 << 20, true) {
@@ -533,7 +536,7 @@ fn memlock(run: &mut Run, address: &str, baseline: u64) -> Res {
         "failed mirror left {maps} mappings"
     );
     ensure!(
-        edu.dma().iova().allocations() == 0,
+        edu.runtime().device().dma().iova().allocations() == 0,
         "failed mirror left IOVA allocations"
     );
     ensure!(locked()? == before, "failed mirror left pinned memory");
@@ -552,6 +555,13 @@ fn memlock(run: &mut Run, address: &str, baseline: u64) -> Res {
     Ok(())
 }
 
+/// Open edu at PCI `address` (bound to vfio-pci) through kernel VFIO, with a context mirroring
+/// this process (it holds the runtime: dropping it closes the device).
+fn open(address: &str) -> Result<Context<Edu>, driver::Error> {
+    let spec = DeviceSpec::KernelVfio(address.to_owned());
+    Runtime::<Edu>::open_with(spec, RuntimeOptions::default())?.create_context()
+}
+
 fn main_inner(run: &mut Run) -> Res {
     let address = match std::env::args().nth(1) {
         Some(a) => a,
@@ -560,7 +570,7 @@ fn main_inner(run: &mut Run) -> Res {
     let mut kmsg = Kmsg::open(&address)?;
     let baseline = locked()?;
     {
-        let edu = Edu::open(&address).map_err(e("open edu through kernel VFIO"))?;
+        let edu = open(&address).map_err(e("open edu through kernel VFIO"))?;
         let caps = edu.core().address_space().capabilities();
         println!(
             "   mirror here: uffd {:?}; degraded: {:?}",

@@ -16,6 +16,7 @@ use driver::fault::ServiceMode;
 use driver::runtime::{DeviceSpec, Runtime, RuntimeOptions};
 use hmm::*;
 use mirror::Mapping;
+use sys_util::sync::lock;
 
 static FORKS: Mutex<()> = Mutex::new(());
 
@@ -41,7 +42,7 @@ fn open() -> Arc<Runtime> {
 /// write after the fork lands in the parent's page (not in a page the child took).
 #[test]
 fn anon_write_child() {
-    let _serial = FORKS.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = lock(&FORKS);
     let rt = open();
     let ctx = hmm_ctx(&rt);
     for use_thp in [false, true] {
@@ -160,7 +161,7 @@ fn shared_region(len: usize) -> (u64, OwnedFd, &'static str) {
 /// the parent's device view, mapped before the child ran, equals its CPU view.
 #[test]
 fn anon_write_child_shared() {
-    let _serial = FORKS.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = lock(&FORKS);
     let rt = open();
     let ctx = hmm_ctx(&rt);
     let len = BUF;

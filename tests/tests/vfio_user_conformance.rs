@@ -20,6 +20,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use sys_util::sync::lock;
 use vfio_user_protocol::json::{self, Value};
 use vfio_user_protocol::payload::{self, irq, region};
 use vfio_user_protocol::version::{Capabilities, Version};
@@ -31,10 +32,6 @@ use vfio_user_protocol::{
 const PATIENCE: Duration = Duration::from_secs(30);
 const PAGE: u64 = 4096;
 const RW: u32 = payload::DMA_MAP_READ | payload::DMA_MAP_WRITE;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
 
 /// A VERSION payload: major, minor, then `json` with its terminating NUL (spec "Version").
 fn version_body(major: u16, minor: u16, json: Option<&str>) -> Vec<u8> {

@@ -62,7 +62,7 @@ impl Calls {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        sys_util::sync::lock(&self.state)
     }
 
     /// Send command `cmd` with `body` and `fds` on `conn` and wait for its reply (which may be an

@@ -7,18 +7,21 @@
 //! before any allocation. Only a header whose size is smaller than a header leaves the stream
 //! position undefined; that is [`RecvError::Desync`] and the connection must be dropped.
 //!
-//! This module holds the crate's only `unsafe`: `recvmsg` and the walk of its control messages,
-//! adopting received descriptors. [`recv_with_fds`] is also the daemon's receive path.
+//! Descriptors are sent and received with `sys_util::socket` (`send_with_fds`, `recv_with_fds`),
+//! which sizes every receive for the kernel's `SCM_MAX_FD` and returns every descriptor the kernel
+//! installed, so that those of a refused message are closed; this crate has no `unsafe` of its
+//! own.
 
-use std::io::{self as io, IoSlice};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::io::IoSlice;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::sys::socket::{send, sendmsg, ControlMessage, MsgFlags, UnixAddr};
+use nix::sys::socket::{send, MsgFlags};
+use sys_util::socket::recv_with_fds;
 
 use crate::{Header, HEADER_SIZE};
 
@@ -26,152 +29,11 @@ use crate::{Header, HEADER_SIZE};
 /// more is refused ([`RecvError::TooManyFds`]) and its descriptors closed.
 pub const FD_CAP: usize = 16;
 
-/// The kernel's cap on descriptors in one SCM_RIGHTS message (`SCM_MAX_FD`). The receive buffer
-/// is sized for it, not for [`FD_CAP`]: with less room the kernel installs the descriptors that
-/// fit and truncates the control data, and every descriptor it installed must still be found
-/// and closed ([`recv_with_fds`] does).
-pub const SCM_MAX_FD: usize = 253;
-
 /// How long the rest of a message may take once its first byte has arrived
 /// ([`Connection::with_message_timeout`] changes it). A peer that sends a header and then
 /// stops, keeping the connection open, would otherwise hold the receiving thread forever; past
 /// this bound the message is [`RecvError::Stalled`] and the connection must be dropped.
 pub const MESSAGE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Bind a listening Unix socket at `path` so that the path appears only once connections are
-/// accepted, already with permission bits `mode`.
-///
-/// A plain `bind` creates the path before `listen`, and a peer that waits for the path and
-/// connects in between gets `ECONNREFUSED` (a test runner on a loaded 2-core machine hit it).
-/// Here the socket is bound and put to listen under a temporary name in the same directory and
-/// then renamed over `path`, which also replaces a stale socket atomically. The temporary name
-/// (a dot, the pid and a per-process count in base 36) is padded to the length of the file
-/// name, so any path that fits the 108 bytes of `sun_path` binds (a file name under 8 bytes
-/// makes the temporary path longer by the difference); one that does not fit is refused with
-/// that limit named.
-pub fn listen_at(
-    path: &std::path::Path,
-    mode: u32,
-) -> io::Result<std::os::unix::net::UnixListener> {
-    use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::PermissionsExt;
-    /// `sizeof(sockaddr_un.sun_path)` on Linux, the terminating NUL included.
-    const SUN_PATH: usize = 108;
-    static BINDS: AtomicUsize = AtomicUsize::new(0);
-    let Some(name) = path.file_name() else {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("socket path {} has no file name", path.display()),
-        ));
-    };
-    let mut temporary_name = format!(
-        ".{}-{}",
-        base36(std::process::id() as usize),
-        base36(BINDS.fetch_add(1, Ordering::Relaxed))
-    );
-    while temporary_name.len() < name.len() {
-        temporary_name.push('~');
-    }
-    let temporary = path.with_file_name(temporary_name);
-    if temporary.as_os_str().as_bytes().len() >= SUN_PATH {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "socket path {} is too long: while it is bound it is named {} ({} bytes), and \
-                 a Unix socket path holds at most {} bytes; choose a shorter path",
-                path.display(),
-                temporary.display(),
-                temporary.as_os_str().as_bytes().len(),
-                SUN_PATH - 1
-            ),
-        ));
-    }
-    // A temporary left by a process of ours that died with the same pid is ours to replace.
-    let _ = std::fs::remove_file(&temporary);
-    let listener = std::os::unix::net::UnixListener::bind(&temporary)?;
-    let placed = std::fs::set_permissions(&temporary, std::fs::Permissions::from_mode(mode))
-        .and_then(|()| std::fs::rename(&temporary, path));
-    if let Err(e) = placed {
-        let _ = std::fs::remove_file(&temporary);
-        return Err(e);
-    }
-    Ok(listener)
-}
-
-fn base36(mut n: usize) -> String {
-    const DIGITS: &[u8; 36] = b"0123456789abcdefghijklmnopqrstuvwxyz";
-    let mut out = Vec::new();
-    loop {
-        out.push(DIGITS[n % 36]);
-        n /= 36;
-        if n == 0 {
-            break;
-        }
-    }
-    out.iter().rev().map(|&d| char::from(d)).collect()
-}
-
-/// Receive into `buf`; descriptors that came along are appended to `fds`. Returns the byte
-/// count (0 at end of stream) and whether control data was cut short: the kernel could not
-/// install every descriptor sent (the open-files limit; those it did install are still
-/// returned in `fds`, so they are closed like any other), or the sender sent more than
-/// `SCM_MAX_FD` (253) or other control messages.
-pub fn recv_with_fds(
-    socket: BorrowedFd<'_>,
-    buf: &mut [u8],
-    fds: &mut Vec<OwnedFd>,
-) -> io::Result<(usize, bool)> {
-    // Read with libc, not nix: on a truncated message nix refuses to list the control
-    // messages, and descriptors the kernel did install would stay open here for good.
-    // SAFETY: CMSG_SPACE only computes a size.
-    let space = unsafe { libc::CMSG_SPACE((SCM_MAX_FD * size_of::<RawFd>()) as u32) };
-    // u64s: aligned for cmsghdr.
-    let mut control = vec![0u64; (space as usize).div_ceil(8)];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    // SAFETY: an all-zero msghdr is valid (no name, no iovecs, no control).
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = control.len() * 8;
-    let n = loop {
-        // SAFETY: `msg` points at `iov` (into `buf`) and `control`, both alive and writable
-        // for the lengths given, for the duration of the call.
-        let n = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-        if n >= 0 {
-            break n;
-        }
-        let e = io::Error::last_os_error();
-        // A signal before any data: nothing was received, try again (a socket with a receive
-        // timeout is never restarted by the kernel, SA_RESTART or not).
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    };
-    let truncated = msg.msg_flags & libc::MSG_CTRUNC != 0;
-    // SAFETY: the kernel wrote `msg_controllen` bytes of well-formed control messages into
-    // `control` (each header's length within it, truncated or not); CMSG_FIRSTHDR/NXTHDR
-    // stay within `msg_control + msg_controllen`.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(&msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c).cast::<RawFd>();
-                let header = libc::CMSG_LEN(0) as usize;
-                let count = ((*c).cmsg_len as usize).saturating_sub(header) / size_of::<RawFd>();
-                for i in 0..count {
-                    // SCM_RIGHTS installed this fd in our table just now; nothing else owns it.
-                    fds.push(OwnedFd::from_raw_fd(data.add(i).read_unaligned()));
-                }
-            }
-            c = libc::CMSG_NXTHDR(&msg, c);
-        }
-    }
-    Ok((n as usize, truncated))
-}
 
 /// What a receiver accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -375,19 +237,10 @@ impl Connection {
             return Err(std::io::Error::from_raw_os_error(libc::EMSGSIZE));
         }
         let head = header.encode();
-        let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-        let _guard = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        let _guard = sys_util::sync::lock(&self.write);
         let fd = self.stream.as_raw_fd();
         let iov = [IoSlice::new(&head), IoSlice::new(payload)];
-        let cmsg = [ControlMessage::ScmRights(&raw)];
-        let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() { &[] } else { &cmsg };
-        let mut sent = loop {
-            match sendmsg::<UnixAddr>(fd, &iov, cmsgs, MsgFlags::MSG_NOSIGNAL, None) {
-                Err(Errno::EINTR) => continue,
-                Err(e) => return Err(e.into()),
-                Ok(n) => break n,
-            }
-        };
+        let mut sent = sys_util::socket::send_with_fds(self.stream.as_fd(), &iov, fds)?;
         // The descriptors went with the first byte; the rest is plain data.
         while sent < total {
             let (src, at) = if sent < HEADER_SIZE {
@@ -529,75 +382,6 @@ mod tests {
         (Connection::new(a, limits), Connection::new(b, limits))
     }
 
-    fn scratch_dir(tag: &str) -> std::path::PathBuf {
-        let dir = std::env::temp_dir().join(format!("vfu-listen-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        dir
-    }
-
-    #[test]
-    fn a_listening_socket_appears_with_its_mode_and_no_temporary_left() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = scratch_dir("mode");
-        let path = dir.join("s.sock");
-        // A stale file where the socket goes is replaced.
-        std::fs::write(&path, b"stale").unwrap();
-        let listener = listen_at(&path, 0o600).unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
-        let names: Vec<_> = std::fs::read_dir(&dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(names, vec![std::ffi::OsString::from("s.sock")]);
-        UnixStream::connect(&path).unwrap();
-        listener.accept().unwrap();
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    /// The path is watched by a thread that connects the moment it appears: with a plain
-    /// `bind` (path first, `listen` after) that connect can be refused.
-    #[test]
-    fn a_peer_that_connects_as_soon_as_the_path_appears_is_never_refused() {
-        let dir = scratch_dir("race");
-        let path = dir.join("s.sock");
-        for round in 0..2000 {
-            let watcher = std::thread::spawn({
-                let path = path.clone();
-                move || loop {
-                    if path.exists() {
-                        return UnixStream::connect(&path).map(drop);
-                    }
-                    std::thread::yield_now();
-                }
-            });
-            let listener = listen_at(&path, 0o600).unwrap();
-            let connected = watcher.join().unwrap();
-            assert!(connected.is_ok(), "round {round}: {connected:?}");
-            drop(listener);
-            std::fs::remove_file(&path).unwrap();
-        }
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
-    #[test]
-    fn any_path_that_fits_binds_and_a_longer_one_names_the_limit() {
-        let dir = scratch_dir("long");
-        let name_len = |total: usize| total - dir.as_os_str().len() - 1;
-        let longest = dir.join("x".repeat(name_len(107)));
-        assert_eq!(longest.as_os_str().len(), 107);
-        let listener = listen_at(&longest, 0o600).unwrap();
-        UnixStream::connect(&longest).unwrap();
-        drop(listener);
-        let path = dir.join("y".repeat(name_len(108)));
-        let err = listen_at(&path, 0o600).unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
-        assert!(err.to_string().contains("at most 107 bytes"), "{err}");
-        assert!(!path.exists());
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-
     proptest::proptest! {
         /// Any sequence of messages, some over the size limit, some with descriptors beyond the
         /// limit: each in-limit message arrives intact and in order, each other one is reported
@@ -662,17 +446,9 @@ mod tests {
         .unwrap();
         let before = open_fds_named(NAME);
         // A peer's message with 20 descriptors (more than FD_CAP) and a valid header.
-        let raw = vec![memfd.as_raw_fd(); 20];
         let head = Header::command(9, command::DMA_MAP, 0).encode();
-        let iov = [std::io::IoSlice::new(&head)];
-        sendmsg::<UnixAddr>(
-            a.as_raw_fd(),
-            &iov,
-            &[ControlMessage::ScmRights(&raw)],
-            MsgFlags::empty(),
-            None,
-        )
-        .unwrap();
+        let iov = [IoSlice::new(&head)];
+        sys_util::socket::send_with_fds(a.as_fd(), &iov, &[memfd.as_fd(); 20]).unwrap();
         assert!(matches!(b.recv(), Err(RecvError::TooManyFds(h)) if h.id == 9));
         assert_eq!(
             open_fds_named(NAME),

@@ -35,6 +35,7 @@ use crate::unix_msg;
 use driver::backend::DeviceLost;
 use driver::runtime::{completion_result, DeviceOps, Op};
 use driver::Error;
+use sys_util::sync::lock;
 
 /// A command submitted through the daemon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -434,7 +435,7 @@ impl DaemonClient {
     }
 
     fn conn(&self) -> std::sync::MutexGuard<'_, Conn> {
-        self.conn.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.conn)
     }
 
     /// The daemon's name for this session.

@@ -47,6 +47,7 @@ use mirrord_client::protocol::{
     Reply, Request, StatsReply, HEADER_SIZE, MAX_PAYLOAD, REPLY, STATUS_DEVICE_LOST, VERSION,
 };
 use mirrord_client::unix_msg;
+use sys_util::sync::{ignore_poison, lock};
 
 /// How the daemon is set up.
 #[derive(Debug, Clone)]
@@ -199,10 +200,7 @@ const LOST_DRAIN: Duration = Duration::from_secs(5);
 
 impl Pump {
     fn add(&self, p: Pending) {
-        self.pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(p);
+        lock(&self.pending).push(p);
         self.added.notify_one();
     }
 
@@ -223,12 +221,10 @@ impl Pump {
             let mut keep_alive = Vec::new();
             let mut progressed = false;
             {
-                let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+                let mut pending = lock(&self.pending);
                 if pending.is_empty() {
-                    let _ = self
-                        .added
-                        .wait_timeout(pending, Duration::from_millis(100))
-                        .unwrap_or_else(|p| p.into_inner());
+                    let _ =
+                        ignore_poison(self.added.wait_timeout(pending, Duration::from_millis(100)));
                     continue;
                 }
                 pending.retain(|p| {
@@ -314,11 +310,11 @@ struct Shared {
 
 impl Shared {
     fn clients(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Arc<ClientState>>> {
-        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.clients)
     }
 
     fn arena_use(&self) -> std::sync::MutexGuard<'_, ArenaUse> {
-        self.arena_use.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.arena_use)
     }
 
     /// Count `len` arena bytes against the daemon-wide bounds (per uid and in all), or say
@@ -612,8 +608,7 @@ fn bind(config: &DaemonConfig) -> Result<UnixListener, Error> {
         0o666
     };
     // The path appears only once the socket listens, with its mode already set.
-    let listener =
-        vfio_user_protocol::framing::listen_at(path, mode).map_err(os("bind the daemon socket"))?;
+    let listener = sys_util::socket::listen_at(path, mode).map_err(os("bind the daemon socket"))?;
     listener
         .set_nonblocking(true)
         .map_err(os("make the daemon socket non-blocking"))?;
@@ -648,7 +643,7 @@ impl Slot {
         let tally = Slot::tally_of(shared, kind);
         let total = tally.total.fetch_add(1, Ordering::AcqRel) + 1;
         let of_uid = {
-            let mut by_uid = tally.by_uid.lock().unwrap_or_else(|p| p.into_inner());
+            let mut by_uid = lock(&tally.by_uid);
             let n = by_uid.entry(uid).or_insert(0);
             *n += 1;
             *n
@@ -673,7 +668,7 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let tally = Slot::tally_of(&self.shared, self.kind);
         tally.total.fetch_sub(1, Ordering::AcqRel);
-        let mut by_uid = tally.by_uid.lock().unwrap_or_else(|p| p.into_inner());
+        let mut by_uid = lock(&tally.by_uid);
         if let Some(n) = by_uid.get_mut(&self.uid) {
             *n -= 1;
             if *n == 0 {

@@ -317,7 +317,7 @@ fn emulate(socket: &std::path::Path, once: bool, max_dma_maps: u32) -> std::io::
     nix::sys::signal::pthread_sigmask(SigmaskHow::SIG_BLOCK, Some(&stop), None)?;
     let sfd = SignalFd::with_flags(&stop, SfdFlags::SFD_CLOEXEC)?;
     // The path appears only once the socket listens: a peer that waits for it never races.
-    let listener = vfio_user_protocol::framing::listen_at(socket, 0o600)?;
+    let listener = sys_util::socket::listen_at(socket, 0o600)?;
     eprintln!(
         "mirrorctl emulate: serving the MXA-1 on {}",
         socket.display()

@@ -413,6 +413,22 @@ impl FdLimitedDaemon {
     fn log_lines(&self) -> Vec<String> {
         self.log.try_iter().collect()
     }
+
+    /// The log lines so far, waiting (up to 10 s) until each of `wanted` is in one of them: the
+    /// daemon's stderr is read by a thread of its own, which may lag behind its stdout.
+    fn log_lines_with(&self, wanted: &[&str]) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut lines = self.log_lines();
+        while !wanted.iter().all(|w| lines.iter().any(|l| l.contains(w))) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.log.recv_timeout(left.min(Duration::from_millis(50))) {
+                Ok(line) => lines.push(line),
+                Err(_) if Instant::now() >= deadline => break,
+                Err(_) => {}
+            }
+        }
+        lines
+    }
 }
 
 fn field(line: &str, name: &str) -> u64 {
@@ -440,7 +456,9 @@ fn the_daemon_raises_its_open_files_limit_and_sizes_its_limits_from_it() {
         clients * (8 + arenas) + handshakes * 3 <= 512,
         "the limits do not fit: {ready}"
     );
-    let log = d.log_lines().join("\n");
+    let log = d
+        .log_lines_with(&["raised the open-files limit", "--max-clients lowered"])
+        .join("\n");
     assert!(
         log.contains("raised the open-files limit") && log.contains("--max-clients lowered"),
         "{log}"
@@ -477,7 +495,7 @@ fn out_of_descriptors_clients_are_told_and_failed_hellos_leak_nothing() {
     let exhaustions = field(&d.command("unfill"), "exhaustions");
     assert!(exhaustions >= 20, "counted: {exhaustions}");
     let warnings = d
-        .log_lines()
+        .log_lines_with(&["out of file descriptors"])
         .iter()
         .filter(|l| l.contains("out of file descriptors"))
         .count();

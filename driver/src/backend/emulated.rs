@@ -21,6 +21,7 @@ use super::{
     irq_index, region_index, Backend, BackendError, BackendKind, DmaAccess, DmaSource, IrqDesc,
     MsiSet, MsiState, RegionDesc,
 };
+use sys_util::sync::lock;
 
 const NAME: &str = "emulated";
 
@@ -66,12 +67,8 @@ impl EmulatedBackend {
     }
 }
 
-fn transport(op: &'static str, e: impl std::fmt::Display) -> BackendError {
-    BackendError::Transport {
-        backend: NAME,
-        op,
-        detail: e.to_string(),
-    }
+fn transport(op: &'static str, e: impl std::fmt::Display + 'static) -> BackendError {
+    BackendError::transport(NAME, op, e)
 }
 
 fn byte_len(len: u64) -> Result<usize, BackendError> {
@@ -104,12 +101,8 @@ impl Backend for EmulatedBackend {
     }
 
     fn iova_ranges(&self) -> Vec<Range<u64>> {
-        // The emulated IOMMU translates the same 48 bits as a VT-d with aw-bits=48; page 0 is
-        // kept unmapped so that a zero IOVA is always a fault.
-        vec![Range {
-            start: accel_abi::PAGE_SIZE,
-            end: 1u64 << accel_abi::VA_BITS,
-        }]
+        // The emulated IOMMU translates the same 48 bits as a VT-d with aw-bits=48.
+        super::device_iova_ranges()
     }
 
     unsafe fn dma_map(
@@ -145,17 +138,11 @@ impl Backend for EmulatedBackend {
             .device
             .dma_unmap(iova, len)
             .map_err(|e| transport("dma_unmap", e))?;
-        if unmapped != len {
-            return Err(transport(
-                "dma_unmap",
-                format!("unmapped {unmapped} of {len} bytes at {iova:#x}"),
-            ));
-        }
-        Ok(())
+        super::check_unmapped(NAME, "dma_unmap", iova, len, unmapped)
     }
 
     fn set_irqs(&self, mut eventfds: Vec<Option<OwnedFd>>) -> Result<(), BackendError> {
-        let mut msi = self.msi.lock().unwrap_or_else(|p| p.into_inner());
+        let mut msi = lock(&self.msi);
         let set = msi
             .plan(self.msi_offered, &eventfds)
             .map_err(|detail| transport("set_irqs (VFIO_DEVICE_SET_IRQS)", detail))?;

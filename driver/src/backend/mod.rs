@@ -35,6 +35,12 @@ pub enum BackendError {
         op: &'static str,
         /// What went wrong.
         detail: String,
+        /// The OS error behind the failure, as a value, where there is one: the errno of a
+        /// failed ioctl or socket call, or the errno a vfio-user server's error reply carries
+        /// (match it as `Transport { errno: Some(libc::EBUSY), .. }`). `detail` already names
+        /// it, so the message does not repeat it. [`BackendError::raw_os_error`] finds it
+        /// through [`BackendError::Interrupts`] too.
+        errno: Option<i32>,
     },
     /// The backend does not implement this operation.
     #[error("{backend} backend: {op} is not supported")]
@@ -71,6 +77,79 @@ pub enum BackendError {
         /// The backend's error.
         source: Box<BackendError>,
     },
+}
+
+impl BackendError {
+    /// A transport failure of `op` on `backend`. When `detail` is itself an OS error (a
+    /// `std::io::Error` with an OS code, or a `nix::errno::Errno`), its errno is kept as the
+    /// value [`BackendError::Transport::errno`]; otherwise there is none (add one with
+    /// [`BackendError::with_errno`]).
+    pub(crate) fn transport(
+        backend: &'static str,
+        op: &'static str,
+        detail: impl std::fmt::Display + 'static,
+    ) -> BackendError {
+        let any: &dyn std::any::Any = &detail;
+        let errno = any
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .or_else(|| any.downcast_ref::<nix::errno::Errno>().map(|e| *e as i32));
+        BackendError::Transport {
+            backend,
+            op,
+            detail: detail.to_string(),
+            errno,
+        }
+    }
+
+    /// The same error carrying OS error `errno` (a transport failure; other kinds are returned
+    /// unchanged).
+    pub(crate) fn with_errno(mut self, errno: Option<i32>) -> BackendError {
+        if let BackendError::Transport { errno: e, .. } = &mut self {
+            *e = errno.or(*e);
+        }
+        self
+    }
+
+    /// The OS error behind this failure, if there is one: the errno of a transport failure,
+    /// also when it is the cause of an [`BackendError::Interrupts`].
+    pub fn raw_os_error(&self) -> Option<i32> {
+        match self {
+            BackendError::Transport { errno, .. } => *errno,
+            BackendError::Interrupts { source, .. } => source.raw_os_error(),
+            BackendError::Unsupported { .. } | BackendError::NoResetMethod { .. } => None,
+        }
+    }
+}
+
+/// The IOVA space of a backend that has no IOMMU to ask: every page below 2^48 (the device's
+/// [`accel_abi::VA_BITS`]) but page 0, which stays unmapped so that a zero IOVA is always a
+/// fault.
+pub(crate) fn device_iova_ranges() -> Vec<Range<u64>> {
+    vec![Range {
+        start: accel_abi::PAGE_SIZE,
+        end: 1u64 << accel_abi::VA_BITS,
+    }]
+}
+
+/// [`Backend::dma_unmap`] must unmap exactly what it was asked: `unmapped` bytes of `len` at
+/// `iova` is an error of `op` on `backend` naming both unless they are equal.
+#[cfg(any(feature = "emulator", feature = "vfio"))]
+pub(crate) fn check_unmapped(
+    backend: &'static str,
+    op: &'static str,
+    iova: u64,
+    len: u64,
+    unmapped: u64,
+) -> Result<(), BackendError> {
+    if unmapped == len {
+        return Ok(());
+    }
+    Err(BackendError::transport(
+        backend,
+        op,
+        format!("unmapped {unmapped:#x} of {len:#x} bytes at {iova:#x}"),
+    ))
 }
 
 /// What one [`Backend::set_irqs`] call does to vfio-pci's MSI state.

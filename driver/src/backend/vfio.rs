@@ -20,15 +20,26 @@ use super::{
 use crate::memlock::PinAccount;
 use crate::sys::mapped_bar::MappedBar;
 use crate::sys::vfio as raw;
+use sys_util::sync::lock;
 
 const NAME: &str = "kernel-vfio";
 
-fn err(op: &'static str, detail: impl std::fmt::Display) -> BackendError {
-    BackendError::Transport {
-        backend: NAME,
-        op,
-        detail: detail.to_string(),
-    }
+fn err(op: &'static str, detail: impl std::fmt::Display + 'static) -> BackendError {
+    BackendError::transport(NAME, op, detail)
+}
+
+/// The errno behind a vfio-ioctls error: its source, an `io::Error` (opening a file) or the
+/// failed ioctl's errno.
+fn vfio_errno(e: &vfio_ioctls::VfioError) -> Option<i32> {
+    let source = std::error::Error::source(e)?;
+    source
+        .downcast_ref::<std::io::Error>()
+        .and_then(std::io::Error::raw_os_error)
+        .or_else(|| {
+            source
+                .downcast_ref::<vmm_sys_util::errno::Error>()
+                .map(|e| e.errno())
+        })
 }
 
 /// The VFIO device and the mapping of its BAR0, torn down in the order the kernel needs.
@@ -123,7 +134,10 @@ impl KernelVfioBackend {
     /// Open the device at PCI `address` (e.g. `0000:00:03.0`), which must be bound to vfio-pci.
     pub fn open(address: &str) -> Result<KernelVfioBackend, BackendError> {
         let path = check_binding(address)?;
-        let container = Arc::new(VfioContainer::new(None).map_err(|e| err("open container", e))?);
+        let container = Arc::new(
+            VfioContainer::new(None)
+                .map_err(|e| err("open container", format!("{e}")).with_errno(vfio_errno(&e)))?,
+        );
         // Adding the group checks viability (every device in the IOMMU group bound to
         // vfio-pci or no driver) and sets the TYPE1v2 IOMMU.
         let device = VfioDevice::new(&path, container.clone(), true).map_err(|e| {
@@ -131,6 +145,7 @@ impl KernelVfioBackend {
                 "open device",
                 format!("{e}: every device in the IOMMU group must be bound to vfio-pci (see {}/iommu_group/devices)", path.display()),
             )
+            .with_errno(vfio_errno(&e))
         })?;
         let info =
             raw::iommu_info(container.as_fd_compat()).map_err(|e| err("VFIO_IOMMU_GET_INFO", e))?;
@@ -166,8 +181,9 @@ impl KernelVfioBackend {
         let irq_count = device
             .get_irq_info(b::VFIO_PCI_MSI_IRQ_INDEX)
             .map_or(0, |irq| irq.count);
-        let device_flags = raw::device_flags(raw::borrow_fd(&device))
-            .map_err(|e| err("VFIO_DEVICE_GET_INFO", format!("{address}: {e}")))?;
+        let device_flags = raw::device_flags(raw::borrow_fd(&device)).map_err(|e| {
+            err("VFIO_DEVICE_GET_INFO", format!("{address}: {e}")).with_errno(e.raw_os_error())
+        })?;
         let regions = (0..region_index::PCI_COUNT)
             .map(|index| {
                 let flags = device.get_region_flags(index);
@@ -319,10 +335,7 @@ impl Backend for KernelVfioBackend {
         };
         match mapped {
             Ok(()) => {
-                self.mappings
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(iova, len);
+                lock(&self.mappings).insert(iova, len);
                 Ok(())
             }
             Err(e) => {
@@ -344,7 +357,7 @@ impl Backend for KernelVfioBackend {
     fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), BackendError> {
         let unmapped = raw::unmap_dma(self.container.as_fd_compat(), iova, len)
             .map_err(|e| err("VFIO_IOMMU_UNMAP_DMA", e))?;
-        let mut mappings = self.mappings.lock().unwrap_or_else(|p| p.into_inner());
+        let mut mappings = lock(&self.mappings);
         let charged: u64 = {
             let starts: Vec<u64> = mappings
                 .keys()
@@ -354,17 +367,11 @@ impl Backend for KernelVfioBackend {
             starts.iter().filter_map(|s| mappings.remove(s)).sum()
         };
         self.pins.uncharge(charged);
-        if unmapped != len {
-            return Err(err(
-                "VFIO_IOMMU_UNMAP_DMA",
-                format!("unmapped {unmapped:#x} of {len:#x} bytes at {iova:#x}"),
-            ));
-        }
-        Ok(())
+        super::check_unmapped(NAME, "VFIO_IOMMU_UNMAP_DMA", iova, len, unmapped)
     }
 
     fn set_irqs(&self, eventfds: Vec<Option<OwnedFd>>) -> Result<(), BackendError> {
-        let mut irq = self.irq.lock().unwrap_or_else(|p| p.into_inner());
+        let mut irq = lock(&self.irq);
         let (routed, msi) = &mut *irq;
         let set = msi
             .plan(self.irq_count, &eventfds)
@@ -442,7 +449,7 @@ fn reset_error(address: &str, e: &std::io::Error) -> BackendError {
             detail: format!("the ioctl failed: {e}"),
         };
     }
-    err("VFIO_DEVICE_RESET", format!("{address}: {e}"))
+    err("VFIO_DEVICE_RESET", format!("{address}: {e}")).with_errno(e.raw_os_error())
 }
 
 fn set_irqs_error(address: &str, count: usize, enabled: u32, e: &std::io::Error) -> BackendError {
@@ -466,6 +473,7 @@ fn set_irqs_error(address: &str, count: usize, enabled: u32, e: &std::io::Error)
         "VFIO_DEVICE_SET_IRQS",
         format!("{address}: {what}: {e}{hint}"),
     )
+    .with_errno(e.raw_os_error())
 }
 
 /// vfio-pci answers a SET_IRQS whose MSI enable got fewer vectors than asked with that number
@@ -605,6 +613,50 @@ mod tests {
             e,
             crate::Error::Backend(BackendError::NoResetMethod { .. })
         ));
+    }
+
+    /// A failed ioctl's errno is a value of the error, not only words in its message.
+    #[test]
+    fn ioctl_errors_carry_their_errno() {
+        let eio = std::io::Error::from_raw_os_error(libc::EIO);
+        let e = reset_error("0000:00:04.0", &eio);
+        assert!(
+            matches!(
+                e,
+                BackendError::Transport {
+                    errno: Some(libc::EIO),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let einval = std::io::Error::from_raw_os_error(libc::EINVAL);
+        let e = set_irqs_error("0000:00:04.0", 2, 1, &einval);
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+        // Through the bring-up error that wraps it.
+        let wrapped = BackendError::Interrupts {
+            vectors: 2,
+            names: "fault, completion",
+            source: Box::new(e),
+        };
+        assert_eq!(wrapped.raw_os_error(), Some(libc::EINVAL));
+        // An io::Error detail is enough: an unmap refused EINVAL.
+        let e = err(
+            "VFIO_IOMMU_UNMAP_DMA",
+            std::io::Error::from_raw_os_error(libc::EINVAL),
+        );
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+        assert!(
+            e.to_string()
+                .contains("VFIO_IOMMU_UNMAP_DMA failed: Invalid argument"),
+            "{e}"
+        );
+        // Where no OS error is behind the failure there is none.
+        assert_eq!(err("bar access", "no BAR 7").raw_os_error(), None);
+        // A vfio-ioctls error keeps the errno of the file it could not open.
+        let opened =
+            vfio_ioctls::VfioError::OpenContainer(std::io::Error::from_raw_os_error(libc::ENOENT));
+        assert_eq!(vfio_errno(&opened), Some(libc::ENOENT));
     }
 
     #[test]

@@ -45,22 +45,23 @@ use super::{
 };
 use crate::sys::mapped_bar::MappedBar;
 use crate::sys::own_memory;
+use sys_util::sync::{lock, read, write};
 
 const NAME: &str = "vfio-user";
 
 /// How long a request waits for its reply from a live server (a dead one fails at once).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
 
-fn transport(op: &'static str, detail: impl std::fmt::Display) -> BackendError {
-    BackendError::Transport {
-        backend: NAME,
-        op,
-        detail: detail.to_string(),
-    }
+fn transport(op: &'static str, detail: impl std::fmt::Display + 'static) -> BackendError {
+    BackendError::transport(NAME, op, detail)
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+/// The OS error of a failed call: the errno of the send that failed.
+fn call_errno(e: &CallError) -> Option<i32> {
+    match e {
+        CallError::Send(e) => e.raw_os_error(),
+        CallError::Closed | CallError::Timeout(_) | CallError::OverLimit => None,
+    }
 }
 
 /// What we propose as `max_dma_maps`: the client keeps no table of its own that would limit
@@ -182,9 +183,12 @@ impl Shared {
                     // caller that saw this error also sees `lost()`.
                     let reason = format!("connection to the server lost: send: {e}");
                     self.close(reason, false);
-                    Refusal::Failed(transport(op, self.dead()))
+                    Refusal::Failed(transport(op, self.dead()).with_errno(e.raw_os_error()))
                 }
-                other => Refusal::Failed(transport(op, other)),
+                other => {
+                    let errno = call_errno(&other);
+                    Refusal::Failed(transport(op, other).with_errno(errno))
+                }
             })?;
         if reply.header.is_error() {
             return Err(Refusal::Errno(nix::errno::Errno::from_raw(
@@ -218,7 +222,8 @@ enum Refusal {
 impl Refusal {
     fn into_error(self, op: &'static str) -> BackendError {
         match self {
-            Refusal::Errno(errno) => transport(op, format!("server answered error {errno}")),
+            Refusal::Errno(errno) => transport(op, format!("server answered error {errno}"))
+                .with_errno(Some(errno as i32)),
             Refusal::Failed(e) => e,
         }
     }
@@ -381,8 +386,10 @@ fn region_windows(
             .offset
             .checked_add(start)
             .ok_or_else(|| transport(OP, format!("{name}: area offset overflows")))?;
-        let map = MappedBar::map(fd.as_fd(), file_offset, len)
-            .map_err(|e| transport(OP, format!("{name}: mmap of {start:#x}+{len:#x}: {e}")))?;
+        let map = MappedBar::map(fd.as_fd(), file_offset, len).map_err(|e| {
+            transport(OP, format!("{name}: mmap of {start:#x}+{len:#x}: {e}"))
+                .with_errno(e.raw_os_error())
+        })?;
         windows.push(BarWindow { start, len, map });
     }
     Ok(windows)
@@ -408,8 +415,9 @@ impl std::fmt::Debug for VfioUserBackend {
 impl VfioUserBackend {
     /// Connect to the server at `path`, negotiate the version and read the device layout.
     pub fn connect(path: &Path) -> Result<VfioUserBackend, BackendError> {
-        let stream = UnixStream::connect(path)
-            .map_err(|e| transport("connect", format!("{}: {e}", path.display())))?;
+        let stream = UnixStream::connect(path).map_err(|e| {
+            transport("connect", format!("{}: {e}", path.display())).with_errno(e.raw_os_error())
+        })?;
         Self::with_name(stream, path.display().to_string())
     }
 
@@ -420,8 +428,9 @@ impl VfioUserBackend {
 
     fn with_name(stream: UnixStream, device: String) -> Result<VfioUserBackend, BackendError> {
         let limits = Limits::default();
-        let lost_event = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC)
-            .map_err(|e| transport("connect", format!("eventfd: {e}")))?;
+        let lost_event = EventFd::from_value_and_flags(0, EfdFlags::EFD_CLOEXEC).map_err(|e| {
+            transport("connect", format!("eventfd: {e}")).with_errno(Some(e as i32))
+        })?;
         let shared = Arc::new(Shared {
             conn: Connection::new(stream, limits),
             calls: Calls::new(),
@@ -445,7 +454,9 @@ impl VfioUserBackend {
             std::thread::Builder::new()
                 .name("vfio-user-client".into())
                 .spawn(move || reader_loop(&shared))
-                .map_err(|e| transport("connect", format!("reader thread: {e}")))?
+                .map_err(|e| {
+                    transport("connect", format!("reader thread: {e}")).with_errno(e.raw_os_error())
+                })?
         };
         let mut backend = VfioUserBackend {
             shared,
@@ -480,7 +491,10 @@ impl VfioUserBackend {
             )
             .map_err(|e| match e {
                 CallError::Closed => transport(OP, shared.dead()),
-                other => transport(OP, other),
+                other => {
+                    let errno = call_errno(&other);
+                    transport(OP, other).with_errno(errno)
+                }
             })?;
         if reply.header.is_error() {
             let errno = nix::errno::Errno::from_raw(reply.header.error as i32);
@@ -492,9 +506,11 @@ impl VfioUserBackend {
                          connect again once that client has disconnected",
                         shared.device
                     ),
-                ));
+                )
+                .with_errno(Some(errno as i32)));
             }
-            return Err(transport(OP, format!("server answered error {errno}")));
+            return Err(transport(OP, format!("server answered error {errno}"))
+                .with_errno(Some(errno as i32)));
         }
         let theirs = Version::decode(&reply.payload).map_err(|e| transport(OP, e))?;
         let twin_index =
@@ -521,8 +537,9 @@ impl VfioUserBackend {
     /// Twin-socket mode: serve the server's requests arriving on `fd` from a second reader.
     fn start_twin(&self, fd: OwnedFd, limits: Limits) -> Result<(), BackendError> {
         const OP: &str = "version (twin socket)";
-        let st = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd))
-            .map_err(|e| transport(OP, format!("fstat of the descriptor: {e}")))?;
+        let st = nix::sys::stat::fstat(std::os::fd::AsRawFd::as_raw_fd(&fd)).map_err(|e| {
+            transport(OP, format!("fstat of the descriptor: {e}")).with_errno(Some(e as i32))
+        })?;
         if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
             return Err(transport(
                 OP,
@@ -538,7 +555,9 @@ impl VfioUserBackend {
             std::thread::Builder::new()
                 .name("vfio-user-twin".into())
                 .spawn(move || twin_reader_loop(&shared, &twin))
-                .map_err(|e| transport(OP, format!("reader thread: {e}")))?
+                .map_err(|e| {
+                    transport(OP, format!("reader thread: {e}")).with_errno(e.raw_os_error())
+                })?
         };
         *lock(&self.shared.twin_reader) = Some(reader);
         // The main reader may have ended meanwhile (it joins the twin reader when it ends):
@@ -758,11 +777,7 @@ impl VfioUserBackend {
         };
         self.shared
             .request("dma_unmap (all)", command::DMA_UNMAP, &req.encode(), &[])?;
-        self.shared
-            .maps
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        write(&self.shared.maps).clear();
         lock(&self.shared.windows).live.clear();
         Ok(())
     }
@@ -892,6 +907,7 @@ fn access_error(
             region_index::name(index)
         ),
     )
+    .with_errno(Some(errno as i32))
 }
 
 impl Drop for VfioUserBackend {
@@ -1014,7 +1030,7 @@ fn dma_access(shared: &Shared, body: &[u8], write: bool) -> Result<Vec<u8>, i32>
     }
     let end = req.address.checked_add(req.count).ok_or(libc::EFAULT)?;
     let (va, access) = {
-        let maps = shared.maps.read().unwrap_or_else(|p| p.into_inner());
+        let maps = read(&shared.maps);
         let (&start, m) = maps.range(..=req.address).next_back().ok_or(libc::EFAULT)?;
         if end > start.saturating_add(m.len) {
             return Err(libc::EFAULT);
@@ -1075,12 +1091,8 @@ impl Backend for VfioUserBackend {
     }
 
     fn iova_ranges(&self) -> Vec<Range<u64>> {
-        // vfio-user has no IOVA-range query; the server maps any page-aligned range. Page 0
-        // stays unmapped so a zero IOVA is always a fault.
-        vec![Range {
-            start: accel_abi::PAGE_SIZE,
-            end: 1u64 << accel_abi::VA_BITS,
-        }]
+        // vfio-user has no IOVA-range query; the server maps any page-aligned range.
+        super::device_iova_ranges()
     }
 
     unsafe fn dma_map(
@@ -1125,7 +1137,7 @@ impl Backend for VfioUserBackend {
         };
         if let Some(m) = local {
             // Registered before the server can use it (it may DMA as soon as it has the map).
-            let mut maps = self.shared.maps.write().unwrap_or_else(|p| p.into_inner());
+            let mut maps = write(&self.shared.maps);
             let end = iova
                 .checked_add(len)
                 .ok_or_else(|| transport("dma_map", "range wraps"))?;
@@ -1153,11 +1165,7 @@ impl Backend for VfioUserBackend {
         if r.is_err() {
             uncount();
             if local.is_some() {
-                self.shared
-                    .maps
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&iova);
+                write(&self.shared.maps).remove(&iova);
             }
         }
         r.map(|_| ())
@@ -1175,7 +1183,7 @@ impl Backend for VfioUserBackend {
             .request("dma_unmap", command::DMA_UNMAP, &req.encode(), &[])?;
         // The server no longer reaches the range: forget our side of it.
         {
-            let mut maps = self.shared.maps.write().unwrap_or_else(|p| p.into_inner());
+            let mut maps = write(&self.shared.maps);
             let end = iova.saturating_add(len);
             let inside: Vec<u64> = maps.range(iova..end).map(|(&s, _)| s).collect();
             for s in inside {
@@ -2022,6 +2030,72 @@ mod tests {
         let _c = t.join().unwrap();
         let e = backend.set_intx(eventfd()).unwrap_err().to_string();
         assert!(e.contains("the device has no INTx"), "{e}");
+    }
+
+    /// The OS error behind a failure is a value a caller can match, not only words in the
+    /// message: the errno of a server's error reply (EBUSY: it serves another client; EINVAL: a
+    /// refused access width), of a send to a server that stopped reading (EPIPE) and of a
+    /// connect to a path that does not exist (ENOENT). The messages stay as they were.
+    #[test]
+    fn os_errors_are_matchable_values() {
+        // A server busy with another client answers VERSION with EBUSY.
+        let (a, b) = UnixStream::pair().unwrap();
+        let server = std::thread::spawn(move || {
+            let c = Connection::new(b, Limits::default());
+            let m = c.recv().unwrap();
+            assert_eq!(m.header.command, command::VERSION);
+            c.reply_error(&m.header, libc::EBUSY).unwrap();
+            c
+        });
+        let e = VfioUserBackend::from_stream(a).expect_err("EBUSY");
+        let _c = server.join().unwrap();
+        assert!(
+            matches!(
+                e,
+                BackendError::Transport {
+                    errno: Some(libc::EBUSY),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("is serving another client"), "{e}");
+
+        // An access the device refuses carries the errno of the error reply.
+        fn eight_byte_bar0(region: u32, count: u32) -> bool {
+            region != 0 || count == 8
+        }
+        let (backend, server) = open_fake(|| FakeDevice::mxa(None, 3), &[], eight_byte_bar0);
+        let e = backend.bar_read(0, 0x10, &mut [0u8; 4]).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EINVAL), "{e:?}");
+        assert!(
+            e.to_string().contains("server answered error EINVAL"),
+            "{e}"
+        );
+        drop(backend);
+        server.join().unwrap();
+
+        // A server that stops reading: the next request's send fails EPIPE.
+        let (backend, c) = fake();
+        c.stream().shutdown(std::net::Shutdown::Read).unwrap();
+        let e = backend.config_read(0, &mut [0u8; 4]).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                BackendError::Transport {
+                    errno: Some(libc::EPIPE),
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        drop(c);
+
+        // No socket at the path.
+        let e = VfioUserBackend::connect(Path::new("/nonexistent/vfio-user.sock"))
+            .expect_err("no socket");
+        assert_eq!(e.raw_os_error(), Some(libc::ENOENT), "{e:?}");
+        assert!(e.to_string().contains("/nonexistent/vfio-user.sock"), "{e}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use nix::errno::Errno;
 
-use super::check;
+use sys_util::check;
 
 pub(crate) const MADV_POPULATE_READ: libc::c_int = 22;
 pub(crate) const MADV_POPULATE_WRITE: libc::c_int = 23;

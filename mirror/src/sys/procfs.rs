@@ -5,7 +5,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use nix::errno::Errno;
 
-use super::{check, iowr};
+use sys_util::{check, ioctl::iowr};
 
 /// `struct page_region` as PAGEMAP_SCAN fills it.
 #[repr(C)]

@@ -17,7 +17,7 @@
 #![allow(dead_code)]
 
 use std::io::Write as _;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -971,72 +971,24 @@ pub fn double_map(rt: Arc<Runtime>, rt2: Arc<Runtime>) {
 // ---------------------------------------------------------------------------------------------
 // 2.9 userfaultfd_read (proposed upstream)
 
-mod uffd_raw {
-    pub const UFFD_API: u64 = 0xaa;
-    pub const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
-    pub const UFFDIO_REGISTER: libc::c_ulong = 0xc020_aa00;
-    pub const UFFDIO_COPY: libc::c_ulong = 0xc028_aa03;
-    pub const MODE_MISSING: u64 = 1;
-    pub const EVENT_PAGEFAULT: u8 = 0x12;
-
-    #[repr(C)]
-    pub struct Api {
-        pub api: u64,
-        pub features: u64,
-        pub ioctls: u64,
-    }
-    #[repr(C)]
-    pub struct Register {
-        pub start: u64,
-        pub len: u64,
-        pub mode: u64,
-        pub ioctls: u64,
-    }
-    #[repr(C)]
-    pub struct Copy {
-        pub dst: u64,
-        pub src: u64,
-        pub len: u64,
-        pub mode: u64,
-        pub copy: i64,
-    }
-}
-
 /// The application's own userfaultfd, MISSING mode, on `range`.
 fn app_uffd(range: VaRange) -> Result<OwnedFd, std::io::Error> {
-    use uffd_raw::*;
-    // SAFETY: plain syscall; the fd is owned below.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: fresh fd we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-    let mut api = Api {
-        api: UFFD_API,
-        features: 0,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_API with a properly sized struct.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut reg = Register {
-        start: range.start(),
-        len: range.len(),
-        mode: MODE_MISSING,
-        ioctls: 0,
-    };
-    // SAFETY: UFFDIO_REGISTER with a properly sized struct.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    use sys_util::uffd;
+    let fd = uffd::create(true, false)?;
+    uffd::api(fd.as_fd(), 0)?;
+    uffd::register(
+        fd.as_fd(),
+        range.start(),
+        range.len(),
+        uffd::REGISTER_MODE_MISSING,
+    )?;
     Ok(fd)
 }
 
-/// Serves MISSING faults on `fd` with pages of 0xAB until `stop`; returns how many it served.
+/// Serves MISSING faults on `fd` with pages of 0xAB until `stop`; returns how many it served
+/// (a fault counts whether or not its copy succeeded).
 fn serve_missing(fd: OwnedFd, stop: Arc<AtomicBool>) -> usize {
-    use uffd_raw::*;
+    use sys_util::uffd::{resolve_missing, Missing};
     let page = vec![0xabu8; PAGE];
     let mut served = 0;
     while !stop.load(Ordering::Acquire) {
@@ -1049,23 +1001,10 @@ fn serve_missing(fd: OwnedFd, stop: Arc<AtomicBool>) -> usize {
         if unsafe { libc::poll(&mut pfd, 1, 20) } <= 0 {
             continue;
         }
-        let mut msg = [0u8; 32];
-        // SAFETY: reading one uffd_msg into a 32-byte buffer.
-        let n = unsafe { libc::read(fd.as_raw_fd(), msg.as_mut_ptr().cast(), 32) };
-        if n != 32 || msg[0] != EVENT_PAGEFAULT {
-            continue;
+        match resolve_missing(fd.as_fd(), &page) {
+            Ok(Missing::Filled(_) | Missing::CopyFailed(..)) => served += 1,
+            Ok(Missing::Nothing) | Err(_) => {}
         }
-        let addr = u64::from_ne_bytes(msg[16..24].try_into().unwrap()) & !(PAGE as u64 - 1);
-        let mut copy = Copy {
-            dst: addr,
-            src: page.as_ptr() as u64,
-            len: PAGE as u64,
-            mode: 0,
-            copy: 0,
-        };
-        // SAFETY: UFFDIO_COPY from our page into the faulting page.
-        unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_COPY, &mut copy) };
-        served += 1;
     }
     served
 }
