@@ -12,6 +12,7 @@ use driver::device::Ticket;
 use driver::runtime::completion_result;
 use driver::{Context, Runtime};
 use mirrord_client::{ClientArena, DaemonClient, DaemonTicket};
+use sys_util::sync::lock;
 
 use crate::status::{mdrv_status, Failure, Outcome};
 
@@ -121,7 +122,7 @@ static TABLE: LazyLock<Mutex<Table>> = LazyLock::new(|| {
 static NEXT_TICKET: AtomicU64 = AtomicU64::new(1);
 
 fn table() -> MutexGuard<'static, Table> {
-    TABLE.lock().unwrap_or_else(|p| p.into_inner())
+    lock(&TABLE)
 }
 
 fn insert(entry: Entry, kind: u64) -> u64 {
@@ -240,12 +241,12 @@ pub fn destroy_context(handle: u64) -> Outcome<()> {
 
 impl ContextEntry {
     fn tickets(&self) -> MutexGuard<'_, HashMap<u64, InFlight>> {
-        self.tickets.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.tickets)
     }
 
     /// The arenas.
     pub fn arenas(&self) -> MutexGuard<'_, HashMap<u64, Arena>> {
-        self.arenas.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.arenas)
     }
 
     /// Commands in flight (not collected by a wait or poll).

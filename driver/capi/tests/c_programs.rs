@@ -176,7 +176,7 @@ fn cpp_smoke() {
 fn c_data_on_a_vfio_user_device() {
     let dir = TempDir::new("capi-vfio-user");
     let socket = dir.0.join("mxa.sock");
-    let listener = vfio_user_protocol::framing::listen_at(&socket, 0o600).expect("listen");
+    let listener = sys_util::socket::listen_at(&socket, 0o600).expect("listen");
     let server = std::thread::spawn(move || {
         let (stream, _) = listener.accept().expect("accept");
         firmware_stubs::vfio_user_server::serve_connection(
