@@ -37,6 +37,12 @@ forbidden sys-util "" "driver|mirror|firmware-stubs|accel-abi|vfio-user-protocol
 # The library without the emulator and without kernel VFIO builds and passes its lints.
 cargo clippy -q -p driver --no-default-features --all-targets -- -D warnings
 
+echo "== C and C++ compilers for the C ABI's tests (driver-capi compiles C and C++ programs) =="
+# rustc links with cc, so gcc is there; g++ may not be. In a subshell: the helper's skip exits.
+if ! command -v cc > /dev/null || ! command -v c++ > /dev/null; then
+    (TAG=test-all; . tests/qemu/lib.sh; apt_install gcc g++)
+fi
+
 echo "== unit, integration and doc tests (all crates) =="
 cargo test --workspace --all-targets
 cargo test --workspace --doc
