@@ -34,6 +34,7 @@ forbidden mirrord-client "" "tokio|vfio-ioctls|firmware-stubs|clap|indicatif|tra
 forbidden mirror "" "driver|firmware-stubs|accel-abi|vfio-user-protocol|vfio-ioctls|tokio"
 forbidden firmware-stubs "" "driver|mirror|tokio|vfio-ioctls"
 forbidden sys-util "" "driver|mirror|firmware-stubs|accel-abi|vfio-user-protocol|tokio"
+forbidden driver-capi "" "tokio|clap|indicatif|tracing-subscriber|mirrord"
 # The library without the emulator and without kernel VFIO builds and passes its lints.
 cargo clippy -q -p driver --no-default-features --all-targets -- -D warnings
 
