@@ -726,12 +726,13 @@ pub unsafe extern "C" fn mdrv_wait(ctx: *mut mdrv_context, ticket: u64, result: 
     })
 }
 
-/// Wait up to `timeout_ms` milliseconds for a command (in-process contexts). Returns
+/// Wait up to `timeout_ms` milliseconds for a command (in-process and daemon contexts; on a
+/// daemon context a completion frame that has begun to arrive is read whole, within the
+/// session's reply timeout). Returns
 /// `MDRV_PENDING` if it has not completed by then: the ticket stays in flight and the device
 /// may still access the command's memory, which must stay valid (wait again, poll, or use
 /// `mdrv_wait`, which gives the memory back even if the command never ends). Anything else is
 /// as `mdrv_wait` (the ticket collected, the memory no longer reachable by the device).
-/// `MDRV_ERR_UNSUPPORTED` on a daemon context.
 ///
 /// # Safety
 /// As `mdrv_wait`.

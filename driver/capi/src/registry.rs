@@ -315,13 +315,22 @@ impl ContextEntry {
     /// flight and the device may still access the command's memory).
     pub fn wait_for(&self, ticket: u64, timeout: Duration) -> Outcome<Option<u64>> {
         let command = self.claim(ticket)?;
-        let (ContextInner::Local(ctx), Command::Local(t)) = (&self.inner, command) else {
-            self.unclaim(ticket);
-            return Err(Failure::new(
-                mdrv_status::MDRV_ERR_UNSUPPORTED,
-                "a bounded wait or poll is not available on a daemon context (the daemon client \
-                 has no non-blocking completion check): use mdrv_wait",
-            ));
+        let (ctx, t) = match (&self.inner, command) {
+            (ContextInner::Local(ctx), Command::Local(t)) => (ctx, t),
+            (ContextInner::Daemon(c), Command::Daemon(t)) => {
+                return match c.wait_for(t, timeout) {
+                    Ok(None) => {
+                        self.unclaim(ticket);
+                        Ok(None)
+                    }
+                    // Collected either way: a result, or an error after the session's release.
+                    done => {
+                        self.forget(ticket);
+                        done.map_err(Into::into)
+                    }
+                };
+            }
+            _ => unreachable!("a context issues tickets of its own kind"),
         };
         let runtime = ctx.runtime();
         let service = runtime.service();

@@ -613,6 +613,69 @@ impl DaemonClient {
         }
     }
 
+    /// Wait at most `timeout` (zero: just look) for `ticket`'s completion: `Ok(Some(result))`
+    /// once it came (the ticket is collected), `Ok(None)` while the command still runs (the
+    /// ticket stays in flight and the device may still access the command's memory: wait for
+    /// it again). Frames the daemon has sent are read as they come; once the first byte of one
+    /// is there, the rest is read within the session's reply timeout. An error, or a session
+    /// that broke, is handled as [`DaemonClient::wait`] handles it: the session is ended and
+    /// the call returns only once the daemon released it.
+    pub fn wait_for(&self, ticket: DaemonTicket, timeout: Duration) -> Result<Option<u64>, Error> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            {
+                let conn = self.conn();
+                let done = conn.completions.contains_key(&ticket.tag);
+                if !done && conn.broken.is_none() && conn.lost.is_none() {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+                    let mut fds = [PollFd::new(conn.sock.as_fd(), PollFlags::POLLIN)];
+                    let ready = match poll(&mut fds, PollTimeout::from(ms)) {
+                        Ok(n) => n > 0,
+                        Err(nix::errno::Errno::EINTR) => false,
+                        Err(e) => {
+                            return Err(Error::Os {
+                                what: "poll the daemon connection",
+                                source: e.into(),
+                            })
+                        }
+                    };
+                    if !ready {
+                        if std::time::Instant::now() >= deadline {
+                            return Ok(None);
+                        }
+                        continue;
+                    }
+                    drop(conn);
+                    // Readable: one frame (or the end of the stream) is there; the waiting
+                    // call reads it, and collects the ticket if it is its completion.
+                    if !self.read_one_frame() {
+                        return self.wait(ticket).map(Some);
+                    }
+                    continue;
+                }
+            }
+            // Its completion came, or the session is over: the releasing wait says which.
+            return self.wait(ticket).map(Some);
+        }
+    }
+
+    /// Read one frame the daemon sent (a completion, a device-lost notice); false if that
+    /// failed, which leaves the session broken for the caller's releasing wait.
+    fn read_one_frame(&self) -> bool {
+        let mut conn = self.conn();
+        match conn.reply_to(0, 0) {
+            Ok(_) => true,
+            Err(e) => {
+                if conn.broken.is_none() {
+                    conn.broken = Some(e.to_string());
+                }
+                false
+            }
+        }
+    }
+
     /// Why the daemon's device is lost, once the daemon said so (every command not completed
     /// by then fails with [`Error::DeviceLost`], and so does every later request).
     pub fn device_lost(&self) -> Option<DeviceLost> {

@@ -488,8 +488,18 @@ static void case_daemon(const char *socket) {
     unsigned char *priv = malloc(PAGE);
     expect_status(fill(ctx, priv, PAGE, 1), MDRV_ERR_CANCELLED,
                   "fill private malloc'd memory (the daemon cannot reach it)");
+    must(mdrv_submit_fill(ctx, arena, len, 0x0202020202020202ull, &t), "submit a 1 MiB fill");
+    int st;
+    unsigned long polls = 0;
+    while ((st = mdrv_poll(ctx, t, NULL)) == MDRV_PENDING) polls++;
+    expect_status(st, MDRV_OK, "mdrv_poll on a daemon context until the fill completed");
+    expect(all_bytes(arena, len, 2), "the polled fill's pattern on the CPU");
+    printf("   daemon poll: %lu polls returned MDRV_PENDING first\n", polls);
+    expect_status(mdrv_poll(ctx, t, NULL), MDRV_ERR_BAD_TICKET, "poll a collected daemon ticket");
+    must(mdrv_submit_fill(ctx, arena, 64, 3, &t), "submit");
+    do st = mdrv_wait_for(ctx, t, 1, NULL); while (st == MDRV_PENDING);
+    expect_status(st, MDRV_OK, "mdrv_wait_for(1 ms) on a daemon context until it completed");
     must(mdrv_submit_fill(ctx, arena, 64, 2, &t), "submit");
-    expect_status(mdrv_poll(ctx, t, NULL), MDRV_ERR_UNSUPPORTED, "poll on a daemon context");
     expect_status(mdrv_wait(ctx, t, NULL), MDRV_OK, "wait for it");
     expect_status(mdrv_munmap(ctx, arena, PAGE), MDRV_ERR_UNSUPPORTED, "munmap on a daemon context");
     expect_status(mdrv_invalidate(ctx, arena, len), MDRV_OK, "invalidate an arena");
