@@ -628,8 +628,10 @@ impl DaemonClient {
                 let conn = self.conn();
                 let done = conn.completions.contains_key(&ticket.tag);
                 if !done && conn.broken.is_none() && conn.lost.is_none() {
+                    // In slices of at most 10 ms, so other threads of this client (submits,
+                    // other waits) get the connection between them.
                     let left = deadline.saturating_duration_since(std::time::Instant::now());
-                    let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+                    let ms = u16::try_from(left.as_millis().min(10)).unwrap_or(10);
                     let mut fds = [PollFd::new(conn.sock.as_fd(), PollFlags::POLLIN)];
                     let ready = match poll(&mut fds, PollTimeout::from(ms)) {
                         Ok(n) => n > 0,
