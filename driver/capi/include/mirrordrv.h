@@ -21,9 +21,11 @@
  * memory handed to any DMA engine):
  *  1. Memory named by a submitted command stays allocated, mapped and unused by the caller
  *     (no free, munmap, reuse, or, for memory the device writes, CPU access) until a wait or
- *     poll on its ticket returns anything other than MDRV_PENDING. Once such a call has
- *     returned, whatever it returned (success, a command error, MDRV_ERR_TIMEOUT, device lost),
- *     the device can no longer access that memory and the caller may free or reuse it at once.
+ *     poll on its ticket collects it: returns MDRV_OK or a command's own outcome (a command
+ *     error, MDRV_ERR_TIMEOUT, device lost). From then on the device can no longer access that
+ *     memory and the caller may free or reuse it at once. A refusal of the call itself
+ *     (MDRV_ERR_BUSY: another thread waits for it; MDRV_ERR_BAD_TICKET, MDRV_ERR_BAD_HANDLE,
+ *     MDRV_ERR_INVALID_ARGUMENT, MDRV_ERR_PANIC) collects nothing and gives nothing back.
  *  2. mdrv_wait() is bounded by the device's timeout_ms (30 s by default): when it passes, the
  *     command's memory is first taken away from the device (in-process: entries torn down and
  *     fenced; daemon: the session is ended and released), then MDRV_ERR_TIMEOUT is returned.
@@ -36,7 +38,10 @@
  *     When it returns its tickets and arenas are invalid and the device has no translation of
  *     the process's memory left through the context (a device that does not confirm the
  *     tear-down's fence gets that address space retired, never reused). Rule 1 still applies
- *     to the commands' memory: destroy is not a wait.
+ *     to the commands' memory: destroy is not a wait. Calls in progress on the context in other
+ *     threads (a wait, a submit) finish first: destroy refuses the handle to new calls at once,
+ *     then returns only after those calls returned and the context, its arenas and (daemon)
+ *     its session are released, so mdrv_device_close() right after it does not see it.
  *  5. mdrv_device_close() is refused (MDRV_ERR_BUSY) while the device has contexts; it resets
  *     the device, which ends any work left over from destroyed contexts.
  *  6. Strings passed in (paths) are read during the call only. Strings returned
@@ -118,8 +123,8 @@ typedef enum mdrv_status {
   MDRV_ERR_OS = -17,
   // The daemon refused the request or the connection to it broke.
   MDRV_ERR_DAEMON = -18,
-  // Not available for this kind of device or context (for example `mdrv_poll` on a daemon
-  // context), or not built into this library.
+  // Not available for this kind of device or context (for example `mdrv_munmap` on a
+  // daemon context), or not built into this library.
   MDRV_ERR_UNSUPPORTED = -19,
   // An internal error of the library (a Rust panic, caught before it reached the caller).
   // The handles involved are still valid; please report the message.

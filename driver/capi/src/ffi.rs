@@ -166,7 +166,13 @@ thread_local! {
 
 fn set_last_error(message: &str) {
     let text = CString::new(message.replace('\0', "\\0")).unwrap_or_default();
-    LAST_ERROR.with(|slot| *slot.borrow_mut() = text);
+    // Not `with`: called from a thread-local destructor after ours was torn down, it would
+    // panic outside any catch_unwind and abort the process. There the message is dropped.
+    let _ = LAST_ERROR.try_with(|slot| {
+        if let Ok(mut slot) = slot.try_borrow_mut() {
+            *slot = text;
+        }
+    });
 }
 
 /// Run an entry point's body: its error (or panic) becomes a code and the thread's last error.
@@ -325,7 +331,10 @@ pub extern "C" fn mdrv_abi_version() -> u32 {
 /// and stays valid until the next failing call on the same thread: copy it to keep it.
 #[no_mangle]
 pub extern "C" fn mdrv_last_error() -> *const c_char {
-    catch_unwind(|| LAST_ERROR.with(|slot| slot.borrow().as_ptr())).unwrap_or(c"".as_ptr())
+    catch_unwind(|| LAST_ERROR.try_with(|slot| slot.borrow().as_ptr()))
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or(c"".as_ptr())
 }
 
 /// The name of a status code ("MDRV_ERR_BAD_HANDLE"), or "MDRV_UNKNOWN_STATUS". A static

@@ -56,6 +56,9 @@ pub struct ContextEntry {
     arenas: Mutex<HashMap<u64, Arena>>,
     /// Counts this context on its device until everything above is released.
     _counted: Counted,
+    /// Dropped last of all: `destroy_context` returns once it is gone, so the session, the
+    /// arenas and the device's count of the context are all released by then.
+    alive: Arc<()>,
 }
 
 /// The context behind a handle.
@@ -210,6 +213,7 @@ pub fn add_context(
         tickets: Mutex::new(HashMap::new()),
         arenas: Mutex::new(HashMap::new()),
         _counted: counted,
+        alive: Arc::new(()),
     };
     Ok(insert(Entry::Context(Arc::new(entry)), KIND_CONTEXT))
 }
@@ -232,9 +236,15 @@ pub fn destroy_context(handle: u64) -> Outcome<()> {
         ContextInner::Local(ctx) => Some(ctx.release_watch()),
         ContextInner::Daemon(_) => None,
     };
+    let alive = Arc::downgrade(&entry.alive);
     drop(entry);
     if let Some(watch) = watch {
         watch.wait();
+    }
+    // A call in progress on another thread holds the entry until it returns; the entry's last
+    // field goes only after the context, its arenas and its count on the device are released.
+    while alive.strong_count() > 0 {
+        std::thread::sleep(Duration::from_millis(1));
     }
     Ok(())
 }
@@ -303,7 +313,15 @@ impl ContextEntry {
     /// access the command's memory; the ticket is collected.
     pub fn wait(&self, ticket: u64) -> Outcome<u64> {
         let command = self.claim(ticket)?;
-        self.forget(ticket);
+        // Claimed until the wait returned (another thread's wait or poll on it gets BUSY, not
+        // "collected"), then collected whatever it returned, a panic included.
+        struct Collect<'a>(&'a ContextEntry, u64);
+        impl Drop for Collect<'_> {
+            fn drop(&mut self) {
+                self.0.forget(self.1);
+            }
+        }
+        let _collect = Collect(self, ticket);
         match (&self.inner, command) {
             (ContextInner::Local(ctx), Command::Local(t)) => Ok(ctx.wait(t)?),
             (ContextInner::Daemon(c), Command::Daemon(t)) => Ok(c.wait(t)?),

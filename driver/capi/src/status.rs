@@ -63,8 +63,8 @@ pub enum mdrv_status {
     MDRV_ERR_OS = -17,
     /// The daemon refused the request or the connection to it broke.
     MDRV_ERR_DAEMON = -18,
-    /// Not available for this kind of device or context (for example `mdrv_poll` on a daemon
-    /// context), or not built into this library.
+    /// Not available for this kind of device or context (for example `mdrv_munmap` on a
+    /// daemon context), or not built into this library.
     MDRV_ERR_UNSUPPORTED = -19,
     /// An internal error of the library (a Rust panic, caught before it reached the caller).
     /// The handles involved are still valid; please report the message.

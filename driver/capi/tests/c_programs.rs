@@ -159,6 +159,14 @@ fn c_threads_submit_at_once_on_one_context() {
     run_case(&["threads"]);
 }
 
+/// One ticket waited for by two threads (the second is refused BUSY, not told "collected"),
+/// and a destroy while another thread waits (it returns after that wait, so a close right
+/// after it is not refused).
+#[test]
+fn c_one_ticket_two_threads_and_destroy_while_waiting() {
+    run_case(&["contended"]);
+}
+
 #[test]
 fn cpp_smoke() {
     let exe = build(

@@ -47,6 +47,9 @@ pub struct DaemonTicket {
 
 struct Conn {
     sock: UnixStream,
+    /// When a frame last came from the daemon (read by any thread): a wait gives up only after
+    /// the reply timeout without one.
+    heard: std::time::Instant,
     next_id: u32,
     completions: HashMap<u64, CompletionEvent>,
     /// Tags the daemon accepted whose completion has not arrived yet: the daemon counts the
@@ -68,6 +71,27 @@ pub struct DaemonClient {
     client_id: u32,
     asid: u16,
     limits: ClientLimits,
+    /// How long a wait goes without any frame from the daemon before it gives up.
+    reply_timeout: Duration,
+}
+
+/// A wait failed while the daemon may still run the command: unless the device is lost (then
+/// nothing runs), end the session and return once the daemon released it, so the command can
+/// no longer reach this process's arenas.
+fn end_session(conn: &mut Conn, e: Error) -> Error {
+    let e = conn.unless_lost(e);
+    if matches!(e, Error::DeviceLost(_)) {
+        return e;
+    }
+    end_session_and_await_release(conn, &e);
+    match e {
+        Error::Timeout(_) => Error::Timeout(
+            "the command's completion from the daemon; the session was ended, and the daemon \
+             released it (device view torn down and fenced) before this returned: connect again \
+             to go on",
+        ),
+        e => e,
+    }
 }
 
 fn io_err(what: &str, e: io::Error) -> Error {
@@ -166,6 +190,7 @@ impl Conn {
         loop {
             let mut head = [0u8; HEADER_SIZE];
             self.read_exact(&mut head)?;
+            self.heard = std::time::Instant::now();
             let header = Header::decode(&head).map_err(|e| {
                 self.broken = Some(format!("unreadable frame from the daemon: {e}"));
                 Error::DaemonConnection(e.to_string())
@@ -384,6 +409,7 @@ impl DaemonClient {
             })?;
         let mut conn = Conn {
             sock,
+            heard: std::time::Instant::now(),
             next_id: 1,
             completions: HashMap::new(),
             in_flight: HashSet::new(),
@@ -410,6 +436,7 @@ impl DaemonClient {
                 client_id,
                 asid,
                 limits,
+                reply_timeout: timeout,
             })),
             other => Err(Error::DaemonConnection(format!(
                 "unexpected answer to HELLO: {other:?}"
@@ -568,30 +595,45 @@ impl DaemonClient {
     /// Wait for `ticket`'s completion; the command's result value.
     ///
     /// When this returns, with a result or an error, the device can no longer touch the
-    /// memory the command names. If no completion comes within the session's reply timeout, or
-    /// the session breaks while the daemon may still be running the command, this ends the
-    /// session and returns only once the daemon has closed it: the daemon closes a session
-    /// after releasing its client (device view torn down and fenced, DMA unmapped, leftover
-    /// work cancelled or its address space quarantined), so the command can no longer reach
-    /// this process's arenas. Every later request on this client then fails.
+    /// memory the command names. If no frame comes from the daemon within the session's reply
+    /// timeout, or the session breaks while the daemon may still be running the command, this
+    /// ends the session and returns only once the daemon has closed it: the daemon closes a
+    /// session after releasing its client (device view torn down and fenced, DMA unmapped,
+    /// leftover work cancelled or its address space quarantined), so the command can no longer
+    /// reach this process's arenas. Every later request on this client then fails.
+    ///
+    /// Waits of several threads share the connection in slices of at most 10 ms, so one
+    /// thread's long wait does not hold up another's submit or wait.
     pub fn wait(&self, ticket: DaemonTicket) -> Result<u64, Error> {
-        let mut conn = self.conn();
-        let failed = |conn: &mut Conn, e: Error| {
-            let e = conn.unless_lost(e);
-            if matches!(e, Error::DeviceLost(_)) {
-                return e;
-            }
-            end_session_and_await_release(conn, &e);
-            match e {
-                Error::Timeout(_) => Error::Timeout(
-                    "the command's completion from the daemon; the session was ended, and the \
-                     daemon released it (device view torn down and fenced) before this returned: \
-                     connect again to go on",
-                ),
-                e => e,
-            }
-        };
+        match self.wait_until(ticket, None)? {
+            Some(result) => Ok(result),
+            None => unreachable!("a wait without a deadline ends with a result or an error"),
+        }
+    }
+
+    /// Wait at most `timeout` (zero: just look) for `ticket`'s completion: `Ok(Some(result))`
+    /// once it came (the ticket is collected), `Ok(None)` while the command still runs (the
+    /// ticket stays in flight and the device may still access the command's memory: wait for
+    /// it again). An error, or a session that broke, is handled as [`DaemonClient::wait`]
+    /// handles it: the session is ended and the call returns only once the daemon released it.
+    pub fn wait_for(&self, ticket: DaemonTicket, timeout: Duration) -> Result<Option<u64>, Error> {
+        self.wait_until(ticket, Some(std::time::Instant::now() + timeout))
+    }
+
+    /// The one wait loop: each step takes the connection, looks for the completion, and else
+    /// polls the socket for at most 10 ms and reads one frame if one came. `None` once
+    /// `deadline` passed with the command still running.
+    fn wait_until(
+        &self,
+        ticket: DaemonTicket,
+        deadline: Option<std::time::Instant>,
+    ) -> Result<Option<u64>, Error> {
+        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+        use std::time::Instant;
+        const SLICE: Duration = Duration::from_millis(10);
+        let started = Instant::now();
         loop {
+            let mut conn = self.conn();
             if let Some(e) = conn.completions.remove(&ticket.tag) {
                 if e.status == STATUS_DEVICE_LOST {
                     return Err(conn.lost_command());
@@ -601,79 +643,47 @@ impl DaemonClient {
                     status,
                     result: e.result,
                 })
+                .map(Some)
                 .map_err(|e| self.explained(e));
             }
             if let Some(why) = &conn.broken {
                 let e = Error::DaemonConnection(why.clone());
-                return Err(failed(&mut conn, e));
+                return Err(end_session(&mut conn, e));
             }
-            if let Err(e) = conn.reply_to(0, 0) {
-                return Err(failed(&mut conn, e));
+            let now = Instant::now();
+            // Quiet since this wait began, and since any thread last heard the daemon.
+            let heard = conn.heard.max(started);
+            if now.duration_since(heard) >= self.reply_timeout {
+                return Err(end_session(&mut conn, Error::Timeout("a daemon reply")));
             }
-        }
-    }
-
-    /// Wait at most `timeout` (zero: just look) for `ticket`'s completion: `Ok(Some(result))`
-    /// once it came (the ticket is collected), `Ok(None)` while the command still runs (the
-    /// ticket stays in flight and the device may still access the command's memory: wait for
-    /// it again). Frames the daemon has sent are read as they come; once the first byte of one
-    /// is there, the rest is read within the session's reply timeout. An error, or a session
-    /// that broke, is handled as [`DaemonClient::wait`] handles it: the session is ended and
-    /// the call returns only once the daemon released it.
-    pub fn wait_for(&self, ticket: DaemonTicket, timeout: Duration) -> Result<Option<u64>, Error> {
-        use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            {
-                let conn = self.conn();
-                let done = conn.completions.contains_key(&ticket.tag);
-                if !done && conn.broken.is_none() && conn.lost.is_none() {
-                    // In slices of at most 10 ms, so other threads of this client (submits,
-                    // other waits) get the connection between them.
-                    let left = deadline.saturating_duration_since(std::time::Instant::now());
-                    let ms = u16::try_from(left.as_millis().min(10)).unwrap_or(10);
-                    let mut fds = [PollFd::new(conn.sock.as_fd(), PollFlags::POLLIN)];
-                    let ready = match poll(&mut fds, PollTimeout::from(ms)) {
-                        Ok(n) => n > 0,
-                        Err(nix::errno::Errno::EINTR) => false,
-                        Err(e) => {
-                            return Err(Error::Os {
-                                what: "poll the daemon connection",
-                                source: e.into(),
-                            })
-                        }
+            let slice = deadline.map_or(SLICE, |d| d.saturating_duration_since(now).min(SLICE));
+            let ms = u16::try_from(slice.as_millis()).unwrap_or(10);
+            let mut fds = [PollFd::new(conn.sock.as_fd(), PollFlags::POLLIN)];
+            let readable = match poll(&mut fds, PollTimeout::from(ms)) {
+                Ok(n) => n > 0,
+                Err(nix::errno::Errno::EINTR) => false,
+                Err(e) => {
+                    let e = Error::Os {
+                        what: "poll the daemon connection",
+                        source: e.into(),
                     };
-                    if !ready {
-                        if std::time::Instant::now() >= deadline {
-                            return Ok(None);
-                        }
-                        continue;
-                    }
-                    drop(conn);
-                    // Readable: one frame (or the end of the stream) is there; the waiting
-                    // call reads it, and collects the ticket if it is its completion.
-                    if !self.read_one_frame() {
-                        return self.wait(ticket).map(Some);
-                    }
-                    continue;
+                    return Err(end_session(&mut conn, e));
                 }
+            };
+            if readable {
+                // Still under the lock the poll was made under: nobody else read the frame. The
+                // daemon writes whole frames, so the rest of it follows at once (bounded by the
+                // socket's read timeout, the reply timeout).
+                if let Err(e) = conn.reply_to(0, 0) {
+                    return Err(end_session(&mut conn, e));
+                }
+                // The frame read may be this ticket's completion: look again first.
+                continue;
             }
-            // Its completion came, or the session is over: the releasing wait says which.
-            return self.wait(ticket).map(Some);
-        }
-    }
-
-    /// Read one frame the daemon sent (a completion, a device-lost notice); false if that
-    /// failed, which leaves the session broken for the caller's releasing wait.
-    fn read_one_frame(&self) -> bool {
-        let mut conn = self.conn();
-        match conn.reply_to(0, 0) {
-            Ok(_) => true,
-            Err(e) => {
-                if conn.broken.is_none() {
-                    conn.broken = Some(e.to_string());
-                }
-                false
+            // Checked after the socket was looked at once, so a zero timeout still reads what
+            // the daemon has sent.
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(None);
             }
         }
     }

@@ -18,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -463,7 +464,92 @@ static void case_threads(void) {
     free(counter);
 }
 
+/* ---- one ticket, two threads; destroy while another thread waits ---- */
+struct waiter {
+    mdrv_context *ctx;
+    uint64_t ticket;
+    int status;
+};
+
+static void *wait_in_thread(void *arg) {
+    struct waiter *w = arg;
+    w->status = mdrv_wait(w->ctx, w->ticket, NULL);
+    return NULL;
+}
+
+static void case_contended(void) {
+    mdrv_device *dev = open_device(MDRV_DEVICE_EMULATED, NULL);
+    mdrv_context *ctx;
+    must(mdrv_context_create(dev, &ctx), "create");
+    size_t len = 64u << 20; /* first touch of 16384 pages: far longer than the 50 ms below */
+    unsigned char *buf = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    expect(buf != MAP_FAILED, "mmap 64 MiB");
+    struct waiter w = {ctx, 0, 0};
+    must(mdrv_submit_fill(ctx, buf, len, 0x3c3c3c3c3c3c3c3cull, &w.ticket), "submit 64 MiB");
+    pthread_t th;
+    pthread_create(&th, NULL, wait_in_thread, &w);
+    usleep(50 * 1000);
+    /* The other thread's wait holds the ticket: this is a refusal, not "collected". */
+    expect_status(mdrv_poll(ctx, w.ticket, NULL), MDRV_ERR_BUSY, "poll a ticket another thread waits for");
+    expect_status(mdrv_wait(ctx, w.ticket, NULL), MDRV_ERR_BUSY, "wait for a ticket another thread waits for");
+    pthread_join(th, NULL);
+    expect_status(w.status, MDRV_OK, "the first waiter collects the fill");
+    expect(all_bytes(buf, len, 0x3c), "the fill's pattern on the CPU");
+    expect_status(mdrv_poll(ctx, w.ticket, NULL), MDRV_ERR_BAD_TICKET, "then it is collected");
+
+    /* Destroy while another thread waits: destroy returns after that wait returned and the
+       context is released, so closing the device right after it is not refused. */
+    memset(buf, 0, len);
+    madvise(buf, len, MADV_DONTNEED);
+    w.status = 0;
+    must(mdrv_submit_fill(ctx, buf, len, 0x5a5a5a5a5a5a5a5aull, &w.ticket), "submit 64 MiB again");
+    pthread_create(&th, NULL, wait_in_thread, &w);
+    usleep(20 * 1000);
+    must(mdrv_context_destroy(ctx), "destroy while another thread waits");
+    expect_status(mdrv_device_close(dev), MDRV_OK, "close right after that destroy");
+    pthread_join(th, NULL);
+    expect(w.status == MDRV_OK || w.status < 0, "the waiter returned (a result or an error)");
+    munmap(buf, len);
+}
+
 /* ---- a daemon client ---- */
+struct daemon_worker {
+    mdrv_context *ctx;
+    unsigned char *mem;
+    size_t len;
+    int polls;
+    int errors;
+    long slowest_us;
+};
+
+static long now_us(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000000L + ts.tv_nsec / 1000;
+}
+
+static void *daemon_work(void *arg) {
+    struct daemon_worker *w = arg;
+    for (int r = 0; r < 30; r++) {
+        unsigned char v = (unsigned char)(0x10 + r);
+        uint64_t t;
+        int st = mdrv_submit_fill(w->ctx, w->mem, w->len, 0x0101010101010101ull * v, &t);
+        while (st == MDRV_OK || st == MDRV_PENDING) {
+            long started = now_us();
+            st = w->polls ? mdrv_wait_for(w->ctx, t, 5, NULL) : mdrv_wait(w->ctx, t, NULL);
+            long took = now_us() - started;
+            if (took > w->slowest_us) w->slowest_us = took;
+            if (st != MDRV_PENDING) break;
+        }
+        if (st != MDRV_OK || !all_bytes(w->mem, w->len, v)) {
+            printf("daemon worker round %d: %s: %s\n", r, mdrv_status_name(st), mdrv_last_error());
+            w->errors++;
+            return NULL;
+        }
+    }
+    return NULL;
+}
+
 static void case_daemon(const char *socket) {
     mdrv_device *dev = open_device(MDRV_DEVICE_DAEMON, socket);
     mdrv_context *ctx;
@@ -501,6 +587,17 @@ static void case_daemon(const char *socket) {
     expect_status(st, MDRV_OK, "mdrv_wait_for(1 ms) on a daemon context until it completed");
     must(mdrv_submit_fill(ctx, arena, 64, 2, &t), "submit");
     expect_status(mdrv_wait(ctx, t, NULL), MDRV_OK, "wait for it");
+    {
+        /* Two threads on one daemon session: one polls large fills in 5 ms slices, the other
+           runs small fills; neither holds the other up for long or breaks the session. */
+        struct daemon_worker dw[2] = {{ctx, arena, len / 2, 1, 0, 0}, {ctx, arena + len / 2, 4096, 0, 0, 0}};
+        pthread_t th[2];
+        for (int i = 0; i < 2; i++) pthread_create(&th[i], NULL, daemon_work, &dw[i]);
+        for (int i = 0; i < 2; i++) pthread_join(th[i], NULL);
+        printf("   daemon, two threads: errors %d + %d, slowest call %.1f ms\n", dw[0].errors,
+               dw[1].errors, (dw[0].slowest_us > dw[1].slowest_us ? dw[0].slowest_us : dw[1].slowest_us) / 1000.0);
+        expect(dw[0].errors == 0 && dw[1].errors == 0, "two threads on one daemon context, no error");
+    }
     expect_status(mdrv_munmap(ctx, arena, PAGE), MDRV_ERR_UNSUPPORTED, "munmap on a daemon context");
     expect_status(mdrv_invalidate(ctx, arena, len), MDRV_OK, "invalidate an arena");
 
@@ -520,7 +617,7 @@ static void case_daemon(const char *socket) {
 
 int main(int argc, char **argv) {
     if (argc < 2) {
-        fprintf(stderr, "usage: capi_test data|strict|args|limits|threads|daemon [ARGS]\n");
+        fprintf(stderr, "usage: capi_test data|strict|args|limits|threads|contended|daemon [ARGS]\n");
         return 2;
     }
     case_name = argv[1];
@@ -535,6 +632,8 @@ int main(int argc, char **argv) {
         case_args();
     } else if (strcmp(argv[1], "limits") == 0) {
         case_limits();
+    } else if (strcmp(argv[1], "contended") == 0) {
+        case_contended();
     } else if (strcmp(argv[1], "threads") == 0) {
         case_threads();
     } else if (strcmp(argv[1], "daemon") == 0 && argc >= 3) {
