@@ -206,10 +206,28 @@ fn ok(_: ()) -> mdrv_status {
 ///
 /// # Safety
 /// `p` is NULL or points to at least `size` readable bytes, `size` being its first field.
+/// The most a versioned struct's `size` may say: far above any struct of this ABI, so an
+/// uninitialised `size` is an error instead of a read or write far past the caller's struct.
+const MAX_STRUCT_SIZE: usize = 4096;
+
+fn check_struct_size(what: &str, size: usize) -> Outcome<()> {
+    if size > MAX_STRUCT_SIZE {
+        return Err(Failure::new(
+            mdrv_status::MDRV_ERR_INVALID_ARGUMENT,
+            format!(
+                "{what}->size is {size}, more than the {MAX_STRUCT_SIZE} bytes a struct of this \
+                 ABI may have: set it to sizeof the struct (is it initialised?)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
 unsafe fn read_sized<T: Copy>(p: *const T, what: &str) -> Outcome<T> {
     check_out(what, p.is_null())?;
     // SAFETY: non-NULL, and every versioned struct starts with its u32 size.
     let size = unsafe { p.cast::<u32>().read_unaligned() } as usize;
+    check_struct_size(what, size)?;
     let ours = size_of::<T>();
     if size < ours {
         return Err(Failure::new(
@@ -245,13 +263,16 @@ unsafe fn write_sized<T: Copy>(p: *mut T, value: T, what: &str) -> Outcome<()> {
     check_out(what, p.is_null())?;
     // SAFETY: non-NULL; the struct starts with its u32 size.
     let size = unsafe { p.cast::<u32>().read_unaligned() } as usize;
+    check_struct_size(what, size)?;
     if size < size_of::<u64>() {
         return Err(Failure::new(
             mdrv_status::MDRV_ERR_INVALID_ARGUMENT,
             format!("{what}->size is {size}: set it to sizeof the struct before the call"),
         ));
     }
-    let n = size.min(size_of::<T>());
+    // Whole 8-byte units only (every versioned struct is made of them): a size between two
+    // fields gets neither half of a u64.
+    let n = size.min(size_of::<T>()) & !(size_of::<u64>() - 1);
     // SAFETY: `value` is a plain repr(C) struct of at least `n` bytes; the caller's has `size`
     // writable bytes, at least `n`.
     unsafe {

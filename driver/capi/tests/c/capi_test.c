@@ -296,6 +296,22 @@ static void case_args(void) {
     mdrv_stats s;
     s.size = 2;
     expect_status(mdrv_context_stats(ctx, &s), MDRV_ERR_INVALID_ARGUMENT, "stats size 2");
+    s.size = 1u << 20;
+    expect_status(mdrv_context_stats(ctx, &s), MDRV_ERR_INVALID_ARGUMENT, "stats size 1 MiB (uninitialised)");
+    memset(&s, 0xab, sizeof s);
+    s.size = 12; /* between two fields */
+    must(mdrv_context_stats(ctx, &s), "stats size 12");
+    expect(s.size == 8, "a size between two fields: only whole fields written, size says 8");
+    {
+        uint64_t second;
+        memcpy(&second, (unsigned char *)&s + 8, sizeof second);
+        expect(second == 0xababababababababull, "the half-covered field is left whole");
+    }
+    mdrv_open_options big_opts;
+    mdrv_open_options_init(&big_opts, sizeof big_opts);
+    big_opts.size = 1u << 20;
+    mdrv_device *nodev = NULL;
+    expect_status(mdrv_device_open(&big_opts, &nodev), MDRV_ERR_INVALID_ARGUMENT, "options size 1 MiB");
 
     expect_status(mdrv_submit_atomic_add(ctx, (uint64_t *)(void *)(buf + 1), 1, &t),
                   MDRV_ERR_UNALIGNED, "atomic add on an unaligned target");
