@@ -812,6 +812,10 @@ pub unsafe extern "C" fn mdrv_munmap(
     len: usize,
 ) -> c_int {
     guard(|| {
+        let entry = context_of(ctx)?;
+        // In-process contexts only (a daemon context is refused by `strict` as unsupported).
+        local(&entry, "mdrv_munmap")?;
+        entry.refuse_arena_overlap(addr as u64, len as u64, "mdrv_munmap")?;
         strict(ctx, addr, len, "mdrv_munmap", |mm, range| {
             // SAFETY: the caller's promise, as for munmap(2).
             unsafe { mm.munmap(range) }.map_err(Into::into)
@@ -841,6 +845,11 @@ pub unsafe extern "C" fn mdrv_mremap(
         check_out("out", out.is_null())?;
         let entry = context_of(ctx)?;
         let old = check_pages("old_addr", old_addr as u64, old_len as u64)?;
+        local(&entry, "mdrv_mremap")?;
+        entry.refuse_arena_overlap(old_addr as u64, old_len as u64, "mdrv_mremap")?;
+        if flags & libc::MREMAP_FIXED != 0 {
+            entry.refuse_arena_overlap(new_addr as u64, new_len as u64, "mdrv_mremap (target)")?;
+        }
         let c = local(&entry, "mdrv_mremap")?;
         // SAFETY: the caller's promise, as for mremap(2).
         let moved = unsafe {

@@ -259,6 +259,28 @@ impl ContextEntry {
         lock(&self.arenas)
     }
 
+    /// Refuse a call that would unmap or move arena memory: the library unmaps an arena itself
+    /// (mdrv_arena_free, destroy), and would then unmap whatever was mapped there since.
+    pub fn refuse_arena_overlap(&self, start: u64, len: u64, what: &str) -> Outcome<()> {
+        let end = start.saturating_add(len);
+        for (&base, arena) in self.arenas().iter() {
+            let size = match arena {
+                Arena::Local(m) => m.len(),
+                Arena::Daemon(a) => a.len(),
+            } as u64;
+            if start < base.saturating_add(size) && base < end {
+                return Err(Failure::new(
+                    mdrv_status::MDRV_ERR_INVALID_ARGUMENT,
+                    format!(
+                        "{what}: [{start:#x}, {end:#x}) overlaps the arena at {base:#x} ({size} \
+                         bytes), which the library unmaps itself: free it with mdrv_arena_free"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Commands in flight (not collected by a wait or poll).
     pub fn in_flight(&self) -> usize {
         self.tickets().len()

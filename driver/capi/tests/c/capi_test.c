@@ -237,6 +237,18 @@ static void case_strict(void) {
     expect(e.present == 0, "no device entry after mdrv_invalidate");
     expect_status(mdrv_settle(ctx), MDRV_OK, "settle");
 
+    /* An arena is unmapped by the library: the strict munmap and mremap refuse it. */
+    unsigned char *arena = NULL;
+    must(mdrv_arena_alloc(ctx, 4 * PAGE, (void **)&arena), "mdrv_arena_alloc 16 KiB in-process");
+    expect_status(fill(ctx, arena, 4 * PAGE, 0x7777777777777777ull), MDRV_OK, "fill the arena");
+    expect_status(mdrv_munmap(ctx, arena + PAGE, PAGE), MDRV_ERR_INVALID_ARGUMENT,
+                  "strict munmap of an arena page");
+    void *arena_moved = NULL;
+    expect_status(mdrv_mremap(ctx, arena, 4 * PAGE, 8 * PAGE, MREMAP_MAYMOVE, NULL, &arena_moved),
+                  MDRV_ERR_INVALID_ARGUMENT, "strict mremap of an arena");
+    expect(all_bytes(arena, 4 * PAGE, 0x77), "the arena is still mapped and whole");
+    expect_status(mdrv_arena_free(ctx, arena), MDRV_OK, "free the arena");
+
     must(mdrv_context_destroy(ctx), "mdrv_context_destroy");
     must(mdrv_device_close(dev), "mdrv_device_close");
 }
