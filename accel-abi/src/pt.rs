@@ -5,11 +5,17 @@
 //! register), level 1 holds 4 KiB leaves; a level-2 entry may be a 2 MiB large leaf. The index
 //! into the level-`n` table is `VA[12 + 9n - 1 : 12 + 9(n-1)]`.
 //!
-//! Entry bits: 0 VALID, 1 READ, 2 WRITE, 3 LEAF, 51..12 address (IOVA of the next table, or of
-//! the page), everything else reserved and zero. LEAF must be clear at levels 4 and 3, may be
-//! set at level 2 (then the address must be 2 MiB aligned) and must be set at level 1. READ and
-//! WRITE are reserved in non-leaf entries. A leaf with WRITE but without READ is malformed.
-//! An entry with VALID clear is "not present" whatever its other bits say.
+//! Entry bits: 0 VALID, 1 READ, 2 WRITE, 3 LEAF, 5 ACCESSED, 6 DIRTY, 51..12 address (IOVA of
+//! the next table, or of the page), everything else reserved and zero. LEAF must be clear at
+//! levels 4 and 3, may be set at level 2 (then the address must be 2 MiB aligned) and must be set
+//! at level 1. READ, WRITE, ACCESSED and DIRTY are reserved in non-leaf entries. A leaf with
+//! WRITE but without READ is malformed. An entry with VALID clear is "not present" whatever its
+//! other bits say.
+//!
+//! ACCESSED and DIRTY (revision 2) are written by the device's walker when
+//! [`crate::regs::pt_ctrl::AD_ENABLE`] is set, the way an IOMMU or a CPU maintains them, and
+//! cleared by the driver; a driver may also write them itself (a leaf installed with them set is
+//! never updated). They grant nothing: permissions are READ and WRITE alone.
 
 use crate::{AbiError, LARGE_PAGE_SIZE, PAGE_SIZE, PT_LEVELS};
 
@@ -26,10 +32,26 @@ pub const READ: u64 = 1 << 1;
 pub const WRITE: u64 = 1 << 2;
 /// Entry is a leaf.
 pub const LEAF: u64 = 1 << 3;
+/// Leaf was used for an access since the bit was last cleared (revision 2, set by the walker).
+pub const ACCESSED: u64 = 1 << 5;
+/// Leaf was used for a write or atomic since the bit was last cleared (revision 2, set by the
+/// walker together with ACCESSED).
+pub const DIRTY: u64 = 1 << 6;
 /// Address field mask (bits 51..12).
 pub const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
-/// Bits that must be zero in every valid entry.
-pub const RESERVED_MASK: u64 = !(ADDR_MASK | VALID | READ | WRITE | LEAF);
+/// Bits that must be zero in every valid entry (ACCESSED and DIRTY are also reserved in
+/// non-leaf entries).
+pub const RESERVED_MASK: u64 = !(ADDR_MASK | VALID | READ | WRITE | LEAF | ACCESSED | DIRTY);
+
+/// True if the raw leaf entry `raw` has ACCESSED set.
+pub fn accessed(raw: u64) -> bool {
+    raw & ACCESSED != 0
+}
+
+/// True if the raw leaf entry `raw` has DIRTY set.
+pub fn dirty(raw: u64) -> bool {
+    raw & DIRTY != 0
+}
 
 /// Index into the table at `level` (1..=4) for `va`.
 pub fn index(va: u64, level: u32) -> usize {
@@ -122,7 +144,7 @@ impl Pte {
                 value: raw,
             }),
             (2..=4, false) => {
-                if raw & (READ | WRITE) != 0 {
+                if raw & (READ | WRITE | ACCESSED | DIRTY) != 0 {
                     return Err(AbiError::BadField {
                         field: "pte.table_perms",
                         value: raw,
@@ -203,6 +225,22 @@ mod tests {
         assert!(Pte::decode(VALID | LEAF | WRITE, 1).is_err());
         assert!(Pte::decode(VALID | (1 << 60), 4).is_err());
         assert!(Pte::decode(Pte::table(0x1000) | READ, 4).is_err());
+        assert!(Pte::decode(Pte::table(0x1000) | ACCESSED, 3).is_err());
+        assert!(Pte::decode(Pte::table(0x1000) | DIRTY, 2).is_err());
+    }
+
+    #[test]
+    fn accessed_and_dirty_are_leaf_bits_that_grant_nothing() {
+        let raw = Pte::leaf(0x7000, Perms::R) | ACCESSED | DIRTY;
+        assert_eq!(
+            Pte::decode(raw, 1).unwrap(),
+            Pte::Leaf {
+                iova: 0x7000,
+                perms: Perms::R
+            }
+        );
+        assert!(accessed(raw) && dirty(raw));
+        assert!(!accessed(Pte::leaf(0x7000, Perms::RW)));
     }
 
     proptest! {

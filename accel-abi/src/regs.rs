@@ -12,8 +12,11 @@ pub const BAR0_SIZE: u64 = 0x4000;
 
 /// Value of [`ID`]: ASCII "MXA1" read as a little-endian u32.
 pub const ID_VALUE: u32 = u32::from_le_bytes(*b"MXA1");
-/// Value of [`VERSION`]: major 1, minor 0.
-pub const VERSION_VALUE: u32 = 1 << 16;
+/// Value of [`VERSION`]: major 1, minor 1 (revision 2: [`CAP_FEATURES`], [`PT_CTRL`], the
+/// ACCESSED/DIRTY leaf bits and the page-walk cache). A driver of minor 0 keeps working: it
+/// never sets [`pt_ctrl::AD_ENABLE`] and never asks for [`tlbi_scope::LEAF_ONLY`], and every
+/// invalidation it issues drops walk-cache entries too.
+pub const VERSION_VALUE: u32 = (1 << 16) | 1;
 
 /// Register width.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,6 +96,11 @@ registers! {
     /// reports with [`crate::FaultRecord::FLAG_LOOKAHEAD`] records, when a work item stalls and
     /// [`fault_ctrl::LOOKAHEAD`] is set. 0: the device has no lookahead.
     CAP_FAULT_LOOKAHEAD = 0x024, W32, ReadOnly;
+    /// Optional features (revision 2): [`features`] bits. 0 on a revision-1 device.
+    CAP_FEATURES = 0x028, W32, ReadOnly;
+    /// Page-table control (revision 2): [`pt_ctrl`] bits. Power-on value 0. Setting a bit whose
+    /// feature [`CAP_FEATURES`] lacks, or a reserved bit, is a bad register value.
+    PT_CTRL = 0x02c, W32, ReadWrite;
     /// Control: [`control`] bits.
     CONTROL = 0x030, W32, ReadWrite;
     /// Status: [`status`] bits.
@@ -142,7 +150,8 @@ registers! {
     FENCE_DONE = 0x0b0, W64, ReadOnly;
     /// TLB invalidation: address space.
     TLBI_ASID = 0x0c0, W32, ReadWrite;
-    /// TLB invalidation: scope, a [`TlbiScope`].
+    /// TLB invalidation: bits 1..0 the scope, a [`TlbiScope`]; bit 8
+    /// [`tlbi_scope::LEAF_ONLY`]. Other bits reserved (a bad register value).
     TLBI_SCOPE = 0x0c4, W32, ReadWrite;
     /// TLB invalidation: first VA (scope `Range`; 4 KiB aligned).
     TLBI_VA = 0x0c8, W64, ReadWrite;
@@ -160,6 +169,12 @@ registers! {
     TLB_MISSES = 0x0e8, W64, ReadOnly;
     /// TLB invalidations performed (free-running, since reset).
     TLBI_COUNT = 0x0f0, W32, ReadOnly;
+    /// Page walks that started below the root thanks to the walk cache (free-running, since
+    /// reset; revision 2, 0 without [`features::WALK_CACHE`]).
+    WALK_CACHE_HITS = 0x0f8, W64, ReadOnly;
+    /// ACCESSED/DIRTY updates the walker wrote into leaves (free-running, since reset;
+    /// revision 2).
+    AD_UPDATES = 0x100, W64, ReadOnly;
 }
 
 /// Base of the per-address-space page-table root registers: `ASID_ROOT_BASE + 8 * asid`, 64-bit,
@@ -243,6 +258,42 @@ pub mod fault_ctrl {
     pub const LOOKAHEAD: u32 = 1 << 2;
 }
 
+/// [`CAP_FEATURES`] bits (revision 2).
+pub mod features {
+    /// The walker can maintain ACCESSED and DIRTY bits in leaf entries
+    /// ([`crate::pt::ACCESSED`], [`crate::pt::DIRTY`]) once [`super::pt_ctrl::AD_ENABLE`] is set.
+    pub const ACCESSED_DIRTY: u32 = 1 << 0;
+    /// The device caches non-leaf entries (a page-walk cache). An invalidation without
+    /// [`super::tlbi_scope::LEAF_ONLY`] drops them for its scope; with it they stay. A driver that
+    /// frees a table page must invalidate without `LEAF_ONLY` before it reuses the page.
+    pub const WALK_CACHE: u32 = 1 << 1;
+    /// Every defined bit.
+    pub const ALL: u32 = ACCESSED_DIRTY | WALK_CACHE;
+}
+
+/// [`PT_CTRL`] bits (revision 2).
+pub mod pt_ctrl {
+    /// The walker sets ACCESSED in a leaf it translates an access through and DIRTY in a leaf
+    /// it translates a write or atomic through, with an atomic compare-and-swap on the entry
+    /// (the table pages must then be DMA-writable). While clear the device never writes table
+    /// memory. Needs [`super::features::ACCESSED_DIRTY`].
+    pub const AD_ENABLE: u32 = 1 << 0;
+    /// Every defined bit.
+    pub const ALL: u32 = AD_ENABLE;
+}
+
+/// [`TLBI_SCOPE`] bits beyond the scope field.
+pub mod tlbi_scope {
+    /// Mask of the scope field (a [`super::TlbiScope`]).
+    pub const SCOPE_MASK: u32 = 0x3;
+    /// Drop leaf translations only and keep walk-cache entries (only leaves changed: the driver
+    /// freed no table page and repointed no table entry). Accepted, and without effect, on a
+    /// device without [`super::features::WALK_CACHE`].
+    pub const LEAF_ONLY: u32 = 1 << 8;
+    /// Every defined bit.
+    pub const ALL: u32 = SCOPE_MASK | LEAF_ONLY;
+}
+
 /// [`CMDQ_CTRL`] bits.
 pub mod cmdq_ctrl {
     /// The device fetches commands from the queue.
@@ -278,7 +329,7 @@ pub enum TlbiScope {
 }
 
 impl TlbiScope {
-    /// Decode a scope register value.
+    /// Decode the scope field alone (no other bits set).
     pub fn from_u32(v: u32) -> Option<Self> {
         match v {
             0 => Some(Self::Range),
@@ -286,6 +337,21 @@ impl TlbiScope {
             2 => Some(Self::All),
             _ => None,
         }
+    }
+
+    /// Decode a whole [`TLBI_SCOPE`] value: the scope and whether
+    /// [`tlbi_scope::LEAF_ONLY`] is set. `None` for a reserved bit or an unknown scope.
+    pub fn decode(v: u32) -> Option<(Self, bool)> {
+        if v & !tlbi_scope::ALL != 0 {
+            return None;
+        }
+        let scope = Self::from_u32(v & tlbi_scope::SCOPE_MASK)?;
+        Some((scope, v & tlbi_scope::LEAF_ONLY != 0))
+    }
+
+    /// The register value for this scope, keeping walk caches (`leaf_only`) or not.
+    pub fn encode(self, leaf_only: bool) -> u32 {
+        self as u32 | if leaf_only { tlbi_scope::LEAF_ONLY } else { 0 }
     }
 }
 
@@ -358,6 +424,21 @@ mod tests {
         assert!(describe(asid_root(1) + 4, 64).is_none());
         assert_eq!(describe(CMDQ_TAIL, 64).unwrap().access, Access::ReadWrite);
         const { assert!(MAX_ASIDS >= 64) };
+    }
+
+    #[test]
+    fn tlbi_scope_round_trips_and_refuses_reserved_bits() {
+        for scope in [TlbiScope::Range, TlbiScope::Asid, TlbiScope::All] {
+            for leaf_only in [false, true] {
+                assert_eq!(
+                    TlbiScope::decode(scope.encode(leaf_only)),
+                    Some((scope, leaf_only))
+                );
+            }
+        }
+        assert_eq!(TlbiScope::decode(3), None);
+        assert_eq!(TlbiScope::decode(1 << 4), None);
+        assert_eq!(TlbiScope::decode(tlbi_scope::LEAF_ONLY | 3), None);
     }
 
     #[test]
