@@ -8,7 +8,7 @@ use nix::errno::Errno;
 
 use crate::monitor::{ForkHandler, Monitor};
 use crate::registry::{
-    EventKind, EventObserver, EventSource, Invalidation, Registry, DEFAULT_RETRY_BUDGET,
+    AgeQuery, EventKind, EventObserver, EventSource, Invalidation, Registry, DEFAULT_RETRY_BUDGET,
 };
 use crate::stats::Stats;
 use crate::sys::uffd as raw;
@@ -225,6 +225,93 @@ impl AddressSpace {
         F: Fn(&mut T, &Invalidation) + Send + Sync + 'static,
     {
         self.registry.subscribe(range, state, callback)
+    }
+
+    /// Subscribes like [`AddressSpace::subscribe`], with an aging callback too (the counterpart of
+    /// `mmu_notifier`'s `clear_young`/`test_young` for a secondary MMU).
+    ///
+    /// `young(state, query, out)` runs under the subscriber lock, like `callback`, and pushes into
+    /// `out` the page-aligned sub-ranges of `query.range` (the query clipped to this
+    /// subscription) that the subscriber saw used since it last cleared them; with `query.clear`
+    /// it also clears its record of use, and does what it needs so that later use is seen again
+    /// (for a device: clear the accessed bits and invalidate the TLB entries that would otherwise
+    /// keep using the translation without setting them). Ranges it pushes outside `query.range`
+    /// are clipped away. A panic is caught and logged, counted in
+    /// [`Stats::aging_callback_panics`], and the whole `query.range` is then reported young.
+    /// The callback follows the invalidate callback's rules, and must not call
+    /// [`AddressSpace::clear_young`] or `test_young` (they return
+    /// [`Error::CalledFromCallback`] there). Dropping the subscription waits for an aging
+    /// callback of it that is running; once the drop returned the callback never runs again.
+    ///
+    /// A subscription made with plain [`AddressSpace::subscribe`] has no aging callback: aging
+    /// skips it, so its use of memory is invisible to `clear_young`/`test_young`.
+    ///
+    /// ```
+    /// use std::collections::BTreeSet;
+    /// use mirror::{AddressSpace, Config, Mapping, VaRange};
+    /// let mm = AddressSpace::current(Config::explicit_only()).unwrap();
+    /// let buf = Mapping::anonymous(4 * 4096, libc::PROT_READ | libc::PROT_WRITE).unwrap();
+    /// // The state is a toy device's accessed bits: the set of page addresses it used.
+    /// let sub = mm
+    ///     .subscribe_aging(
+    ///         buf.range(),
+    ///         BTreeSet::<u64>::new(),
+    ///         |used, inv| used.retain(|a| !inv.range.contains(*a)),
+    ///         |used, query, out| {
+    ///             for &page in used.range(query.range.start()..query.range.end()) {
+    ///                 out.push(VaRange::new(page, 4096).unwrap());
+    ///             }
+    ///             if query.clear {
+    ///                 used.retain(|a| !query.range.contains(*a));
+    ///             }
+    ///         },
+    ///     )
+    ///     .unwrap();
+    /// // The device used the second and third pages.
+    /// sub.lock().extend([buf.addr() + 4096, buf.addr() + 2 * 4096]);
+    /// let used = VaRange::new(buf.addr() + 4096, 2 * 4096).unwrap();
+    /// assert_eq!(mm.test_young(buf.range()).unwrap(), [used]); // merged into one range
+    /// assert_eq!(mm.clear_young(buf.range()).unwrap(), [used]);
+    /// assert!(mm.test_young(buf.range()).unwrap().is_empty()); // cleared
+    /// ```
+    pub fn subscribe_aging<T, F, Y>(
+        &self,
+        range: VaRange,
+        state: T,
+        callback: F,
+        young: Y,
+    ) -> Result<Subscription<T>>
+    where
+        T: Send + 'static,
+        F: Fn(&mut T, &Invalidation) + Send + Sync + 'static,
+        Y: Fn(&mut T, &AgeQuery, &mut Vec<VaRange>) + Send + Sync + 'static,
+    {
+        self.registry
+            .subscribe_aging(range, state, callback, young)
+    }
+
+    /// Asks every subscriber overlapping `range` that has an aging callback
+    /// ([`AddressSpace::subscribe_aging`]) which parts of it were used, clearing their record of
+    /// use: the union of their answers (a page is young if *any* subscriber saw it used), sorted,
+    /// with overlapping and adjacent ranges merged, clipped to `range`. Subscribers without an
+    /// aging callback contribute nothing.
+    ///
+    /// Each callback runs with its own subscriber's lock held, one subscriber at a time; the
+    /// registry's internal lock is not held meanwhile, so an invalidation waits at most for the
+    /// callback holding the lock it needs.
+    ///
+    /// Never call it while holding a subscriber lock: on a thread holding a
+    /// [`crate::SubscriberGuard`] it returns [`Error::SubscriberLockHeld`], and from inside any
+    /// subscriber callback (invalidate or aging) [`Error::CalledFromCallback`]. After the address
+    /// space was released: [`Error::Released`].
+    pub fn clear_young(&self, range: VaRange) -> Result<Vec<VaRange>> {
+        self.registry.age(range, true)
+    }
+
+    /// [`AddressSpace::clear_young`] without clearing: the subscribers keep their record of use.
+    /// The same rules and errors apply.
+    pub fn test_young(&self, range: VaRange) -> Result<Vec<VaRange>> {
+        self.registry.age(range, false)
     }
 
     /// Subscribes to the whole user address space `[0, 2^47)` (test_hmm style).

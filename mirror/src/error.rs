@@ -107,9 +107,21 @@ pub enum Error {
         /// Why it is unavailable and what to do instead.
         why: String,
     },
-    /// The call would deadlock because it was made from an invalidation callback or the monitor.
-    #[error("{what} must not be called from an invalidation callback")]
+    /// The call would deadlock because it was made from a subscriber callback (invalidate or
+    /// aging) or the monitor.
+    #[error("{what} must not be called from a subscriber callback (invalidate or aging)")]
     CalledFromCallback {
+        /// The offending call.
+        what: &'static str,
+    },
+    /// The call would deadlock because this thread holds a subscriber lock (a
+    /// [`crate::SubscriberGuard`] from `Subscription::lock`), and the call takes subscriber locks
+    /// one after another.
+    #[error(
+        "{what} must not be called while this thread holds a subscriber lock \
+         (Subscription::lock): drop the guard first"
+    )]
+    SubscriberLockHeld {
         /// The offending call.
         what: &'static str,
     },

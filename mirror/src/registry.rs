@@ -1,8 +1,8 @@
 //! Subscriptions, invalidations and the retry budget: the user-facing side of [`crate::seq`].
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use std::time::{Duration, Instant};
@@ -65,6 +65,19 @@ pub struct Invalidation {
     pub source: EventSource,
 }
 
+/// One aging request as a subscriber sees it (clipped to its subscription).
+///
+/// `range` is the part of the range passed to [`crate::AddressSpace::clear_young`] or
+/// [`crate::AddressSpace::test_young`] that overlaps the subscription; `clear` is true for
+/// `clear_young`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgeQuery {
+    /// The queried range, clipped to the subscription.
+    pub range: VaRange,
+    /// Whether the subscriber must also clear its record of use (and arrange to see later use).
+    pub clear: bool,
+}
+
 /// A record handed to the event observer after all callbacks for one event have returned.
 #[derive(Clone, Debug)]
 pub struct EventRecord {
@@ -85,13 +98,93 @@ pub struct EventRecord {
 pub type EventObserver = Box<dyn Fn(&EventRecord) + Send + Sync>;
 type Observer = EventObserver;
 type Callback<T> = Box<dyn Fn(&mut T, &Invalidation) + Send + Sync>;
+type YoungCallback<T> = Box<dyn Fn(&mut T, &AgeQuery, &mut Vec<VaRange>) + Send + Sync>;
 
 thread_local! {
+    /// How many subscriber callbacks (invalidate or aging) this thread is inside.
     static CALLBACK_DEPTH: Cell<u32> = const { Cell::new(0) };
+    /// The ids of the subscriptions whose lock this thread holds, through a
+    /// [`SubscriberGuard`] or a running callback.
+    static HELD_LOCKS: RefCell<Vec<u64>> = const { RefCell::new(Vec::new()) };
 }
 
 pub(crate) fn in_callback() -> bool {
     CALLBACK_DEPTH.with(|d| d.get() > 0)
+}
+
+/// Counts this thread as inside a subscriber callback while it lives (also across a caught
+/// panic, since the callback runs inside `catch_unwind` within its lifetime).
+struct CallbackDepth;
+
+impl CallbackDepth {
+    fn enter() -> Self {
+        CALLBACK_DEPTH.with(|d| d.set(d.get() + 1));
+        CallbackDepth
+    }
+}
+
+impl Drop for CallbackDepth {
+    fn drop(&mut self) {
+        CALLBACK_DEPTH.with(|d| d.set(d.get() - 1));
+    }
+}
+
+/// Records that this thread holds subscription `id`'s lock while it lives. A subscriber guard is
+/// not `Send`, so the thread that records it is the one that releases it.
+struct HeldLock {
+    id: u64,
+}
+
+impl HeldLock {
+    fn new(id: u64) -> Self {
+        // `try_with`: a guard taken or dropped during thread-local teardown is simply not
+        // recorded (the checks relying on it then do not fire for that thread).
+        let _ = HELD_LOCKS.try_with(|held| held.borrow_mut().push(id));
+        HeldLock { id }
+    }
+}
+
+impl Drop for HeldLock {
+    fn drop(&mut self) {
+        let _ = HELD_LOCKS.try_with(|held| {
+            let mut held = held.borrow_mut();
+            if let Some(pos) = held.iter().rposition(|&id| id == self.id) {
+                held.swap_remove(pos);
+            }
+        });
+    }
+}
+
+/// Whether this thread holds any subscriber lock.
+fn holds_any_subscriber_lock() -> bool {
+    HELD_LOCKS
+        .try_with(|held| !held.borrow().is_empty())
+        .unwrap_or(false)
+}
+
+/// Whether this thread holds subscription `id`'s lock.
+fn holds_subscriber_lock(id: u64) -> bool {
+    HELD_LOCKS
+        .try_with(|held| held.borrow().contains(&id))
+        .unwrap_or(false)
+}
+
+/// Sorts `ranges` and merges those that overlap or touch.
+fn merge_ranges(ranges: &mut Vec<VaRange>) {
+    ranges.sort_unstable_by_key(|r| r.start());
+    let mut merged: Vec<VaRange> = Vec::with_capacity(ranges.len());
+    for r in ranges.drain(..) {
+        match merged.last_mut() {
+            Some(last) if r.start() <= last.end() => {
+                if r.end() > last.end() {
+                    // Both are valid page-aligned ranges below the limit, so their hull is too.
+                    *last = VaRange::from_bounds(last.start(), r.end()).unwrap_or(*last);
+                }
+            }
+            _ => merged.push(r),
+        }
+    }
+    *ranges = merged;
 }
 
 /// The registry shared by an address space, its subscriptions and its monitor thread.
@@ -132,17 +225,55 @@ impl Registry {
         T: Send + 'static,
         F: Fn(&mut T, &Invalidation) + Send + Sync + 'static,
     {
+        let bytes = std::mem::size_of_val(&callback);
+        self.insert_node(range, state, Box::new(callback), None, bytes)
+    }
+
+    /// `subscribe` with an aging callback too.
+    pub(crate) fn subscribe_aging<T, F, Y>(
+        self: &Arc<Self>,
+        range: VaRange,
+        state: T,
+        callback: F,
+        young: Y,
+    ) -> Result<Subscription<T>>
+    where
+        T: Send + 'static,
+        F: Fn(&mut T, &Invalidation) + Send + Sync + 'static,
+        Y: Fn(&mut T, &AgeQuery, &mut Vec<VaRange>) + Send + Sync + 'static,
+    {
+        let bytes = std::mem::size_of_val(&callback) + std::mem::size_of_val(&young);
+        self.insert_node(
+            range,
+            state,
+            Box::new(callback),
+            Some(Box::new(young)),
+            bytes,
+        )
+    }
+
+    /// `callback_bytes`: what the boxed callbacks hold inline.
+    fn insert_node<T: Send + 'static>(
+        self: &Arc<Self>,
+        range: VaRange,
+        state: T,
+        callback: Callback<T>,
+        young: Option<YoungCallback<T>>,
+        callback_bytes: usize,
+    ) -> Result<Subscription<T>> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        // The node's Arc allocation, the boxed callback and the notifier's slot for it.
+        // The node's Arc allocation, the boxed callbacks and the notifier's slot for it.
         let bytes = (2 * std::mem::size_of::<usize>()
             + std::mem::size_of::<SubNode<T>>()
-            + std::mem::size_of_val(&callback)
+            + callback_bytes
             + std::mem::size_of::<Arc<dyn Interval<Invalidation>>>()) as i64;
         let node = Arc::new(SubNode {
             seq: IntervalSeq::new(id, range.start(), range.end()),
             range,
             state: Mutex::new(state),
-            callback: Box::new(callback),
+            callback,
+            young,
+            removed: AtomicBool::new(false),
             registry: Arc::downgrade(self),
             bytes,
         });
@@ -206,6 +337,33 @@ impl Registry {
         self.notifier.is_released()
     }
 
+    /// `clear_young` (`clear`) or `test_young`: asks every overlapping subscriber that has an
+    /// aging callback, one at a time under its own lock, and returns the union of the answers,
+    /// sorted, merged and clipped to `range`.
+    pub(crate) fn age(&self, range: VaRange, clear: bool) -> Result<Vec<VaRange>> {
+        let what = if clear { "clear_young" } else { "test_young" };
+        // A callback holds its subscriber's lock, and the query takes every overlapping one.
+        if in_callback() {
+            return Err(Error::CalledFromCallback { what });
+        }
+        if holds_any_subscriber_lock() {
+            return Err(Error::SubscriberLockHeld { what });
+        }
+        if self.notifier.is_released() {
+            return Err(Error::Released);
+        }
+        self.stats.aging_query();
+        // The notifier's lock is held only while the Arcs are cloned: a concurrent invalidation
+        // then waits at most for the one subscriber lock a callback holds.
+        let nodes = self.notifier.overlapping(range.start(), range.end());
+        let mut young = Vec::new();
+        for node in &nodes {
+            node.age(range, clear, &mut young);
+        }
+        merge_ranges(&mut young);
+        Ok(young)
+    }
+
     pub(crate) fn subscription_count(&self) -> usize {
         self.notifier.interval_count()
     }
@@ -258,6 +416,10 @@ struct SubNode<T> {
     range: VaRange,
     state: Mutex<T>,
     callback: Callback<T>,
+    young: Option<YoungCallback<T>>,
+    /// Set under the state lock once the subscription was dropped: an aging query that cloned
+    /// the node before the removal finds it under the same lock and skips the callback.
+    removed: AtomicBool,
     registry: std::sync::Weak<Registry>,
     /// What this node adds to [`crate::Stats::registry_bytes`].
     bytes: i64,
@@ -278,10 +440,12 @@ impl<T: Send> Interval<Invalidation> for SubNode<T> {
             source: event.source,
         };
         let mut state = lock(&self.state);
+        let held = HeldLock::new(self.seq.id());
         self.seq.set_seq(cur_seq);
-        CALLBACK_DEPTH.with(|d| d.set(d.get() + 1));
+        let depth = CallbackDepth::enter();
         let outcome = catch_unwind(AssertUnwindSafe(|| (self.callback)(&mut state, &clipped)));
-        CALLBACK_DEPTH.with(|d| d.set(d.get() - 1));
+        drop(depth);
+        drop(held);
         drop(state);
         if let Some(reg) = self.registry.upgrade() {
             reg.stats.invalidation();
@@ -293,6 +457,49 @@ impl<T: Send> Interval<Invalidation> for SubNode<T> {
             tracing::error!(range = ?clipped.range, kind = ?clipped.kind,
                 "invalidation callback panicked; the subscriber may hold stale entries");
         }
+    }
+
+    fn age(&self, range: VaRange, clear: bool, out: &mut Vec<VaRange>) -> bool {
+        let Some(young) = &self.young else {
+            return false;
+        };
+        let Some(clipped) = range.intersect(&self.range) else {
+            return false;
+        };
+        let query = AgeQuery {
+            range: clipped,
+            clear,
+        };
+        let mut state = lock(&self.state);
+        if self.removed.load(Ordering::SeqCst) {
+            return false;
+        }
+        let held = HeldLock::new(self.seq.id());
+        // A fresh vector per subscriber: one cannot see, drop or reorder another's answers.
+        let mut answer = Vec::new();
+        let depth = CallbackDepth::enter();
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            young(&mut state, &query, &mut answer)
+        }));
+        drop(depth);
+        drop(held);
+        drop(state);
+        let registry = self.registry.upgrade();
+        if let Some(reg) = &registry {
+            reg.stats.aging_callback();
+        }
+        match outcome {
+            Ok(()) => out.extend(answer.iter().filter_map(|r| r.intersect(&clipped))),
+            Err(_) => {
+                if let Some(reg) = &registry {
+                    reg.stats.aging_callback_panic();
+                }
+                tracing::error!(range = ?clipped, clear,
+                    "aging callback panicked; its whole range is reported young");
+                out.push(clipped);
+            }
+        }
+        true
     }
 }
 
@@ -384,9 +591,15 @@ impl<T: Send + 'static> Subscription<T> {
     ///
     /// Never call munmap/madvise/mremap on tracked memory while holding it: the userfaultfd monitor
     /// needs this lock to finish the event the syscall waits for.
+    ///
+    /// While a thread holds it, [`crate::AddressSpace::clear_young`] and `test_young` on that
+    /// thread return [`Error::SubscriberLockHeld`] (they take every overlapping subscriber's
+    /// lock, this one possibly included).
     pub fn lock(&self) -> SubscriberGuard<'_, T> {
+        let guard = lock(&self.node.state);
         SubscriberGuard {
-            guard: lock(&self.node.state),
+            guard,
+            _held: HeldLock::new(self.node.seq.id()),
             seq: &self.node.seq,
         }
     }
@@ -421,9 +634,19 @@ impl<T: Send + 'static> Subscription<T> {
 
 impl<T: Send + 'static> Drop for Subscription<T> {
     fn drop(&mut self) {
-        self.registry
-            .notifier
-            .remove(self.node.seq.id(), !in_callback());
+        let id = self.node.seq.id();
+        self.registry.notifier.remove(id, !in_callback());
+        if self.node.young.is_some() {
+            // An aging query may have cloned the node before the removal: marking it under the
+            // state lock waits for an aging callback running now, and keeps any later one from
+            // starting. From inside this subscription's own callback the lock is ours already.
+            if holds_subscriber_lock(id) {
+                self.node.removed.store(true, Ordering::SeqCst);
+            } else {
+                let _state = lock(&self.node.state);
+                self.node.removed.store(true, Ordering::SeqCst);
+            }
+        }
         self.registry.stats.registry_bytes(-self.node.bytes);
     }
 }
@@ -439,6 +662,8 @@ impl<T: Send + 'static> std::fmt::Debug for Subscription<T> {
 /// The subscriber lock, held; derefs to the subscriber state.
 pub struct SubscriberGuard<'a, T> {
     guard: MutexGuard<'a, T>,
+    /// Dropped after `guard`: the record outlives the lock, never the other way round.
+    _held: HeldLock,
     seq: &'a IntervalSeq,
 }
 

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::sync::{lock, AtomicU64, Condvar, Mutex, Ordering};
+use crate::VaRange;
 use sys_util::sync::ignore_poison;
 
 /// The per-interval part of the protocol.
@@ -70,6 +71,13 @@ pub(crate) trait Interval<E>: Send + Sync {
     /// Takes the subscriber lock, calls `set_seq(cur_seq)`, tears down, unlocks. Must not return
     /// before the subscriber has stopped using the range.
     fn invalidate(&self, cur_seq: u64, event: &E);
+    /// Answers an aging query over `range` (which overlaps the interval): pushes the parts of it
+    /// the subscriber saw used into `out`, clearing its record of use with `clear`. Returns
+    /// whether a callback ran; intervals without aging keep this default, which asks nothing.
+    fn age(&self, range: VaRange, clear: bool, out: &mut Vec<VaRange>) -> bool {
+        let _ = (range, clear, out);
+        false
+    }
 }
 
 enum Deferred<E> {
@@ -216,6 +224,25 @@ impl<E> Notifier<E> {
             node.invalidate(cur_seq, event);
         }
         Ticket { hits: hits.len() }
+    }
+
+    /// The intervals overlapping `[start, end)`, registered or with their insert deferred behind a
+    /// running invalidation, cloned under the core lock so that the caller calls into them
+    /// without it: an invalidation waits only for the subscriber lock a caller holds, never for
+    /// the core lock. One whose removal is deferred is still listed (its owner must refuse calls
+    /// after its removal returned).
+    pub(crate) fn overlapping(&self, start: u64, end: u64) -> Vec<Arc<dyn Interval<E>>> {
+        let st = lock(&self.state);
+        let deferred = st.deferred.iter().filter_map(|d| match d {
+            Deferred::Insert(n) => Some(n),
+            Deferred::Remove(_) => None,
+        });
+        st.intervals
+            .iter()
+            .chain(deferred)
+            .filter(|n| n.seq_state().overlaps(start, end))
+            .cloned()
+            .collect()
     }
 
     /// `invalidate_range_end`.
@@ -393,6 +420,30 @@ mod tests {
         n.invalidate_end(t);
         remover.join().unwrap();
         assert_eq!(n.interval_count(), 0);
+    }
+
+    #[test]
+    fn overlapping_lists_registered_and_deferred_intervals_that_overlap() {
+        let n = Notifier::<()>::new();
+        n.insert(node(1, 0, 0x2000)).unwrap();
+        n.insert(node(2, 0x4000, 0x5000)).unwrap();
+        let t = n.invalidate_start(0, 0x1000, &());
+        n.insert(node(3, 0x1000, 0x3000)).unwrap(); // deferred behind the invalidation
+        let ids = |start, end| -> Vec<u64> {
+            let mut ids: Vec<u64> = n
+                .overlapping(start, end)
+                .iter()
+                .map(|i| i.seq_state().id())
+                .collect();
+            ids.sort_unstable();
+            ids
+        };
+        assert_eq!(ids(0x1000, 0x2000), [1, 3]);
+        assert_eq!(ids(0x2000, 0x4000), [3]);
+        assert_eq!(ids(0x3000, 0x4000), Vec::<u64>::new());
+        assert_eq!(ids(0, 0x10_0000), [1, 2, 3]);
+        n.invalidate_end(t);
+        assert_eq!(ids(0, 0x10_0000), [1, 2, 3]);
     }
 
     #[test]

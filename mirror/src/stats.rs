@@ -14,6 +14,9 @@ pub(crate) struct StatsInner {
     retries: AtomicU64,
     budget_exhaustions: AtomicU64,
     callback_panics: AtomicU64,
+    aging_queries: AtomicU64,
+    aging_callbacks: AtomicU64,
+    aging_callback_panics: AtomicU64,
     unexpected_messages: AtomicU64,
     latency_count: AtomicU64,
     latency_total_ns: AtomicU64,
@@ -49,6 +52,15 @@ impl StatsInner {
     }
     pub(crate) fn callback_panic(&self) {
         self.callback_panics.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn aging_query(&self) {
+        self.aging_queries.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn aging_callback(&self) {
+        self.aging_callbacks.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn aging_callback_panic(&self) {
+        self.aging_callback_panics.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn unexpected_message(&self) {
         self.unexpected_messages.fetch_add(1, Ordering::Relaxed);
@@ -86,6 +98,9 @@ impl StatsInner {
             retries: self.retries.load(Ordering::Relaxed),
             budget_exhaustions: self.budget_exhaustions.load(Ordering::Relaxed),
             callback_panics: self.callback_panics.load(Ordering::Relaxed),
+            aging_queries: self.aging_queries.load(Ordering::Relaxed),
+            aging_callbacks: self.aging_callbacks.load(Ordering::Relaxed),
+            aging_callback_panics: self.aging_callback_panics.load(Ordering::Relaxed),
             unexpected_messages: self.unexpected_messages.load(Ordering::Relaxed),
             registry_bytes: self.registry_bytes.load(Ordering::Relaxed),
             event_latency: LatencySummary {
@@ -125,14 +140,24 @@ pub struct Stats {
     pub release_events: u64,
     /// Explicit `invalidate` calls.
     pub explicit_events: u64,
-    /// Subscriber callbacks invoked.
+    /// Invalidate callbacks invoked (aging callbacks are counted in `aging_callbacks`).
     pub invalidations: u64,
     /// Fault-path retries after `read_retry` reported a collision.
     pub retries: u64,
     /// Faults that gave up because the retry budget ran out.
     pub budget_exhaustions: u64,
-    /// Subscriber callbacks that panicked (caught and logged).
+    /// Invalidate callbacks that panicked (caught and logged; aging callbacks that panicked are
+    /// counted in `aging_callback_panics`).
     pub callback_panics: u64,
+    /// `clear_young` and `test_young` calls that queried the subscribers (calls refused with an
+    /// error are not counted).
+    pub aging_queries: u64,
+    /// Aging callbacks run, one per subscriber with an aging callback that overlapped a query
+    /// (panicked ones included).
+    pub aging_callbacks: u64,
+    /// Aging callbacks that panicked (caught and logged; the subscriber's whole queried range was
+    /// reported young).
+    pub aging_callback_panics: u64,
     /// userfaultfd messages that should not arrive in WP_ASYNC mode (page faults, unknown events).
     pub unexpected_messages: u64,
     /// Memory the registry itself holds, in bytes: the registry and, per live subscription, its
