@@ -286,8 +286,7 @@ impl AddressSpace {
         F: Fn(&mut T, &Invalidation) + Send + Sync + 'static,
         Y: Fn(&mut T, &AgeQuery, &mut Vec<VaRange>) + Send + Sync + 'static,
     {
-        self.registry
-            .subscribe_aging(range, state, callback, young)
+        self.registry.subscribe_aging(range, state, callback, young)
     }
 
     /// Asks every subscriber overlapping `range` that has an aging callback

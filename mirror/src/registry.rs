@@ -478,9 +478,7 @@ impl<T: Send> Interval<Invalidation> for SubNode<T> {
         // A fresh vector per subscriber: one cannot see, drop or reorder another's answers.
         let mut answer = Vec::new();
         let depth = CallbackDepth::enter();
-        let outcome = catch_unwind(AssertUnwindSafe(|| {
-            young(&mut state, &query, &mut answer)
-        }));
+        let outcome = catch_unwind(AssertUnwindSafe(|| young(&mut state, &query, &mut answer)));
         drop(depth);
         drop(held);
         drop(state);
@@ -518,7 +516,9 @@ impl ReadSeq {
 /// callback run under that lock, and the sequence number protecting faults against invalidations.
 ///
 /// Dropping it removes the interval; the drop waits for a running invalidation of it to finish
-/// (unless done from inside a callback, where it is deferred instead).
+/// (unless done from inside a callback, where it is deferred instead), and for a running aging
+/// callback of it (unless done from that callback). No aging callback of it starts after the
+/// drop returned.
 ///
 /// ```
 /// use mirror::{AddressSpace, Config, Mapping, EventKind};

@@ -81,9 +81,16 @@ fn test_young_keeps_the_record_and_clear_young_clears_it() {
     let whole = pages(0, 8);
     let expected = [pages(2, 1), pages(6, 1)];
     assert_eq!(mm.test_young(whole).unwrap(), expected);
-    assert_eq!(mm.test_young(whole).unwrap(), expected, "test must not clear");
+    assert_eq!(
+        mm.test_young(whole).unwrap(),
+        expected,
+        "test must not clear"
+    );
     assert_eq!(mm.clear_young(whole).unwrap(), expected);
-    assert!(mm.test_young(whole).unwrap().is_empty(), "clear_young cleared");
+    assert!(
+        mm.test_young(whole).unwrap().is_empty(),
+        "clear_young cleared"
+    );
     assert!(mm.clear_young(whole).unwrap().is_empty());
     let clears: Vec<bool> = a.lock().queries.iter().map(|q| q.clear).collect();
     assert_eq!(clears, [false, false, true, false, true]);
@@ -151,7 +158,10 @@ fn answers_outside_the_query_are_clipped_away() {
     assert_eq!(mm.test_young(pages(12, 4)).unwrap(), [pages(12, 4)]);
     // The query reaches past the subscription: the answer still stays inside the subscription.
     assert_eq!(mm.test_young(pages(0, 40)).unwrap(), [pages(10, 10)]);
-    assert!(mm.test_young(pages(30, 4)).unwrap().is_empty(), "no overlap");
+    assert!(
+        mm.test_young(pages(30, 4)).unwrap().is_empty(),
+        "no overlap"
+    );
 }
 
 #[test]
@@ -170,7 +180,11 @@ fn a_subscriber_without_an_aging_callback_is_skipped() {
     let stats = mm.stats();
     assert_eq!(stats.aging_queries, 2);
     assert_eq!(stats.aging_callbacks, 1, "only the aging subscriber ran");
-    assert_eq!(invalidated.load(Ordering::SeqCst), 0, "aging never invalidates");
+    assert_eq!(
+        invalidated.load(Ordering::SeqCst),
+        0,
+        "aging never invalidates"
+    );
 }
 
 #[test]
@@ -192,7 +206,11 @@ fn a_panicking_callback_is_counted_and_its_whole_range_is_young() {
     let healthy = toy(&mm, pages(0, 4), &[1]);
     let young = mm.clear_young(pages(0, 8)).unwrap();
     assert_eq!(young, [pages(1, 1), pages(4, 4)]);
-    assert_eq!(healthy.lock().queries.len(), 1, "the others are still asked");
+    assert_eq!(
+        healthy.lock().queries.len(),
+        1,
+        "the others are still asked"
+    );
     let stats = mm.stats();
     assert_eq!(stats.aging_callback_panics, 1);
     assert_eq!(stats.aging_callbacks, 2);
@@ -337,7 +355,10 @@ fn a_subscription_dropped_during_a_query_is_not_called_after_its_drop_returned()
     go_tx.send(()).unwrap();
     let young = query.join().unwrap().unwrap();
     assert_eq!(called_after_drop.load(Ordering::SeqCst), 0);
-    assert!(young.is_empty(), "the dropped subscriber answered: {young:?}");
+    assert!(
+        young.is_empty(),
+        "the dropped subscriber answered: {young:?}"
+    );
     assert_eq!(mm.stats().aging_callbacks, 1);
     drop(early);
 }
@@ -410,7 +431,11 @@ fn a_subscription_may_drop_itself_from_its_own_callbacks() {
     assert_eq!(mm.clear_young(pages(0, 4)).unwrap(), [pages(0, 1)]);
     assert_eq!(mm.subscription_count(), 0);
     assert!(mm.clear_young(pages(0, 4)).unwrap().is_empty());
-    assert_eq!(asked.load(Ordering::SeqCst), 1, "never asked after its drop");
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        1,
+        "never asked after its drop"
+    );
     // From the invalidate callback.
     let slot: Slot = Arc::default();
     *slot.lock().unwrap() = Some(self_dropping(&slot, &asked));
