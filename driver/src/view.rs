@@ -18,7 +18,7 @@ use accel_abi::pt::Perms;
 use accel_abi::PAGE_SIZE;
 
 use crate::device::Device;
-use crate::pagetable::{PageSize, PageTable, TableMemory, Translation};
+use crate::pagetable::{hull, push_coalesced, PageSize, PageTable, TableMemory, Translation};
 use crate::Error;
 use sys_util::sync::lock;
 
@@ -55,6 +55,65 @@ pub trait DeviceView: Send {
     /// False if the device did not confirm (the root could not be cleared or the fence failed):
     /// the address space must then never be handed to anybody else.
     fn shut_down(&mut self) -> bool;
+
+    /// Whether the device records use in its translations (ACCESSED/DIRTY bits, enabled).
+    fn aging_supported(&self) -> bool;
+
+    /// Push into `young` the page-aligned VA ranges of the leaves mapping any byte of `range`
+    /// that have ACCESSED (coalesced, ascending; a 2 MiB leaf partly inside `range` gives its
+    /// whole 2 MiB, since its one bit covers all of it). With `clear`, clear ACCESSED there
+    /// and invalidate those translations (one leaf-only TLB invalidation over the span of the
+    /// cleared leaves, waited for), so the next use sets it again.
+    /// `Err(Error::Unsupported(..))` naming why when `!aging_supported()`.
+    fn age(
+        &mut self,
+        range: Range<u64>,
+        clear: bool,
+        young: &mut Vec<Range<u64>>,
+    ) -> Result<AgeScan, Error>;
+
+    /// The same for DIRTY (written since last cleared); with `clear`, clear DIRTY and fence
+    /// leaf-only (a translation cached with DIRTY would let writes go unrecorded).
+    fn dirty(
+        &mut self,
+        range: Range<u64>,
+        clear: bool,
+        out: &mut Vec<Range<u64>>,
+    ) -> Result<(), Error>;
+
+    /// DIRTY ranges of leaves that `remove` (or a replacing `install`, or `shut_down`) cleared
+    /// since the last call, so a tear-down or an eviction does not lose what the device wrote.
+    /// Ascending and coalesced within one removal; removals in the order they happened.
+    fn drain_removed_dirty(&mut self, out: &mut Vec<Range<u64>>);
+
+    /// Table-page accounting of this view.
+    fn table_stats(&self) -> TableStats;
+}
+
+/// What [`DeviceView::age`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AgeScan {
+    /// Leaves looked at (those mapping any byte of the range).
+    pub leaves: u64,
+    /// Of those, leaves with ACCESSED.
+    pub young: u64,
+    /// Leaves whose ACCESSED was cleared (with `clear`).
+    pub cleared: u64,
+}
+
+/// Table-page accounting of a view ([`DeviceView::table_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TableStats {
+    /// Table pages in the view's page table, root included.
+    pub in_use: usize,
+    /// Table pages freed (emptied, fenced walk-inclusive, returned to the pool) since the view
+    /// was made.
+    pub freed: u64,
+    /// Emptied table pages waiting for a walk-inclusive fence before they go back to the pool.
+    pub pending: usize,
+    /// Emptied table pages kept out of use for good because the fence that would have made
+    /// them safe failed (the device may still walk them).
+    pub kept_out: usize,
 }
 
 /// An MXA-1 address space: its page table, root register and TLB.
@@ -63,6 +122,11 @@ pub struct MxaView {
     asid: u16,
     pt: Option<PageTable>,
     fence_timeout: Duration,
+    /// DIRTY ranges of cleared leaves, until [`DeviceView::drain_removed_dirty`].
+    removed_dirty: Vec<Range<u64>>,
+    /// Table pages returned to the pool (kept here too: the page table goes at shut-down).
+    freed: u64,
+    kept_out: usize,
 }
 
 impl MxaView {
@@ -85,6 +149,63 @@ impl MxaView {
             asid,
             pt: Some(pt),
             fence_timeout,
+            removed_dirty: Vec::new(),
+            freed: 0,
+            kept_out: 0,
+        })
+    }
+
+    fn note_dirty(&mut self, dirty: Vec<Range<u64>>) {
+        for r in dirty {
+            push_coalesced(&mut self.removed_dirty, r);
+        }
+    }
+
+    /// Invalidate `span` grown over the pending table pages, walk-inclusive, and give those
+    /// pages back to the pool; if the invalidation fails, keep them out of use for good.
+    fn fence_pending(&mut self, span: Option<Range<u64>>) -> Result<(), Error> {
+        let Some(pending) = self.pt.as_ref().and_then(PageTable::pending_span) else {
+            return match span {
+                Some(span) => {
+                    self.device
+                        .tlb_invalidate_leaves(self.asid, Some(span), self.fence_timeout)
+                }
+                None => Ok(()),
+            };
+        };
+        let grown = hull(span, pending);
+        let fenced = self
+            .device
+            .tlb_invalidate(self.asid, Some(grown.clone()), self.fence_timeout);
+        let Some(pt) = self.pt.as_mut() else {
+            return fenced;
+        };
+        match &fenced {
+            Ok(()) => self.freed += pt.reclaim_pending(&mut lock(&self.device.tables)) as u64,
+            Err(e) => {
+                let pages = pt.abandon_pending();
+                self.kept_out += pages;
+                tracing::error!(
+                    error = %e,
+                    asid = self.asid,
+                    pages,
+                    span = ?grown,
+                    "walk-inclusive TLB fence failed; keeping the freed page-table pages out of use"
+                );
+            }
+        }
+        fenced
+    }
+
+    fn aging_unsupported(&self) -> Error {
+        let caps = self.device.caps();
+        Error::Unsupported(if !caps.accessed_dirty {
+            "the device does not maintain ACCESSED/DIRTY bits (CAP_FEATURES lacks \
+             ACCESSED_DIRTY: a revision-1 device)"
+                .to_owned()
+        } else {
+            "ACCESSED/DIRTY tracking is off (DeviceOptions::accessed_dirty = false at bring-up)"
+                .to_owned()
         })
     }
 }
@@ -108,25 +229,56 @@ impl DeviceView for MxaView {
             pool: &mut tables,
             dma: self.device.dma(),
         };
+        let mut dirty = Vec::new();
+        let mut unlinked_tables = 0;
+        let mut result = Ok(());
         if large {
-            pt.map(&mut mem, va, PageSize::Large, iova, perms)?;
+            match pt.map(&mut mem, va, PageSize::Large, iova, perms) {
+                Ok(c) => {
+                    dirty = c.dirty;
+                    unlinked_tables = c.tables;
+                }
+                Err(e) => result = Err(e),
+            }
         } else {
             for off in (0..len).step_by(PAGE_SIZE as usize) {
-                pt.map(&mut mem, va + off, PageSize::Small, iova + off, perms)?;
+                match pt.map(&mut mem, va + off, PageSize::Small, iova + off, perms) {
+                    Ok(c) => dirty.extend(c.dirty),
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
             }
+        }
+        drop(tables);
+        self.note_dirty(dirty);
+        result?;
+        // The large leaf replaced a level-2 entry that pointed at a table. A device with a walk
+        // cache may keep walking through the old table (empty: it would fault on this VA
+        // until the entry is dropped): drop it now. Elsewhere the next fence reclaims it.
+        if unlinked_tables > 0 && self.device.caps().walk_cache {
+            self.fence_pending(None)?;
         }
         Ok(())
     }
 
     fn remove(&mut self, range: Range<u64>) -> Option<Range<u64>> {
         let pt = self.pt.as_mut()?;
-        let tables = lock(&self.device.tables);
-        pt.unmap(&tables, range).span
+        let cleared = pt.unmap(&mut lock(&self.device.tables), range);
+        // Pending table pages (from this call or an earlier one) need a fence too.
+        let span = match pt.pending_span() {
+            Some(pending) => Some(hull(cleared.span, pending)),
+            None => cleared.span,
+        };
+        self.note_dirty(cleared.dirty);
+        span
     }
 
+    /// Leaf-only unless table pages are pending: then walk-inclusive over `span` grown to
+    /// cover them, and they return to the pool (or, if it fails, stay out of use for good).
     fn fence(&mut self, span: Range<u64>) -> Result<(), Error> {
-        self.device
-            .tlb_invalidate(self.asid, Some(span), self.fence_timeout)
+        self.fence_pending(Some(span))
     }
 
     fn lookup(&self, va: u64) -> Option<Translation> {
@@ -159,14 +311,88 @@ impl DeviceView for MxaView {
             confirmed = false;
         }
         if let Some(pt) = self.pt.take() {
+            let mut tables = lock(&self.device.tables);
+            if self.device.accessed_dirty() {
+                // What the device wrote through leaves nobody removed is not lost either.
+                let mut dirty = Vec::new();
+                pt.scan_dirty(&tables, 0..u64::MAX, false, &mut dirty);
+                drop(tables);
+                self.note_dirty(dirty);
+                tables = lock(&self.device.tables);
+            }
             if confirmed {
-                pt.destroy(&mut lock(&self.device.tables));
+                self.freed += pt.pending_pages() as u64;
+                pt.destroy(&mut tables);
             } else {
                 // The device may still walk these pages: they never go back to the pool.
+                self.kept_out += pt.pending_pages();
                 tracing::error!(asid = self.asid, "keeping the page-table pages out of use");
             }
         }
         confirmed
+    }
+
+    fn aging_supported(&self) -> bool {
+        self.device.accessed_dirty()
+    }
+
+    fn age(
+        &mut self,
+        range: Range<u64>,
+        clear: bool,
+        young: &mut Vec<Range<u64>>,
+    ) -> Result<AgeScan, Error> {
+        if !self.aging_supported() {
+            return Err(self.aging_unsupported());
+        }
+        let pt = self
+            .pt
+            .as_ref()
+            .ok_or(Error::InvalidArgument("address space shut down"))?;
+        let scan = pt.scan_accessed(&lock(&self.device.tables), range, clear, young);
+        if let Some(span) = scan.cleared_span {
+            self.device
+                .tlb_invalidate_leaves(self.asid, Some(span), self.fence_timeout)?;
+        }
+        Ok(AgeScan {
+            leaves: scan.leaves,
+            young: scan.marked,
+            cleared: scan.cleared,
+        })
+    }
+
+    fn dirty(
+        &mut self,
+        range: Range<u64>,
+        clear: bool,
+        out: &mut Vec<Range<u64>>,
+    ) -> Result<(), Error> {
+        if !self.aging_supported() {
+            return Err(self.aging_unsupported());
+        }
+        let pt = self
+            .pt
+            .as_ref()
+            .ok_or(Error::InvalidArgument("address space shut down"))?;
+        let scan = pt.scan_dirty(&lock(&self.device.tables), range, clear, out);
+        if let Some(span) = scan.cleared_span {
+            self.device
+                .tlb_invalidate_leaves(self.asid, Some(span), self.fence_timeout)?;
+        }
+        Ok(())
+    }
+
+    fn drain_removed_dirty(&mut self, out: &mut Vec<Range<u64>>) {
+        out.append(&mut self.removed_dirty);
+    }
+
+    fn table_stats(&self) -> TableStats {
+        TableStats {
+            in_use: self.pt.as_ref().map_or(0, PageTable::table_pages),
+            freed: self.freed,
+            pending: self.pt.as_ref().map_or(0, PageTable::pending_pages),
+            kept_out: self.kept_out,
+        }
     }
 }
 
@@ -256,7 +482,39 @@ impl DeviceView for IommuView {
         self.installed.clear();
         true
     }
+
+    fn aging_supported(&self) -> bool {
+        false
+    }
+
+    fn age(
+        &mut self,
+        _range: Range<u64>,
+        _clear: bool,
+        _young: &mut Vec<Range<u64>>,
+    ) -> Result<AgeScan, Error> {
+        Err(Error::Unsupported(IOMMU_ONLY_AGING.to_owned()))
+    }
+
+    fn dirty(
+        &mut self,
+        _range: Range<u64>,
+        _clear: bool,
+        _out: &mut Vec<Range<u64>>,
+    ) -> Result<(), Error> {
+        Err(Error::Unsupported(IOMMU_ONLY_AGING.to_owned()))
+    }
+
+    fn drain_removed_dirty(&mut self, _out: &mut Vec<Range<u64>>) {}
+
+    fn table_stats(&self) -> TableStats {
+        TableStats::default()
+    }
 }
+
+/// Why an [`IommuView`] cannot age or track dirty pages.
+const IOMMU_ONLY_AGING: &str = "the device has no page table of its own (it reaches memory \
+     through the IOMMU alone), so nothing records which pages it used or wrote";
 
 #[cfg(all(test, feature = "emulator"))]
 mod tests {
