@@ -971,7 +971,7 @@ pub(crate) mod testing {
 
     impl Interposed {
         /// The emulated device (one worker) behind knobs preset with `features`.
-        pub(crate) fn new(features: Option<u32>) -> (Box<dyn Backend>, Arc<Mutex<Knobs>>) {
+        pub(crate) fn backend(features: Option<u32>) -> (Box<dyn Backend>, Arc<Mutex<Knobs>>) {
             let inner = EmulatedBackend::new(AcceleratorConfig {
                 workers: 1,
                 ..Default::default()
@@ -1290,7 +1290,7 @@ mod tests {
         version: Option<u32>,
         options: DeviceOptions,
     ) -> (Device, Arc<Mutex<super::testing::Knobs>>) {
-        let (b, knobs) = Interposed::new(features);
+        let (b, knobs) = Interposed::backend(features);
         lock(&knobs).version = version;
         let device = Device::bring_up(b, options).expect("bring-up");
         (device, knobs)

@@ -745,6 +745,17 @@ impl PageTable {
         true
     }
 
+    /// Test hook: the tables down to level 1 for `va`, with no leaf (what a mapping that
+    /// failed after creating its tables leaves behind).
+    #[cfg(all(test, feature = "emulator"))]
+    pub(crate) fn build_empty_chain(
+        &mut self,
+        mem: &mut TableMemory<'_>,
+        va: u64,
+    ) -> Result<(), PageTableError> {
+        self.ensure_table(mem, va, 1).map(|_| ())
+    }
+
     /// Test hook: the raw leaf entry covering `va`.
     #[cfg(all(test, feature = "emulator"))]
     pub(crate) fn leaf_raw(&self, pool: &TablePool, va: u64) -> Option<u64> {

@@ -519,10 +519,37 @@ const IOMMU_ONLY_AGING: &str = "the device has no page table of its own (it reac
 #[cfg(all(test, feature = "emulator"))]
 mod tests {
     use super::*;
+    use crate::device::testing::{Interposed, Knobs};
+    use crate::device::DeviceOptions;
     use crate::runtime::{DeviceSpec, Runtime, RuntimeOptions};
+    use accel_abi::pt;
+    use accel_abi::regs::features::{ACCESSED_DIRTY, WALK_CACHE};
+    use accel_abi::LARGE_PAGE_SIZE;
+    use std::sync::Mutex;
 
     fn pages_in_use(device: &Device) -> usize {
         lock(&device.tables).in_use()
+    }
+
+    /// A device reporting `features` (see [`Interposed`]) and a view of ASID 5 on it.
+    fn view_on(
+        features: Option<u32>,
+        fence_timeout: Duration,
+    ) -> (Arc<Device>, MxaView, Arc<Mutex<Knobs>>) {
+        let (backend, knobs) = Interposed::backend(features);
+        let device =
+            Arc::new(Device::bring_up(backend, DeviceOptions::default()).expect("bring-up"));
+        let view = MxaView::new(device.clone(), 5, fence_timeout).expect("view");
+        (device, view, knobs)
+    }
+
+    const SECOND: Duration = Duration::from_secs(5);
+    /// A VA in a region no other mapping of a test touches.
+    const VA: u64 = 0x7f00_0020_3000;
+
+    fn simulate(view: &MxaView, va: u64, bits: u64) {
+        let pt = view.pt.as_ref().unwrap();
+        assert!(pt.simulate_device_bits(&lock(&view.device.tables), va, bits));
     }
 
     #[test]
@@ -539,5 +566,312 @@ mod tests {
         // As when a context fails to come up after its view was made.
         drop(view);
         assert_eq!(pages_in_use(&device), before, "table pages leaked");
+    }
+
+    /// One 4 KiB leaf in a fresh region: three table pages, unlinked by the removal, back in
+    /// the pool only after the (walk-inclusive) fence; a fence with nothing pending is
+    /// leaf-only.
+    #[test]
+    fn emptied_table_pages_return_to_the_pool_after_a_walk_inclusive_fence() {
+        let (device, mut view, _) = view_on(None, SECOND);
+        let baseline = pages_in_use(&device);
+        view.install(VA, PAGE_SIZE, 0x10_0000, true, false).unwrap();
+        assert_eq!(pages_in_use(&device), baseline + 3);
+        assert_eq!(
+            view.table_stats(),
+            TableStats {
+                in_use: 4,
+                ..Default::default()
+            }
+        );
+        let span = view.remove(VA..VA + PAGE_SIZE).expect("a span to fence");
+        // The span covers what the freed level-3 table served (512 GiB).
+        let l3 = pt::span(4);
+        assert_eq!(span, (VA & !(l3 - 1))..(VA & !(l3 - 1)) + l3);
+        assert_eq!(
+            view.table_stats(),
+            TableStats {
+                in_use: 1,
+                pending: 3,
+                ..Default::default()
+            }
+        );
+        assert_eq!(
+            pages_in_use(&device),
+            baseline + 3,
+            "not reusable before the fence"
+        );
+        let (walks, leaves) = device.tlbi_counts();
+        view.fence(VA..VA + PAGE_SIZE).unwrap();
+        assert_eq!(device.tlbi_counts(), (walks + 1, leaves));
+        assert_eq!(pages_in_use(&device), baseline);
+        assert_eq!(
+            view.table_stats(),
+            TableStats {
+                in_use: 1,
+                freed: 3,
+                ..Default::default()
+            }
+        );
+
+        // Two leaves in one level-1 table: removing one frees no table, and its fence is
+        // leaf-only.
+        view.install(VA, 2 * PAGE_SIZE, 0x10_0000, true, false)
+            .unwrap();
+        let span = view.remove(VA..VA + PAGE_SIZE).unwrap();
+        assert_eq!(span, VA..VA + PAGE_SIZE);
+        view.fence(span).unwrap();
+        assert_eq!(device.tlbi_counts(), (walks + 1, leaves + 1));
+        assert!(view.shut_down());
+        assert_eq!(pages_in_use(&device), baseline - 1, "the root went too");
+    }
+
+    /// Table pages left empty without any leaf (a mapping that failed after creating them) are
+    /// freed by a removal over them, which then reports a span although it cleared no leaf.
+    #[test]
+    fn a_removal_that_frees_only_table_pages_still_asks_for_a_fence() {
+        let (device, mut view, _) = view_on(None, SECOND);
+        let baseline = pages_in_use(&device);
+        {
+            let mut tables = lock(&device.tables);
+            let mut mem = TableMemory {
+                pool: &mut tables,
+                dma: device.dma(),
+            };
+            view.pt
+                .as_mut()
+                .unwrap()
+                .build_empty_chain(&mut mem, VA)
+                .unwrap();
+        }
+        let span = view
+            .remove(VA..VA + PAGE_SIZE)
+            .expect("table pages were freed");
+        assert!(span.contains(&VA), "{span:x?}");
+        assert_eq!(view.table_stats().pending, 3);
+        view.fence(span).unwrap();
+        assert_eq!(pages_in_use(&device), baseline);
+        // Nothing pending, nothing cleared: nothing to fence.
+        assert_eq!(view.remove(VA..VA + PAGE_SIZE), None);
+    }
+
+    /// A 2 MiB leaf over an empty level-1 table sends it pending; the next fence reclaims it.
+    /// On a device with a walk cache the install fences at once (walk-inclusive), or the
+    /// device would keep walking the old table and fault on the new leaf.
+    #[test]
+    fn a_large_leaf_over_an_empty_level1_table_is_reclaimed_after_a_fence() {
+        let va = 0x4000_0000;
+        for walk_cache in [false, true] {
+            let features = if walk_cache { WALK_CACHE } else { 0 };
+            let (device, mut view, _) = view_on(Some(features), SECOND);
+            {
+                let mut tables = lock(&device.tables);
+                let mut mem = TableMemory {
+                    pool: &mut tables,
+                    dma: device.dma(),
+                };
+                view.pt
+                    .as_mut()
+                    .unwrap()
+                    .build_empty_chain(&mut mem, va)
+                    .unwrap();
+            }
+            let with_l1 = pages_in_use(&device);
+            let (walks, _) = device.tlbi_counts();
+            view.install(va, LARGE_PAGE_SIZE, 0x20_0000, true, true)
+                .unwrap();
+            if walk_cache {
+                assert_eq!(device.tlbi_counts().0, walks + 1);
+                assert_eq!(view.table_stats().pending, 0);
+            } else {
+                assert_eq!(device.tlbi_counts().0, walks);
+                assert_eq!(view.table_stats().pending, 1);
+                assert_eq!(pages_in_use(&device), with_l1);
+                view.fence(0x1000_0000..0x1000_1000).unwrap();
+            }
+            assert_eq!(
+                pages_in_use(&device),
+                with_l1 - 1,
+                "walk cache {walk_cache}"
+            );
+            assert_eq!(view.table_stats().freed, 1);
+            assert_eq!(view.lookup(va + 0x1234).unwrap().size, PageSize::Large);
+        }
+    }
+
+    /// 100 000 map/remove/fence cycles of distinct VAs over 2048 1 GiB regions (four level-3
+    /// tables' worth), each building and freeing a whole chain: the pool stays as it was after
+    /// the first cycles.
+    #[test]
+    fn churn_over_many_regions_keeps_the_pool_flat() {
+        let (device, mut view, _) = view_on(None, SECOND);
+        let mut after_warmup = None;
+        for i in 0..100_000u64 {
+            let va = (i % 2048) * pt::span(3) + (i / 2048) * LARGE_PAGE_SIZE + (i % 7) * PAGE_SIZE;
+            view.install(va, PAGE_SIZE, 0x10_0000, false, false)
+                .unwrap();
+            let span = view.remove(va..va + PAGE_SIZE).unwrap();
+            view.fence(span).unwrap();
+            if i == 3 {
+                after_warmup = Some(device.table_pool_usage());
+            }
+        }
+        assert_eq!(Some(device.table_pool_usage()), after_warmup);
+        let stats = view.table_stats();
+        assert_eq!((stats.in_use, stats.pending, stats.kept_out), (1, 0, 0));
+        assert!(stats.freed >= 300_000, "{stats:?}");
+    }
+
+    /// A fence the device never confirms keeps the pending pages out of use for good.
+    #[test]
+    fn a_failed_fence_keeps_the_freed_table_pages_out_of_use() {
+        let (device, mut view, knobs) = view_on(None, Duration::from_millis(20));
+        let baseline = pages_in_use(&device);
+        view.install(VA, PAGE_SIZE, 0x10_0000, true, false).unwrap();
+        let span = view.remove(VA..VA + PAGE_SIZE).unwrap();
+        lock(&knobs).swallow_tlbi = true;
+        assert!(matches!(view.fence(span), Err(Error::Timeout(_))));
+        lock(&knobs).swallow_tlbi = false;
+        assert_eq!(
+            view.table_stats(),
+            TableStats {
+                in_use: 1,
+                kept_out: 3,
+                ..Default::default()
+            }
+        );
+        assert_eq!(pages_in_use(&device), baseline + 3);
+        // The next cycle works, with new pages; the kept ones never come back.
+        view.install(VA, PAGE_SIZE, 0x10_0000, true, false).unwrap();
+        assert_eq!(pages_in_use(&device), baseline + 6);
+        let span = view.remove(VA..VA + PAGE_SIZE).unwrap();
+        view.fence(span).unwrap();
+        assert_eq!(pages_in_use(&device), baseline + 3);
+        assert_eq!(view.table_stats().freed, 3);
+        assert!(view.shut_down());
+        assert_eq!(
+            pages_in_use(&device),
+            baseline + 2,
+            "root back, kept pages not"
+        );
+    }
+
+    /// Aging with simulated device bits: ranges coalesced, a 2 MiB leaf whole, clearing fences
+    /// leaf-only once over the cleared leaves, and the next scan sees them old.
+    #[test]
+    fn age_reports_and_clears_accessed_with_one_leaf_only_fence() {
+        let (device, mut view, knobs) = view_on(Some(ACCESSED_DIRTY | WALK_CACHE), SECOND);
+        assert!(view.aging_supported());
+        let base = 0x4000_0000;
+        let large = base + LARGE_PAGE_SIZE;
+        view.install(base, 8 * PAGE_SIZE, 0x10_0000, true, false)
+            .unwrap();
+        view.install(large, LARGE_PAGE_SIZE, 0x20_0000, true, true)
+            .unwrap();
+        for i in [1, 2, 5] {
+            simulate(&view, base + i * PAGE_SIZE, pt::ACCESSED);
+        }
+        simulate(&view, large + 0x5000, pt::ACCESSED);
+        let all = base..large + LARGE_PAGE_SIZE;
+        let mut young = Vec::new();
+        let (walks, leaves) = device.tlbi_counts();
+        let scan = view.age(all.clone(), false, &mut young).unwrap();
+        assert_eq!(
+            scan,
+            AgeScan {
+                leaves: 9,
+                young: 4,
+                cleared: 0
+            }
+        );
+        assert_eq!(
+            young,
+            vec![
+                base + PAGE_SIZE..base + 3 * PAGE_SIZE,
+                base + 5 * PAGE_SIZE..base + 6 * PAGE_SIZE,
+                large..large + LARGE_PAGE_SIZE
+            ]
+        );
+        assert_eq!(
+            device.tlbi_counts(),
+            (walks, leaves),
+            "a look fences nothing"
+        );
+        young.clear();
+        let scan = view.age(all.clone(), true, &mut young).unwrap();
+        assert_eq!(
+            scan,
+            AgeScan {
+                leaves: 9,
+                young: 4,
+                cleared: 4
+            }
+        );
+        assert_eq!(device.tlbi_counts(), (walks, leaves + 1));
+        assert_eq!(
+            *lock(&knobs).scopes.last().unwrap(),
+            accel_abi::regs::TlbiScope::Range.encode(true)
+        );
+        young.clear();
+        assert_eq!(view.age(all, false, &mut young).unwrap().young, 0);
+        assert!(young.is_empty());
+    }
+
+    #[test]
+    fn dirty_reports_and_clears_and_removal_harvests_it() {
+        let (_device, mut view, _) = view_on(Some(ACCESSED_DIRTY), SECOND);
+        let base = 0x4000_0000;
+        view.install(base, 4 * PAGE_SIZE, 0x10_0000, true, false)
+            .unwrap();
+        simulate(&view, base, pt::ACCESSED | pt::DIRTY);
+        simulate(&view, base + PAGE_SIZE, pt::ACCESSED | pt::DIRTY);
+        let mut out = Vec::new();
+        view.dirty(base..base + 4 * PAGE_SIZE, true, &mut out)
+            .unwrap();
+        assert_eq!(out, vec![base..base + 2 * PAGE_SIZE]);
+        out.clear();
+        view.dirty(base..base + 4 * PAGE_SIZE, false, &mut out)
+            .unwrap();
+        assert!(out.is_empty(), "cleared");
+        // Written again, then removed: the removal keeps what the device wrote.
+        simulate(&view, base + 3 * PAGE_SIZE, pt::ACCESSED | pt::DIRTY);
+        simulate(&view, base + 2 * PAGE_SIZE, pt::ACCESSED);
+        let span = view.remove(base..base + 4 * PAGE_SIZE).unwrap();
+        view.fence(span).unwrap();
+        view.drain_removed_dirty(&mut out);
+        assert_eq!(out, vec![base + 3 * PAGE_SIZE..base + 4 * PAGE_SIZE]);
+        out.clear();
+        view.drain_removed_dirty(&mut out);
+        assert!(out.is_empty(), "drained once");
+        // Leaves still installed at shut-down are harvested too.
+        view.install(base, PAGE_SIZE, 0x10_0000, true, false)
+            .unwrap();
+        simulate(&view, base, pt::DIRTY);
+        assert!(view.shut_down());
+        view.drain_removed_dirty(&mut out);
+        assert_eq!(out, vec![base..base + PAGE_SIZE]);
+    }
+
+    #[test]
+    fn aging_is_refused_naming_why_without_accessed_dirty() {
+        let (_device, mut view, _) = view_on(Some(WALK_CACHE), SECOND);
+        assert!(!view.aging_supported());
+        let e = view.age(0..1 << 30, true, &mut Vec::new()).unwrap_err();
+        assert!(
+            matches!(&e, Error::Unsupported(m) if m.contains("ACCESSED_DIRTY")),
+            "{e}"
+        );
+        let e = view.dirty(0..1 << 30, false, &mut Vec::new()).unwrap_err();
+        assert!(matches!(e, Error::Unsupported(_)), "{e}");
+
+        let mut iommu = IommuView::new();
+        assert!(!iommu.aging_supported());
+        let e = iommu.age(0..1 << 30, false, &mut Vec::new()).unwrap_err();
+        assert!(
+            matches!(&e, Error::Unsupported(m) if m.contains("IOMMU")),
+            "{e}"
+        );
+        assert!(iommu.dirty(0..1 << 30, false, &mut Vec::new()).is_err());
+        assert_eq!(iommu.table_stats(), TableStats::default());
     }
 }
