@@ -1244,6 +1244,58 @@ mod tests {
         );
     }
 
+    /// The device sets DIRTY while the driver keeps clearing ACCESSED in the same leaves: the
+    /// clearing is an atomic AND, so no DIRTY is lost (a load-and-store would drop one set
+    /// between its two steps).
+    #[test]
+    fn clearing_accessed_never_loses_a_dirty_bit_the_device_sets_meanwhile() {
+        let mut f = Fixture::new();
+        let mut t = PageTable::new(&mut f.mem()).unwrap();
+        let base = 0x4000_0000;
+        let pages = 512;
+        for i in 0..pages {
+            t.map(
+                &mut f.mem(),
+                base + i * PAGE_SIZE,
+                PageSize::Small,
+                0x1000,
+                Perms::RW,
+            )
+            .unwrap();
+        }
+        let all = base..base + pages * PAGE_SIZE;
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let (t, pool) = (&t, &f.pool);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                // Each leaf is used in every round and written in one of them, the write
+                // landing just after a use (when the clearing is most likely on it).
+                let rounds = 200;
+                for round in 0..rounds {
+                    for i in 0..pages {
+                        let va = base + i * PAGE_SIZE;
+                        t.simulate_device_bits(pool, va, pt::ACCESSED);
+                        if (i * 7) % rounds == round {
+                            t.simulate_device_bits(pool, va, pt::DIRTY);
+                        }
+                    }
+                }
+                done.store(true, Ordering::Release);
+            });
+            let mut young = Vec::new();
+            while !done.load(Ordering::Acquire) {
+                young.clear();
+                t.scan_accessed(pool, all.clone(), true, &mut young);
+            }
+        });
+        let mut dirty = Vec::new();
+        assert_eq!(
+            t.scan_dirty(pool, all.clone(), false, &mut dirty).marked,
+            pages
+        );
+        assert_eq!(dirty, vec![all]);
+    }
+
     /// Map/unmap/reclaim cycles over many regions, each building and freeing a whole chain:
     /// the pool neither grows nor leaks.
     #[test]

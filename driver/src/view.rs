@@ -4,7 +4,9 @@
 //! the fault source): the mirror, the DMA mapper and the invalidation ordering are shared; what
 //! a device makes of a DMA-mapped range is this:
 //! - [`MxaView`]: a device with its own page table and TLB (MXA-1): install writes PTEs, removal
-//!   clears them, the fence is a TLB invalidation;
+//!   clears them (and unlinks table pages left empty), the fence is a TLB invalidation:
+//!   leaf-only when only leaves changed, walk-inclusive when table pages wait to be reused;
+//!   with ACCESSED/DIRTY enabled it also ages and tracks written pages;
 //! - [`IommuView`]: a device without page faults or page tables (QEMU's edu): it addresses memory
 //!   by IOVA, so mirrored ranges are mapped at IOVA == VA on submit, and the IOMMU unmap that
 //!   follows every removal is the fence.
