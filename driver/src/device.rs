@@ -259,12 +259,13 @@ fn enable_accessed_dirty(bar: &Bar0<'_>) -> Result<(), Error> {
     let error = bar.read32(regs::ERROR_CODE)?;
     if error != 0 {
         let info = bar.read64(regs::ERROR_INFO)?;
-        tracing::error!(
-            code = error,
-            info = format_args!("{info:#x}"),
-            "the device refused PT_CTRL.AD_ENABLE although CAP_FEATURES offers ACCESSED_DIRTY \
-             (DeviceOptions::accessed_dirty = false runs without)"
-        );
+        if info == regs::PT_CTRL {
+            tracing::error!(
+                code = error,
+                "the device refused PT_CTRL.AD_ENABLE although CAP_FEATURES offers \
+                 ACCESSED_DIRTY (DeviceOptions::accessed_dirty = false runs without)"
+            );
+        }
         return Err(Error::DeviceError { code: error, info });
     }
     let ctrl = bar.read32(regs::PT_CTRL)?;

@@ -75,7 +75,9 @@ pub trait DeviceView: Send {
     ) -> Result<AgeScan, Error>;
 
     /// The same for DIRTY (written since last cleared); with `clear`, clear DIRTY and fence
-    /// leaf-only (a translation cached with DIRTY would let writes go unrecorded).
+    /// leaf-only (a translation cached with DIRTY would let writes go unrecorded). If that
+    /// fence fails, `out` is filled all the same and DIRTY is cleared there: keep those ranges
+    /// dirty, since later writes through a cached translation may go unrecorded.
     fn dirty(
         &mut self,
         range: Range<u64>,
@@ -314,22 +316,22 @@ impl DeviceView for MxaView {
         }
         if let Some(pt) = self.pt.take() {
             let mut tables = lock(&self.device.tables);
+            // What the device wrote through leaves nobody removed is not lost either.
+            let mut dirty = Vec::new();
             if self.device.accessed_dirty() {
-                // What the device wrote through leaves nobody removed is not lost either.
-                let mut dirty = Vec::new();
                 pt.scan_dirty(&tables, 0..u64::MAX, false, &mut dirty);
-                drop(tables);
-                self.note_dirty(dirty);
-                tables = lock(&self.device.tables);
             }
             if confirmed {
                 self.freed += pt.pending_pages() as u64;
                 pt.destroy(&mut tables);
+                drop(tables);
             } else {
+                drop(tables);
                 // The device may still walk these pages: they never go back to the pool.
                 self.kept_out += pt.pending_pages();
                 tracing::error!(asid = self.asid, "keeping the page-table pages out of use");
             }
+            self.note_dirty(dirty);
         }
         confirmed
     }
