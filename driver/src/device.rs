@@ -3,7 +3,7 @@
 //! [`crate::backend`]) or what a process address space is (see [`crate::context`]).
 
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,11 @@ pub struct Caps {
     pub max_transfer: u32,
     /// Pages past a stalled access the device can report ahead (0: no lookahead).
     pub fault_lookahead: u32,
+    /// The walker can maintain ACCESSED/DIRTY in leaves (`CAP_FEATURES`; revision 2).
+    pub accessed_dirty: bool,
+    /// The device caches non-leaf entries: freeing a table page needs a walk-inclusive
+    /// invalidation (`CAP_FEATURES`; revision 2).
+    pub walk_cache: bool,
 }
 
 /// Ring sizes and similar choices made at bring-up.
@@ -55,6 +60,9 @@ pub struct DeviceOptions {
     /// page also reports the next pages of its operand that would fault, so the service maps
     /// them in the same batch instead of one replay round trip per page.
     pub fault_lookahead: bool,
+    /// Have the device maintain ACCESSED/DIRTY in leaves (if it can): aging and dirty
+    /// tracking then work, and the table pages are mapped device-writable for it.
+    pub accessed_dirty: bool,
 }
 
 impl Default for DeviceOptions {
@@ -63,6 +71,7 @@ impl Default for DeviceOptions {
             cmdq_entries: 256,
             fault_entries: 4096,
             fault_lookahead: true,
+            accessed_dirty: true,
         }
     }
 }
@@ -180,6 +189,13 @@ pub struct Device {
     /// drain that showed its item stalled.
     replays: Mutex<Replays>,
     tlbi: Mutex<u32>,
+    /// Invalidations issued that also dropped walk-cache entries.
+    tlbi_walk_inclusive: AtomicU64,
+    /// Invalidations issued with `LEAF_ONLY` (on a device with a walk cache; elsewhere a
+    /// leaf-only request is counted here but issued plain).
+    tlbi_leaf_only: AtomicU64,
+    /// PT_CTRL.AD_ENABLE was set at bring-up.
+    accessed_dirty: bool,
     pub(crate) irq: Interrupts,
 }
 
@@ -215,6 +231,51 @@ fn dup(fd: &EventFd) -> Result<OwnedFd, Error> {
         what: "dup(eventfd)",
         source: e,
     })
+}
+
+/// The optional features of a device of `version`: revision 1 (minor 0) has no CAP_FEATURES
+/// register, so it is not read there. A value with undefined bits set (all ones is what an
+/// undecoded register reads as) is taken as no features.
+fn read_features(bar: &Bar0<'_>, version: u32) -> Result<u32, Error> {
+    if version & 0xffff == 0 {
+        return Ok(0);
+    }
+    let features = bar.read32(regs::CAP_FEATURES)?;
+    if features & !regs::features::ALL != 0 {
+        tracing::warn!(
+            features = format_args!("{features:#x}"),
+            version = format_args!("{version:#x}"),
+            "CAP_FEATURES has undefined bits set; using no optional features"
+        );
+        return Ok(0);
+    }
+    Ok(features)
+}
+
+/// Set PT_CTRL.AD_ENABLE and check the device took it: an error latched for the write, or a
+/// read-back without the bit, fails bring-up naming the option that avoids it.
+fn enable_accessed_dirty(bar: &Bar0<'_>) -> Result<(), Error> {
+    bar.write32(regs::PT_CTRL, regs::pt_ctrl::AD_ENABLE)?;
+    let error = bar.read32(regs::ERROR_CODE)?;
+    if error != 0 {
+        let info = bar.read64(regs::ERROR_INFO)?;
+        if info == regs::PT_CTRL {
+            tracing::error!(
+                code = error,
+                "the device refused PT_CTRL.AD_ENABLE although CAP_FEATURES offers \
+                 ACCESSED_DIRTY (DeviceOptions::accessed_dirty = false runs without)"
+            );
+        }
+        return Err(Error::DeviceError { code: error, info });
+    }
+    let ctrl = bar.read32(regs::PT_CTRL)?;
+    if ctrl & regs::pt_ctrl::AD_ENABLE == 0 {
+        return Err(Error::Unsupported(format!(
+            "PT_CTRL reads {ctrl:#x} after setting AD_ENABLE although CAP_FEATURES offers \
+             ACCESSED_DIRTY (DeviceOptions::accessed_dirty = false runs without)"
+        )));
+    }
+    Ok(())
 }
 
 /// The MXA-1 needs region `index` of at least `size` bytes, readable and writable; checked
@@ -317,6 +378,7 @@ impl Device {
             return Err(Error::WrongDevice { vendor, device });
         }
         let pt = bar.read32(regs::CAP_PT)?;
+        let features = read_features(&bar, version)?;
         let caps = Caps {
             asids: bar.read32(regs::CAP_ASIDS)?,
             pt_levels: regs::cap_pt::levels(pt),
@@ -326,6 +388,8 @@ impl Device {
             cmdq_entries: bar.read32(regs::CAP_CMDQ_ENTRIES)?,
             max_transfer: bar.read32(regs::CAP_MAX_TRANSFER)?,
             fault_lookahead: bar.read32(regs::CAP_FAULT_LOOKAHEAD)?,
+            accessed_dirty: features & regs::features::ACCESSED_DIRTY != 0,
+            walk_cache: features & regs::features::WALK_CACHE != 0,
         };
         if caps.pt_levels != accel_abi::PT_LEVELS
             || caps.va_bits != accel_abi::VA_BITS
@@ -376,6 +440,10 @@ impl Device {
         bar.write32(regs::CMDQ_ENTRIES, cmdq_entries)?;
         bar.write32(regs::CMDQ_TAIL, 0)?;
         bar.write32(regs::CMDQ_CTRL, regs::cmdq_ctrl::ENABLE)?;
+        let accessed_dirty = options.accessed_dirty && caps.accessed_dirty;
+        if accessed_dirty {
+            enable_accessed_dirty(&bar)?;
+        }
         bar.write32(regs::CONTROL, regs::control::ENABLE)?;
         let error = bar.read32(regs::ERROR_CODE)?;
         if error != 0 {
@@ -386,7 +454,9 @@ impl Device {
         Ok(Device {
             dma: dma.clone(),
             caps,
-            tables: Mutex::new(TablePool::new()),
+            // The walker writes ACCESSED/DIRTY into the table pages only with AD enabled; the
+            // pages are mapped writable for the device then and only then.
+            tables: Mutex::new(TablePool::with_device_writes(accessed_dirty)),
             cmdq: Mutex::new(CommandQueue {
                 ring: cq,
                 completions: cc,
@@ -408,6 +478,9 @@ impl Device {
                 put: Some(0),
             }),
             tlbi: Mutex::new(0),
+            tlbi_walk_inclusive: AtomicU64::new(0),
+            tlbi_leaf_only: AtomicU64::new(0),
+            accessed_dirty,
             irq,
         })
     }
@@ -415,6 +488,22 @@ impl Device {
     /// The device's capabilities.
     pub fn caps(&self) -> Caps {
         self.caps
+    }
+
+    /// True if the device maintains ACCESSED/DIRTY in leaves (PT_CTRL.AD_ENABLE was set at
+    /// bring-up: the device has the feature and [`DeviceOptions::accessed_dirty`] asked).
+    pub fn accessed_dirty(&self) -> bool {
+        self.accessed_dirty
+    }
+
+    /// TLB invalidations issued since bring-up: (walk-inclusive, leaf-only). A leaf-only
+    /// request on a device without a walk cache is counted as leaf-only (it is issued without
+    /// the bit, which changes nothing there).
+    pub fn tlbi_counts(&self) -> (u64, u64) {
+        (
+            self.tlbi_walk_inclusive.load(Ordering::Relaxed),
+            self.tlbi_leaf_only.load(Ordering::Relaxed),
+        )
     }
 
     /// The backend.
@@ -548,12 +637,37 @@ impl Device {
 
     /// Invalidate the device TLB for `[va, va+len)` of `asid` (or the whole ASID if `len` is
     /// `None`) and wait for its fence: when this returns, no device access uses a dropped
-    /// translation.
+    /// translation. Walk-inclusive: walk-cache entries of the range go too, so this is the
+    /// fence to use after clearing or repointing a table entry (before a freed table page is
+    /// reused).
     pub fn tlb_invalidate(
         &self,
         asid: u16,
         range: Option<std::ops::Range<u64>>,
         timeout: Duration,
+    ) -> Result<(), Error> {
+        self.invalidate(asid, range, timeout, false)
+    }
+
+    /// [`Device::tlb_invalidate`] for leaves alone: the device keeps its walk-cache entries
+    /// (`LEAF_ONLY`, set only on a device with a walk cache; elsewhere the invalidation is the
+    /// same as the walk-inclusive one). Enough when only leaf entries changed (cleared,
+    /// replaced, or ACCESSED/DIRTY cleared); not after a table entry was cleared or repointed.
+    pub fn tlb_invalidate_leaves(
+        &self,
+        asid: u16,
+        range: Option<std::ops::Range<u64>>,
+        timeout: Duration,
+    ) -> Result<(), Error> {
+        self.invalidate(asid, range, timeout, true)
+    }
+
+    fn invalidate(
+        &self,
+        asid: u16,
+        range: Option<std::ops::Range<u64>>,
+        timeout: Duration,
+        leaf_only: bool,
     ) -> Result<(), Error> {
         // A lost device never confirms a fence (and a BAR mapped into this process would let
         // the wait below spin for the whole timeout on a register nobody updates).
@@ -565,19 +679,28 @@ impl Device {
         let limit = 1u64 << accel_abi::VA_BITS;
         // A range reaching past the translated VA bits is the whole address space.
         let range = range.filter(|r| r.end <= limit);
+        // A device without a walk cache has nothing to keep, and a revision-1 device refuses
+        // the bit as a reserved one.
+        let keep_walks = leaf_only && self.caps.walk_cache;
         match range {
             Some(r) if r.start >= r.end => return Ok(()),
             Some(r) => {
                 let start = r.start & !(accel_abi::PAGE_SIZE - 1);
                 let end = r.end.div_ceil(accel_abi::PAGE_SIZE) * accel_abi::PAGE_SIZE;
-                bar.write32(regs::TLBI_SCOPE, regs::TlbiScope::Range as u32)?;
+                bar.write32(regs::TLBI_SCOPE, regs::TlbiScope::Range.encode(keep_walks))?;
                 bar.write64(regs::TLBI_VA, start)?;
                 bar.write64(regs::TLBI_SIZE, end - start)?;
             }
-            None => bar.write32(regs::TLBI_SCOPE, regs::TlbiScope::Asid as u32)?,
+            None => bar.write32(regs::TLBI_SCOPE, regs::TlbiScope::Asid.encode(keep_walks))?,
         }
         *seq = seq.wrapping_add(1);
         bar.write32(regs::TLBI_TRIGGER, *seq)?;
+        let counter = if leaf_only {
+            &self.tlbi_leaf_only
+        } else {
+            &self.tlbi_walk_inclusive
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
         let deadline = Instant::now() + timeout;
         let mut spins = 0u32;
         loop {
@@ -815,6 +938,146 @@ pub fn backoff(spins: &mut u32) {
     }
 }
 
+/// A test backend: the emulated device with knobs for what revision-2 tests need before (or
+/// besides) the emulator offering it, and a record of what the driver did.
+#[cfg(all(test, feature = "emulator"))]
+pub(crate) mod testing {
+    use super::*;
+    use crate::backend::emulated::EmulatedBackend;
+    use firmware_stubs::AcceleratorConfig;
+
+    /// What the test sets and what the backend saw.
+    #[derive(Debug, Default)]
+    pub(crate) struct Knobs {
+        /// CAP_FEATURES to report instead of the device's. While set, PT_CTRL is served here
+        /// and LEAF_ONLY is stripped from TLBI_SCOPE before it reaches the device (so a device
+        /// without the features runs what a driver asks of one with them).
+        pub(crate) features: Option<u32>,
+        /// VERSION to report instead of the device's.
+        pub(crate) version: Option<u32>,
+        /// PT_CTRL as the driver wrote it (while `features` is set).
+        pub(crate) pt_ctrl: u32,
+        /// Every TLBI_SCOPE value the driver wrote, as written.
+        pub(crate) scopes: Vec<u32>,
+        /// Drop TLBI_TRIGGER writes: the device never confirms an invalidation.
+        pub(crate) swallow_tlbi: bool,
+        /// Every DMA mapping made: (length, access).
+        pub(crate) maps: Vec<(u64, DmaAccess)>,
+    }
+
+    pub(crate) struct Interposed {
+        inner: EmulatedBackend,
+        knobs: Arc<Mutex<Knobs>>,
+    }
+
+    impl Interposed {
+        /// The emulated device (one worker) behind knobs preset with `features`.
+        pub(crate) fn backend(features: Option<u32>) -> (Box<dyn Backend>, Arc<Mutex<Knobs>>) {
+            let inner = EmulatedBackend::new(AcceleratorConfig {
+                workers: 1,
+                ..Default::default()
+            })
+            .expect("emulator");
+            let knobs = Arc::new(Mutex::new(Knobs {
+                features,
+                ..Default::default()
+            }));
+            let b = Interposed {
+                inner,
+                knobs: knobs.clone(),
+            };
+            (Box::new(b), knobs)
+        }
+    }
+
+    impl Backend for Interposed {
+        fn kind(&self) -> crate::backend::BackendKind {
+            self.inner.kind()
+        }
+        fn config_read(&self, offset: u64, data: &mut [u8]) -> Result<(), BackendError> {
+            self.inner.config_read(offset, data)
+        }
+        fn config_write(&self, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+            self.inner.config_write(offset, data)
+        }
+        fn bar_read(&self, bar: u32, offset: u64, data: &mut [u8]) -> Result<(), BackendError> {
+            let k = lock(&self.knobs);
+            if let (0, regs::VERSION, Some(version)) = (bar, offset, k.version) {
+                data.copy_from_slice(&version.to_le_bytes());
+                return Ok(());
+            }
+            if let (0, Some(features)) = (bar, k.features) {
+                match offset {
+                    regs::CAP_FEATURES => {
+                        data.copy_from_slice(&features.to_le_bytes());
+                        return Ok(());
+                    }
+                    regs::PT_CTRL => {
+                        data.copy_from_slice(&k.pt_ctrl.to_le_bytes());
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+            }
+            drop(k);
+            self.inner.bar_read(bar, offset, data)
+        }
+        fn bar_write(&self, bar: u32, offset: u64, data: &[u8]) -> Result<(), BackendError> {
+            let mut k = lock(&self.knobs);
+            if bar == 0 && offset == regs::TLBI_SCOPE {
+                let value = u32::from_le_bytes(data.try_into().expect("32-bit register"));
+                k.scopes.push(value);
+                if k.features.is_some() {
+                    let plain = value & !regs::tlbi_scope::LEAF_ONLY;
+                    drop(k);
+                    return self.inner.bar_write(bar, offset, &plain.to_le_bytes());
+                }
+            }
+            if bar == 0 && offset == regs::TLBI_TRIGGER && k.swallow_tlbi {
+                return Ok(());
+            }
+            if bar == 0 && offset == regs::PT_CTRL && k.features.is_some() {
+                k.pt_ctrl = u32::from_le_bytes(data.try_into().expect("32-bit register"));
+                return Ok(());
+            }
+            drop(k);
+            self.inner.bar_write(bar, offset, data)
+        }
+        fn iova_ranges(&self) -> Vec<std::ops::Range<u64>> {
+            self.inner.iova_ranges()
+        }
+        unsafe fn dma_map(
+            &self,
+            iova: u64,
+            len: u64,
+            source: DmaSource<'_>,
+            access: DmaAccess,
+        ) -> Result<(), BackendError> {
+            lock(&self.knobs).maps.push((len, access));
+            // SAFETY: forwarded to our caller.
+            unsafe { self.inner.dma_map(iova, len, source, access) }
+        }
+        fn dma_unmap(&self, iova: u64, len: u64) -> Result<(), BackendError> {
+            self.inner.dma_unmap(iova, len)
+        }
+        fn set_irqs(&self, eventfds: Vec<Option<OwnedFd>>) -> Result<(), BackendError> {
+            self.inner.set_irqs(eventfds)
+        }
+        fn reset(&self) -> Result<(), BackendError> {
+            self.inner.reset()
+        }
+        fn pins_memory(&self) -> bool {
+            false
+        }
+        fn regions(&self) -> Option<Vec<RegionDesc>> {
+            self.inner.regions()
+        }
+        fn irqs(&self) -> Option<Vec<IrqDesc>> {
+            self.inner.irqs()
+        }
+    }
+}
+
 #[cfg(all(test, feature = "emulator"))]
 mod tests {
     use super::*;
@@ -1017,6 +1280,140 @@ mod tests {
         );
         // Refused before anything was asked of the interrupts.
         assert!(lock(&calls).is_empty());
+    }
+
+    use super::testing::Interposed;
+    use crate::pagetable::{PageTable, TableMemory};
+    use regs::features::{ACCESSED_DIRTY, WALK_CACHE};
+
+    fn interposed(
+        features: Option<u32>,
+        version: Option<u32>,
+        options: DeviceOptions,
+    ) -> (Device, Arc<Mutex<super::testing::Knobs>>) {
+        let (b, knobs) = Interposed::backend(features);
+        lock(&knobs).version = version;
+        let device = Device::bring_up(b, options).expect("bring-up");
+        (device, knobs)
+    }
+
+    /// The access the first table-pool chunk was mapped with (a page table allocates one).
+    fn table_pool_access(device: &Device, knobs: &Mutex<super::testing::Knobs>) -> DmaAccess {
+        let before = lock(knobs).maps.len();
+        let pt = PageTable::new(&mut TableMemory {
+            pool: &mut lock(&device.tables),
+            dma: device.dma(),
+        })
+        .expect("page table");
+        pt.destroy(&mut lock(&device.tables));
+        let maps = &lock(knobs).maps;
+        assert_eq!(maps.len(), before + 1, "one chunk mapped");
+        assert_eq!(maps[before].0, 64 * 4096);
+        maps[before].1
+    }
+
+    #[test]
+    fn accessed_dirty_is_enabled_when_offered_and_then_the_table_pages_are_device_writable() {
+        let (device, knobs) = interposed(
+            Some(ACCESSED_DIRTY | WALK_CACHE),
+            None,
+            DeviceOptions::default(),
+        );
+        assert!(device.caps().accessed_dirty && device.caps().walk_cache);
+        assert!(device.accessed_dirty());
+        assert_eq!(lock(&knobs).pt_ctrl, regs::pt_ctrl::AD_ENABLE);
+        assert_eq!(table_pool_access(&device, &knobs), DmaAccess::READ_WRITE);
+
+        // Declined by the options: not enabled, tables read-only.
+        let (device, knobs) = interposed(
+            Some(ACCESSED_DIRTY),
+            None,
+            DeviceOptions {
+                accessed_dirty: false,
+                ..Default::default()
+            },
+        );
+        assert!(device.caps().accessed_dirty && !device.accessed_dirty());
+        assert_eq!(lock(&knobs).pt_ctrl, 0);
+        assert_eq!(table_pool_access(&device, &knobs), DmaAccess::READ_ONLY);
+
+        // Not offered.
+        let (device, knobs) = interposed(Some(WALK_CACHE), None, DeviceOptions::default());
+        assert!(!device.caps().accessed_dirty && device.caps().walk_cache);
+        assert!(!device.accessed_dirty());
+        assert_eq!(lock(&knobs).pt_ctrl, 0);
+        assert_eq!(table_pool_access(&device, &knobs), DmaAccess::READ_ONLY);
+    }
+
+    #[test]
+    fn features_are_not_read_on_revision_1_and_undefined_bits_mean_none() {
+        // A revision-1 device (VERSION 1.0) has no CAP_FEATURES: whatever the offset reads is
+        // not taken for features.
+        let (device, knobs) = interposed(
+            Some(ACCESSED_DIRTY | WALK_CACHE),
+            Some(1 << 16),
+            DeviceOptions::default(),
+        );
+        assert!(!device.caps().accessed_dirty && !device.caps().walk_cache);
+        assert_eq!(lock(&knobs).pt_ctrl, 0);
+        // All ones (an undecoded register) has undefined bits: no features.
+        let (device, _) = interposed(Some(u32::MAX), None, DeviceOptions::default());
+        assert!(!device.caps().accessed_dirty && !device.caps().walk_cache);
+        assert!(!device.accessed_dirty());
+        // The emulator as it is: bring-up works, and aging is on exactly when it offers it.
+        let (device, _) = interposed(None, None, DeviceOptions::default());
+        assert_eq!(device.accessed_dirty(), device.caps().accessed_dirty);
+        assert_eq!(
+            device.take_error().unwrap(),
+            None,
+            "bring-up latched no error"
+        );
+    }
+
+    #[test]
+    fn leaf_only_invalidations_carry_the_bit_only_on_a_device_with_a_walk_cache() {
+        let timeout = Duration::from_secs(5);
+        let range = Some(0x4000_0000..0x4000_2000);
+        let (device, knobs) = interposed(Some(WALK_CACHE), None, DeviceOptions::default());
+        device
+            .tlb_invalidate_leaves(3, range.clone(), timeout)
+            .unwrap();
+        device.tlb_invalidate(3, range.clone(), timeout).unwrap();
+        device.tlb_invalidate_leaves(3, None, timeout).unwrap();
+        device.tlb_invalidate(3, None, timeout).unwrap();
+        use regs::TlbiScope::{Asid, Range};
+        assert_eq!(
+            lock(&knobs).scopes,
+            vec![
+                Range.encode(true),
+                Range.encode(false),
+                Asid.encode(true),
+                Asid.encode(false)
+            ]
+        );
+        assert_eq!(device.tlbi_counts(), (2, 2));
+
+        let (device, knobs) = interposed(Some(0), None, DeviceOptions::default());
+        device
+            .tlb_invalidate_leaves(3, range.clone(), timeout)
+            .unwrap();
+        device.tlb_invalidate_leaves(3, None, timeout).unwrap();
+        assert_eq!(
+            lock(&knobs).scopes,
+            vec![Range.encode(false), Asid.encode(false)]
+        );
+        assert_eq!(device.tlbi_counts(), (0, 2));
+
+        // The emulator as it is: LEAF_ONLY reaches it only if it has a walk cache, and it
+        // accepts what it gets (after the revision-2 emulator, with the bit).
+        let (device, knobs) = interposed(None, None, DeviceOptions::default());
+        device.tlb_invalidate_leaves(3, range, timeout).unwrap();
+        let scope = *lock(&knobs).scopes.last().unwrap();
+        assert_eq!(
+            scope & regs::tlbi_scope::LEAF_ONLY != 0,
+            device.caps().walk_cache
+        );
+        assert_eq!(device.take_error().unwrap(), None);
     }
 
     #[test]

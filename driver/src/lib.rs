@@ -35,6 +35,7 @@ pub use runtime::{
     RuntimeOptions,
 };
 pub use sys::dmabuf::{DmaBuffer, DmaBufferError};
+pub use view::{AgeScan, TableStats};
 
 /// Driver errors.
 #[derive(Debug, thiserror::Error)]

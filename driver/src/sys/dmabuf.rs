@@ -103,7 +103,9 @@ impl DmaBuffer {
     fn u64_at(&self, offset: usize) -> &AtomicU64 {
         self.check(offset, 8, 8);
         // SAFETY: in bounds and 8-byte aligned (checked above); the mapping lives as long as
-        // `self`, and every access to words of this memory (ours and the device's) is atomic.
+        // `self`, and every access to words of this memory (ours and the device's) is atomic,
+        // read-modify-writes included (the shared mapping is ordinary cacheable memory, where
+        // an atomic RMW is atomic against every other atomic access to the word).
         unsafe { &*(self.map.as_mut_ptr().add(offset) as *const AtomicU64) }
     }
 
@@ -121,6 +123,32 @@ impl DmaBuffer {
     /// Atomic 64-bit store.
     pub fn store_u64(&self, offset: usize, value: u64, order: Ordering) {
         self.u64_at(offset).store(value, order)
+    }
+
+    /// Atomic 64-bit AND with `mask`; returns the previous value. A read-modify-write of the
+    /// whole word, so bits another party (the device's walker) sets in it meanwhile are kept.
+    pub fn fetch_and_u64(&self, offset: usize, mask: u64, order: Ordering) -> u64 {
+        self.u64_at(offset).fetch_and(mask, order)
+    }
+
+    /// Atomic 64-bit exchange; returns the previous value (including whatever bits another
+    /// party set in it up to the exchange).
+    pub fn swap_u64(&self, offset: usize, value: u64, order: Ordering) -> u64 {
+        self.u64_at(offset).swap(value, order)
+    }
+
+    /// Atomic 64-bit compare-and-exchange: stores `new` if the word is `current`. `Ok` with
+    /// the previous value if it stored, `Err` with the value found otherwise.
+    pub fn compare_exchange_u64(
+        &self,
+        offset: usize,
+        current: u64,
+        new: u64,
+        success: Ordering,
+        failure: Ordering,
+    ) -> Result<u64, u64> {
+        self.u64_at(offset)
+            .compare_exchange(current, new, success, failure)
     }
 
     /// Atomic 32-bit load.
@@ -186,6 +214,26 @@ mod tests {
         b.zero(4096, 4);
         assert_eq!(b.load_u32(4096, Ordering::Relaxed), 0);
         assert_eq!(b.va() % 4096, 0);
+    }
+
+    #[test]
+    fn read_modify_write_words() {
+        let b = DmaBuffer::new(4096, "t").unwrap();
+        b.store_u64(16, 0b1111, Ordering::Relaxed);
+        assert_eq!(b.fetch_and_u64(16, !0b0100, Ordering::AcqRel), 0b1111);
+        assert_eq!(b.load_u64(16, Ordering::Relaxed), 0b1011);
+        assert_eq!(b.swap_u64(16, 7, Ordering::AcqRel), 0b1011);
+        assert_eq!(b.load_u64(16, Ordering::Relaxed), 7);
+        assert_eq!(
+            b.compare_exchange_u64(16, 6, 9, Ordering::AcqRel, Ordering::Acquire),
+            Err(7)
+        );
+        assert_eq!(b.load_u64(16, Ordering::Relaxed), 7);
+        assert_eq!(
+            b.compare_exchange_u64(16, 7, 9, Ordering::AcqRel, Ordering::Acquire),
+            Ok(7)
+        );
+        assert_eq!(b.load_u64(16, Ordering::Relaxed), 9);
     }
 
     #[test]
