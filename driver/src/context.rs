@@ -14,7 +14,7 @@ use std::ops::Range;
 use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use accel_abi::{LARGE_PAGE_SIZE, PAGE_SIZE};
 use mirror::{
@@ -62,6 +62,51 @@ pub struct ContextOptions {
     /// wrappers and `invalidate()`. A mirror built without userfaultfd (explicit-only) is not
     /// affected: its coherence is explicit by choice.
     pub require_events: bool,
+    /// Most bytes this context keeps DMA-mapped (pinned, on kernel VFIO) at once. A fault that
+    /// would go past it first evicts cold mappings: a CLOCK over the mappings, asking the
+    /// address space which were used since the hand last passed ([`mirror::AddressSpace::clear_young`]:
+    /// every device and context mirroring the address space answers, from its ACCESSED bits),
+    /// and tearing the cold ones down like an invalidation (entries cleared, fenced, DMA
+    /// unmapped, unpinned). An evicted page faults back on the device's next access. Only a run
+    /// that cannot fit even after evicting everything evictable is cancelled
+    /// ([`CancelReason::Quota`], naming this budget). `None`: no budget (mappings stay until the
+    /// CPU changes them). Needs a device with page faults: on one without (edu) nothing can be
+    /// evicted safely, and the budget refuses like [`Self::max_mapped_bytes`].
+    pub pin_budget: Option<u64>,
+    /// Thrashing protection under [`Self::pin_budget`]; `None` turns it off.
+    pub thrash_protection: Option<ThrashProtection>,
+}
+
+/// Thrashing protection: a mapping whose pages the device keeps pulling back right after they
+/// were evicted is kept mapped for a while, so that under a working set larger than the budget
+/// part of it stays resident instead of every access faulting (a cyclic sweep over more than the
+/// budget evicts each page just before its next use under any LRU-like policy). Protection
+/// never lets the mapped bytes exceed the budget: at most `max_protected_percent` of the budget
+/// is protected, and protected mappings are evicted too when nothing else can make room.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ThrashProtection {
+    /// Refaults within [`Self::window`] of their eviction that mark a range as thrashing.
+    pub refaults: u32,
+    /// How soon after its eviction a refault counts.
+    pub window: Duration,
+    /// How long a thrashing mapping stays protected from eviction.
+    pub protect_for: Duration,
+    /// Share of the pin budget protected mappings may hold, in percent (0..=90).
+    pub max_protected_percent: u32,
+}
+
+impl Default for ThrashProtection {
+    /// Three refaults within a second protect for a second, up to half the budget (NVIDIA's UVM
+    /// pins a page it sees fault 3 times within 500 us; our faults take tens of microseconds on
+    /// the emulator, so the window is longer).
+    fn default() -> Self {
+        ThrashProtection {
+            refaults: 3,
+            window: Duration::from_secs(1),
+            protect_for: Duration::from_secs(1),
+            max_protected_percent: 50,
+        }
+    }
 }
 
 /// How the device reaches the pages of the mirrored address space.
@@ -87,6 +132,8 @@ impl Default for ContextOptions {
             reach: Reach::Local,
             max_mapped_bytes: None,
             require_events: false,
+            pin_budget: None,
+            thrash_protection: Some(ThrashProtection::default()),
         }
     }
 }
@@ -101,6 +148,8 @@ impl std::fmt::Debug for ContextOptions {
             .field("reach", &self.reach)
             .field("max_mapped_bytes", &self.max_mapped_bytes)
             .field("require_events", &self.require_events)
+            .field("pin_budget", &self.pin_budget)
+            .field("thrash_protection", &self.thrash_protection)
             .finish()
     }
 }
@@ -136,6 +185,27 @@ pub struct ContextCounters {
     /// DMA mappings dropped on the host side only, without a fence or an unmap, because the
     /// device was lost (nothing on it can run, and every call to it would fail).
     pub dropped_on_lost_device: AtomicU64,
+    /// Mappings evicted to stay under the pin budget.
+    pub evictions: AtomicU64,
+    /// Bytes those evictions unmapped.
+    pub evicted_bytes: AtomicU64,
+    /// Mappings installed over a range evicted within the thrashing window.
+    pub refaults: AtomicU64,
+    /// Eviction passes (one per fault that had to make room).
+    pub eviction_passes: AtomicU64,
+    /// Aging queries (`clear_young` over a batch of mappings) and the mappings they covered.
+    pub aging_queries: AtomicU64,
+    /// Mappings an aging query looked at.
+    pub aging_mappings: AtomicU64,
+    /// Mappings spared by the CLOCK because they were used since the hand last passed.
+    pub second_chances: AtomicU64,
+    /// Eviction passes that had no use information (the device keeps no ACCESSED bits, or
+    /// another subscriber failed to answer): the CLOCK evicted in hand order (FIFO by address).
+    pub aging_unavailable: AtomicU64,
+    /// Mappings protected from eviction as thrashing.
+    pub thrash_protections: AtomicU64,
+    /// Faults refused because the run could not fit under the pin budget.
+    pub budget_refusals: AtomicU64,
 }
 
 /// One DMA mapping of process memory, and the device leaves pointing into it.
@@ -148,6 +218,85 @@ struct UserMapping {
     /// The arena whose local mapping the DMA mapping points into: kept mapped until the DMA
     /// mapping is gone.
     _arena: Option<Arc<Arena>>,
+    /// Refaults of this range within the thrashing window so far (carried across evictions).
+    refaults: u32,
+    /// Kept from eviction until then (thrashing protection).
+    protected_until: Option<Instant>,
+}
+
+/// A range evicted recently: a mapping installed over it within the window is a refault.
+#[derive(Debug, Clone, Copy)]
+struct Evicted {
+    end: u64,
+    at: Instant,
+    refaults: u32,
+}
+
+/// Most eviction records kept (older ones are forgotten first).
+const EVICTION_HISTORY: usize = 1 << 16;
+/// Mappings aged with one `clear_young` call (one TLB invalidation per device address space).
+const AGING_BATCH: usize = 16;
+
+/// A set of disjoint, non-adjacent page ranges (start -> end).
+#[derive(Debug, Default)]
+struct RangeSet(BTreeMap<u64, u64>);
+
+impl RangeSet {
+    fn insert(&mut self, r: Range<u64>) {
+        if r.start >= r.end {
+            return;
+        }
+        let (mut start, mut end) = (r.start, r.end);
+        let touching: Vec<u64> = self
+            .0
+            .range(..=end)
+            .rev()
+            .take_while(|(_, e)| **e >= start)
+            .map(|(s, _)| *s)
+            .collect();
+        for s in touching {
+            let e = self.0.remove(&s).unwrap_or(s);
+            start = start.min(s);
+            end = end.max(e);
+        }
+        self.0.insert(start, end);
+    }
+
+    /// Remove `r` from the set, splitting ranges that straddle its ends.
+    fn remove(&mut self, r: Range<u64>) {
+        if r.start >= r.end {
+            return;
+        }
+        let hit: Vec<(u64, u64)> = self
+            .0
+            .range(..r.end)
+            .rev()
+            .take_while(|(_, e)| **e > r.start)
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        for (s, e) in hit {
+            self.0.remove(&s);
+            if s < r.start {
+                self.0.insert(s, r.start);
+            }
+            if e > r.end {
+                self.0.insert(r.end, e);
+            }
+        }
+    }
+
+    /// The parts of the set inside `r`.
+    fn within(&self, r: Range<u64>) -> Vec<Range<u64>> {
+        self.0
+            .range(..r.end)
+            .rev()
+            .take_while(|(_, e)| **e > r.start)
+            .map(|(s, e)| (*s).max(r.start)..(*e).min(r.end))
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect()
+    }
 }
 
 /// The subscriber state: everything the invalidate callback and the install step touch.
@@ -162,6 +311,16 @@ pub(crate) struct MirrorState {
     /// waiting for it: that caller got its memory back, so no fault may map it again while the
     /// item can still run (see [`ContextCore::revoke`]).
     revoked: Vec<(u32, Range<u64>)>,
+    /// Where the CLOCK hand stands: the next mapping at or after this VA is looked at first.
+    clock_hand: u64,
+    /// Ranges evicted recently, by start.
+    evicted: BTreeMap<u64, Evicted>,
+    /// Bytes of mappings currently protected from eviction.
+    protected_bytes: u64,
+    /// Pages the device wrote through leaves that are gone now (evicted or revoked) while the
+    /// CPU mapping stayed: kept for [`ContextCore::dirty`]. A CPU change of a range forgets its
+    /// part (what was written there is no longer the process's memory at that address).
+    dirty_log: RangeSet,
 }
 
 impl MirrorState {
@@ -214,19 +373,49 @@ impl MirrorState {
     /// any page of `range`: false only if a DMA unmap failed (a failed fence alone still ends
     /// with the IOMMU blocking the unmapped IOVAs, which stay reserved).
     fn tear_down(&mut self, range: Range<u64>) -> bool {
-        let victims = self.overlapping(range.clone());
+        self.tear_down_ranges(std::slice::from_ref(&range))
+    }
+
+    /// [`Self::tear_down`] of several ranges with one fence for all of them (an eviction).
+    fn tear_down_ranges(&mut self, ranges: &[Range<u64>]) -> bool {
+        let mut victims = Vec::new();
+        for range in ranges {
+            victims.extend(self.overlapping(range.clone()));
+        }
+        victims.sort_by_key(|m| m.va);
+        victims.dedup_by_key(|m| m.va);
         if let Some(lost) = self.dma.backend().lost() {
             self.forget(victims, &lost);
             return true;
         }
-        let mut span = range.clone();
-        for m in &victims {
-            span.start = span.start.min(m.va);
-            span.end = span.end.max(m.va + m.len);
+        // Each range is removed on its own (its span grown to the mappings touching it): the
+        // union of disjoint ranges would clear other mappings' entries between them. The fence
+        // covers everything removed at once.
+        let mut fence_span: Option<Range<u64>> = None;
+        for range in ranges {
+            let mut span = range.clone();
+            for m in victims
+                .iter()
+                .filter(|m| m.va < range.end && m.va + m.len > range.start)
+            {
+                span.start = span.start.min(m.va);
+                span.end = span.end.max(m.va + m.len);
+            }
+            if let Some(cached) = self.view.remove(span.clone()) {
+                let grown = cached.start.min(span.start)..cached.end.max(span.end);
+                fence_span = Some(match fence_span {
+                    None => grown,
+                    Some(f) => f.start.min(grown.start)..f.end.max(grown.end),
+                });
+            }
+        }
+        let mut written = Vec::new();
+        self.view.drain_removed_dirty(&mut written);
+        for r in written {
+            self.dirty_log.insert(r);
         }
         let mut fenced = true;
-        if let Some(cached) = self.view.remove(span.clone()) {
-            let fence_span = cached.start.min(span.start)..cached.end.max(span.end);
+        if let Some(fence_span) = fence_span {
             self.counters.tlb_fences.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = self.view.fence(fence_span) {
                 // Unmapping anyway is the safe side: the IOMMU then blocks whatever the device
@@ -240,6 +429,9 @@ impl MirrorState {
         let mut unreachable = true;
         for m in &victims {
             self.mappings.remove(&m.va);
+            if m.protected_until.is_some() {
+                self.protected_bytes = self.protected_bytes.saturating_sub(m.len);
+            }
             let unmapped = if fenced {
                 self.dma.unmap(m.iova, m.len)
             } else {
@@ -254,6 +446,118 @@ impl MirrorState {
                 .fetch_sub(m.len, Ordering::Relaxed);
         }
         unreachable
+    }
+
+    /// Evict the mappings starting at `victims` (those still there with the same length):
+    /// torn down with one fence, remembered for refault detection. Returns the bytes freed.
+    fn evict(&mut self, victims: &[(u64, u64)], now: Instant) -> u64 {
+        let mut ranges = Vec::new();
+        let mut records = Vec::new();
+        for &(va, len) in victims {
+            if let Some(m) = self.mappings.get(&va).filter(|m| m.len == len) {
+                ranges.push(va..va + len);
+                records.push((
+                    va,
+                    Evicted {
+                        end: va + len,
+                        at: now,
+                        refaults: m.refaults,
+                    },
+                ));
+            }
+        }
+        if ranges.is_empty() {
+            return 0;
+        }
+        let before = self.counters.mapped_bytes.load(Ordering::Relaxed);
+        self.tear_down_ranges(&ranges);
+        let freed = before.saturating_sub(self.counters.mapped_bytes.load(Ordering::Relaxed));
+        self.counters
+            .evictions
+            .fetch_add(ranges.len() as u64, Ordering::Relaxed);
+        self.counters
+            .evicted_bytes
+            .fetch_add(freed, Ordering::Relaxed);
+        if self.evicted.len() + records.len() > EVICTION_HISTORY {
+            // Forget the oldest half: a refault that long after its eviction is no thrashing.
+            let mut ages: Vec<Instant> = self.evicted.values().map(|e| e.at).collect();
+            ages.sort_unstable();
+            let cut = ages[ages.len() / 2];
+            self.evicted.retain(|_, e| e.at > cut);
+        }
+        self.evicted.extend(records);
+        freed
+    }
+
+    /// A mapping of `[va, va + len)` is being installed: if it covers ranges evicted within
+    /// the thrashing window, it is a refault; enough of them protect it. Returns its refault
+    /// count and protection.
+    fn note_refault(
+        &mut self,
+        va: u64,
+        len: u64,
+        now: Instant,
+        policy: Option<(ThrashProtection, u64)>,
+        longest: u64,
+    ) -> (u32, Option<Instant>) {
+        let end = va + len;
+        // No mapping is longer than `longest`, so no record starting further back overlaps.
+        let hits: Vec<(u64, Evicted)> = self
+            .evicted
+            .range(va.saturating_sub(longest)..end)
+            .filter(|(_, e)| e.end > va)
+            .map(|(s, e)| (*s, *e))
+            .collect();
+        if hits.is_empty() {
+            return (0, None);
+        }
+        for (s, _) in &hits {
+            self.evicted.remove(s);
+        }
+        let Some((policy, budget)) = policy else {
+            self.counters.refaults.fetch_add(1, Ordering::Relaxed);
+            return (0, None);
+        };
+        let recent: Vec<&Evicted> = hits
+            .iter()
+            .map(|(_, e)| e)
+            .filter(|e| now.saturating_duration_since(e.at) <= policy.window)
+            .collect();
+        if recent.is_empty() {
+            return (0, None);
+        }
+        self.counters.refaults.fetch_add(1, Ordering::Relaxed);
+        let refaults = recent.iter().map(|e| e.refaults).max().unwrap_or(0) + 1;
+        let cap = budget / 100 * u64::from(policy.max_protected_percent.min(90));
+        if refaults >= policy.refaults && self.protected_bytes + len <= cap {
+            self.protected_bytes += len;
+            self.counters
+                .thrash_protections
+                .fetch_add(1, Ordering::Relaxed);
+            return (0, Some(now + policy.protect_for));
+        }
+        (refaults, None)
+    }
+
+    /// The aging callback: which parts of `query.range` the device used (ACCESSED), clearing
+    /// the bits (and the translations that would hide later use) if asked.
+    fn on_age(&mut self, query: &mirror::AgeQuery, young: &mut Vec<VaRange>) {
+        if !self.view.aging_supported() {
+            return;
+        }
+        let range = query.range.start()..query.range.end();
+        let mut used = Vec::new();
+        match self.view.age(range.clone(), query.clear, &mut used) {
+            Ok(_) => young.extend(
+                used.into_iter()
+                    .filter_map(|r| VaRange::from_bounds(r.start, r.end).ok()),
+            ),
+            Err(e) => {
+                // The safe answer: nothing here is evicted on a broken answer.
+                tracing::warn!(error = %e, asid = self.label, ?range, "aging the device's entries failed; reporting the range used");
+                young.push(query.range);
+            }
+        }
     }
 
     /// Tear-down on a lost device: drop `victims` (and the arenas and pages they hold) on the
@@ -297,7 +601,11 @@ impl MirrorState {
                 self.released = true;
             }
             _ => {
-                self.tear_down(inv.range.start()..inv.range.end());
+                let range = inv.range.start()..inv.range.end();
+                self.tear_down(range.clone());
+                // What the device wrote there is not the process's memory at that address
+                // any more (unmapped, discarded or moved).
+                self.dirty_log.remove(range);
             }
         }
     }
@@ -367,6 +675,8 @@ pub struct ContextCore {
     service_lock: Mutex<()>,
     /// Revoked ranges (`MirrorState::revoked.len()`): the fault path skips looking when 0.
     revoked: AtomicU64,
+    /// The limit the latest refused run met (to explain a `Quota` cancel to the submitter).
+    last_limit: Mutex<Option<Limit>>,
 }
 
 fn cancel_reason(e: &mirror::Error) -> CancelReason {
@@ -385,8 +695,36 @@ enum WalkError {
     Mirror(mirror::Error),
     Cancel(CancelReason),
     Dma(Error),
-    /// The context's mapped-bytes quota (its value) would be exceeded.
-    Quota(u64),
+    /// A limit of the context would be exceeded: its description and value.
+    Quota(Limit),
+}
+
+/// A limit on what a context maps, as an error names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Limit {
+    /// [`ContextOptions::max_mapped_bytes`].
+    MappedBytes(u64),
+    /// [`ContextOptions::pin_budget`]: the run does not fit even after evicting what can be.
+    PinBudget(u64),
+}
+
+impl Limit {
+    /// The error a caller sees.
+    pub(crate) fn error(self) -> Error {
+        match self {
+            Limit::MappedBytes(limit) => Error::QuotaExceeded {
+                quota: "mapped (pinned) bytes of this context (the command was cancelled, its \
+                        pages would not fit; raise it with ContextOptions::max_mapped_bytes)",
+                limit,
+            },
+            Limit::PinBudget(limit) => Error::QuotaExceeded {
+                quota: "pin budget of this context (the command was cancelled: the faulting run \
+                        did not fit even after evicting every mapping that could be evicted; \
+                        raise ContextOptions::pin_budget)",
+                limit,
+            },
+        }
+    }
 }
 
 /// Where the pages of a run live.
@@ -444,12 +782,19 @@ impl ContextCore {
             counters: counters.clone(),
             released: false,
             revoked: Vec::new(),
+            clock_hand: 0,
+            evicted: BTreeMap::new(),
+            protected_bytes: 0,
+            dirty_log: RangeSet::default(),
         };
         let sub = mm
-            .subscribe(
+            .subscribe_aging(
                 VaRange::whole(),
                 state,
                 |state: &mut MirrorState, inv: &Invalidation| state.on_invalidate(inv),
+                |state: &mut MirrorState, query: &mirror::AgeQuery, young: &mut Vec<VaRange>| {
+                    state.on_age(query, young)
+                },
             )
             .map_err(Error::Mirror)?;
         Ok(ContextCore {
@@ -462,6 +807,7 @@ impl ContextCore {
             needs_identity,
             service_lock: Mutex::new(()),
             revoked: AtomicU64::new(0),
+            last_limit: Mutex::new(None),
         })
     }
 
@@ -481,6 +827,11 @@ impl ContextCore {
     /// The mirrored address space.
     pub fn address_space(&self) -> &Arc<AddressSpace> {
         &self.mm
+    }
+
+    /// The device view's table-page accounting.
+    pub fn table_stats(&self) -> crate::view::TableStats {
+        self.sub.lock().view.table_stats()
     }
 
     /// Counters.
@@ -586,6 +937,201 @@ impl ContextCore {
         }
     }
 
+    /// Under [`ContextOptions::pin_budget`], evict cold mappings until `need` more bytes fit.
+    /// `keep` (the run being mapped) is never a victim. Runs without the subscriber lock (the
+    /// aging query takes every subscriber's lock, ours included) and under the service lock,
+    /// so the mapped-bytes count only grows through this context's own installs.
+    fn make_room(&self, need: u64, keep: Range<u64>) -> Result<(), WalkError> {
+        let Some(budget) = self.options.pin_budget else {
+            return Ok(());
+        };
+        let refuse = || {
+            self.counters
+                .budget_refusals
+                .fetch_add(1, Ordering::Relaxed);
+            WalkError::Quota(Limit::PinBudget(budget))
+        };
+        if need > budget {
+            return Err(refuse());
+        }
+        // A device without page faults cannot take a page back: what it was given on submit
+        // must stay mapped until the command ends. The budget only refuses there.
+        let can_evict = !self.needs_identity;
+        for _ in 0..4 {
+            let mapped = self.counters.mapped_bytes.load(Ordering::Relaxed);
+            if mapped.saturating_add(need) <= budget {
+                return Ok(());
+            }
+            if !can_evict {
+                return Err(refuse());
+            }
+            self.counters
+                .eviction_passes
+                .fetch_add(1, Ordering::Relaxed);
+            let victims = self.pick_victims(mapped + need - budget, &keep);
+            if victims.is_empty() {
+                return Err(refuse());
+            }
+            self.sub.lock().evict(&victims, Instant::now());
+        }
+        let mapped = self.counters.mapped_bytes.load(Ordering::Relaxed);
+        if mapped.saturating_add(need) <= budget {
+            Ok(())
+        } else {
+            Err(refuse())
+        }
+    }
+
+    /// The CLOCK: from the hand on, mappings in address order, in batches whose use is asked of
+    /// the whole address space (`clear_young`: every subscriber's ACCESSED bits, cleared as they
+    /// are read). A used mapping gets a second chance; an unused one is a victim, until `want`
+    /// bytes are found. If a whole round finds too few (everything was used), the round's
+    /// mappings go in hand order; protected mappings only when nothing else is left.
+    fn pick_victims(&self, want: u64, keep: &Range<u64>) -> Vec<(u64, u64)> {
+        let now = Instant::now();
+        // (va, len, protected) in hand order.
+        let candidates: Vec<(u64, u64, bool)> = {
+            let mut state = self.sub.lock();
+            let hand = state.clock_hand;
+            let mut expired = 0;
+            let mut list: Vec<(u64, u64, bool)> = Vec::with_capacity(state.mappings.len());
+            let (after, before) = {
+                let after: Vec<u64> = state.mappings.range(hand..).map(|(va, _)| *va).collect();
+                let before: Vec<u64> = state.mappings.range(..hand).map(|(va, _)| *va).collect();
+                (after, before)
+            };
+            for va in after.into_iter().chain(before) {
+                let Some(m) = state.mappings.get_mut(&va) else {
+                    continue;
+                };
+                if m.va < keep.end && m.va + m.len > keep.start {
+                    continue;
+                }
+                if m.protected_until.is_some_and(|t| t <= now) {
+                    m.protected_until = None;
+                    expired += m.len;
+                }
+                list.push((m.va, m.len, m.protected_until.is_some()));
+            }
+            state.protected_bytes = state.protected_bytes.saturating_sub(expired);
+            list
+        };
+        let mut victims = Vec::new();
+        let mut spared = Vec::new();
+        let mut found = 0u64;
+        let mut last_examined = None;
+        let aging = self.sub.lock().view.aging_supported();
+        if !aging {
+            self.counters
+                .aging_unavailable
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let unprotected: Vec<(u64, u64)> = candidates
+            .iter()
+            .filter(|c| !c.2)
+            .map(|c| (c.0, c.1))
+            .collect();
+        'round: for batch in unprotected.chunks(AGING_BATCH) {
+            let young = if aging {
+                self.young_parts(batch)
+            } else {
+                Vec::new()
+            };
+            for &(va, len) in batch {
+                last_examined = Some(va + len);
+                let used = young.iter().any(|y| y.start() < va + len && y.end() > va);
+                if used {
+                    spared.push((va, len));
+                    continue;
+                }
+                victims.push((va, len));
+                found += len;
+                if found >= want {
+                    break 'round;
+                }
+            }
+        }
+        self.counters
+            .second_chances
+            .fetch_add(spared.len() as u64, Ordering::Relaxed);
+        // Everything was used since the hand last passed: their bits are clear now, and the
+        // hand order (oldest first from where it stands) decides.
+        for &(va, len) in &spared {
+            if found >= want {
+                break;
+            }
+            victims.push((va, len));
+            found += len;
+        }
+        for &(va, len, _) in candidates.iter().filter(|c| c.2) {
+            if found >= want {
+                break;
+            }
+            victims.push((va, len));
+            found += len;
+        }
+        if let Some(hand) = last_examined {
+            self.sub.lock().clock_hand = hand;
+        }
+        victims
+    }
+
+    /// Which parts of a batch of mappings were used since last asked, clearing the record: the
+    /// whole address space answers (every device or context mirroring it).
+    fn young_parts(&self, batch: &[(u64, u64)]) -> Vec<VaRange> {
+        let (Some(first), Some(last)) = (batch.first(), batch.last()) else {
+            return Vec::new();
+        };
+        let Ok(span) = VaRange::from_bounds(first.0, last.0 + last.1) else {
+            return Vec::new();
+        };
+        self.counters.aging_queries.fetch_add(1, Ordering::Relaxed);
+        self.counters
+            .aging_mappings
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        match self.mm.clear_young(span) {
+            Ok(young) => young,
+            Err(e) => {
+                // Without an answer nothing in the batch is known cold: spare it all.
+                tracing::warn!(error = %e, ?span, "aging query failed; sparing the batch");
+                self.counters
+                    .aging_unavailable
+                    .fetch_add(1, Ordering::Relaxed);
+                vec![span]
+            }
+        }
+    }
+
+    /// Pages of `range` the device wrote (DIRTY) since the last `dirty(.., true)`: from the
+    /// device's current entries and from entries gone since (evicted, revoked) over memory the
+    /// CPU has not changed. With `clear`, the record is cleared (and the device's translations
+    /// invalidated, so its next write is seen again). Coalesced, ascending.
+    pub fn dirty(&self, range: Range<u64>, clear: bool) -> Result<Vec<Range<u64>>, Error> {
+        let mut state = self.sub.lock();
+        if !state.view.aging_supported() {
+            return Err(Error::Unsupported(
+                "dirty tracking: the device keeps no DIRTY bits (MXA-1 revision 2 with \
+                 CAP_FEATURES.ACCESSED_DIRTY and DeviceOptions::accessed_dirty)"
+                    .into(),
+            ));
+        }
+        let mut out = Vec::new();
+        state.view.dirty(range.clone(), clear, &mut out)?;
+        let mut set = RangeSet::default();
+        for r in out.into_iter().chain(state.dirty_log.within(range.clone())) {
+            set.insert(r);
+        }
+        if clear {
+            state.dirty_log.remove(range.clone());
+        }
+        Ok(set.within(range))
+    }
+
+    /// The limit the latest refused run met, if any.
+    pub(crate) fn last_limit(&self) -> Option<Limit> {
+        *lock(&self.last_limit)
+    }
+
     /// Fault in, snapshot, DMA-map. Runs without the subscriber lock.
     fn walk(&self, range: VaRange, access: Access, backing: &Backing) -> Result<Walked, WalkError> {
         if let Backing::Arena(_) = backing {
@@ -671,7 +1217,12 @@ impl ContextCore {
     ) -> Result<Option<(VaRange, bool)>, WalkError> {
         let mut map_range = range;
         let mut large = false;
-        if self.options.large_pages {
+        // Under a small budget a 2 MiB mapping would evict too much at once (or not fit).
+        let budget_allows_large = self
+            .options
+            .pin_budget
+            .is_none_or(|b| b >= 8 * LARGE_PAGE_SIZE);
+        if self.options.large_pages && budget_allows_large {
             let block = range.start() & !(LARGE_PAGE_SIZE - 1);
             if range.end() <= block + LARGE_PAGE_SIZE {
                 if let Ok(block_range) = VaRange::new(block, LARGE_PAGE_SIZE) {
@@ -717,10 +1268,11 @@ impl ContextCore {
         backing: &Backing,
     ) -> Result<Walked, WalkError> {
         let len = map_range.len();
+        self.make_room(len, map_range.start()..map_range.end())?;
         if let Some(max) = self.options.max_mapped_bytes {
             let mapped = self.counters.mapped_bytes.load(Ordering::Relaxed);
             if mapped.saturating_add(len) > max {
-                return Err(WalkError::Quota(max));
+                return Err(WalkError::Quota(Limit::MappedBytes(max)));
             }
         }
         let align = if large { LARGE_PAGE_SIZE } else { PAGE_SIZE };
@@ -794,6 +1346,8 @@ impl ContextCore {
                 iova,
                 writable: access == Access::Write,
                 _arena: arena,
+                refaults: 0,
+                protected_until: None,
             }),
             large,
         })
@@ -816,13 +1370,11 @@ impl ContextCore {
                 })
             }
             Err(WalkError::Quota(limit)) => {
+                *lock(&self.last_limit) = Some(limit);
                 return Err(Failure {
                     reason: CancelReason::Quota,
-                    cause: Some(Error::QuotaExceeded {
-                        quota: "mapped (pinned) bytes per context",
-                        limit,
-                    }),
-                })
+                    cause: Some(limit.error()),
+                });
             }
         };
         if state.released {
@@ -834,10 +1386,14 @@ impl ContextCore {
                 return Err(CancelReason::Revoked.into());
             }
         }
-        let m = walked
+        let mut m = walked
             .mapping
             .take()
             .expect("a walk always carries its mapping");
+        let policy = self.options.thrash_protection.zip(self.options.pin_budget);
+        let longest = self.options.max_run.max(LARGE_PAGE_SIZE);
+        (m.refaults, m.protected_until) =
+            state.note_refault(m.va, m.len, Instant::now(), policy, longest);
         // Whatever the device had for this range (a read-only mapping being upgraded, a stale
         // record serviced twice) goes first, fenced, before the new leaves are written.
         state.tear_down(m.va..m.va + m.len);
@@ -913,9 +1469,13 @@ impl ContextCore {
         };
         let (grown_start, grown_end) = match stream {
             Some(previous) => {
-                let want = previous
-                    .saturating_mul(2)
-                    .clamp(block, self.options.max_run.max(block));
+                // Under a pin budget a stream grows to an eighth of it at most, so eviction
+                // works on pieces small against the budget.
+                let longest = self
+                    .options
+                    .pin_budget
+                    .map_or(self.options.max_run, |b| self.options.max_run.min(b / 8));
+                let want = previous.saturating_mul(2).clamp(block, longest.max(block));
                 (start, start.saturating_add(want).max(end))
             }
             None => (

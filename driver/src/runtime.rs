@@ -614,6 +614,31 @@ pub struct ContextStats {
     /// context's later commands on them are cancelled `Revoked`) until they end. Collected on
     /// later submits, waits and `stats()`.
     pub revoked_in_flight: usize,
+    /// The pin budget ([`crate::ContextOptions::pin_budget`]), if any.
+    pub pin_budget: Option<u64>,
+    /// Mappings evicted to stay under the pin budget, and the bytes they held.
+    pub evictions: u64,
+    /// Bytes evicted.
+    pub evicted_bytes: u64,
+    /// Mappings installed over a range evicted within the thrashing window.
+    pub refaults: u64,
+    /// Faults that had to make room (one CLOCK pass each).
+    pub eviction_passes: u64,
+    /// Aging queries asked of the address space (`clear_young`, one per batch of mappings).
+    pub aging_queries: u64,
+    /// Mappings those queries covered.
+    pub aging_mappings: u64,
+    /// Mappings the CLOCK spared because they had been used.
+    pub second_chances: u64,
+    /// Eviction passes without use information (no ACCESSED bits on the device, or an aging
+    /// query failed): victims went in address order. 0 on MXA-1 revision 2.
+    pub aging_unavailable: u64,
+    /// Mappings protected from eviction as thrashing.
+    pub thrash_protections: u64,
+    /// Faults refused because the run did not fit under the pin budget.
+    pub budget_refusals: u64,
+    /// Device page-table pages freed back to the pool (after their walk-cache fence).
+    pub table_pages_freed: u64,
 }
 
 impl<P: Personality> Context<P> {
@@ -794,17 +819,13 @@ impl Context {
     /// A command's failure as the caller should read it: a fault cancelled for the context's
     /// mapped-bytes quota names the quota, its value and what raises it.
     fn explained(&self, e: Error) -> Error {
-        match (e, self.core.options.max_mapped_bytes) {
+        match (e, self.core.last_limit()) {
             (
                 Error::Cancelled {
                     reason: CancelReason::Quota,
                 },
                 Some(limit),
-            ) => Error::QuotaExceeded {
-                quota: "mapped (pinned) bytes of this context (the command was cancelled, its \
-                        pages would not fit; raise it with ContextOptions::max_mapped_bytes)",
-                limit,
-            },
+            ) => limit.error(),
             (e, _) => e,
         }
     }
@@ -949,7 +970,38 @@ impl<P: Personality> Context<P> {
             dropped_on_lost_device: c.dropped_on_lost_device.load(Ordering::Relaxed),
             revocations: self.revocations.load(Ordering::Relaxed),
             revoked_in_flight,
+            pin_budget: self.core.options.pin_budget,
+            evictions: c.evictions.load(Ordering::Relaxed),
+            evicted_bytes: c.evicted_bytes.load(Ordering::Relaxed),
+            refaults: c.refaults.load(Ordering::Relaxed),
+            eviction_passes: c.eviction_passes.load(Ordering::Relaxed),
+            aging_queries: c.aging_queries.load(Ordering::Relaxed),
+            aging_mappings: c.aging_mappings.load(Ordering::Relaxed),
+            second_chances: c.second_chances.load(Ordering::Relaxed),
+            aging_unavailable: c.aging_unavailable.load(Ordering::Relaxed),
+            thrash_protections: c.thrash_protections.load(Ordering::Relaxed),
+            budget_refusals: c.budget_refusals.load(Ordering::Relaxed),
+            table_pages_freed: self.core.table_stats().freed,
         }
+    }
+
+    /// Pages of `[addr, addr + len)` the device wrote since the last `take_dirty` over them:
+    /// from its DIRTY bits, including those of entries evicted since (a CPU change of a range
+    /// forgets it). Clears the record. Coalesced page ranges, ascending.
+    /// [`Error::Unsupported`] on a device without DIRTY bits (MXA-1 revision 1, edu).
+    pub fn take_dirty(&self, addr: u64, len: u64) -> Result<Vec<std::ops::Range<u64>>, Error> {
+        let end = addr
+            .checked_add(len)
+            .ok_or(Error::InvalidArgument("take_dirty: range wraps"))?;
+        self.core.dirty(addr..end, true)
+    }
+
+    /// [`Self::take_dirty`] without clearing the record.
+    pub fn dirty_pages(&self, addr: u64, len: u64) -> Result<Vec<std::ops::Range<u64>>, Error> {
+        let end = addr
+            .checked_add(len)
+            .ok_or(Error::InvalidArgument("dirty_pages: range wraps"))?;
+        self.core.dirty(addr..end, false)
     }
 }
 

@@ -8,6 +8,7 @@
 //! polling mode busy-polls.
 
 pub mod daemon;
+mod oversubscription;
 pub mod report;
 mod sys;
 
@@ -311,7 +312,7 @@ impl Bench {
     pub fn run(options: &BenchOptions) -> Result<Report, Error> {
         let sizes = Sizes::new(options.quick);
         let bar = if options.progress {
-            let b = ProgressBar::new(9);
+            let b = ProgressBar::new(10);
             b.set_style(
                 ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
                     .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -340,6 +341,7 @@ impl Bench {
         b.step("memory overhead", Self::overhead)?;
         b.step("emulator idle spin", Self::idle_spin)?;
         b.step("scaling", Self::scaling)?;
+        b.step("oversubscription", Self::oversubscription)?;
         unpin();
         match &options.client_exe {
             Some(exe) => {

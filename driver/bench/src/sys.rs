@@ -69,6 +69,44 @@ impl Region {
         Ok(r)
     }
 
+    /// `pages` of address space without memory behind it until touched (MAP_NORESERVE), for
+    /// sparse use: a churn over many distinct ranges.
+    pub fn new_reserved(pages: usize) -> io::Result<Region> {
+        let len = pages * PAGE;
+        // SAFETY: a fresh anonymous mapping at a kernel-chosen address aliases nothing.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Region {
+            addr: p as usize,
+            len,
+        })
+    }
+
+    /// MADV_DONTNEED the page at `va` (inside the region): its memory goes back to the kernel.
+    pub fn discard(&self, va: u64) -> io::Result<()> {
+        let va = va as usize;
+        if va < self.addr || va + PAGE > self.addr + self.len {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: a page of our mapping that no Rust reference points into; its contents are
+        // not needed any more.
+        if unsafe { libc::madvise(va as *mut _, PAGE, libc::MADV_DONTNEED) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Start address.
     pub fn addr(&self) -> u64 {
         self.addr as u64

@@ -26,7 +26,8 @@ use crate::status::{mdrv_status, Failure, Outcome};
 
 /// The ABI version this library implements: `mdrv_abi_version()` returns it. A caller built
 /// against a header with a higher version must not assume calls or fields that version added.
-pub const MDRV_ABI_VERSION: u32 = 1;
+/// Version 2 added `mdrv_open_options.pin_budget` and the eviction counters of `mdrv_stats`.
+pub const MDRV_ABI_VERSION: u32 = 2;
 
 /// How long `mdrv_wait` may block, and a submit wait for a free queue slot, unless
 /// `mdrv_open_options.timeout_ms` says otherwise (30 s).
@@ -89,6 +90,11 @@ pub struct mdrv_open_options {
     /// access past it fails with `MDRV_ERR_LIMIT`. 0: no limit of ours (kernel VFIO still has
     /// RLIMIT_MEMLOCK). In-process kinds only (the daemon has its own quotas).
     pub max_mapped_bytes: u64,
+    /// Pin budget of each context: past it the context's cold mappings are evicted (the device
+    /// faults them back when it uses them again) instead of accesses failing; only a single
+    /// run larger than the budget fails with `MDRV_ERR_LIMIT`. 0: none. In-process kinds only
+    /// (the daemon sets its clients' budget itself: `mirrorctl serve --pin-budget-mib`).
+    pub pin_budget: u64,
 }
 
 /// A context's statistics (`mdrv_context_stats`). Set `size` to `sizeof(mdrv_stats)` before the
@@ -138,6 +144,14 @@ pub struct mdrv_stats {
     pub commands: u64,
     /// This context's commands in flight (submitted, not collected by a wait or poll).
     pub in_flight: u64,
+    /// Mappings evicted to stay under the pin budget.
+    pub evictions: u64,
+    /// Mappings installed again over a range evicted shortly before.
+    pub refaults: u64,
+    /// Mappings protected from eviction as thrashing.
+    pub thrash_protections: u64,
+    /// Device page-table pages freed back to the pool.
+    pub table_pages_freed: u64,
 }
 
 /// The device's page-table entry for one address (`mdrv_get_device_entry`). Set `size` to
@@ -338,6 +352,7 @@ fn defaults() -> mdrv_open_options {
         reserved: 0,
         timeout_ms: MDRV_DEFAULT_TIMEOUT_MS,
         max_mapped_bytes: 0,
+        pin_budget: 0,
     }
 }
 
@@ -487,6 +502,7 @@ pub unsafe extern "C" fn mdrv_device_open(
             timeout,
             context: ContextOptions {
                 max_mapped_bytes: (o.max_mapped_bytes != 0).then_some(o.max_mapped_bytes),
+                pin_budget: (o.pin_budget != 0).then_some(o.pin_budget),
                 ..ContextOptions::default()
             },
             ..RuntimeOptions::default()
@@ -985,6 +1001,10 @@ pub unsafe extern "C" fn mdrv_context_stats(ctx: *mut mdrv_context, out: *mut md
                     revoked_in_flight: s.revoked_in_flight as u64,
                     commands: c.runtime().commands_submitted(),
                     in_flight,
+                    evictions: s.evictions,
+                    refaults: s.refaults,
+                    thrash_protections: s.thrash_protections,
+                    table_pages_freed: s.table_pages_freed,
                 }
             }
             ContextInner::Daemon(c) => {

@@ -93,6 +93,12 @@ pub struct DaemonConfig {
     /// bound is what keeps another client's small command from waiting behind a heavy client's
     /// whole in-flight quota. 0: no bound.
     pub device_bytes_per_client: u64,
+    /// Pin budget of each client's context ([`driver::ContextOptions::pin_budget`]): past it the
+    /// client's cold mappings are evicted (and fault back when used) instead of its commands
+    /// being cancelled. `None`: none, and a client past `limits.max_mapped_bytes` is cancelled
+    /// with `Quota`. Default 256 MiB, the default mapped-bytes quota: a client stays under the
+    /// quota by eviction, and only a single run larger than the budget is refused.
+    pub pin_budget_per_client: Option<u64>,
 }
 
 impl DaemonConfig {
@@ -119,6 +125,7 @@ impl DaemonConfig {
             max_arena_bytes_per_uid: 8 << 30,
             max_arena_bytes_total: 16 << 30,
             device_bytes_per_client: DEFAULT_DEVICE_BYTES_PER_CLIENT,
+            pin_budget_per_client: Some(256 << 20),
         }
     }
 
@@ -1771,6 +1778,7 @@ impl Session {
             let options = ContextOptions {
                 reach: Reach::Arenas(arenas.clone()),
                 max_mapped_bytes: Some(limits.max_mapped_bytes),
+                pin_budget: shared.config.pin_budget_per_client,
                 // A client that keeps the daemon from registering its arena for events (its
                 // own userfaultfd on it) would otherwise leave mappings the daemon never
                 // hears about: refuse with `Untracked` instead.

@@ -112,6 +112,10 @@ enum Command {
         /// Most MiB mapped (pinned) per client.
         #[arg(long, default_value_t = 256)]
         max_mapped_mib: u64,
+        /// Pin budget per client in MiB: past it the client's cold mappings are evicted
+        /// (they fault back when used) instead of its commands being cancelled; 0: none.
+        #[arg(long, default_value_t = 256)]
+        pin_budget_mib: u64,
         /// Most arenas registered at once per client.
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
         max_arenas_per_client: u32,
@@ -194,6 +198,7 @@ fn main() -> ExitCode {
             max_clients_per_uid,
             max_in_flight,
             max_mapped_mib,
+            pin_budget_mib,
             max_arenas_per_client,
             max_arena_mib_per_client,
             resources,
@@ -225,6 +230,7 @@ fn main() -> ExitCode {
             config.max_clients_per_uid = max_clients_per_uid.unwrap_or(max_clients);
             config.limits.max_in_flight = max_in_flight;
             config.limits.max_mapped_bytes = max_mapped_mib << 20;
+            config.pin_budget_per_client = (pin_budget_mib > 0).then_some(pin_budget_mib << 20);
             config.limits.max_arenas = max_arenas_per_client;
             config.limits.max_arena_bytes = max_arena_mib_per_client << 20;
             resources.apply(&mut config);

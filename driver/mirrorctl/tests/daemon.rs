@@ -542,6 +542,33 @@ fn role_quota(client: &Arc<DaemonClient>) {
     report(format!("mapped {}", s.mapped_bytes));
 }
 
+/// Fills an arena four times the pin budget in chunks, checks every byte, then fills a fresh
+/// arena: under the budget the daemon evicts the client's cold mappings instead of cancelling.
+fn role_oversubscribe(client: &Arc<DaemonClient>) {
+    let chunk = 2 << 20;
+    let mut arena = client.alloc_arena(32 << 20).expect("arena");
+    let mut max_mapped = 0;
+    for (i, piece) in arena.chunks_mut(chunk).enumerate() {
+        if let Err(e) = client.fill(piece, 0x0101_0101_0101_0101 * (i as u64 + 1)) {
+            report(format!("fill-error {i} {e}"));
+            return;
+        }
+        max_mapped = max_mapped.max(client.stats().unwrap().mapped_bytes);
+    }
+    let wrong = arena
+        .chunks(chunk)
+        .enumerate()
+        .filter(|(i, piece)| piece.iter().any(|b| *b != *i as u8 + 1))
+        .count();
+    report(format!("wrong-chunks {wrong}"));
+    report(format!("max-mapped {max_mapped}"));
+    let mut fresh = client.alloc_arena(64 << 10).expect("second arena");
+    match client.fill(&mut fresh[..], 0x7777_7777_7777_7777) {
+        Ok(()) => report(format!("fresh-ok {}", fresh.iter().all(|b| *b == 0x77))),
+        Err(e) => report(format!("fresh-error {e}")),
+    }
+}
+
 /// Fills a fresh arena, then does what the test says, one stdin line at a time: `unregister`
 /// the arena (it stays mapped), or report its `stats` and end.
 fn role_stale(client: &Arc<DaemonClient>) {
@@ -676,6 +703,7 @@ fn client_role() {
         "storm" => role_storm(&client),
         "hold" => role_hold(&client),
         "quota" => role_quota(&client),
+        "oversubscribe" => role_oversubscribe(&client),
         "stats" => role_stats(&client),
         "stale" => role_stale(&client),
         "lose" => role_lose(&client),
@@ -936,6 +964,34 @@ fn quotas_and_limits_are_named() {
         drop(c.stdin.take());
         assert!(wait_timeout(&mut c, Duration::from_secs(30)));
     }
+    d.stop();
+}
+
+/// A client that fills four times its pin budget is not cancelled (it was, with `Quota`, at
+/// exactly the mapped-bytes quota before the daemon evicted): its cold mappings are evicted,
+/// its data is right, it never has more than the budget mapped, and a fresh arena afterwards
+/// works.
+#[test]
+fn a_client_past_its_pin_budget_is_evicted_not_cancelled() {
+    let budget = 8 << 20;
+    let d = TestDaemon::start("oversub", ServiceMode::Polling, |c| {
+        c.limits.max_mapped_bytes = budget;
+        c.pin_budget_per_client = Some(budget);
+    });
+    let (ok, lines) = finish(d.client("oversubscribe", ""));
+    assert!(ok, "{lines:?}");
+    let get = |k: &str| {
+        lines
+            .iter()
+            .find_map(|l| l.strip_prefix(&format!("{k} ")).map(str::to_string))
+            .unwrap_or_else(|| panic!("no {k} in {lines:?}"))
+    };
+    assert_eq!(get("wrong-chunks"), "0", "{lines:?}");
+    assert!(
+        get("max-mapped").parse::<u64>().unwrap() <= budget,
+        "{lines:?}"
+    );
+    assert_eq!(get("fresh-ok"), "true", "{lines:?}");
     d.stop();
 }
 

@@ -399,6 +399,25 @@ static void case_limits(void) {
     must(mdrv_device_close(dev), "close");
     munmap(m, len);
 
+    /* pin_budget 256 KiB: the same 4 MiB fill succeeds, the context's cold mappings evicted
+     * as the device moves on, never more than the budget mapped. */
+    must(mdrv_open_options_init(&o, sizeof o), "init");
+    o.pin_budget = 256 << 10;
+    must(mdrv_device_open(&o, &dev), "open with pin_budget 256 KiB");
+    must(mdrv_context_create(dev, &ctx), "create");
+    m = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    must(fill(ctx, m, len, 0x2929292929292929ull), "a 4 MiB fill under a 256 KiB pin budget");
+    expect(all_bytes(m, len, 0x29), "... and every byte was written");
+    mdrv_stats b;
+    memset(&b, 0, sizeof b);
+    b.size = sizeof b;
+    must(mdrv_context_stats(ctx, &b), "stats");
+    expect(b.evictions > 0, "cold mappings were evicted (stats.evictions)");
+    expect(b.mapped_bytes <= (256u << 10), "no more than the budget is mapped");
+    must(mdrv_context_destroy(ctx), "destroy");
+    must(mdrv_device_close(dev), "close");
+    munmap(m, len);
+
     /* timeout_ms 1: a 4 MiB fill of fresh memory (1024 device faults) cannot complete in time.
      * The wait must return MDRV_ERR_TIMEOUT only once the device can no longer write the
      * buffer: bytes written on the CPU after it returned stay as written. */
