@@ -60,7 +60,8 @@
 
 // The ABI version this library implements: `mdrv_abi_version()` returns it. A caller built
 // against a header with a higher version must not assume calls or fields that version added.
-#define MDRV_ABI_VERSION 1
+// Version 2 added `mdrv_open_options.pin_budget` and the eviction counters of `mdrv_stats`.
+#define MDRV_ABI_VERSION 2
 
 // How long `mdrv_wait` may block, and a submit wait for a free queue slot, unless
 // `mdrv_open_options.timeout_ms` says otherwise (30 s).
@@ -180,6 +181,11 @@ typedef struct mdrv_open_options {
   // access past it fails with `MDRV_ERR_LIMIT`. 0: no limit of ours (kernel VFIO still has
   // RLIMIT_MEMLOCK). In-process kinds only (the daemon has its own quotas).
   uint64_t max_mapped_bytes;
+  // Pin budget of each context: past it the context's cold mappings are evicted (the device
+  // faults them back when it uses them again) instead of accesses failing; only a single
+  // run larger than the budget fails with `MDRV_ERR_LIMIT`. 0: none. In-process kinds only
+  // (the daemon sets its clients' budget itself: `mirrorctl serve --pin-budget-mib`).
+  uint64_t pin_budget;
 } mdrv_open_options;
 
 // A context's statistics (`mdrv_context_stats`). Set `size` to `sizeof(mdrv_stats)` before the
@@ -227,6 +233,14 @@ typedef struct mdrv_stats {
   uint64_t commands;
   // This context's commands in flight (submitted, not collected by a wait or poll).
   uint64_t in_flight;
+  // Mappings evicted to stay under the pin budget.
+  uint64_t evictions;
+  // Mappings installed again over a range evicted shortly before.
+  uint64_t refaults;
+  // Mappings protected from eviction as thrashing.
+  uint64_t thrash_protections;
+  // Device page-table pages freed back to the pool.
+  uint64_t table_pages_freed;
 } mdrv_stats;
 
 // The device's page-table entry for one address (`mdrv_get_device_entry`). Set `size` to
