@@ -7,7 +7,10 @@
 //!    until no access that could use an old mapping or translation is in flight.
 //! 2. `state` (Mutex): registers and the work bookkeeping. Never held while waiting for
 //!    `iommu` for write, so a writer can always drain the readers.
-//! 3. `tlb`, `iommu_log`, `irqs`, `config` (leaf mutexes, held briefly).
+//! 3. `tlb`, `iommu_log`, `irqs`, `config` (leaf mutexes, held briefly). `tlb` also holds the
+//!    page-walk cache and the revision-2 counters (see `tlb.rs`), so a TLB miss consults the
+//!    walk cache without another lock and a hit never touches it. No DMA access is made while
+//!    `tlb` is held: a walk reads (and A/D-updates) entries between two `tlb` sections.
 //!
 //! Generations: a reset bumps `generation` under `state`, then drains `iommu`. A work item
 //! remembers the generation it was fetched in; every chunk checks it after taking the `iommu`
@@ -29,8 +32,9 @@ use accel_abi::{
 
 use crate::config_space::ConfigSpace;
 use crate::iommu::{FaultLog, Iommu, IommuFaultEntry, IommuFaultReason};
-use crate::mmu::{walk, Walk};
+use crate::mmu::{from_root, walk, Walk};
 use crate::tlb::{Tlb, TlbiTarget};
+use crate::walk_cache::TableStep;
 use crate::AcceleratorConfig;
 use sys_util::sync::{ignore_poison, lock, read, write};
 
@@ -41,6 +45,11 @@ pub(crate) const IOMMU_LOG_CAP: usize = 256;
 const IDLE_POLL: Duration = Duration::from_millis(50);
 /// Looks with `spin_loop` before an idle worker starts yielding the CPU between looks.
 const SPIN_HINTS: u32 = 16;
+/// Walks one translation may make when its ACCESSED/DIRTY compare-and-swap keeps finding the
+/// leaf changed (the driver rewriting it meanwhile). After that many the access stalls as if
+/// the page were not present: the fault handler sees it mapped and replays, instead of a
+/// worker spinning against a driver that never stops writing the entry.
+const AD_WALK_ATTEMPTS: u32 = 16;
 
 /// Register file values (everything the driver can see that is not derived).
 #[derive(Default)]
@@ -67,6 +76,7 @@ struct Regs {
     tlbi_size: u64,
     tlbi_done: u32,
     tlbi_count: u32,
+    pt_ctrl: u32,
 }
 
 /// A fetched command with its progress (so a stall resumes where it stopped).
@@ -185,7 +195,11 @@ enum Step {
 enum Action {
     None,
     Reset,
-    Tlbi { target: TlbiTarget, seq: u32 },
+    Tlbi {
+        target: TlbiTarget,
+        leaf_only: bool,
+        seq: u32,
+    },
     Cancel(WorkItem, u32),
 }
 
@@ -203,6 +217,8 @@ pub(crate) struct Inner {
     iommu: RwLock<Iommu>,
     iommu_log: Mutex<FaultLog>,
     tlb: Mutex<Tlb>,
+    /// PT_CTRL.AD_ENABLE, mirrored out of `state` so that translation reads it without a lock.
+    ad_enable: AtomicBool,
     tlbi_serial: Mutex<()>,
     roots: Vec<AtomicU64>,
     generation: AtomicU64,
@@ -290,6 +306,27 @@ impl Dma<'_> {
             .map_err(|e| self.fault(iova, true, IommuFaultReason::Backing(e)))
     }
 
+    /// Compare-and-swap the u64 at `iova` (the walker's ACCESSED/DIRTY update). Like an
+    /// atomic, it needs both directions from the IOMMU.
+    fn compare_exchange(
+        &self,
+        iova: u64,
+        current: u64,
+        new: u64,
+    ) -> Result<Result<u64, u64>, DmaFault> {
+        self.check(iova)?;
+        self.iommu
+            .resolve(iova, 8, false)
+            .map_err(|r| self.fault(iova, true, r))?;
+        let (m, off) = self
+            .iommu
+            .resolve(iova, 8, true)
+            .map_err(|r| self.fault(iova, true, r))?;
+        m.mem
+            .compare_exchange_u64(off, current, new)
+            .map_err(|e| self.fault(iova, true, IommuFaultReason::Backing(e)))
+    }
+
     fn read_u64(&self, iova: u64) -> Result<u64, DmaFault> {
         let mut b = [0u8; 8];
         self.read(iova, &mut b)?;
@@ -319,7 +356,8 @@ impl Inner {
     pub(crate) fn new(cfg: AcceleratorConfig) -> Self {
         let roots = (0..cfg.asids).map(|_| AtomicU64::new(0)).collect();
         Inner {
-            tlb: Mutex::new(Tlb::new(cfg.tlb_entries)),
+            tlb: Mutex::new(Tlb::new(cfg.tlb_entries, cfg.walk_cache_entries)),
+            ad_enable: AtomicBool::new(false),
             cfg,
             config: Mutex::new(ConfigSpace::new()),
             memory_enabled: AtomicBool::new(false),
@@ -463,9 +501,9 @@ impl Inner {
             let idx = ((offset - ASID_ROOT_BASE) / 8) as usize;
             return self.roots.get(idx).map_or(0, |r| r.load(Ordering::Acquire));
         }
-        let (hits, misses) = {
+        let (hits, misses, walk_cache_hits, ad_updates) = {
             let t = lock(&self.tlb);
-            (t.hits, t.misses)
+            (t.hits, t.misses, t.walk_cache.hits, t.ad_updates)
         };
         let st = lock(&self.state);
         let r = &st.regs;
@@ -480,6 +518,8 @@ impl Inner {
             CAP_VECTORS => accel_abi::vector::COUNT.into(),
             CAP_MAX_TRANSFER => self.cfg.max_transfer.into(),
             CAP_FAULT_LOOKAHEAD => self.cfg.fault_lookahead.into(),
+            CAP_FEATURES => self.cfg.features().into(),
+            PT_CTRL => r.pt_ctrl.into(),
             CONTROL => r.control.into(),
             STATUS => st.status().into(),
             ERROR_CODE => r.error_code.into(),
@@ -506,6 +546,8 @@ impl Inner {
             TLB_HITS => hits,
             TLB_MISSES => misses,
             TLBI_COUNT => r.tlbi_count.into(),
+            WALK_CACHE_HITS => walk_cache_hits,
+            AD_UPDATES => ad_updates,
             _ => u64::MAX,
         };
         v
@@ -533,7 +575,11 @@ impl Inner {
         match action {
             Action::None => {}
             Action::Reset => self.reset(),
-            Action::Tlbi { target, seq } => self.invalidate_tlb(target, seq),
+            Action::Tlbi {
+                target,
+                leaf_only,
+                seq,
+            } => self.invalidate_tlb(target, leaf_only, seq),
             Action::Cancel(item, code) => {
                 let dma = self.dma();
                 let mut st = lock(&self.state);
@@ -558,11 +604,31 @@ impl Inner {
             let idx = ((offset - ASID_ROOT_BASE) / 8) as usize;
             if let Some(r) = self.roots.get(idx) {
                 r.store(value, Ordering::Release);
+                // The walk cache holds pointers found under the old root; the TLB keeps its
+                // leaves (a root write never invalidated the TLB: the driver does that).
+                if let Ok(asid) = u16::try_from(idx) {
+                    lock(&self.tlb)
+                        .walk_cache
+                        .invalidate(TlbiTarget::Asid(asid));
+                }
             }
             return Action::None;
         }
         let r = &mut st.regs;
         match offset {
+            PT_CTRL => {
+                let supported = if self.cfg.accessed_dirty {
+                    pt_ctrl::AD_ENABLE
+                } else {
+                    0
+                };
+                if v32 & !supported != 0 {
+                    return bad_value(self, st);
+                }
+                st.regs.pt_ctrl = v32;
+                self.ad_enable
+                    .store(v32 & pt_ctrl::AD_ENABLE != 0, Ordering::Release);
+            }
             CONTROL => {
                 if v32 & !control::ALL != 0 {
                     return bad_value(self, st);
@@ -687,7 +753,7 @@ impl Inner {
             }
             TLBI_ASID => r.tlbi_asid = v32,
             TLBI_SCOPE => {
-                if TlbiScope::from_u32(v32).is_none() {
+                if TlbiScope::decode(v32).is_none() {
                     return bad_value(self, st);
                 }
                 r.tlbi_scope = v32;
@@ -695,14 +761,18 @@ impl Inner {
             TLBI_VA => r.tlbi_va = value,
             TLBI_SIZE => r.tlbi_size = value,
             TLBI_TRIGGER => {
-                let target = match self.tlbi_target(&st.regs) {
+                let (target, leaf_only) = match self.tlbi_target(&st.regs) {
                     Ok(t) => t,
                     Err(bad_reg) => {
                         self.set_error(st, ErrorCode::BadRegisterValue, bad_reg);
                         return Action::None;
                     }
                 };
-                return Action::Tlbi { target, seq: v32 };
+                return Action::Tlbi {
+                    target,
+                    leaf_only,
+                    seq: v32,
+                };
             }
             _ => {
                 // Every writable register is handled above; anything else was filtered by
@@ -713,9 +783,14 @@ impl Inner {
         Action::None
     }
 
-    /// Validate the TLBI_* registers; on error, the offset of the offending register.
-    fn tlbi_target(&self, r: &Regs) -> Result<TlbiTarget, u64> {
-        let scope = TlbiScope::from_u32(r.tlbi_scope).ok_or(regs::TLBI_SCOPE)?;
+    /// Validate the TLBI_* registers: the target and whether LEAF_ONLY is set; on error, the
+    /// offset of the offending register.
+    fn tlbi_target(&self, r: &Regs) -> Result<(TlbiTarget, bool), u64> {
+        let (scope, leaf_only) = TlbiScope::decode(r.tlbi_scope).ok_or(regs::TLBI_SCOPE)?;
+        self.tlbi_scope_target(r, scope).map(|t| (t, leaf_only))
+    }
+
+    fn tlbi_scope_target(&self, r: &Regs, scope: TlbiScope) -> Result<TlbiTarget, u64> {
         let asid = u16::try_from(r.tlbi_asid)
             .ok()
             .filter(|a| u32::from(*a) < self.cfg.asids);
@@ -742,12 +817,13 @@ impl Inner {
         }
     }
 
-    /// Drop the matching TLB entries, wait for every in-flight access (any of which may be
-    /// using a dropped translation), then publish TLBI_DONE.
-    fn invalidate_tlb(&self, target: TlbiTarget, seq: u32) {
+    /// Drop the matching TLB entries (and walk-cache entries unless `leaf_only`), wait for
+    /// every in-flight access (any of which may be using a dropped translation), then publish
+    /// TLBI_DONE.
+    fn invalidate_tlb(&self, target: TlbiTarget, leaf_only: bool, seq: u32) {
         let _serial = lock(&self.tlbi_serial);
         let generation = self.generation.load(Ordering::Acquire);
-        lock(&self.tlb).invalidate(target);
+        lock(&self.tlb).invalidate(target, leaf_only);
         drop(write(&self.iommu));
         let mut st = lock(&self.state);
         if st.generation == generation {
@@ -767,6 +843,7 @@ impl Inner {
             st.shutdown = shutdown;
             st.parked = parked;
             self.generation.store(generation, Ordering::Release);
+            self.ad_enable.store(false, Ordering::Release);
             for r in &self.roots {
                 r.store(0, Ordering::Release);
             }
@@ -1115,7 +1192,9 @@ impl Inner {
         })
     }
 
-    /// Translate `va` of `asid` for `access`: TLB first, then a page walk.
+    /// Translate `va` of `asid` for `access`: TLB first, then a page walk (from the deepest
+    /// walk-cache entry covering `va`, else the root), with the ACCESSED/DIRTY update when
+    /// PT_CTRL.AD_ENABLE is set.
     fn translate(
         &self,
         dma: &Dma<'_>,
@@ -1123,10 +1202,15 @@ impl Inner {
         va: u64,
         access: AccessKind,
     ) -> Result<u64, Stop> {
-        let walk_seq = {
+        let writes = matches!(access, AccessKind::Write | AccessKind::Atomic);
+        let (walk_seq, cache_seq, cached) = {
             let mut tlb = lock(&self.tlb);
             if let Some(e) = tlb.lookup(asid, va) {
-                if perms_allow(e.perms, access) {
+                // A write through a translation cached without DIRTY re-walks to set it (only
+                // A/D maintenance needs that, so AD_ENABLE is read on that path alone).
+                if perms_allow(e.perms, access)
+                    && (e.dirty || !writes || !self.ad_enable.load(Ordering::Acquire))
+                {
                     tlb.hits += 1;
                     return Ok(e.iova_of(va));
                 }
@@ -1135,7 +1219,8 @@ impl Inner {
                 tlb.remove(asid, &e);
             }
             tlb.misses += 1;
-            tlb.seq()
+            let cached = tlb.walk_cache.lookup(asid, va);
+            (tlb.seq(), tlb.walk_cache.seq(), cached)
         };
         let root = self
             .roots
@@ -1144,44 +1229,105 @@ impl Inner {
         if root & regs::ASID_ROOT_VALID == 0 {
             return Err(Stop::Fail(Status::BadAsid, asid.into()));
         }
-        let mut read_fault = None;
-        let outcome = walk(root & pt::ADDR_MASK, va, |iova| match dma.read_u64(iova) {
-            Ok(v) => Some(v),
-            Err(f) => {
-                read_fault = Some(f);
-                None
-            }
-        });
-        match outcome {
-            Walk::Leaf(e) if perms_allow(e.perms, access) => {
-                lock(&self.tlb).insert(asid, e, walk_seq);
-                Ok(e.iova_of(va))
-            }
-            Walk::Leaf(_) => Err(Stop::Stall {
+        let start = cached.unwrap_or_else(|| from_root(root & pt::ADDR_MASK));
+        let ad = self.ad_enable.load(Ordering::Acquire);
+        let mut attempts = 0u32;
+        loop {
+            attempts += 1;
+            let mut read_fault = None;
+            let mut steps = [TableStep {
+                level: 0,
+                next_table: 0,
+            }; 3];
+            let mut n_steps = 0usize;
+            let outcome = walk(
+                start,
                 va,
-                access,
-                reason: FaultReason::Permission,
-            }),
-            Walk::NotPresent => Err(Stop::Stall {
-                va,
-                access,
-                reason: FaultReason::NotPresent,
-            }),
-            Walk::BadPte { entry_iova } => {
-                let mut st = lock(&self.state);
-                self.set_error(&mut st, ErrorCode::BadPte, entry_iova);
-                Err(Stop::Fail(Status::BadPte, va))
-            }
-            Walk::ReadFailed { entry_iova } => {
-                let mut st = lock(&self.state);
-                let f = read_fault.unwrap_or(DmaFault {
-                    iova: entry_iova,
-                    reason: None,
-                });
-                self.note_dma_fault(&mut st, f);
-                Err(Stop::Fail(Status::IommuFault, entry_iova))
-            }
-            Walk::NonCanonical => Err(Stop::Fail(Status::NonCanonical, va)),
+                |iova| match dma.read_u64(iova) {
+                    Ok(v) => Some(v),
+                    Err(f) => {
+                        read_fault = Some(f);
+                        None
+                    }
+                },
+                |step| {
+                    if let Some(slot) = steps.get_mut(n_steps) {
+                        *slot = step;
+                        n_steps += 1;
+                    }
+                },
+            );
+            let steps = &steps[..n_steps];
+            let stall = |reason| Stop::Stall { va, access, reason };
+            return match outcome {
+                Walk::Leaf {
+                    mut entry,
+                    pte_iova,
+                    raw,
+                } if perms_allow(entry.perms, access) => {
+                    let mut updated = false;
+                    let want = raw | pt::ACCESSED | if writes { pt::DIRTY } else { 0 };
+                    if ad && want != raw {
+                        // Against the value the walk read: a leaf the driver cleared or
+                        // replaced meanwhile never gets bits ORed into it; walk again instead.
+                        match self.data(dma.compare_exchange(pte_iova, raw, want))? {
+                            Ok(_) => {
+                                updated = true;
+                                entry.dirty = pt::dirty(want);
+                            }
+                            Err(actual) if attempts < AD_WALK_ATTEMPTS => {
+                                tracing::trace!(pte_iova, raw, actual, "leaf changed, re-walk");
+                                continue;
+                            }
+                            Err(actual) => {
+                                tracing::debug!(
+                                    va,
+                                    pte_iova,
+                                    actual,
+                                    attempts,
+                                    "leaf kept changing under the A/D update \
+                                     (AD_WALK_ATTEMPTS): stalling as not present"
+                                );
+                                return Err(stall(FaultReason::NotPresent));
+                            }
+                        }
+                    }
+                    let mut tlb = lock(&self.tlb);
+                    tlb.insert(asid, entry, walk_seq);
+                    tlb.walk_cache.insert(asid, va, steps, cache_seq);
+                    if updated {
+                        tlb.ad_updates += 1;
+                    }
+                    Ok(entry.iova_of(va))
+                }
+                Walk::Leaf { .. } => {
+                    lock(&self.tlb)
+                        .walk_cache
+                        .insert(asid, va, steps, cache_seq);
+                    Err(stall(FaultReason::Permission))
+                }
+                Walk::NotPresent => {
+                    lock(&self.tlb)
+                        .walk_cache
+                        .insert(asid, va, steps, cache_seq);
+                    Err(stall(FaultReason::NotPresent))
+                }
+                Walk::BadPte { entry_iova } => {
+                    let mut st = lock(&self.state);
+                    self.set_error(&mut st, ErrorCode::BadPte, entry_iova);
+                    Err(Stop::Fail(Status::BadPte, va))
+                }
+                Walk::ReadFailed { entry_iova } => {
+                    let mut st = lock(&self.state);
+                    let f = read_fault.unwrap_or(DmaFault {
+                        iova: entry_iova,
+                        reason: None,
+                    });
+                    self.note_dma_fault(&mut st, f);
+                    Err(Stop::Fail(Status::IommuFault, entry_iova))
+                }
+                Walk::NonCanonical => Err(Stop::Fail(Status::NonCanonical, va)),
+            };
         }
     }
 
@@ -1239,9 +1385,17 @@ impl Inner {
         candidates
             .into_iter()
             .map_while(|va| {
-                let reason = match walk(root & pt::ADDR_MASK, va, |iova| dma.read_u64(iova).ok()) {
-                    Walk::Leaf(e) if perms_allow(e.perms, access) => None,
-                    Walk::Leaf(_) => Some(FaultReason::Permission),
+                // From the root, through neither cache, and never setting ACCESSED/DIRTY: no
+                // access is made through a lookahead translation.
+                let outcome = walk(
+                    from_root(root & pt::ADDR_MASK),
+                    va,
+                    |iova| dma.read_u64(iova).ok(),
+                    |_| {},
+                );
+                let reason = match outcome {
+                    Walk::Leaf { entry, .. } if perms_allow(entry.perms, access) => None,
+                    Walk::Leaf { .. } => Some(FaultReason::Permission),
                     Walk::NotPresent => Some(FaultReason::NotPresent),
                     // Only the access that reaches such a page may report it.
                     Walk::BadPte { .. } | Walk::ReadFailed { .. } | Walk::NonCanonical => None,

@@ -25,6 +25,7 @@ mod memory;
 mod mmu;
 mod tlb;
 pub mod vfio_user_server;
+mod walk_cache;
 
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
@@ -65,7 +66,18 @@ pub struct AcceleratorConfig {
     /// INTR_STATUS latches as always, interrupt routing is accepted, and no eventfd is ever
     /// signalled.
     pub deliver_msi: bool,
+    /// The device implements ACCESSED/DIRTY maintenance (CAP_FEATURES.ACCESSED_DIRTY; the
+    /// driver turns it on with PT_CTRL.AD_ENABLE). Default true; false models a revision-2
+    /// device without it, whose PT_CTRL refuses AD_ENABLE.
+    pub accessed_dirty: bool,
+    /// Page-walk cache capacity in non-leaf entries, `0..=65536` (default
+    /// [`DEFAULT_WALK_CACHE_ENTRIES`]). 0: no walk cache, CAP_FEATURES.WALK_CACHE clear, every
+    /// walk starts at the root.
+    pub walk_cache_entries: usize,
 }
+
+/// Default [`AcceleratorConfig::walk_cache_entries`].
+pub const DEFAULT_WALK_CACHE_ENTRIES: usize = 64;
 
 /// Default [`AcceleratorConfig::fault_lookahead`]: a 64 KiB operand faults in one batch.
 pub const DEFAULT_FAULT_LOOKAHEAD: u32 = 15;
@@ -86,6 +98,8 @@ impl Default for AcceleratorConfig {
             idle_spin_us: DEFAULT_IDLE_SPIN_US,
             fault_lookahead: DEFAULT_FAULT_LOOKAHEAD,
             deliver_msi: true,
+            accessed_dirty: true,
+            walk_cache_entries: DEFAULT_WALK_CACHE_ENTRIES,
         }
     }
 }
@@ -103,6 +117,19 @@ pub struct ConfigError {
 }
 
 impl AcceleratorConfig {
+    /// CAP_FEATURES as this configuration reports it.
+    pub fn features(&self) -> u32 {
+        use accel_abi::regs::features;
+        let mut f = 0;
+        if self.accessed_dirty {
+            f |= features::ACCESSED_DIRTY;
+        }
+        if self.walk_cache_entries > 0 {
+            f |= features::WALK_CACHE;
+        }
+        f
+    }
+
     fn validate(&self) -> Result<(), ConfigError> {
         let fail = |field, value: u64, rule| Err(ConfigError { field, value, rule });
         if !(1..=accel_abi::regs::MAX_ASIDS).contains(&self.asids) {
@@ -134,6 +161,13 @@ impl AcceleratorConfig {
         }
         if self.max_transfer < 4096 {
             return fail("max_transfer", self.max_transfer.into(), ">= 4096");
+        }
+        if self.walk_cache_entries > 65536 {
+            return fail(
+                "walk_cache_entries",
+                self.walk_cache_entries as u64,
+                "0..=65536",
+            );
         }
         if self.idle_spin_us > 10_000 {
             return fail("idle_spin_us", self.idle_spin_us.into(), "0..=10000");
@@ -348,6 +382,10 @@ mod tests {
             },
             AcceleratorConfig {
                 idle_spin_us: 10_001,
+                ..Default::default()
+            },
+            AcceleratorConfig {
+                walk_cache_entries: 65537,
                 ..Default::default()
             },
         ];

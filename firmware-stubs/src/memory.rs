@@ -66,6 +66,23 @@ pub trait DmaMemory: Send + Sync {
     /// Add `value` to the little-endian u64 at `offset` (8-byte aligned); returns the old value.
     fn atomic_add_u64(&self, offset: u64, value: u64) -> Result<u64, DmaAccessError>;
 
+    /// Compare-and-swap the little-endian u64 at `offset` (8-byte aligned): if it holds
+    /// `current`, store `new` and return `Ok(Ok(current))`; otherwise store nothing and return
+    /// `Ok(Err(actual))`. The walker sets ACCESSED/DIRTY in page-table leaves with it.
+    ///
+    /// Atomicity depends on the backend. [`SharedRegion`] does a real atomic compare-exchange,
+    /// atomic against the driver's CPU accesses too. A backend that reaches its memory only by
+    /// copies ([`ProcessMemory`], and the vfio-user server's message-based client memory) does a
+    /// read, a compare and a write under a lock: atomic against other device work through that
+    /// lock, **not** against the driver: a driver store between the device's read and write is
+    /// overwritten by the device's value.
+    fn compare_exchange_u64(
+        &self,
+        offset: u64,
+        current: u64,
+        new: u64,
+    ) -> Result<Result<u64, u64>, DmaAccessError>;
+
     /// Store a u32 so that every earlier write through this object is visible to a reader that
     /// observes the stored value with an acquire load. The device writes "done"/"valid" words
     /// with it.
@@ -329,6 +346,20 @@ impl DmaMemory for SharedRegion {
             .fetch_add(value, Ordering::AcqRel))
     }
 
+    fn compare_exchange_u64(
+        &self,
+        offset: u64,
+        current: u64,
+        new: u64,
+    ) -> Result<Result<u64, u64>, DmaAccessError> {
+        Ok(self.word64(offset, true)?.compare_exchange(
+            current,
+            new,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ))
+    }
+
     fn store_u32_release(&self, offset: u64, value: u32) -> Result<(), DmaAccessError> {
         self.store_u32(offset, value)
     }
@@ -346,7 +377,8 @@ fn page_round(len: usize) -> Result<NonZeroUsize, DmaAccessError> {
     NonZeroUsize::new(rounded).ok_or(DmaAccessError::Os(Errno::EINVAL))
 }
 
-/// Serialises `ProcessMemory::atomic_add_u64` read-modify-writes against each other.
+/// Serialises `ProcessMemory` read-modify-writes (atomic add, compare-and-swap) against each
+/// other.
 static PROCESS_ATOMIC_LOCK: Mutex<()> = Mutex::new(());
 
 /// A 64-bit atomic add on memory reached only by copies: a read and a write under `serial`, so it
@@ -370,12 +402,39 @@ pub(crate) fn read_add_write<M: DmaMemory + ?Sized>(
     Ok(old)
 }
 
+/// A 64-bit compare-and-swap on memory reached only by copies: a read, a compare and (on a
+/// match) a write under `serial`. Atomic against other device work through the same lock,
+/// **not** against the CPU: a store the driver makes between the read and the write is lost.
+/// `base` is the address `offset` is relative to, for the alignment check.
+pub(crate) fn read_compare_write<M: DmaMemory + ?Sized>(
+    mem: &M,
+    serial: &Mutex<()>,
+    base: u64,
+    offset: u64,
+    current: u64,
+    new: u64,
+) -> Result<Result<u64, u64>, DmaAccessError> {
+    if base.wrapping_add(offset) % 8 != 0 {
+        return Err(DmaAccessError::Misaligned(offset));
+    }
+    let _serial = lock(serial);
+    let mut word = [0u8; 8];
+    mem.read(offset, &mut word)?;
+    let actual = u64::from_le_bytes(word);
+    if actual != current {
+        return Ok(Err(actual));
+    }
+    mem.write(offset, &new.to_le_bytes())?;
+    Ok(Ok(actual))
+}
+
 /// Memory of a process reached with `process_vm_readv`/`process_vm_writev`.
 ///
 /// An unmapped or `PROT_NONE` page makes the access fail with [`DmaAccessError::Fault`]; the
-/// device records that as an IOMMU fault. `atomic_add_u64` is a read and a write under one
-/// emulator-wide lock: atomic against other device work, **not** against concurrent CPU writes
-/// to the same word (a limitation of this backend; use a [`SharedRegion`] for real atomics).
+/// device records that as an IOMMU fault. `atomic_add_u64` is a read and a write, and
+/// `compare_exchange_u64` a read, a compare and a write, under one emulator-wide lock: atomic
+/// against other device work, **not** against concurrent CPU writes to the same word (a
+/// limitation of this backend; use a [`SharedRegion`] for real atomics).
 #[derive(Debug, Clone)]
 pub struct ProcessMemory {
     pid: Pid,
@@ -462,6 +521,15 @@ impl DmaMemory for ProcessMemory {
 
     fn atomic_add_u64(&self, offset: u64, value: u64) -> Result<u64, DmaAccessError> {
         read_add_write(self, &PROCESS_ATOMIC_LOCK, self.base, offset, value)
+    }
+
+    fn compare_exchange_u64(
+        &self,
+        offset: u64,
+        current: u64,
+        new: u64,
+    ) -> Result<Result<u64, u64>, DmaAccessError> {
+        read_compare_write(self, &PROCESS_ATOMIC_LOCK, self.base, offset, current, new)
     }
 
     fn size(&self) -> Option<u64> {

@@ -7,12 +7,18 @@ use accel_abi::pt::{self, Pte};
 use accel_abi::{is_canonical, PT_LEVELS};
 
 use crate::tlb::TlbEntry;
+use crate::walk_cache::{TableStep, WalkStart};
 
 /// Result of walking the table for one VA.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Walk {
-    /// A valid leaf maps the VA (permissions not yet checked).
-    Leaf(TlbEntry),
+    /// A valid leaf maps the VA (permissions not yet checked): the translation, the IOVA of the
+    /// leaf entry and its raw value as read (the ACCESSED/DIRTY update compares against it).
+    Leaf {
+        entry: TlbEntry,
+        pte_iova: u64,
+        raw: u64,
+    },
     /// Some level's entry has VALID clear.
     NotPresent,
     /// The entry at this IOVA is malformed.
@@ -23,18 +29,28 @@ pub(crate) enum Walk {
     NonCanonical,
 }
 
-/// Walk from the level-4 table at `root_iova` for `va`. `read_entry(iova)` returns the 8-byte
-/// entry at `iova`, or `None` if the read failed.
+/// A walk from the root table `root_iova`.
+pub(crate) fn from_root(root_iova: u64) -> WalkStart {
+    WalkStart {
+        level: PT_LEVELS,
+        table: root_iova,
+    }
+}
+
+/// Walk for `va` from the table `start` names (the root, or one the walk cache found).
+/// `read_entry(iova)` returns the 8-byte entry at `iova`, or `None` if the read failed;
+/// `on_table` is told every table pointer the walk follows (what the walk cache may keep).
 pub(crate) fn walk(
-    root_iova: u64,
+    start: WalkStart,
     va: u64,
     mut read_entry: impl FnMut(u64) -> Option<u64>,
+    mut on_table: impl FnMut(TableStep),
 ) -> Walk {
     if !is_canonical(va) {
         return Walk::NonCanonical;
     }
-    let mut table = root_iova;
-    for level in (1..=PT_LEVELS).rev() {
+    let mut table = start.table;
+    for level in (1..=start.level.min(PT_LEVELS)).rev() {
         let entry_iova = table + 8 * pt::index(va, level) as u64;
         let Some(raw) = read_entry(entry_iova) else {
             return Walk::ReadFailed { entry_iova };
@@ -42,15 +58,26 @@ pub(crate) fn walk(
         match Pte::decode(raw, level) {
             Err(_) => return Walk::BadPte { entry_iova },
             Ok(Pte::NotPresent) => return Walk::NotPresent,
-            Ok(Pte::Table { iova }) => table = iova,
+            Ok(Pte::Table { iova }) => {
+                on_table(TableStep {
+                    level,
+                    next_table: iova,
+                });
+                table = iova;
+            }
             Ok(Pte::Leaf { iova, perms }) => {
                 let size = pt::leaf_size(level);
-                return Walk::Leaf(TlbEntry {
-                    va_base: va & !(size - 1),
-                    size,
-                    iova_base: iova,
-                    perms,
-                });
+                return Walk::Leaf {
+                    entry: TlbEntry {
+                        va_base: va & !(size - 1),
+                        size,
+                        iova_base: iova,
+                        perms,
+                        dirty: pt::dirty(raw),
+                    },
+                    pte_iova: entry_iova,
+                    raw,
+                };
             }
         }
     }
@@ -97,11 +124,53 @@ mod tests {
         let mut t = base(va);
         t.set(L2, va, 2, Pte::table(L1));
         t.set(L1, va, 1, Pte::leaf(0x9_9000, Perms::R));
-        match walk(L4, va, |i| t.read(i)) {
-            Walk::Leaf(e) => {
+        let mut steps = Vec::new();
+        match walk(from_root(L4), va, |i| t.read(i), |s| steps.push(s)) {
+            Walk::Leaf { entry: e, .. } => {
                 assert_eq!(e.iova_of(va), 0x9_9678);
                 assert_eq!(e.size, 4096);
                 assert_eq!(e.perms, Perms::R);
+                assert!(!e.dirty);
+            }
+            other => panic!("{other:?}"),
+        }
+        let levels: Vec<(u32, u64)> = steps.iter().map(|s| (s.level, s.next_table)).collect();
+        assert_eq!(levels, [(4, L3), (3, L2), (2, L1)]);
+        // From a cached level-1 table the walk reads one entry only.
+        let mut reads = 0;
+        let start = WalkStart {
+            level: 1,
+            table: L1,
+        };
+        let w = walk(
+            start,
+            va,
+            |i| {
+                reads += 1;
+                t.read(i)
+            },
+            |_| panic!("no table pointer below level 1"),
+        );
+        assert!(matches!(w, Walk::Leaf { entry, .. } if entry.iova_of(va) == 0x9_9678));
+        assert_eq!(reads, 1);
+    }
+
+    #[test]
+    fn leaf_reports_its_entry_and_dirty_bit() {
+        let va = 0x7f00_1234_5000;
+        let mut t = base(va);
+        t.set(L2, va, 2, Pte::table(L1));
+        let raw = Pte::leaf(0x9_9000, Perms::RW) | pt::ACCESSED | pt::DIRTY;
+        t.set(L1, va, 1, raw);
+        match walk(from_root(L4), va, |i| t.read(i), |_| {}) {
+            Walk::Leaf {
+                entry,
+                pte_iova,
+                raw: got,
+            } => {
+                assert!(entry.dirty);
+                assert_eq!(pte_iova, L1 + 8 * pt::index(va, 1) as u64);
+                assert_eq!(got, raw);
             }
             other => panic!("{other:?}"),
         }
@@ -112,8 +181,8 @@ mod tests {
         let va = 0x4000_0000 + 0x12_3456;
         let mut t = base(va);
         t.set(L2, va, 2, Pte::leaf(0x8000_0000, Perms::RW));
-        match walk(L4, va, |i| t.read(i)) {
-            Walk::Leaf(e) => {
+        match walk(from_root(L4), va, |i| t.read(i), |_| {}) {
+            Walk::Leaf { entry: e, .. } => {
                 assert_eq!(e.va_base, 0x4000_0000);
                 assert_eq!(e.iova_of(va), 0x8012_3456);
             }
@@ -125,16 +194,25 @@ mod tests {
     fn not_present_bad_and_failed() {
         let va = 0x1000_0000;
         let mut t = base(va);
-        assert_eq!(walk(L4, va, |i| t.read(i)), Walk::NotPresent);
+        assert_eq!(
+            walk(from_root(L4), va, |i| t.read(i), |_| {}),
+            Walk::NotPresent
+        );
         // A misaligned large leaf is malformed.
         t.set(L2, va, 2, Pte::leaf(0x8000_1000, Perms::RW));
         let e = L2 + 8 * pt::index(va, 2) as u64;
-        assert_eq!(walk(L4, va, |i| t.read(i)), Walk::BadPte { entry_iova: e });
+        assert_eq!(
+            walk(from_root(L4), va, |i| t.read(i), |_| {}),
+            Walk::BadPte { entry_iova: e }
+        );
         t.set(L2, va, 2, Pte::table(0xdead_0000));
         assert!(matches!(
-            walk(L4, va, |i| t.read(i)),
+            walk(from_root(L4), va, |i| t.read(i), |_| {}),
             Walk::ReadFailed { .. }
         ));
-        assert_eq!(walk(L4, 1 << 48, |i| t.read(i)), Walk::NonCanonical);
+        assert_eq!(
+            walk(from_root(L4), 1 << 48, |i| t.read(i), |_| {}),
+            Walk::NonCanonical
+        );
     }
 }

@@ -4,11 +4,17 @@
 //! A walk that started before an invalidation must not install its (possibly stale) result
 //! afterwards: every invalidation bumps `inval_seq`, and `insert` refuses an entry whose walk
 //! started under an older sequence.
+//!
+//! The page-walk cache ([`WalkCache`]) and the revision-2 counters live in the same struct, under
+//! the same mutex: a TLB miss consults the walk cache in the critical section that counts the
+//! miss, and a hit never touches it.
 
 use std::collections::{HashMap, VecDeque};
 
 use accel_abi::pt::Perms;
 use accel_abi::{LARGE_PAGE_SIZE, PAGE_SIZE};
+
+use crate::walk_cache::WalkCache;
 
 /// One cached leaf translation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +27,9 @@ pub(crate) struct TlbEntry {
     pub(crate) iova_base: u64,
     /// Leaf permissions.
     pub(crate) perms: Perms,
+    /// The leaf had DIRTY when it was cached (or the walk set it): with PT_CTRL.AD_ENABLE, a
+    /// write or atomic hitting an entry without it re-walks to set DIRTY.
+    pub(crate) dirty: bool,
 }
 
 impl TlbEntry {
@@ -43,6 +52,10 @@ pub(crate) struct Tlb {
     inval_seq: u64,
     pub(crate) hits: u64,
     pub(crate) misses: u64,
+    /// Non-leaf entries (revision 2).
+    pub(crate) walk_cache: WalkCache,
+    /// ACCESSED/DIRTY updates written into leaves (AD_UPDATES).
+    pub(crate) ad_updates: u64,
 }
 
 /// Which entries an invalidation drops.
@@ -54,7 +67,8 @@ pub(crate) enum TlbiTarget {
 }
 
 impl Tlb {
-    pub(crate) fn new(cap: usize) -> Self {
+    /// A TLB of `cap` leaf entries beside a walk cache of `walk_cap` table entries.
+    pub(crate) fn new(cap: usize, walk_cap: usize) -> Self {
         Tlb {
             cap,
             map: HashMap::with_capacity(cap),
@@ -63,6 +77,8 @@ impl Tlb {
             inval_seq: 0,
             hits: 0,
             misses: 0,
+            walk_cache: WalkCache::new(walk_cap),
+            ad_updates: 0,
         }
     }
 
@@ -115,8 +131,16 @@ impl Tlb {
         }
     }
 
-    /// Drop the matching entries; returns how many were dropped.
-    pub(crate) fn invalidate(&mut self, target: TlbiTarget) -> usize {
+    /// Drop the matching leaf entries and, unless `leaf_only`, the walk-cache entries of the
+    /// same scope; returns how many leaf entries were dropped.
+    pub(crate) fn invalidate(&mut self, target: TlbiTarget, leaf_only: bool) -> usize {
+        if !leaf_only {
+            self.walk_cache.invalidate(target);
+        }
+        self.invalidate_leaves(target)
+    }
+
+    fn invalidate_leaves(&mut self, target: TlbiTarget) -> usize {
         self.inval_seq += 1;
         let before = self.map.len();
         match target {
@@ -140,6 +164,8 @@ impl Tlb {
         self.inval_seq += 1;
         self.hits = 0;
         self.misses = 0;
+        self.walk_cache.reset();
+        self.ad_updates = 0;
     }
 
     #[cfg(test)]
@@ -158,12 +184,13 @@ mod tests {
             size,
             iova_base: 0x1000_0000 + va,
             perms: Perms::RW,
+            dirty: false,
         }
     }
 
     #[test]
     fn lookup_finds_small_and_large() {
-        let mut t = Tlb::new(8);
+        let mut t = Tlb::new(8, 0);
         t.insert(1, entry(0x5000, PAGE_SIZE), t.seq());
         t.insert(1, entry(0x40_0000, LARGE_PAGE_SIZE), t.seq());
         assert_eq!(
@@ -177,7 +204,7 @@ mod tests {
 
     #[test]
     fn bounded_with_fifo_eviction() {
-        let mut t = Tlb::new(4);
+        let mut t = Tlb::new(4, 0);
         for i in 0..6u64 {
             t.insert(0, entry(i * PAGE_SIZE, PAGE_SIZE), t.seq());
         }
@@ -188,25 +215,43 @@ mod tests {
 
     #[test]
     fn walk_racing_an_invalidation_is_not_cached() {
-        let mut t = Tlb::new(4);
+        let mut t = Tlb::new(4, 0);
         let seq = t.seq();
-        t.invalidate(TlbiTarget::All);
+        t.invalidate(TlbiTarget::All, false);
         t.insert(0, entry(0, PAGE_SIZE), seq);
         assert!(t.lookup(0, 0).is_none());
     }
 
     #[test]
     fn range_invalidation_hits_overlapping_large_leaf() {
-        let mut t = Tlb::new(8);
+        let mut t = Tlb::new(8, 0);
         t.insert(3, entry(0x20_0000, LARGE_PAGE_SIZE), t.seq());
         t.insert(3, entry(0x1000, PAGE_SIZE), t.seq());
-        let dropped = t.invalidate(TlbiTarget::Range {
-            asid: 3,
-            va: 0x30_0000,
-            size: PAGE_SIZE,
-        });
+        let dropped = t.invalidate(
+            TlbiTarget::Range {
+                asid: 3,
+                va: 0x30_0000,
+                size: PAGE_SIZE,
+            },
+            true,
+        );
         assert_eq!(dropped, 1);
         assert!(t.lookup(3, 0x20_0000).is_none());
         assert!(t.lookup(3, 0x1000).is_some());
+    }
+
+    #[test]
+    fn leaf_only_keeps_the_walk_cache() {
+        use crate::walk_cache::TableStep;
+        let mut t = Tlb::new(8, 8);
+        let step = [TableStep {
+            level: 2,
+            next_table: 0x9000,
+        }];
+        t.walk_cache.insert(1, 0x20_0000, &step, t.walk_cache.seq());
+        t.invalidate(TlbiTarget::Asid(1), true);
+        assert!(t.walk_cache.lookup(1, 0x20_0000).is_some());
+        t.invalidate(TlbiTarget::Asid(1), false);
+        assert!(t.walk_cache.lookup(1, 0x20_0000).is_none());
     }
 }

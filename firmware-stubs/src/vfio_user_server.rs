@@ -484,6 +484,18 @@ impl DmaMemory for RemoteMemory {
         crate::memory::read_add_write(self, &self.atomic, self.iova, offset, value)
     }
 
+    /// A read, a compare and a write under the same lock: atomic against other device work on
+    /// this mapping, **not** against the client's CPU (a client store between the read and the
+    /// write is lost; memory shared by fd gets a real compare-and-swap).
+    fn compare_exchange_u64(
+        &self,
+        offset: u64,
+        current: u64,
+        new: u64,
+    ) -> Result<Result<u64, u64>, DmaAccessError> {
+        crate::memory::read_compare_write(self, &self.atomic, self.iova, offset, current, new)
+    }
+
     fn size(&self) -> Option<u64> {
         Some(self.len)
     }
@@ -516,6 +528,15 @@ impl DmaMemory for FileWindow {
     /// Window offsets are page aligned, so alignment in the window is alignment in the file.
     fn atomic_add_u64(&self, offset: u64, value: u64) -> Result<u64, DmaAccessError> {
         DmaMemory::atomic_add_u64(&*self.file, self.at(offset, 8)?, value)
+    }
+
+    fn compare_exchange_u64(
+        &self,
+        offset: u64,
+        current: u64,
+        new: u64,
+    ) -> Result<Result<u64, u64>, DmaAccessError> {
+        DmaMemory::compare_exchange_u64(&*self.file, self.at(offset, 8)?, current, new)
     }
 
     fn store_u32_release(&self, offset: u64, value: u32) -> Result<(), DmaAccessError> {
@@ -1796,7 +1817,7 @@ mod tests {
             regs::INTR_STATUS,
             &regs::intr::ERROR.to_le_bytes(),
         );
-        region_read(c, region::BAR0, 0x028, 4);
+        region_read(c, region::BAR0, 0x03c, 4);
         assert_ne!(
             bar_read32(c, regs::ERROR_CODE),
             0,

@@ -55,7 +55,7 @@ fn bad_accesses_read_all_ones_and_record_the_first_error() {
     assert_eq!(d.r64(regs::ERROR_INFO), regs::ID);
     // A second error does not overwrite the first.
     let mut b4 = [0u8; 4];
-    d.dev.bar_read(0, 0x028, &mut b4); // no register there
+    d.dev.bar_read(0, 0x03c, &mut b4); // no register there
     assert_eq!(b4, [0xff; 4]);
     assert_eq!(d.r64(regs::ERROR_INFO), regs::ID);
     assert_ne!(d.r32(regs::STATUS) & regs::status::ERROR, 0);

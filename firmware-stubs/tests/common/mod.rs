@@ -237,6 +237,33 @@ impl TestDriver {
         self.map_4k(0, va, iova, Perms::RW);
     }
 
+    /// A four-level table chain for `va` of `asid` in `mem` (four pages from offset 0), mapped
+    /// for DMA at `iova` with `perms`, ending in the level-1 entry `leaf`; the root register of
+    /// `asid` points at it. Returns the IOVA of the leaf entry.
+    pub fn private_tables(
+        &self,
+        asid: u16,
+        mem: Arc<SharedRegion>,
+        iova: u64,
+        perms: DmaPerms,
+        va: u64,
+        leaf: u64,
+    ) -> u64 {
+        for level in (2..=4u32).rev() {
+            let table = u64::from(4 - level);
+            let entry = table * PAGE_SIZE + 8 * pt::index(va, level) as u64;
+            mem.store_u64(entry, Pte::table(iova + (table + 1) * PAGE_SIZE))
+                .expect("table write");
+        }
+        let leaf_off = 3 * PAGE_SIZE + 8 * pt::index(va, 1) as u64;
+        mem.store_u64(leaf_off, leaf).expect("leaf write");
+        self.dev
+            .dma_map(iova, 4 * PAGE_SIZE, mem, perms)
+            .expect("map tables");
+        self.w64(regs::asid_root(asid), iova | regs::ASID_ROOT_VALID);
+        iova + leaf_off
+    }
+
     pub fn set_entry(&mut self, asid: u16, va: u64, level: u32, raw: u64) {
         let e = self.entry_iova(asid, va, level);
         self.write_ctrl_u64(e, raw);
@@ -245,9 +272,21 @@ impl TestDriver {
     // ------------------------------------------------------------ TLB invalidation
 
     fn tlbi(&self, scope: regs::TlbiScope, asid: u16, va: u64, size: u64) {
+        self.tlbi_scoped(scope, false, asid, va, size);
+    }
+
+    /// An invalidation of `scope`, keeping the walk cache if `leaf_only` (revision 2).
+    pub fn tlbi_scoped(
+        &self,
+        scope: regs::TlbiScope,
+        leaf_only: bool,
+        asid: u16,
+        va: u64,
+        size: u64,
+    ) {
         let seq = self.r32(regs::TLBI_DONE).wrapping_add(1);
         self.w32(regs::TLBI_ASID, asid.into());
-        self.w32(regs::TLBI_SCOPE, scope as u32);
+        self.w32(regs::TLBI_SCOPE, scope.encode(leaf_only));
         self.w64(regs::TLBI_VA, va);
         self.w64(regs::TLBI_SIZE, size);
         self.w32(regs::TLBI_TRIGGER, seq);
@@ -263,6 +302,52 @@ impl TestDriver {
     }
     pub fn tlbi_all(&self) {
         self.tlbi(regs::TlbiScope::All, 0, 0, 0);
+    }
+    /// A range invalidation with LEAF_ONLY: drops leaf translations, keeps walk-cache entries.
+    pub fn tlbi_range_leaf_only(&self, asid: u16, va: u64, size: u64) {
+        self.tlbi_scoped(regs::TlbiScope::Range, true, asid, va, size);
+    }
+
+    // ------------------------------------------------------------ revision 2
+
+    /// Set PT_CTRL.AD_ENABLE (the walker maintains ACCESSED/DIRTY from now on).
+    pub fn enable_ad(&self) {
+        self.w32(regs::PT_CTRL, regs::pt_ctrl::AD_ENABLE);
+        assert_eq!(self.r32(regs::ERROR_CODE), 0, "PT_CTRL refused AD_ENABLE");
+    }
+
+    /// The raw level-1 entry of `va` (creating the tables above it if missing).
+    pub fn leaf_raw(&mut self, asid: u16, va: u64) -> u64 {
+        let e = self.entry_iova(asid, va, 1);
+        self.read_ctrl_u64(e)
+    }
+
+    /// IOVA of the table page at `level` that holds the entry for `va`.
+    pub fn table_iova(&mut self, asid: u16, va: u64, level: u32) -> u64 {
+        self.entry_iova(asid, va, level) & !(PAGE_SIZE - 1)
+    }
+
+    /// Zero the table page at `iova` (a page the test driver reuses).
+    pub fn zero_table(&self, iova: u64) {
+        self.ctrl
+            .write_bytes(Self::ctrl_off(iova), &[0u8; PAGE_SIZE as usize])
+            .expect("zero table");
+    }
+
+    /// Every table page allocated so far, as bytes (to check the device never wrote them).
+    pub fn tables_snapshot(&self) -> Vec<u8> {
+        let mut v = vec![0u8; (self.next_table - TABLES_OFF) as usize];
+        self.ctrl
+            .read_bytes(TABLES_OFF, &mut v)
+            .expect("tables read");
+        v
+    }
+
+    /// Checksum `len` bytes at `va` (a read access); panics unless the command succeeds.
+    pub fn checksum_ok(&mut self, asid: u16, va: u64, len: u64) -> u64 {
+        let c = self.run(Command::checksum(asid, va, len));
+        assert_eq!(c.status, accel_abi::Status::Ok, "checksum of {va:#x}");
+        c.result
     }
 
     // ------------------------------------------------------------ commands
@@ -427,6 +512,11 @@ impl Default for TestDriver {
     fn default() -> Self {
         Self::new()
     }
+}
+
+/// The CHECKSUM result for `bytes`.
+pub fn fnv(bytes: &[u8]) -> u64 {
+    accel_abi::fnv1a_update(accel_abi::FNV_OFFSET, bytes)
 }
 
 /// `LARGE_PAGE_SIZE` re-exported for brevity in tests.
