@@ -1214,7 +1214,7 @@ mod server {
             &regs::intr::ERROR.to_le_bytes(),
         );
         s.write(region::BAR0, regs::ERROR_CODE, &0u32.to_le_bytes());
-        s.read(region::BAR0, 0x028, 4);
+        s.read(region::BAR0, 0x108, 4);
         assert_ne!(s.bar32(regs::ERROR_CODE), 0, "the bad access was recorded");
     }
 
