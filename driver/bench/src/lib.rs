@@ -1033,7 +1033,11 @@ impl Bench {
                         value: median(v),
                         p99: latency.then(|| p99(v)),
                         unit: unit.into(),
-                        note: "emulator workers: 0 = park on the condvar at once".into(),
+                        note: if spin == 0 {
+                            "emulator workers park on the condvar at once (idle_spin_us 0)".into()
+                        } else {
+                            format!("emulator workers spin {spin} us before parking on the condvar")
+                        },
                         ..Default::default()
                     });
                 }
