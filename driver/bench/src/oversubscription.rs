@@ -97,7 +97,7 @@ impl Bench {
                     baseline: Some(resident),
                     ratio: Some(rate / resident),
                     note: format!(
-                        "{evictions:.0} evictions per pass; {} refaults, {} protections, {} second chances, max mapped {} KiB of {} KiB",
+                        "{evictions:.0} evictions per pass; {} refaults, {} protections, {} second chances, {} KiB mapped at the end of {} KiB",
                         s.refaults,
                         s.thrash_protections,
                         s.second_chances,
