@@ -270,3 +270,105 @@ fn every_fixed_register_honours_its_access_mode() {
         }
     }
 }
+
+#[test]
+fn revision_2_features_follow_the_configuration() {
+    use regs::features::{ACCESSED_DIRTY, WALK_CACHE};
+    let cases = [
+        (true, 64, ACCESSED_DIRTY | WALK_CACHE),
+        (false, 64, WALK_CACHE),
+        (true, 0, ACCESSED_DIRTY),
+        (false, 0, 0),
+    ];
+    for (accessed_dirty, walk_cache_entries, want) in cases {
+        let cfg = AcceleratorConfig {
+            accessed_dirty,
+            walk_cache_entries,
+            ..Default::default()
+        };
+        assert_eq!(cfg.features(), want);
+        let d = TestDriver::with(cfg, 32);
+        assert_eq!(d.r32(regs::VERSION), (1 << 16) | 1, "revision 2 is 1.1");
+        assert_eq!(
+            d.r32(regs::CAP_FEATURES),
+            want,
+            "{accessed_dirty} {walk_cache_entries}"
+        );
+        assert_eq!(d.r32(regs::PT_CTRL), 0, "power-on PT_CTRL");
+        assert_eq!(d.r64(regs::WALK_CACHE_HITS), 0);
+        assert_eq!(d.r64(regs::AD_UPDATES), 0);
+    }
+    assert_eq!(AcceleratorConfig::default().features(), regs::features::ALL);
+}
+
+#[test]
+fn pt_ctrl_refuses_reserved_and_unsupported_bits() {
+    let d = TestDriver::new();
+    d.w32(regs::PT_CTRL, regs::pt_ctrl::AD_ENABLE);
+    assert_eq!(d.take_error().0, 0);
+    assert_eq!(d.r32(regs::PT_CTRL), regs::pt_ctrl::AD_ENABLE);
+    for bad in [1 << 1, 1 << 31, regs::pt_ctrl::AD_ENABLE | 1 << 4] {
+        d.w32(regs::PT_CTRL, bad);
+        assert_eq!(
+            d.take_error(),
+            (ErrorCode::BadRegisterValue as u32, regs::PT_CTRL),
+            "{bad:#x}"
+        );
+        assert_eq!(d.r32(regs::PT_CTRL), regs::pt_ctrl::AD_ENABLE, "unchanged");
+    }
+    d.w32(regs::PT_CTRL, 0);
+    assert_eq!((d.take_error().0, d.r32(regs::PT_CTRL)), (0, 0));
+    // A reset returns it to 0.
+    d.w32(regs::PT_CTRL, regs::pt_ctrl::AD_ENABLE);
+    d.dev.reset();
+    d.enable_pci();
+    assert_eq!(d.r32(regs::PT_CTRL), 0);
+
+    // Without the feature AD_ENABLE is an unsupported bit.
+    let d = TestDriver::with(
+        AcceleratorConfig {
+            accessed_dirty: false,
+            ..Default::default()
+        },
+        32,
+    );
+    d.w32(regs::PT_CTRL, regs::pt_ctrl::AD_ENABLE);
+    assert_eq!(
+        d.take_error(),
+        (ErrorCode::BadRegisterValue as u32, regs::PT_CTRL)
+    );
+    assert_eq!(d.r32(regs::PT_CTRL), 0);
+}
+
+#[test]
+fn tlbi_scope_accepts_leaf_only_and_refuses_reserved_bits() {
+    use regs::{tlbi_scope::LEAF_ONLY, TlbiScope};
+    let d = TestDriver::new();
+    let ok = TlbiScope::Asid.encode(true);
+    d.w32(regs::TLBI_SCOPE, ok);
+    assert_eq!(d.take_error().0, 0);
+    assert_eq!(d.r32(regs::TLBI_SCOPE), ok);
+    for bad in [1 << 4, LEAF_ONLY | 3, 1 << 9, 3] {
+        d.w32(regs::TLBI_SCOPE, bad);
+        assert_eq!(
+            d.take_error(),
+            (ErrorCode::BadRegisterValue as u32, regs::TLBI_SCOPE),
+            "{bad:#x}"
+        );
+        assert_eq!(d.r32(regs::TLBI_SCOPE), ok, "unchanged");
+    }
+    // A LEAF_ONLY invalidation completes like any other, with or without a walk cache.
+    for walk_cache_entries in [64, 0] {
+        let d = TestDriver::with(
+            AcceleratorConfig {
+                walk_cache_entries,
+                ..Default::default()
+            },
+            32,
+        );
+        let count = d.r32(regs::TLBI_COUNT);
+        d.tlbi_scoped(TlbiScope::All, true, 0, 0, 0);
+        assert_eq!(d.r32(regs::TLBI_COUNT), count + 1);
+        assert_eq!(d.take_error().0, 0);
+    }
+}
