@@ -614,7 +614,7 @@ pub struct ContextStats {
     /// context's later commands on them are cancelled `Revoked`) until they end. Collected on
     /// later submits, waits and `stats()`.
     pub revoked_in_flight: usize,
-    /// The pin budget ([`crate::ContextOptions::pin_budget`]), if any.
+    /// The pin budget ([`crate::context::ContextOptions::pin_budget`]), if any.
     pub pin_budget: Option<u64>,
     /// Mappings evicted to stay under the pin budget, and the bytes they held.
     pub evictions: u64,
