@@ -93,7 +93,7 @@ pub struct DaemonConfig {
     /// bound is what keeps another client's small command from waiting behind a heavy client's
     /// whole in-flight quota. 0: no bound.
     pub device_bytes_per_client: u64,
-    /// Pin budget of each client's context ([`driver::ContextOptions::pin_budget`]): past it the
+    /// Pin budget of each client's context ([`driver::context::ContextOptions::pin_budget`]): past it the
     /// client's cold mappings are evicted (and fault back when used) instead of its commands
     /// being cancelled. `None`: none, and a client past `limits.max_mapped_bytes` is cancelled
     /// with `Quota`. Default 256 MiB, the default mapped-bytes quota: a client stays under the
