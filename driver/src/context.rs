@@ -230,12 +230,18 @@ struct Evicted {
     end: u64,
     at: Instant,
     refaults: u32,
+    /// `MirrorState::installs` when it was evicted.
+    installs: u64,
 }
 
 /// Most eviction records kept (older ones are forgotten first).
 const EVICTION_HISTORY: usize = 1 << 16;
 /// Mappings aged with one `clear_young` call (one TLB invalidation per device address space).
 const AGING_BATCH: usize = 16;
+/// Immediate refaults in a row after which a fault over the pin budget is refused instead of
+/// evicting: the commands in flight need more than the budget and would evict each other for
+/// ever.
+const PING_PONG_LIMIT: u32 = 8;
 
 /// A set of disjoint, non-adjacent page ranges (start -> end).
 #[derive(Debug, Default)]
@@ -287,6 +293,9 @@ impl RangeSet {
 
     /// The parts of the set inside `r`.
     fn within(&self, r: Range<u64>) -> Vec<Range<u64>> {
+        if r.start >= r.end {
+            return Vec::new();
+        }
         self.0
             .range(..r.end)
             .rev()
@@ -317,6 +326,15 @@ pub(crate) struct MirrorState {
     evicted: BTreeMap<u64, Evicted>,
     /// Bytes of mappings currently protected from eviction.
     protected_bytes: u64,
+    /// Mappings installed so far (an eviction record remembers the count at its eviction).
+    installs: u64,
+    /// Refaults in a row that came back at once (at most two installs after their eviction):
+    /// the runs in flight need more than the budget and evict each other.
+    ping_pong: u32,
+    /// The service round (fault batch or prefault) in which `ping_pong` reached its limit: every fault of that batch that
+    /// needs an eviction is refused (its runs fall back to single pages, which must not start
+    /// the ping-pong again), so the stalled item is cancelled.
+    refuse_in_batch: Option<u64>,
     /// Pages the device wrote through leaves that are gone now (evicted or revoked) while the
     /// CPU mapping stayed: kept for [`ContextCore::dirty`]. A CPU change of a range forgets its
     /// part (what was written there is no longer the process's memory at that address).
@@ -437,13 +455,19 @@ impl MirrorState {
             } else {
                 self.dma.unmap_keep_iova(m.iova, m.len)
             };
-            if let Err(e) = unmapped {
-                tracing::error!(error = %e, iova = m.iova, len = m.len, "DMA unmap failed");
-                unreachable = false;
+            match unmapped {
+                Ok(()) => {
+                    self.counters
+                        .mapped_bytes
+                        .fetch_sub(m.len, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    // The pages may still be pinned and reachable: they stay counted (against
+                    // the pin budget too), for good.
+                    tracing::error!(error = %e, iova = m.iova, len = m.len, "DMA unmap failed; its bytes stay counted as mapped");
+                    unreachable = false;
+                }
             }
-            self.counters
-                .mapped_bytes
-                .fetch_sub(m.len, Ordering::Relaxed);
         }
         unreachable
     }
@@ -462,6 +486,7 @@ impl MirrorState {
                         end: va + len,
                         at: now,
                         refaults: m.refaults,
+                        installs: self.installs,
                     },
                 ));
             }
@@ -501,6 +526,7 @@ impl MirrorState {
         longest: u64,
     ) -> (u32, Option<Instant>) {
         let end = va + len;
+        self.installs += 1;
         // No mapping is longer than `longest`, so no record starting further back overlaps.
         let hits: Vec<(u64, Evicted)> = self
             .evicted
@@ -509,24 +535,28 @@ impl MirrorState {
             .map(|(s, e)| (*s, *e))
             .collect();
         if hits.is_empty() {
+            self.ping_pong = 0;
             return (0, None);
         }
         for (s, _) in &hits {
             self.evicted.remove(s);
         }
-        let Some((policy, budget)) = policy else {
-            self.counters.refaults.fetch_add(1, Ordering::Relaxed);
-            return (0, None);
-        };
+        let at_once = hits.iter().any(|(_, e)| self.installs - e.installs <= 2);
+        self.ping_pong = if at_once { self.ping_pong + 1 } else { 0 };
+        // The same window counts refaults whether protection is on or not.
+        let window = policy.map_or(ThrashProtection::default().window, |(p, _)| p.window);
         let recent: Vec<&Evicted> = hits
             .iter()
             .map(|(_, e)| e)
-            .filter(|e| now.saturating_duration_since(e.at) <= policy.window)
+            .filter(|e| now.saturating_duration_since(e.at) <= window)
             .collect();
         if recent.is_empty() {
             return (0, None);
         }
         self.counters.refaults.fetch_add(1, Ordering::Relaxed);
+        let Some((policy, budget)) = policy else {
+            return (0, None);
+        };
         let refaults = recent.iter().map(|e| e.refaults).max().unwrap_or(0) + 1;
         let cap = budget / 100 * u64::from(policy.max_protected_percent.min(90));
         if refaults >= policy.refaults && self.protected_bytes + len <= cap {
@@ -677,6 +707,8 @@ pub struct ContextCore {
     revoked: AtomicU64,
     /// The limit the latest refused run met (to explain a `Quota` cancel to the submitter).
     last_limit: Mutex<Option<Limit>>,
+    /// Fault batches and prefaults begun (each a round of runs under the service lock).
+    service_rounds: AtomicU64,
 }
 
 fn cancel_reason(e: &mirror::Error) -> CancelReason {
@@ -785,6 +817,9 @@ impl ContextCore {
             clock_hand: 0,
             evicted: BTreeMap::new(),
             protected_bytes: 0,
+            installs: 0,
+            ping_pong: 0,
+            refuse_in_batch: None,
             dirty_log: RangeSet::default(),
         };
         let sub = mm
@@ -808,6 +843,7 @@ impl ContextCore {
             service_lock: Mutex::new(()),
             revoked: AtomicU64::new(0),
             last_limit: Mutex::new(None),
+            service_rounds: AtomicU64::new(0),
         })
     }
 
@@ -957,13 +993,37 @@ impl ContextCore {
         // A device without page faults cannot take a page back: what it was given on submit
         // must stay mapped until the command ends. The budget only refuses there.
         let can_evict = !self.needs_identity;
-        for _ in 0..4 {
+        for round in 0..4 {
             let mapped = self.counters.mapped_bytes.load(Ordering::Relaxed);
             if mapped.saturating_add(need) <= budget {
                 return Ok(());
             }
             if !can_evict {
                 return Err(refuse());
+            }
+            if round == 0 {
+                let mut state = self.sub.lock();
+                let batch = self.service_rounds.load(Ordering::Relaxed);
+                if state.refuse_in_batch == Some(batch) {
+                    drop(state);
+                    return Err(refuse());
+                }
+                if state.ping_pong >= PING_PONG_LIMIT {
+                    // Evicting again would only bring back what the runs in flight need:
+                    // together they need more than the budget. Refusing cancels one of them.
+                    state.ping_pong = 0;
+                    state.refuse_in_batch = Some(batch);
+                    drop(state);
+                    tracing::warn!(asid = self.asid, budget, "the device's commands in flight need more than the pin budget: cancelling the faulting one");
+                    return Err(refuse());
+                }
+                // What this run replaces (a read-only mapping upgraded for writing) goes first:
+                // the install would tear it down anyway, and pinning the new mapping while the
+                // old one is still pinned would take the pins past the budget for a moment.
+                if !state.overlapping(keep.clone()).is_empty() {
+                    state.tear_down(keep.clone());
+                    continue;
+                }
             }
             self.counters
                 .eviction_passes
@@ -1115,16 +1175,29 @@ impl ContextCore {
                     .into(),
             ));
         }
+        // Whole pages: the device's record is per page (per 2 MiB for a large leaf).
+        let range = range.start & !(PAGE_SIZE - 1)..range.end.div_ceil(PAGE_SIZE) * PAGE_SIZE;
         let mut out = Vec::new();
-        state.view.dirty(range.clone(), clear, &mut out)?;
+        if let Err(e) = state.view.dirty(range.clone(), clear, &mut out) {
+            // The bits in `out` may be cleared already: keep them recorded, not lost.
+            for r in out {
+                state.dirty_log.insert(r);
+            }
+            return Err(e);
+        }
         let mut set = RangeSet::default();
-        for r in out.into_iter().chain(state.dirty_log.within(range.clone())) {
+        for r in state.dirty_log.within(range.clone()) {
             set.insert(r);
         }
         if clear {
             state.dirty_log.remove(range.clone());
         }
-        Ok(set.within(range))
+        // A leaf that reaches past the range is reported whole: with `clear` its one bit was
+        // cleared for all of it, so clipping would lose the rest.
+        for r in out {
+            set.insert(r);
+        }
+        Ok(set.0.into_iter().map(|(s, e)| s..e).collect())
     }
 
     /// The limit the latest refused run met, if any.
@@ -1491,6 +1564,7 @@ impl ContextCore {
     /// Make `[start, end)` accessible to the device now (prefault), as if it had faulted.
     pub fn prefault(&self, start: u64, end: u64, write: bool) -> Result<(), Error> {
         let _serial = lock(&self.service_lock);
+        self.service_rounds.fetch_add(1, Ordering::Relaxed);
         self.prefault_serialized(start, end, write)
     }
 
@@ -1599,6 +1673,7 @@ impl ContextCore {
 impl FaultHandler for ContextCore {
     fn service(&self, faults: &[PageFault]) -> Vec<Result<(), CancelReason>> {
         let _serial = lock(&self.service_lock);
+        self.service_rounds.fetch_add(1, Ordering::Relaxed);
         if self.sub.lock().released {
             // Torn down while this batch waited for the lock: map nothing (no DMA mapping may
             // outlive the tear-down, not even for the moment an install takes to fail).

@@ -603,14 +603,15 @@ impl Inner {
             }
             let idx = ((offset - ASID_ROOT_BASE) / 8) as usize;
             if let Some(r) = self.roots.get(idx) {
-                r.store(value, Ordering::Release);
                 // The walk cache holds pointers found under the old root; the TLB keeps its
-                // leaves (a root write never invalidated the TLB: the driver does that).
+                // leaves (a root write never invalidated the TLB: the driver does that). The
+                // drop and the store happen under the TLB lock, where a walk looks the cache up,
+                // so no walk pairs the new root with the old root's cached pointers.
+                let mut tlb = lock(&self.tlb);
                 if let Ok(asid) = u16::try_from(idx) {
-                    lock(&self.tlb)
-                        .walk_cache
-                        .invalidate(TlbiTarget::Asid(asid));
+                    tlb.walk_cache.invalidate(TlbiTarget::Asid(asid));
                 }
+                r.store(value, Ordering::Release);
             }
             return Action::None;
         }
@@ -1229,7 +1230,7 @@ impl Inner {
         if root & regs::ASID_ROOT_VALID == 0 {
             return Err(Stop::Fail(Status::BadAsid, asid.into()));
         }
-        let start = cached.unwrap_or_else(|| from_root(root & pt::ADDR_MASK));
+        let mut start = cached.unwrap_or_else(|| from_root(root & pt::ADDR_MASK));
         let ad = self.ad_enable.load(Ordering::Acquire);
         let mut attempts = 0u32;
         loop {
@@ -1277,6 +1278,16 @@ impl Inner {
                             }
                             Err(actual) if attempts < AD_WALK_ATTEMPTS => {
                                 tracing::trace!(pte_iova, raw, actual, "leaf changed, re-walk");
+                                // From the top: the root as it is now, not the walk-cache entry
+                                // this walk started from (the driver may have repointed tables).
+                                let root = self
+                                    .roots
+                                    .get(usize::from(asid))
+                                    .map_or(0, |r| r.load(Ordering::Acquire));
+                                if root & regs::ASID_ROOT_VALID == 0 {
+                                    return Err(Stop::Fail(Status::BadAsid, asid.into()));
+                                }
+                                start = from_root(root & pt::ADDR_MASK);
                                 continue;
                             }
                             Err(actual) => {
