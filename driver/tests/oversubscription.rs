@@ -67,6 +67,16 @@ fn budgeted(rt: &Arc<Runtime>, budget: usize, thrash: Option<ThrashProtection>) 
     .expect("context")
 }
 
+/// A context without fault-around (each fault maps its own pages), under `budget` if given.
+fn exact(rt: &Arc<Runtime>, budget: Option<u64>) -> Context {
+    rt.create_context_with(ContextOptions {
+        pin_budget: budget,
+        fault_around: 0,
+        ..Default::default()
+    })
+    .expect("context")
+}
+
 /// The byte a fill with `pattern` leaves at `offset` of its range.
 fn byte_of(pattern: u64, offset: usize) -> u8 {
     accel_abi::fill_byte(pattern, offset as u64)
@@ -236,13 +246,7 @@ fn a_run_larger_than_the_budget_is_refused_naming_the_budget() {
 fn the_pages_the_device_wrote_are_reported_dirty_across_evictions() {
     let rt = open(mirror::Config::default());
     let budget = 256 << 10;
-    let ctx = rt
-        .create_context_with(ContextOptions {
-            pin_budget: Some(budget as u64),
-            fault_around: 0,
-            ..Default::default()
-        })
-        .unwrap();
+    let ctx = exact(&rt, Some(budget as u64));
     let m = Mapping::anonymous(4 * budget, RW).unwrap();
     let base = m.addr();
     // Write pages 0..4, read 4..8, then read far enough to evict the written ones.
@@ -279,12 +283,7 @@ fn table_pages_return_to_baseline_after_a_churn_of_distinct_ranges() {
     // Explicit-only: the cycles unmap through `invalidate`, and no range is registered with
     // userfaultfd (each registration would split the reservation's VMA).
     let rt = open(mirror::Config::explicit_only());
-    let ctx = rt
-        .create_context_with(ContextOptions {
-            fault_around: 0,
-            ..Default::default()
-        })
-        .unwrap();
+    let ctx = exact(&rt, None);
     const CYCLES: usize = 100_000;
     let stride = 2 * MIB + PAGE;
     let len = 64 << 30;
@@ -375,13 +374,7 @@ fn a_reused_table_page_is_never_walked_for_its_old_range() {
 #[test]
 fn a_command_needing_more_than_the_budget_ends_refused_not_livelocked() {
     let rt = open(mirror::Config::default());
-    let ctx = rt
-        .create_context_with(ContextOptions {
-            pin_budget: Some(16 << 10),
-            fault_around: 0,
-            ..Default::default()
-        })
-        .unwrap();
+    let ctx = exact(&rt, Some(16 << 10));
     let m = Mapping::anonymous(MIB, RW).unwrap();
     let (dst, src) = (m.addr(), m.addr() + (512 << 10));
     // SAFETY: both ranges are inside a Mapping no Rust reference points into.
@@ -401,13 +394,7 @@ fn a_command_needing_more_than_the_budget_ends_refused_not_livelocked() {
     );
     assert!(ctx.stats().mapped_bytes <= 16 << 10);
     // Within the budget the same copy works.
-    let ctx = rt
-        .create_context_with(ContextOptions {
-            pin_budget: Some(64 << 10),
-            fault_around: 0,
-            ..Default::default()
-        })
-        .unwrap();
+    let ctx = exact(&rt, Some(64 << 10));
     // SAFETY: as above.
     let t = unsafe {
         ctx.submit(Op::Copy {
@@ -427,13 +414,7 @@ fn a_command_needing_more_than_the_budget_ends_refused_not_livelocked() {
 fn a_read_then_write_of_one_buffer_fits_the_budget_it_fills() {
     let rt = open(mirror::Config::default());
     let budget = 16 << 10;
-    let ctx = rt
-        .create_context_with(ContextOptions {
-            pin_budget: Some(budget),
-            fault_around: 0,
-            ..Default::default()
-        })
-        .unwrap();
+    let ctx = exact(&rt, Some(budget));
     let m = Mapping::anonymous(budget as usize, RW).unwrap();
     ctx.prefault(m.addr(), budget, false)
         .expect("first mapping");
@@ -449,12 +430,7 @@ fn a_read_then_write_of_one_buffer_fits_the_budget_it_fills() {
 #[test]
 fn a_partial_take_of_dirty_pages_loses_nothing() {
     let rt = open(mirror::Config::default());
-    let ctx = rt
-        .create_context_with(ContextOptions {
-            fault_around: 0,
-            ..Default::default()
-        })
-        .unwrap();
+    let ctx = exact(&rt, None);
     let m = Mapping::anonymous(4 * PAGE, RW).unwrap();
     fill(&ctx, m.addr(), 2 * PAGE, 5).unwrap();
     let first = ctx.take_dirty(m.addr(), 2048).unwrap();

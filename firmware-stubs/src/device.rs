@@ -1193,6 +1193,18 @@ impl Inner {
         })
     }
 
+    /// The root register of `asid`, if valid; else the item fails with `BAD_ASID`.
+    fn valid_root(&self, asid: u16) -> Result<u64, Stop> {
+        let root = self
+            .roots
+            .get(usize::from(asid))
+            .map_or(0, |r| r.load(Ordering::Acquire));
+        if root & regs::ASID_ROOT_VALID == 0 {
+            return Err(Stop::Fail(Status::BadAsid, asid.into()));
+        }
+        Ok(root)
+    }
+
     /// Translate `va` of `asid` for `access`: TLB first, then a page walk (from the deepest
     /// walk-cache entry covering `va`, else the root), with the ACCESSED/DIRTY update when
     /// PT_CTRL.AD_ENABLE is set.
@@ -1223,13 +1235,7 @@ impl Inner {
             let cached = tlb.walk_cache.lookup(asid, va);
             (tlb.seq(), tlb.walk_cache.seq(), cached)
         };
-        let root = self
-            .roots
-            .get(usize::from(asid))
-            .map_or(0, |r| r.load(Ordering::Acquire));
-        if root & regs::ASID_ROOT_VALID == 0 {
-            return Err(Stop::Fail(Status::BadAsid, asid.into()));
-        }
+        let root = self.valid_root(asid)?;
         let mut start = cached.unwrap_or_else(|| from_root(root & pt::ADDR_MASK));
         let ad = self.ad_enable.load(Ordering::Acquire);
         let mut attempts = 0u32;
@@ -1280,14 +1286,7 @@ impl Inner {
                                 tracing::trace!(pte_iova, raw, actual, "leaf changed, re-walk");
                                 // From the top: the root as it is now, not the walk-cache entry
                                 // this walk started from (the driver may have repointed tables).
-                                let root = self
-                                    .roots
-                                    .get(usize::from(asid))
-                                    .map_or(0, |r| r.load(Ordering::Acquire));
-                                if root & regs::ASID_ROOT_VALID == 0 {
-                                    return Err(Stop::Fail(Status::BadAsid, asid.into()));
-                                }
-                                start = from_root(root & pt::ADDR_MASK);
+                                start = from_root(self.valid_root(asid)? & pt::ADDR_MASK);
                                 continue;
                             }
                             Err(actual) => {
