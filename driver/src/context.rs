@@ -1747,3 +1747,64 @@ impl FaultHandler for ContextCore {
         out
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::RangeSet;
+    use proptest::prelude::*;
+
+    /// Operations on a RangeSet over 64 slots of 16 bytes, mirrored on a bitmap.
+    #[derive(Debug, Clone)]
+    enum SetOp {
+        Insert(u64, u64),
+        Remove(u64, u64),
+    }
+
+    fn op() -> impl Strategy<Value = SetOp> {
+        (any::<bool>(), 0u64..64, 0u64..64).prop_map(|(insert, a, b)| {
+            let (lo, hi) = (a.min(b) * 16, a.max(b) * 16);
+            if insert {
+                SetOp::Insert(lo, hi)
+            } else {
+                SetOp::Remove(lo, hi)
+            }
+        })
+    }
+
+    proptest! {
+        /// The set holds exactly the bytes the model holds, as disjoint, non-adjacent ranges,
+        /// and `within` answers every query like the model.
+        #[test]
+        fn range_set_matches_a_bitmap(ops in proptest::collection::vec(op(), 0..40),
+                                      q in (0u64..64, 0u64..64)) {
+            let mut set = RangeSet::default();
+            let mut model = [false; 64];
+            for o in &ops {
+                match *o {
+                    SetOp::Insert(lo, hi) => {
+                        set.insert(lo..hi);
+                        model[(lo / 16) as usize..(hi / 16) as usize].fill(true);
+                    }
+                    SetOp::Remove(lo, hi) => {
+                        set.remove(lo..hi);
+                        model[(lo / 16) as usize..(hi / 16) as usize].fill(false);
+                    }
+                }
+            }
+            let ranges: Vec<(u64, u64)> = set.0.iter().map(|(s, e)| (*s, *e)).collect();
+            for w in ranges.windows(2) {
+                prop_assert!(w[0].1 < w[1].0, "disjoint and not adjacent: {ranges:?}");
+            }
+            for (i, &bit) in model.iter().enumerate() {
+                let at = i as u64 * 16;
+                let held = ranges.iter().any(|&(s, e)| s <= at && at < e);
+                prop_assert_eq!(held, bit, "slot {} in {:?}", i, ranges);
+            }
+            let (lo, hi) = (q.0.min(q.1) * 16, q.0.max(q.1) * 16);
+            let got: u64 = set.within(lo..hi).iter().map(|r| r.end - r.start).sum();
+            let want = model[(lo / 16) as usize..(hi / 16) as usize].iter().filter(|b| **b).count() as u64 * 16;
+            prop_assert_eq!(got, want);
+            prop_assert!(set.within(lo..lo).is_empty());
+        }
+    }
+}
