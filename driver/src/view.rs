@@ -20,7 +20,9 @@ use accel_abi::pt::Perms;
 use accel_abi::PAGE_SIZE;
 
 use crate::device::Device;
-use crate::pagetable::{hull, push_coalesced, PageSize, PageTable, TableMemory, Translation};
+use crate::pagetable::{
+    hull, push_coalesced, LeafScan, PageSize, PageTable, TableMemory, TablePool, Translation,
+};
 use crate::Error;
 use sys_util::sync::lock;
 
@@ -212,6 +214,27 @@ impl MxaView {
                 .to_owned()
         })
     }
+
+    /// An ACCESSED or DIRTY scan of the leaves (`scan`), then one leaf-only invalidation over
+    /// the leaves it cleared, so the device sets the bits again on their next use.
+    fn scan_leaves(
+        &mut self,
+        scan: impl FnOnce(&PageTable, &TablePool) -> LeafScan,
+    ) -> Result<LeafScan, Error> {
+        if !self.aging_supported() {
+            return Err(self.aging_unsupported());
+        }
+        let pt = self
+            .pt
+            .as_ref()
+            .ok_or(Error::InvalidArgument("address space shut down"))?;
+        let result = scan(pt, &lock(&self.device.tables));
+        if let Some(span) = result.cleared_span.clone() {
+            self.device
+                .tlb_invalidate_leaves(self.asid, Some(span), self.fence_timeout)?;
+        }
+        Ok(result)
+    }
 }
 
 impl DeviceView for MxaView {
@@ -346,18 +369,7 @@ impl DeviceView for MxaView {
         clear: bool,
         young: &mut Vec<Range<u64>>,
     ) -> Result<AgeScan, Error> {
-        if !self.aging_supported() {
-            return Err(self.aging_unsupported());
-        }
-        let pt = self
-            .pt
-            .as_ref()
-            .ok_or(Error::InvalidArgument("address space shut down"))?;
-        let scan = pt.scan_accessed(&lock(&self.device.tables), range, clear, young);
-        if let Some(span) = scan.cleared_span {
-            self.device
-                .tlb_invalidate_leaves(self.asid, Some(span), self.fence_timeout)?;
-        }
+        let scan = self.scan_leaves(|pt, pool| pt.scan_accessed(pool, range, clear, young))?;
         Ok(AgeScan {
             leaves: scan.leaves,
             young: scan.marked,
@@ -371,18 +383,7 @@ impl DeviceView for MxaView {
         clear: bool,
         out: &mut Vec<Range<u64>>,
     ) -> Result<(), Error> {
-        if !self.aging_supported() {
-            return Err(self.aging_unsupported());
-        }
-        let pt = self
-            .pt
-            .as_ref()
-            .ok_or(Error::InvalidArgument("address space shut down"))?;
-        let scan = pt.scan_dirty(&lock(&self.device.tables), range, clear, out);
-        if let Some(span) = scan.cleared_span {
-            self.device
-                .tlb_invalidate_leaves(self.asid, Some(span), self.fence_timeout)?;
-        }
+        self.scan_leaves(|pt, pool| pt.scan_dirty(pool, range, clear, out))?;
         Ok(())
     }
 
