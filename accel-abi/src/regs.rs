@@ -15,8 +15,11 @@ pub const ID_VALUE: u32 = u32::from_le_bytes(*b"MXA1");
 /// Value of [`VERSION`]: major 1, minor 1 (revision 2: [`CAP_FEATURES`], [`PT_CTRL`], the
 /// ACCESSED/DIRTY leaf bits and the page-walk cache). A driver of minor 0 keeps working: it
 /// never sets [`pt_ctrl::AD_ENABLE`] and never asks for [`tlbi_scope::LEAF_ONLY`], and every
-/// invalidation it issues drops walk-cache entries too.
-pub const VERSION_VALUE: u32 = (1 << 16) | 1;
+/// invalidation it issues drops walk-cache entries too. Minor 2 (revision 3) adds the
+/// invalidation queue, scoped replay and a writable lookahead depth
+/// ([`features::TLBI_QUEUE`], [`features::SCOPED_REPLAY`], [`features::LOOKAHEAD_DEPTH`]); each
+/// is optional, so a driver of minor 1 keeps working unchanged.
+pub const VERSION_VALUE: u32 = (1 << 16) | 2;
 
 /// Register width.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,6 +178,36 @@ registers! {
     /// ACCESSED/DIRTY updates the walker wrote into leaves (free-running, since reset;
     /// revision 2).
     AD_UPDATES = 0x100, W64, ReadOnly;
+    /// Fault lookahead depth in use (revision 3, [`features::LOOKAHEAD_DEPTH`]): how many further
+    /// pages an engine checks when [`fault_ctrl::LOOKAHEAD`] is set, `0..=CAP_FAULT_LOOKAHEAD`
+    /// (a larger value is a bad register value). Power-on value `CAP_FAULT_LOOKAHEAD`. A driver
+    /// adapts it to how much of each lookahead it could use. Without the feature: reads as 0,
+    /// writes are bad register accesses.
+    FAULT_LOOKAHEAD_DEPTH = 0x110, W32, ReadWrite;
+    /// Invalidation-queue capacity in entries (revision 3, [`features::TLBI_QUEUE`]): a power
+    /// of two; 0 without the feature.
+    CAP_TLBIQ_ENTRIES = 0x114, W32, ReadOnly;
+    /// Invalidation-queue base IOVA (4 KiB aligned). Writable only while the queue is disabled.
+    TLBIQ_BASE = 0x118, W64, ReadWrite;
+    /// Invalidation-queue size in entries (power of two, `2..=CAP_TLBIQ_ENTRIES`). Writable
+    /// only while the queue is disabled.
+    TLBIQ_ENTRIES = 0x120, W32, ReadWrite;
+    /// Invalidation-queue control: [`tlbiq_ctrl`] bits.
+    TLBIQ_CTRL = 0x124, W32, ReadWrite;
+    /// Invalidation-queue producer index, the doorbell (driver-owned, free-running). Writing it
+    /// makes the device perform every descriptor from `TLBIQ_HEAD` up to it, in order, then
+    /// wait once for every in-flight access (one fence for all of them), then set `TLBIQ_HEAD`
+    /// to it. Moving it backwards or more than `TLBIQ_ENTRIES` ahead of `TLBIQ_HEAD` is a bad
+    /// doorbell (ignored).
+    TLBIQ_TAIL = 0x128, W32, ReadWrite;
+    /// Invalidation-queue consumer index (free-running): every descriptor before it has been
+    /// performed *and fenced*. `TLBIQ_HEAD == TLBIQ_TAIL` is the one completion of a batch.
+    TLBIQ_HEAD = 0x12c, W32, ReadOnly;
+    /// Invalidation-queue descriptors performed since reset (free-running).
+    TLBIQ_PERFORMED = 0x130, W64, ReadOnly;
+    /// Fences the invalidation queue ran since reset (free-running): one per doorbell that
+    /// performed at least one descriptor.
+    TLBIQ_FENCES = 0x138, W64, ReadOnly;
 }
 
 /// Base of the per-address-space page-table root registers: `ASID_ROOT_BASE + 8 * asid`, 64-bit,
@@ -267,8 +300,36 @@ pub mod features {
     /// [`super::tlbi_scope::LEAF_ONLY`] drops them for its scope; with it they stay. A driver that
     /// frees a table page must invalidate without `LEAF_ONLY` before it reuses the page.
     pub const WALK_CACHE: u32 = 1 << 1;
+    /// Revision 3: an invalidation queue ([`super::TLBIQ_BASE`] and the registers after it,
+    /// [`crate::TlbiDescriptor`]): a driver posts the invalidations of several address spaces
+    /// and rings once; the device performs them all and fences once.
+    pub const TLBI_QUEUE: u32 = 1 << 2;
+    /// Revision 3: a [`super::FAULT_REPLAY`] value with [`super::replay::ASID_SCOPED`] set retries
+    /// only the stalled work items of the address space in bits 15..0.
+    pub const SCOPED_REPLAY: u32 = 1 << 3;
+    /// Revision 3: the lookahead depth is writable ([`super::FAULT_LOOKAHEAD_DEPTH`]).
+    pub const LOOKAHEAD_DEPTH: u32 = 1 << 4;
     /// Every defined bit.
-    pub const ALL: u32 = ACCESSED_DIRTY | WALK_CACHE;
+    pub const ALL: u32 = ACCESSED_DIRTY | WALK_CACHE | TLBI_QUEUE | SCOPED_REPLAY | LOOKAHEAD_DEPTH;
+}
+
+/// [`FAULT_REPLAY`] values (revision 3).
+pub mod replay {
+    /// Retry only the stalled items of the address space in bits 15..0 (needs
+    /// [`super::features::SCOPED_REPLAY`]; an ASID at or beyond `CAP_ASIDS`, or bits 30..16
+    /// set, is a bad register value and replays nothing). Without this bit every stalled item
+    /// retries, whatever the rest of the value.
+    pub const ASID_SCOPED: u32 = 1 << 31;
+    /// Mask of the address space of a scoped replay.
+    pub const ASID_MASK: u32 = 0xffff;
+}
+
+/// [`TLBIQ_CTRL`] bits (revision 3).
+pub mod tlbiq_ctrl {
+    /// The device accepts doorbells. Clearing it resets `TLBIQ_HEAD` and `TLBIQ_TAIL` to 0.
+    pub const ENABLE: u32 = 1 << 0;
+    /// Every defined bit.
+    pub const ALL: u32 = ENABLE;
 }
 
 /// [`PT_CTRL`] bits (revision 2).
@@ -379,6 +440,11 @@ pub enum ErrorCode {
     BadCommand = 5,
     /// A page-table entry was malformed. ERROR_INFO: the IOVA of the entry.
     BadPte = 6,
+    /// An invalidation-queue descriptor was malformed (reserved bits, a bad scope, an ASID at or
+    /// beyond `CAP_ASIDS`, a misaligned or empty range). The device performed it as an
+    /// invalidation of every address space (it never keeps a translation the driver may have
+    /// wanted gone), and went on. ERROR_INFO: the descriptor's free-running queue index.
+    BadTlbiDescriptor = 7,
 }
 
 impl ErrorCode {
@@ -392,6 +458,7 @@ impl ErrorCode {
             4 => Self::IommuFault,
             5 => Self::BadCommand,
             6 => Self::BadPte,
+            7 => Self::BadTlbiDescriptor,
             _ => return None,
         })
     }
