@@ -27,6 +27,7 @@ use crate::backend::{DmaAccess, DmaSource};
 use crate::dma::DmaSpace;
 use crate::fault::{CancelReason, FaultHandler, PageFault};
 use crate::pagetable::Translation;
+use crate::service_cpu::{timed, Phase};
 use crate::view::DeviceView;
 use crate::Error;
 use sys_util::sync::lock;
@@ -163,6 +164,12 @@ pub struct ContextCounters {
     pub fault_batches: AtomicU64,
     /// Runs mapped although their memory could not be registered for CPU events.
     pub untracked_runs: AtomicU64,
+    /// Runs whose memory this context had registered for CPU events already, with no event
+    /// since: no registration asked of the kernel.
+    pub track_skipped: AtomicU64,
+    /// Runs whose pages were not all present for the access, so the fault service populated
+    /// them (MADV_POPULATE_*); the other runs found every page present at the first look.
+    pub populate_calls: AtomicU64,
     /// Runs serviced (one DMA mapping each).
     pub runs: AtomicU64,
     /// Pages made accessible to the device (device PTEs written, 4 KiB units).
@@ -339,6 +346,12 @@ pub(crate) struct MirrorState {
     /// CPU mapping stayed: kept for [`ContextCore::dirty`]. A CPU change of a range forgets its
     /// part (what was written there is no longer the process's memory at that address).
     dirty_log: RangeSet,
+    /// Ranges registered for CPU events by this context's runs (`AddressSpace::track`) that no
+    /// event has touched since: a fault there needs no new registration. Only ranges the
+    /// kernel registered whole are recorded, only when no event came between the registration
+    /// and the record, and every event removes its range, so a VMA mapped later at the same
+    /// address (which needs an unmap of the old one first, an event) is registered anew.
+    tracked: RangeSet,
 }
 
 impl MirrorState {
@@ -632,6 +645,7 @@ impl MirrorState {
             }
             _ => {
                 let range = inv.range.start()..inv.range.end();
+                self.tracked.remove(range.clone());
                 self.tear_down(range.clone());
                 // What the device wrote there is not the process's memory at that address
                 // any more (unmapped, discarded or moved).
@@ -821,6 +835,7 @@ impl ContextCore {
             ping_pong: 0,
             refuse_in_batch: None,
             dirty_log: RangeSet::default(),
+            tracked: RangeSet::default(),
         };
         let sub = mm
             .subscribe_aging(
@@ -883,10 +898,7 @@ impl ContextCore {
         if self.revoked.load(Ordering::Acquire) > 0 && self.sub.lock().is_revoked(start..end) {
             return Err(CancelReason::Revoked.into());
         }
-        let vmas = self
-            .mm
-            .walker()
-            .vmas(range)
+        let vmas = timed(Phase::Walk, || self.mm.walker().vmas(range))
             .map_err(|e| Failure::from(cancel_reason(&e)))?;
         // Every byte must be covered by readable, non-special VMAs.
         let mut cursor = start;
@@ -942,7 +954,25 @@ impl ContextCore {
                 .min(vma_end),
         )
         .unwrap_or(range);
-        match self.mm.track(track) {
+        let already_tracked = {
+            let within = self.sub.lock().tracked.within(track.start()..track.end());
+            within.len() == 1 && within[0] == (track.start()..track.end())
+        };
+        // An event counted after this was read may have unregistered what the track below
+        // registers: then the registration is not remembered.
+        let events_before = self.counters.invalidations.load(Ordering::Acquire);
+        let tracked = if already_tracked {
+            self.counters.track_skipped.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        } else {
+            self.mm.track(track).inspect(|()| {
+                let mut state = self.sub.lock();
+                if self.counters.invalidations.load(Ordering::Acquire) == events_before {
+                    state.tracked.insert(track.start()..track.end());
+                }
+            })
+        };
+        match tracked {
             Ok(()) => {}
             // Explicit-only mirror (no userfaultfd): coherence is explicit by configuration.
             Err(mirror::Error::Unsupported { .. }) => {}
@@ -1213,7 +1243,7 @@ impl ContextCore {
             // inside the sequence count: an unregister or a munmap between the caller's check
             // and `read_begin` (before the range was registered for events) is seen now, one
             // after it collides and the retry sees it.
-            let arena = self.resolve_arena(range)?;
+            let arena = timed(Phase::Walk, || self.resolve_arena(range))?;
             if access == Access::Write && !arena.writable() {
                 return Err(WalkError::Cancel(CancelReason::Permission));
             }
@@ -1225,8 +1255,18 @@ impl ContextCore {
         }
         let mut attempts = 0;
         let (map_range, large) = loop {
-            self.mm.fault(range, access)?;
-            if let Some(found) = self.present(range, access)? {
+            let found = timed(Phase::Walk, || {
+                // Pages the CPU has already populated for the access need no populate call
+                // (which costs about as much per page as the rest of the fault service): look
+                // first, populate only if something is missing.
+                if let Some(found) = self.present(range, access)? {
+                    return Ok(Some(found));
+                }
+                self.counters.populate_calls.fetch_add(1, Ordering::Relaxed);
+                self.mm.fault(range, access)?;
+                self.present(range, access)
+            })?;
+            if let Some(found) = found {
                 break found;
             }
             // Populated a moment ago, gone now (a racing MADV_DONTNEED whose event has not
@@ -1397,7 +1437,7 @@ impl ContextCore {
         // early revokes it, fenced, first); every CPU change of the mapping tears this DMA
         // mapping down (fenced) before the hold on the pages is released (section 1 of
         // docs/semantics.md), and so does the context's release.
-        let iova = unsafe {
+        let iova = timed(Phase::DmaMap, || unsafe {
             self.dma.map(
                 Some(map_range.start()),
                 self.needs_identity,
@@ -1406,7 +1446,7 @@ impl ContextCore {
                 source,
                 dma_access,
             )
-        }
+        })
         .map_err(|e| {
             tracing::warn!(error = %e, range = ?map_range, "DMA map failed");
             WalkError::Dma(e)
@@ -1470,10 +1510,12 @@ impl ContextCore {
         // Whatever the device had for this range (a read-only mapping being upgraded, a stale
         // record serviced twice) goes first, fenced, before the new leaves are written.
         state.tear_down(m.va..m.va + m.len);
-        match state
-            .view
-            .install(m.va, m.len, m.iova, m.writable, walked.large)
-        {
+        let installed = timed(Phase::PageTable, || {
+            state
+                .view
+                .install(m.va, m.len, m.iova, m.writable, walked.large)
+        });
+        match installed {
             Ok(()) => {
                 let (va, len) = (m.va, m.len);
                 state.mappings.insert(va, m);

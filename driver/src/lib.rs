@@ -22,6 +22,7 @@ mod iova;
 mod memlock;
 mod pagetable;
 pub mod runtime;
+mod service_cpu;
 mod sys;
 pub mod view;
 

@@ -574,6 +574,12 @@ pub struct ContextStats {
     /// Runs mapped although their memory could not be registered for CPU change events (see
     /// `ContextOptions::require_events`).
     pub untracked_runs: u64,
+    /// Runs whose memory the context had registered for CPU events already, with no event
+    /// since, so no registration was asked of the kernel.
+    pub track_skipped: u64,
+    /// Runs whose pages were not all present for the access, so the fault service populated
+    /// them; a run on pages the CPU populated already skips that call.
+    pub populate_calls: u64,
     /// Runs serviced (one DMA mapping each).
     pub runs: u64,
     /// 4 KiB pages made device-accessible.
@@ -953,6 +959,8 @@ impl<P: Personality> Context<P> {
             faults: c.faults.load(Ordering::Relaxed),
             fault_batches: c.fault_batches.load(Ordering::Relaxed),
             untracked_runs: c.untracked_runs.load(Ordering::Relaxed),
+            track_skipped: c.track_skipped.load(Ordering::Relaxed),
+            populate_calls: c.populate_calls.load(Ordering::Relaxed),
             runs: c.runs.load(Ordering::Relaxed),
             pages_mapped: c.pages_mapped.load(Ordering::Relaxed),
             large_mappings: c.large_mappings.load(Ordering::Relaxed),

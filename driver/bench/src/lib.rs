@@ -7,6 +7,7 @@
 //! measuring thread to CPU 0. Interrupt mode completes commands through cross-thread wake-ups;
 //! polling mode busy-polls.
 
+mod cost;
 pub mod daemon;
 mod oversubscription;
 pub mod report;
@@ -51,6 +52,8 @@ struct Sizes {
     scale_pages: Vec<usize>,
     scale_vmas: Vec<usize>,
     scale_asids: Vec<usize>,
+    /// 2 MiB pages per driver-cost run.
+    large_pages: usize,
 }
 
 impl Sizes {
@@ -66,6 +69,7 @@ impl Sizes {
                 scale_pages: vec![1024, 4096, 16384],
                 scale_vmas: vec![10, 100, 1000],
                 scale_asids: vec![1, 4, 16],
+                large_pages: 8,
             }
         } else {
             Sizes {
@@ -78,6 +82,7 @@ impl Sizes {
                 scale_pages: vec![1024, 16384, 262144, 1 << 20],
                 scale_vmas: vec![10, 100, 1000, 10000],
                 scale_asids: vec![1, 4, 16, 64],
+                large_pages: 32,
             }
         }
     }
@@ -312,7 +317,7 @@ impl Bench {
     pub fn run(options: &BenchOptions) -> Result<Report, Error> {
         let sizes = Sizes::new(options.quick);
         let bar = if options.progress {
-            let b = ProgressBar::new(10);
+            let b = ProgressBar::new(11);
             b.set_style(
                 ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} {msg}")
                     .unwrap_or_else(|_| ProgressStyle::default_bar()),
@@ -336,6 +341,7 @@ impl Bench {
         b.step("warm-up", Self::warm_up)?;
         b.step("fault throughput vs batch", Self::fault_throughput)?;
         b.step("single-fault latency", Self::fault_latency)?;
+        b.step("driver's own cost per fault", Self::driver_cost)?;
         b.step("invalidation", Self::invalidation)?;
         b.step("walk", Self::walk)?;
         b.step("memory overhead", Self::overhead)?;

@@ -132,6 +132,20 @@ impl Region {
         Ok(())
     }
 
+    /// madvise over `len` bytes at `addr`, which must lie inside the region (same advice values
+    /// as [`Region::madvise`]).
+    pub fn madvise_range(&self, addr: u64, len: usize, advice: libc::c_int) -> io::Result<()> {
+        let a = addr as usize;
+        if a < self.addr || a.saturating_add(len) > self.addr + self.len {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: inside our region, which no Rust reference points into; as for `madvise`.
+        if unsafe { libc::madvise(a as *mut _, len, advice) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// mprotect page `i` to PROT_NONE (splits the VMA; the device has never mapped it).
     pub fn protect_none(&self, i: usize) -> io::Result<()> {
         // SAFETY: a page of our mapping that no Rust reference points into.
@@ -256,6 +270,19 @@ pub fn uffd_round_trips(
     drop(region);
     drop(fd);
     Ok(out)
+}
+
+/// CPU time of the calling thread.
+pub fn thread_cpu() -> Duration {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid, writable timespec; the clock id is a constant the kernel knows.
+    if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) } != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(t.tv_sec as u64, t.tv_nsec as u32)
 }
 
 #[cfg(test)]

@@ -1,0 +1,131 @@
+//! The fault path's shortcuts: pages the CPU populated already are mapped without a populate
+//! call, and memory a context registered for CPU events is not registered again until an
+//! event touches it; an event forgets the registration, so a mapping made later at the same
+//! address is registered anew and its munmap still reaches the device.
+
+use std::time::Duration;
+
+use driver::{DeviceSpec, Runtime, RuntimeOptions};
+
+const PAGE: usize = 4096;
+const LARGE: usize = 2 << 20;
+
+/// A fresh private anonymous mapping of `len` bytes at `hint` (exactly there if `fixed`).
+fn map(len: usize, hint: usize, fixed: bool) -> usize {
+    let flags =
+        libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | if fixed { libc::MAP_FIXED_NOREPLACE } else { 0 };
+    // SAFETY: a new anonymous mapping; with MAP_FIXED_NOREPLACE it never replaces another.
+    let p = unsafe {
+        libc::mmap(
+            hint as *mut _,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+    assert!(!fixed || p as usize == hint);
+    p as usize
+}
+
+fn unmap(addr: usize, len: usize) {
+    // SAFETY: our own mapping, no Rust reference into it is alive.
+    assert_eq!(unsafe { libc::munmap(addr as *mut _, len) }, 0);
+}
+
+/// A device FILL of `len` bytes at `addr`, checked from the CPU.
+fn device_fill(ctx: &driver::Context, addr: usize, len: usize, pattern: u64) {
+    // SAFETY: `addr..addr + len` is a live read-write mapping of this test that nothing else
+    // refers to while the slice lives.
+    let buf = unsafe { std::slice::from_raw_parts_mut(addr as *mut u8, len) };
+    ctx.fill(buf, pattern).expect("fill");
+    assert!(buf.chunks(8).all(|c| c == pattern.to_le_bytes()));
+}
+
+/// A 2 MiB-aligned address with a free 2 MiB window there (reserved and released again).
+fn aligned_window() -> usize {
+    let base = map(2 * LARGE, 0, false);
+    unmap(base, 2 * LARGE);
+    base.div_ceil(LARGE) * LARGE
+}
+
+fn settle(ctx: &driver::Context) {
+    ctx.address_space().settle().expect("settle");
+}
+
+#[test]
+fn populated_pages_are_mapped_without_a_populate_call_and_fresh_pages_with_one() {
+    let rt = Runtime::open(DeviceSpec::emulated(), RuntimeOptions::default()).expect("open");
+    let ctx = rt.create_context().expect("context");
+    let len = 16 * PAGE;
+    let populated = map(len, 0, false);
+    // SAFETY: our mapping; populating it changes no contents.
+    assert_eq!(
+        unsafe { libc::madvise(populated as *mut _, len, libc::MADV_POPULATE_WRITE) },
+        0
+    );
+    let before = ctx.stats().populate_calls;
+    device_fill(&ctx, populated, len, 0x0101_0101_0101_0101);
+    assert_eq!(ctx.stats().populate_calls, before, "every page was present");
+    let fresh = map(len, 0, false);
+    device_fill(&ctx, fresh, len, 0x0202_0202_0202_0202);
+    assert!(
+        ctx.stats().populate_calls > before,
+        "fresh pages had to be populated"
+    );
+    unmap(populated, len);
+    unmap(fresh, len);
+}
+
+#[test]
+fn a_registration_is_reused_until_an_event_and_a_new_mapping_at_the_same_address_is_registered_again(
+) {
+    let rt = Runtime::open(DeviceSpec::emulated(), RuntimeOptions::default()).expect("open");
+    let ctx = rt.create_context().expect("context");
+    let at = aligned_window();
+    let len = 64 * PAGE;
+    let first = map(len, at, true);
+    // Two faults in the same 2 MiB window: the second needs no registration.
+    device_fill(&ctx, first, PAGE, 1);
+    let skipped = ctx.stats().track_skipped;
+    device_fill(&ctx, first + 48 * PAGE, PAGE, 2);
+    assert_eq!(
+        ctx.stats().track_skipped,
+        skipped + 1,
+        "the window was registered already"
+    );
+    // A plain munmap (no wrapper): only the userfaultfd event tells the driver.
+    unmap(first, len);
+    settle(&ctx);
+    assert!(
+        ctx.device_translation(first as u64).is_none(),
+        "the event arrived"
+    );
+    // The same address again: the old registration died with the old mapping.
+    let second = map(len, at, true);
+    assert_eq!(second, first);
+    let skipped = ctx.stats().track_skipped;
+    device_fill(&ctx, second, PAGE, 3);
+    assert_eq!(
+        ctx.stats().track_skipped,
+        skipped,
+        "the new mapping was registered, not taken for the old one"
+    );
+    assert!(ctx.device_translation(second as u64).is_some());
+    // And so its munmap reaches the device too.
+    unmap(second, len);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        settle(&ctx);
+        if ctx.device_translation(second as u64).is_none() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the munmap of the new mapping never reached the device: it was not registered"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
