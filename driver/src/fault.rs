@@ -17,7 +17,7 @@ use accel_abi::{AccessKind, Completion, FaultRecord, PAGE_SIZE};
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
 use crate::device::{backoff, CancelOutcome, Device, DrainedFault, Ticket};
-pub use crate::service_cpu::ServiceCpu;
+pub use crate::service_cpu::{clock_read_ns, ServiceCpu};
 use crate::service_cpu::{timed, BatchTimer, Phase, ServiceCpuCounters};
 use crate::Error;
 use sys_util::sync::{ignore_poison, lock, read, write};

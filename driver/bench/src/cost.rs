@@ -9,7 +9,7 @@
 //! CPU time, not wall time: the emulated device shares the machine's two CPUs with the driver,
 //! and its time is not the driver's.
 
-use driver::fault::{ServiceCpu, ServiceMode};
+use driver::fault::{clock_read_ns, ServiceCpu, ServiceMode};
 use driver::runtime::{Context, Runtime};
 use driver::Error;
 
@@ -217,8 +217,9 @@ impl Bench {
                     ratio: base.map(|b| m.total / b),
                     target: tgt,
                     note: format!(
-                        "service thread CPU time (median run of {}); {}",
+                        "service thread CPU time (median run of {}, the clock's own {} ns per read subtracted); {}",
                         self.sizes.repeats,
+                        clock_read_ns(),
                         m.split()
                     ),
                     ..Default::default()
