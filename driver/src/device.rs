@@ -2,6 +2,7 @@
 //! TLB invalidation and the fault buffer. Nothing here knows how the device is reached (see
 //! [`crate::backend`]) or what a process address space is (see [`crate::context`]).
 
+use std::collections::HashMap;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex};
@@ -47,6 +48,9 @@ pub struct Caps {
     /// The device caches non-leaf entries: freeing a table page needs a walk-inclusive
     /// invalidation (`CAP_FEATURES`; revision 2).
     pub walk_cache: bool,
+    /// A replay can name one address space (`CAP_FEATURES.SCOPED_REPLAY`; revision 3): the
+    /// fault service then retries only the address spaces whose faults it serviced.
+    pub scoped_replay: bool,
 }
 
 /// Ring sizes and similar choices made at bring-up.
@@ -158,21 +162,38 @@ pub enum CancelOutcome {
 
 /// The replays issued, and where the fault buffer's producer index stood when the last one
 /// was issued.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Replays {
+    /// Replays of any kind issued since bring-up.
     count: u64,
-    /// `FAULT_BUF_PUT` read just before the last replay: the items of records below it had
-    /// posted them, stalled, before that replay retried them. `None` if that read failed:
-    /// every record counts as replayed until the next replay.
+    /// `count` after the last replay of every address space.
+    full_at: u64,
+    /// `FAULT_BUF_PUT` read just before the last replay of every address space: the items of
+    /// records below it had posted them, stalled, before that replay retried them. `None` if
+    /// that read failed: every record counts as replayed until the next replay.
     put: Option<u32>,
+    /// Per address space, `count` after the last replay naming it alone and the producer
+    /// index read just before it (revision 3, scoped replay).
+    scoped: HashMap<u16, (u64, Option<u32>)>,
 }
 
 impl Replays {
-    /// Whether the record at ring index `index` was posted before the last replay.
-    fn covers(&self, index: u32) -> bool {
+    /// Whether the record of `asid` at ring index `index` was posted before the last replay
+    /// that retried `asid`'s items (of every address space, or of `asid` alone).
+    fn covers(&self, asid: u16, index: u32) -> bool {
+        let put = match self.scoped.get(&asid) {
+            // Producer indices only grow, so the later replay has the later index.
+            Some(&(at, put)) if at > self.full_at => put,
+            _ => self.put,
+        };
         // Free-running indices, at most a ring apart: compare by wrapping distance.
-        self.put
-            .is_none_or(|put| (put.wrapping_sub(index) as i32) > 0)
+        put.is_none_or(|put| (put.wrapping_sub(index) as i32) > 0)
+    }
+
+    /// Whether a replay that retried `asid`'s items came after the drain that saw `count`.
+    fn retried_since(&self, asid: u16, count: u64) -> bool {
+        let scoped = self.scoped.get(&asid).map_or(0, |&(at, _)| at);
+        self.full_at.max(scoped) > count
     }
 }
 
@@ -390,6 +411,7 @@ impl Device {
             fault_lookahead: bar.read32(regs::CAP_FAULT_LOOKAHEAD)?,
             accessed_dirty: features & regs::features::ACCESSED_DIRTY != 0,
             walk_cache: features & regs::features::WALK_CACHE != 0,
+            scoped_replay: features & regs::features::SCOPED_REPLAY != 0,
         };
         if caps.pt_levels != accel_abi::PT_LEVELS
             || caps.va_bits != accel_abi::VA_BITS
@@ -475,7 +497,9 @@ impl Device {
             // After the reset: no replay yet, and every record from index 0 on is new.
             replays: Mutex::new(Replays {
                 count: 0,
+                full_at: 0,
                 put: Some(0),
+                scoped: HashMap::new(),
             }),
             tlbi: Mutex::new(0),
             tlbi_walk_inclusive: AtomicU64::new(0),
@@ -732,9 +756,10 @@ impl Device {
     /// since it was posted. Also reports (and clears) an overflow.
     pub fn drain_faults(&self, max: usize, out: &mut Vec<DrainedFault>) -> Result<Drain, Error> {
         let mut fb = lock(&self.faults);
-        // Taken before the first record is read: a replay during the drain makes the cancel
-        // step refuse (`cancel_stalled`), whatever the records say.
-        let replays = *lock(&self.replays);
+        // Held for the whole drain (lock order: faults, then replays; a replay takes only the
+        // replays lock): no replay can come between two records, and the count handed to the
+        // cancel step is the one every record was judged by (`cancel_stalled`).
+        let replays = lock(&self.replays);
         let mut taken = 0;
         let mut stalls = 0;
         while taken < fb.entries as usize {
@@ -763,7 +788,7 @@ impl Device {
             out.push(match FaultRecord::decode(&raw) {
                 Ok(Some(record)) => DrainedFault::Fault {
                     record,
-                    replayed: replays.covers(fb.get),
+                    replayed: replays.covers(record.asid, fb.get),
                 },
                 _ => DrainedFault::Malformed { slot },
             });
@@ -813,7 +838,33 @@ impl Device {
         // Counted even if the write failed (it may have reached the device): a cancel decided
         // on records drained before it is then not written.
         replays.count += 1;
+        replays.full_at = replays.count;
         replays.put = put.as_ref().ok().copied();
+        written?;
+        put?;
+        Ok(())
+    }
+
+    /// Retry the stalled work items of `asid` alone (revision 3, [`Caps::scoped_replay`]); the
+    /// items of other address spaces stay stalled, and their records posted before this replay
+    /// are not taken for replayed ones. Without the feature (or for an ASID the device does not
+    /// have) this is [`Device::replay`]: every stalled item retries, nothing is left stalled.
+    pub fn replay_scoped(&self, asid: u16) -> Result<(), Error> {
+        if !self.caps.scoped_replay || u32::from(asid) >= self.caps.asids {
+            return self.replay();
+        }
+        let mut replays = lock(&self.replays);
+        // Read before the write, for the reason given in `replay`.
+        let put = self.bar().read32(regs::FAULT_BUF_PUT);
+        let written = self.bar().write32(
+            regs::FAULT_REPLAY,
+            regs::replay::ASID_SCOPED | u32::from(asid),
+        );
+        replays.count += 1;
+        let at = replays.count;
+        replays
+            .scoped
+            .insert(asid, (at, put.as_ref().ok().copied()));
         written?;
         put?;
         Ok(())
@@ -839,11 +890,12 @@ impl Device {
     pub fn cancel_stalled(
         &self,
         work_id: u32,
+        asid: u16,
         code: u32,
         replays: u64,
     ) -> Result<CancelOutcome, Error> {
         let current = lock(&self.replays);
-        if current.count != replays {
+        if current.retried_since(asid, replays) {
             return Ok(CancelOutcome::Replayed);
         }
         self.cancel(work_id, code)?;

@@ -131,8 +131,11 @@ pub struct ServiceStats {
     pub pages_serviced: AtomicU64,
     /// Work items cancelled.
     pub cancels: AtomicU64,
-    /// Replays issued.
+    /// Replays issued (one per batch, whether of every address space or of a few).
     pub replays: AtomicU64,
+    /// Address spaces replayed alone (revision 3, scoped replay): each batch that replayed
+    /// only the address spaces it serviced adds their number.
+    pub scoped_replays: AtomicU64,
     /// Fault-buffer overflows seen.
     pub overflows: AtomicU64,
     /// Malformed records seen.
@@ -171,6 +174,10 @@ pub struct ServiceStats {
 /// A test hook the fault service calls on its own thread after each drain, before servicing,
 /// with the well-formed records drained ([`FaultService::set_drain_hook`]).
 pub type DrainHook = Arc<dyn Fn(&[FaultRecord]) + Send + Sync>;
+
+/// Most address spaces one batch replays one by one (scoped replay); a batch naming more
+/// replays every address space with one write.
+const MAX_SCOPED_REPLAYS: usize = 4;
 
 /// Fewest pages an address space may have serviced per batch when several share it.
 const MIN_FAIR_SHARE: usize = 16;
@@ -640,6 +647,36 @@ impl Shared {
         }
     }
 
+    /// The address spaces to replay alone after this batch, or `None` for one replay of every
+    /// address space. Replaying only the address spaces a batch serviced leaves the other
+    /// address spaces' stalled items alone: retried, each would fault on the same page again
+    /// and post a duplicate of the record still waiting in the buffer. Every address space is
+    /// replayed when the device cannot name one, when the buffer overflowed (an item may have
+    /// stalled with no record, so nobody knows its address space), when a record was unreadable
+    /// (the same), when the batch names more than [`MAX_SCOPED_REPLAYS`] address spaces (one
+    /// register write each), and when nobody else is registered (the same thing, one write).
+    fn scoped_replay_set(
+        &self,
+        groups: &[std::ops::Range<usize>],
+        records: &[(FaultRecord, bool)],
+        overflow: bool,
+        drained: usize,
+    ) -> Option<Vec<u16>> {
+        let caps = self.device.caps();
+        let readable = records.len() == drained;
+        if !caps.scoped_replay || overflow || !readable || groups.len() > MAX_SCOPED_REPLAYS {
+            return None;
+        }
+        let asids: Vec<u16> = groups.iter().map(|g| records[g.start].0.asid).collect();
+        if asids.is_empty()
+            || asids.iter().any(|&a| u32::from(a) >= caps.asids)
+            || read(&self.handlers).len() <= asids.len()
+        {
+            return None;
+        }
+        Some(asids)
+    }
+
     fn notify_completions(&self) {
         let mut n = lock(&self.completed);
         *n += 1;
@@ -700,7 +737,7 @@ impl Shared {
         // pages count as failures: a cancel of an item that is not stalled is refused by the
         // device and latched as an error.
         let mut records: Vec<(FaultRecord, bool)> = Vec::with_capacity(batch.len());
-        let mut cancels: Vec<(u32, CancelReason)> = Vec::new();
+        let mut cancels: Vec<(u32, u16, CancelReason)> = Vec::new();
         let va_limit = 1u64 << self.device.caps().va_bits.clamp(12, 63);
         for d in batch.iter() {
             match *d {
@@ -719,7 +756,7 @@ impl Shared {
                         "fault record beyond the VA width"
                     );
                     if !replayed && !r.lookahead {
-                        cancels.push((r.work_id, CancelReason::Malformed));
+                        cancels.push((r.work_id, r.asid, CancelReason::Malformed));
                     }
                 }
                 DrainedFault::Fault {
@@ -763,6 +800,7 @@ impl Shared {
             groups.push(i..j);
             i = j;
         }
+        let scoped = self.scoped_replay_set(&groups, &records, overflow, batch.len());
         let first = self.next_first_asid.load(Ordering::Relaxed);
         let start = groups
             .iter()
@@ -852,8 +890,8 @@ impl Shared {
                                 counter.fetch_add(1, Ordering::Relaxed);
                                 continue;
                             }
-                            if !cancels.iter().any(|(id, _)| *id == owner.work_id) {
-                                cancels.push((owner.work_id, reason));
+                            if !cancels.iter().any(|(id, _, _)| *id == owner.work_id) {
+                                cancels.push((owner.work_id, asid, reason));
                             }
                         }
                     }
@@ -862,10 +900,10 @@ impl Shared {
         }
 
         let mut cancelled = 0;
-        for (work_id, reason) in &cancels {
+        for (work_id, asid, reason) in &cancels {
             match self
                 .device
-                .cancel_stalled(*work_id, *reason as u32, drain.replays)
+                .cancel_stalled(*work_id, *asid, *reason as u32, drain.replays)
             {
                 Ok(CancelOutcome::Cancelled) => {
                     tracing::debug!(work_id, %reason, "cancelled work item");
@@ -891,7 +929,18 @@ impl Shared {
             // One replay per batch. Items we cancelled are no longer stalled; everything else
             // retries, and whatever is still missing faults again. Any record left in the
             // buffer is now marked replayed when drained.
-            if let Err(e) = timed(Phase::Replay, || self.device.replay()) {
+            let replayed = timed(Phase::Replay, || match &scoped {
+                Some(asids) => {
+                    self.stats
+                        .scoped_replays
+                        .fetch_add(asids.len() as u64, Ordering::Relaxed);
+                    asids
+                        .iter()
+                        .try_for_each(|&asid| self.device.replay_scoped(asid))
+                }
+                None => self.device.replay(),
+            });
+            if let Err(e) = replayed {
                 tracing::error!(error = %e, "replay failed");
             }
             self.stats.replays.fetch_add(1, Ordering::Relaxed);

@@ -343,6 +343,7 @@ mod stale_records {
         use driver::device::CancelOutcome;
         let rt = open(ServiceMode::Interrupt);
         let ctx = rt.create_context().unwrap();
+        let asid = ctx.asid();
         let m = Mapping::anonymous(PAGE, RW).unwrap();
         let (done_tx, done) = mpsc::channel();
         let done_tx = Mutex::new(Some(done_tx));
@@ -355,10 +356,10 @@ mod stale_records {
                 };
                 let none = 0x00ab_cdef; // no such item: refused, as one running or complete is
                 let replays = device.replays();
-                let refused = device.cancel_stalled(none, 7, replays).unwrap();
+                let refused = device.cancel_stalled(none, asid, 7, replays).unwrap();
                 let after_refusal = device.take_error().unwrap();
                 device.replay().unwrap();
-                let overtaken = device.cancel_stalled(none, 7, replays).unwrap();
+                let overtaken = device.cancel_stalled(none, asid, 7, replays).unwrap();
                 let after_overtaken = device.take_error().unwrap();
                 device.cancel(none, 7).unwrap();
                 let plain = device.take_error().unwrap();
