@@ -51,6 +51,9 @@ pub struct Caps {
     /// A replay can name one address space (`CAP_FEATURES.SCOPED_REPLAY`; revision 3): the
     /// fault service then retries only the address spaces whose faults it serviced.
     pub scoped_replay: bool,
+    /// The lookahead depth in use is writable (`CAP_FEATURES.LOOKAHEAD_DEPTH`; revision 3): the
+    /// fault service adapts it ([`Device::set_lookahead_depth`]).
+    pub lookahead_depth: bool,
 }
 
 /// Ring sizes and similar choices made at bring-up.
@@ -412,6 +415,7 @@ impl Device {
             accessed_dirty: features & regs::features::ACCESSED_DIRTY != 0,
             walk_cache: features & regs::features::WALK_CACHE != 0,
             scoped_replay: features & regs::features::SCOPED_REPLAY != 0,
+            lookahead_depth: features & regs::features::LOOKAHEAD_DEPTH != 0,
         };
         if caps.pt_levels != accel_abi::PT_LEVELS
             || caps.va_bits != accel_abi::VA_BITS
@@ -842,6 +846,26 @@ impl Device {
         replays.put = put.as_ref().ok().copied();
         written?;
         put?;
+        Ok(())
+    }
+
+    /// Set how many pages past a stalled access the device reports ahead, `1..=`
+    /// [`Caps::fault_lookahead`] (revision 3, [`Caps::lookahead_depth`]). Without the feature
+    /// the depth stays the device's own and this fails with [`Error::Unsupported`].
+    pub fn set_lookahead_depth(&self, depth: u32) -> Result<(), Error> {
+        if !self.caps.lookahead_depth {
+            return Err(Error::Unsupported(
+                "the device's fault lookahead depth is fixed (CAP_FEATURES.LOOKAHEAD_DEPTH clear)"
+                    .into(),
+            ));
+        }
+        if depth == 0 || depth > self.caps.fault_lookahead {
+            return Err(Error::Unsupported(format!(
+                "lookahead depth {depth}: the device takes 1..={} (CAP_FAULT_LOOKAHEAD)",
+                self.caps.fault_lookahead
+            )));
+        }
+        self.bar().write32(regs::FAULT_LOOKAHEAD_DEPTH, depth)?;
         Ok(())
     }
 

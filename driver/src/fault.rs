@@ -136,6 +136,14 @@ pub struct ServiceStats {
     /// Address spaces replayed alone (revision 3, scoped replay): each batch that replayed
     /// only the address spaces it serviced adds their number.
     pub scoped_replays: AtomicU64,
+    /// The fault lookahead depth the service asks of the device now (revision 3: it adapts;
+    /// a device without `LOOKAHEAD_DEPTH` keeps its own, `CAP_FAULT_LOOKAHEAD`).
+    pub lookahead_depth: AtomicU64,
+    /// Times the service changed the lookahead depth: halved when most lookahead pages of a
+    /// batch could not be mapped (the device walked for nothing), doubled (up to
+    /// `CAP_FAULT_LOOKAHEAD`) when a stall's lookahead filled the whole window (its operand
+    /// went on past it, so it stalls again one window later).
+    pub lookahead_adjustments: AtomicU64,
     /// Fault-buffer overflows seen.
     pub overflows: AtomicU64,
     /// Malformed records seen.
@@ -311,10 +319,14 @@ impl FaultService {
             what: "dup(eventfd)",
             source: e,
         })?;
+        let stats = ServiceStats::default();
+        stats
+            .lookahead_depth
+            .store(u64::from(device.caps().fault_lookahead), Ordering::Relaxed);
         let shared = Arc::new(Shared {
             device,
             handlers: RwLock::new(HashMap::new()),
-            stats: ServiceStats::default(),
+            stats,
             stop: AtomicBool::new(false),
             mode,
             batch: batch.max(1),
@@ -779,6 +791,10 @@ impl Shared {
                 }
             }
         }
+        let depth = self.stats.lookahead_depth.load(Ordering::Relaxed);
+        let lookahead_records = records.iter().filter(|(r, _)| r.lookahead).count();
+        let full_windows = full_lookahead_windows(batch, depth);
+        let mut lookahead_failures = 0;
         let hook = read(&self.drain_hook).clone();
         if let Some(hook) = hook {
             let plain: Vec<FaultRecord> = records.iter().map(|(r, _)| *r).collect();
@@ -885,6 +901,7 @@ impl Shared {
                                 let counter = if owner.replayed {
                                     &self.stats.replayed_failed
                                 } else {
+                                    lookahead_failures += 1;
                                     &self.stats.lookahead_failed
                                 };
                                 counter.fetch_add(1, Ordering::Relaxed);
@@ -946,7 +963,76 @@ impl Shared {
             self.stats.replays.fetch_add(1, Ordering::Relaxed);
         }
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.adapt_lookahead(depth, lookahead_records, lookahead_failures, full_windows);
     }
+
+    /// Halve the lookahead depth when more than half of a batch's lookahead pages could not be
+    /// mapped, double it (up to `CAP_FAULT_LOOKAHEAD`) when a stall's lookahead filled its whole
+    /// window and none failed, so the device spends its page walks where they pay. Takes effect for stalls after the register write.
+    fn adapt_lookahead(&self, depth: u64, lookahead: usize, failed: usize, full_windows: usize) {
+        let caps = self.device.caps();
+        if !caps.lookahead_depth || lookahead == 0 {
+            return;
+        }
+        let cap = u64::from(caps.fault_lookahead);
+        let wanted = if failed * 2 > lookahead {
+            (depth / 2).max(1)
+        } else if failed == 0 && full_windows > 0 {
+            (depth * 2).min(cap)
+        } else {
+            depth
+        };
+        if wanted == depth {
+            return;
+        }
+        match self.device.set_lookahead_depth(wanted as u32) {
+            Ok(()) => {
+                self.stats.lookahead_depth.store(wanted, Ordering::Relaxed);
+                self.stats
+                    .lookahead_adjustments
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(
+                    depth,
+                    wanted,
+                    lookahead,
+                    failed,
+                    full_windows,
+                    "lookahead depth adapted"
+                );
+            }
+            Err(e) => tracing::warn!(error = %e, wanted, "setting the lookahead depth failed"),
+        }
+    }
+}
+
+/// Stalls of a drained batch followed by at least `depth` lookahead records: their operand went
+/// on past the device's lookahead window.
+fn full_lookahead_windows(batch: &[DrainedFault], depth: u64) -> usize {
+    if depth == 0 {
+        return 0;
+    }
+    let mut full = 0;
+    let mut run: Option<u64> = None;
+    for d in batch {
+        match d {
+            DrainedFault::Fault { record, .. } if record.lookahead => {
+                if let Some(n) = run.as_mut() {
+                    *n += 1;
+                }
+            }
+            // A stall starts a window; an unreadable slot ends one and starts none.
+            other => {
+                if run.is_some_and(|n| n >= depth) {
+                    full += 1;
+                }
+                run = matches!(other, DrainedFault::Fault { .. }).then_some(0);
+            }
+        }
+    }
+    if run.is_some_and(|n| n >= depth) {
+        full += 1;
+    }
+    full
 }
 
 /// A work item that faulted on a page of the batch.
@@ -961,6 +1047,40 @@ struct Owner {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn drained(work_id: u32, page: u64, lookahead: bool) -> DrainedFault {
+        DrainedFault::Fault {
+            record: FaultRecord {
+                va: page * PAGE_SIZE,
+                work_id,
+                asid: 0,
+                access: AccessKind::Write,
+                reason: accel_abi::FaultReason::NotPresent,
+                timestamp_ns: 0,
+                lookahead,
+            },
+            replayed: false,
+        }
+    }
+
+    #[test]
+    fn a_window_is_full_when_a_stall_brings_as_many_lookahead_records_as_the_depth() {
+        let mut batch = vec![drained(1, 10, false)];
+        batch.extend((11..15).map(|p| drained(1, p, true)));
+        batch.push(drained(2, 40, false));
+        batch.extend((41..43).map(|p| drained(2, p, true)));
+        batch.push(drained(3, 80, false));
+        batch.extend((81..85).map(|p| drained(3, p, true)));
+        // Stalls 1 and 3 brought 4 lookahead records each, stall 2 two.
+        assert_eq!(full_lookahead_windows(&batch, 4), 2);
+        assert_eq!(full_lookahead_windows(&batch, 2), 3);
+        assert_eq!(full_lookahead_windows(&batch, 5), 0);
+        assert_eq!(full_lookahead_windows(&batch, 0), 0, "no lookahead at all");
+        assert_eq!(full_lookahead_windows(&[], 4), 0);
+        // A malformed slot ends no window and starts none.
+        let odd = vec![DrainedFault::Malformed { slot: 0 }, drained(1, 3, true)];
+        assert_eq!(full_lookahead_windows(&odd, 1), 0);
+    }
 
     #[test]
     fn a_late_interrupt_is_no_miss_and_no_interrupt_for_the_grace_period_is() {
