@@ -66,7 +66,7 @@ fn small_pages(n: usize, populate: bool) -> Result<(Region, Vec<u64>), Error> {
 }
 
 /// The service's CPU time while `f` runs (accounting on for its duration).
-fn accounted<T>(
+pub(crate) fn accounted<T>(
     rt: &Runtime,
     f: impl FnOnce() -> Result<T, Error>,
 ) -> Result<(T, ServiceCpu), Error> {
@@ -80,8 +80,8 @@ fn accounted<T>(
 
 /// Per-page figures of one accounted run.
 #[derive(Default, Clone, Copy)]
-struct PerPage {
-    total: f64,
+pub(crate) struct PerPage {
+    pub(crate) total: f64,
     walk: f64,
     dma: f64,
     table: f64,
@@ -91,7 +91,7 @@ struct PerPage {
 }
 
 impl PerPage {
-    fn of(c: &ServiceCpu, pages: usize) -> PerPage {
+    pub(crate) fn of(c: &ServiceCpu, pages: usize) -> PerPage {
         let n = pages.max(1) as f64;
         PerPage {
             total: c.total_ns as f64 / n,
@@ -104,7 +104,7 @@ impl PerPage {
         }
     }
 
-    fn split(&self) -> String {
+    pub(crate) fn split(&self) -> String {
         format!(
             "walk {:.0}, DMA map {:.0}, page-table write {:.0}, replay {:.0}, rest {:.0} ns; {:.2} batches per page",
             self.walk, self.dma, self.table, self.replay, self.rest, self.batches
