@@ -136,6 +136,9 @@ pub struct ServiceStats {
     /// Address spaces replayed alone (revision 3, scoped replay): each batch that replayed
     /// only the address spaces it serviced adds their number.
     pub scoped_replays: AtomicU64,
+    /// Batches serviced by a thread waiting for a completion in polling mode instead of the
+    /// service thread (it was spinning on the CPU anyway, and faults were posted).
+    pub assisted_batches: AtomicU64,
     /// The fault lookahead depth the service asks of the device now (revision 3: it adapts;
     /// a device without `LOOKAHEAD_DEPTH` keeps its own, `CAP_FAULT_LOOKAHEAD`).
     pub lookahead_depth: AtomicU64,
@@ -291,6 +294,10 @@ struct Shared {
     drain_hook: RwLock<Option<DrainHook>>,
     cpu_accounting: AtomicBool,
     cpu: ServiceCpuCounters,
+    /// Held by whichever thread services a batch (the service thread, or a waiter assisting in
+    /// polling mode): the other one does not drain meanwhile, so two batches never split the
+    /// records of one stall between them, nor service the same pages twice.
+    batch_gate: Mutex<()>,
 }
 
 /// The fault-service thread of one device, and completion waiting.
@@ -339,6 +346,7 @@ impl FaultService {
             drain_hook: RwLock::new(None),
             cpu_accounting: AtomicBool::new(false),
             cpu: ServiceCpuCounters::default(),
+            batch_gate: Mutex::new(()),
         });
         let worker = Arc::clone(&shared);
         let thread = std::thread::Builder::new()
@@ -459,7 +467,15 @@ impl FaultService {
                 return Err(Error::Timeout("command completion"));
             }
             match self.shared.mode {
-                ServiceMode::Polling => backoff(&mut spins),
+                ServiceMode::Polling => {
+                    // The waiter is burning this CPU anyway: if faults are posted (quite
+                    // likely its own command's), service a batch here instead of waiting for
+                    // the service thread to be scheduled (on a shared core that is a context
+                    // switch there and one back for every fault).
+                    if !self.shared.assist_batch() {
+                        backoff(&mut spins);
+                    }
+                }
                 ServiceMode::Interrupt => {
                     let guard = lock(&self.shared.completed);
                     if *guard == generation {
@@ -581,13 +597,15 @@ impl Shared {
                         && !self.stop.load(Ordering::Acquire)
                         && self.device.lost().is_none()
                     {
-                        self.service_batch(&mut batch);
+                        if !self.try_service_batch(&mut batch) {
+                            // A waiter is servicing (polling mode only): it finishes soon.
+                            std::thread::yield_now();
+                        }
                     }
                 }
                 ServiceMode::Polling => {
-                    if self.device.fault_pending() {
+                    if self.device.fault_pending() && self.try_service_batch(&mut batch) {
                         spins = 0;
-                        self.service_batch(&mut batch);
                     } else {
                         backoff(&mut spins);
                         if spins % 1024 == 0 {
@@ -597,6 +615,32 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// In polling mode, service one batch on the calling thread (a completion waiter) if faults
+    /// are posted and no test hook orders the service; whether it did.
+    fn assist_batch(&self) -> bool {
+        if !self.device.fault_pending()
+            || self.stop.load(Ordering::Acquire)
+            || self.device.lost().is_some()
+            || read(&self.drain_hook).is_some()
+        {
+            return false;
+        }
+        thread_local! {
+            static BATCH: std::cell::RefCell<Vec<DrainedFault>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        BATCH.with(|b| match b.try_borrow_mut() {
+            Ok(mut batch) => {
+                let serviced = self.try_service_batch(&mut batch);
+                if serviced {
+                    self.stats.assisted_batches.fetch_add(1, Ordering::Relaxed);
+                }
+                serviced
+            }
+            // A handler waiting for a command from inside a service (never done): not twice.
+            Err(_) => false,
+        })
     }
 
     /// The device is gone: wake every completion waiter (each then fails with
@@ -708,6 +752,18 @@ impl Shared {
             Ok(None) => {}
             Err(e) => tracing::error!(error = %e, "reading the device error register failed"),
         }
+    }
+
+    /// [`Shared::service_batch`] unless another thread is servicing one; whether it did.
+    fn try_service_batch(&self, batch: &mut Vec<DrainedFault>) -> bool {
+        let _gate = match self.batch_gate.try_lock() {
+            Ok(gate) => gate,
+            // A panic in an earlier batch poisons nothing the gate protects (it guards no data).
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return false,
+        };
+        self.service_batch(batch);
+        true
     }
 
     fn service_batch(&self, batch: &mut Vec<DrainedFault>) {

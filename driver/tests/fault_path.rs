@@ -129,3 +129,34 @@ fn a_registration_is_reused_until_an_event_and_a_new_mapping_at_the_same_address
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+#[test]
+fn a_polling_waiter_services_posted_faults_itself_and_every_batch_is_counted_once() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let options = RuntimeOptions {
+        mode: driver::fault::ServiceMode::Polling,
+        ..Default::default()
+    };
+    let rt = Runtime::open(DeviceSpec::emulated(), options).expect("open");
+    let ctx = rt.create_context().expect("context");
+    let stats = rt.service().stats();
+    let (batches0, assisted0) = (
+        stats.batches.load(Relaxed),
+        stats.assisted_batches.load(Relaxed),
+    );
+    // One fresh page per command, one command at a time: each wait spins while its own fault
+    // is posted, so some of those faults are serviced by the waiter (the service thread sleeps
+    // between them).
+    for i in 0..200u64 {
+        let page = map(PAGE, 0, false);
+        device_fill(&ctx, page, PAGE, i);
+        unmap(page, PAGE);
+    }
+    let assisted = stats.assisted_batches.load(Relaxed) - assisted0;
+    let batches = stats.batches.load(Relaxed) - batches0;
+    assert!(
+        assisted > 0,
+        "no waiter ever serviced a batch ({batches} batches)"
+    );
+    assert!(assisted <= batches, "{assisted} assisted of {batches}");
+}
