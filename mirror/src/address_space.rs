@@ -8,7 +8,8 @@ use nix::errno::Errno;
 
 use crate::monitor::{ForkHandler, Monitor};
 use crate::registry::{
-    AgeQuery, EventKind, EventObserver, EventSource, Invalidation, Registry, DEFAULT_RETRY_BUDGET,
+    AgeQuery, Callbacks, EventKind, EventObserver, EventSource, Invalidation, Registry,
+    DEFAULT_RETRY_BUDGET,
 };
 use crate::stats::Stats;
 use crate::sys::uffd as raw;
@@ -225,6 +226,49 @@ impl AddressSpace {
         F: Fn(&mut T, &Invalidation) + Send + Sync + 'static,
     {
         self.registry.subscribe(range, state, callback)
+    }
+
+    /// Subscribes with the [`Callbacks`] given: an invalidate callback and, optionally, a second
+    /// pass ([`Callbacks::two_pass`]) and an aging callback ([`Callbacks::aging`]).
+    ///
+    /// A two-pass subscriber's invalidate callback may return before its device stopped using
+    /// the range, as long as it has *started* everything that makes it stop (entries cleared,
+    /// invalidation posted); its `finish` callback then must not return before the device
+    /// stopped, and does what must wait for that (unpinning, freeing). For one event, every
+    /// subscriber it hits runs its first pass, then every two-pass subscriber its second, each
+    /// under its own lock (taken again for the second pass: other threads may take it in
+    /// between, and must not assume a started teardown is finished). The event is complete,
+    /// and faults in its range proceed, only after the last second pass. Both callbacks follow
+    /// [`AddressSpace::subscribe`]'s rules.
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use mirror::{AddressSpace, Callbacks, Config, Mapping};
+    /// let mm = AddressSpace::current(Config::explicit_only()).unwrap();
+    /// let buf = Mapping::anonymous(4096, libc::PROT_READ | libc::PROT_WRITE).unwrap();
+    /// let order = Arc::new(Mutex::new(Vec::new()));
+    /// let mut subs = Vec::new();
+    /// for id in 0..2 {
+    ///     let (a, b) = (order.clone(), order.clone());
+    ///     let callbacks = Callbacks::new(move |_: &mut (), _: &mirror::Invalidation| {
+    ///         a.lock().unwrap().push(("start", id))
+    ///     })
+    ///     .two_pass(move |_: &mut (), _: &mirror::Invalidation| b.lock().unwrap().push(("finish", id)));
+    ///     subs.push(mm.subscribe_with(buf.range(), (), callbacks).unwrap());
+    /// }
+    /// mm.invalidate(buf.range()).unwrap();
+    /// let order = order.lock().unwrap();
+    /// // Both first passes before either second pass.
+    /// assert!(order[..2].iter().all(|(pass, _)| *pass == "start"));
+    /// assert!(order[2..].iter().all(|(pass, _)| *pass == "finish"));
+    /// ```
+    pub fn subscribe_with<T: Send + 'static>(
+        &self,
+        range: VaRange,
+        state: T,
+        callbacks: Callbacks<T>,
+    ) -> Result<Subscription<T>> {
+        self.registry.subscribe_with(range, state, callbacks)
     }
 
     /// Subscribes like [`AddressSpace::subscribe`], with an aging callback too (the counterpart of

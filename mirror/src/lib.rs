@@ -39,7 +39,7 @@ pub use error::{Error, Result};
 pub use monitor::ForkHandler;
 pub use range::{Access, Perms, VaRange, PAGE_SIZE, VA_LIMIT};
 pub use registry::{
-    AgeQuery, EventKind, EventObserver, EventRecord, EventSource, Invalidation, ReadSeq,
+    AgeQuery, Callbacks, EventKind, EventObserver, EventRecord, EventSource, Invalidation, ReadSeq,
     RetryBudget, SubscriberGuard, Subscription, DEFAULT_RETRY_BUDGET,
 };
 pub use stats::{LatencySummary, Stats};

@@ -100,6 +100,65 @@ type Observer = EventObserver;
 type Callback<T> = Box<dyn Fn(&mut T, &Invalidation) + Send + Sync>;
 type YoungCallback<T> = Box<dyn Fn(&mut T, &AgeQuery, &mut Vec<VaRange>) + Send + Sync>;
 
+/// What a subscriber is called with (see [`crate::AddressSpace::subscribe_with`]): the
+/// invalidate callback, and optionally a second pass and an aging callback.
+pub struct Callbacks<T> {
+    invalidate: Callback<T>,
+    finish: Option<Callback<T>>,
+    young: Option<YoungCallback<T>>,
+    bytes: usize,
+}
+
+impl<T> Callbacks<T> {
+    /// One callback per invalidation, as [`crate::AddressSpace::subscribe`] takes.
+    pub fn new<F>(invalidate: F) -> Self
+    where
+        F: Fn(&mut T, &Invalidation) + Send + Sync + 'static,
+    {
+        Callbacks {
+            bytes: std::mem::size_of_val(&invalidate),
+            invalidate: Box::new(invalidate),
+            finish: None,
+            young: None,
+        }
+    }
+
+    /// Make the invalidation two-pass: the invalidate callback only *starts* the teardown
+    /// (clears the device's entries and posts its TLB invalidation without waiting), and
+    /// `finish` completes it (waits for the fence, then unpins). Every subscriber an event hits
+    /// gets its first pass before any gets its second, so N address spaces (or N devices) wait
+    /// for their fences once, together, instead of one after another (the two-pass interval
+    /// notifiers of the kernel allow GPU drivers the same). The event still returns only after
+    /// every `finish` returned, and no fault installs in the range in between.
+    pub fn two_pass<G>(mut self, finish: G) -> Self
+    where
+        G: Fn(&mut T, &Invalidation) + Send + Sync + 'static,
+    {
+        self.bytes += std::mem::size_of_val(&finish);
+        self.finish = Some(Box::new(finish));
+        self
+    }
+
+    /// An aging callback too, as [`crate::AddressSpace::subscribe_aging`] takes.
+    pub fn aging<Y>(mut self, young: Y) -> Self
+    where
+        Y: Fn(&mut T, &AgeQuery, &mut Vec<VaRange>) + Send + Sync + 'static,
+    {
+        self.bytes += std::mem::size_of_val(&young);
+        self.young = Some(Box::new(young));
+        self
+    }
+}
+
+impl<T> std::fmt::Debug for Callbacks<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Callbacks")
+            .field("two_pass", &self.finish.is_some())
+            .field("aging", &self.young.is_some())
+            .finish()
+    }
+}
+
 thread_local! {
     /// How many subscriber callbacks (invalidate or aging) this thread is inside.
     static CALLBACK_DEPTH: Cell<u32> = const { Cell::new(0) };
@@ -225,8 +284,16 @@ impl Registry {
         T: Send + 'static,
         F: Fn(&mut T, &Invalidation) + Send + Sync + 'static,
     {
-        let bytes = std::mem::size_of_val(&callback);
-        self.insert_node(range, state, Box::new(callback), None, bytes)
+        self.subscribe_with(range, state, Callbacks::new(callback))
+    }
+
+    pub(crate) fn subscribe_with<T: Send + 'static>(
+        self: &Arc<Self>,
+        range: VaRange,
+        state: T,
+        callbacks: Callbacks<T>,
+    ) -> Result<Subscription<T>> {
+        self.insert_node(range, state, callbacks)
     }
 
     /// `subscribe` with an aging callback too.
@@ -242,25 +309,21 @@ impl Registry {
         F: Fn(&mut T, &Invalidation) + Send + Sync + 'static,
         Y: Fn(&mut T, &AgeQuery, &mut Vec<VaRange>) + Send + Sync + 'static,
     {
-        let bytes = std::mem::size_of_val(&callback) + std::mem::size_of_val(&young);
-        self.insert_node(
-            range,
-            state,
-            Box::new(callback),
-            Some(Box::new(young)),
-            bytes,
-        )
+        self.insert_node(range, state, Callbacks::new(callback).aging(young))
     }
 
-    /// `callback_bytes`: what the boxed callbacks hold inline.
     fn insert_node<T: Send + 'static>(
         self: &Arc<Self>,
         range: VaRange,
         state: T,
-        callback: Callback<T>,
-        young: Option<YoungCallback<T>>,
-        callback_bytes: usize,
+        callbacks: Callbacks<T>,
     ) -> Result<Subscription<T>> {
+        let Callbacks {
+            invalidate: callback,
+            finish,
+            young,
+            bytes: callback_bytes,
+        } = callbacks;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         // The node's Arc allocation, the boxed callbacks and the notifier's slot for it.
         let bytes = (2 * std::mem::size_of::<usize>()
@@ -272,6 +335,7 @@ impl Registry {
             range,
             state: Mutex::new(state),
             callback,
+            finish,
             young,
             removed: AtomicBool::new(false),
             registry: Arc::downgrade(self),
@@ -416,6 +480,8 @@ struct SubNode<T> {
     range: VaRange,
     state: Mutex<T>,
     callback: Callback<T>,
+    /// The second pass of a two-pass subscriber ([`Callbacks::two_pass`]).
+    finish: Option<Callback<T>>,
     young: Option<YoungCallback<T>>,
     /// Set under the state lock once the subscription was dropped: an aging query that cloned
     /// the node before the removal finds it under the same lock and skips the callback.
@@ -425,12 +491,10 @@ struct SubNode<T> {
     bytes: i64,
 }
 
-impl<T: Send> Interval<Invalidation> for SubNode<T> {
-    fn seq_state(&self) -> &IntervalSeq {
-        &self.seq
-    }
-
-    fn invalidate(&self, cur_seq: u64, event: &Invalidation) {
+impl<T: Send> SubNode<T> {
+    /// Run `callback` (a first pass, which publishes `cur_seq`, or a second one) on the event
+    /// clipped to this subscription, under its lock, catching a panic.
+    fn call(&self, cur_seq: Option<u64>, callback: &Callback<T>, event: &Invalidation) {
         let Some(range) = event.range.intersect(&self.range) else {
             return;
         };
@@ -441,21 +505,43 @@ impl<T: Send> Interval<Invalidation> for SubNode<T> {
         };
         let mut state = lock(&self.state);
         let held = HeldLock::new(self.seq.id());
-        self.seq.set_seq(cur_seq);
+        if let Some(cur_seq) = cur_seq {
+            self.seq.set_seq(cur_seq);
+        }
         let depth = CallbackDepth::enter();
-        let outcome = catch_unwind(AssertUnwindSafe(|| (self.callback)(&mut state, &clipped)));
+        let outcome = catch_unwind(AssertUnwindSafe(|| callback(&mut state, &clipped)));
         drop(depth);
         drop(held);
         drop(state);
         if let Some(reg) = self.registry.upgrade() {
-            reg.stats.invalidation();
+            if cur_seq.is_some() {
+                reg.stats.invalidation();
+            } else {
+                reg.stats.invalidation_finish();
+            }
             if outcome.is_err() {
                 reg.stats.callback_panic();
             }
         }
         if outcome.is_err() {
-            tracing::error!(range = ?clipped.range, kind = ?clipped.kind,
+            tracing::error!(range = ?clipped.range, kind = ?clipped.kind, second_pass = cur_seq.is_none(),
                 "invalidation callback panicked; the subscriber may hold stale entries");
+        }
+    }
+}
+
+impl<T: Send> Interval<Invalidation> for SubNode<T> {
+    fn seq_state(&self) -> &IntervalSeq {
+        &self.seq
+    }
+
+    fn invalidate(&self, cur_seq: u64, event: &Invalidation) {
+        self.call(Some(cur_seq), &self.callback, event);
+    }
+
+    fn finish(&self, event: &Invalidation) {
+        if let Some(finish) = &self.finish {
+            self.call(None, finish, event);
         }
     }
 

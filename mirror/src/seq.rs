@@ -71,6 +71,12 @@ pub(crate) trait Interval<E>: Send + Sync {
     /// Takes the subscriber lock, calls `set_seq(cur_seq)`, tears down, unlocks. Must not return
     /// before the subscriber has stopped using the range.
     fn invalidate(&self, cur_seq: u64, event: &E);
+    /// The second pass of a two-pass interval, called after every overlapping interval's
+    /// `invalidate` and before the invalidation ends (waits for what `invalidate` started).
+    /// One-pass intervals keep this default.
+    fn finish(&self, event: &E) {
+        let _ = event;
+    }
     /// Answers an aging query over `range` (which overlaps the interval): pushes the parts of it
     /// the subscriber saw used into `out`, clearing its record of use with `clear`. Returns
     /// whether a callback ran; intervals without aging keep this default, which asks nothing.
@@ -222,6 +228,11 @@ impl<E> Notifier<E> {
         };
         for node in &hits {
             node.invalidate(cur_seq, event);
+        }
+        // The second pass of two-pass subscribers, after every first pass: they wait for the
+        // fences all the first passes started.
+        for node in &hits {
+            node.finish(event);
         }
         Ticket { hits: hits.len() }
     }

@@ -11,6 +11,7 @@ const BUCKETS: usize = 24;
 pub(crate) struct StatsInner {
     by_kind: [AtomicU64; 7],
     invalidations: AtomicU64,
+    invalidation_finishes: AtomicU64,
     retries: AtomicU64,
     budget_exhaustions: AtomicU64,
     callback_panics: AtomicU64,
@@ -43,6 +44,9 @@ impl StatsInner {
     }
     pub(crate) fn invalidation(&self) {
         self.invalidations.fetch_add(1, Ordering::Relaxed);
+    }
+    pub(crate) fn invalidation_finish(&self) {
+        self.invalidation_finishes.fetch_add(1, Ordering::Relaxed);
     }
     pub(crate) fn retry(&self) {
         self.retries.fetch_add(1, Ordering::Relaxed);
@@ -95,6 +99,7 @@ impl StatsInner {
             release_events: k(5),
             explicit_events: k(6),
             invalidations: self.invalidations.load(Ordering::Relaxed),
+            invalidation_finishes: self.invalidation_finishes.load(Ordering::Relaxed),
             retries: self.retries.load(Ordering::Relaxed),
             budget_exhaustions: self.budget_exhaustions.load(Ordering::Relaxed),
             callback_panics: self.callback_panics.load(Ordering::Relaxed),
@@ -142,6 +147,8 @@ pub struct Stats {
     pub explicit_events: u64,
     /// Invalidate callbacks invoked (aging callbacks are counted in `aging_callbacks`).
     pub invalidations: u64,
+    /// Second passes of two-pass subscribers ([`crate::Callbacks::two_pass`]) called.
+    pub invalidation_finishes: u64,
     /// Fault-path retries after `read_retry` reported a collision.
     pub retries: u64,
     /// Faults that gave up because the retry budget ran out.
