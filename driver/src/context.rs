@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use accel_abi::{LARGE_PAGE_SIZE, PAGE_SIZE};
 use mirror::{
-    Access, AddressSpace, EventKind, Invalidation, PageSize as CpuPageSize, PageState,
+    Access, AddressSpace, Callbacks, EventKind, Invalidation, PageSize as CpuPageSize, PageState,
     Subscription, VaRange,
 };
 
@@ -28,7 +28,7 @@ use crate::dma::DmaSpace;
 use crate::fault::{CancelReason, FaultHandler, PageFault};
 use crate::pagetable::Translation;
 use crate::service_cpu::{timed, Phase};
-use crate::view::DeviceView;
+use crate::view::{DeviceView, StartedFence};
 use crate::Error;
 use sys_util::sync::lock;
 
@@ -352,6 +352,15 @@ pub(crate) struct MirrorState {
     /// and the record, and every event removes its range, so a VMA mapped later at the same
     /// address (which needs an unmap of the old one first, an event) is registered anew.
     tracked: RangeSet,
+    /// Tear-downs an invalidation's first pass started, finished by its second pass.
+    started: Vec<Teardown>,
+}
+
+/// A tear-down between its two passes: the victims left the view and the bookkeeping, their
+/// fence was started (or failed to start), they are still DMA-mapped and pinned.
+struct Teardown {
+    victims: Vec<UserMapping>,
+    fence: Option<Result<StartedFence, Error>>,
 }
 
 impl MirrorState {
@@ -409,6 +418,17 @@ impl MirrorState {
 
     /// [`Self::tear_down`] of several ranges with one fence for all of them (an eviction).
     fn tear_down_ranges(&mut self, ranges: &[Range<u64>]) -> bool {
+        match self.start_tear_down(ranges) {
+            Some(teardown) => self.finish_tear_down(teardown),
+            None => true,
+        }
+    }
+
+    /// The first pass of a tear-down: the mappings touching `ranges` leave the view (their
+    /// device entries are cleared) and the bookkeeping (no other path finds them any more),
+    /// and their fence is started. `None` if nothing is left to wait for (a lost device's
+    /// mappings are dropped on the host side at once).
+    fn start_tear_down(&mut self, ranges: &[Range<u64>]) -> Option<Teardown> {
         let mut victims = Vec::new();
         for range in ranges {
             victims.extend(self.overlapping(range.clone()));
@@ -417,7 +437,7 @@ impl MirrorState {
         victims.dedup_by_key(|m| m.va);
         if let Some(lost) = self.dma.backend().lost() {
             self.forget(victims, &lost);
-            return true;
+            return None;
         }
         // Each range is removed on its own (its span grown to the mappings touching it): the
         // union of disjoint ranges would clear other mappings' entries between them. The fence
@@ -445,24 +465,47 @@ impl MirrorState {
         for r in written {
             self.dirty_log.insert(r);
         }
-        let mut fenced = true;
-        if let Some(fence_span) = fence_span {
-            self.counters.tlb_fences.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = self.view.fence(fence_span) {
-                // Unmapping anyway is the safe side: the IOMMU then blocks whatever the device
-                // still caches, instead of letting it reach memory that is about to be reused.
-                // The IOVAs stay reserved, or a later mapping there would be reachable again.
-                self.counters.fence_failures.fetch_add(1, Ordering::Relaxed);
-                tracing::error!(error = %e, asid = self.label, "device fence failed; unmapping DMA anyway, IOVAs kept out of use");
-                fenced = false;
-            }
-        }
-        let mut unreachable = true;
         for m in &victims {
             self.mappings.remove(&m.va);
             if m.protected_until.is_some() {
                 self.protected_bytes = self.protected_bytes.saturating_sub(m.len);
             }
+        }
+        let fence = match fence_span {
+            Some(span) => {
+                self.counters.tlb_fences.fetch_add(1, Ordering::Relaxed);
+                match self.view.fence_start(span) {
+                    Ok(started) => Some(Ok(started)),
+                    Err(e) => Some(Err(e)),
+                }
+            }
+            None => None,
+        };
+        Some(Teardown { victims, fence })
+    }
+
+    /// The second pass: wait for the fence, then unmap (and unpin) the victims. True if every
+    /// victim is unreachable by the device now.
+    fn finish_tear_down(&mut self, teardown: Teardown) -> bool {
+        let Teardown { victims, fence } = teardown;
+        let fenced = match fence {
+            None => Ok(()),
+            Some(Ok(started)) => self.view.fence_finish(started),
+            Some(Err(e)) => Err(e),
+        };
+        let fenced = match fenced {
+            Ok(()) => true,
+            Err(e) => {
+                // Unmapping anyway is the safe side: the IOMMU then blocks whatever the device
+                // still caches, instead of letting it reach memory that is about to be reused.
+                // The IOVAs stay reserved, or a later mapping there would be reachable again.
+                self.counters.fence_failures.fetch_add(1, Ordering::Relaxed);
+                tracing::error!(error = %e, asid = self.label, "device fence failed; unmapping DMA anyway, IOVAs kept out of use");
+                false
+            }
+        };
+        let mut unreachable = true;
+        for m in &victims {
             let unmapped = if fenced {
                 self.dma.unmap(m.iova, m.len)
             } else {
@@ -646,11 +689,23 @@ impl MirrorState {
             _ => {
                 let range = inv.range.start()..inv.range.end();
                 self.tracked.remove(range.clone());
-                self.tear_down(range.clone());
+                // The first pass: entries cleared and the fence started; the second pass
+                // (`on_invalidate_finish`, after every other address space's first pass) waits
+                // for it and unpins.
+                if let Some(teardown) = self.start_tear_down(std::slice::from_ref(&range)) {
+                    self.started.push(teardown);
+                }
                 // What the device wrote there is not the process's memory at that address
                 // any more (unmapped, discarded or moved).
                 self.dirty_log.remove(range);
             }
+        }
+    }
+
+    /// The second pass of an invalidation: finish every tear-down the first pass started.
+    fn on_invalidate_finish(&mut self) {
+        for teardown in std::mem::take(&mut self.started) {
+            self.finish_tear_down(teardown);
         }
     }
 }
@@ -836,16 +891,18 @@ impl ContextCore {
             refuse_in_batch: None,
             dirty_log: RangeSet::default(),
             tracked: RangeSet::default(),
+            started: Vec::new(),
         };
+        let callbacks =
+            Callbacks::new(|state: &mut MirrorState, inv: &Invalidation| state.on_invalidate(inv))
+                .two_pass(|state: &mut MirrorState, _: &Invalidation| state.on_invalidate_finish())
+                .aging(
+                    |state: &mut MirrorState,
+                     query: &mirror::AgeQuery,
+                     young: &mut Vec<VaRange>| { state.on_age(query, young) },
+                );
         let sub = mm
-            .subscribe_aging(
-                VaRange::whole(),
-                state,
-                |state: &mut MirrorState, inv: &Invalidation| state.on_invalidate(inv),
-                |state: &mut MirrorState, query: &mirror::AgeQuery, young: &mut Vec<VaRange>| {
-                    state.on_age(query, young)
-                },
-            )
+            .subscribe_with(VaRange::whole(), state, callbacks)
             .map_err(Error::Mirror)?;
         Ok(ContextCore {
             dma,

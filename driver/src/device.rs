@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use accel_abi::config as pci;
 use accel_abi::regs;
-use accel_abi::{Command, Completion, FaultRecord, Status};
+use accel_abi::{Command, Completion, FaultRecord, Status, TlbiDescriptor};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
 use crate::backend::{
@@ -54,6 +54,10 @@ pub struct Caps {
     /// The lookahead depth in use is writable (`CAP_FEATURES.LOOKAHEAD_DEPTH`; revision 3): the
     /// fault service adapts it ([`Device::set_lookahead_depth`]).
     pub lookahead_depth: bool,
+    /// Invalidation-queue capacity in descriptors (`CAP_TLBIQ_ENTRIES` with
+    /// `CAP_FEATURES.TLBI_QUEUE`; revision 3); 0 without one. With a queue, the invalidations
+    /// of several address spaces are posted and fenced once ([`Device::tlb_invalidate_start`]).
+    pub tlbi_queue: u32,
 }
 
 /// Ring sizes and similar choices made at bring-up.
@@ -70,6 +74,10 @@ pub struct DeviceOptions {
     /// Have the device maintain ACCESSED/DIRTY in leaves (if it can): aging and dirty
     /// tracking then work, and the table pages are mapped device-writable for it.
     pub accessed_dirty: bool,
+    /// Invalidation-queue descriptors to use if the device has a queue (clamped to its
+    /// capacity, rounded to a power of two); 0 = issue every invalidation through the TLBI
+    /// registers, one fence each (counted in [`Device::tlbi_queue_counts`]).
+    pub tlbi_queue_entries: u32,
 }
 
 impl Default for DeviceOptions {
@@ -79,6 +87,7 @@ impl Default for DeviceOptions {
             fault_entries: 4096,
             fault_lookahead: true,
             accessed_dirty: true,
+            tlbi_queue_entries: 256,
         }
     }
 }
@@ -99,6 +108,33 @@ struct CommandQueue {
     /// Per slot: the command asked for a completion interrupt (CommandFlags::IRQ).
     irq: Vec<bool>,
     in_flight: u32,
+}
+
+/// The revision-3 invalidation queue: descriptors posted at `tail`, the doorbell rung up to
+/// `rung`; the device's `TLBIQ_HEAD` says how far it has performed and fenced.
+struct TlbiQueue {
+    ring: Ring,
+    entries: u32,
+    /// Descriptors posted (free-running).
+    tail: u32,
+    /// The last value written to `TLBIQ_TAIL`.
+    rung: u32,
+    /// The last `TLBIQ_HEAD` read.
+    head: u32,
+}
+
+/// A TLB invalidation that was started ([`Device::tlb_invalidate_start`]): wait for it with
+/// [`Device::tlb_invalidate_wait`] before anything the dropped translations reached is reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "a started invalidation must be waited for before its memory is reused"]
+pub enum TlbiTicket {
+    /// Already complete (issued through the registers, or nothing to do).
+    Done,
+    /// Posted to the invalidation queue: complete once `TLBIQ_HEAD` has passed `index`.
+    Queued {
+        /// Free-running queue index just past the descriptor.
+        index: u32,
+    },
 }
 
 struct FaultBuffer {
@@ -213,6 +249,14 @@ pub struct Device {
     /// drain that showed its item stalled.
     replays: Mutex<Replays>,
     tlbi: Mutex<u32>,
+    /// The invalidation queue, if the device has one and the options asked for it.
+    tlbiq: Option<Mutex<TlbiQueue>>,
+    /// Descriptors posted to the queue, doorbells rung, started invalidations that were issued
+    /// through the registers instead (no queue), waits that found their fence already done.
+    tlbiq_posted: AtomicU64,
+    tlbiq_doorbells: AtomicU64,
+    tlbi_unqueued: AtomicU64,
+    tlbiq_shared_fences: AtomicU64,
     /// Invalidations issued that also dropped walk-cache entries.
     tlbi_walk_inclusive: AtomicU64,
     /// Invalidations issued with `LEAF_ONLY` (on a device with a walk cache; elsewhere a
@@ -260,6 +304,27 @@ fn dup(fd: &EventFd) -> Result<OwnedFd, Error> {
 /// The optional features of a device of `version`: revision 1 (minor 0) has no CAP_FEATURES
 /// register, so it is not read there. A value with undefined bits set (all ones is what an
 /// undecoded register reads as) is taken as no features.
+/// True if the free-running index `head` has reached `index` (within half the index space).
+fn passed(head: u32, index: u32) -> bool {
+    head.wrapping_sub(index) < 1 << 31
+}
+
+/// The invalidation queue's use (see [`Device::tlbi_queue_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TlbiQueueCounts {
+    /// Descriptors in the queue (0: no queue in use).
+    pub entries: u32,
+    /// Invalidations posted to the queue.
+    pub posted: u64,
+    /// Doorbells rung: each performs everything posted before it with one fence.
+    pub doorbells: u64,
+    /// Waits that found their invalidation fenced by a doorbell another caller rang.
+    pub shared_fences: u64,
+    /// Started invalidations issued through the TLBI registers, one fence each, because no
+    /// queue is in use.
+    pub unqueued: u64,
+}
+
 fn read_features(bar: &Bar0<'_>, version: u32) -> Result<u32, Error> {
     if version & 0xffff == 0 {
         return Ok(0);
@@ -416,6 +481,11 @@ impl Device {
             walk_cache: features & regs::features::WALK_CACHE != 0,
             scoped_replay: features & regs::features::SCOPED_REPLAY != 0,
             lookahead_depth: features & regs::features::LOOKAHEAD_DEPTH != 0,
+            tlbi_queue: if features & regs::features::TLBI_QUEUE != 0 {
+                bar.read32(regs::CAP_TLBIQ_ENTRIES)?
+            } else {
+                0
+            },
         };
         if caps.pt_levels != accel_abi::PT_LEVELS
             || caps.va_bits != accel_abi::VA_BITS
@@ -434,6 +504,20 @@ impl Device {
             "completions",
         )?;
         let fb = ring(&dma, fault_entries as usize * FaultRecord::SIZE, "faults")?;
+        let tlbiq_entries = if options.tlbi_queue_entries > 0 && caps.tlbi_queue >= 2 {
+            clamp(options.tlbi_queue_entries, caps.tlbi_queue)
+        } else {
+            0
+        };
+        let tq = if tlbiq_entries > 0 {
+            Some(ring(
+                &dma,
+                tlbiq_entries as usize * TlbiDescriptor::SIZE,
+                "tlbi queue",
+            )?)
+        } else {
+            None
+        };
 
         let irq = Interrupts {
             fault: eventfd()?,
@@ -466,6 +550,13 @@ impl Device {
         bar.write32(regs::CMDQ_ENTRIES, cmdq_entries)?;
         bar.write32(regs::CMDQ_TAIL, 0)?;
         bar.write32(regs::CMDQ_CTRL, regs::cmdq_ctrl::ENABLE)?;
+        if let Some(tq) = &tq {
+            bar.write64(regs::TLBIQ_BASE, tq.iova)?;
+            bar.write32(regs::TLBIQ_ENTRIES, tlbiq_entries)?;
+            bar.write32(regs::TLBIQ_CTRL, regs::tlbiq_ctrl::ENABLE)?;
+        } else if caps.tlbi_queue > 0 {
+            tracing::info!("the device's invalidation queue is not used (DeviceOptions::tlbi_queue_entries = 0): one fence per address space");
+        }
         let accessed_dirty = options.accessed_dirty && caps.accessed_dirty;
         if accessed_dirty {
             enable_accessed_dirty(&bar)?;
@@ -506,6 +597,19 @@ impl Device {
                 scoped: HashMap::new(),
             }),
             tlbi: Mutex::new(0),
+            tlbiq: tq.map(|ring| {
+                Mutex::new(TlbiQueue {
+                    ring,
+                    entries: tlbiq_entries,
+                    tail: 0,
+                    rung: 0,
+                    head: 0,
+                })
+            }),
+            tlbiq_posted: AtomicU64::new(0),
+            tlbiq_doorbells: AtomicU64::new(0),
+            tlbi_unqueued: AtomicU64::new(0),
+            tlbiq_shared_fences: AtomicU64::new(0),
             tlbi_walk_inclusive: AtomicU64::new(0),
             tlbi_leaf_only: AtomicU64::new(0),
             accessed_dirty,
@@ -532,6 +636,17 @@ impl Device {
             self.tlbi_walk_inclusive.load(Ordering::Relaxed),
             self.tlbi_leaf_only.load(Ordering::Relaxed),
         )
+    }
+
+    /// The invalidation queue's use since bring-up.
+    pub fn tlbi_queue_counts(&self) -> TlbiQueueCounts {
+        TlbiQueueCounts {
+            entries: self.tlbiq.as_ref().map_or(0, |q| lock(q).entries),
+            posted: self.tlbiq_posted.load(Ordering::Relaxed),
+            doorbells: self.tlbiq_doorbells.load(Ordering::Relaxed),
+            shared_fences: self.tlbiq_shared_fences.load(Ordering::Relaxed),
+            unqueued: self.tlbi_unqueued.load(Ordering::Relaxed),
+        }
     }
 
     /// The backend.
@@ -742,6 +857,116 @@ impl Device {
             self.check_lost()?;
             if Instant::now() >= deadline {
                 return Err(Error::Timeout("TLB invalidation fence"));
+            }
+            backoff(&mut spins);
+        }
+    }
+
+    /// Start a TLB invalidation of `[va, va+len)` of `asid` (the whole ASID if `range` is
+    /// `None`), walk-inclusive unless `leaf_only`, without waiting for its fence: with an
+    /// invalidation queue the descriptor is posted and the doorbell left for
+    /// [`Device::tlb_invalidate_wait`], so the invalidations of many address spaces share one
+    /// doorbell and one fence. Without a queue this is the whole invalidation, fence included
+    /// (counted as `unqueued` in [`Device::tlbi_queue_counts`]).
+    pub fn tlb_invalidate_start(
+        &self,
+        asid: u16,
+        range: Option<std::ops::Range<u64>>,
+        leaf_only: bool,
+        timeout: Duration,
+    ) -> Result<TlbiTicket, Error> {
+        let Some(queue) = &self.tlbiq else {
+            self.tlbi_unqueued.fetch_add(1, Ordering::Relaxed);
+            self.invalidate(asid, range, timeout, leaf_only)?;
+            return Ok(TlbiTicket::Done);
+        };
+        self.check_lost()?;
+        let limit = 1u64 << accel_abi::VA_BITS;
+        let keep_walks = leaf_only && self.caps.walk_cache;
+        let (scope, va, size) = match range.filter(|r| r.end <= limit) {
+            Some(r) if r.start >= r.end => return Ok(TlbiTicket::Done),
+            Some(r) => {
+                let start = r.start & !(accel_abi::PAGE_SIZE - 1);
+                let end = r.end.div_ceil(accel_abi::PAGE_SIZE) * accel_abi::PAGE_SIZE;
+                (regs::TlbiScope::Range, start, end - start)
+            }
+            None => (regs::TlbiScope::Asid, 0, 0),
+        };
+        let descriptor = TlbiDescriptor {
+            asid,
+            scope: scope.encode(keep_walks) as u16,
+            va,
+            size,
+        };
+        let mut q = lock(queue);
+        if q.tail.wrapping_sub(q.head) >= q.entries {
+            // Full: have the device perform (and fence) what is posted, then reuse the slots.
+            let tail = q.tail;
+            self.ring_and_wait(&mut q, tail, timeout)?;
+        }
+        let slot = (q.tail % q.entries) as usize;
+        q.ring
+            .buffer
+            .write(slot * TlbiDescriptor::SIZE, &descriptor.encode());
+        q.tail = q.tail.wrapping_add(1);
+        self.tlbiq_posted.fetch_add(1, Ordering::Relaxed);
+        let counter = if leaf_only {
+            &self.tlbi_leaf_only
+        } else {
+            &self.tlbi_walk_inclusive
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Ok(TlbiTicket::Queued { index: q.tail })
+    }
+
+    /// Wait for a started invalidation's fence: when this returns, no device access uses a
+    /// translation it dropped. The first waiter rings the doorbell for everything posted so
+    /// far; a waiter whose descriptor an earlier doorbell covered finds it done.
+    pub fn tlb_invalidate_wait(&self, ticket: TlbiTicket, timeout: Duration) -> Result<(), Error> {
+        let TlbiTicket::Queued { index } = ticket else {
+            return Ok(());
+        };
+        let Some(queue) = &self.tlbiq else {
+            return Ok(());
+        };
+        let mut q = lock(queue);
+        if passed(q.head, index) {
+            self.tlbiq_shared_fences.fetch_add(1, Ordering::Relaxed);
+            return Ok(());
+        }
+        let tail = q.tail;
+        self.ring_and_wait(&mut q, tail, timeout)?;
+        if !passed(q.head, index) {
+            return Err(Error::Timeout("invalidation-queue fence"));
+        }
+        Ok(())
+    }
+
+    /// Ring the doorbell up to `tail` (if not rung yet) and wait until `TLBIQ_HEAD` reaches it.
+    fn ring_and_wait(&self, q: &mut TlbiQueue, tail: u32, timeout: Duration) -> Result<(), Error> {
+        self.check_lost()?;
+        let bar = self.bar();
+        if q.rung != tail {
+            // The descriptors were written with plain stores: they must be visible to the
+            // device before the doorbell is.
+            std::sync::atomic::fence(Ordering::Release);
+            bar.write32(regs::TLBIQ_TAIL, tail)
+                .map_err(|e| self.unless_lost(e))?;
+            q.rung = tail;
+            self.tlbiq_doorbells.fetch_add(1, Ordering::Relaxed);
+        }
+        let deadline = Instant::now() + timeout;
+        let mut spins = 0u32;
+        loop {
+            q.head = bar
+                .read32(regs::TLBIQ_HEAD)
+                .map_err(|e| self.unless_lost(e))?;
+            if passed(q.head, tail) {
+                return Ok(());
+            }
+            self.check_lost()?;
+            if Instant::now() >= deadline {
+                return Err(Error::Timeout("invalidation-queue fence"));
             }
             backoff(&mut spins);
         }

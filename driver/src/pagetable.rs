@@ -356,6 +356,29 @@ struct Pending {
     region: Range<u64>,
 }
 
+/// Table pages taken off a table's pending list ([`PageTable::take_pending`]), waiting for the
+/// walk-inclusive fence that makes them safe to reuse. Dropping them without
+/// [`PageTable::reclaim`] keeps them out of use for good (the safe side when a fence failed).
+#[derive(Debug)]
+pub struct PendingTables {
+    pages: Vec<Pending>,
+}
+
+impl PendingTables {
+    /// The VA range the pages translated.
+    pub fn span(&self) -> Range<u64> {
+        self.pages
+            .iter()
+            .fold(None, |acc, p| Some(hull(acc, p.region.clone())))
+            .unwrap_or(0..0)
+    }
+
+    /// How many pages.
+    pub fn count(&self) -> usize {
+        self.pages.len()
+    }
+}
+
 /// A translation as the table holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Translation {
@@ -433,6 +456,29 @@ impl PageTable {
     pub fn reclaim_pending(&mut self, pool: &mut TablePool) -> usize {
         let n = self.pending.len();
         for p in self.pending.drain(..) {
+            pool.release(p.page);
+        }
+        self.freed += n as u64;
+        n
+    }
+
+    /// Take the pending table pages out (for a two-pass fence: the invalidation that covers
+    /// them is started now and waited for later, while other pages may become pending
+    /// meanwhile). `None` if nothing is pending.
+    pub fn take_pending(&mut self) -> Option<PendingTables> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        Some(PendingTables {
+            pages: std::mem::take(&mut self.pending),
+        })
+    }
+
+    /// Return table pages taken with [`PageTable::take_pending`] to the pool; how many. Call
+    /// only after a walk-inclusive invalidation covering [`PendingTables::span`] completed.
+    pub fn reclaim(&mut self, pool: &mut TablePool, tables: PendingTables) -> usize {
+        let n = tables.pages.len();
+        for p in tables.pages {
             pool.release(p.page);
         }
         self.freed += n as u64;

@@ -19,9 +19,10 @@ use std::time::Duration;
 use accel_abi::pt::Perms;
 use accel_abi::PAGE_SIZE;
 
-use crate::device::Device;
+use crate::device::{Device, TlbiTicket};
 use crate::pagetable::{
-    hull, push_coalesced, LeafScan, PageSize, PageTable, TableMemory, TablePool, Translation,
+    hull, push_coalesced, LeafScan, PageSize, PageTable, PendingTables, TableMemory, TablePool,
+    Translation,
 };
 use crate::Error;
 use sys_util::sync::lock;
@@ -45,6 +46,21 @@ pub trait DeviceView: Send {
 
     /// Return once the device uses no translation removed from `span`.
     fn fence(&mut self, span: Range<u64>) -> Result<(), Error>;
+
+    /// Start the fence of `span` without waiting for it (the first pass of a two-pass
+    /// invalidation); [`DeviceView::fence_finish`] waits. Views that cannot split it fence
+    /// here and finish at once.
+    fn fence_start(&mut self, span: Range<u64>) -> Result<StartedFence, Error> {
+        self.fence(span)?;
+        Ok(StartedFence::done())
+    }
+
+    /// Wait for a fence [`DeviceView::fence_start`] started: when this returns, the device uses
+    /// no translation removed from its span.
+    fn fence_finish(&mut self, started: StartedFence) -> Result<(), Error> {
+        let _ = started;
+        Ok(())
+    }
 
     /// The device's current translation of `va`.
     fn lookup(&self, va: u64) -> Option<Translation>;
@@ -94,6 +110,27 @@ pub trait DeviceView: Send {
 
     /// Table-page accounting of this view.
     fn table_stats(&self) -> TableStats;
+}
+
+/// A fence [`DeviceView::fence_start`] started and [`DeviceView::fence_finish`] waits for.
+#[derive(Debug)]
+#[must_use = "a started fence must be finished before the memory it covers is reused"]
+pub struct StartedFence {
+    ticket: TlbiTicket,
+    /// Table pages the invalidation covers: back to the pool once it is fenced.
+    tables: Option<PendingTables>,
+    span: Range<u64>,
+}
+
+impl StartedFence {
+    /// A fence that is already complete.
+    pub fn done() -> StartedFence {
+        StartedFence {
+            ticket: TlbiTicket::Done,
+            tables: None,
+            span: 0..0,
+        }
+    }
 }
 
 /// What [`DeviceView::age`] found.
@@ -159,6 +196,20 @@ impl MxaView {
             freed: 0,
             kept_out: 0,
         })
+    }
+
+    /// A walk-inclusive fence covering `tables` failed: the device may still walk them, so they
+    /// never go back to the pool.
+    fn keep_out(&mut self, tables: Option<PendingTables>, e: &Error, span: &Range<u64>) {
+        let Some(tables) = tables else { return };
+        self.kept_out += tables.count();
+        tracing::error!(
+            error = %e,
+            asid = self.asid,
+            pages = tables.count(),
+            ?span,
+            "walk-inclusive TLB fence failed; keeping the freed page-table pages out of use"
+        );
     }
 
     fn note_dirty(&mut self, dirty: Vec<Range<u64>>) {
@@ -306,6 +357,53 @@ impl DeviceView for MxaView {
     /// cover them, and they return to the pool (or, if it fails, stay out of use for good).
     fn fence(&mut self, span: Range<u64>) -> Result<(), Error> {
         self.fence_pending(Some(span))
+    }
+
+    /// Leaf-only unless table pages are pending, as [`DeviceView::fence`]; the pending pages
+    /// are taken along and return to the pool when the fence is finished.
+    fn fence_start(&mut self, span: Range<u64>) -> Result<StartedFence, Error> {
+        let tables = self.pt.as_mut().and_then(PageTable::take_pending);
+        let (span, leaf_only) = match &tables {
+            Some(t) => (hull(Some(span), t.span()), false),
+            None => (span, true),
+        };
+        let started = self.device.tlb_invalidate_start(
+            self.asid,
+            Some(span.clone()),
+            leaf_only,
+            self.fence_timeout,
+        );
+        match started {
+            Ok(ticket) => Ok(StartedFence {
+                ticket,
+                tables,
+                span,
+            }),
+            Err(e) => {
+                self.keep_out(tables, &e, &span);
+                Err(e)
+            }
+        }
+    }
+
+    fn fence_finish(&mut self, started: StartedFence) -> Result<(), Error> {
+        let StartedFence {
+            ticket,
+            tables,
+            span,
+        } = started;
+        match self.device.tlb_invalidate_wait(ticket, self.fence_timeout) {
+            Ok(()) => {
+                if let (Some(tables), Some(pt)) = (tables, self.pt.as_mut()) {
+                    self.freed += pt.reclaim(&mut lock(&self.device.tables), tables) as u64;
+                }
+                Ok(())
+            }
+            Err(e) => {
+                self.keep_out(tables, &e, &span);
+                Err(e)
+            }
+        }
     }
 
     fn lookup(&self, va: u64) -> Option<Translation> {

@@ -1163,6 +1163,8 @@ impl Bench {
         let rt = _rt;
         let asids = rt.device().caps().asids as usize;
         let mut aline = Vec::new();
+        // The first size measured is the baseline of the others (the sizes start at 1).
+        let mut single_asid_munmap: Option<f64> = None;
         for &k in &self.sizes.scale_asids.clone() {
             if k > asids {
                 self.report.not_measured.push((
@@ -1176,6 +1178,7 @@ impl Bench {
                 .collect::<Result<_, _>>()?;
             let n = self.sizes.lat_iters / 2;
             let mut v = Vec::with_capacity(n);
+            let before = rt.device().tlbi_queue_counts();
             for _ in 0..n {
                 let r = Region::new(1).map_err(os("mmap"))?;
                 r.touch();
@@ -1184,8 +1187,27 @@ impl Bench {
                 }
                 v.push(us(sys::mirror_munmap(&mm, r.forget())?));
             }
+            let after = rt.device().tlbi_queue_counts();
             let (m, p) = (median(&mut v), p99(&mut v));
             aline.push((k as f64, m));
+            let per = |a: u64, b: u64| (a - b) as f64 / n as f64;
+            let note = if after.entries == 0 {
+                format!(
+                    "no invalidation queue: {:.1} register invalidations (one fence each) per munmap",
+                    per(after.unqueued, before.unqueued)
+                )
+            } else {
+                format!(
+                    "two-pass: {:.1} invalidations queued and {:.2} doorbells (one fence each) per munmap",
+                    per(after.posted, before.posted),
+                    per(after.doorbells, before.doorbells)
+                )
+            };
+            let single = *single_asid_munmap.get_or_insert(m);
+            let target = (k == 64).then(|| Target {
+                text: "<= 2x the 1-address-space time".into(),
+                met: m <= 2.0 * single,
+            });
             self.fig(Figure {
                 group: "scaling".into(),
                 name: format!("1-page munmap with {k} device address spaces mapping it"),
@@ -1194,6 +1216,11 @@ impl Bench {
                 value: m,
                 p99: Some(p),
                 unit: "us".into(),
+                baseline_name: "the same with 1 address space".into(),
+                baseline: Some(single),
+                ratio: Some(m / single),
+                target,
+                note,
                 ..Default::default()
             });
         }
