@@ -160,3 +160,48 @@ fn a_polling_waiter_services_posted_faults_itself_and_every_batch_is_counted_onc
     );
     assert!(assisted <= batches, "{assisted} assisted of {batches}");
 }
+
+#[test]
+fn a_mapping_cut_into_many_vmas_is_registered_once_per_block_and_each_vmas_events_still_arrive() {
+    let rt = Runtime::open(DeviceSpec::emulated(), RuntimeOptions::default()).expect("open");
+    let ctx = rt.create_context().expect("context");
+    let at = aligned_window();
+    let pages = 32;
+    let base = map(pages * PAGE, at, true);
+    // Every other page PROT_NONE: 16 read-write one-page VMAs between 16 inaccessible ones.
+    for i in (1..pages).step_by(2) {
+        // SAFETY: our mapping; nothing refers to the page.
+        let r = unsafe { libc::mprotect((base + i * PAGE) as *mut _, PAGE, libc::PROT_NONE) };
+        assert_eq!(r, 0);
+    }
+    let skipped = ctx.stats().track_skipped;
+    for i in (0..pages).step_by(2) {
+        device_fill(&ctx, base + i * PAGE, PAGE, i as u64 + 1);
+    }
+    assert_eq!(
+        ctx.stats().track_skipped - skipped,
+        15,
+        "the first VMA's run registered the whole block; the other 15 found it registered"
+    );
+    // A plain munmap of the last VMA (not the one whose run registered the block) reaches the
+    // device through the userfaultfd.
+    let last = base + (pages - 2) * PAGE;
+    unmap(last, PAGE);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        settle(&ctx);
+        if ctx.device_translation(last as u64).is_none() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the munmap never reached the device: its VMA was not registered"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(
+        ctx.device_translation(base as u64).is_some(),
+        "the others stay"
+    );
+    unmap(base, (pages - 2) * PAGE);
+}

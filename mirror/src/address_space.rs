@@ -14,7 +14,7 @@ use crate::registry::{
 use crate::stats::Stats;
 use crate::sys::uffd as raw;
 use crate::uffd::UffdCaps;
-use crate::vma::VmaKind;
+use crate::vma::{Vma, VmaKind};
 use crate::walker::{Snapshot, Walker, WalkerCaps};
 use crate::{Access, Error, Perms, Result, Subscription, VaRange};
 
@@ -413,13 +413,56 @@ impl AddressSpace {
     /// VM_IO/VM_PFNMAP) are skipped.
     pub fn track(&self, range: VaRange) -> Result<()> {
         self.check_alive()?;
+        let vmas = self.walker.vmas(range)?;
+        self.track_vmas(range, &vmas)
+    }
+
+    /// [`AddressSpace::track`] with the VMAs the caller just looked up (`walker().vmas(r)` of a
+    /// range `r` covering `range`), so they are not looked up again. Consecutive registrable
+    /// VMAs are registered with one UFFDIO_REGISTER (the kernel walks them itself); if that
+    /// fails because the VMAs changed since the lookup, they are registered one at a time as
+    /// they are now. The result is the same as `track(range)`'s.
+    pub fn track_vmas(&self, range: VaRange, vmas: &[Vma]) -> Result<()> {
+        self.check_alive()?;
         let uffd = self.uffd()?;
-        for vma in self.walker.vmas(range)? {
+        // Runs of adjacent registrable VMAs, clipped to `range`.
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for vma in vmas {
             if vma.kind == VmaKind::Special || vma.name == "[vdso]" {
                 continue;
             }
             // Only the requested part: a whole VMA may include a neighbour's memory that merged
             // with it (adjacent anonymous mappings merge), which must stay free for others.
+            let Some(r) = vma.range.intersect(&range) else {
+                continue;
+            };
+            match runs.last_mut() {
+                Some(last) if last.1 == r.start() => last.1 = r.end(),
+                _ => runs.push((r.start(), r.end())),
+            }
+        }
+        for (start, end) in runs {
+            match raw::register(uffd.as_fd(), start, end - start, raw::REGISTER_MODE_WP) {
+                Ok(_) => {}
+                Err(Errno::EBUSY) => return Err(Error::TrackedElsewhere { start, end }),
+                Err(Errno::ESRCH) => return Err(Error::Released),
+                // Part of the run went away or changed since the lookup: as they are now.
+                Err(Errno::ENOMEM) | Err(Errno::EINVAL) => {
+                    let r = VaRange::from_bounds(start, end)?;
+                    self.register_each(uffd, r)?
+                }
+                Err(e) => return Err(Error::sys_range("UFFDIO_REGISTER", start, end, e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Register every registrable VMA of `range`, one UFFDIO_REGISTER each.
+    fn register_each(&self, uffd: &OwnedFd, range: VaRange) -> Result<()> {
+        for vma in self.walker.vmas(range)? {
+            if vma.kind == VmaKind::Special || vma.name == "[vdso]" {
+                continue;
+            }
             let Some(r) = vma.range.intersect(&range) else {
                 continue;
             };
