@@ -24,6 +24,7 @@ mod irq;
 mod memory;
 mod mmu;
 mod tlb;
+mod tlbi_queue;
 pub mod vfio_user_server;
 mod walk_cache;
 
