@@ -12,6 +12,10 @@
 //!    walk cache without another lock and a hit never touches it. No DMA access is made while
 //!    `tlb` is held: a walk reads (and A/D-updates) entries between two `tlb` sections.
 //!
+//! `tlbi_serial` serializes TLB invalidations (TLBI_TRIGGER and invalidation-queue doorbells). It
+//! is taken with no other lock held, before any of the above, and held across the invalidation's
+//! fence (`iommu` for write).
+//!
 //! Generations: a reset bumps `generation` under `state`, then drains `iommu`. A work item
 //! remembers the generation it was fetched in; every chunk checks it after taking the `iommu`
 //! read guard, and every bookkeeping update checks it under `state`, so after a reset returns no
@@ -34,6 +38,7 @@ use crate::config_space::ConfigSpace;
 use crate::iommu::{FaultLog, Iommu, IommuFaultEntry, IommuFaultReason};
 use crate::mmu::{from_root, walk, Walk};
 use crate::tlb::{Tlb, TlbiTarget};
+use crate::tlbi_queue::{descriptor_target, TlbiQueue};
 use crate::walk_cache::TableStep;
 use crate::AcceleratorConfig;
 use sys_util::sync::{ignore_poison, lock, read, write};
@@ -77,6 +82,10 @@ struct Regs {
     tlbi_done: u32,
     tlbi_count: u32,
     pt_ctrl: u32,
+    /// FAULT_LOOKAHEAD_DEPTH (revision 3).
+    lookahead_depth: u32,
+    /// The invalidation queue's registers (revision 3).
+    tlbiq: TlbiQueue,
 }
 
 /// A fetched command with its progress (so a stall resumes where it stopped).
@@ -118,9 +127,13 @@ struct State {
 }
 
 impl State {
-    fn new(generation: u64) -> Self {
+    /// Power-on state; `lookahead_depth` is CAP_FAULT_LOOKAHEAD.
+    fn new(generation: u64, lookahead_depth: u32) -> Self {
         State {
-            regs: Regs::default(),
+            regs: Regs {
+                lookahead_depth,
+                ..Regs::default()
+            },
             engine: Engine::default(),
             generation,
             reset_at: Instant::now(),
@@ -201,6 +214,8 @@ enum Action {
         seq: u32,
     },
     Cancel(WorkItem, u32),
+    /// An invalidation-queue doorbell was accepted.
+    TlbiQueue,
 }
 
 pub(crate) struct Inner {
@@ -347,7 +362,7 @@ fn page_remaining(va: u64) -> u64 {
 }
 
 /// True if `[va, va + len)` lies in the translatable VA range.
-fn range_canonical(va: u64, len: u64) -> bool {
+pub(crate) fn range_canonical(va: u64, len: u64) -> bool {
     va.checked_add(len)
         .is_some_and(|end| end <= 1u64 << VA_BITS)
 }
@@ -355,6 +370,7 @@ fn range_canonical(va: u64, len: u64) -> bool {
 impl Inner {
     pub(crate) fn new(cfg: AcceleratorConfig) -> Self {
         let roots = (0..cfg.asids).map(|_| AtomicU64::new(0)).collect();
+        let lookahead_depth = cfg.fault_lookahead;
         Inner {
             tlb: Mutex::new(Tlb::new(cfg.tlb_entries, cfg.walk_cache_entries)),
             ad_enable: AtomicBool::new(false),
@@ -362,7 +378,7 @@ impl Inner {
             config: Mutex::new(ConfigSpace::new()),
             memory_enabled: AtomicBool::new(false),
             bus_master: AtomicBool::new(false),
-            state: Mutex::new(State::new(0)),
+            state: Mutex::new(State::new(0, lookahead_depth)),
             work_cv: Condvar::new(),
             work_epoch: AtomicU64::new(0),
             spinning: AtomicBool::new(false),
@@ -548,6 +564,17 @@ impl Inner {
             TLBI_COUNT => r.tlbi_count.into(),
             WALK_CACHE_HITS => walk_cache_hits,
             AD_UPDATES => ad_updates,
+            // Without their features these read 0 (the registers are never written then).
+            FAULT_LOOKAHEAD_DEPTH if self.cfg.lookahead_depth_writable => r.lookahead_depth.into(),
+            FAULT_LOOKAHEAD_DEPTH => 0,
+            CAP_TLBIQ_ENTRIES => self.cfg.tlbi_queue_entries.into(),
+            TLBIQ_BASE => r.tlbiq.base,
+            TLBIQ_ENTRIES => r.tlbiq.entries.into(),
+            TLBIQ_CTRL => r.tlbiq.ctrl.into(),
+            TLBIQ_TAIL => r.tlbiq.tail.into(),
+            TLBIQ_HEAD => r.tlbiq.head.into(),
+            TLBIQ_PERFORMED => r.tlbiq.performed,
+            TLBIQ_FENCES => r.tlbiq.fences,
             _ => u64::MAX,
         };
         v
@@ -580,6 +607,7 @@ impl Inner {
                 leaf_only,
                 seq,
             } => self.invalidate_tlb(target, leaf_only, seq),
+            Action::TlbiQueue => self.run_tlbi_queue(),
             Action::Cancel(item, code) => {
                 let dma = self.dma();
                 let mut st = lock(&self.state);
@@ -696,8 +724,68 @@ impl Inner {
             }
             FAULT_REPLAY => {
                 let stalled = std::mem::take(&mut st.engine.stalled);
-                st.engine.ready.extend(stalled.into_values());
+                if self.cfg.scoped_replay && v32 & replay::ASID_SCOPED != 0 {
+                    let asid = v32 & replay::ASID_MASK;
+                    if v32 & !(replay::ASID_SCOPED | replay::ASID_MASK) != 0
+                        || asid >= self.cfg.asids
+                    {
+                        st.engine.stalled = stalled;
+                        return bad_value(self, st);
+                    }
+                    let (retry, keep): (BTreeMap<_, _>, BTreeMap<_, _>) = stalled
+                        .into_iter()
+                        .partition(|(_, item)| u32::from(item.cmd.asid) == asid);
+                    st.engine.stalled = keep;
+                    st.engine.ready.extend(retry.into_values());
+                } else {
+                    st.engine.ready.extend(stalled.into_values());
+                }
                 self.kick(st);
+            }
+            FAULT_LOOKAHEAD_DEPTH => {
+                if !self.cfg.lookahead_depth_writable {
+                    self.set_error(st, ErrorCode::BadRegisterAccess, offset);
+                    return Action::None;
+                }
+                if v32 > self.cfg.fault_lookahead {
+                    return bad_value(self, st);
+                }
+                r.lookahead_depth = v32;
+            }
+            TLBIQ_BASE | TLBIQ_ENTRIES | TLBIQ_CTRL | TLBIQ_TAIL
+                if self.cfg.tlbi_queue_entries == 0 =>
+            {
+                self.set_error(st, ErrorCode::BadRegisterAccess, offset);
+            }
+            TLBIQ_BASE => {
+                if !ring_base_ok(r.tlbiq.enabled(), value) {
+                    return bad_value(self, st);
+                }
+                r.tlbiq.base = value;
+            }
+            TLBIQ_ENTRIES => {
+                if !ring_entries_ok(r.tlbiq.enabled(), v32, self.cfg.tlbi_queue_entries) {
+                    return bad_value(self, st);
+                }
+                r.tlbiq.entries = v32;
+            }
+            TLBIQ_CTRL => {
+                if v32 & !tlbiq_ctrl::ALL != 0 {
+                    return bad_value(self, st);
+                }
+                let size = accel_abi::TlbiDescriptor::SIZE as u64;
+                if v32 & tlbiq_ctrl::ENABLE != 0 && !ring_fits(r.tlbiq.base, r.tlbiq.entries, size)
+                {
+                    return bad_value(self, st);
+                }
+                r.tlbiq.set_ctrl(v32);
+            }
+            TLBIQ_TAIL => {
+                if !r.tlbiq.doorbell(v32) {
+                    self.set_error(st, ErrorCode::BadDoorbell, value);
+                    return Action::None;
+                }
+                return Action::TlbiQueue;
             }
             FAULT_CANCEL => {
                 let work_id = value as u32;
@@ -833,6 +921,69 @@ impl Inner {
         }
     }
 
+    /// Perform the invalidation queue's pending descriptors (an accepted doorbell): read them
+    /// all (a refused read is an IOMMU fault and leaves HEAD where it is), drop what each names
+    /// (a malformed one drops everything and is reported), wait once for every in-flight
+    /// access, then move HEAD to the TAIL the batch ran to and count it.
+    fn run_tlbi_queue(&self) {
+        let _serial = lock(&self.tlbi_serial);
+        let (batch, generation) = {
+            let st = lock(&self.state);
+            match st.regs.tlbiq.batch() {
+                Some(b) => (b, st.generation),
+                // An earlier doorbell's run performed these already.
+                None => return,
+            }
+        };
+        let mut raws = Vec::with_capacity(batch.len() as usize);
+        let read = {
+            let dma = self.dma();
+            if self.generation.load(Ordering::Acquire) != generation {
+                return;
+            }
+            (0..batch.len()).try_for_each(|k| {
+                let mut raw = [0u8; accel_abi::TlbiDescriptor::SIZE];
+                dma.read(batch.slot_iova(batch.head.wrapping_add(k)), &mut raw)?;
+                raws.push(raw);
+                Ok(())
+            })
+        };
+        if let Err(f) = read {
+            let mut st = lock(&self.state);
+            if st.generation == generation {
+                self.note_dma_fault(&mut st, f);
+            }
+            return;
+        }
+        let mut malformed = None;
+        {
+            let mut tlb = lock(&self.tlb);
+            for (k, raw) in raws.iter().enumerate() {
+                match descriptor_target(raw, self.cfg.asids) {
+                    Some((target, leaf_only)) => {
+                        tlb.invalidate(target, leaf_only);
+                    }
+                    None => {
+                        let index = batch.head.wrapping_add(k as u32);
+                        tracing::debug!(index, "malformed invalidation-queue descriptor");
+                        malformed.get_or_insert(index);
+                        tlb.invalidate(TlbiTarget::All, false);
+                    }
+                }
+            }
+        }
+        // The one fence for the whole batch.
+        drop(write(&self.iommu));
+        let mut st = lock(&self.state);
+        if st.generation != generation {
+            return;
+        }
+        if let Some(index) = malformed {
+            self.set_error(&mut st, ErrorCode::BadTlbiDescriptor, index.into());
+        }
+        st.regs.tlbiq.complete(&batch);
+    }
+
     /// Return to the power-on state (DMA mappings and interrupt routing are host state and
     /// stay).
     pub(crate) fn reset(&self) {
@@ -840,7 +991,7 @@ impl Inner {
             let mut st = lock(&self.state);
             let generation = st.generation + 1;
             let (shutdown, parked) = (st.shutdown, st.parked);
-            *st = State::new(generation);
+            *st = State::new(generation, self.cfg.fault_lookahead);
             st.shutdown = shutdown;
             st.parked = parked;
             self.generation.store(generation, Ordering::Release);
@@ -1341,7 +1492,8 @@ impl Inner {
         }
     }
 
-    /// The pages after `stalled_va` in the operand it belongs to (up to CAP_FAULT_LOOKAHEAD,
+    /// The pages after `stalled_va` in the operand it belongs to (up to FAULT_LOOKAHEAD_DEPTH,
+    /// or CAP_FAULT_LOOKAHEAD without that register,
     /// within the command's length) that would fault too, if the driver enabled lookahead.
     /// Stops at the first page that translates or whose walk goes wrong: a lookahead never
     /// latches an error or touches data for a page the item has not reached.
@@ -1351,8 +1503,19 @@ impl Inner {
         item: &WorkItem,
         stalled_va: u64,
     ) -> Vec<(u64, AccessKind, FaultReason)> {
-        let depth = u64::from(self.cfg.fault_lookahead);
-        if depth == 0 || lock(&self.state).regs.fault_ctrl & regs::fault_ctrl::LOOKAHEAD == 0 {
+        let (depth, enabled) = {
+            let st = lock(&self.state);
+            let depth = if self.cfg.lookahead_depth_writable {
+                st.regs.lookahead_depth
+            } else {
+                self.cfg.fault_lookahead
+            };
+            (
+                u64::from(depth),
+                st.regs.fault_ctrl & regs::fault_ctrl::LOOKAHEAD != 0,
+            )
+        };
+        if depth == 0 || !enabled {
             return Vec::new();
         }
         let cmd = item.cmd;

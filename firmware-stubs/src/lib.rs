@@ -24,6 +24,7 @@ mod irq;
 mod memory;
 mod mmu;
 mod tlb;
+mod tlbi_queue;
 pub mod vfio_user_server;
 mod walk_cache;
 
@@ -74,7 +75,21 @@ pub struct AcceleratorConfig {
     /// [`DEFAULT_WALK_CACHE_ENTRIES`]). 0: no walk cache, CAP_FEATURES.WALK_CACHE clear, every
     /// walk starts at the root.
     pub walk_cache_entries: usize,
+    /// Revision 3: FAULT_REPLAY accepts an address-space-scoped value
+    /// (CAP_FEATURES.SCOPED_REPLAY). Default true; false models a device without it, where every
+    /// replay value retries every stalled item.
+    pub scoped_replay: bool,
+    /// Revision 3: FAULT_LOOKAHEAD_DEPTH is writable (CAP_FEATURES.LOOKAHEAD_DEPTH). Default
+    /// true; false models a device whose lookahead always checks CAP_FAULT_LOOKAHEAD pages.
+    pub lookahead_depth_writable: bool,
+    /// Revision 3: CAP_TLBIQ_ENTRIES, the invalidation-queue capacity (CAP_FEATURES.TLBI_QUEUE).
+    /// 0: no queue; else a power of two in `2..=65536` (default
+    /// [`DEFAULT_TLBI_QUEUE_ENTRIES`]).
+    pub tlbi_queue_entries: u32,
 }
+
+/// Default [`AcceleratorConfig::tlbi_queue_entries`].
+pub const DEFAULT_TLBI_QUEUE_ENTRIES: u32 = 256;
 
 /// Default [`AcceleratorConfig::walk_cache_entries`].
 pub const DEFAULT_WALK_CACHE_ENTRIES: usize = 64;
@@ -100,6 +115,9 @@ impl Default for AcceleratorConfig {
             deliver_msi: true,
             accessed_dirty: true,
             walk_cache_entries: DEFAULT_WALK_CACHE_ENTRIES,
+            scoped_replay: true,
+            lookahead_depth_writable: true,
+            tlbi_queue_entries: DEFAULT_TLBI_QUEUE_ENTRIES,
         }
     }
 }
@@ -126,6 +144,15 @@ impl AcceleratorConfig {
         }
         if self.walk_cache_entries > 0 {
             f |= features::WALK_CACHE;
+        }
+        if self.tlbi_queue_entries > 0 {
+            f |= features::TLBI_QUEUE;
+        }
+        if self.scoped_replay {
+            f |= features::SCOPED_REPLAY;
+        }
+        if self.lookahead_depth_writable {
+            f |= features::LOOKAHEAD_DEPTH;
         }
         f
     }
@@ -167,6 +194,14 @@ impl AcceleratorConfig {
                 "walk_cache_entries",
                 self.walk_cache_entries as u64,
                 "0..=65536",
+            );
+        }
+        let q = self.tlbi_queue_entries;
+        if q != 0 && !(q.is_power_of_two() && (2..=65536).contains(&q)) {
+            return fail(
+                "tlbi_queue_entries",
+                q.into(),
+                "0 (no queue) or a power of two in 2..=65536",
             );
         }
         if self.idle_spin_us > 10_000 {
@@ -386,6 +421,18 @@ mod tests {
             },
             AcceleratorConfig {
                 walk_cache_entries: 65537,
+                ..Default::default()
+            },
+            AcceleratorConfig {
+                tlbi_queue_entries: 1,
+                ..Default::default()
+            },
+            AcceleratorConfig {
+                tlbi_queue_entries: 48,
+                ..Default::default()
+            },
+            AcceleratorConfig {
+                tlbi_queue_entries: 1 << 17,
                 ..Default::default()
             },
         ];

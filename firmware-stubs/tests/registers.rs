@@ -273,7 +273,9 @@ fn every_fixed_register_honours_its_access_mode() {
 
 #[test]
 fn revision_2_features_follow_the_configuration() {
-    use regs::features::{ACCESSED_DIRTY, WALK_CACHE};
+    use regs::features::{ACCESSED_DIRTY, LOOKAHEAD_DEPTH, SCOPED_REPLAY, TLBI_QUEUE, WALK_CACHE};
+    // The revision-3 features are on by default; this test is about the revision-2 ones.
+    const R3: u32 = TLBI_QUEUE | SCOPED_REPLAY | LOOKAHEAD_DEPTH;
     let cases = [
         (true, 64, ACCESSED_DIRTY | WALK_CACHE),
         (false, 64, WALK_CACHE),
@@ -286,9 +288,14 @@ fn revision_2_features_follow_the_configuration() {
             walk_cache_entries,
             ..Default::default()
         };
+        let want = want | R3;
         assert_eq!(cfg.features(), want);
         let d = TestDriver::with(cfg, 32);
-        assert_eq!(d.r32(regs::VERSION), (1 << 16) | 1, "revision 2 is 1.1");
+        assert_eq!(
+            d.r32(regs::VERSION),
+            (1 << 16) | 2,
+            "a revision-3 device is 1.2"
+        );
         assert_eq!(
             d.r32(regs::CAP_FEATURES),
             want,
