@@ -1074,6 +1074,18 @@ impl Device {
         Ok(())
     }
 
+    /// The lookahead depth the device uses now (`FAULT_LOOKAHEAD_DEPTH`), on a device where it
+    /// is writable.
+    pub fn lookahead_depth(&self) -> Result<u32, Error> {
+        if !self.caps.lookahead_depth {
+            return Err(Error::Unsupported(
+                "the device's fault lookahead depth is fixed (CAP_FEATURES.LOOKAHEAD_DEPTH clear)"
+                    .into(),
+            ));
+        }
+        Ok(self.bar().read32(regs::FAULT_LOOKAHEAD_DEPTH)?)
+    }
+
     /// Set how many pages past a stalled access the device reports ahead, `1..=`
     /// [`Caps::fault_lookahead`] (revision 3, [`Caps::lookahead_depth`]). Without the feature
     /// the depth stays the device's own and this fails with [`Error::Unsupported`].

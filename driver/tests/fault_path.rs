@@ -205,3 +205,61 @@ fn a_mapping_cut_into_many_vmas_is_registered_once_per_block_and_each_vmas_event
     );
     unmap(base, (pages - 2) * PAGE);
 }
+
+#[test]
+fn with_several_address_spaces_a_replay_names_the_ones_serviced_and_only_on_a_device_that_can() {
+    use std::sync::atomic::Ordering::Relaxed;
+    for scoped_replay in [true, false] {
+        let cfg = firmware_stubs::AcceleratorConfig {
+            scoped_replay,
+            ..Default::default()
+        };
+        let rt = Runtime::open(DeviceSpec::Emulated(cfg), RuntimeOptions::default()).expect("open");
+        let a = rt.create_context().expect("context");
+        let _b = rt.create_context().expect("a second address space");
+        let before = rt.service().stats().scoped_replays.load(Relaxed);
+        let len = 8 * PAGE;
+        let fresh = map(len, 0, false);
+        device_fill(&a, fresh, len, 0x0303_0303_0303_0303);
+        let scoped = rt.service().stats().scoped_replays.load(Relaxed) - before;
+        if scoped_replay {
+            assert!(
+                scoped > 0,
+                "faults of one address space of two: scoped replays"
+            );
+        } else {
+            assert_eq!(scoped, 0, "the device cannot scope a replay");
+        }
+        unmap(fresh, len);
+    }
+}
+
+#[test]
+fn the_lookahead_depth_halves_when_most_lookahead_pages_cannot_be_mapped() {
+    use std::sync::atomic::Ordering::Relaxed;
+    let rt = Runtime::open(DeviceSpec::emulated(), RuntimeOptions::default()).expect("open");
+    let ctx = rt.create_context().expect("context");
+    let stats = rt.service().stats();
+    let cap = u64::from(rt.device().caps().fault_lookahead);
+    assert_eq!(stats.lookahead_depth.load(Relaxed), cap, "power-on depth");
+    // A FILL over 16 pages of which only the first two are accessible: the stall on page 0
+    // reports pages 1..=15 ahead, and 14 of them cannot be mapped.
+    let len = 16 * PAGE;
+    let base = map(len, 0, false);
+    // SAFETY: our mapping; nothing refers to those pages.
+    let r = unsafe { libc::mprotect((base + 2 * PAGE) as *mut _, len - 2 * PAGE, libc::PROT_NONE) };
+    assert_eq!(r, 0);
+    // SAFETY: the slice covers our mapping; the device fails at the PROT_NONE page before the
+    // CPU touches anything.
+    let buf = unsafe { std::slice::from_raw_parts_mut(base as *mut u8, len) };
+    assert!(ctx.fill(buf, 7).is_err(), "the FILL cannot reach page 2");
+    assert!(stats.lookahead_adjustments.load(Relaxed) >= 1);
+    let depth = stats.lookahead_depth.load(Relaxed);
+    assert!(depth < cap, "depth {depth} of {cap}");
+    assert_eq!(
+        rt.device().lookahead_depth().expect("read back"),
+        depth as u32,
+        "the device uses the depth the service set"
+    );
+    unmap(base, len);
+}
