@@ -130,7 +130,9 @@ registers! {
     FAULT_BUF_GET = 0x070, W32, ReadWrite;
     /// Producer index (device-owned, free-running).
     FAULT_BUF_PUT = 0x074, W32, ReadOnly;
-    /// Write any value: every stalled work item retries its access.
+    /// Write any value without [`replay::ASID_SCOPED`]: every stalled work item retries its
+    /// access. With it (revision 3, [`features::SCOPED_REPLAY`]): only those of the address space
+    /// in bits 15..0.
     FAULT_REPLAY = 0x078, W32, WriteOnly;
     /// Write `(code << 32) | work_id`: the stalled work item `work_id` completes with status
     /// `CANCELLED` and result `code`. Cancelling a work item that is not stalled is a bad
@@ -286,7 +288,8 @@ pub mod fault_ctrl {
     pub const OVERFLOW: u32 = 1 << 1;
     /// Lookahead: a work item that stalls on a page also gets records, flagged
     /// [`crate::FaultRecord::FLAG_LOOKAHEAD`], for the next pages of the same operand (up to
-    /// [`super::CAP_FAULT_LOOKAHEAD`], within the command's length) that would fault too, the way
+    /// [`super::CAP_FAULT_LOOKAHEAD`], or the depth written to [`super::FAULT_LOOKAHEAD_DEPTH`]
+    /// on a revision-3 device, within the command's length) that would fault too, the way
     /// a GPU's many lanes fault on many pages at once. Ignored if that capability is 0.
     pub const LOOKAHEAD: u32 = 1 << 2;
 }
@@ -441,7 +444,7 @@ pub enum ErrorCode {
     /// A page-table entry was malformed. ERROR_INFO: the IOVA of the entry.
     BadPte = 6,
     /// An invalidation-queue descriptor was malformed (reserved bits, a bad scope, an ASID at or
-    /// beyond `CAP_ASIDS`, a misaligned or empty range). The device performed it as an
+    /// beyond `CAP_ASIDS`, a misaligned, empty or non-canonical range). The device performed it as an
     /// invalidation of every address space (it never keeps a translation the driver may have
     /// wanted gone), and went on. ERROR_INFO: the descriptor's free-running queue index.
     BadTlbiDescriptor = 7,
