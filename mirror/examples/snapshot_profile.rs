@@ -29,12 +29,9 @@ fn main() {
             let mut done = 0;
             while done < pages {
                 let off = (m.addr() / 4096 + done as u64) * 8;
-                let n = std::os::unix::fs::FileExt::read_at(
-                    &pagemap,
-                    bytemuck_bytes(&mut buf),
-                    off,
-                )
-                .unwrap();
+                let n =
+                    std::os::unix::fs::FileExt::read_at(&pagemap, bytemuck_bytes(&mut buf), off)
+                        .unwrap();
                 done += n / 8;
             }
             std::hint::black_box(&buf);
@@ -53,7 +50,10 @@ fn main() {
         std::hint::black_box(s.unwrap());
     }
     let ns = t.elapsed().as_nanos() as f64 / (reps * pages) as f64;
-    println!("{} {pages} pages: {ns:.1} ns/page", if fast { "snapshot_fast" } else { "snapshot" });
+    println!(
+        "{} {pages} pages: {ns:.1} ns/page",
+        if fast { "snapshot_fast" } else { "snapshot" }
+    );
 }
 
 fn bytemuck_bytes(v: &mut [u64]) -> &mut [u8] {
