@@ -1,7 +1,7 @@
 //! Repeats `snapshot` (or, with `fast`, `snapshot_fast`) over populated 4 KiB pages, for
 //! profiling with `perf record`.
 //!
-//! `cargo run --release -p mirror --example snapshot_profile -- [pages] [reps] [fast]`
+//! `cargo run --release -p mirror --example snapshot_profile -- [pages] [reps] [fast|pread[N]|x] [read|readonly]`
 
 use std::time::Instant;
 
@@ -18,7 +18,18 @@ fn main() {
     let m = Mapping::anonymous_aligned(pages * 4096, 2 << 20, rw).unwrap();
     // SAFETY: NOHUGEPAGE only changes how later faults are backed.
     unsafe { mm.madvise(m.range(), libc::MADV_NOHUGEPAGE) }.unwrap();
-    mm.fault(m.range(), mirror::Access::Write).unwrap();
+    // A fourth argument `read` read-faults the pages instead (all map the shared zero page);
+    // `readonly` write-faults them and then makes the mapping read-only.
+    let populate = args.next().unwrap_or_default();
+    let access = if populate == "read" {
+        mirror::Access::Read
+    } else {
+        mirror::Access::Write
+    };
+    mm.fault(m.range(), access).unwrap();
+    if populate == "readonly" {
+        m.protect(0, m.len(), libc::PROT_READ).unwrap();
+    }
     if let Some(chunk) = mode.strip_prefix("pread") {
         // Raw pagemap preads of `chunk` entries each (the kernel's floor for `snapshot`).
         let chunk: usize = chunk.parse().unwrap_or(pages);
