@@ -149,7 +149,9 @@ const PM_FILE: u64 = 1 << 61;
 const PM_GUARD: u64 = 1 << 58;
 const PM_EXCLUSIVE: u64 = 1 << 56;
 const PM_PFN_MASK: u64 = (1 << 55) - 1;
-const CHUNK_PAGES: usize = 16 * 1024;
+/// Pagemap entries read per pread (32 KiB: stays in cache while it is decoded). A multiple of
+/// `PMD_PAGES`.
+const CHUNK_PAGES: usize = 4 * 1024;
 
 impl Walker {
     /// A walker over `pid` (`None` = the current process).
@@ -194,7 +196,15 @@ impl Walker {
     /// Per-page state and page size of `range`, without faulting or pinning.
     pub fn snapshot(&self, range: VaRange) -> Result<Snapshot> {
         let mut entries = Vec::new();
+        let mut regions = Vec::new();
         self.walk_readable_vmas(range, |vma, clip, out| {
+            // Only a private writable VMA needs pagemap (whether a present page is exclusive);
+            // for the others PAGEMAP_SCAN alone gives the same answer at a fraction of the cost.
+            let needs_pagemap = vma.perms.write && !vma.shared;
+            if self.caps.scan_guard && !needs_pagemap && vma.kind != VmaKind::Hugetlb {
+                regions.resize(512, procfs::PageRegion::default());
+                return self.fill_from_scan(vma, clip, out, &mut regions);
+            }
             let thp_candidates = self.fill_from_pagemap(vma, clip, out, &mut entries)?;
             if vma.kind != VmaKind::Hugetlb && self.caps.pagemap_scan {
                 for window in thp_candidates {
@@ -254,75 +264,94 @@ impl Walker {
         }
         let mut regions = vec![procfs::PageRegion::default(); 512];
         self.walk_readable_vmas(range, |vma, clip, out| {
-            let base_size = if vma.kind == VmaKind::Hugetlb {
-                PageSize::Hugetlb {
-                    shift: vma.page_size.trailing_zeros() as u8,
-                }
-            } else {
-                PageSize::Base
-            };
-            // Pages the walk does not report (none inside a VMA it accepts) stay "none".
-            out.fill(PageInfo {
-                state: PageState::None,
-                size: base_size,
-            });
-            // PAGE_IS_FILE costs a struct-page lookup per PTE; only a private writable file
-            // mapping needs it (to tell page-cache pages, which are copy-on-write, from copies).
-            let file_mask = if vma.kind == VmaKind::File && vma.perms.write && !vma.shared {
-                procfs::PAGE_IS_FILE
-            } else {
-                0
-            };
-            let mut start = clip.start();
-            while start < clip.end() {
-                let req = procfs::ScanRequest {
-                    start,
-                    end: clip.end(),
-                    category_anyof_mask: procfs::PAGE_IS_PRESENT | procfs::PAGE_IS_GUARD,
-                    return_mask: procfs::PAGE_IS_PRESENT
-                        | procfs::PAGE_IS_PFNZERO
-                        | procfs::PAGE_IS_HUGE
-                        | file_mask
-                        | procfs::PAGE_IS_GUARD,
-                };
-                let (n, walk_end) = procfs::pagemap_scan(self.pagemap.as_fd(), &req, &mut regions)
-                    .map_err(|e| self.proc_err("PAGEMAP_SCAN", clip, e))?;
-                for r in &regions[..n] {
-                    let c = r.categories;
-                    let info = if c & procfs::PAGE_IS_PRESENT != 0 {
-                        let state = if c & procfs::PAGE_IS_PFNZERO != 0 {
-                            PageState::Zero
-                        } else if vma.perms.write && (vma.shared || c & procfs::PAGE_IS_FILE == 0) {
-                            PageState::Write
-                        } else {
-                            PageState::Read
-                        };
-                        let size = if c & procfs::PAGE_IS_HUGE != 0 && vma.kind != VmaKind::Hugetlb
-                        {
-                            PageSize::Thp
-                        } else {
-                            base_size
-                        };
-                        PageInfo { state, size }
-                    } else {
-                        PageInfo {
-                            state: PageState::Error(PageError::Guard),
-                            size: PageSize::Base,
-                        }
-                    };
-                    let a = ((r.start.max(clip.start()) - clip.start()) / PAGE_SIZE) as usize;
-                    let b = ((r.end.min(clip.end()) - clip.start()) / PAGE_SIZE) as usize;
-                    out[a..b].fill(info);
-                }
-                if n < regions.len() || walk_end <= start {
-                    break;
-                }
-                start = walk_end;
-            }
-            Ok(())
+            self.fill_from_scan(vma, clip, out, &mut regions)
         })
     }
 
+    /// Fills `out` (the pages of `clip`, a part of `vma`) from PAGEMAP_SCAN with PAGE_IS_GUARD
+    /// alone. Exact for every VMA but a private writable one, where a present page is reported
+    /// [`PageState::Write`] without checking that it is exclusive (see
+    /// [`Walker::snapshot_fast`]).
+    fn fill_from_scan(
+        &self,
+        vma: &Vma,
+        clip: VaRange,
+        out: &mut [PageInfo],
+        regions: &mut [procfs::PageRegion],
+    ) -> Result<()> {
+        let base_size = if vma.kind == VmaKind::Hugetlb {
+            PageSize::Hugetlb {
+                shift: vma.page_size.trailing_zeros() as u8,
+            }
+        } else {
+            PageSize::Base
+        };
+        // Pages the walk does not report (none inside a VMA it accepts) stay "none".
+        out.fill(PageInfo {
+            state: PageState::None,
+            size: base_size,
+        });
+        // PAGE_IS_FILE costs a struct-page lookup per PTE; only a private writable file
+        // mapping needs it (to tell page-cache pages, which are copy-on-write, from copies).
+        let file_mask = if vma.kind == VmaKind::File && vma.perms.write && !vma.shared {
+            procfs::PAGE_IS_FILE
+        } else {
+            0
+        };
+        let mut start = clip.start();
+        while start < clip.end() {
+            let req = procfs::ScanRequest {
+                start,
+                end: clip.end(),
+                category_anyof_mask: procfs::PAGE_IS_PRESENT | procfs::PAGE_IS_GUARD,
+                return_mask: procfs::PAGE_IS_PRESENT
+                    | procfs::PAGE_IS_PFNZERO
+                    | procfs::PAGE_IS_HUGE
+                    | file_mask
+                    | procfs::PAGE_IS_GUARD,
+            };
+            let (n, walk_end) = procfs::pagemap_scan(self.pagemap.as_fd(), &req, regions)
+                .map_err(|e| self.proc_err("PAGEMAP_SCAN", clip, e))?;
+            for r in &regions[..n] {
+                let c = r.categories;
+                let info = if c & procfs::PAGE_IS_PRESENT != 0 {
+                    let state = if c & procfs::PAGE_IS_PFNZERO != 0 {
+                        PageState::Zero
+                    } else if vma.perms.write && (vma.shared || c & procfs::PAGE_IS_FILE == 0) {
+                        PageState::Write
+                    } else {
+                        PageState::Read
+                    };
+                    let size = if c & procfs::PAGE_IS_HUGE != 0 && vma.kind != VmaKind::Hugetlb {
+                        PageSize::Thp
+                    } else {
+                        base_size
+                    };
+                    PageInfo { state, size }
+                } else {
+                    PageInfo {
+                        state: PageState::Error(PageError::Guard),
+                        size: PageSize::Base,
+                    }
+                };
+                let a = ((r.start.max(clip.start()) - clip.start()) / PAGE_SIZE) as usize;
+                let b = ((r.end.min(clip.end()) - clip.start()) / PAGE_SIZE) as usize;
+                out[a..b].fill(info);
+            }
+            if n < regions.len() || walk_end <= start {
+                break;
+            }
+            start = walk_end;
+        }
+        Ok(())
+    }
+
+    /// Fills `out` (the pages of `clip`, a part of `vma`) from pagemap entries and returns the
+    /// 2 MiB windows that may hold a PMD-mapped THP (see [`thp_candidate`]).
+    ///
+    /// The entries are read in chunks of [`CHUNK_PAGES`] ending on 2 MiB boundaries, so every
+    /// window lies in one chunk: the window's first present entry decides whether it is a THP
+    /// candidate, and the per-page loop below is a plain map from entry to state.
     fn fill_from_pagemap(
         &self,
         vma: &Vma,
@@ -337,47 +366,49 @@ impl Walker {
         } else {
             PageSize::Base
         };
-        let writable = vma.perms.write;
-        let zero_pfn = self.zero_pfn.unwrap_or(u64::MAX);
-        let mut thp_windows = ThpWindows::new(clip, self.zero_pfn.is_none());
-        let mut done = 0usize;
-        while done < out.len() {
-            let n = (out.len() - done).min(CHUNK_PAGES);
-            entries.resize(n, 0);
-            let vpn = clip.start() / PAGE_SIZE + done as u64;
-            let got = procfs::pagemap_read(self.pagemap.as_fd(), vpn, entries)
+        let states = EntryStates::new(vma, self.zero_pfn);
+        let all_windows = self.zero_pfn.is_none();
+        let mut candidates: Vec<VaRange> = Vec::new();
+        if entries.len() < CHUNK_PAGES {
+            entries.resize(CHUNK_PAGES, 0);
+        }
+        let first_vpn = clip.start() / PAGE_SIZE;
+        let end_vpn = clip.end() / PAGE_SIZE;
+        let mut vpn = first_vpn;
+        while vpn < end_vpn {
+            // Chunks end on a window boundary (CHUNK_PAGES is a multiple of PMD_PAGES).
+            let chunk_end = ((vpn / CHUNK_PAGES as u64 + 1) * CHUNK_PAGES as u64).min(end_vpn);
+            let n = (chunk_end - vpn) as usize;
+            let got = procfs::pagemap_read(self.pagemap.as_fd(), vpn, &mut entries[..n])
                 .map_err(|e| self.proc_err("pread pagemap", clip, e))?;
-            for (k, (slot, &e)) in out[done..done + got]
-                .iter_mut()
-                .zip(entries.iter())
-                .enumerate()
-            {
-                thp_windows.observe(vpn + k as u64, e);
-                let state = if e & PM_PRESENT != 0 {
-                    if e & PM_PFN_MASK == zero_pfn {
-                        PageState::Zero
-                    } else if writable
-                        && (vma.shared || (e & PM_EXCLUSIVE != 0 && e & PM_FILE == 0))
-                    {
-                        // Private mappings: only a page mapped once and not a page-cache page
-                        // (bit 61) has a writable PTE; everything else is copy-on-write.
-                        PageState::Write
-                    } else {
-                        PageState::Read
-                    }
-                } else if e & PM_GUARD != 0 {
-                    PageState::Error(PageError::Guard)
-                } else {
-                    PageState::None
+            let base = (vpn - first_vpn) as usize;
+            let chunk = &entries[..got];
+            let slots = &mut out[base..base + got];
+            for (slot, &e) in slots.iter_mut().zip(chunk) {
+                *slot = PageInfo {
+                    state: states.state(e),
+                    size,
                 };
-                *slot = PageInfo { state, size };
+            }
+            if !all_windows {
+                let mut w = vpn;
+                while w < vpn + got as u64 {
+                    let w_end = ((w / PMD_PAGES + 1) * PMD_PAGES).min(vpn + got as u64);
+                    let part = &chunk[(w - vpn) as usize..(w_end - vpn) as usize];
+                    if let Some(k) = part.iter().position(|&e| e & PM_PRESENT != 0) {
+                        if thp_candidate(w + k as u64, part[k]) {
+                            push_window(&mut candidates, clip, w / PMD_PAGES);
+                        }
+                    }
+                    w = w_end;
+                }
             }
             if got < n {
                 break;
             }
-            done += n;
+            vpn = chunk_end;
         }
-        Ok(thp_windows.finish())
+        Ok(if all_windows { vec![clip] } else { candidates })
     }
 
     /// Marks PMD-mapped THP pages (and the zero page when PFNs are hidden) from PAGEMAP_SCAN.
@@ -554,62 +585,70 @@ impl Walker {
     }
 }
 
-/// Finds the 2 MiB windows of a clip that may hold a PMD-mapped THP, so PAGEMAP_SCAN (which costs
-/// a page-table walk) only runs there. A PMD-mapped folio is naturally aligned, so each of its
-/// pages has `pfn % 512 == vpn % 512`; ordinary 4 KiB pages match that by chance once in 512.
-/// Without visible PFNs every window is a candidate.
-struct ThpWindows {
-    clip: VaRange,
-    all: bool,
-    current: Option<u64>,
-    decided: bool,
-    found: Vec<VaRange>,
-}
-
 const PMD_PAGES: u64 = 512;
 
-impl ThpWindows {
-    fn new(clip: VaRange, all: bool) -> Self {
-        ThpWindows {
-            clip,
-            all,
-            current: None,
-            decided: false,
-            found: Vec::new(),
-        }
-    }
+/// Whether the 2 MiB window whose first present page is `vpn` (pagemap entry `entry`) may hold a
+/// PMD-mapped THP, so PAGEMAP_SCAN (which costs a page-table walk) only runs there. A PMD-mapped
+/// folio is naturally aligned, so each of its pages has `pfn % 512 == vpn % 512`; ordinary
+/// 4 KiB pages match that by chance once in 512.
+fn thp_candidate(vpn: u64, entry: u64) -> bool {
+    (entry & PM_PFN_MASK) % PMD_PAGES == vpn % PMD_PAGES
+}
 
-    fn observe(&mut self, vpn: u64, entry: u64) {
-        if self.all {
-            return;
-        }
-        let window = vpn / PMD_PAGES;
-        if self.current != Some(window) {
-            self.current = Some(window);
-            self.decided = false;
-        }
-        if self.decided || entry & PM_PRESENT == 0 {
-            return;
-        }
-        // The first present page of the window decides.
-        self.decided = true;
-        if (entry & PM_PFN_MASK) % PMD_PAGES == vpn % PMD_PAGES {
-            let start = (window * PMD_PAGES * PAGE_SIZE).max(self.clip.start());
-            let end = ((window + 1) * PMD_PAGES * PAGE_SIZE).min(self.clip.end());
-            match self.found.last_mut() {
-                Some(last) if last.end() == start => {
-                    *last = VaRange::from_bounds(last.start(), end).expect("grows");
-                }
-                _ => self.found.extend(VaRange::from_bounds(start, end).ok()),
+/// Adds window number `window` (clipped to `clip`) to `found`, merging it with the last one when
+/// they touch.
+fn push_window(found: &mut Vec<VaRange>, clip: VaRange, window: u64) {
+    let start = (window * PMD_PAGES * PAGE_SIZE).max(clip.start());
+    let end = ((window + 1) * PMD_PAGES * PAGE_SIZE).min(clip.end());
+    match found.last_mut() {
+        Some(last) if last.end() == start => {
+            if let Ok(grown) = VaRange::from_bounds(last.start(), end) {
+                *last = grown;
             }
         }
+        _ => found.extend(VaRange::from_bounds(start, end).ok()),
+    }
+}
+
+/// Maps a pagemap entry to a page state for one VMA.
+struct EntryStates {
+    /// The state of a present page that is neither the zero page nor needs exclusivity.
+    mapped: PageState,
+    /// Private writable mapping: a present page is writable only if exclusive and anonymous.
+    needs_exclusive: bool,
+    zero_pfn: u64,
+}
+
+impl EntryStates {
+    fn new(vma: &Vma, zero_pfn: Option<u64>) -> Self {
+        let writable = vma.perms.write;
+        EntryStates {
+            mapped: if writable && vma.shared {
+                PageState::Write
+            } else {
+                PageState::Read
+            },
+            needs_exclusive: writable && !vma.shared,
+            zero_pfn: zero_pfn.unwrap_or(u64::MAX),
+        }
     }
 
-    fn finish(self) -> Vec<VaRange> {
-        if self.all {
-            vec![self.clip]
+    #[inline]
+    fn state(&self, e: u64) -> PageState {
+        if e & PM_PRESENT != 0 {
+            if e & PM_PFN_MASK == self.zero_pfn {
+                PageState::Zero
+            } else if self.needs_exclusive && e & (PM_EXCLUSIVE | PM_FILE) == PM_EXCLUSIVE {
+                // Private mappings: only a page mapped once and not a page-cache page (bit 61)
+                // has a writable PTE; everything else is copy-on-write.
+                PageState::Write
+            } else {
+                self.mapped
+            }
+        } else if e & PM_GUARD != 0 {
+            PageState::Error(PageError::Guard)
         } else {
-            self.found
+            PageState::None
         }
     }
 }
