@@ -1455,48 +1455,50 @@ impl ContextCore {
         range: VaRange,
         access: Access,
     ) -> Result<Option<(VaRange, bool)>, WalkError> {
-        let mut map_range = range;
-        let mut large = false;
+        // The run first: a 4 KiB page answers without a look at the other 511 pages of its
+        // 2 MiB block; only a run of THP pages is worth checking its whole block for.
+        let snap = self.quick_snapshot(range)?;
         // Under a small budget a 2 MiB mapping would evict too much at once (or not fit).
         let budget_allows_large = self
             .options
             .pin_budget
             .is_none_or(|b| b >= 8 * LARGE_PAGE_SIZE);
-        if self.options.large_pages && budget_allows_large {
-            let block = range.start() & !(LARGE_PAGE_SIZE - 1);
-            if range.end() <= block + LARGE_PAGE_SIZE {
-                if let Ok(block_range) = VaRange::new(block, LARGE_PAGE_SIZE) {
-                    if let Ok(snap) = self.quick_snapshot(block_range) {
-                        let want = if access == Access::Write {
-                            PageState::Write
-                        } else {
-                            PageState::Read
-                        };
-                        large = snap.pages().iter().all(|p| {
-                            p.size == CpuPageSize::Thp
-                                && (p.state == want
-                                    || (want == PageState::Read && p.state == PageState::Write))
-                        });
-                        if large {
-                            map_range = block_range;
-                        }
+        let block = range.start() & !(LARGE_PAGE_SIZE - 1);
+        let in_thp = snap.pages().iter().all(|p| p.size == CpuPageSize::Thp);
+        if self.options.large_pages
+            && budget_allows_large
+            && in_thp
+            && range.end() <= block + LARGE_PAGE_SIZE
+        {
+            if let Ok(block_range) = VaRange::new(block, LARGE_PAGE_SIZE) {
+                if let Ok(block_snap) = self.quick_snapshot(block_range) {
+                    let want = if access == Access::Write {
+                        PageState::Write
+                    } else {
+                        PageState::Read
+                    };
+                    let large = block_snap.pages().iter().all(|p| {
+                        p.size == CpuPageSize::Thp
+                            && (p.state == want
+                                || (want == PageState::Read && p.state == PageState::Write))
+                    });
+                    if large {
+                        return Ok(Some((block_range, true)));
                     }
                 }
             }
         }
-        if !large {
-            let snap = self.quick_snapshot(range)?;
-            let ok = snap.pages().iter().all(|p| match access {
-                Access::Write => p.state == PageState::Write,
-                Access::Read => matches!(
-                    p.state,
-                    PageState::Read | PageState::Write | PageState::Zero
-                ),
-            });
-            if !ok {
-                return Ok(None);
-            }
+        let ok = snap.pages().iter().all(|p| match access {
+            Access::Write => p.state == PageState::Write,
+            Access::Read => matches!(
+                p.state,
+                PageState::Read | PageState::Write | PageState::Zero
+            ),
+        });
+        if !ok {
+            return Ok(None);
         }
+        let (map_range, large) = (range, false);
         Ok(Some((map_range, large)))
     }
 

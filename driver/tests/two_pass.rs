@@ -43,7 +43,17 @@ fn invalidate_one_page_in(
     let ctxs: Vec<_> = (0..contexts)
         .map(|_| rt.create_context().expect("context"))
         .collect();
-    let page = map(PAGE);
+    // The page between two PROT_NONE guards: its own VMA, so fault-around never grows a
+    // mapping into a neighbour's memory (tests run in parallel in this process).
+    let guarded = map(3 * PAGE);
+    for guard in [guarded, guarded + 2 * PAGE] {
+        // SAFETY: our mapping; nothing refers to the guard pages.
+        assert_eq!(
+            unsafe { libc::mprotect(guard as *mut _, PAGE, libc::PROT_NONE) },
+            0
+        );
+    }
+    let page = guarded + PAGE;
     for (i, ctx) in ctxs.iter().enumerate() {
         // SAFETY: our mapping; no other reference to it lives while the slice does.
         let buf = unsafe { std::slice::from_raw_parts_mut(page as *mut u8, PAGE) };
@@ -75,7 +85,7 @@ fn invalidate_one_page_in(
         assert!(buf.chunks(8).all(|c| c == (0x100 + i as u64).to_le_bytes()));
     }
     drop(ctxs);
-    unmap(page, PAGE);
+    unmap(guarded, 3 * PAGE);
     (before, after)
 }
 
