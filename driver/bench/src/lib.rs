@@ -207,6 +207,33 @@ fn device_touch(ctx: &Context, addrs: &[u64], window: usize) -> Result<Duration,
     device_fill(ctx, addrs, 8, window)
 }
 
+/// Where the CPU time of one more fault run goes (one 8-byte FILL per page of `n` fresh or
+/// populated pages), per page: the emulated device's workers, the fault service thread, the
+/// submitting thread, beside the wall time. Every thread here shares the 2 vCPUs, and the
+/// polling ones count their spinning too.
+fn cpu_by_thread(ctx: &Context, n: usize, populate: bool) -> Result<String, Error> {
+    let r = Region::new(n).map_err(os("mmap"))?;
+    if populate {
+        r.madvise(libc::MADV_POPULATE_WRITE)
+            .map_err(os("madvise"))?;
+    }
+    let addrs = pages_of(&r, n);
+    let emulator = sys::threads_cpu_ns("mxa1-worker");
+    let service = sys::threads_cpu_ns("mxa-fault");
+    let me = sys::thread_cpu();
+    let wall = device_touch(ctx, &addrs, 1000)?;
+    let per = |ns: u64| ns as f64 / n as f64;
+    let text = format!(
+        "CPU per page in a further run: emulated device {:.0} ns, fault service {:.0} ns, submitting thread {:.0} ns; wall {:.0} ns (2 vCPUs)",
+        per(sys::threads_cpu_ns("mxa1-worker").saturating_sub(emulator)),
+        per(sys::threads_cpu_ns("mxa-fault").saturating_sub(service)),
+        per((sys::thread_cpu() - me).as_nanos() as u64),
+        per(wall.as_nanos() as u64)
+    );
+    sys::mirror_munmap(ctx.address_space(), r.forget())?;
+    Ok(text)
+}
+
 /// Device FILLs of `len` bytes at each address, up to `window` in flight; elapsed time.
 fn device_fill(ctx: &Context, addrs: &[u64], len: u64, window: usize) -> Result<Duration, Error> {
     device_commands(ctx, addrs, len, window, sys::submit_fill)
@@ -590,6 +617,14 @@ impl Bench {
             }
             first_line.push((batch as f64, f));
             pop_line.push((batch as f64, p));
+            let (first_cpu, pop_cpu) = if batch == 256 {
+                (
+                    format!("; {}", cpu_by_thread(&ctx, n, false)?),
+                    format!("; {}", cpu_by_thread(&ctx, n, true)?),
+                )
+            } else {
+                Default::default()
+            };
             self.throughput_pair(
                 &format!("batch {batch}"),
                 (ServiceMode::Polling, Placement::Same),
@@ -597,8 +632,8 @@ impl Bench {
                 (pw, pw_pop),
                 batch == 256,
                 (
-                    format!("{n} pages, one 8-byte device FILL per page, <= 1000 in flight, fault_around 0"),
-                    "CPU pages present; device maps them".into(),
+                    format!("{n} pages, one 8-byte device FILL per page, <= 1000 in flight, fault_around 0{first_cpu}"),
+                    format!("CPU pages present; device maps them{pop_cpu}"),
                 ),
             );
         }
@@ -1221,7 +1256,6 @@ impl Bench {
                 ratio: Some(m / single),
                 target,
                 note,
-                ..Default::default()
             });
         }
         self.report.plots.push(Plot {
