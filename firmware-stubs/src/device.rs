@@ -21,6 +21,7 @@
 //! read guard, and every bookkeeping update checks it under `state`, so after a reset returns no
 //! pre-reset work touches memory or registers again.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -35,7 +36,7 @@ use accel_abi::{
 };
 
 use crate::config_space::ConfigSpace;
-use crate::iommu::{FaultLog, Iommu, IommuFaultEntry, IommuFaultReason};
+use crate::iommu::{FaultLog, Iommu, IommuFaultEntry, IommuFaultReason, Mapping};
 use crate::mmu::{from_root, walk, Walk};
 use crate::tlb::{Tlb, TlbiTarget};
 use crate::tlbi_queue::{descriptor_target, TlbiQueue};
@@ -244,13 +245,19 @@ pub(crate) struct Inner {
     held: AtomicBool,
 }
 
-/// Device-side view of the IOMMU for one access: holds the read guard.
+/// Device-side view of the IOMMU for one access, borrowing the table from a read guard the
+/// caller holds for the whole access.
 struct Dma<'a> {
     dev: &'a Inner,
-    iommu: RwLockReadGuard<'a, Iommu>,
+    iommu: &'a Iommu,
+    /// The mapping the last successful resolve found, with its first IOVA. A chunk's accesses
+    /// mostly land in one mapping (the page tables of a walk, its A/D update), so this skips
+    /// the table lookup for them. It cannot go stale: the table does not change while the read
+    /// guard `iommu` borrows from is held, and this lives no longer than that borrow.
+    last: Cell<Option<(u64, &'a Mapping)>>,
 }
 
-impl Dma<'_> {
+impl<'a> Dma<'a> {
     /// Bus mastering gates every DMA request before it reaches the IOMMU.
     fn check(&self, iova: u64) -> Result<(), DmaFault> {
         if !self.dev.bus_master.load(Ordering::Acquire) {
@@ -273,10 +280,33 @@ impl Dma<'_> {
         }
     }
 
+    /// `Iommu::resolve` through the last-hit mapping: the same mapping, offset and
+    /// permission check, since mappings never overlap.
+    fn resolve(
+        &self,
+        iova: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<(&'a Mapping, u64), IommuFaultReason> {
+        if let Some((start, m)) = self.last.get() {
+            if let Some(offset) = iova.checked_sub(start) {
+                if offset.checked_add(len).is_some_and(|end| end <= m.len) {
+                    let allowed = if write { m.perms.write } else { m.perms.read };
+                    if !allowed {
+                        return Err(IommuFaultReason::Permission);
+                    }
+                    return Ok((m, offset));
+                }
+            }
+        }
+        let (m, offset) = self.iommu.resolve(iova, len, write)?;
+        self.last.set(Some((iova - offset, m)));
+        Ok((m, offset))
+    }
+
     fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaFault> {
         self.check(iova)?;
         let (m, off) = self
-            .iommu
             .resolve(iova, buf.len() as u64, false)
             .map_err(|r| self.fault(iova, false, r))?;
         m.mem
@@ -287,7 +317,6 @@ impl Dma<'_> {
     fn write(&self, iova: u64, buf: &[u8]) -> Result<(), DmaFault> {
         self.check(iova)?;
         let (m, off) = self
-            .iommu
             .resolve(iova, buf.len() as u64, true)
             .map_err(|r| self.fault(iova, true, r))?;
         m.mem
@@ -298,7 +327,6 @@ impl Dma<'_> {
     fn store_u32_release(&self, iova: u64, value: u32) -> Result<(), DmaFault> {
         self.check(iova)?;
         let (m, off) = self
-            .iommu
             .resolve(iova, 4, true)
             .map_err(|r| self.fault(iova, true, r))?;
         m.mem
@@ -309,11 +337,9 @@ impl Dma<'_> {
     fn atomic_add(&self, iova: u64, value: u64) -> Result<u64, DmaFault> {
         self.check(iova)?;
         // An atomic needs both directions from the IOMMU.
-        self.iommu
-            .resolve(iova, 8, false)
+        self.resolve(iova, 8, false)
             .map_err(|r| self.fault(iova, true, r))?;
         let (m, off) = self
-            .iommu
             .resolve(iova, 8, true)
             .map_err(|r| self.fault(iova, true, r))?;
         m.mem
@@ -330,11 +356,9 @@ impl Dma<'_> {
         new: u64,
     ) -> Result<Result<u64, u64>, DmaFault> {
         self.check(iova)?;
-        self.iommu
-            .resolve(iova, 8, false)
+        self.resolve(iova, 8, false)
             .map_err(|r| self.fault(iova, true, r))?;
         let (m, off) = self
-            .iommu
             .resolve(iova, 8, true)
             .map_err(|r| self.fault(iova, true, r))?;
         m.mem
@@ -393,10 +417,11 @@ impl Inner {
         }
     }
 
-    fn dma(&self) -> Dma<'_> {
+    fn dma<'a>(&'a self, iommu: &'a RwLockReadGuard<'a, Iommu>) -> Dma<'a> {
         Dma {
             dev: self,
-            iommu: read(&self.iommu),
+            iommu,
+            last: Cell::new(None),
         }
     }
 
@@ -609,7 +634,8 @@ impl Inner {
             } => self.invalidate_tlb(target, leaf_only, seq),
             Action::TlbiQueue => self.run_tlbi_queue(),
             Action::Cancel(item, code) => {
-                let dma = self.dma();
+                let iommu = read(&self.iommu);
+                let dma = self.dma(&iommu);
                 let mut st = lock(&self.state);
                 if st.generation == item.generation {
                     self.complete_locked(&dma, &mut st, &item, Status::Cancelled, code.into());
@@ -937,7 +963,8 @@ impl Inner {
         };
         let mut raws = Vec::with_capacity(batch.len() as usize);
         let read = {
-            let dma = self.dma();
+            let iommu = read(&self.iommu);
+            let dma = self.dma(&iommu);
             if self.generation.load(Ordering::Acquire) != generation {
                 return;
             }
@@ -1135,7 +1162,8 @@ impl Inner {
     fn fetch(&self, seq: u64, base: u64, entries: u32, generation: u64) -> Option<WorkItem> {
         let slot = seq % u64::from(entries.max(1));
         let iova = base.wrapping_add(slot * Command::SIZE as u64);
-        let dma = self.dma();
+        let iommu = read(&self.iommu);
+        let dma = self.dma(&iommu);
         let mut raw = [0u8; Command::SIZE];
         let fetched = if self.generation.load(Ordering::Acquire) == generation {
             dma.read(iova, &mut raw)
@@ -1233,7 +1261,8 @@ impl Inner {
     fn run_item(&self, mut item: WorkItem, buf: &mut [u8]) {
         loop {
             self.pause_while_held();
-            let dma = self.dma();
+            let iommu = read(&self.iommu);
+            let dma = self.dma(&iommu);
             if self.generation.load(Ordering::Acquire) != item.generation
                 || self.shutdown.load(Ordering::Acquire)
             {
