@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 use accel_abi::pt::{self, Perms};
 use accel_abi::regs::{self, Access, ErrorCode, TlbiScope};
 use accel_abi::{
-    fill_byte, fnv1a_update, AccessKind, Command, CommandFlags, Completion, FaultReason,
-    FaultRecord, Opcode, Status, FNV_OFFSET, PAGE_SIZE, VA_BITS,
+    fnv1a_update, AccessKind, Command, CommandFlags, Completion, FaultReason, FaultRecord, Opcode,
+    Status, FNV_OFFSET, PAGE_SIZE, VA_BITS,
 };
 
 use crate::config_space::ConfigSpace;
@@ -379,6 +379,21 @@ fn perms_allow(perms: Perms, access: AccessKind) -> bool {
         AccessKind::Write => perms.write,
         AccessKind::Atomic => perms.read && perms.write,
     }
+}
+
+/// Writes the FILL pattern into `chunk`, whose first byte is byte `index` of the destination:
+/// byte `i` of the chunk is `fill_byte(pattern, index + i)`. The pattern repeats every 8 bytes,
+/// so the chunk is filled with whole copies of it rotated to start at `index % 8` (a copy per
+/// 8 bytes instead of a computation per byte).
+fn fill_pattern(chunk: &mut [u8], pattern: u64, index: u64) {
+    let rotated = pattern.rotate_right(8 * (index % 8) as u32).to_le_bytes();
+    let mut words = chunk.chunks_exact_mut(8);
+    for w in &mut words {
+        w.copy_from_slice(&rotated);
+    }
+    let tail = words.into_remainder();
+    let n = tail.len();
+    tail.copy_from_slice(&rotated[..n]);
 }
 
 fn page_remaining(va: u64) -> u64 {
@@ -1297,9 +1312,7 @@ impl Inner {
                 let va = cmd.dst + item.progress;
                 let n = remaining.min(page_remaining(va));
                 let chunk = &mut buf[..n as usize];
-                for (i, b) in chunk.iter_mut().enumerate() {
-                    *b = fill_byte(cmd.value, item.progress + i as u64);
-                }
+                fill_pattern(chunk, cmd.value, item.progress);
                 self.translate(dma, asid, va, AccessKind::Write)
                     .and_then(|iova| self.data(dma.write(iova, chunk)))
                     .map(|()| n)
@@ -1764,4 +1777,25 @@ fn ring_entries_ok(enabled: bool, entries: u32, max: u32) -> bool {
 
 fn ring_fits(base: u64, entries: u32, size: u64) -> bool {
     entries != 0 && base % PAGE_SIZE == 0 && base.checked_add(u64::from(entries) * size).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use accel_abi::fill_byte;
+
+    #[test]
+    fn fill_pattern_matches_fill_byte_at_every_phase() {
+        let pattern = 0x0102_0304_a5b6_c7d8u64;
+        for index in [0u64, 1, 5, 7, 8, 4093, 4096 + 3] {
+            for len in [0usize, 1, 7, 8, 9, 15, 64, 4095] {
+                let mut chunk = vec![0u8; len];
+                fill_pattern(&mut chunk, pattern, index);
+                let want: Vec<u8> = (0..len as u64)
+                    .map(|i| fill_byte(pattern, index + i))
+                    .collect();
+                assert_eq!(chunk, want, "index {index} len {len}");
+            }
+        }
+    }
 }
