@@ -120,7 +120,8 @@ impl Tlb {
     pub(crate) fn new(cap: usize, walk_cap: usize) -> Self {
         Tlb {
             cap,
-            map: FastMap::with_capacity_and_hasher(cap, Default::default()),
+            // One over: an insert briefly holds `cap + 1` entries before it evicts.
+            map: FastMap::with_capacity_and_hasher(cap + 1, Default::default()),
             order: VecDeque::with_capacity(cap),
             next_stamp: 0,
             inval_seq: 0,
@@ -156,13 +157,15 @@ impl Tlb {
             return;
         }
         let k = key(asid, e.va_base, e.size);
-        if self.map.len() >= self.cap && !self.map.contains_key(&k) {
-            self.evict_one();
-        }
         let stamp = self.next_stamp;
         self.next_stamp += 1;
+        // One probe of the table: insert (or replace), then evict the oldest if that went over
+        // capacity. The new entry is the youngest, so it is never the one evicted.
         self.map.insert(k, (e, stamp));
         self.order.push_back((k, stamp));
+        if self.map.len() > self.cap {
+            self.evict_one();
+        }
         // Invalidations leave stale keys in `order`; keep it from growing without bound.
         if self.order.len() > 4 * self.cap + 16 {
             let map = &self.map;
