@@ -21,6 +21,7 @@
 //! read guard, and every bookkeeping update checks it under `state`, so after a reset returns no
 //! pre-reset work touches memory or registers again.
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,12 +31,12 @@ use std::time::{Duration, Instant};
 use accel_abi::pt::{self, Perms};
 use accel_abi::regs::{self, Access, ErrorCode, TlbiScope};
 use accel_abi::{
-    fill_byte, fnv1a_update, AccessKind, Command, CommandFlags, Completion, FaultReason,
-    FaultRecord, Opcode, Status, FNV_OFFSET, PAGE_SIZE, VA_BITS,
+    fnv1a_update, AccessKind, Command, CommandFlags, Completion, FaultReason, FaultRecord, Opcode,
+    Status, FNV_OFFSET, PAGE_SIZE, VA_BITS,
 };
 
 use crate::config_space::ConfigSpace;
-use crate::iommu::{FaultLog, Iommu, IommuFaultEntry, IommuFaultReason};
+use crate::iommu::{FaultLog, Iommu, IommuFaultEntry, IommuFaultReason, Mapping};
 use crate::mmu::{from_root, walk, Walk};
 use crate::tlb::{Tlb, TlbiTarget};
 use crate::tlbi_queue::{descriptor_target, TlbiQueue};
@@ -244,13 +245,19 @@ pub(crate) struct Inner {
     held: AtomicBool,
 }
 
-/// Device-side view of the IOMMU for one access: holds the read guard.
+/// Device-side view of the IOMMU for one access, borrowing the table from a read guard the
+/// caller holds for the whole access.
 struct Dma<'a> {
     dev: &'a Inner,
-    iommu: RwLockReadGuard<'a, Iommu>,
+    iommu: &'a Iommu,
+    /// The mapping the last successful resolve found, with its first IOVA. A chunk's accesses
+    /// mostly land in one mapping (the page tables of a walk, its A/D update), so this skips
+    /// the table lookup for them. It cannot go stale: the table does not change while the read
+    /// guard `iommu` borrows from is held, and this lives no longer than that borrow.
+    last: Cell<Option<(u64, &'a Mapping)>>,
 }
 
-impl Dma<'_> {
+impl<'a> Dma<'a> {
     /// Bus mastering gates every DMA request before it reaches the IOMMU.
     fn check(&self, iova: u64) -> Result<(), DmaFault> {
         if !self.dev.bus_master.load(Ordering::Acquire) {
@@ -273,10 +280,33 @@ impl Dma<'_> {
         }
     }
 
+    /// `Iommu::resolve` through the last-hit mapping: the same mapping, offset and
+    /// permission check, since mappings never overlap.
+    fn resolve(
+        &self,
+        iova: u64,
+        len: u64,
+        write: bool,
+    ) -> Result<(&'a Mapping, u64), IommuFaultReason> {
+        if let Some((start, m)) = self.last.get() {
+            if let Some(offset) = iova.checked_sub(start) {
+                if offset.checked_add(len).is_some_and(|end| end <= m.len) {
+                    let allowed = if write { m.perms.write } else { m.perms.read };
+                    if !allowed {
+                        return Err(IommuFaultReason::Permission);
+                    }
+                    return Ok((m, offset));
+                }
+            }
+        }
+        let (m, offset) = self.iommu.resolve(iova, len, write)?;
+        self.last.set(Some((iova - offset, m)));
+        Ok((m, offset))
+    }
+
     fn read(&self, iova: u64, buf: &mut [u8]) -> Result<(), DmaFault> {
         self.check(iova)?;
         let (m, off) = self
-            .iommu
             .resolve(iova, buf.len() as u64, false)
             .map_err(|r| self.fault(iova, false, r))?;
         m.mem
@@ -287,7 +317,6 @@ impl Dma<'_> {
     fn write(&self, iova: u64, buf: &[u8]) -> Result<(), DmaFault> {
         self.check(iova)?;
         let (m, off) = self
-            .iommu
             .resolve(iova, buf.len() as u64, true)
             .map_err(|r| self.fault(iova, true, r))?;
         m.mem
@@ -298,7 +327,6 @@ impl Dma<'_> {
     fn store_u32_release(&self, iova: u64, value: u32) -> Result<(), DmaFault> {
         self.check(iova)?;
         let (m, off) = self
-            .iommu
             .resolve(iova, 4, true)
             .map_err(|r| self.fault(iova, true, r))?;
         m.mem
@@ -309,11 +337,9 @@ impl Dma<'_> {
     fn atomic_add(&self, iova: u64, value: u64) -> Result<u64, DmaFault> {
         self.check(iova)?;
         // An atomic needs both directions from the IOMMU.
-        self.iommu
-            .resolve(iova, 8, false)
+        self.resolve(iova, 8, false)
             .map_err(|r| self.fault(iova, true, r))?;
         let (m, off) = self
-            .iommu
             .resolve(iova, 8, true)
             .map_err(|r| self.fault(iova, true, r))?;
         m.mem
@@ -330,11 +356,9 @@ impl Dma<'_> {
         new: u64,
     ) -> Result<Result<u64, u64>, DmaFault> {
         self.check(iova)?;
-        self.iommu
-            .resolve(iova, 8, false)
+        self.resolve(iova, 8, false)
             .map_err(|r| self.fault(iova, true, r))?;
         let (m, off) = self
-            .iommu
             .resolve(iova, 8, true)
             .map_err(|r| self.fault(iova, true, r))?;
         m.mem
@@ -355,6 +379,21 @@ fn perms_allow(perms: Perms, access: AccessKind) -> bool {
         AccessKind::Write => perms.write,
         AccessKind::Atomic => perms.read && perms.write,
     }
+}
+
+/// Writes the FILL pattern into `chunk`, whose first byte is byte `index` of the destination:
+/// byte `i` of the chunk is `fill_byte(pattern, index + i)`. The pattern repeats every 8 bytes,
+/// so the chunk is filled with whole copies of it rotated to start at `index % 8` (a copy per
+/// 8 bytes instead of a computation per byte).
+fn fill_pattern(chunk: &mut [u8], pattern: u64, index: u64) {
+    let rotated = pattern.rotate_right(8 * (index % 8) as u32).to_le_bytes();
+    let mut words = chunk.chunks_exact_mut(8);
+    for w in &mut words {
+        w.copy_from_slice(&rotated);
+    }
+    let tail = words.into_remainder();
+    let n = tail.len();
+    tail.copy_from_slice(&rotated[..n]);
 }
 
 fn page_remaining(va: u64) -> u64 {
@@ -393,10 +432,11 @@ impl Inner {
         }
     }
 
-    fn dma(&self) -> Dma<'_> {
+    fn dma<'a>(&'a self, iommu: &'a RwLockReadGuard<'a, Iommu>) -> Dma<'a> {
         Dma {
             dev: self,
-            iommu: read(&self.iommu),
+            iommu,
+            last: Cell::new(None),
         }
     }
 
@@ -609,7 +649,8 @@ impl Inner {
             } => self.invalidate_tlb(target, leaf_only, seq),
             Action::TlbiQueue => self.run_tlbi_queue(),
             Action::Cancel(item, code) => {
-                let dma = self.dma();
+                let iommu = read(&self.iommu);
+                let dma = self.dma(&iommu);
                 let mut st = lock(&self.state);
                 if st.generation == item.generation {
                     self.complete_locked(&dma, &mut st, &item, Status::Cancelled, code.into());
@@ -937,7 +978,8 @@ impl Inner {
         };
         let mut raws = Vec::with_capacity(batch.len() as usize);
         let read = {
-            let dma = self.dma();
+            let iommu = read(&self.iommu);
+            let dma = self.dma(&iommu);
             if self.generation.load(Ordering::Acquire) != generation {
                 return;
             }
@@ -1135,7 +1177,8 @@ impl Inner {
     fn fetch(&self, seq: u64, base: u64, entries: u32, generation: u64) -> Option<WorkItem> {
         let slot = seq % u64::from(entries.max(1));
         let iova = base.wrapping_add(slot * Command::SIZE as u64);
-        let dma = self.dma();
+        let iommu = read(&self.iommu);
+        let dma = self.dma(&iommu);
         let mut raw = [0u8; Command::SIZE];
         let fetched = if self.generation.load(Ordering::Acquire) == generation {
             dma.read(iova, &mut raw)
@@ -1233,7 +1276,8 @@ impl Inner {
     fn run_item(&self, mut item: WorkItem, buf: &mut [u8]) {
         loop {
             self.pause_while_held();
-            let dma = self.dma();
+            let iommu = read(&self.iommu);
+            let dma = self.dma(&iommu);
             if self.generation.load(Ordering::Acquire) != item.generation
                 || self.shutdown.load(Ordering::Acquire)
             {
@@ -1268,9 +1312,7 @@ impl Inner {
                 let va = cmd.dst + item.progress;
                 let n = remaining.min(page_remaining(va));
                 let chunk = &mut buf[..n as usize];
-                for (i, b) in chunk.iter_mut().enumerate() {
-                    *b = fill_byte(cmd.value, item.progress + i as u64);
-                }
+                fill_pattern(chunk, cmd.value, item.progress);
                 self.translate(dma, asid, va, AccessKind::Write)
                     .and_then(|iova| self.data(dma.write(iova, chunk)))
                     .map(|()| n)
@@ -1735,4 +1777,25 @@ fn ring_entries_ok(enabled: bool, entries: u32, max: u32) -> bool {
 
 fn ring_fits(base: u64, entries: u32, size: u64) -> bool {
     entries != 0 && base % PAGE_SIZE == 0 && base.checked_add(u64::from(entries) * size).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use accel_abi::fill_byte;
+
+    #[test]
+    fn fill_pattern_matches_fill_byte_at_every_phase() {
+        let pattern = 0x0102_0304_a5b6_c7d8u64;
+        for index in [0u64, 1, 5, 7, 8, 4093, 4096 + 3] {
+            for len in [0usize, 1, 7, 8, 9, 15, 64, 4095] {
+                let mut chunk = vec![0u8; len];
+                fill_pattern(&mut chunk, pattern, index);
+                let want: Vec<u8> = (0..len as u64)
+                    .map(|i| fill_byte(pattern, index + i))
+                    .collect();
+                assert_eq!(chunk, want, "index {index} len {len}");
+            }
+        }
+    }
 }

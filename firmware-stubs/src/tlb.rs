@@ -10,6 +10,7 @@
 //! miss, and a hit never touches it.
 
 use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 
 use accel_abi::pt::Perms;
 use accel_abi::{LARGE_PAGE_SIZE, PAGE_SIZE};
@@ -40,13 +41,61 @@ impl TlbEntry {
 
 type Key = (u16, u64, bool);
 
+/// A multiply-rotate hasher for the TLB's small integer keys. The keys come from the device's
+/// own translations, not from an adversary choosing collisions, so SipHash's flood resistance
+/// buys nothing here while its cost sits on every lookup and insert.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct KeyHasher(u64);
+
+/// An odd constant with well-mixed bits (the 64-bit golden ratio).
+const MIX: u64 = 0x9e37_79b9_7f4a_7c15;
+
+impl KeyHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(MIX);
+    }
+}
+
+impl Hasher for KeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut w = [0u8; 8];
+            w[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(w));
+        }
+    }
+    fn write_u8(&mut self, v: u8) {
+        self.add(v.into());
+    }
+    fn write_u16(&mut self, v: u16) {
+        self.add(v.into());
+    }
+    fn write_u32(&mut self, v: u32) {
+        self.add(v.into());
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.add(v);
+    }
+    fn write_usize(&mut self, v: usize) {
+        self.add(v as u64);
+    }
+    fn finish(&self) -> u64 {
+        // The table indexes by the low bits and probes with the high ones: fold the
+        // well-mixed high half down so both are spread. (Page-aligned VAs have their low 12
+        // bits zero.)
+        self.0 ^ (self.0 >> 29)
+    }
+}
+
+pub(crate) type FastMap<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
+
 fn key(asid: u16, va_base: u64, size: u64) -> Key {
     (asid, va_base, size == LARGE_PAGE_SIZE)
 }
 
 pub(crate) struct Tlb {
     cap: usize,
-    map: HashMap<Key, (TlbEntry, u64)>,
+    map: FastMap<Key, (TlbEntry, u64)>,
     order: VecDeque<(Key, u64)>,
     next_stamp: u64,
     inval_seq: u64,
@@ -71,7 +120,8 @@ impl Tlb {
     pub(crate) fn new(cap: usize, walk_cap: usize) -> Self {
         Tlb {
             cap,
-            map: HashMap::with_capacity(cap),
+            // One over: an insert briefly holds `cap + 1` entries before it evicts.
+            map: FastMap::with_capacity_and_hasher(cap + 1, Default::default()),
             order: VecDeque::with_capacity(cap),
             next_stamp: 0,
             inval_seq: 0,
@@ -107,13 +157,15 @@ impl Tlb {
             return;
         }
         let k = key(asid, e.va_base, e.size);
-        if self.map.len() >= self.cap && !self.map.contains_key(&k) {
-            self.evict_one();
-        }
         let stamp = self.next_stamp;
         self.next_stamp += 1;
+        // One probe of the table: insert (or replace), then evict the oldest if that went over
+        // capacity. The new entry is the youngest, so it is never the one evicted.
         self.map.insert(k, (e, stamp));
         self.order.push_back((k, stamp));
+        if self.map.len() > self.cap {
+            self.evict_one();
+        }
         // Invalidations leave stale keys in `order`; keep it from growing without bound.
         if self.order.len() > 4 * self.cap + 16 {
             let map = &self.map;
@@ -186,6 +238,26 @@ mod tests {
             perms: Perms::RW,
             dirty: false,
         }
+    }
+
+    #[test]
+    fn key_hasher_spreads_page_keys() {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let b = BuildHasherDefault::<KeyHasher>::default();
+        // Consecutive pages of one ASID, and one page in many ASIDs, land in many different
+        // buckets of a 1024-bucket table (the low bits) and carry varied high bits.
+        let low: std::collections::HashSet<u64> = (0..1024u64)
+            .map(|i| b.hash_one(key(1, i * PAGE_SIZE, PAGE_SIZE)) & 1023)
+            .collect();
+        assert!(low.len() > 512, "only {} distinct buckets", low.len());
+        let asids: std::collections::HashSet<u64> = (0..256u16)
+            .map(|a| b.hash_one(key(a, 0x40_0000, PAGE_SIZE)) >> 57)
+            .collect();
+        assert!(asids.len() > 64, "only {} distinct tags", asids.len());
+        assert_ne!(
+            b.hash_one(key(1, 0x20_0000, PAGE_SIZE)),
+            b.hash_one(key(1, 0x20_0000, LARGE_PAGE_SIZE))
+        );
     }
 
     #[test]

@@ -13,11 +13,11 @@
 //! The cache lives inside [`crate::tlb::Tlb`], under the same mutex, so a TLB miss looks it up
 //! without taking another lock and a hit never touches it.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 use accel_abi::pt;
 
-use crate::tlb::TlbiTarget;
+use crate::tlb::{FastMap, TlbiTarget};
 
 /// (asid, level, first VA the entry covers).
 type Key = (u16, u32, u64);
@@ -45,7 +45,7 @@ fn prefix(va: u64, level: u32) -> u64 {
 
 pub(crate) struct WalkCache {
     cap: usize,
-    map: HashMap<Key, (u64, u64)>,
+    map: FastMap<Key, (u64, u64)>,
     order: VecDeque<(Key, u64)>,
     next_stamp: u64,
     inval_seq: u64,
@@ -58,7 +58,7 @@ impl WalkCache {
     pub(crate) fn new(cap: usize) -> Self {
         WalkCache {
             cap,
-            map: HashMap::with_capacity(cap),
+            map: FastMap::with_capacity_and_hasher(cap, Default::default()),
             order: VecDeque::with_capacity(cap),
             next_stamp: 0,
             inval_seq: 0,

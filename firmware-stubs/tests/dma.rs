@@ -348,3 +348,71 @@ fn shared_region_from_fd_shares_pages_and_respects_read_only() {
     assert_eq!(d.run(Command::fill(0, VA, 8, 1)).status, Status::IommuFault);
     assert_eq!(ro.load_u64(8), Ok(0xfeed));
 }
+
+/// One chunk of a COPY resolves its source, then its destination, in two adjacent DMA mappings
+/// with different permissions: each access gets its own mapping's permissions and bytes, never
+/// those of the mapping the previous access of the chunk resolved.
+#[test]
+fn adjacent_mappings_in_one_chunk_keep_their_own_permissions() {
+    let mut d = TestDriver::new();
+    let rw = SharedRegion::anonymous(PAGE_SIZE as usize).expect("region");
+    let ro = SharedRegion::anonymous(PAGE_SIZE as usize).expect("region");
+    rw.write_bytes(0, &[0x11; 64]).expect("seed");
+    ro.write_bytes(0, &[0x22; 64]).expect("seed");
+    d.dev
+        .dma_map(HOLE_IOVA, PAGE_SIZE, rw.clone(), DmaPerms::RW)
+        .expect("map");
+    d.dev
+        .dma_map(HOLE_IOVA + PAGE_SIZE, PAGE_SIZE, ro.clone(), DmaPerms::R)
+        .expect("map");
+    d.map_4k(0, VA, HOLE_IOVA, Perms::RW);
+    d.map_4k(0, VA + PAGE_SIZE, HOLE_IOVA + PAGE_SIZE, Perms::RW);
+
+    // Read-write source, read-only destination right after it: the write is refused.
+    let before = d.dev.iommu_fault_count();
+    let c = d.run(Command::copy(0, VA + PAGE_SIZE, VA, 64));
+    assert_eq!(
+        (c.status, c.result),
+        (Status::IommuFault, HOLE_IOVA + PAGE_SIZE)
+    );
+    let last = d.dev.iommu_faults().last().copied().expect("logged");
+    assert_eq!(
+        (last.iova, last.write, last.reason),
+        (HOLE_IOVA + PAGE_SIZE, true, IommuFaultReason::Permission)
+    );
+    assert_eq!(d.dev.iommu_fault_count(), before + 1);
+    let mut b = [0u8; 64];
+    ro.read_bytes(0, &mut b).expect("read");
+    assert_eq!(b, [0x22; 64], "the read-only page is untouched");
+    d.take_error();
+
+    // The other way round the bytes come from the read-only mapping and land in the other.
+    let c = d.run(Command::copy(0, VA, VA + PAGE_SIZE, 64));
+    assert_eq!(c.status, Status::Ok);
+    rw.read_bytes(0, &mut b).expect("read");
+    assert_eq!(b, [0x22; 64]);
+    assert_eq!(d.dev.iommu_fault_count(), before + 1);
+}
+
+/// An access just past the end of the mapping the chunk's previous access used is checked
+/// against the table, not against that mapping: nothing is mapped there.
+#[test]
+fn access_just_past_the_mapping_used_in_the_same_chunk_is_unmapped() {
+    let mut d = TestDriver::new();
+    let small = SharedRegion::anonymous(PAGE_SIZE as usize).expect("region");
+    d.dev
+        .dma_map(HOLE_IOVA, PAGE_SIZE, small.clone(), DmaPerms::RW)
+        .expect("map");
+    // The source page is mapped; the destination page is the IOVA page right after it.
+    d.map_4k(0, VA, HOLE_IOVA, Perms::RW);
+    d.map_4k(0, VA + PAGE_SIZE, HOLE_IOVA + PAGE_SIZE, Perms::RW);
+    let c = d.run(Command::copy(0, VA + PAGE_SIZE, VA, 8));
+    assert_eq!(
+        (c.status, c.result),
+        (Status::IommuFault, HOLE_IOVA + PAGE_SIZE)
+    );
+    assert_eq!(
+        d.dev.iommu_faults().last().map(|e| e.reason),
+        Some(IommuFaultReason::Unmapped)
+    );
+}
