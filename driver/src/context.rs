@@ -710,41 +710,6 @@ impl MirrorState {
     }
 }
 
-/// The extent of the adjacent registrable VMAs (not special, not `[vdso]`) around `range`,
-/// among `vmas` (sorted, overlapping a span that covers `range`); `range`'s own bounds where
-/// no such VMA reaches further.
-fn registrable_run(vmas: &[mirror::Vma], range: VaRange) -> (u64, u64) {
-    let registrable = |v: &mirror::Vma| v.kind != mirror::VmaKind::Special && v.name != "[vdso]";
-    let (mut start, mut end) = (range.start(), range.end());
-    let Some(first) = vmas
-        .iter()
-        .position(|v| v.range.end() > range.start() && v.range.start() <= range.start())
-    else {
-        return (start, end);
-    };
-    // Backwards from the VMA holding the start, while each touches the next.
-    let mut lo = first;
-    while lo > 0 && registrable(&vmas[lo - 1]) && vmas[lo - 1].range.end() == vmas[lo].range.start()
-    {
-        lo -= 1;
-    }
-    if registrable(&vmas[lo]) {
-        start = start.min(vmas[lo].range.start());
-    }
-    // Forwards, through the VMAs covering the range and on while adjacent and registrable.
-    let mut hi = first;
-    while hi + 1 < vmas.len()
-        && vmas[hi + 1].range.start() == vmas[hi].range.end()
-        && (vmas[hi + 1].range.start() < range.end() || registrable(&vmas[hi + 1]))
-    {
-        hi += 1;
-    }
-    if registrable(&vmas[hi]) {
-        end = end.max(vmas[hi].range.end());
-    }
-    (start, end)
-}
-
 /// A MAP_SHARED file VMA (memfd, shmem, tmpfs, a regular file) whose pages can be handed to
 /// the device by fd.
 #[derive(Debug, Clone, Copy)]
@@ -1300,13 +1265,13 @@ impl ContextCore {
     }
 
     /// Register the run's memory for CPU events, unless a registration no event has touched
-    /// since covers it already. Registers the whole 2 MiB block around the run: registering
-    /// splits VMAs at the range's ends, and a split inside a 2 MiB THP would break it into
-    /// 4 KiB pages; and the next runs in the block (one per small VMA, when a mapping is cut
-    /// into many) then find it registered. The block is clipped to the run of registrable VMAs
-    /// around `range` (`vmas` are the VMAs of `range`, looked up by the caller; those of the
-    /// block are looked up only when they do not cover it). If the block cannot be registered
-    /// (a neighbour registered elsewhere), the run's own VMAs are.
+    /// since covers it already. Registers 2 MiB-aligned, within the run's VMAs (`vmas`, looked
+    /// up by the caller, so `track_vmas` does not look them up again): registering splits a VMA
+    /// at the range's ends, and a split inside a 2 MiB THP would break it into 4 KiB pages.
+    /// A mapping cut into many small VMAs is registered one VMA at a time: looking up the
+    /// VMAs of the whole block to register it at once measured slower on the bench machine
+    /// (one PROCMAP_QUERY per VMA, about 4 us each there, costs more than the UFFDIO_REGISTER
+    /// it saves).
     fn track_run(&self, range: VaRange, vmas: &[mirror::Vma]) -> Result<(), mirror::Error> {
         let covered = {
             let within = self.sub.lock().tracked.within(range.start()..range.end());
@@ -1316,48 +1281,24 @@ impl ContextCore {
             self.counters.track_skipped.fetch_add(1, Ordering::Relaxed);
             return Ok(());
         }
-        let block_start = range.start() & !(LARGE_PAGE_SIZE - 1);
-        let block_end = range
-            .end()
-            .div_ceil(LARGE_PAGE_SIZE)
-            .saturating_mul(LARGE_PAGE_SIZE);
         let vma_start = vmas.first().map_or(range.start(), |v| v.range.start());
         let vma_end = vmas.last().map_or(range.end(), |v| v.range.end());
-        let block_vmas;
-        let (window, window_vmas) = if vma_start <= block_start && vma_end >= block_end {
-            (
-                VaRange::from_bounds(block_start, block_end).unwrap_or(range),
-                vmas,
-            )
-        } else {
-            let block =
-                VaRange::from_bounds(block_start, block_end.min(mirror::VA_LIMIT)).unwrap_or(range);
-            block_vmas = timed(Phase::Walk, || self.mm.walker().vmas(block))?;
-            let (start, end) = registrable_run(&block_vmas, range);
-            (
-                VaRange::from_bounds(start.max(block_start), end.min(block_end)).unwrap_or(range),
-                block_vmas.as_slice(),
-            )
-        };
+        let window = VaRange::from_bounds(
+            (range.start() & !(LARGE_PAGE_SIZE - 1)).max(vma_start),
+            range
+                .end()
+                .div_ceil(LARGE_PAGE_SIZE)
+                .saturating_mul(LARGE_PAGE_SIZE)
+                .min(vma_end),
+        )
+        .unwrap_or(range);
         // An event counted after this was read may have unregistered what is registered
         // below: then the registration is not remembered.
         let events_before = self.counters.invalidations.load(Ordering::Acquire);
-        let narrow = VaRange::from_bounds(block_start.max(vma_start), block_end.min(vma_end))
-            .unwrap_or(range);
-        let registered = match self.mm.track_vmas(window, window_vmas) {
-            Ok(()) => window,
-            // A neighbour in the block that cannot be registered (or is registered elsewhere):
-            // the run's own VMAs, as they would have been alone.
-            Err(e) if window != narrow => {
-                tracing::debug!(error = %e, ?window, "registering the whole block failed; registering the run's VMAs");
-                self.mm.track_vmas(narrow, vmas)?;
-                narrow
-            }
-            Err(e) => return Err(e),
-        };
+        self.mm.track_vmas(window, vmas)?;
         let mut state = self.sub.lock();
         if self.counters.invalidations.load(Ordering::Acquire) == events_before {
-            state.tracked.insert(registered.start()..registered.end());
+            state.tracked.insert(window.start()..window.end());
         }
         Ok(())
     }
