@@ -110,15 +110,13 @@ struct CommandQueue {
     in_flight: u32,
 }
 
-/// The revision-3 invalidation queue: descriptors posted at `tail`, the doorbell rung up to
-/// `rung`; the device's `TLBIQ_HEAD` says how far it has performed and fenced.
+/// The revision-3 invalidation queue: descriptors posted at `tail`; the device's `TLBIQ_HEAD`
+/// says how far it has performed and fenced.
 struct TlbiQueue {
     ring: Ring,
     entries: u32,
     /// Descriptors posted (free-running).
     tail: u32,
-    /// The last value written to `TLBIQ_TAIL`.
-    rung: u32,
     /// The last `TLBIQ_HEAD` read.
     head: u32,
 }
@@ -602,7 +600,6 @@ impl Device {
                     ring,
                     entries: tlbiq_entries,
                     tail: 0,
-                    rung: 0,
                     head: 0,
                 })
             }),
@@ -942,17 +939,19 @@ impl Device {
         Ok(())
     }
 
-    /// Ring the doorbell up to `tail` (if not rung yet) and wait until `TLBIQ_HEAD` reaches it.
+    /// Ring the doorbell up to `tail` and wait until `TLBIQ_HEAD` reaches it. The doorbell is
+    /// written again even if it was rung up to `tail` before: a waiter after a timed-out wait
+    /// then retries instead of waiting for a doorbell that never took effect (the same value is
+    /// a valid doorbell; a device that performed it already has nothing left to do).
     fn ring_and_wait(&self, q: &mut TlbiQueue, tail: u32, timeout: Duration) -> Result<(), Error> {
         self.check_lost()?;
         let bar = self.bar();
-        if q.rung != tail {
+        if !passed(q.head, tail) {
             // The descriptors were written with plain stores: they must be visible to the
             // device before the doorbell is.
             std::sync::atomic::fence(Ordering::Release);
             bar.write32(regs::TLBIQ_TAIL, tail)
                 .map_err(|e| self.unless_lost(e))?;
-            q.rung = tail;
             self.tlbiq_doorbells.fetch_add(1, Ordering::Relaxed);
         }
         let deadline = Instant::now() + timeout;
@@ -1272,7 +1271,7 @@ pub(crate) mod testing {
         pub(crate) pt_ctrl: u32,
         /// Every TLBI_SCOPE value the driver wrote, as written.
         pub(crate) scopes: Vec<u32>,
-        /// Drop TLBI_TRIGGER writes: the device never confirms an invalidation.
+        /// Drop TLBI_TRIGGER and TLBIQ_TAIL writes: the device never confirms an invalidation.
         pub(crate) swallow_tlbi: bool,
         /// Every DMA mapping made: (length, access).
         pub(crate) maps: Vec<(u64, DmaAccess)>,
@@ -1346,7 +1345,10 @@ pub(crate) mod testing {
                     return self.inner.bar_write(bar, offset, &plain.to_le_bytes());
                 }
             }
-            if bar == 0 && offset == regs::TLBI_TRIGGER && k.swallow_tlbi {
+            if bar == 0
+                && (offset == regs::TLBI_TRIGGER || offset == regs::TLBIQ_TAIL)
+                && k.swallow_tlbi
+            {
                 return Ok(());
             }
             if bar == 0 && offset == regs::PT_CTRL && k.features.is_some() {

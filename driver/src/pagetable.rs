@@ -485,14 +485,6 @@ impl PageTable {
         n
     }
 
-    /// Forget the pending table pages without returning them to the pool (the fence that
-    /// would have made them safe failed: the device may still walk them); how many.
-    pub fn abandon_pending(&mut self) -> usize {
-        let n = self.pending.len();
-        self.pending.clear();
-        n
-    }
-
     fn table_at(&self, level: u32, va: u64) -> Option<TableRef> {
         if level == PT_LEVELS {
             return Some(self.root);

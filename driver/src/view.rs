@@ -221,37 +221,13 @@ impl MxaView {
     /// Invalidate `span` grown over the pending table pages, walk-inclusive, and give those
     /// pages back to the pool; if the invalidation fails, keep them out of use for good.
     fn fence_pending(&mut self, span: Option<Range<u64>>) -> Result<(), Error> {
-        let Some(pending) = self.pt.as_ref().and_then(PageTable::pending_span) else {
-            return match span {
-                Some(span) => {
-                    self.device
-                        .tlb_invalidate_leaves(self.asid, Some(span), self.fence_timeout)
-                }
-                None => Ok(()),
-            };
+        let pending = self.pt.as_ref().and_then(PageTable::pending_span);
+        let Some(span) = span.or(pending) else {
+            return Ok(());
         };
-        let grown = hull(span, pending);
-        let fenced = self
-            .device
-            .tlb_invalidate(self.asid, Some(grown.clone()), self.fence_timeout);
-        let Some(pt) = self.pt.as_mut() else {
-            return fenced;
-        };
-        match &fenced {
-            Ok(()) => self.freed += pt.reclaim_pending(&mut lock(&self.device.tables)) as u64,
-            Err(e) => {
-                let pages = pt.abandon_pending();
-                self.kept_out += pages;
-                tracing::error!(
-                    error = %e,
-                    asid = self.asid,
-                    pages,
-                    span = ?grown,
-                    "walk-inclusive TLB fence failed; keeping the freed page-table pages out of use"
-                );
-            }
-        }
-        fenced
+        // The two passes back to back: one path for every fence of this view.
+        let started = self.fence_start(span)?;
+        self.fence_finish(started)
     }
 
     fn aging_unsupported(&self) -> Error {
